@@ -1,0 +1,42 @@
+# tracewire — `make demo`, `make test`, `make bench` are the whole set-up on a
+# fresh Debian machine with Python 3.11: each builds .venv and installs what it needs.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+DEBS   := babeltrace2 python3-bt2
+
+.PHONY: demo test bench fuzz venv debs clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+# Debian packages the tests and the demo use (babeltrace2 reads what we write).
+debs:
+	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing$$missing"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "note: not root, cannot install$$missing; tests needing them will skip"; fi; \
+	fi
+
+demo: venv debs
+	@bash scripts/demo.sh
+
+test: venv debs
+	$(PY) -m pytest -q -p no:cacheprovider
+
+bench: venv debs
+	$(PY) bench/run.py
+
+fuzz: venv
+	HYPOTHESIS_PROFILE=long $(PY) -m pytest -q -p no:cacheprovider tests -k fuzz
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,3 @@
+from consumerd.main import main
+
+main()

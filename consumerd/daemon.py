@@ -1,0 +1,342 @@
+"""tracewire-consumerd: turns ring-buffer sub-buffers into CTF packets in a sink.
+
+Theory of operation
+-------------------
+consumerd is spawned by sessiond with one end of a SEQPACKET socketpair
+(``--control-fd``).  sessiond sends it traces (a directory and its metadata)
+and streams (a ring buffer memfd and its eventfd, with SCM_RIGHTS); consumerd
+answers every request with ``{"seq", "ok"}``.
+
+One trio task per stream waits for its eventfd (no polling), takes the closed
+sub-buffers the eventfd announced, prepends the 84-byte CTF packet header and
+context, and hands the packet to the session's sink, then releases the space
+to the producer.  A switch timer, a ``flush`` request (the stop barrier) and a
+``producer_gone`` notice (the app exited or died) also take the open
+sub-buffer up to the last whole event.
+
+The local sink writes ``<trace>/<channel>_0`` with ``os.writev`` (header and
+the shared-memory view, no copy) and appends one LTTng v1.1 index entry per
+packet to ``<trace>/index/<channel>_0.idx``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from tracewire import ctf
+from tracewire.control import ControlError
+from tracewire.names import InvalidName, validate_name
+from tracewire.ringbuf import BufferSpec, ConsumerCursor, MemoryBarrier, RingBufferCorrupt
+from tracewire.seqpacket import SeqPacket
+
+__all__ = ["ConsumerdConfig", "serve_consumerd"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumerdConfig:
+    control_fd: int
+    force_barrier: bool = False
+
+
+class RequestError(Exception):
+    """A request from sessiond that cannot be carried out."""
+
+
+@dataclass
+class TraceOut:
+    trace_id: str
+    session: str
+    directory: str
+    uuid: bytes
+    metadata_fd: int
+    metadata_bytes: int = 0
+
+
+@dataclass
+class StreamOut:
+    key: str
+    session: str
+    trace: TraceOut
+    channel: str
+    stream_class: int
+    cursor: ConsumerCursor
+    eventfd: int
+    data_fd: int
+    index: Any  # buffered binary file
+    switch_timer_ms: int
+    seq: int = 0
+    offset: int = 0
+    packets: int = 0
+    raw_bytes: int = 0
+    gone: bool = False
+    broken: str | None = None
+    closed: bool = False
+    done: trio.Event = field(default_factory=trio.Event)
+    cancel: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+
+def _safe_join(base: str, rel: str) -> str:
+    """``base/rel`` where every component of ``rel`` is a valid name."""
+    parts = rel.split("/")
+    for p in parts:
+        validate_name(p, "path component")
+    return os.path.join(base, *parts)
+
+
+class Consumerd:
+    def __init__(self, config: ConsumerdConfig, conn: SeqPacket, nursery: trio.Nursery) -> None:
+        self.config = config
+        self.conn = conn
+        self.nursery = nursery
+        self.traces: dict[str, TraceOut] = {}
+        self.streams: dict[str, StreamOut] = {}
+        self.barrier = MemoryBarrier(force=config.force_barrier)
+
+    # ------------------------------------------------------------- requests
+    async def run(self) -> None:
+        while True:
+            try:
+                got = await self.conn.receive()
+            except ControlError as exc:
+                logger.error("bad request from sessiond: %s", exc)
+                continue
+            if got is None:
+                logger.info("sessiond closed the control socket; exiting")
+                return
+            msg, fds = got
+            seq = msg.get("seq")
+            op = msg.get("op")
+            handler = getattr(self, f"op_{op}", None) if isinstance(op, str) and op.isidentifier() else None
+            try:
+                if handler is None:
+                    raise RequestError(f"unknown op {op!r}")
+                result = await handler(msg, fds)
+                reply = {"seq": seq, "ok": True, **(result or {})}
+            except (RequestError, InvalidName, OSError, KeyError, ValueError, RingBufferCorrupt) as exc:
+                for fd in fds:
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass
+                logger.warning("request %s failed: %s", op, exc)
+                reply = {"seq": seq, "ok": False, "error": str(exc)}
+            await self.conn.send(reply)
+
+    async def op_hello(self, msg: dict, fds: list[int]) -> dict:
+        return {"pid": os.getpid()}
+
+    async def op_add_trace(self, msg: dict, fds: list[int]) -> dict:
+        tid = str(msg["trace_id"])
+        if tid in self.traces:
+            return {}
+        sink = str(msg["sink"])
+        if not os.path.isabs(sink):
+            raise RequestError(f"sink {sink!r} is not an absolute directory")
+        directory = _safe_join(sink, str(msg["path"]))
+        os.makedirs(os.path.join(directory, "index"), exist_ok=True)
+        mpath = os.path.join(directory, "metadata")
+        mfd = os.open(mpath, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+        size = os.fstat(mfd).st_size
+        self.traces[tid] = TraceOut(tid, str(msg["session"]), directory, bytes.fromhex(msg["uuid"]), mfd, size)
+        return {"directory": directory}
+
+    async def op_metadata(self, msg: dict, fds: list[int]) -> dict:
+        tr = self.traces[str(msg["trace_id"])]
+        data = str(msg["text"]).encode()
+        os.write(tr.metadata_fd, data)
+        tr.metadata_bytes += len(data)
+        return {}
+
+    async def op_add_stream(self, msg: dict, fds: list[int]) -> dict:
+        if len(fds) != 2:
+            raise RequestError("add_stream needs a memfd and an eventfd")
+        key = str(msg["key"])
+        if key in self.streams:
+            for fd in fds:
+                os.close(fd)
+            return {}
+        tr = self.traces[str(msg["trace_id"])]
+        channel = validate_name(str(msg["channel"]), "channel name")
+        memfd, efd = fds
+        spec = BufferSpec(int(msg["subbuf_size"]), int(msg["num_subbuf"]))
+        try:
+            cursor = ConsumerCursor(memfd, spec)
+        finally:
+            os.close(memfd)
+        os.set_blocking(efd, False)
+        name = f"{channel}_0"
+        data_fd = os.open(
+            os.path.join(tr.directory, name), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o640
+        )
+        offset = os.lseek(data_fd, 0, os.SEEK_END)
+        ipath = os.path.join(tr.directory, "index", name + ".idx")
+        index = open(ipath, "ab")
+        if index.tell() == 0:
+            index.write(ctf.INDEX_HEADER)
+        st = StreamOut(
+            key, str(msg["session"]), tr, channel, int(msg["stream_class"]), cursor, efd,
+            data_fd, index, int(msg.get("switch_timer_ms") or 0), offset=offset,
+        )
+        self.streams[key] = st
+        self.nursery.start_soon(self.stream_task, st)
+        return {}
+
+    async def op_flush(self, msg: dict, fds: list[int]) -> dict:
+        session = str(msg["session"])
+        out = []
+        for st in list(self.streams.values()):
+            if st.session == session and not st.closed:
+                self.drain(st, flush=True)
+                st.index.flush()
+            if st.session == session:
+                out.append(self._stats(st))
+        return {"streams": out}
+
+    async def op_producer_gone(self, msg: dict, fds: list[int]) -> dict:
+        st = self.streams.get(str(msg["key"]))
+        if st is not None and not st.closed:
+            st.gone = True
+            self.drain(st, flush=True)
+            st.index.flush()
+        return {}
+
+    async def op_remove_session(self, msg: dict, fds: list[int]) -> dict:
+        session = str(msg["session"])
+        for key, st in list(self.streams.items()):
+            if st.session == session:
+                if not st.closed:
+                    self.drain(st, flush=True)
+                await self.close_stream(st)
+                del self.streams[key]
+        for tid, tr in list(self.traces.items()):
+            if tr.session == session:
+                os.close(tr.metadata_fd)
+                del self.traces[tid]
+        return {}
+
+    async def op_status(self, msg: dict, fds: list[int]) -> dict:
+        session = str(msg["session"])
+        return {"streams": [self._stats(st) for st in self.streams.values() if st.session == session]}
+
+    def _stats(self, st: StreamOut) -> dict:
+        return {
+            "key": st.key,
+            "path": os.path.join(st.trace.directory, f"{st.channel}_0"),
+            "channel": st.channel,
+            "packets": st.packets,
+            "raw_bytes": st.raw_bytes,
+            "wire_bytes": st.raw_bytes,
+            "discarded": st.cursor.last_discarded,
+            "unacked": 0,
+            "producer": "gone" if st.gone else "alive",
+            "error": st.broken,
+        }
+
+    # ------------------------------------------------------------- streams
+    async def stream_task(self, st: StreamOut) -> None:
+        timer = st.switch_timer_ms / 1000 if st.switch_timer_ms > 0 else float("inf")
+        with st.cancel:
+            while not st.closed:
+                with trio.move_on_after(timer) as cs:
+                    await trio.lowlevel.wait_readable(st.eventfd)
+                if st.closed:
+                    break
+                if cs.cancelled_caught:
+                    self.drain(st, flush=True)
+                    continue
+                try:
+                    n = os.eventfd_read(st.eventfd)
+                except BlockingIOError:
+                    continue
+                st.cursor.announce(n)
+                self.drain(st, flush=False)
+        st.done.set()
+
+    def drain(self, st: StreamOut, flush: bool) -> None:
+        """Write every chunk the ring buffer has for us (all of it on flush)."""
+        if st.broken or st.closed:
+            return
+        cur = st.cursor
+        try:
+            limit = None
+            if flush:
+                try:
+                    st.cursor.announce(os.eventfd_read(st.eventfd))
+                except BlockingIOError:
+                    pass
+                limit = cur.read_head()
+                self.barrier()
+            while (chunk := cur.next_chunk(limit)) is not None:
+                self.write_packet(st, chunk)
+                cur.release()
+            if flush and cur.discarded_pending() > 0:
+                self.write_packet(st, cur.empty_chunk())
+                cur.release()
+        except RingBufferCorrupt as exc:
+            st.broken = str(exc)
+            logger.error("stream %s abandoned: %s", st.key, exc)
+        except OSError as exc:
+            st.broken = f"write failed: {exc}"
+            logger.error("stream %s: %s", st.key, st.broken)
+
+    def write_packet(self, st: StreamOut, chunk) -> None:
+        n = len(chunk.data)
+        header = ctf.pack_packet_header(
+            st.trace.uuid, st.stream_class, 0, chunk.ts_begin, chunk.ts_end, n, st.seq,
+            chunk.events_discarded,
+        )
+        total = len(header) + n
+        written = os.writev(st.data_fd, [header, chunk.data])
+        if written != total:  # short write (disk full): finish it or fail loudly
+            rest = (bytes(header) + bytes(chunk.data))[written:]
+            while rest:
+                k = os.write(st.data_fd, rest)
+                rest = rest[k:]
+        bits = total * 8
+        st.index.write(
+            ctf.pack_index_entry(
+                st.offset, bits, bits, chunk.ts_begin, chunk.ts_end, chunk.events_discarded,
+                st.stream_class, 0, st.seq,
+            )
+        )
+        st.offset += total
+        st.seq += 1
+        st.packets += 1
+        st.raw_bytes += total
+
+    async def close_stream(self, st: StreamOut) -> None:
+        st.closed = True
+        trio.lowlevel.notify_closing(st.eventfd)
+        st.cancel.cancel()
+        await st.done.wait()
+        st.index.close()
+        os.close(st.data_fd)
+        os.close(st.eventfd)
+        st.cursor.close()
+
+
+async def serve_consumerd(config: ConsumerdConfig, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Serve sessiond's requests on ``config.control_fd`` until it closes."""
+    import socket
+
+    sock = socket.socket(fileno=config.control_fd)
+    conn = SeqPacket(trio.socket.from_stdlib_socket(sock))
+    async with trio.open_nursery() as nursery:
+        cd = Consumerd(config, conn, nursery)
+        task_status.started(cd)
+        try:
+            await cd.run()
+        finally:
+            with trio.CancelScope(shield=True):
+                for st in list(cd.streams.values()):
+                    if not st.closed:
+                        cd.drain(st, flush=True)
+                        await cd.close_stream(st)
+            nursery.cancel_scope.cancel()

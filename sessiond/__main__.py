@@ -1,0 +1,3 @@
+from sessiond.main import main
+
+main()

@@ -1,0 +1,55 @@
+"""``tracewire-sessiond``: the session daemon (the CLI starts one when needed)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from functools import partial
+
+import click
+import trio
+
+from sessiond.daemon import SessiondConfig, UserError, default_rundir, serve_sessiond
+
+STARTUP_FAILURE = 3
+
+
+async def _serve_until_signal(config: SessiondConfig) -> None:
+    async with trio.open_nursery() as nursery:
+        await nursery.start(partial(serve_sessiond, config))
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for _ in signals:
+                logging.getLogger("sessiond").info("signal received; shutting down")
+                nursery.cancel_scope.cancel()
+                return
+
+
+def run(config: SessiondConfig) -> int:
+    """Run sessiond until SIGTERM/SIGINT; returns the exit code."""
+    try:
+        trio.run(_serve_until_signal, config)
+    except UserError as exc:
+        print(f"tracewire-sessiond: {exc}", file=sys.stderr)
+        return STARTUP_FAILURE
+    except OSError as exc:
+        print(f"tracewire-sessiond: cannot start: {exc}", file=sys.stderr)
+        return STARTUP_FAILURE
+    return 0
+
+
+@click.command(context_settings={"auto_envvar_prefix": "TRACEWIRE_SESSIOND"})
+@click.option("--rundir", default=None, help="Run directory (default: $TRACEWIRE_RUNDIR, "
+              "$XDG_RUNTIME_DIR/tracewire, or /run/tracewire for root).")
+@click.option("--log-level", default="INFO", show_default=True, help="Python logging level.")
+def main(rundir: str | None, log_level: str) -> None:
+    """Session daemon: the registry of tracing sessions.
+
+    It owns the ring buffers, spawns consumerd and answers the tracewire CLI
+    on RUNDIR/control.sock; traced apps register on RUNDIR/apps.sock.
+    """
+    logging.basicConfig(
+        level=log_level.upper(), stream=sys.stderr,
+        format="%(asctime)s sessiond %(levelname)s %(name)s: %(message)s",
+    )
+    sys.exit(run(SessiondConfig(rundir=rundir or default_rundir())))

@@ -1,0 +1,3 @@
+from tracewire.cli import main
+
+main()

@@ -1,0 +1,380 @@
+"""``tracewire``: the control CLI (lttng's verbs).
+
+Each command sends one JSON request to sessiond's ``control.sock`` in the run
+directory and prints the answer.  ``create`` starts a sessiond when none
+answers.  Every failure is one line on stderr and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from typing import Any
+
+import click
+
+from tracewire.control import ControlError, FrameReader, encode_frame
+
+EXIT_FAILURE = 1
+EXIT_NO_DAEMON = 3
+_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+def default_rundir() -> str:
+    rd = os.environ.get("TRACEWIRE_RUNDIR")
+    if rd:
+        return rd
+    if os.geteuid() == 0:
+        return "/run/tracewire"
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    return os.path.join(xdg or f"/tmp/tracewire-{os.geteuid()}", "tracewire")
+
+
+class CliError(click.ClickException):
+    """One line on stderr, exit code 1."""
+
+    exit_code = EXIT_FAILURE
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"Error: {self.format_message()}", err=True)
+
+
+class NoDaemon(CliError):
+    exit_code = EXIT_NO_DAEMON
+
+
+class Size(click.ParamType):
+    """A byte size like ``4096``, ``256k`` or ``4M``."""
+
+    name = "size"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int:
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().lower().removesuffix("b").removesuffix("i")
+        unit = text[-1:] if text[-1:] in _UNITS and text[-1:] else ""
+        num = text[: len(text) - len(unit)]
+        try:
+            n = int(num) * _UNITS[unit]
+        except ValueError:
+            self.fail(f"{value!r} is not a size (examples: 4096, 256k, 4M)", param, ctx)
+        if n < 4096 or n & (n - 1):
+            self.fail(f"{value!r}: a sub-buffer size must be a power of two of at least 4k", param, ctx)
+        return n
+
+
+class Client:
+    """A synchronous client for sessiond's control socket."""
+
+    def __init__(self, rundir: str) -> None:
+        self.rundir = rundir
+        self.path = os.path.join(rundir, "control.sock")
+
+    def request(self, req: dict, timeout: float | None = 60.0) -> dict:
+        try:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        except OSError as exc:
+            raise CliError(f"cannot create a socket: {exc}") from None
+        with sock:
+            sock.settimeout(5)
+            try:
+                sock.connect(self.path)
+            except (FileNotFoundError, ConnectionRefusedError):
+                raise NoDaemon(
+                    f"no tracewire-sessiond is running in {self.rundir} "
+                    "(start one with 'tracewire create NAME' or 'tracewire-sessiond')"
+                ) from None
+            except PermissionError:
+                raise CliError(f"permission denied on {self.path}") from None
+            except OSError as exc:
+                raise NoDaemon(f"cannot reach sessiond at {self.path}: {exc}") from None
+            sock.settimeout(timeout)
+            try:
+                sock.sendall(encode_frame(req))
+                reader = FrameReader()
+                while (reply := reader.next()) is None:
+                    data = sock.recv(65536)
+                    if not data:
+                        raise CliError("sessiond closed the connection without answering")
+                    reader.feed(data)
+            except socket.timeout:
+                raise CliError(f"sessiond did not answer within {timeout:.0f} s") from None
+            except ControlError as exc:
+                raise CliError(f"bad answer from sessiond: {exc}") from None
+            except OSError as exc:
+                raise CliError(f"lost the connection to sessiond: {exc}") from None
+        if not reply.get("ok"):
+            raise CliError(str(reply.get("error", "request failed")))
+        return reply
+
+    def ensure_daemon(self) -> None:
+        """Start a sessiond for this run directory unless one answers."""
+        try:
+            self.request({"cmd": "ping"}, timeout=5)
+            return
+        except NoDaemon:
+            pass
+        try:
+            os.makedirs(self.rundir, mode=0o700, exist_ok=True)
+            log = open(os.path.join(self.rundir, "sessiond.log"), "ab")
+        except OSError as exc:
+            raise CliError(f"cannot use run directory {self.rundir}: {exc.strerror}") from None
+        with log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "sessiond", "--rundir", self.rundir],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+                env=dict(os.environ, TRACEWIRE_RUNDIR=self.rundir),
+            )
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise CliError(f"tracewire-sessiond exited at start ({self._last_log_line()})")
+            try:
+                self.request({"cmd": "ping"}, timeout=5)
+                return
+            except NoDaemon:
+                time.sleep(0.05)
+        raise CliError(f"tracewire-sessiond did not come up within 15 s ({self._last_log_line()})")
+
+    def _last_log_line(self) -> str:
+        try:
+            with open(os.path.join(self.rundir, "sessiond.log"), "rb") as f:
+                lines = f.read().decode(errors="replace").strip().splitlines()
+            return lines[-1] if lines else "no log"
+        except OSError:
+            return "no log"
+
+
+def _client(ctx: click.Context) -> Client:
+    return ctx.find_object(Client)  # type: ignore[return-value]
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--rundir", envvar="TRACEWIRE_RUNDIR", default=None, metavar="DIR",
+              help="sessiond's run directory [env TRACEWIRE_RUNDIR; default "
+                   "$XDG_RUNTIME_DIR/tracewire, or /run/tracewire for root].")
+@click.version_option(package_name="tracewire")
+@click.pass_context
+def cli(ctx: click.Context, rundir: str | None) -> None:
+    """Control tracing sessions: create, enable events, start, stop, view.
+
+    \b
+      tracewire create s1 --output /tmp/traces
+      tracewire enable-event 'demo:*'
+      tracewire start
+      tracewire-demo --events 1000
+      tracewire stop
+      tracewire view /tmp/traces
+    """
+    ctx.obj = Client(rundir or default_rundir())
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--output", "-o", type=click.Path(file_okay=False), help="Local trace directory.")
+@click.option("--url", "-U", help="Relay URL, tw://HOST[:PORT] or tws://HOST[:PORT].")
+@click.option("--snapshot", is_flag=True, help="Flight-recorder session (snapshot record).")
+@click.option("--live", is_flag=True, help="Serve live viewers through the relay.")
+@click.option("--compress", type=click.Choice(["zstd", "none"]), default="zstd", show_default=True,
+              help="Packet compression on the wire.")
+@click.option("--compress-level", type=click.IntRange(1, 22), default=1, show_default=True,
+              help="zstd level.")
+@click.option("--auth-key-file", envvar="TRACEWIRE_AUTH_KEY_FILE", type=click.Path(dir_okay=False),
+              help="File holding 'KEY_ID SECRET' for the relay [env TRACEWIRE_AUTH_KEY_FILE].")
+@click.pass_context
+def create(ctx: click.Context, name: str, output: str | None, url: str | None, snapshot: bool,
+           live: bool, compress: str, compress_level: int, auth_key_file: str | None) -> None:
+    """Create session NAME and make it the current one.
+
+    Without --output or --url the trace goes under ~/tracewire-traces.
+    """
+    if output and url:
+        raise click.UsageError("give --output or --url, not both")
+    if snapshot or live:
+        raise CliError("snapshot and live sessions are not available yet")
+    if not url and not output:
+        output = os.path.join(os.path.expanduser("~"), "tracewire-traces")
+    c = _client(ctx)
+    c.ensure_daemon()
+    req = {"cmd": "create", "name": name, "output": os.path.abspath(output) if output else None,
+           "url": url, "compress": compress, "compress_level": compress_level}
+    if auth_key_file:
+        req["auth_key_file"] = os.path.abspath(auth_key_file)
+    r = c.request(req)
+    click.echo(f"Session {r['session']} created; traces go to {r['sink']}")
+
+
+@cli.command("enable-channel")
+@click.argument("name")
+@click.option("-s", "--session", help="Session (default: the current one).")
+@click.option("--subbuf-size", type=Size(), default="256k", show_default=True, help="Sub-buffer size.")
+@click.option("--num-subbuf", type=click.IntRange(2, 1024), default=4, show_default=True,
+              help="Number of sub-buffers per stream.")
+@click.option("--overwrite", is_flag=True, help="Overwrite the oldest data when full (flight recorder).")
+@click.option("--switch-timer", type=click.IntRange(0), default=0, show_default=True, metavar="MS",
+              help="Hand over partly filled sub-buffers every MS milliseconds (0: off).")
+@click.pass_context
+def enable_channel(ctx: click.Context, name: str, session: str | None, subbuf_size: int,
+                   num_subbuf: int, overwrite: bool, switch_timer: int) -> None:
+    """Create channel NAME (a set of ring buffers) in a session."""
+    r = _client(ctx).request({
+        "cmd": "enable_channel", "session": session, "channel": name, "subbuf_size": subbuf_size,
+        "num_subbuf": num_subbuf, "overwrite": overwrite, "switch_timer_ms": switch_timer,
+    })
+    click.echo(f"Channel {r['channel']} enabled in session {r['session']}")
+
+
+@cli.command("enable-event")
+@click.argument("pattern")
+@click.option("-s", "--session", help="Session (default: the current one).")
+@click.option("-c", "--channel", help="Channel (default: channel0, created when needed).")
+@click.pass_context
+def enable_event(ctx: click.Context, pattern: str, session: str | None, channel: str | None) -> None:
+    """Record events matching PATTERN, e.g. 'demo:*' or '*'."""
+    r = _client(ctx).request({"cmd": "enable_event", "session": session, "channel": channel,
+                              "pattern": pattern})
+    click.echo(f"Events {r['pattern']!r} enabled in channel {r['channel']} of session {r['session']}")
+
+
+@cli.command()
+@click.argument("session", required=False)
+@click.pass_context
+def start(ctx: click.Context, session: str | None) -> None:
+    """Start recording in SESSION (default: the current one)."""
+    r = _client(ctx).request({"cmd": "start", "session": session})
+    click.echo(f"Tracing started for session {r['session']}")
+
+
+def _stop_summary(r: dict) -> None:
+    streams = r.get("streams", [])
+    packets = sum(s.get("packets", 0) for s in streams)
+    raw = sum(s.get("raw_bytes", 0) for s in streams)
+    discarded = sum(s.get("discarded", 0) for s in streams)
+    msg = f"Tracing stopped for session {r['session']}: {packets} packets, {_human(raw)}"
+    if discarded:
+        msg += f", {discarded} events DISCARDED (buffers full)"
+    click.echo(msg)
+    if r.get("warning"):
+        click.echo(f"Warning: {r['warning']}", err=True)
+
+
+@cli.command()
+@click.argument("session", required=False)
+@click.pass_context
+def stop(ctx: click.Context, session: str | None) -> None:
+    """Stop SESSION; returns once every event emitted before it is in the sink."""
+    _stop_summary(_client(ctx).request({"cmd": "stop", "session": session}, timeout=None))
+
+
+@cli.command()
+@click.argument("session", required=False)
+@click.pass_context
+def destroy(ctx: click.Context, session: str | None) -> None:
+    """Destroy SESSION (stopping it first when needed)."""
+    r = _client(ctx).request({"cmd": "destroy", "session": session}, timeout=None)
+    if "streams" in r:
+        _stop_summary(r)
+    click.echo(f"Session {r['session']} destroyed")
+
+
+@cli.command("list")
+@click.argument("session", required=False)
+@click.pass_context
+def list_(ctx: click.Context, session: str | None) -> None:
+    """List sessions, or one session's channels and events."""
+    r = _client(ctx).request({"cmd": "list", "session": session})
+    sessions = r["sessions"]
+    if not sessions:
+        click.echo("No sessions.")
+        return
+    for s in sessions:
+        mark = " (current)" if s["name"] == r.get("current") else ""
+        click.echo(f"{s['name']}{mark} [{s['state']}] -> {s['sink']}")
+        if session or len(sessions) == 1:
+            for ch in s["channels"]:
+                click.echo(f"  channel {ch['name']}: {ch['mode']}, {ch['num_subbuf']} x "
+                           f"{_human(ch['subbuf_size'])}, switch timer "
+                           f"{ch['switch_timer_ms'] or 'off'}{' ms' if ch['switch_timer_ms'] else ''}")
+                for ev in ch["events"]:
+                    click.echo(f"    event {ev}")
+
+
+@cli.command()
+@click.argument("session", required=False)
+@click.pass_context
+def status(ctx: click.Context, session: str | None) -> None:
+    """Per stream: packets, bytes raw / on the wire, discarded, unacknowledged."""
+    r = _client(ctx).request({"cmd": "status", "session": session})
+    s = r["session"]
+    click.echo(f"{s['name']} [{s['state']}] -> {s['sink']}")
+    streams = r["streams"]
+    if not streams:
+        click.echo("  no streams yet (no traced app has emitted an enabled event)")
+    for st in streams:
+        ratio = st["raw_bytes"] / st["wire_bytes"] if st.get("wire_bytes") else 1.0
+        line = (f"  {st['path']}: {st['packets']} packets, raw {_human(st['raw_bytes'])}, "
+                f"wire {_human(st['wire_bytes'])} (x{ratio:.2f}), discarded {st['discarded']}, "
+                f"unacked {st['unacked']}, producer {st['producer']}")
+        if st.get("error"):
+            line += f", ERROR: {st['error']}"
+        click.echo(line)
+
+
+@cli.group()
+def snapshot() -> None:
+    """Flight-recorder snapshots."""
+
+
+@snapshot.command("record")
+@click.option("-s", "--session", help="Session (default: the current one).")
+@click.option("--output", "-o", type=click.Path(file_okay=False))
+@click.option("--url", "-U")
+def snapshot_record(session: str | None, output: str | None, url: str | None) -> None:
+    """Write the current content of a snapshot session's buffers."""
+    raise CliError("snapshot sessions are not available yet")
+
+
+@cli.command()
+@click.argument("session", required=False)
+def rotate(session: str | None) -> None:
+    """Close the current trace chunk and start a new one."""
+    raise CliError("rotation is not available yet")
+
+
+@cli.command()
+@click.argument("path", type=click.Path(exists=True))
+@click.option("--limit", "-n", type=click.IntRange(0), default=None, help="Print at most N events.")
+def view(path: str, limit: int | None) -> None:
+    """Print the events of the trace(s) under PATH, one per line."""
+    from tracewire import ctf
+
+    n = 0
+    try:
+        for item in ctf.read_trace(path):
+            if limit is not None and n >= limit:
+                break
+            click.echo(ctf.format_event(item))
+            n += 1
+    except ctf.CTFError as exc:
+        raise CliError(str(exc)) from None
+    except BrokenPipeError:
+        sys.stderr.close()
+        return
+
+
+def main() -> None:
+    try:
+        cli(prog_name="tracewire")
+    except KeyboardInterrupt:
+        sys.exit(130)
