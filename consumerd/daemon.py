@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any
 
 import trio
 
@@ -33,6 +32,7 @@ from tracewire.control import ControlError
 from tracewire.names import InvalidName, validate_name
 from tracewire.ringbuf import BufferSpec, ConsumerCursor, MemoryBarrier, RingBufferCorrupt
 from tracewire.seqpacket import SeqPacket
+from tracewire.streamfile import StreamFile
 
 __all__ = ["ConsumerdConfig", "serve_consumerd"]
 
@@ -68,11 +68,8 @@ class StreamOut:
     stream_class: int
     cursor: ConsumerCursor
     eventfd: int
-    data_fd: int
-    index: Any  # buffered binary file
+    file: StreamFile
     switch_timer_ms: int
-    seq: int = 0
-    offset: int = 0
     packets: int = 0
     raw_bytes: int = 0
     gone: bool = False
@@ -171,18 +168,16 @@ class Consumerd:
         finally:
             os.close(memfd)
         os.set_blocking(efd, False)
-        name = f"{channel}_0"
-        data_fd = os.open(
-            os.path.join(tr.directory, name), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o640
-        )
-        offset = os.lseek(data_fd, 0, os.SEEK_END)
-        ipath = os.path.join(tr.directory, "index", name + ".idx")
-        index = open(ipath, "ab")
-        if index.tell() == 0:
-            index.write(ctf.INDEX_HEADER)
+        # Reopening after a consumerd restart continues the same files.
+        sf = StreamFile(tr.directory, f"{channel}_0")
+        if sf.recovered_bytes:
+            logger.warning("%s: cut %d bytes of a partial packet", sf.path, sf.recovered_bytes)
+        cursor.last_discarded = sf.last_discarded
+        if sf.next_seq:
+            cursor.last_ts = max(cursor.last_ts, sf.last_ts_end)
         st = StreamOut(
             key, str(msg["session"]), tr, channel, int(msg["stream_class"]), cursor, efd,
-            data_fd, index, int(msg.get("switch_timer_ms") or 0), offset=offset,
+            sf, int(msg.get("switch_timer_ms") or 0),
         )
         self.streams[key] = st
         self.nursery.start_soon(self.stream_task, st)
@@ -194,7 +189,7 @@ class Consumerd:
         for st in list(self.streams.values()):
             if st.session == session and not st.closed:
                 self.drain(st, flush=True)
-                st.index.flush()
+                st.file.flush()
             if st.session == session:
                 out.append(self._stats(st))
         return {"streams": out}
@@ -204,7 +199,7 @@ class Consumerd:
         if st is not None and not st.closed:
             st.gone = True
             self.drain(st, flush=True)
-            st.index.flush()
+            st.file.flush()
         return {}
 
     async def op_remove_session(self, msg: dict, fds: list[int]) -> dict:
@@ -228,7 +223,7 @@ class Consumerd:
     def _stats(self, st: StreamOut) -> dict:
         return {
             "key": st.key,
-            "path": os.path.join(st.trace.directory, f"{st.channel}_0"),
+            "path": st.file.path,
             "channel": st.channel,
             "packets": st.packets,
             "raw_bytes": st.raw_bytes,
@@ -271,8 +266,9 @@ class Consumerd:
                     st.cursor.announce(os.eventfd_read(st.eventfd))
                 except BlockingIOError:
                     pass
-                limit = cur.read_head()
+                head = cur.read_head()
                 self.barrier()
+                limit = (head, cur.read_ts())
             while (chunk := cur.next_chunk(limit)) is not None:
                 self.write_packet(st, chunk)
                 cur.release()
@@ -289,35 +285,20 @@ class Consumerd:
     def write_packet(self, st: StreamOut, chunk) -> None:
         n = len(chunk.data)
         header = ctf.pack_packet_header(
-            st.trace.uuid, st.stream_class, 0, chunk.ts_begin, chunk.ts_end, n, st.seq,
-            chunk.events_discarded,
+            st.trace.uuid, st.stream_class, 0, chunk.ts_begin, chunk.ts_end, n,
+            st.file.next_seq, chunk.events_discarded,
         )
-        total = len(header) + n
-        written = os.writev(st.data_fd, [header, chunk.data])
-        if written != total:  # short write (disk full): finish it or fail loudly
-            rest = (bytes(header) + bytes(chunk.data))[written:]
-            while rest:
-                k = os.write(st.data_fd, rest)
-                rest = rest[k:]
-        bits = total * 8
-        st.index.write(
-            ctf.pack_index_entry(
-                st.offset, bits, bits, chunk.ts_begin, chunk.ts_end, chunk.events_discarded,
-                st.stream_class, 0, st.seq,
-            )
-        )
-        st.offset += total
-        st.seq += 1
+        st.file.append([header, chunk.data], chunk.ts_begin, chunk.ts_end,
+                       chunk.events_discarded, st.stream_class)
         st.packets += 1
-        st.raw_bytes += total
+        st.raw_bytes += len(header) + n
 
     async def close_stream(self, st: StreamOut) -> None:
         st.closed = True
         trio.lowlevel.notify_closing(st.eventfd)
         st.cancel.cancel()
         await st.done.wait()
-        st.index.close()
-        os.close(st.data_fd)
+        st.file.close()
         os.close(st.eventfd)
         st.cursor.close()
 

@@ -42,7 +42,7 @@ _FIXED = {"int": "q", "float": "d"}
 _COMPACT_MAX_ID = 30
 _EXTENDED = 31
 _TS27 = 1 << 27
-_OFF_HEAD = 16
+_Q_TS, _Q_HEAD = 2, 3  # ringbuf.Q_TS / Q_HEAD: ts is stored before head
 
 
 class _StreamW:
@@ -133,7 +133,7 @@ def _gen_source(fields: list[tuple[str, str]], tp_id: int) -> str:
     lines.append("                _pos += _n")
     lines.append("                _p.pos = _pos")
     lines.append("                _p.last_ts = _ts")
-    lines.append(f"                _PH(_mv, {_OFF_HEAD}, _pos, _ts)")
+    lines.append(f"                _q = _p.q; _q[{_Q_TS}] = _ts; _q[{_Q_HEAD}] = _pos")
     lines.append("            finally:")
     lines.append("                _l.release()")
     lines.append("    except Exception:")
@@ -155,7 +155,6 @@ class Tracepoint:
             "_mono": time.monotonic_ns,
             "_PC": struct.Struct("<I" + lead_fmt).pack_into,
             "_PX": struct.Struct("<IIQ" + lead_fmt).pack_into,
-            "_PH": struct.Struct("<QQ").pack_into,
             "_Pint": struct.Struct("<q").pack_into,
             "_Pfloat": struct.Struct("<d").pack_into,
             "_PI": struct.Struct("<I").pack_into,

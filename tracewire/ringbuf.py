@@ -23,12 +23,12 @@ offset type     writer      meaning
 4      u32      sessiond    layout version
 8      u32      sessiond    sub-buffer size S
 12     u32      sessiond    number of sub-buffers N
-16     u64      producer    head: virtual end of the last *whole* event
-24     u64      producer    timestamp of that event (start time if none)
+16     u64      producer    timestamp of the last whole event (start time if none)
+24     u64      producer    head: virtual end of the last *whole* event
 32     u64      producer    events discarded (free-running)
 40     u64      consumer    consumed: everything below it has been read
 48     u64      sessiond    stream start timestamp
-64+16k u64,u64  producer    slot k: (virtual end, ts_end) of the sub-buffer
+64+16k u64,u64  producer    slot k: (ts_end, virtual end) of the sub-buffer
                             that last closed in slot k; all-ones = never
 ====== ======== =========== ===============================================
 
@@ -74,15 +74,21 @@ MAX_SUBBUF_SIZE = 64 * 1024 * 1024
 MIN_NUM_SUBBUF = 2
 MAX_NUM_SUBBUF = 1024
 
-_HDR = struct.Struct("<IIII")
-_HEAD = struct.Struct("<QQ")  # head, last_ts at 16
-_U64 = struct.Struct("<Q")
-_SLOT = struct.Struct("<QQ")
-OFF_HEAD = 16
-OFF_DISCARDED = 32
-OFF_CONSUMED = 40
-OFF_START = 48
-OFF_SLOTS = 64
+# The 64-bit control words are read and written through a memoryview cast
+# to "Q" (``q[i]`` is the word at byte offset 8*i): CPython stores and loads
+# such an item with one aligned 8-byte memcpy, which another CPU sees whole.
+# struct.pack_into cannot be used for them: it zeroes the destination before
+# packing (s_pack_internal's memset), so a concurrent reader can see 0, and
+# "<Q" is packed byte by byte besides.  The buffer never leaves the machine,
+# so native byte order is the right one.
+_HDR = struct.Struct("IIII")
+Q_TS = 2  # producer: ts of the last whole event; stored *before* Q_HEAD
+Q_HEAD = 3  # producer: virtual end of the last whole event
+Q_DISCARDED = 4  # producer
+Q_CONSUMED = 5  # consumer
+Q_START = 6  # sessiond: stream start timestamp
+Q_SLOTS = 8  # slot k: q[8+2k] = ts_end (stored first), q[9+2k] = virtual end
+OFF_SLOTS = 8 * Q_SLOTS
 NEVER = 0xFFFFFFFFFFFFFFFF
 
 
@@ -139,10 +145,14 @@ def create_buffer(spec: BufferSpec, start_ts: int, name: str = "tracewire-rb") -
         os.ftruncate(fd, spec.total_size)
         with mmap.mmap(fd, spec.ctrl_size) as m:
             _HDR.pack_into(m, 0, RB_MAGIC, RB_VERSION, spec.subbuf_size, spec.num_subbuf)
-            _HEAD.pack_into(m, OFF_HEAD, 0, start_ts)
-            _U64.pack_into(m, OFF_START, start_ts)
+            q = memoryview(m).cast("Q")
+            q[Q_TS] = start_ts
+            q[Q_HEAD] = 0
+            q[Q_START] = start_ts
             for k in range(spec.num_subbuf):
-                _SLOT.pack_into(m, OFF_SLOTS + 16 * k, NEVER, 0)
+                q[Q_SLOTS + 2 * k] = 0
+                q[Q_SLOTS + 2 * k + 1] = NEVER
+            q.release()
     except BaseException:
         os.close(fd)
         raise
@@ -187,19 +197,20 @@ class Producer:
     """
 
     __slots__ = (
-        "mm", "view", "spec", "wakeup_fd", "pos", "sb_end", "sb_index",
+        "mm", "view", "q", "spec", "wakeup_fd", "pos", "sb_end", "sb_index",
         "last_ts", "discarded", "_S", "_N", "_ctrl", "_released_upto", "base",
     )
 
     def __init__(self, fd: int, wakeup_fd: int, spec: BufferSpec | None = None) -> None:
         self.mm, self.spec = map_buffer(fd, spec)
         self.view = memoryview(self.mm)
+        self.q = self.view.cast("Q")
         self.wakeup_fd = wakeup_fd
         sp = self.spec
         self._S = sp.subbuf_size
         self._N = sp.num_subbuf
         self._ctrl = sp.ctrl_size
-        head, last_ts = _HEAD.unpack_from(self.mm, OFF_HEAD)
+        head, last_ts = self.q[Q_HEAD], self.q[Q_TS]
         # Resume where a previous producer (same buffer) left off.
         self.pos = head
         self.sb_index = head // self._S
@@ -207,7 +218,7 @@ class Producer:
         # memfd offset of virtual position p in the current sub-buffer: base + p
         self.base = self._ctrl + (self.sb_index % self._N - self.sb_index) * self._S
         self.last_ts = last_ts
-        self.discarded = _U64.unpack_from(self.mm, OFF_DISCARDED)[0]
+        self.discarded = self.q[Q_DISCARDED]
         self._released_upto = 0
 
     def offset_of(self, pos: int) -> int:
@@ -228,7 +239,7 @@ class Producer:
         nxt = self.sb_index + 1
         need = (nxt - self._N + 1) * S  # sub-buffer nxt-N must be fully consumed
         if need > self._released_upto:
-            self._released_upto = _U64.unpack_from(self.mm, OFF_CONSUMED)[0]
+            self._released_upto = self.q[Q_CONSUMED]
             if need > self._released_upto:
                 self.drop()
                 return -1
@@ -241,9 +252,9 @@ class Producer:
 
     def close_current(self) -> None:
         """Close the current sub-buffer at ``pos`` and wake the consumer."""
-        _SLOT.pack_into(
-            self.mm, OFF_SLOTS + 16 * (self.sb_index % self._N), self.pos, self.last_ts
-        )
+        k = Q_SLOTS + 2 * (self.sb_index % self._N)
+        self.q[k] = self.last_ts
+        self.q[k + 1] = self.pos
         try:
             os.eventfd_write(self.wakeup_fd, 1)
         except OSError:
@@ -252,13 +263,15 @@ class Producer:
     def commit(self, size: int, ts: int) -> None:
         self.pos += size
         self.last_ts = ts
-        _HEAD.pack_into(self.mm, OFF_HEAD, self.pos, ts)
+        self.q[Q_TS] = ts
+        self.q[Q_HEAD] = self.pos
 
     def drop(self, count: int = 1) -> None:
         self.discarded += count
-        _U64.pack_into(self.mm, OFF_DISCARDED, self.discarded)
+        self.q[Q_DISCARDED] = self.discarded
 
     def close(self) -> None:
+        self.q.release()
         self.view.release()
         self.mm.close()
 
@@ -283,12 +296,13 @@ class ConsumerCursor:
     def __init__(self, fd: int, spec: BufferSpec | None = None) -> None:
         self.mm, self.spec = map_buffer(fd, spec)
         self.view = memoryview(self.mm)
+        self.q = self.view.cast("Q")
         sp = self.spec
         self._S = sp.subbuf_size
         self._N = sp.num_subbuf
         self._ctrl = sp.ctrl_size
-        self.consumed = _U64.unpack_from(self.mm, OFF_CONSUMED)[0]
-        self.last_ts = _U64.unpack_from(self.mm, OFF_START)[0]
+        self.consumed = self.q[Q_CONSUMED]
+        self.last_ts = self.q[Q_START]
         # Closed sub-buffers announced through the eventfd, in total; those
         # below ``consumed`` were announced to an earlier consumer.
         self.announced = self.consumed // self._S
@@ -296,10 +310,14 @@ class ConsumerCursor:
         self.last_discarded = 0
 
     def _slot(self, j: int) -> tuple[int, int] | None:
-        end, ts_end = _SLOT.unpack_from(self.mm, OFF_SLOTS + 16 * (j % self._N))
+        k = Q_SLOTS + 2 * (j % self._N)
+        end = self.q[k + 1]
         lo = j * self._S
         if end == NEVER or end < lo or end >= lo + self._S:
             return None  # not closed in this lap (stale or never)
+        ts_end = self.q[k]
+        if ts_end < self.last_ts:
+            return None  # the slot's ts is from an earlier lap: not visible yet
         if end > lo + self._S - PACKET_HEADER_SIZE:
             raise RingBufferCorrupt(f"sub-buffer {j} closed past its end ({end})")
         return end, ts_end
@@ -311,9 +329,9 @@ class ConsumerCursor:
     def _chunk(self, start: int, end: int, ts_end: int) -> Chunk:
         if ts_end < self.last_ts:
             raise RingBufferCorrupt(f"timestamp went backwards ({ts_end} < {self.last_ts})")
-        discarded = _U64.unpack_from(self.mm, OFF_DISCARDED)[0]
+        discarded = self.q[Q_DISCARDED]
         if discarded < self.last_discarded:
-            raise RingBufferCorrupt("events_discarded went backwards")
+            raise RingBufferCorrupt(f"events_discarded went backwards ({discarded} < {self.last_discarded})")
         c = Chunk(self._view(start, end), self.last_ts, ts_end, discarded)
         self.last_ts = ts_end
         self.last_discarded = discarded
@@ -331,10 +349,10 @@ class ConsumerCursor:
         eventfd write/read pair orders the producer's stores before our loads.
 
         Args:
-            limit: for a flush (switch timer, stop, dead app), the ``(head,
-                ts)`` pair from ``read_head()``, read *before* a
-                ``MemoryBarrier`` call: closed sub-buffers ending at or below
-                that head, and the open one up to it, are taken too.
+            limit: for a flush (switch timer, stop, dead app), ``(head, ts)``:
+                ``read_head()``, then a ``MemoryBarrier`` call, then
+                ``read_ts()``.  Closed sub-buffers ending at or below that
+                head, and the open one up to it, are taken too.
 
         Raises:
             RingBufferCorrupt: the producer wrote a control value the layout
@@ -374,24 +392,31 @@ class ConsumerCursor:
 
     def discarded_pending(self) -> int:
         """Events dropped since the last chunk (a flush with none reports them)."""
-        return _U64.unpack_from(self.mm, OFF_DISCARDED)[0] - self.last_discarded
+        return self.q[Q_DISCARDED] - self.last_discarded
 
     def empty_chunk(self) -> Chunk:
         """A chunk with no events, to carry a discarded count in a packet."""
         self._advance_to = self.consumed
-        head_ts = max(self.last_ts, _HEAD.unpack_from(self.mm, OFF_HEAD)[1])
+        head_ts = max(self.last_ts, self.read_ts())
         return self._chunk(self.consumed, self.consumed, head_ts)
 
     def release(self) -> None:
         """Mark the last chunk written: its space may be reused by the producer."""
         self.consumed = self._advance_to
-        _U64.pack_into(self.mm, OFF_CONSUMED, self.consumed)
+        self.q[Q_CONSUMED] = self.consumed
 
-    def read_head(self) -> tuple[int, int]:
-        """``(head, ts)`` as the producer last published them."""
-        return _HEAD.unpack_from(self.mm, OFF_HEAD)
+    def read_head(self) -> int:
+        """``head`` as the producer last published it."""
+        return self.q[Q_HEAD]
+
+    def read_ts(self) -> int:
+        """The producer's last timestamp; read it *after* ``read_head`` (and
+        the barrier): it is stored before head, so it is at least the
+        timestamp of the event that ends at that head."""
+        return self.q[Q_TS]
 
     def close(self) -> None:
+        self.q.release()
         self.view.release()
         self.mm.close()
 
