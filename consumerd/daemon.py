@@ -33,6 +33,9 @@ from tracewire.names import InvalidName, validate_name
 from tracewire.ringbuf import BufferSpec, ConsumerCursor, MemoryBarrier, RingBufferCorrupt
 from tracewire.seqpacket import SeqPacket
 from tracewire.streamfile import StreamFile
+from tracewire.url import parse_url
+
+from consumerd.net import NetSession, SinkError, read_key_file
 
 __all__ = ["ConsumerdConfig", "serve_consumerd"]
 
@@ -50,12 +53,21 @@ class RequestError(Exception):
 
 
 @dataclass
+class SessionOut:
+    """A session's sink: a local directory, or a relay (``net``)."""
+
+    name: str
+    sink: str
+    net: NetSession | None = None
+
+
+@dataclass
 class TraceOut:
     trace_id: str
     session: str
-    directory: str
+    directory: str  # local: the trace directory; relay: the trace path below the session
     uuid: bytes
-    metadata_fd: int
+    metadata_fd: int  # -1 for a relay sink
     metadata_bytes: int = 0
 
 
@@ -68,8 +80,11 @@ class StreamOut:
     stream_class: int
     cursor: ConsumerCursor
     eventfd: int
-    file: StreamFile
+    file: StreamFile | None  # local sink
+    net: NetSession | None  # relay sink
     switch_timer_ms: int
+    next_seq: int = 0
+    blocked: bool = False  # the relay sink is full: data waits in the ring
     packets: int = 0
     raw_bytes: int = 0
     gone: bool = False
@@ -92,6 +107,7 @@ class Consumerd:
         self.config = config
         self.conn = conn
         self.nursery = nursery
+        self.sessions: dict[str, SessionOut] = {}
         self.traces: dict[str, TraceOut] = {}
         self.streams: dict[str, StreamOut] = {}
         self.barrier = MemoryBarrier(force=config.force_barrier)
@@ -116,7 +132,7 @@ class Consumerd:
                     raise RequestError(f"unknown op {op!r}")
                 result = await handler(msg, fds)
                 reply = {"seq": seq, "ok": True, **(result or {})}
-            except (RequestError, InvalidName, OSError, KeyError, ValueError, RingBufferCorrupt) as exc:
+            except (RequestError, InvalidName, OSError, KeyError, ValueError, RingBufferCorrupt, SinkError) as exc:
                 for fd in fds:
                     try:
                         os.close(fd)
@@ -129,25 +145,69 @@ class Consumerd:
     async def op_hello(self, msg: dict, fds: list[int]) -> dict:
         return {"pid": os.getpid()}
 
+    async def op_session(self, msg: dict, fds: list[int]) -> dict:
+        """Declare a session and its sink (before its traces)."""
+        name = str(msg["session"])
+        if name in self.sessions:
+            return {}
+        sink = str(msg["sink"])
+        net = None
+        if "://" in sink:
+            try:
+                url = parse_url(sink)
+            except ValueError as exc:
+                raise RequestError(str(exc)) from None
+            auth = None
+            if msg.get("auth_key_file"):
+                auth = read_key_file(str(msg["auth_key_file"]))
+            so = SessionOut(name, sink)
+            net = NetSession(
+                name=name, session_id=int(msg["session_id"]), created=str(msg["created"]),
+                url=url, hostname=str(msg["hostname"]), compress=msg.get("compress", "zstd") == "zstd",
+                level=int(msg.get("compress_level") or 1), auth=auth,
+                ca_file=msg.get("tls_ca") or None, live=bool(msg.get("live")),
+                on_room=lambda: self._on_room(so),
+            )
+            so.net = net
+            self.nursery.start_soon(net.run)
+        else:
+            if not os.path.isabs(sink):
+                raise RequestError(f"sink {sink!r} is not an absolute directory")
+            so = SessionOut(name, sink)
+        self.sessions[name] = so
+        return {}
+
+    def _on_room(self, so: SessionOut) -> None:
+        for st in self.streams.values():
+            if st.session == so.name and st.blocked:
+                self.drain(st, flush=False)
+
     async def op_add_trace(self, msg: dict, fds: list[int]) -> dict:
         tid = str(msg["trace_id"])
         if tid in self.traces:
             return {}
-        sink = str(msg["sink"])
-        if not os.path.isabs(sink):
-            raise RequestError(f"sink {sink!r} is not an absolute directory")
-        directory = _safe_join(sink, str(msg["path"]))
+        so = self.sessions[str(msg["session"])]
+        path = str(msg["path"])
+        if so.net is not None:
+            so.net.add_trace(tid, path)
+            self.traces[tid] = TraceOut(tid, so.name, path, bytes.fromhex(msg["uuid"]), -1)
+            return {"directory": f"{so.sink}/{path}"}
+        directory = _safe_join(so.sink, path)
         os.makedirs(os.path.join(directory, "index"), exist_ok=True)
         mpath = os.path.join(directory, "metadata")
         mfd = os.open(mpath, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
         size = os.fstat(mfd).st_size
-        self.traces[tid] = TraceOut(tid, str(msg["session"]), directory, bytes.fromhex(msg["uuid"]), mfd, size)
+        self.traces[tid] = TraceOut(tid, so.name, directory, bytes.fromhex(msg["uuid"]), mfd, size)
         return {"directory": directory}
 
     async def op_metadata(self, msg: dict, fds: list[int]) -> dict:
         tr = self.traces[str(msg["trace_id"])]
         data = str(msg["text"]).encode()
-        os.write(tr.metadata_fd, data)
+        net = self.sessions[tr.session].net
+        if net is not None:
+            net.add_metadata(tr.trace_id, data)
+        else:
+            os.write(tr.metadata_fd, data)
         tr.metadata_bytes += len(data)
         return {}
 
@@ -160,6 +220,7 @@ class Consumerd:
                 os.close(fd)
             return {}
         tr = self.traces[str(msg["trace_id"])]
+        net = self.sessions[tr.session].net
         channel = validate_name(str(msg["channel"]), "channel name")
         memfd, efd = fds
         spec = BufferSpec(int(msg["subbuf_size"]), int(msg["num_subbuf"]))
@@ -168,52 +229,84 @@ class Consumerd:
         finally:
             os.close(memfd)
         os.set_blocking(efd, False)
-        # Reopening after a consumerd restart continues the same files.
-        sf = StreamFile(tr.directory, f"{channel}_0")
-        if sf.recovered_bytes:
-            logger.warning("%s: cut %d bytes of a partial packet", sf.path, sf.recovered_bytes)
-        cursor.last_discarded = sf.last_discarded
-        if sf.next_seq:
-            cursor.last_ts = max(cursor.last_ts, sf.last_ts_end)
+        sf = None
+        if net is not None:
+            net.add_stream(key, tr.trace_id, channel)
+        else:
+            # Reopening after a consumerd restart continues the same files.
+            sf = StreamFile(tr.directory, f"{channel}_0")
+            if sf.recovered_bytes:
+                logger.warning("%s: cut %d bytes of a partial packet", sf.path, sf.recovered_bytes)
+            cursor.last_discarded = sf.last_discarded
+            if sf.next_seq:
+                cursor.last_ts = max(cursor.last_ts, sf.last_ts_end)
         st = StreamOut(
-            key, str(msg["session"]), tr, channel, int(msg["stream_class"]), cursor, efd,
-            sf, int(msg.get("switch_timer_ms") or 0),
+            key, tr.session, tr, channel, int(msg["stream_class"]), cursor, efd,
+            sf, net, int(msg.get("switch_timer_ms") or 0), next_seq=sf.next_seq if sf else 0,
         )
         self.streams[key] = st
         self.nursery.start_soon(self.stream_task, st)
         return {}
 
+    async def _flush_streams(self, streams: list[StreamOut]) -> None:
+        """Drain every stream to its last whole event, waiting for room in a
+        relay sink when needed, then for the relay's acknowledgements."""
+        nets = {id(st.net): st.net for st in streams if st.net is not None}
+        while True:
+            for st in streams:
+                if not st.closed:
+                    self.drain(st, flush=True)
+                    if st.file is not None:
+                        st.file.flush()
+            blocked = [st for st in streams if st.blocked and not st.closed and not st.broken]
+            if not blocked:
+                break
+            net = blocked[0].net
+            assert net is not None
+            if net.error:
+                raise RequestError(f"relay {net.url}: {net.error}")
+            await net.wait_change()
+        for net in nets.values():
+            try:
+                await net.wait_all_acked()
+            except SinkError as exc:
+                raise RequestError(f"relay {net.url}: {exc}") from None
+
     async def op_flush(self, msg: dict, fds: list[int]) -> dict:
         session = str(msg["session"])
-        out = []
-        for st in list(self.streams.values()):
-            if st.session == session and not st.closed:
-                self.drain(st, flush=True)
-                st.file.flush()
-            if st.session == session:
-                out.append(self._stats(st))
-        return {"streams": out}
+        streams = [st for st in self.streams.values() if st.session == session]
+        await self._flush_streams(streams)
+        return {"streams": [self._stats(st) for st in streams]}
 
     async def op_producer_gone(self, msg: dict, fds: list[int]) -> dict:
         st = self.streams.get(str(msg["key"]))
         if st is not None and not st.closed:
             st.gone = True
             self.drain(st, flush=True)
-            st.file.flush()
+            if st.file is not None:
+                st.file.flush()
         return {}
 
     async def op_remove_session(self, msg: dict, fds: list[int]) -> dict:
         session = str(msg["session"])
-        for key, st in list(self.streams.items()):
-            if st.session == session:
-                if not st.closed:
-                    self.drain(st, flush=True)
+        streams = [st for st in self.streams.values() if st.session == session]
+        so = self.sessions.get(session)
+        try:
+            with trio.move_on_after(float(msg.get("timeout", 30))):
+                await self._flush_streams(streams)
+        finally:
+            for st in streams:
                 await self.close_stream(st)
-                del self.streams[key]
-        for tid, tr in list(self.traces.items()):
-            if tr.session == session:
-                os.close(tr.metadata_fd)
-                del self.traces[tid]
+                del self.streams[st.key]
+            for tid, tr in list(self.traces.items()):
+                if tr.session == session:
+                    if tr.metadata_fd >= 0:
+                        os.close(tr.metadata_fd)
+                    del self.traces[tid]
+            if so is not None:
+                if so.net is not None:
+                    so.net.close()
+                del self.sessions[session]
         return {}
 
     async def op_status(self, msg: dict, fds: list[int]) -> dict:
@@ -221,9 +314,9 @@ class Consumerd:
         return {"streams": [self._stats(st) for st in self.streams.values() if st.session == session]}
 
     def _stats(self, st: StreamOut) -> dict:
-        return {
+        out = {
             "key": st.key,
-            "path": st.file.path,
+            "path": st.file.path if st.file else f"{st.net.url}/{st.trace.directory}/{st.channel}_0",
             "channel": st.channel,
             "packets": st.packets,
             "raw_bytes": st.raw_bytes,
@@ -233,6 +326,13 @@ class Consumerd:
             "producer": "gone" if st.gone else "alive",
             "error": st.broken,
         }
+        if st.net is not None:
+            out.update(st.net.stats(st.key))
+            if st.net.error:
+                out["error"] = f"relay: {st.net.error}"
+            elif not st.net.connected and st.net.last_failure:
+                out["error"] = f"relay unreachable: {st.net.last_failure}"
+        return out
 
     # ------------------------------------------------------------- streams
     async def stream_task(self, st: StreamOut) -> None:
@@ -258,6 +358,8 @@ class Consumerd:
         """Write every chunk the ring buffer has for us (all of it on flush)."""
         if st.broken or st.closed:
             return
+        net = st.net
+        st.blocked = False
         cur = st.cursor
         try:
             limit = None
@@ -269,7 +371,13 @@ class Consumerd:
                 head = cur.read_head()
                 self.barrier()
                 limit = (head, cur.read_ts())
-            while (chunk := cur.next_chunk(limit)) is not None:
+            while True:
+                if net is not None and not net.has_room():
+                    st.blocked = True  # the rest waits in the ring buffer
+                    return
+                chunk = cur.next_chunk(limit)
+                if chunk is None:
+                    break
                 self.write_packet(st, chunk)
                 cur.release()
             if flush and cur.discarded_pending() > 0:
@@ -284,21 +392,29 @@ class Consumerd:
 
     def write_packet(self, st: StreamOut, chunk) -> None:
         n = len(chunk.data)
+        seq = st.next_seq
         header = ctf.pack_packet_header(
-            st.trace.uuid, st.stream_class, 0, chunk.ts_begin, chunk.ts_end, n,
-            st.file.next_seq, chunk.events_discarded,
+            st.trace.uuid, st.stream_class, 0, chunk.ts_begin, chunk.ts_end, n, seq,
+            chunk.events_discarded,
         )
-        st.file.append([header, chunk.data], chunk.ts_begin, chunk.ts_end,
-                       chunk.events_discarded, st.stream_class)
-        st.packets += 1
-        st.raw_bytes += len(header) + n
+        if st.net is not None:
+            st.net.submit(st.key, header + chunk.data, seq, chunk.ts_begin, chunk.ts_end,
+                          chunk.events_discarded)
+        else:
+            assert st.file is not None
+            st.file.append([header, chunk.data], chunk.ts_begin, chunk.ts_end,
+                           chunk.events_discarded, st.stream_class)
+            st.packets += 1
+            st.raw_bytes += len(header) + n
+        st.next_seq = seq + 1
 
     async def close_stream(self, st: StreamOut) -> None:
         st.closed = True
         trio.lowlevel.notify_closing(st.eventfd)
         st.cancel.cancel()
         await st.done.wait()
-        st.file.close()
+        if st.file is not None:
+            st.file.close()
         os.close(st.eventfd)
         st.cursor.close()
 

@@ -46,6 +46,7 @@ from tracewire.control import ControlError, FrameReader, encode_frame
 from tracewire.names import InvalidName, validate_name
 from tracewire.ringbuf import BufferSpec, create_buffer
 from tracewire.seqpacket import SeqPacket, peer_credentials
+from tracewire.url import parse_url
 
 __all__ = ["SessiondConfig", "serve_sessiond", "default_rundir"]
 
@@ -132,6 +133,11 @@ class Session:
     url: str | None
     created: str
     state: SessionState = SessionState.CREATED
+    compress: str = "zstd"
+    compress_level: int = 1
+    auth_key_file: str | None = None
+    tls_ca: str | None = None
+    declared: bool = False  # consumerd knows the session
     channels: dict[str, Channel] = field(default_factory=dict)
     traces: dict[int, Trace] = field(default_factory=dict)  # by app pid
     streams: dict[str, Stream] = field(default_factory=dict)
@@ -253,6 +259,8 @@ class Sessiond:
     async def _replay_consumer(self) -> None:
         """Give a restarted consumerd every live trace and stream."""
         for sess in self.sessions.values():
+            if sess.declared:
+                await self._consumer_call(self._session_msg(sess))
             for pid, tr in sess.traces.items():
                 app = self.apps.get(pid)
                 await self._consumer_call(self._trace_msg(sess, tr, app, replay=True))
@@ -347,6 +355,28 @@ class Sessiond:
             logger.info("app %s-%d gone", app.procname, app.pid)
 
     # ------------------------------------------------------- per-app session setup
+    def _session_msg(self, sess: Session) -> dict:
+        return {
+            "op": "session",
+            "session": sess.name,
+            "session_id": sess.id,
+            "created": sess.created,
+            "sink": sess.sink(),
+            "hostname": self.hostname,
+            "compress": sess.compress,
+            "compress_level": sess.compress_level,
+            "auth_key_file": sess.auth_key_file,
+            "tls_ca": sess.tls_ca,
+            "live": False,
+            "uid": sess.owner_uid,
+            "gid": sess.owner_gid,
+        }
+
+    async def _declare_session(self, sess: Session) -> None:
+        if not sess.declared:
+            await self._consumer_call(self._session_msg(sess))
+            sess.declared = True
+
     def _trace_msg(self, sess: Session, tr: Trace, app: App | None, replay: bool = False) -> dict:
         return {
             "op": "add_trace",
@@ -493,13 +523,27 @@ class Sessiond:
         if name in self.sessions:
             raise UserError(f"session {name!r} already exists")
         output, url = req.get("output"), req.get("url")
-        if url:
-            raise UserError("streaming to a relay (--url) is not available in this build")
-        if not output:
-            raise UserError("no output directory given")
-        output = os.path.abspath(str(output))
         created = _now_stamp()
-        sess = Session(name, self.next_session_id, uid, gid, output, None, created)
+        if url:
+            try:
+                url = str(parse_url(str(url)))
+            except ValueError as exc:
+                raise UserError(str(exc)) from None
+            output = None
+        elif output:
+            output = os.path.abspath(str(output))
+        else:
+            raise UserError("give an output directory or a relay URL")
+        compress = req.get("compress") or "zstd"
+        if compress not in ("zstd", "none"):
+            raise UserError("--compress must be zstd or none")
+        level = int(req.get("compress_level") or 1)
+        if not 1 <= level <= 22:
+            raise UserError("--compress-level must be between 1 and 22")
+        sess = Session(name, self.next_session_id, uid, gid, output, url, created)
+        sess.compress, sess.compress_level = compress, level
+        sess.auth_key_file = req.get("auth_key_file") or None
+        sess.tls_ca = req.get("tls_ca") or None
         sess.clock_offset_ns = time.time_ns() - time.monotonic_ns()
         self.next_session_id += 1
         self.sessions[name] = sess
@@ -562,6 +606,7 @@ class Sessiond:
             raise UserError(f"session {sess.name!r} is already started")
         if not any(ch.patterns for ch in sess.channels.values()):
             raise UserError(f"session {sess.name!r} has no enabled event (use 'tracewire enable-event PATTERN')")
+        await self._declare_session(sess)
         sess.state = SessionState.STARTED
         for app in list(self.apps.values()):
             await self._setup_app(sess, app)
@@ -621,7 +666,7 @@ class Sessiond:
                     await app.conn.send({"op": "close", "keys": keys})
                 except (OSError, trio.BrokenResourceError):
                     pass
-        if sess.streams or sess.traces:
+        if sess.declared:
             await self._consumer_call({"op": "remove_session", "session": sess.name})
         for st in sess.streams.values():
             os.close(st.memfd)

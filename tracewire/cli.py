@@ -192,9 +192,13 @@ def cli(ctx: click.Context, rundir: str | None) -> None:
               help="zstd level.")
 @click.option("--auth-key-file", envvar="TRACEWIRE_AUTH_KEY_FILE", type=click.Path(dir_okay=False),
               help="File holding 'KEY_ID SECRET' for the relay [env TRACEWIRE_AUTH_KEY_FILE].")
+@click.option("--tls-ca", envvar="TRACEWIRE_TLS_CA", type=click.Path(dir_okay=False, exists=True),
+              help="CA certificate(s) to verify a tws:// relay with (default: the system's) "
+                   "[env TRACEWIRE_TLS_CA].")
 @click.pass_context
 def create(ctx: click.Context, name: str, output: str | None, url: str | None, snapshot: bool,
-           live: bool, compress: str, compress_level: int, auth_key_file: str | None) -> None:
+           live: bool, compress: str, compress_level: int, auth_key_file: str | None,
+           tls_ca: str | None) -> None:
     """Create session NAME and make it the current one.
 
     Without --output or --url the trace goes under ~/tracewire-traces.
@@ -211,6 +215,8 @@ def create(ctx: click.Context, name: str, output: str | None, url: str | None, s
            "url": url, "compress": compress, "compress_level": compress_level}
     if auth_key_file:
         req["auth_key_file"] = os.path.abspath(auth_key_file)
+    if tls_ca:
+        req["tls_ca"] = os.path.abspath(tls_ca)
     r = c.request(req)
     click.echo(f"Session {r['session']} created; traces go to {r['sink']}")
 

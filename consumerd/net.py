@@ -1,0 +1,438 @@
+"""consumerd's network sink: packets → zstd → TCP (or TLS) → tracewire-relayd.
+
+Theory of operation
+-------------------
+One ``NetSession`` per tracing session streams every trace and stream of that
+session over one connection.  ``submit()`` (called from the synchronous drain
+loop) copies a packet out of shared memory and queues it; a compressor task
+compresses queued packets in a worker thread (zstd releases the GIL), so
+compression of packet *n+1* overlaps the sending of packet *n*; a sender task
+writes frames; a reader task takes acknowledgements.
+
+Every packet stays in its stream's ``unacked`` deque, compressed, until the
+relay acknowledges it (``Ack(stream, seq)`` = everything up to ``seq`` is
+written).  When the connection breaks, the session reconnects with backoff,
+re-declares the session, its metadata (the relay skips what it already has)
+and its streams, asks where each stream stands (``StreamStateRequest``),
+forgets what the relay already wrote, and resends the rest — the relay drops
+duplicates.  A refusal by the relay (authentication, permission, a protocol
+error) is fatal for the session and reported to sessiond, never retried in a
+loop.
+
+Memory is bounded by ``max_unacked_bytes``: past it the drain loop leaves the
+data in the ring buffers (which then discard, and count, new events) until
+acknowledgements free room.  The stop barrier waits for ``all_acked()``: it
+completes on the relay's acknowledgement, not on a timer.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import ssl
+from dataclasses import dataclass, field
+import trio
+
+from tracewire import wire
+from tracewire.url import RelayURL
+
+__all__ = ["NetSession", "SinkError", "read_key_file"]
+
+logger = logging.getLogger(__name__)
+
+
+class SinkError(Exception):
+    """The relay refused the session."""
+
+
+def read_key_file(path: str) -> tuple[str, bytes]:
+    """Read a target's key file: one line ``KEY_ID SECRET`` (more words, such
+    as a relay-side host list, are ignored; ``#`` starts a comment).
+
+    Raises:
+        SinkError: unreadable, no key line, or a secret under 32 characters.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read(64 * 1024)
+    except OSError as exc:
+        raise SinkError(f"cannot read key file {path}: {exc.strerror}") from None
+    for line in text.splitlines():
+        words = line.split("#", 1)[0].split()
+        if not words:
+            continue
+        if len(words) < 2:
+            raise SinkError(f"key file {path}: expected 'KEY_ID SECRET'")
+        key_id, secret = words[0], words[1]
+        if len(secret) < 32:
+            raise SinkError(f"key file {path}: the secret must be at least 32 characters")
+        return key_id, secret.encode()
+    raise SinkError(f"key file {path} holds no key")
+
+
+@dataclass(slots=True)
+class _Pending:
+    """One packet kept until acknowledged."""
+
+    order: int
+    stream: _NetStream
+    seq: int
+    raw_len: int
+    ts_begin: int
+    ts_end: int
+    events_discarded: int
+    raw: bytes | None
+    data: bytes | None = None  # encoded payload once compressed
+    codec: wire.Codec = wire.Codec.NONE
+
+
+@dataclass(slots=True)
+class _NetStream:
+    key: str
+    trace_path: str
+    channel: str
+    index: int
+    wire_id: int = -1  # id on the current connection
+    unacked: collections.deque = field(default_factory=collections.deque)
+    packets: int = 0
+    raw_bytes: int = 0
+    wire_bytes: int = 0
+    acked_seq: int = -1
+
+
+@dataclass(slots=True)
+class _Trace:
+    path: str
+    metadata: bytearray = field(default_factory=bytearray)
+
+
+class NetSession:
+    """Streams one tracing session to a relay; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        session_id: int,
+        created: str,
+        url: RelayURL,
+        hostname: str,
+        compress: bool = True,
+        level: int = 1,
+        auth: tuple[str, bytes] | None = None,
+        ca_file: str | None = None,
+        live: bool = False,
+        max_unacked_bytes: int = 64 * 1024 * 1024,
+        connect_timeout: float = 10.0,
+        on_room=None,
+    ) -> None:
+        self.name = name
+        self.session_id = session_id
+        self.created = created
+        self.url = url
+        self.hostname = hostname
+        self.compress = compress
+        self.level = level
+        self.auth = auth
+        self.ca_file = ca_file
+        self.live = live
+        self.max_unacked_bytes = max_unacked_bytes
+        self.connect_timeout = connect_timeout
+        self.on_room = on_room or (lambda: None)
+        self.traces: dict[str, _Trace] = {}
+        self.streams: dict[str, _NetStream] = {}
+        self.by_wire_id: dict[int, _NetStream] = {}
+        self.error: str | None = None
+        self.connected = False
+        self.last_failure: str | None = None
+        self.unacked_bytes = 0
+        self._order = itertools.count()
+        self._to_compress: collections.deque[_Pending] = collections.deque()
+        self._compress_wakeup = trio.Event()
+        self._outbox: collections.deque = collections.deque()
+        self._send_wakeup = trio.Event()
+        self._changed = trio.Event()
+        self._cancel = trio.CancelScope()
+        self._compressor = None
+
+    # ------------------------------------------------------------ producer side
+    def has_room(self) -> bool:
+        return self.unacked_bytes < self.max_unacked_bytes and self.error is None
+
+    def add_trace(self, trace_id: str, path: str) -> None:
+        wire.validate_trace_path(path)
+        self.traces.setdefault(trace_id, _Trace(path))
+
+    def add_metadata(self, trace_id: str, data: bytes) -> None:
+        tr = self.traces[trace_id]
+        offset = len(tr.metadata)
+        tr.metadata += data
+        if self.connected:
+            self._queue(("metadata", tr, offset, len(tr.metadata)))
+
+    def add_stream(self, key: str, trace_id: str, channel: str) -> None:
+        if key in self.streams:
+            return
+        st = _NetStream(key, self.traces[trace_id].path, channel, 0)
+        self.streams[key] = st
+        if self.connected:
+            self._queue(("stream", st))
+
+    def submit(self, key: str, raw: bytes, seq: int, ts_begin: int, ts_end: int, discarded: int) -> None:
+        """Queue one whole CTF packet (``raw``, header included) of stream ``key``."""
+        st = self.streams[key]
+        p = _Pending(next(self._order), st, seq, len(raw), ts_begin, ts_end, discarded, raw)
+        st.unacked.append(p)
+        st.packets += 1
+        st.raw_bytes += len(raw)
+        self.unacked_bytes += len(raw)
+        self._to_compress.append(p)
+        self._compress_wakeup.set()
+
+    def _queue(self, item) -> None:
+        self._outbox.append(item)
+        self._send_wakeup.set()
+
+    async def wait_all_acked(self) -> None:
+        """Return once every submitted packet is acknowledged.
+
+        Raises:
+            SinkError: the relay refused the session.
+        """
+        while True:
+            if self.error:
+                raise SinkError(self.error)
+            if not any(st.unacked for st in self.streams.values()):
+                return
+            await self._changed.wait()
+
+    def stats(self, key: str) -> dict:
+        st = self.streams[key]
+        return {
+            "packets": st.packets,
+            "raw_bytes": st.raw_bytes,
+            "wire_bytes": st.wire_bytes,
+            "unacked": len(st.unacked),
+        }
+
+    async def wait_change(self) -> None:
+        """Wait until an acknowledgement, a refusal or a reconnect happens."""
+        await self._changed.wait()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    # ------------------------------------------------------------ tasks
+    async def run(self) -> None:
+        """Compress forever and keep a connection up until cancelled or refused."""
+        with self._cancel:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._compress_loop)
+                await self._connection_loop()
+                nursery.cancel_scope.cancel()
+
+    def close(self) -> None:
+        self._cancel.cancel()
+
+    async def _compress_loop(self) -> None:
+        import zstandard
+
+        cctx = zstandard.ZstdCompressor(level=self.level, write_content_size=True) if self.compress else None
+        while True:
+            while not self._to_compress:
+                await self._compress_wakeup.wait()
+                self._compress_wakeup = trio.Event()
+            p = self._to_compress.popleft()
+            raw = p.raw
+            assert raw is not None
+            if cctx is not None:
+                data = await trio.to_thread.run_sync(cctx.compress, raw)
+                # Keep whichever is smaller: incompressible data goes raw.
+                if len(data) < len(raw):
+                    p.data, p.codec = data, wire.Codec.ZSTD
+                else:
+                    p.data, p.codec = raw, wire.Codec.NONE
+            else:
+                p.data, p.codec = raw, wire.Codec.NONE
+            p.raw = None
+            self.unacked_bytes -= p.raw_len - len(p.data)
+            if p.seq > p.stream.acked_seq:
+                self._queue(("packet", p))
+
+    async def _connection_loop(self) -> None:
+        backoff = 0.1
+        while self.error is None:
+            try:
+                await self._one_connection()
+                return
+            except SinkError as exc:
+                self.error = str(exc)
+                self._outbox.clear()
+                logger.error("session %s: relay %s refused: %s", self.name, self.url, exc)
+                self._notify()
+                return
+            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError,
+                    ssl.SSLError, wire.ProtocolError) as exc:
+                self.last_failure = f"{type(exc).__name__}: {exc}"
+                logger.warning("session %s: relay %s: %s; retrying in %.1f s",
+                               self.name, self.url, self.last_failure, backoff)
+            finally:
+                self.connected = False
+            await trio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
+
+    async def _open(self) -> trio.abc.Stream:
+        with trio.fail_after(self.connect_timeout):
+            tcp = await trio.open_tcp_stream(self.url.host, self.url.port)
+            try:
+                import socket
+
+                tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+            if not self.url.tls:
+                return tcp
+            ctx = ssl.create_default_context(cafile=self.ca_file)
+            s = trio.SSLStream(tcp, ctx, server_hostname=self.url.host)
+            await s.do_handshake()
+            return s
+
+    async def _one_connection(self) -> None:
+        stream = await self._open()
+        conn = wire.Connection(wire.Role.CONSUMER)
+        try:
+            async with trio.open_nursery() as nursery:
+                await self._handshake(stream, conn)
+                await self._declare_all(stream, conn)
+                self.connected = True
+                logger.info("session %s: connected to %s", self.name, self.url)
+                nursery.start_soon(self._reader, stream, conn)
+                await self._sender(stream, conn)
+        finally:
+            self.connected = False
+            with trio.move_on_after(1) as cs:
+                cs.shield = True
+                await stream.aclose()
+
+    async def _recv(self, stream, conn: wire.Connection):
+        while True:
+            ev = conn.next_event()
+            if ev is not None:
+                if isinstance(ev, wire.Error):
+                    try:
+                        code = wire.ErrorCode(ev.code).name
+                    except ValueError:
+                        code = str(ev.code)
+                    raise SinkError(f"relay refused ({code}): {ev.text}")
+                if isinstance(ev, wire.ConnectionClosed):
+                    raise trio.BrokenResourceError("relay closed the connection")
+                return ev
+            data = await stream.receive_some(256 * 1024)
+            conn.receive_data(data)
+
+    async def _send(self, stream, conn: wire.Connection, msg) -> int:
+        parts = conn.send_parts(msg)
+        n = 0
+        for part in parts:
+            await stream.send_all(part)
+            n += len(part)
+        return n
+
+    async def _handshake(self, stream, conn: wire.Connection) -> None:
+        key_id = self.auth[0] if self.auth else None
+        with trio.fail_after(self.connect_timeout):
+            await self._send(stream, conn, wire.Hello(wire.PROTOCOL_VERSION, self.hostname, key_id))
+            ev = await self._recv(stream, conn)
+            if isinstance(ev, wire.Challenge):
+                if self.auth is None:
+                    raise SinkError("the relay requires a key (use --auth-key-file)")
+                mac = wire.compute_auth_mac(self.auth[1], ev.nonce, self.hostname, self.auth[0])
+                await self._send(stream, conn, wire.Auth(mac))
+                ev = await self._recv(stream, conn)
+            if not isinstance(ev, wire.Welcome):
+                raise SinkError(f"unexpected {type(ev).__name__} in the handshake")
+
+    async def _declare_all(self, stream, conn: wire.Connection) -> None:
+        """(Re)declare everything and resume every stream where the relay stands."""
+        await self._send(stream, conn, wire.SessionDecl(self.session_id, self.name, self.created, self.live))
+        for tr in self.traces.values():
+            if tr.metadata:
+                await self._send(stream, conn, wire.Metadata(self.session_id, tr.path, 0, bytes(tr.metadata)))
+        self.by_wire_id.clear()
+        ids = itertools.count()
+        for st in self.streams.values():
+            st.wire_id = next(ids)
+            self.by_wire_id[st.wire_id] = st
+            await self._send(stream, conn, wire.StreamDecl(st.wire_id, self.session_id, st.trace_path, st.channel, st.index))
+            await self._send(stream, conn, wire.StreamStateRequest(st.wire_id))
+        self._next_wire_id = ids
+        waiting = set(self.by_wire_id)
+        with trio.fail_after(self.connect_timeout):
+            while waiting:
+                ev = await self._recv(stream, conn)
+                if isinstance(ev, wire.StreamState):
+                    waiting.discard(ev.stream_id)
+                    self._acknowledge(self.by_wire_id[ev.stream_id], ev.next_seq - 1)
+                elif isinstance(ev, wire.Ack):
+                    self._acknowledge(self.by_wire_id[ev.stream_id], ev.seq)
+        # Resend what is compressed and unacknowledged, in submission order;
+        # packets still being compressed follow through the compressor.
+        self._outbox.clear()
+        pending = sorted(
+            (p for st in self.streams.values() for p in st.unacked if p.data is not None),
+            key=lambda p: p.order,
+        )
+        self._outbox.extend(("packet", p) for p in pending)
+        self._send_wakeup.set()
+
+    async def _sender(self, stream, conn: wire.Connection) -> None:
+        while True:
+            while not self._outbox:
+                self._send_wakeup = trio.Event()
+                await self._send_wakeup.wait()
+            item = self._outbox.popleft()
+            kind = item[0]
+            if kind == "packet":
+                p: _Pending = item[1]
+                if p.seq <= p.stream.acked_seq:
+                    continue
+                assert p.data is not None
+                n = await self._send(stream, conn, wire.Packet(
+                    p.stream.wire_id, p.seq, p.codec, p.raw_len, p.ts_begin, p.ts_end,
+                    p.events_discarded, p.raw_len * 8, p.raw_len * 8, p.seq, p.data,
+                ))
+                p.stream.wire_bytes += n
+            elif kind == "metadata":
+                _, tr, start, end = item
+                await self._send(stream, conn, wire.Metadata(self.session_id, tr.path, start, bytes(tr.metadata[start:end])))
+            elif kind == "stream":
+                st = item[1]
+                st.wire_id = next(self._next_wire_id)
+                self.by_wire_id[st.wire_id] = st
+                await self._send(stream, conn, wire.StreamDecl(st.wire_id, self.session_id, st.trace_path, st.channel, st.index))
+
+    async def _reader(self, stream, conn: wire.Connection) -> None:
+        while True:
+            ev = await self._recv(stream, conn)
+            if isinstance(ev, (wire.Ack, wire.StreamState)):
+                seq = ev.seq if isinstance(ev, wire.Ack) else ev.next_seq - 1
+                st = self.by_wire_id.get(ev.stream_id)
+                if st is not None:
+                    self._acknowledge(st, seq)
+
+    def _acknowledge(self, st: _NetStream, seq: int) -> None:
+        if seq <= st.acked_seq:
+            return
+        st.acked_seq = seq
+        freed = 0
+        while st.unacked and st.unacked[0].seq <= seq:
+            p = st.unacked.popleft()
+            freed += len(p.data) if p.data is not None else p.raw_len
+        if freed:
+            had_room = self.has_room()
+            self.unacked_bytes -= freed
+            if not had_room and self.has_room():
+                self.on_room()
+        self._notify()
