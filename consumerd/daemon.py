@@ -340,7 +340,10 @@ class Consumerd:
         with st.cancel:
             while not st.closed:
                 with trio.move_on_after(timer) as cs:
-                    await trio.lowlevel.wait_readable(st.eventfd)
+                    try:
+                        await trio.lowlevel.wait_readable(st.eventfd)
+                    except trio.ClosedResourceError:
+                        break  # close_stream() is closing the eventfd
                 if st.closed:
                     break
                 if cs.cancelled_caught:
