@@ -275,7 +275,19 @@ class Consumerd:
     async def op_flush(self, msg: dict, fds: list[int]) -> dict:
         session = str(msg["session"])
         streams = [st for st in self.streams.values() if st.session == session]
-        await self._flush_streams(streams)
+        timeout = float(msg.get("timeout") or 120)
+        with trio.move_on_after(timeout) as cs:
+            await self._flush_streams(streams)
+        if cs.cancelled_caught:
+            so = self.sessions[session]
+            net = so.net
+            left = sum(len(net.streams[st.key].unacked) for st in streams) if net else 0
+            why = f" (last failure: {net.last_failure})" if net and net.last_failure else ""
+            raise RequestError(
+                f"relay {net.url if net else so.sink} has not acknowledged everything after "
+                f"{timeout:.0f} s: {left} packets kept, more may wait in the ring buffers{why}; "
+                "they are sent when the relay is reachable"
+            )
         return {"streams": [self._stats(st) for st in streams]}
 
     async def op_producer_gone(self, msg: dict, fds: list[int]) -> dict:
@@ -374,6 +386,12 @@ class Consumerd:
                 head = cur.read_head()
                 self.barrier()
                 limit = (head, cur.read_ts())
+            if net is not None and st.packets == 0 and st.next_seq == 0:
+                first = net.first_seq(st.key)
+                if first is None:
+                    st.blocked = True  # until the relay says where the stream stands
+                    return
+                st.next_seq = first
             while True:
                 if net is not None and not net.has_room():
                     st.blocked = True  # the rest waits in the ring buffer
@@ -403,6 +421,7 @@ class Consumerd:
         if st.net is not None:
             st.net.submit(st.key, header + chunk.data, seq, chunk.ts_begin, chunk.ts_end,
                           chunk.events_discarded)
+            st.packets += 1
         else:
             assert st.file is not None
             st.file.append([header, chunk.data], chunk.ts_begin, chunk.ts_end,

@@ -94,6 +94,7 @@ class _NetStream:
     channel: str
     index: int
     wire_id: int = -1  # id on the current connection
+    base_seq: int | None = None  # the relay's next_seq when first declared
     unacked: collections.deque = field(default_factory=collections.deque)
     packets: int = 0
     raw_bytes: int = 0
@@ -126,6 +127,7 @@ class NetSession:
         max_unacked_bytes: int = 64 * 1024 * 1024,
         connect_timeout: float = 10.0,
         on_room=None,
+        opener=None,
     ) -> None:
         self.name = name
         self.session_id = session_id
@@ -140,6 +142,8 @@ class NetSession:
         self.max_unacked_bytes = max_unacked_bytes
         self.connect_timeout = connect_timeout
         self.on_room = on_room or (lambda: None)
+        # async () -> trio.abc.Stream; tests pass one over memory streams.
+        self._opener = opener or self._open
         self.traces: dict[str, _Trace] = {}
         self.streams: dict[str, _NetStream] = {}
         self.by_wire_id: dict[int, _NetStream] = {}
@@ -159,6 +163,12 @@ class NetSession:
     # ------------------------------------------------------------ producer side
     def has_room(self) -> bool:
         return self.unacked_bytes < self.max_unacked_bytes and self.error is None
+
+    def first_seq(self, key: str) -> int | None:
+        """The seq the stream's first packet must carry, once the relay has
+        said where the stream stands (a restarted consumerd continues the
+        relay's file); None until then: the data waits in the ring buffer."""
+        return self.streams[key].base_seq
 
     def add_trace(self, trace_id: str, path: str) -> None:
         wire.validate_trace_path(path)
@@ -300,7 +310,8 @@ class NetSession:
             return s
 
     async def _one_connection(self) -> None:
-        stream = await self._open()
+        with trio.fail_after(self.connect_timeout):
+            stream = await self._opener()
         conn = wire.Connection(wire.Role.CONSUMER)
         try:
             async with trio.open_nursery() as nursery:
@@ -374,7 +385,7 @@ class NetSession:
                 ev = await self._recv(stream, conn)
                 if isinstance(ev, wire.StreamState):
                     waiting.discard(ev.stream_id)
-                    self._acknowledge(self.by_wire_id[ev.stream_id], ev.next_seq - 1)
+                    self._stream_state(self.by_wire_id[ev.stream_id], ev.next_seq)
                 elif isinstance(ev, wire.Ack):
                     self._acknowledge(self.by_wire_id[ev.stream_id], ev.seq)
         # Resend what is compressed and unacknowledged, in submission order;
@@ -394,7 +405,13 @@ class NetSession:
                 await self._send_wakeup.wait()
             item = self._outbox.popleft()
             kind = item[0]
-            if kind == "packet":
+            if kind == "stream":
+                st = item[1]
+                st.wire_id = next(self._next_wire_id)
+                self.by_wire_id[st.wire_id] = st
+                await self._send(stream, conn, wire.StreamDecl(st.wire_id, self.session_id, st.trace_path, st.channel, st.index))
+                await self._send(stream, conn, wire.StreamStateRequest(st.wire_id))
+            elif kind == "packet":
                 p: _Pending = item[1]
                 if p.seq <= p.stream.acked_seq:
                     continue
@@ -407,20 +424,24 @@ class NetSession:
             elif kind == "metadata":
                 _, tr, start, end = item
                 await self._send(stream, conn, wire.Metadata(self.session_id, tr.path, start, bytes(tr.metadata[start:end])))
-            elif kind == "stream":
-                st = item[1]
-                st.wire_id = next(self._next_wire_id)
-                self.by_wire_id[st.wire_id] = st
-                await self._send(stream, conn, wire.StreamDecl(st.wire_id, self.session_id, st.trace_path, st.channel, st.index))
 
     async def _reader(self, stream, conn: wire.Connection) -> None:
         while True:
             ev = await self._recv(stream, conn)
-            if isinstance(ev, (wire.Ack, wire.StreamState)):
-                seq = ev.seq if isinstance(ev, wire.Ack) else ev.next_seq - 1
-                st = self.by_wire_id.get(ev.stream_id)
-                if st is not None:
-                    self._acknowledge(st, seq)
+            st = self.by_wire_id.get(getattr(ev, "stream_id", -1))
+            if st is None:
+                continue
+            if isinstance(ev, wire.Ack):
+                self._acknowledge(st, ev.seq)
+            elif isinstance(ev, wire.StreamState):
+                self._stream_state(st, ev.next_seq)
+
+    def _stream_state(self, st: _NetStream, next_seq: int) -> None:
+        if st.base_seq is None:
+            st.base_seq = next_seq
+            st.acked_seq = next_seq - 1
+            self.on_room()
+        self._acknowledge(st, next_seq - 1)
 
     def _acknowledge(self, st: _NetStream, seq: int) -> None:
         if seq <= st.acked_seq:

@@ -74,6 +74,7 @@ class SessiondConfig:
     rundir: str
     consumerd_cmd: tuple[str, ...] = (sys.executable, "-m", "consumerd")
     app_stop_timeout: float = 5.0
+    stop_timeout: float = 120.0  # how long stop waits for a relay's acknowledgements
     consumer_timeout: float = 60.0
     hostname: str = ""
 
@@ -642,7 +643,10 @@ class Sessiond:
         for app, ev in waits:
             if not ev.is_set():
                 slow.append(f"{app.procname}-{app.pid}")
-        reply = await self._consumer_call({"op": "flush", "session": sess.name})
+        reply = await self._consumer_call(
+            {"op": "flush", "session": sess.name, "timeout": self.config.stop_timeout},
+            timeout=self.config.stop_timeout + 30,
+        )
         result = {"session": sess.name, "streams": reply.get("streams", [])}
         if slow:
             result["warning"] = f"apps did not confirm the stop in time: {', '.join(slow)}"
