@@ -43,7 +43,7 @@ import trio
 
 from tracewire import ctf
 from tracewire.control import ControlError, FrameReader, encode_frame
-from tracewire.names import InvalidName, validate_name
+from tracewire.names import MAX_SESSION_NAME, InvalidName, validate_name
 from tracewire.ringbuf import BufferSpec, create_buffer
 from tracewire.seqpacket import SeqPacket, peer_credentials
 from tracewire.url import parse_url
@@ -518,7 +518,7 @@ class Sessiond:
 
     async def cmd_create(self, req: dict, uid: int, gid: int) -> dict:
         try:
-            name = validate_name(str(req.get("name", "")), "session name")
+            name = validate_name(str(req.get("name", "")), "session name", MAX_SESSION_NAME)
         except InvalidName as exc:
             raise UserError(str(exc)) from None
         if name in self.sessions:
@@ -554,7 +554,7 @@ class Sessiond:
     async def cmd_enable_channel(self, req: dict, uid: int, gid: int) -> dict:
         sess = self._session(req, uid)
         try:
-            name = validate_name(str(req.get("channel") or DEFAULT_CHANNEL), "channel name")
+            name = validate_name(str(req.get("channel") or DEFAULT_CHANNEL), "channel name", MAX_SESSION_NAME)
         except InvalidName as exc:
             raise UserError(str(exc)) from None
         if sess.state is not SessionState.CREATED and name not in sess.channels:
