@@ -231,7 +231,7 @@ class Consumerd:
         os.set_blocking(efd, False)
         sf = None
         if net is not None:
-            net.add_stream(key, tr.trace_id, channel)
+            net.add_stream(key, tr.trace_id, channel, resume=bool(msg.get("replay")))
         else:
             # Reopening after a consumerd restart continues the same files.
             sf = StreamFile(tr.directory, f"{channel}_0")

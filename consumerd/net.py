@@ -181,10 +181,14 @@ class NetSession:
         if self.connected:
             self._queue(("metadata", tr, offset, len(tr.metadata)))
 
-    def add_stream(self, key: str, trace_id: str, channel: str) -> None:
+    def add_stream(self, key: str, trace_id: str, channel: str, resume: bool = False) -> None:
+        """Add a stream.  A new stream starts at seq 0 at once; a resumed one
+        (a restarted consumerd) waits for the relay to say where it stands."""
         if key in self.streams:
             return
         st = _NetStream(key, self.traces[trace_id].path, channel, 0)
+        if not resume:
+            st.base_seq = 0
         self.streams[key] = st
         if self.connected:
             self._queue(("stream", st))

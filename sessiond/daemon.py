@@ -266,7 +266,7 @@ class Sessiond:
                 app = self.apps.get(pid)
                 await self._consumer_call(self._trace_msg(sess, tr, app, replay=True))
             for st in sess.streams.values():
-                await self._consumer_call(self._stream_msg(sess, st), (st.memfd, st.eventfd))
+                await self._consumer_call(dict(self._stream_msg(sess, st), replay=True), (st.memfd, st.eventfd))
                 if st.pid not in self.apps:
                     await self._consumer_call({"op": "producer_gone", "key": st.key})
 
