@@ -366,11 +366,14 @@ def view(path: str, limit: int | None) -> None:
     from tracewire import ctf
 
     n = 0
+    prev = None
     try:
         for item in ctf.read_trace(path):
             if limit is not None and n >= limit:
                 break
-            click.echo(ctf.format_event(item))
+            click.echo(ctf.format_event(item, prev))
+            if isinstance(item, ctf.Event):
+                prev = item
             n += 1
     except ctf.CTFError as exc:
         raise CliError(str(exc)) from None
