@@ -5,9 +5,9 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-DEBS   := babeltrace2 python3-bt2
+DEBS   := babeltrace2 python3-bt2 iproute2 nftables ethtool iputils-ping docker-compose
 
-.PHONY: demo test bench fuzz venv debs clean
+.PHONY: demo test bench fuzz venv debs clean compose compose-check
 
 venv: $(STAMP)
 
@@ -40,3 +40,11 @@ fuzz: venv
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# The docker-compose file is generated from tracewire/topology.py, the one
+# description of the multi-host topology (the netns test harness uses it too).
+compose: venv
+	$(PY) -m tracewire.topology compose > compose/docker-compose.yml
+
+compose-check:
+	docker-compose -f compose/docker-compose.yml config -q
