@@ -1,0 +1,3 @@
+from relayd.main import main
+
+main()

@@ -1,0 +1,751 @@
+"""The relay daemon: accepts consumers over TCP (or TLS) and writes CTF traces.
+
+Public API: RelaydConfig, serve_relayd, parse_auth_keys, RelaydStartupError,
+AuthKeyError.
+"""
+
+# Theory of operation
+# ===================
+#
+# One RelayServer per serve_relayd() call holds everything shared between
+# connections: the config, the real path of the output directory, the
+# registry of open stream files ({real path: _OpenStream}) and a thread
+# limiter for decompression.  Nothing lives in module globals.
+#
+# Each accepted connection gets a _ConsumerConnection, run as its own task
+# by trio.serve_listeners (which closes the stream when the task ends).  The
+# task is the connection's only reader: it feeds bytes into a sans-I/O
+# wire.Connection(Role.RELAY) and dispatches the messages it returns.
+# Everything it sends goes through _send, serialised by a trio.Lock (only
+# one task sends today; the lock keeps that safe for live viewers and
+# keep-alives later).
+#
+#   handshake   bounded by handshake_timeout: [TLS handshake], Hello,
+#               [Challenge / Auth when auth keys are configured], Welcome.
+#               Nothing touches the disk before Welcome is sent.
+#   serve       repeat: decode and handle every frame available; then
+#               flush the index of every stream written to and send one Ack
+#               per stream that got packets (acks cover only what is written
+#               to the stream file *and* its index); then receive more bytes,
+#               bounded by idle_timeout.
+#   teardown    whatever the reason (EOF, Bye, protocol error, timeout,
+#               cancellation): close every stream file this connection owns
+#               (StreamFile.close flushes the index) and every metadata fd.
+#
+# Files.  A stream file is written only through StreamFile, one whole packet
+# per append, so a connection dropped at any point leaves files ending on a
+# packet boundary.  Opening a StreamFile recovers it, which is how a
+# reconnecting consumer (or a restarted relay) continues a stream: the
+# StreamState answer is StreamFile.next_seq.  A stream file has one owner at
+# a time: a connection that declares a file another connection holds takes
+# it over (the old handle is closed first, so that its index is flushed);
+# the old connection is dropped if it touches that stream again.
+#
+# Trust.  The wire core validates frames, field types, names and the
+# connection state; this module adds what needs the file system or the
+# packet bytes: auth, host permissions, the realpath check that keeps every
+# file inside OUTPUT, metadata offsets, decompression limits, the CTF packet
+# header, sequence gaps.  Any RemoteProtocolError ends that one connection
+# with a best-effort Error message and one log line; other connections are
+# not affected.
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import secrets
+import ssl
+import stat
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import partial
+
+import trio
+
+from tracewire import ctf
+from tracewire.streamfile import StreamFile
+from tracewire.wire import (
+    DEFAULT_MAX_METADATA_SIZE,
+    DEFAULT_MAX_PAYLOAD_SIZE,
+    DEFAULT_MAX_SESSIONS,
+    DEFAULT_MAX_STREAMS,
+    MAX_ERROR_TEXT,
+    NONCE_SIZE,
+    Ack,
+    Auth,
+    Bye,
+    Challenge,
+    Codec,
+    Connection,
+    ConnectionClosed,
+    Error,
+    ErrorCode,
+    Event,
+    Hello,
+    LocalProtocolError,
+    Message,
+    Metadata,
+    Packet,
+    RemoteProtocolError,
+    Role,
+    SessionClose,
+    SessionDecl,
+    StreamClose,
+    StreamDecl,
+    StreamState,
+    StreamStateRequest,
+    Welcome,
+    decompress_packet,
+    validate_name,
+    validate_trace_path,
+    verify_auth_mac,
+)
+
+__all__ = [
+    "AuthKeyError",
+    "AuthKeys",
+    "RelaydConfig",
+    "RelaydStartupError",
+    "parse_auth_keys",
+    "serve_relayd",
+]
+
+logger = logging.getLogger(__name__)
+
+AuthKeys = dict[str, tuple[bytes, tuple[str, ...]]]
+
+MIN_SECRET_CHARS = 32
+ANY_HOST = "*"
+_RECEIVE_SIZE = 256 * 1024
+_THREAD_DECOMPRESS_OVER = 64 * 1024  # raw bytes; smaller packets decompress inline
+_DIR_MODE = 0o750
+_FILE_MODE = 0o640
+
+
+class RelaydStartupError(Exception):
+    """The relay cannot start: port in use, unusable output directory..."""
+
+
+class AuthKeyError(ValueError):
+    """An auth key file is unsafe or malformed; the text names file and line."""
+
+
+@dataclass(frozen=True, slots=True)
+class RelaydConfig:
+    """Everything serve_relayd needs.
+
+    Attributes:
+        output: directory the traces go under (created if missing).
+        listen_host: address to listen on ("0.0.0.0", "::", "127.0.0.1"...).
+        listen_port: TCP port; 0 picks a free one (see serve_relayd).
+        auth_keys: key id -> (secret, hostnames the key may write under,
+            "*" for any).  None: no authentication (anyone may write).  An
+            empty mapping refuses everyone.
+        handshake_timeout: seconds a peer has to complete the (TLS and
+            protocol) handshake.
+        idle_timeout: a connection that sends nothing, or reads nothing we
+            send, for this many seconds is dropped.
+        close_timeout: seconds spent trying to tell a dropped peer why.
+        max_payload_size: largest frame payload (compressed packet) accepted.
+        max_raw_packet: largest packet accepted once decompressed.
+        max_streams: open streams per connection.
+        max_sessions: open sessions per connection.
+        max_metadata_size: largest metadata file (offset + length).
+        tls: serve TLS with this server context; None for plain TCP.
+        decompress_threads: packets decompressed in threads at once,
+            relay-wide.
+    """
+
+    output: str
+    listen_host: str = "0.0.0.0"
+    listen_port: int = 6342
+    auth_keys: Mapping[str, tuple[bytes, tuple[str, ...]]] | None = None
+    handshake_timeout: float = 10.0
+    idle_timeout: float = 300.0
+    close_timeout: float = 2.0
+    max_payload_size: int = DEFAULT_MAX_PAYLOAD_SIZE
+    max_raw_packet: int = 64 * 1024 * 1024
+    max_streams: int = DEFAULT_MAX_STREAMS
+    max_sessions: int = DEFAULT_MAX_SESSIONS
+    max_metadata_size: int = DEFAULT_MAX_METADATA_SIZE
+    tls: ssl.SSLContext | None = field(default=None, repr=False)
+    decompress_threads: int = 4
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.listen_port <= 65535:
+            raise ValueError(f"listen_port {self.listen_port} not in 0..65535")
+        for name in ("handshake_timeout", "idle_timeout", "close_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        for name in ("max_payload_size", "max_raw_packet", "max_streams", "max_sessions",
+                     "max_metadata_size", "decompress_threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+
+
+# --------------------------------------------------------------------------
+# Auth key file
+# --------------------------------------------------------------------------
+
+
+def parse_auth_keys(path: str | os.PathLike[str]) -> AuthKeys:
+    """Reads a relay key file: one `KEY_ID SECRET HOST...` per line.
+
+    `#` starts a comment (at the start of a line or of a word); blank lines
+    are skipped.  SECRET is used as its UTF-8 bytes and must be at least 32
+    characters; HOST is a hostname the key may write under, or `*` for any.
+
+    Args:
+        path: the key file.  It must not be accessible by group or others.
+
+    Returns:
+        {key_id: (secret bytes, (host, ...))}.
+
+    Raises:
+        AuthKeyError: the file cannot be read, is accessible by group or
+            others, holds no key, or a line is malformed (the text names
+            the file and line).
+    """
+    name = os.fspath(path)
+    try:
+        with open(name, encoding="utf-8") as f:
+            mode = os.fstat(f.fileno()).st_mode
+            if not stat.S_ISREG(mode):
+                raise AuthKeyError(f"auth key file {name}: not a regular file")
+            if mode & 0o077:
+                raise AuthKeyError(
+                    f"auth key file {name} is accessible by group or others "
+                    f"(mode {stat.S_IMODE(mode):04o}); run: chmod 600 {name}"
+                )
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AuthKeyError(f"cannot read auth key file {name}: {exc}") from exc
+    keys: AuthKeys = {}
+    for lineno, line in enumerate(lines, 1):
+        words = line.split()
+        for i, word in enumerate(words):
+            if word.startswith("#"):
+                del words[i:]
+                break
+        if not words:
+            continue
+        where = f"{name}:{lineno}"
+        if len(words) < 3:
+            raise AuthKeyError(f"{where}: expected 'KEY_ID SECRET HOST...', got {len(words)} field(s)")
+        key_id, secret, hosts = words[0], words[1], tuple(words[2:])
+        try:
+            validate_name(key_id, "key id")
+            for host in hosts:
+                if host != ANY_HOST:
+                    validate_name(host, "host")
+        except RemoteProtocolError as exc:
+            raise AuthKeyError(f"{where}: {exc.message}") from None
+        if len(secret) < MIN_SECRET_CHARS:
+            raise AuthKeyError(f"{where}: secret of key {key_id!r} is shorter than {MIN_SECRET_CHARS} characters")
+        if key_id in keys:
+            raise AuthKeyError(f"{where}: key id {key_id!r} appears twice")
+        keys[key_id] = (secret.encode("utf-8"), hosts)
+    if not keys:
+        raise AuthKeyError(f"auth key file {name} holds no key")
+    return keys
+
+
+# --------------------------------------------------------------------------
+# Server
+# --------------------------------------------------------------------------
+
+
+@dataclass(slots=True, eq=False)
+class _OpenStream:
+    """A stream declared on one connection, and its file while it owns it."""
+
+    decl: StreamDecl
+    path: str  # real path of the stream file: the registry key
+    file: StreamFile | None  # None once closed or taken over
+    ctf_stream_id: int | None = None  # CTF stream class of its packets
+
+
+class RelayServer:
+    """State shared by every connection of one serve_relayd() call.
+
+    Args:
+        config: the relay's configuration.
+        output: real path of the (existing) output directory.
+    """
+
+    def __init__(self, config: RelaydConfig, output: str) -> None:
+        self.config = config
+        self.output = output
+        self.owners: dict[str, _OpenStream] = {}  # stream file path -> owner
+        self.decompress_limiter = trio.CapacityLimiter(config.decompress_threads)
+        self._next_conn_id = 0
+
+    def new_conn_id(self) -> int:
+        """Returns a number naming a connection in the logs."""
+        self._next_conn_id += 1
+        return self._next_conn_id
+
+    def safe_path(self, *parts: str) -> str:
+        """Joins validated names below OUTPUT and checks the result stays there.
+
+        Raises:
+            RemoteProtocolError: (BAD_NAME) if the real path leaves OUTPUT
+                (through a symlink, say).
+        """
+        real = os.path.realpath(os.path.join(self.output, *parts))
+        if not real.startswith(self.output + os.sep):
+            raise RemoteProtocolError(ErrorCode.BAD_NAME, f"{os.path.join(*parts)!r} resolves outside the output directory")
+        return real
+
+    def take_stream(self, st: _OpenStream, directory: str, name: str) -> None:
+        """Opens (recovering) the stream file for `st`, taking it over from
+        any other connection that holds it.
+
+        Raises:
+            OSError: if the file cannot be opened.
+        """
+        old = self.owners.pop(st.path, None)
+        if old is not None and old.file is not None:
+            logger.info("stream file %s taken over by a newer connection", st.path)
+            file, old.file = old.file, None
+            file.close()
+        st.file = StreamFile(directory, name, mode=_FILE_MODE)
+        self.owners[st.path] = st
+        if st.file.recovered_bytes:
+            logger.warning("stream file %s: cut %d bytes of a partial packet", st.path, st.file.recovered_bytes)
+
+    def release_stream(self, st: _OpenStream) -> None:
+        """Closes `st`'s file if it still holds it (flushing the index)."""
+        if self.owners.get(st.path) is st:
+            del self.owners[st.path]
+        file, st.file = st.file, None
+        if file is not None:
+            file.close()
+
+    async def handle(self, stream: trio.abc.Stream) -> None:
+        """Serves one accepted connection; never raises but Cancelled."""
+        await _ConsumerConnection(self, stream).run()
+
+
+def _peer_name(stream: trio.abc.Stream) -> str:
+    transport = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
+    sock = getattr(transport, "socket", None)
+    try:
+        host, port = sock.getpeername()[:2]  # type: ignore[union-attr]
+    except (AttributeError, OSError, ValueError):
+        return "?"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class _ConsumerConnection:
+    """One consumer connection: handshake, then frames to files."""
+
+    def __init__(self, server: RelayServer, stream: trio.abc.Stream) -> None:
+        cfg = server.config
+        self.server = server
+        self.config = cfg
+        self.stream = stream
+        self.name = f"conn#{server.new_conn_id()} {_peer_name(stream)}"
+        self.conn = Connection(
+            Role.RELAY,
+            require_auth=cfg.auth_keys is not None,
+            max_payload_size=cfg.max_payload_size,
+            max_streams=cfg.max_streams,
+            max_sessions=cfg.max_sessions,
+            max_metadata_size=cfg.max_metadata_size,
+        )
+        self.send_lock = trio.Lock()
+        self.hostname: str | None = None
+        self.sessions: dict[int, str] = {}  # session id -> real session directory
+        self.streams: dict[int, _OpenStream] = {}  # stream id -> stream
+        self.metadata_fds: dict[str, int] = {}  # real metadata path -> fd
+        self.to_flush: dict[int, _OpenStream] = {}  # streams written in this batch
+        self.acks: dict[int, int] = {}  # stream id -> highest written seq, to ack
+        self.got_bye = False
+
+    def __str__(self) -> str:
+        return self.name if self.hostname is None else f"{self.name} ({self.hostname})"
+
+    # -- top level ----------------------------------------------------------
+
+    async def run(self) -> None:
+        """Runs the connection to its end, logging why it ended."""
+        try:
+            with trio.fail_after(self.config.handshake_timeout):
+                if isinstance(self.stream, trio.SSLStream):
+                    await self.stream.do_handshake()
+                if not await self._handshake():
+                    return
+            await self._serve()
+        except RemoteProtocolError as exc:
+            logger.warning("%s: dropped: %s: %s", self, exc.code.name, exc.message)
+            await self._send_error(exc.code, exc.message)
+        except trio.TooSlowError:
+            phase = "handshake" if self.hostname is None else "idle"
+            logger.warning("%s: dropped: %s timeout", self, phase)
+            await self._send_error(ErrorCode.TIMEOUT, f"{phase} timeout")
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            logger.info("%s: connection lost: %s", self, str(exc) or type(exc).__name__)
+        except OSError as exc:
+            logger.error("%s: dropped: I/O error: %s", self, exc)
+            await self._send_error(ErrorCode.INTERNAL, f"relay I/O error: {os.strerror(exc.errno or errno.EIO)}")
+        except Exception as exc:  # a bug: keep the other connections alive
+            logger.exception("%s: dropped: internal error", self)
+            await self._send_error(ErrorCode.INTERNAL, f"relay internal error: {type(exc).__name__}")
+        finally:
+            self._close_all()
+
+    def _close_all(self) -> None:
+        for st in self.streams.values():
+            try:
+                self.server.release_stream(st)
+            except OSError as exc:
+                logger.error("%s: closing %s: %s", self, st.path, exc)
+        self.streams.clear()
+        for fd in self.metadata_fds.values():
+            os.close(fd)
+        self.metadata_fds.clear()
+
+    # -- I/O ------------------------------------------------------------------
+
+    async def _send(self, msg: Message) -> None:
+        """Sends one message; a peer that does not read for idle_timeout is
+        dropped (TooSlowError)."""
+        async with self.send_lock:
+            parts = self.conn.send_parts(msg)
+            try:
+                with trio.fail_after(self.config.idle_timeout):
+                    for part in parts:
+                        await self.stream.send_all(part)
+            except BaseException:
+                self.conn.send_failed()
+                raise
+
+    async def _send_error(self, code: ErrorCode, text: str) -> None:
+        """Tells the peer why we hang up, best effort and bounded."""
+        with trio.move_on_after(self.config.close_timeout):
+            try:
+                await self._send(Error(int(code), text[:MAX_ERROR_TEXT]))
+            except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, LocalProtocolError):
+                pass
+
+    async def _receive(self) -> None:
+        """Reads some bytes (b"" at EOF) into the protocol core."""
+        data = await self.stream.receive_some(_RECEIVE_SIZE)
+        self.conn.receive_data(data)
+
+    async def _next_message(self) -> Event:
+        while (event := self.conn.next_event()) is None:
+            await self._receive()
+        return event
+
+    # -- handshake -----------------------------------------------------------
+
+    async def _handshake(self) -> bool:
+        """Hello, [Challenge, Auth], Welcome.
+
+        Returns:
+            False if the peer left before saying Hello.
+
+        Raises:
+            RemoteProtocolError: (AUTH_FAILED, FORBIDDEN, ...) refused.
+        """
+        hello = await self._next_message()
+        if isinstance(hello, ConnectionClosed):
+            logger.info("%s: closed before Hello", self)
+            return False
+        assert isinstance(hello, Hello)  # the core allows nothing else
+        hostname = validate_name(hello.hostname, "hostname")
+        keys = self.config.auth_keys
+        if keys is not None:
+            key_id = hello.key_id
+            assert key_id is not None  # require_auth: the core checked
+            nonce = secrets.token_bytes(NONCE_SIZE)
+            await self._send(Challenge(nonce))
+            auth = await self._next_message()
+            if not isinstance(auth, Auth):
+                raise RemoteProtocolError(ErrorCode.AUTH_FAILED, "connection closed during authentication")
+            key = keys.get(key_id)
+            # An unknown key id is refused only after the Challenge, like a
+            # bad MAC, so that key ids cannot be probed.
+            if key is None or not verify_auth_mac(key[0], nonce, hostname, key_id, auth.mac):
+                raise RemoteProtocolError(ErrorCode.AUTH_FAILED, f"authentication failed for key {key_id!r}")
+            if ANY_HOST not in key[1] and hostname not in key[1]:
+                raise RemoteProtocolError(ErrorCode.FORBIDDEN, f"key {key_id!r} may not write under host {hostname!r}")
+        await self._send(Welcome(hello.version, session_limit=self.config.max_sessions))
+        self.hostname = hostname
+        logger.info("%s: welcome (key %s, protocol %d)", self, hello.key_id, hello.version)
+        return True
+
+    # -- established ---------------------------------------------------------
+
+    async def _serve(self) -> None:
+        """Handles frames until the peer closes, says Bye or Error."""
+        while True:
+            while (event := self.conn.next_event()) is not None:
+                if isinstance(event, ConnectionClosed):
+                    # The state is now CLOSED: no more acks; the teardown
+                    # flushes what was written.
+                    logger.info("%s: closed by peer", self)
+                    return
+                if isinstance(event, Error):
+                    logger.warning("%s: peer sent error %d: %r", self, event.code, event.text)
+                    return
+                await self._dispatch(event)
+            await self._finish_batch()
+            if self.got_bye:
+                await self._send(Bye())
+                logger.info("%s: bye", self)
+                return
+            with trio.fail_after(self.config.idle_timeout):
+                await self._receive()
+
+    async def _dispatch(self, msg: Message) -> None:
+        match msg:
+            case Packet():
+                await self._on_packet(msg)
+            case Metadata():
+                self._on_metadata(msg)
+            case SessionDecl():
+                self._on_session(msg)
+            case StreamDecl():
+                self._on_stream(msg)
+            case StreamStateRequest():
+                st = self._stream(msg.stream_id)
+                assert st.file is not None
+                await self._send(StreamState(msg.stream_id, st.file.next_seq))
+            case StreamClose():
+                self._close_stream(msg.stream_id)
+            case SessionClose():
+                self._close_session(msg.session_id)
+            case Bye():
+                self.got_bye = True
+            case _:  # the core lets nothing else through in this state
+                raise RemoteProtocolError(ErrorCode.BAD_STATE, f"unexpected {type(msg).__name__}")
+
+    async def _finish_batch(self) -> None:
+        """Flushes the indexes written to, then acks what they hold."""
+        for st in self.to_flush.values():
+            if st.file is not None:
+                st.file.flush()
+        self.to_flush.clear()
+        acks, self.acks = self.acks, {}
+        for stream_id, seq in acks.items():
+            await self._send(Ack(stream_id, seq))
+
+    def _stream(self, stream_id: int) -> _OpenStream:
+        """The open stream `stream_id`, if this connection still owns its file.
+
+        Raises:
+            RemoteProtocolError: (BAD_STATE) if another connection took it over.
+        """
+        st = self.streams[stream_id]  # the core checked the id is open
+        if st.file is None:
+            raise RemoteProtocolError(
+                ErrorCode.BAD_STATE, f"stream {stream_id} ({st.path}) was taken over by another connection"
+            )
+        return st
+
+    def _on_session(self, msg: SessionDecl) -> None:
+        assert self.hostname is not None
+        name = validate_name(msg.name, "session name")
+        directory = self.server.safe_path(self.hostname, f"{name}-{msg.created}")
+        os.makedirs(directory, mode=_DIR_MODE, exist_ok=True)
+        self.sessions[msg.session_id] = directory
+        logger.info("%s: session %d -> %s", self, msg.session_id, directory)
+
+    def _trace_dir(self, session_id: int, trace_path: str) -> str:
+        session_dir = self.sessions[session_id]  # the core checked the id is open
+        rel = os.path.relpath(session_dir, self.server.output)
+        directory = self.server.safe_path(rel, validate_trace_path(trace_path))
+        if not directory.startswith(session_dir + os.sep):
+            raise RemoteProtocolError(ErrorCode.BAD_NAME, f"trace path {trace_path!r} leaves its session")
+        os.makedirs(directory, mode=_DIR_MODE, exist_ok=True)
+        return directory
+
+    def _on_stream(self, msg: StreamDecl) -> None:
+        channel = validate_name(msg.channel, "channel")
+        directory = self._trace_dir(msg.session_id, msg.trace_path)
+        name = f"{channel}_{msg.index}"
+        rel = os.path.relpath(directory, self.server.output)
+        path = self.server.safe_path(rel, name)
+        self.server.safe_path(rel, "index", name + ".idx")  # StreamFile creates it
+        st = _OpenStream(msg, path, None)
+        self.streams[msg.stream_id] = st
+        self.server.take_stream(st, directory, name)
+        assert st.file is not None
+        logger.info("%s: stream %d -> %s (next seq %d)", self, msg.stream_id, path, st.file.next_seq)
+
+    def _close_stream(self, stream_id: int) -> None:
+        st = self.streams.pop(stream_id)
+        self.to_flush.pop(stream_id, None)
+        self.server.release_stream(st)  # flushes the index before the ack goes out
+
+    def _close_session(self, session_id: int) -> None:
+        for stream_id in [i for i, st in self.streams.items() if st.decl.session_id == session_id]:
+            self._close_stream(stream_id)
+        prefix = self.sessions.pop(session_id) + os.sep
+        for path in [p for p in self.metadata_fds if p.startswith(prefix)]:
+            os.close(self.metadata_fds.pop(path))
+
+    def _on_metadata(self, msg: Metadata) -> None:
+        directory = self._trace_dir(msg.session_id, msg.trace_path)
+        path = os.path.join(directory, "metadata")
+        fd = self.metadata_fds.get(path)
+        if fd is None:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, _FILE_MODE)
+            self.metadata_fds[path] = fd
+        size = os.fstat(fd).st_size
+        data = memoryview(msg.data).cast("B")
+        if msg.offset > size:
+            raise RemoteProtocolError(
+                ErrorCode.PROTOCOL, f"metadata offset {msg.offset} is past the end of {path} ({size} bytes)"
+            )
+        skip = min(size - msg.offset, len(data))  # a resend: these bytes are there already
+        if skip and os.pread(fd, skip, msg.offset) != data[:skip]:
+            raise RemoteProtocolError(
+                ErrorCode.PROTOCOL, f"metadata at offset {msg.offset} differs from what {path} holds"
+            )
+        rest = data[skip:]
+        pos = msg.offset + skip
+        while rest:
+            n = os.pwrite(fd, rest, pos)
+            rest, pos = rest[n:], pos + n
+
+    async def _on_packet(self, msg: Packet) -> None:
+        st = self._stream(msg.stream_id)
+        assert st.file is not None
+        if msg.seq < st.file.next_seq:  # a resend of what we have: drop it, ack again
+            self.acks[msg.stream_id] = st.file.next_seq - 1
+            return
+        if msg.seq > st.file.next_seq:
+            raise RemoteProtocolError(
+                ErrorCode.PROTOCOL, f"stream {msg.stream_id}: packet seq {msg.seq}, expected {st.file.next_seq}"
+            )
+        decode = partial(decompress_packet, msg.data, msg.codec, msg.raw_len, self.config.max_raw_packet)
+        if msg.codec is Codec.ZSTD and msg.raw_len > _THREAD_DECOMPRESS_OVER:
+            raw = await trio.to_thread.run_sync(decode, limiter=self.server.decompress_limiter)
+            st = self._stream(msg.stream_id)  # it may have been taken over meanwhile
+        else:
+            raw = decode()
+        ctf_stream_id = _check_packet(raw, msg)
+        if st.ctf_stream_id is None:
+            st.ctf_stream_id = ctf_stream_id
+        elif ctf_stream_id != st.ctf_stream_id:
+            raise RemoteProtocolError(
+                ErrorCode.PROTOCOL,
+                f"stream {msg.stream_id}: packet of CTF stream class {ctf_stream_id}, earlier ones {st.ctf_stream_id}",
+            )
+        file = st.file
+        assert file is not None
+        try:
+            file.append([raw], msg.ts_begin, msg.ts_end, msg.events_discarded, stream_id=ctf_stream_id)
+        except OSError:
+            # StreamFile does not undo a partial write: cut it off so that the
+            # file still ends on a packet boundary.
+            try:
+                os.ftruncate(file.fd, file.offset)
+                os.lseek(file.fd, file.offset, os.SEEK_SET)
+            except OSError:
+                pass
+            raise
+        self.to_flush[msg.stream_id] = st
+        self.acks[msg.stream_id] = msg.seq
+
+
+def _check_packet(raw: bytes, msg: Packet) -> int:
+    """Checks a decoded packet's CTF header against itself and `msg`.
+
+    Returns:
+        The packet's CTF stream_id (stream class; header offset 20).
+
+    Raises:
+        RemoteProtocolError: (PROTOCOL) if the header is malformed or
+            disagrees with the Packet message.
+    """
+
+    def bad(what: str) -> RemoteProtocolError:
+        return RemoteProtocolError(ErrorCode.PROTOCOL, f"stream {msg.stream_id} seq {msg.seq}: {what}")
+
+    if len(raw) < ctf.PACKET_HEADER_SIZE:
+        raise bad(f"packet of {len(raw)} bytes is shorter than its {ctf.PACKET_HEADER_SIZE}-byte header")
+    h = ctf.unpack_packet_header(raw)
+    if h.magic != ctf.CTF_MAGIC:
+        raise bad(f"bad CTF magic {h.magic:#010x}")
+    if h.packet_size != 8 * len(raw):
+        raise bad(f"packet_size {h.packet_size} bits, but the packet has {len(raw)} bytes")
+    if not ctf.PACKET_HEADER_SIZE * 8 <= h.content_size <= h.packet_size:
+        raise bad(f"content_size {h.content_size} bits not within [{ctf.PACKET_HEADER_SIZE * 8}, {h.packet_size}]")
+    got = (h.timestamp_begin, h.timestamp_end, h.content_size, h.packet_size, h.packet_seq_num, h.events_discarded)
+    said = (msg.ts_begin, msg.ts_end, msg.content_size_bits, msg.packet_size_bits, msg.packet_seq_num,
+            msg.events_discarded)
+    if got != said:
+        names = ("ts_begin", "ts_end", "content_size", "packet_size", "packet_seq_num", "events_discarded")
+        diff = ", ".join(f"{n} {g} != {s}" for n, g, s in zip(names, got, said) if g != s)
+        raise bad(f"packet header disagrees with the Packet message: {diff}")
+    return h.stream_id
+
+
+# --------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------
+
+
+def _prepare_output(path: str) -> str:
+    """Creates OUTPUT if needed and returns its real path.
+
+    Raises:
+        RelaydStartupError: if it cannot be created or written to.
+    """
+    try:
+        os.makedirs(path, mode=_DIR_MODE, exist_ok=True)
+    except OSError as exc:
+        raise RelaydStartupError(f"cannot create output directory {path}: {exc.strerror or exc}") from exc
+    real = os.path.realpath(path)
+    if not os.path.isdir(real) or not os.access(real, os.W_OK | os.X_OK):
+        raise RelaydStartupError(f"output directory {path} is not a writable directory")
+    return real
+
+
+async def serve_relayd(
+    config: RelaydConfig, *, task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Runs the relay until cancelled.
+
+    Args:
+        config: the configuration.
+        task_status: receives the list of bound trio.SocketListener (the TCP
+            listeners, also when serving TLS) once the relay is listening;
+            `listeners[0].socket.getsockname()[1]` is the port when
+            listen_port is 0.
+
+    Raises:
+        RelaydStartupError: before task_status.started, if the output
+            directory is unusable or the address cannot be bound.
+    """
+    output = _prepare_output(config.output)
+    try:
+        listeners = await trio.open_tcp_listeners(config.listen_port, host=config.listen_host)
+    except OSError as exc:
+        raise RelaydStartupError(
+            f"cannot listen on {config.listen_host}:{config.listen_port}: {exc.strerror or exc}"
+        ) from exc
+    server = RelayServer(config, output)
+    served: list[trio.abc.Listener[trio.abc.Stream]] = (
+        [trio.SSLListener(listener, config.tls) for listener in listeners]
+        if config.tls is not None
+        else list(listeners)
+    )
+    addresses = ", ".join(_format_address(listener.socket.getsockname()) for listener in listeners)
+    if config.auth_keys is None:
+        logger.warning("no auth keys: the relay on %s accepts and writes traces from anyone who can connect", addresses)
+    logger.info("listening on %s%s, writing to %s", addresses, " (TLS)" if config.tls else "", output)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(trio.serve_listeners, server.handle, served)
+        task_status.started(listeners)
+
+
+def _format_address(sockname: tuple[object, ...]) -> str:
+    host, port = str(sockname[0]), sockname[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -1,0 +1,169 @@
+"""``tracewire-relayd``: the relay daemon's command line."""
+
+from __future__ import annotations
+
+import logging
+import resource
+import signal
+import ssl
+import sys
+from dataclasses import dataclass
+
+import click
+import trio
+
+from relayd.daemon import (
+    AuthKeyError,
+    RelaydConfig,
+    RelaydStartupError,
+    parse_auth_keys,
+    serve_relayd,
+)
+
+__all__ = ["STARTUP_FAILURE", "main", "run"]
+
+logger = logging.getLogger(__name__)
+
+STARTUP_FAILURE = 3
+PROG = "tracewire-relayd"
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """A HOST:PORT option value."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+class AddressType(click.ParamType):
+    """HOST:PORT, [IPv6]:PORT; PORT 0 picks a free port."""
+
+    name = "HOST:PORT"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> Address:
+        if isinstance(value, Address):
+            return value
+        text = str(value)
+        host, sep, port = text.rpartition(":")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            self.fail(f"{text!r} is not HOST:PORT (e.g. 0.0.0.0:6342, [::]:6342)", param, ctx)
+        return Address(host, int(port))
+
+
+async def _serve(config: RelaydConfig) -> None:
+    """Runs serve_relayd until SIGTERM or SIGINT."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(serve_relayd, config)
+            where = ", ".join(str(Address(*l.socket.getsockname()[:2])) for l in listeners)
+            tls = " (TLS)" if config.tls is not None else ""
+            print(f"{PROG} listening on {where}{tls}, writing to {config.output}", file=sys.stderr, flush=True)
+            async for signum in signals:
+                logger.info("%s: shutting down", signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break
+
+
+def run(config: RelaydConfig) -> int:
+    """Runs the relay until SIGTERM/SIGINT.
+
+    Args:
+        config: the relay configuration.
+
+    Returns:
+        0 after a clean shutdown, STARTUP_FAILURE (3) if the relay could not
+        start (the reason is printed as one line on stderr).
+    """
+    failure: RelaydStartupError | None = None
+    try:
+        trio.run(_serve, config)
+    except* RelaydStartupError as group:
+        failure = group.exceptions[0]  # type: ignore[assignment]
+    if failure is not None:
+        print(f"{PROG}: {failure}", file=sys.stderr)
+        return STARTUP_FAILURE
+    return 0
+
+
+def _raise_fd_limit() -> None:
+    """Raises the soft RLIMIT_NOFILE to the hard one: every stream costs the
+    relay two file descriptors, and running out of them would drop whichever
+    connection opens a file next."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            logger.warning("cannot raise the open file limit from %d: %s", soft, exc)
+
+
+def _tls_context(cert: str, key: str) -> ssl.SSLContext:
+    """A server context for --tls-cert/--tls-key (TLS 1.2 or later)."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert, key)
+    return context
+
+
+@click.command(context_settings={"auto_envvar_prefix": "TRACEWIRE_RELAYD"})
+@click.option("--output", "-o", required=True, type=click.Path(file_okay=False),
+              help="Directory the traces are written under.")
+@click.option("--listen", type=AddressType(), default="0.0.0.0:6342", show_default=True,
+              help="Address consumers connect to.")
+@click.option("--live-listen", type=AddressType(), default="0.0.0.0:6344", show_default=True,
+              help="Address for live viewers (not implemented yet).")
+@click.option("--auth-keys", type=click.Path(dir_okay=False), default=None,
+              help="Key file: one 'KEY_ID SECRET HOST...' per line; without it anyone may write.")
+@click.option("--tls-cert", type=click.Path(dir_okay=False), default=None, help="Serve TLS with this certificate (PEM).")
+@click.option("--tls-key", type=click.Path(dir_okay=False), default=None, help="Private key of --tls-cert (PEM).")
+@click.option("--handshake-timeout", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
+              help="Seconds a consumer has to complete the handshake.")
+@click.option("--idle-timeout", type=click.FloatRange(min=0, min_open=True), default=300.0, show_default=True,
+              help="Drop a connection silent for this many seconds.")
+@click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+              default="INFO", show_default=True, help="Logging level.")
+def main(
+    output: str,
+    listen: Address,
+    live_listen: Address,
+    auth_keys: str | None,
+    tls_cert: str | None,
+    tls_key: str | None,
+    handshake_timeout: float,
+    idle_timeout: float,
+    log_level: str,
+) -> None:
+    """Relay daemon: receives traces from consumer daemons and writes CTF traces
+    under OUTPUT/<hostname>/<session>-<created>/."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s relayd %(levelname)s %(message)s",
+                        stream=sys.stderr)
+    if (tls_cert is None) != (tls_key is None):
+        raise click.UsageError("--tls-cert and --tls-key go together")
+    try:
+        keys = parse_auth_keys(auth_keys) if auth_keys is not None else None
+        tls = _tls_context(tls_cert, tls_key) if tls_cert is not None and tls_key is not None else None
+    except AuthKeyError as exc:
+        click.echo(f"{PROG}: {exc}", err=True)
+        sys.exit(STARTUP_FAILURE)
+    except (OSError, ssl.SSLError) as exc:
+        click.echo(f"{PROG}: cannot load TLS certificate/key: {exc}", err=True)
+        sys.exit(STARTUP_FAILURE)
+    _raise_fd_limit()
+    logger.info("live viewers are not implemented yet: --live-listen %s is ignored", live_listen)
+    config = RelaydConfig(
+        output=output,
+        listen_host=listen.host,
+        listen_port=listen.port,
+        auth_keys=keys,
+        handshake_timeout=handshake_timeout,
+        idle_timeout=idle_timeout,
+        tls=tls,
+    )
+    sys.exit(run(config))

@@ -1,0 +1,682 @@
+"""Tests for relayd: a real relay on 127.0.0.1 driven by a wire.Connection
+client sending real CTF packets; the output is read back with ctf.read_trace
+and babeltrace2.  Hostile peers, auth, TLS, the key file and the CLI too.
+
+Every async test runs under trio.fail_after(TIMEOUT) (trio_mode is on).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import select
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator
+import contextlib
+from collections.abc import Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import cbor2
+import dataclasses
+import logging
+import pytest
+import trio
+import trustme
+import zstandard
+from click.testing import CliRunner
+
+from relayd import AuthKeyError, RelaydConfig, parse_auth_keys, serve_relayd
+from relayd.main import main as relayd_main
+from tracewire import ctf, wire
+from tracewire.ctf import EventDecl, TraceInfo
+from tracewire.wire import (
+    FRAME_HEADER,
+    MAGIC,
+    Ack,
+    Auth,
+    Bye,
+    Challenge,
+    Codec,
+    Connection,
+    ConnectionClosed,
+    Error,
+    ErrorCode,
+    Hello,
+    Metadata,
+    Packet,
+    Role,
+    SessionClose,
+    SessionDecl,
+    StreamClose,
+    StreamDecl,
+    StreamState,
+    StreamStateRequest,
+    Welcome,
+)
+
+TIMEOUT = 20.0
+BABELTRACE2 = shutil.which("babeltrace2")
+TICK = EventDecl("demo:tick", 0, (("seq", ctf.FieldType.INT), ("msg", ctf.FieldType.STR)))
+EVENTS_PER_PACKET = 5
+CREATED = "20261129T101500"
+OFFSET_NS = 1_700_000_000_000_000_000
+SECRET_A = b"a" * 40
+SECRET_B = b"b" * 40
+
+
+# --------------------------------------------------------------------------
+# Building traces
+# --------------------------------------------------------------------------
+
+
+class Trace:
+    """One traced process with one channel: its metadata and packets."""
+
+    def __init__(self, host: str, session: str = "s1", channel: str = "channel0", pad: int = 0) -> None:
+        self.host = host
+        self.pad = pad  # extra bytes per event, to make big packets
+        self.session = session
+        self.channel = channel
+        self.uuid = uuid.uuid4().bytes
+        info = TraceInfo(self.uuid, host, session, CREATED, "demo", 4242, OFFSET_NS, (channel,))
+        self.metadata = (ctf.metadata_preamble(info) + ctf.metadata_event(TICK)).encode()
+        self.trace_path = f"ust/pid/demo-4242-{CREATED}"
+
+    def trace_dir(self, out: Path) -> Path:
+        return out / self.host / f"{self.session}-{CREATED}" / self.trace_path
+
+    def packet(self, n: int) -> bytes:
+        """Packet n: events n*EPP .. n*EPP+EPP-1, timestamps increasing."""
+        ts_begin = 1_000_000 + n * 1_000
+        body, prev = b"", ts_begin
+        for i in range(EVENTS_PER_PACKET):
+            seq = n * EVENTS_PER_PACKET + i
+            ts = ts_begin + 10 * i
+            body += ctf.encode_event(0, ts, prev, [seq, f"m{seq}" + "x" * self.pad], TICK.fields)
+            prev = ts
+        header = ctf.pack_packet_header(self.uuid, 0, 0, ts_begin, ts_begin + 999, len(body), n, 0)
+        return header + body
+
+
+def packet_msg(stream_id: int, seq: int, raw: bytes, *, compress: bool = True) -> Packet:
+    """A Packet message whose fields agree with the raw packet's header."""
+    h = ctf.unpack_packet_header(raw)
+    return Packet(
+        stream_id, seq, Codec.ZSTD if compress else Codec.NONE, len(raw), h.timestamp_begin, h.timestamp_end,
+        h.events_discarded, h.content_size, h.packet_size, h.packet_seq_num,
+        wire.compress_packet(raw) if compress else raw,
+    )
+
+
+def raw_frame(fields: dict[str, object], payload: bytes = b"") -> bytes:
+    """A frame built by hand, bypassing the message checks."""
+    header = cbor2.dumps(fields)
+    return FRAME_HEADER.pack(MAGIC, len(header), len(payload)) + header + payload
+
+
+def event_seqs(out: Path) -> list[int]:
+    return [e.fields["seq"] for e in ctf.read_trace(out) if isinstance(e, ctf.Event)]
+
+
+async def babeltrace2_lines(path: Path) -> list[str]:
+    """The events babeltrace2 prints for the trace(s) under path."""
+    if BABELTRACE2 is None:
+        pytest.skip("babeltrace2 is not installed")
+    r = await trio.run_process([BABELTRACE2, str(path)], capture_stdout=True, capture_stderr=True, check=False)
+    assert r.returncode == 0, r.stderr.decode()
+    return [line for line in r.stdout.decode().splitlines() if "demo:tick" in line]
+
+
+# --------------------------------------------------------------------------
+# A relay and a client
+# --------------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def running_relay(output: Path, **options: object) -> AsyncIterator[int]:
+    """Runs serve_relayd on 127.0.0.1; yields its port."""
+    config = RelaydConfig(output=str(output), listen_host="127.0.0.1", listen_port=0, **options)  # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(serve_relayd, config)
+        yield listeners[0].socket.getsockname()[1]
+        nursery.cancel_scope.cancel()
+
+
+class Client:
+    """A consumer built on wire.Connection(Role.CONSUMER)."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.conn = Connection(Role.CONSUMER)
+        self.acks: dict[int, int] = {}
+
+    @classmethod
+    async def connect(cls, port: int, tls: ssl.SSLContext | None = None) -> Client:
+        stream: trio.abc.Stream = await trio.open_tcp_stream("127.0.0.1", port)
+        if tls is not None:
+            stream = trio.SSLStream(stream, tls, server_hostname="localhost")
+        return cls(stream)
+
+    async def aclose(self) -> None:
+        await trio.aclose_forcefully(self.stream)
+
+    async def send(self, msg: wire.Message) -> None:
+        for part in self.conn.send_parts(msg):
+            await self.stream.send_all(part)
+
+    async def recv(self) -> wire.Event:
+        """The next message from the relay (ConnectionClosed at EOF)."""
+        while (event := self.conn.next_event()) is None:
+            try:
+                data = await self.stream.receive_some(65536)
+            except trio.BrokenResourceError:
+                data = b""
+            self.conn.receive_data(data)
+        return event
+
+    async def recv_data(self) -> wire.Event:
+        """Like recv, but records Acks and returns the first other message."""
+        while isinstance(event := await self.recv(), Ack):
+            self.acks[event.stream_id] = event.seq
+        return event
+
+    async def handshake(self, hostname: str, key: tuple[str, bytes] | None = None) -> wire.Event:
+        """Hello [Challenge Auth]; returns the relay's last answer."""
+        await self.send(Hello(1, hostname, key[0] if key else None))
+        reply = await self.recv()
+        if key is not None and isinstance(reply, Challenge):
+            await self.send(Auth(wire.compute_auth_mac(key[1], reply.nonce, hostname, key[0])))
+            reply = await self.recv()
+        return reply
+
+    async def wait_ack(self, stream_id: int, seq: int) -> None:
+        while self.acks.get(stream_id, -1) < seq:
+            event = await self.recv()
+            if not isinstance(event, Ack):
+                raise AssertionError(f"expected Ack({stream_id}, {seq}), got {event!r}")
+            self.acks[event.stream_id] = event.seq
+
+    async def expect_error(self) -> Error:
+        """Reads (skipping acks) until the relay's Error; then EOF must follow.
+        Closes the client."""
+        try:
+            event = await self.recv_data()
+            assert isinstance(event, Error), event
+            assert isinstance(await self.recv(), ConnectionClosed)
+            return event
+        finally:
+            await self.aclose()
+
+    async def open_stream(self, trace: Trace, *, session_id: int = 1, stream_id: int = 1) -> None:
+        await self.send(SessionDecl(session_id, trace.session, CREATED, False))
+        await self.send(Metadata(session_id, trace.trace_path, 0, trace.metadata))
+        await self.send(StreamDecl(stream_id, session_id, trace.trace_path, trace.channel, 0))
+
+    async def stream_state(self, stream_id: int) -> int:
+        await self.send(StreamStateRequest(stream_id))
+        event = await self.recv_data()
+        assert isinstance(event, StreamState) and event.stream_id == stream_id, event
+        return event.next_seq
+
+    async def bye(self) -> None:
+        await self.send(Bye())
+        assert isinstance(await self.recv_data(), Bye)
+        await self.aclose()
+
+
+async def send_trace(
+    port: int, trace: Trace, packets: range, *, tls: ssl.SSLContext | None = None,
+    key: tuple[str, bytes] | None = None, pause: float = 0.0,
+) -> None:
+    """A well-behaved consumer: handshake, declarations, packets (zstd and raw
+    alternately), acks, orderly close."""
+    c = await Client.connect(port, tls)
+    assert isinstance(await c.handshake(trace.host, key), Welcome)
+    await c.open_stream(trace)
+    assert await c.stream_state(1) == packets.start
+    for n in packets:
+        await c.send(packet_msg(1, n, trace.packet(n), compress=n % 2 == 0))
+        await trio.sleep(pause)
+    await c.wait_ack(1, packets[-1])
+    assert c.acks[1] == packets[-1]
+    await c.send(StreamClose(1))
+    await c.send(SessionClose(1))
+    await c.bye()
+
+
+def expected_seqs(packets: range) -> list[int]:
+    return list(range(packets.start * EVENTS_PER_PACKET, packets.stop * EVENTS_PER_PACKET))
+
+
+# --------------------------------------------------------------------------
+# Normal operation
+# --------------------------------------------------------------------------
+
+
+async def test_trace_written_acked_and_readable(tmp_path: Path) -> None:
+    with trio.fail_after(TIMEOUT):
+        out = tmp_path / "out"
+        trace = Trace("host-a", pad=30_000)  # 150 kB packets: decompressed in a thread
+        async with running_relay(out) as port:
+            await send_trace(port, trace, range(8))
+        tdir = trace.trace_dir(out)
+        assert sorted(os.listdir(tdir)) == ["channel0_0", "index", "metadata"]
+        assert (tdir / "metadata").read_bytes() == trace.metadata
+        assert (tdir / "channel0_0").read_bytes() == b"".join(trace.packet(n) for n in range(8))
+        entries = ctf.read_index((tdir / "index" / "channel0_0.idx").read_bytes())
+        assert [e.packet_seq_num for e in entries] == list(range(8))
+        assert event_seqs(out) == expected_seqs(range(8))
+        lines = await babeltrace2_lines(out)
+        assert len(lines) == 8 * EVENTS_PER_PACKET
+        assert "seq = 39" in lines[-1]
+        assert len(lines[-1]) > 30_000
+
+
+async def test_two_hosts_at_once(tmp_path: Path) -> None:
+    with trio.fail_after(TIMEOUT):
+        out = tmp_path / "out"
+        a, b = Trace("host-a"), Trace("host-b")
+        async with running_relay(out) as port:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(lambda: send_trace(port, a, range(20), pause=0.001))
+                nursery.start_soon(lambda: send_trace(port, b, range(15), pause=0.001))
+        assert sorted(os.listdir(out)) == ["host-a", "host-b"]
+        assert event_seqs(a.trace_dir(out)) == expected_seqs(range(20))
+        assert event_seqs(b.trace_dir(out)) == expected_seqs(range(15))
+        assert len(await babeltrace2_lines(a.trace_dir(out))) == 20 * EVENTS_PER_PACKET
+
+
+async def test_resend_after_reconnect_and_relay_restart(tmp_path: Path) -> None:
+    with trio.fail_after(TIMEOUT):
+        out = tmp_path / "out"
+        t = Trace("host-a")
+        async with running_relay(out) as port:
+            # First connection: half the metadata, 5 packets, then it dies.
+            c = await Client.connect(port)
+            assert isinstance(await c.handshake(t.host), Welcome)
+            await c.send(SessionDecl(1, t.session, CREATED, False))
+            half = len(t.metadata) // 2
+            await c.send(Metadata(1, t.trace_path, 0, t.metadata[:half]))
+            await c.send(StreamDecl(1, 1, t.trace_path, t.channel, 0))
+            for n in range(5):
+                await c.send(packet_msg(1, n, t.packet(n)))
+            await c.wait_ack(1, 4)
+            await c.aclose()
+
+            # Second connection resends from where it thinks it stands.
+            c = await Client.connect(port)
+            assert isinstance(await c.handshake(t.host), Welcome)
+            await c.send(SessionDecl(7, t.session, CREATED, False))
+            await c.send(Metadata(7, t.trace_path, 0, t.metadata))  # overlaps: idempotent
+            await c.send(StreamDecl(3, 7, t.trace_path, t.channel, 0))
+            assert await c.stream_state(3) == 5
+            for n in range(3, 10):  # 3 and 4 are duplicates
+                await c.send(packet_msg(3, n, t.packet(n), compress=False))
+            await c.wait_ack(3, 9)
+            await c.bye()
+
+        async with running_relay(out) as port:  # a restarted relay recovers
+            c = await Client.connect(port)
+            assert isinstance(await c.handshake(t.host), Welcome)
+            await c.open_stream(t)
+            assert await c.stream_state(1) == 10
+            await c.send(packet_msg(1, 10, t.packet(10)))
+            await c.wait_ack(1, 10)
+            await c.bye()
+
+        assert (t.trace_dir(out) / "metadata").read_bytes() == t.metadata
+        assert event_seqs(out) == expected_seqs(range(11))
+        assert len(await babeltrace2_lines(out)) == 11 * EVENTS_PER_PACKET
+
+
+async def test_duplicate_is_acked_not_written(tmp_path: Path) -> None:
+    with trio.fail_after(TIMEOUT):
+        out = tmp_path / "out"
+        t = Trace("host-a")
+        async with running_relay(out) as port:
+            await send_trace(port, t, range(3))
+            c = await Client.connect(port)
+            await c.handshake(t.host)
+            await c.open_stream(t)
+            await c.send(packet_msg(1, 1, t.packet(1)))
+            await c.wait_ack(1, 2)  # the ack says what the relay holds
+            await c.bye()
+        assert event_seqs(out) == expected_seqs(range(3))
+
+
+async def test_client_killed_mid_frame(tmp_path: Path) -> None:
+    with trio.fail_after(TIMEOUT):
+        out = tmp_path / "out"
+        dead, good = Trace("host-dead"), Trace("host-good")
+        async with running_relay(out) as port:
+            c = await Client.connect(port)
+            await c.handshake(dead.host)
+            await c.open_stream(dead)
+            for n in range(3):
+                await c.send(packet_msg(1, n, dead.packet(n), compress=False))
+            frame = b"".join(bytes(p) for p in c.conn.send_parts(packet_msg(1, 3, dead.packet(3), compress=False)))
+            await c.stream.send_all(frame[: len(frame) // 2])
+            await trio.sleep(0.05)
+            await c.aclose()
+            await send_trace(port, good, range(4))  # the relay carries on
+        assert event_seqs(dead.trace_dir(out)) == expected_seqs(range(3))
+        assert len(await babeltrace2_lines(dead.trace_dir(out))) == 3 * EVENTS_PER_PACKET
+        assert event_seqs(good.trace_dir(out)) == expected_seqs(range(4))
+
+
+async def test_stream_taken_over_by_new_connection(tmp_path: Path) -> None:
+    with trio.fail_after(TIMEOUT):
+        out = tmp_path / "out"
+        t = Trace("host-a")
+        async with running_relay(out) as port:
+            old = await Client.connect(port)
+            await old.handshake(t.host)
+            await old.open_stream(t)
+            for n in range(2):
+                await old.send(packet_msg(1, n, t.packet(n)))
+            await old.wait_ack(1, 1)
+            new = await Client.connect(port)
+            await new.handshake(t.host)
+            await new.open_stream(t)
+            assert await new.stream_state(1) == 2
+            await new.send(packet_msg(1, 2, t.packet(2)))
+            await new.wait_ack(1, 2)
+            await old.send(packet_msg(1, 2, t.packet(2)))  # stale owner
+            assert (await old.expect_error()).code == ErrorCode.BAD_STATE
+            await new.send(packet_msg(1, 3, t.packet(3)))
+            await new.wait_ack(1, 3)
+            await new.bye()
+        assert event_seqs(out) == expected_seqs(range(4))
+
+
+async def test_tls(tmp_path: Path) -> None:
+    with trio.fail_after(TIMEOUT):
+        ca = trustme.CA()
+        server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ca.issue_cert("localhost").configure_cert(server_ctx)
+        client_ctx = ssl.create_default_context()
+        ca.configure_trust(client_ctx)
+        out = tmp_path / "out"
+        t = Trace("host-tls")
+        async with running_relay(out, tls=server_ctx) as port:
+            await send_trace(port, t, range(5), tls=client_ctx)
+            # A plain-TCP peer on the TLS port gets nowhere and writes nothing.
+            plain = await trio.open_tcp_stream("127.0.0.1", port)
+            await plain.send_all(wire.encode(Hello(1, "host-plain")))
+            reply = b""
+            with contextlib.suppress(trio.BrokenResourceError):
+                while data := await plain.receive_some():
+                    reply += data
+            assert MAGIC.to_bytes(4, "big") not in reply
+            await plain.aclose()
+        assert os.listdir(out) == ["host-tls"]
+        assert event_seqs(out) == expected_seqs(range(5))
+
+
+# --------------------------------------------------------------------------
+# Authentication
+# --------------------------------------------------------------------------
+
+AUTH_KEYS = {"key-a": (SECRET_A, ("host-a",)), "key-any": (SECRET_B, ("*",))}
+
+
+@pytest.mark.parametrize(
+    ("hostname", "key", "code"),
+    [
+        ("host-a", ("key-a", SECRET_B), ErrorCode.AUTH_FAILED),  # wrong secret
+        ("host-a", ("key-nope", SECRET_A), ErrorCode.AUTH_FAILED),  # unknown key id
+        ("host-a", None, ErrorCode.AUTH_FAILED),  # no key at all
+        ("host-b", ("key-a", SECRET_A), ErrorCode.FORBIDDEN),  # another key's host
+    ],
+)
+async def test_auth_refused_writes_nothing(
+    tmp_path: Path, hostname: str, key: tuple[str, bytes] | None, code: ErrorCode
+) -> None:
+    with trio.fail_after(TIMEOUT):
+        out = tmp_path / "out"
+        async with running_relay(out, auth_keys=AUTH_KEYS) as port:
+            c = await Client.connect(port)
+            reply = await c.handshake(hostname, key)
+            assert isinstance(reply, Error) and reply.code == code, reply
+            assert isinstance(await c.recv(), ConnectionClosed)
+            await c.aclose()
+        assert os.listdir(out) == []
+
+
+async def test_auth_accepted(tmp_path: Path) -> None:
+    with trio.fail_after(TIMEOUT):
+        out = tmp_path / "out"
+        async with running_relay(out, auth_keys=AUTH_KEYS) as port:
+            await send_trace(port, Trace("host-a"), range(3), key=("key-a", SECRET_A))
+            await send_trace(port, Trace("host-z"), range(2), key=("key-any", SECRET_B))
+        assert sorted(os.listdir(out)) == ["host-a", "host-z"]
+        assert len(event_seqs(out)) == 5 * EVENTS_PER_PACKET
+
+
+# --------------------------------------------------------------------------
+# Hostile peers
+# --------------------------------------------------------------------------
+
+
+async def _established(port: int, host: str, trace: Trace | None = None) -> Client:
+    c = await Client.connect(port)
+    assert isinstance(await c.handshake(host), Welcome)
+    if trace is not None:
+        await c.open_stream(trace)
+    return c
+
+
+async def _expect_code(c: Client, code: ErrorCode) -> None:
+    assert (await c.expect_error()).code == code
+
+
+async def hostile_random_bytes(port: int, out: Path) -> None:
+    c = await Client.connect(port)
+    await c.stream.send_all(random.Random(1).randbytes(3000))
+    await _expect_code(c, ErrorCode.PROTOCOL)
+
+
+async def hostile_huge_frame(port: int, out: Path) -> None:
+    c = await Client.connect(port)
+    await c.stream.send_all(FRAME_HEADER.pack(MAGIC, 20, 2**31))
+    await _expect_code(c, ErrorCode.FRAME_TOO_LARGE)
+
+
+async def hostile_junk_cbor(port: int, out: Path) -> None:
+    c = await Client.connect(port)
+    await c.stream.send_all(FRAME_HEADER.pack(MAGIC, 6, 0) + b"\xff\xfe\x1f\xbf\x00\x9b")
+    await _expect_code(c, ErrorCode.PROTOCOL)
+
+
+async def hostile_zstd_bomb(port: int, out: Path) -> None:
+    t = Trace("host-bomb")
+    bomb = zstandard.ZstdCompressor(write_content_size=True).compress(bytes(8 << 20))  # declares 8 MiB
+    raw = t.packet(0)
+    c = await _established(port, t.host, t)
+    # raw_len says one small packet, the frame declares 8 MiB
+    await c.send(dataclasses.replace(packet_msg(1, 0, raw), data=bomb))
+    await _expect_code(c, ErrorCode.DECOMPRESS)
+    c = await _established(port, t.host, t)  # honest about its 8 MiB, over max_raw_packet
+    await c.send(Packet(1, 0, Codec.ZSTD, 8 << 20, 0, 0, 0, 8 << 23, 8 << 23, 0, bomb))
+    await _expect_code(c, ErrorCode.DECOMPRESS)
+
+
+async def hostile_names(port: int, out: Path) -> None:
+    for host in ("../evil", "a/b", "..", ".hidden"):
+        c = await Client.connect(port)
+        await c.stream.send_all(raw_frame({"t": 1, "v": 1, "h": host, "k": None}))
+        await _expect_code(c, ErrorCode.BAD_NAME)
+    for name in ("..", "../../evil", "x/y"):
+        c = await _established(port, "host-names")
+        await c.stream.send_all(raw_frame({"t": 5, "s": 1, "nm": name, "c": CREATED, "l": False}))
+        await _expect_code(c, ErrorCode.BAD_NAME)
+    for path, channel in (("../../../../evil", "ch"), ("/tmp/evil", "ch"), ("a/../b", "ch"), ("a", "../ch")):
+        c = await _established(port, "host-names")
+        await c.send(SessionDecl(1, "s", CREATED, False))
+        await c.stream.send_all(raw_frame({"t": 6, "i": 1, "s": 1, "p": path, "ch": channel, "x": 0}))
+        await _expect_code(c, ErrorCode.BAD_NAME)
+
+
+async def hostile_bad_packets(port: int, out: Path) -> None:
+    t = Trace("host-badpkt")
+    raw = t.packet(0)
+    bad_magic = b"\0\0\0\0" + raw[4:]
+    c = await _established(port, t.host, t)
+    await c.send(packet_msg(1, 0, bad_magic, compress=False))
+    await _expect_code(c, ErrorCode.PROTOCOL)
+    c = await _established(port, t.host, t)  # header and message disagree
+    good = packet_msg(1, 0, raw)
+    await c.send(dataclasses.replace(good, ts_end=good.ts_end + 1))
+    await _expect_code(c, ErrorCode.PROTOCOL)
+    c = await _established(port, t.host, t)  # a gap
+    await c.send(packet_msg(1, 1, t.packet(1)))
+    await _expect_code(c, ErrorCode.PROTOCOL)
+    c = await _established(port, t.host, t)  # metadata past the end
+    await c.send(Metadata(1, t.trace_path, len(t.metadata) + 1, b"x"))
+    await _expect_code(c, ErrorCode.PROTOCOL)
+    c = await _established(port, t.host, t)  # metadata rewriting what is there
+    await c.send(Metadata(1, t.trace_path, 10, b"different"))
+    await _expect_code(c, ErrorCode.PROTOCOL)
+    assert (t.trace_dir(out) / "metadata").read_bytes() == t.metadata
+    assert (t.trace_dir(out) / "channel0_0").stat().st_size == 0  # no bad packet written
+
+
+async def hostile_stalls(port: int, out: Path) -> None:
+    c = await Client.connect(port)  # never says Hello
+    await _expect_code(c, ErrorCode.TIMEOUT)
+    c = await _established(port, "host-stall")
+    await c.stream.send_all(raw_frame({"t": 14})[:7])  # stops mid-frame
+    await _expect_code(c, ErrorCode.TIMEOUT)
+
+
+Hostile = Callable[[int, Path], Awaitable[None]]
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    [hostile_random_bytes, hostile_huge_frame, hostile_junk_cbor, hostile_zstd_bomb, hostile_names,
+     hostile_bad_packets, hostile_stalls],
+)
+async def test_hostile_peer_dropped_others_carry_on(tmp_path: Path, hostile: Hostile) -> None:
+    with trio.fail_after(TIMEOUT):
+        out = tmp_path / "out"
+        good = Trace("host-good")
+        options = {"handshake_timeout": 1.0, "idle_timeout": 0.5, "max_raw_packet": 1 << 20}
+        async with running_relay(out, **options) as port:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(lambda: send_trace(port, good, range(40), pause=0.01))
+                nursery.start_soon(hostile, port, out)
+        assert event_seqs(good.trace_dir(out)) == expected_seqs(range(40))
+        assert os.listdir(tmp_path) == ["out"]  # nothing escaped the output directory
+        for dirpath, dirnames, filenames in os.walk(out):
+            for name in dirnames + filenames:
+                assert "evil" not in name and not name.startswith(".")
+
+
+async def test_symlink_out_of_output_refused(tmp_path: Path) -> None:
+    with trio.fail_after(TIMEOUT):
+        out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+        out.mkdir()
+        elsewhere.mkdir()
+        (out / "host-link").symlink_to(elsewhere)
+        t = Trace("host-link")
+        async with running_relay(out) as port:
+            c = await _established(port, t.host)
+            await c.send(SessionDecl(1, t.session, CREATED, False))
+            error = await c.expect_error()
+            assert error.code == ErrorCode.BAD_NAME and "outside the output directory" in error.text
+        assert os.listdir(elsewhere) == []
+
+
+# --------------------------------------------------------------------------
+# Key file and command line
+# --------------------------------------------------------------------------
+
+
+def _key_file(tmp_path: Path, text: str, mode: int = 0o600) -> Path:
+    path = tmp_path / "keys"
+    path.write_text(text)
+    path.chmod(mode)
+    return path
+
+
+def test_parse_auth_keys(tmp_path: Path) -> None:
+    secret = "s" * 32
+    path = _key_file(tmp_path, f"# relay keys\n\nk1 {secret} host-a host-b  # two hosts\nk2 {secret}#x *\n")
+    assert parse_auth_keys(path) == {
+        "k1": (secret.encode(), ("host-a", "host-b")),
+        "k2": ((secret + "#x").encode(), ("*",)),
+    }
+
+
+@pytest.mark.parametrize(
+    ("text", "mode", "match"),
+    [
+        (f"k1 {'s' * 32} h\n", 0o640, "accessible by group or others"),
+        (f"k1 {'s' * 32} h\n", 0o604, "accessible by group or others"),
+        (f"k1 {'s' * 31} h\n", 0o600, r"keys:1: secret .* shorter than 32"),
+        (f"# c\nk1 {'s' * 32}\n", 0o600, r"keys:2: expected 'KEY_ID SECRET HOST\.\.\.'"),
+        (f"k1 {'s' * 32} h\nk1 {'t' * 32} h\n", 0o600, "appears twice"),
+        (f"k1 {'s' * 32} ../h\n", 0o600, "host"),
+        ("# nothing\n", 0o600, "holds no key"),
+    ],
+)
+def test_parse_auth_keys_refuses(tmp_path: Path, text: str, mode: int, match: str) -> None:
+    with pytest.raises(AuthKeyError, match=match):
+        parse_auth_keys(_key_file(tmp_path, text, mode))
+
+
+def test_cli_startup_failures_exit_3(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(logging, "basicConfig", lambda **kw: None)  # keep the root logger as pytest set it
+    runner = CliRunner()
+    keys = _key_file(tmp_path, f"k1 {'s' * 32} h\n", 0o644)
+    r = runner.invoke(relayd_main, ["--output", str(tmp_path / "out"), "--auth-keys", str(keys)])
+    assert r.exit_code == 3 and "tracewire-relayd: auth key file" in r.output and "Traceback" not in r.output
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = runner.invoke(relayd_main, ["--output", str(tmp_path / "out"), "--listen", f"127.0.0.1:{port}"])
+    assert r.exit_code == 3 and "tracewire-relayd: cannot listen on 127.0.0.1" in r.output, r.output
+    (tmp_path / "file").write_text("")
+    r = runner.invoke(relayd_main, ["--output", str(tmp_path / "file" / "out"), "--listen", "127.0.0.1:0"])
+    assert r.exit_code == 3 and "tracewire-relayd: cannot create output directory" in r.output, r.output
+    r = runner.invoke(relayd_main, ["--output", str(tmp_path), "--listen", "nonsense"])
+    assert r.exit_code == 2 and "HOST:PORT" in r.output
+
+
+def test_cli_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "relayd", "--output", str(out), "--listen", "127.0.0.1:0", "--log-level", "warning"],
+        stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        line = ""
+        while "listening on" not in line:
+            ready, _, _ = select.select([proc.stderr], [], [], TIMEOUT)
+            assert ready, "relayd did not start"
+            line = proc.stderr.readline()
+            assert line, "relayd exited early"
+        assert f", writing to {out}" in line
+        port = int(line.split("listening on 127.0.0.1:")[1].split(",")[0])
+        t = Trace("host-cli")
+        trio.run(lambda: send_trace(port, t, range(3)))
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(TIMEOUT) == 0
+        assert "Traceback" not in proc.stderr.read()
+        assert event_seqs(out) == expected_seqs(range(3))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
