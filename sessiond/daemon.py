@@ -168,6 +168,131 @@ def _now_stamp() -> str:
     return datetime.now().strftime("%Y%m%dT%H%M%S")
 
 
+class ConsumerHandle:
+    """One consumerd (per session owner), supervised: restarted when it dies,
+    then given back every trace and stream of its owner's sessions.
+
+    When sessiond runs as root and the owner is another user, consumerd is
+    spawned with that user's uid, gid and supplementary groups (set by the
+    child before exec, never changed afterwards), so the trace files are the
+    owner's and the process can map only the buffers sessiond hands it.
+    """
+
+    def __init__(self, sd: Sessiond, uid: int) -> None:
+        self.sd = sd
+        self.uid = uid
+        self.conn: SeqPacket | None = None
+        self.ready = trio.Event()
+        self.waiters: dict[int, tuple[trio.Event, list]] = {}
+        self.pid: int | None = None
+        self.failure: str | None = None
+
+    def _credentials(self) -> dict:
+        if os.geteuid() != 0 or self.uid == os.geteuid():
+            return {}
+        import pwd
+
+        try:
+            pw = pwd.getpwuid(self.uid)
+            gid, groups = pw.pw_gid, os.getgrouplist(pw.pw_name, pw.pw_gid)
+        except KeyError:  # a uid without a passwd entry: its own group only
+            gid, groups = self.uid, []
+        return {"user": self.uid, "group": gid, "extra_groups": groups}
+
+    async def supervise(self) -> None:
+        restarts = 0
+        while True:
+            parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            cmd = list(self.sd.config.consumerd_cmd) + ["--control-fd", str(child.fileno())]
+            env = dict(os.environ, TRACEWIRE_RUNDIR=self.sd.config.rundir)
+            try:
+                proc = await trio.lowlevel.open_process(
+                    cmd, pass_fds=(child.fileno(),), env=env, cwd="/", **self._credentials()
+                )
+            except OSError as exc:
+                self.failure = f"cannot start consumerd for uid {self.uid}: {exc}"
+                logger.error("%s", self.failure)
+                parent.close()
+                child.close()
+                self._fail_waiters(self.failure)
+                await trio.sleep(min(5.0, 0.2 * 2**restarts))
+                restarts += 1
+                continue
+            child.close()
+            conn = SeqPacket(trio.socket.from_stdlib_socket(parent))
+            self.conn, self.pid = conn, proc.pid
+            logger.info("consumerd for uid %d started (pid %d)", self.uid, proc.pid)
+            try:
+                async with trio.open_nursery() as n:
+                    n.start_soon(self._reader, conn)
+                    await self.call({"op": "hello"}, timeout=30, wait_ready=False)
+                    if restarts:
+                        await self.sd._replay_consumer(self.uid)
+                    self.failure = None
+                    self.ready.set()
+                    await proc.wait()
+                    n.cancel_scope.cancel()
+            except (UserError, trio.TooSlowError, OSError, trio.BrokenResourceError) as exc:
+                logger.error("consumerd for uid %d: %s", self.uid, exc)
+            finally:
+                self.ready = trio.Event()
+                self.conn = None
+                conn.close()
+                self._fail_waiters("consumerd exited")
+                with trio.CancelScope(shield=True):
+                    if proc.returncode is None:
+                        proc.kill()
+                        await proc.wait()
+            logger.warning("consumerd for uid %d exited with %s; restarting", self.uid, proc.returncode)
+            restarts += 1
+            await trio.sleep(0.2)
+
+    def _fail_waiters(self, why: str) -> None:
+        for ev, box in self.waiters.values():
+            box.append({"ok": False, "error": why})
+            ev.set()
+        self.waiters.clear()
+
+    async def _reader(self, conn: SeqPacket) -> None:
+        while True:
+            got = await conn.receive()
+            if got is None:
+                return
+            msg, fds = got
+            for fd in fds:
+                os.close(fd)
+            w = self.waiters.pop(msg.get("seq"), None)
+            if w is not None:
+                w[1].append(msg)
+                w[0].set()
+
+    async def call(self, msg: dict, fds: tuple[int, ...] = (), timeout: float | None = None,
+                   wait_ready: bool = True) -> dict:
+        """Send one request and wait for its answer.
+
+        Raises:
+            UserError: consumerd answered with an error, or is not available.
+            trio.TooSlowError: no answer in time.
+        """
+        if wait_ready and not self.ready.is_set():
+            with trio.move_on_after(self.sd.config.consumer_timeout):
+                await self.ready.wait()
+        conn = self.conn
+        if conn is None or (wait_ready and not self.ready.is_set()):
+            raise UserError(self.failure or "consumerd is not available")
+        seq = self.sd.next_seq
+        self.sd.next_seq += 1
+        ev, box = trio.Event(), []
+        self.waiters[seq] = (ev, box)
+        await conn.send(dict(msg, seq=seq), fds)
+        with trio.fail_after(timeout or self.sd.config.consumer_timeout):
+            await ev.wait()
+        reply = box[0]
+        if not reply.get("ok"):
+            raise UserError(f"consumerd: {reply.get('error', 'failed')}")
+        return reply
+
+
 class Sessiond:
     """All of one sessiond's state; methods run in its trio event loop."""
 
@@ -179,96 +304,38 @@ class Sessiond:
         self.apps: dict[int, App] = {}
         self.next_session_id = 1
         self.next_seq = 1
-        self.consumer: SeqPacket | None = None
-        self.consumer_ready = trio.Event()
-        self.consumer_waiters: dict[int, tuple[trio.Event, list]] = {}
+        self.consumers: dict[int, ConsumerHandle] = {}  # by session owner uid
         self.lock = trio.Lock()  # one control operation at a time
         self.hostname = config.hostname or os.environ.get("TRACEWIRE_HOSTNAME") or socket.gethostname()
 
     # ---------------------------------------------------------------- consumerd
-    async def supervise_consumer(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Run consumerd; restart it (and re-send every stream) if it dies."""
-        first = True
-        while True:
-            parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            cmd = list(self.config.consumerd_cmd) + ["--control-fd", str(child.fileno())]
-            env = dict(os.environ, TRACEWIRE_RUNDIR=self.config.rundir)
-            proc = await trio.lowlevel.open_process(cmd, pass_fds=(child.fileno(),), env=env)
-            child.close()
-            conn = SeqPacket(trio.socket.from_stdlib_socket(parent))
-            self.consumer = conn
-            logger.info("consumerd started (pid %d)", proc.pid)
-            try:
-                async with trio.open_nursery() as n:
-                    n.start_soon(self._consumer_reader, conn)
-                    await self._consumer_call({"op": "hello"}, timeout=30)
-                    if not first:
-                        await self._replay_consumer()
-                    self.consumer_ready.set()
-                    if first:
-                        task_status.started()
-                        first = False
-                    await proc.wait()
-                    n.cancel_scope.cancel()
-            finally:
-                self.consumer_ready = trio.Event()
-                self.consumer = None
-                conn.close()
-                for ev, box in self.consumer_waiters.values():
-                    box.append({"ok": False, "error": "consumerd exited"})
-                    ev.set()
-                self.consumer_waiters.clear()
-                with trio.CancelScope(shield=True):
-                    if proc.returncode is None:
-                        proc.kill()
-                        await proc.wait()
-            logger.warning("consumerd exited with %s; restarting", proc.returncode)
-            await trio.sleep(0.2)
+    def _consumer(self, uid: int) -> ConsumerHandle:
+        """The consumerd of session owner ``uid``, started on first use."""
+        h = self.consumers.get(uid)
+        if h is None:
+            h = self.consumers[uid] = ConsumerHandle(self, uid)
+            self.nursery.start_soon(h.supervise)
+        return h
 
-    async def _consumer_reader(self, conn: SeqPacket) -> None:
-        while True:
-            got = await conn.receive()
-            if got is None:
-                return
-            msg, fds = got
-            for fd in fds:
-                os.close(fd)
-            w = self.consumer_waiters.pop(msg.get("seq"), None)
-            if w is not None:
-                w[1].append(msg)
-                w[0].set()
+    async def _consumer_call(self, msg: dict, fds: tuple[int, ...] = (), timeout: float | None = None,
+                             *, uid: int) -> dict:
+        return await self._consumer(uid).call(msg, fds, timeout)
 
-    async def _consumer_call(self, msg: dict, fds: tuple[int, ...] = (), timeout: float | None = None) -> dict:
-        conn = self.consumer
-        if conn is None:
-            with trio.fail_after(self.config.consumer_timeout):
-                await self.consumer_ready.wait()
-            conn = self.consumer
-            assert conn is not None
-        seq = self.next_seq
-        self.next_seq += 1
-        ev, box = trio.Event(), []
-        self.consumer_waiters[seq] = (ev, box)
-        await conn.send(dict(msg, seq=seq), fds)
-        with trio.fail_after(timeout or self.config.consumer_timeout):
-            await ev.wait()
-        reply = box[0]
-        if not reply.get("ok"):
-            raise UserError(f"consumerd: {reply.get('error', 'failed')}")
-        return reply
-
-    async def _replay_consumer(self) -> None:
-        """Give a restarted consumerd every live trace and stream."""
+    async def _replay_consumer(self, uid: int) -> None:
+        """Give a restarted consumerd every live trace and stream of ``uid``."""
         for sess in self.sessions.values():
+            if sess.owner_uid != uid:
+                continue
             if sess.declared:
-                await self._consumer_call(self._session_msg(sess))
+                await self._consumer_call(self._session_msg(sess), uid=uid)
             for pid, tr in sess.traces.items():
                 app = self.apps.get(pid)
-                await self._consumer_call(self._trace_msg(sess, tr, app, replay=True))
+                await self._consumer_call(self._trace_msg(sess, tr, app, replay=True), uid=uid)
             for st in sess.streams.values():
-                await self._consumer_call(dict(self._stream_msg(sess, st), replay=True), (st.memfd, st.eventfd))
+                await self._consumer_call(dict(self._stream_msg(sess, st), replay=True),
+                                          (st.memfd, st.eventfd), uid=uid)
                 if st.pid not in self.apps:
-                    await self._consumer_call({"op": "producer_gone", "key": st.key})
+                    await self._consumer_call({"op": "producer_gone", "key": st.key}, uid=uid)
 
     # ------------------------------------------------------------ app socket
     async def handle_app(self, sock: trio.socket.SocketType) -> None:
@@ -350,7 +417,8 @@ class Sessiond:
                 for st in sess.streams.values():
                     if st.pid == app.pid:
                         try:
-                            await self._consumer_call({"op": "producer_gone", "key": st.key})
+                            await self._consumer_call({"op": "producer_gone", "key": st.key},
+                                                      uid=sess.owner_uid)
                         except (UserError, trio.TooSlowError, trio.BrokenResourceError, OSError):
                             pass
             logger.info("app %s-%d gone", app.procname, app.pid)
@@ -375,7 +443,7 @@ class Sessiond:
 
     async def _declare_session(self, sess: Session) -> None:
         if not sess.declared:
-            await self._consumer_call(self._session_msg(sess))
+            await self._consumer_call(self._session_msg(sess), uid=sess.owner_uid)
             sess.declared = True
 
     def _trace_msg(self, sess: Session, tr: Trace, app: App | None, replay: bool = False) -> dict:
@@ -409,6 +477,8 @@ class Sessiond:
 
     async def _setup_app(self, sess: Session, app: App) -> None:
         """Create what (session, app) needs and enable the matching events."""
+        if sess.owner_uid != 0 and app.uid != sess.owner_uid:
+            return  # a user traces their own apps only; root traces every app
         wanted: dict[str, frozenset[int]] = {}
         for ch in sess.channels.values():
             ids = frozenset(tp["id"] for tp in app.tracepoints if ch.matches(tp["name"]))
@@ -424,7 +494,7 @@ class Sessiond:
                 uuid.uuid4().bytes,
             )
             sess.traces[app.pid] = tr
-            await self._consumer_call(self._trace_msg(sess, tr, app))
+            await self._consumer_call(self._trace_msg(sess, tr, app), uid=sess.owner_uid)
             info = ctf.TraceInfo(
                 uuid=tr.uuid,
                 hostname=self.hostname,
@@ -436,7 +506,8 @@ class Sessiond:
                 channels=tuple(sorted(sess.channels, key=lambda c: sess.channels[c].index)),
             )
             await self._consumer_call(
-                {"op": "metadata", "trace_id": tr.trace_id, "text": ctf.metadata_preamble(info)}
+                {"op": "metadata", "trace_id": tr.trace_id, "text": ctf.metadata_preamble(info)},
+                uid=sess.owner_uid,
             )
         if tr.declared < len(app.tracepoints):
             text = "".join(
@@ -446,7 +517,8 @@ class Sessiond:
                 for tp in app.tracepoints[tr.declared :]
                 for ch in sorted(sess.channels.values(), key=lambda c: c.index)
             )
-            await self._consumer_call({"op": "metadata", "trace_id": tr.trace_id, "text": text})
+            await self._consumer_call({"op": "metadata", "trace_id": tr.trace_id, "text": text},
+                                      uid=sess.owner_uid)
             tr.declared = len(app.tracepoints)
         for ch_name, ids in wanted.items():
             key = f"{sess.id}-{ch_name}-{app.pid}"
@@ -458,7 +530,7 @@ class Sessiond:
                 efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
                 st = Stream(key, sess.name, ch_name, app.pid, memfd, efd)
                 sess.streams[key] = st
-                await self._consumer_call(self._stream_msg(sess, st), (memfd, efd))
+                await self._consumer_call(self._stream_msg(sess, st), (memfd, efd), uid=sess.owner_uid)
                 await app.conn.send(
                     {"op": "stream", "key": key, "subbuf_size": ch.subbuf_size, "num_subbuf": ch.num_subbuf},
                     (memfd, efd),
@@ -645,7 +717,7 @@ class Sessiond:
                 slow.append(f"{app.procname}-{app.pid}")
         reply = await self._consumer_call(
             {"op": "flush", "session": sess.name, "timeout": self.config.stop_timeout},
-            timeout=self.config.stop_timeout + 30,
+            timeout=self.config.stop_timeout + 30, uid=sess.owner_uid,
         )
         result = {"session": sess.name, "streams": reply.get("streams", [])}
         if slow:
@@ -671,7 +743,7 @@ class Sessiond:
                 except (OSError, trio.BrokenResourceError):
                     pass
         if sess.declared:
-            await self._consumer_call({"op": "remove_session", "session": sess.name})
+            await self._consumer_call({"op": "remove_session", "session": sess.name}, uid=sess.owner_uid)
         for st in sess.streams.values():
             os.close(st.memfd)
             os.close(st.eventfd)
@@ -708,7 +780,7 @@ class Sessiond:
 
     async def cmd_status(self, req: dict, uid: int, gid: int) -> dict:
         sess = self._session(req, uid)
-        reply = await self._consumer_call({"op": "status", "session": sess.name})
+        reply = await self._consumer_call({"op": "status", "session": sess.name}, uid=sess.owner_uid)
         return {"session": self._describe(sess), "streams": reply.get("streams", [])}
 
 
@@ -719,6 +791,8 @@ async def serve_sessiond(config: SessiondConfig, *, task_status=trio.TASK_STATUS
         UserError: another sessiond holds the run directory.
     """
     os.makedirs(config.rundir, mode=0o700, exist_ok=True)
+    if os.geteuid() == 0:
+        os.chmod(config.rundir, 0o755)  # apps of every user must reach apps.sock
     lock_fd = os.open(os.path.join(config.rundir, "sessiond.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -730,7 +804,6 @@ async def serve_sessiond(config: SessiondConfig, *, task_status=trio.TASK_STATUS
     try:
         async with trio.open_nursery() as nursery:
             sd = Sessiond(config, nursery)
-            await nursery.start(sd.supervise_consumer)
             for p in (ctl_path, app_path):
                 if os.path.exists(p):
                     os.unlink(p)
@@ -740,10 +813,11 @@ async def serve_sessiond(config: SessiondConfig, *, task_status=trio.TASK_STATUS
             apps = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             await apps.bind(app_path)
             apps.listen(256)
-            # Any local app may register (its buffers are tied to its uid);
-            # the control socket is the owner's only.
+            # Any local app may register with a root sessiond (a user's session
+            # traces only that user's apps); a user's sessiond is theirs alone.
+            # The root control socket is open to the "tracing" group.
             os.chmod(app_path, 0o777 if os.geteuid() == 0 else 0o700)
-            os.chmod(ctl_path, 0o600)
+            _restrict_control_socket(ctl_path)
             nursery.start_soon(partial(trio.serve_listeners, sd.handle_control, [trio.SocketListener(ctl)]))
             nursery.start_soon(_accept_apps, apps, sd, nursery)
             with open(os.path.join(config.rundir, "sessiond.pid"), "w") as f:
@@ -757,6 +831,24 @@ async def serve_sessiond(config: SessiondConfig, *, task_status=trio.TASK_STATUS
             except OSError:
                 pass
         os.close(lock_fd)
+
+
+def _restrict_control_socket(path: str) -> None:
+    """0600 for a user's sessiond; 0660 with group ``tracing`` for root's
+    when that group exists (members may then create and control their own
+    sessions; SO_PEERCRED tells sessiond who they are)."""
+    if os.geteuid() == 0:
+        import grp
+
+        try:
+            gid = grp.getgrnam("tracing").gr_gid
+        except KeyError:
+            os.chmod(path, 0o600)
+            return
+        os.chown(path, 0, gid)
+        os.chmod(path, 0o660)
+    else:
+        os.chmod(path, 0o600)
 
 
 async def _accept_apps(listener: trio.socket.SocketType, sd: Sessiond, nursery: trio.Nursery) -> None:

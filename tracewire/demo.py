@@ -53,3 +53,7 @@ def main(events: int, rate: float | None, payload_bytes: int, progress_every: in
     elapsed = time.monotonic() - t0
     out.write(f"emitted {events} events in {elapsed:.3f} s\n")
     out.flush()
+
+
+if __name__ == "__main__":
+    main()
