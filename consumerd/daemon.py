@@ -383,9 +383,9 @@ class Consumerd:
                     st.cursor.announce(os.eventfd_read(st.eventfd))
                 except BlockingIOError:
                     pass
-                head = cur.read_head()
-                self.barrier()
-                limit = (head, cur.read_ts())
+                # None: the producer is too busy to catch a consistent head;
+                # take the closed sub-buffers now and the rest next time.
+                limit = cur.flush_limit(self.barrier)
             if net is not None and st.packets == 0 and st.next_seq == 0:
                 first = net.first_seq(st.key)
                 if first is None:
@@ -401,8 +401,8 @@ class Consumerd:
                     break
                 self.write_packet(st, chunk)
                 cur.release()
-            if flush and cur.discarded_pending() > 0:
-                self.write_packet(st, cur.empty_chunk())
+            if limit is not None and cur.discarded_pending() > 0:
+                self.write_packet(st, cur.empty_chunk(limit[1]))
                 cur.release()
         except RingBufferCorrupt as exc:
             st.broken = str(exc)

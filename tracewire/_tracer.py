@@ -42,6 +42,7 @@ _FIXED = {"int": "q", "float": "d"}
 _COMPACT_MAX_ID = 30
 _EXTENDED = 31
 _TS27 = 1 << 27
+_NUL_REPLACEMENT = "\ufffd".encode()  # a NUL would end a CTF string early
 _Q_TS, _Q_HEAD = 2, 3  # ringbuf.Q_TS / Q_HEAD: ts is stored before head
 
 
@@ -69,7 +70,7 @@ def _gen_source(fields: list[tuple[str, str]], tp_id: int) -> str:
     for n, t in fields:
         if t == "str":
             lines.append(f"        _b_{n} = {n}.encode()")
-            lines.append(f"        if 0 in _b_{n}: _b_{n} = _b_{n}.replace(b'\\0', b'?')")
+            lines.append(f"        if 0 in _b_{n}: _b_{n} = _b_{n}.replace(b'\\0', {_NUL_REPLACEMENT!r})")
             size_terms.append(f"len(_b_{n}) + 1")
         elif t == "bytes":
             lines.append(f"        _b_{n} = bytes({n})")
@@ -293,8 +294,12 @@ class _Registry:
 
         try:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        except OSError:
+            return
+        try:
             sock.connect(self.path)
         except OSError:
+            sock.close()
             return
         with self.lock:
             self.sock = sock

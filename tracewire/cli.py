@@ -365,6 +365,8 @@ def view(path: str, limit: int | None) -> None:
     """Print the events of the trace(s) under PATH, one per line."""
     from tracewire import ctf
 
+    if os.path.isdir(path) and not any("metadata" in files for _, _, files in os.walk(path)):
+        raise CliError(f"no CTF trace under {path} (no 'metadata' file found)")
     n = 0
     prev = None
     try:
@@ -383,7 +385,20 @@ def view(path: str, limit: int | None) -> None:
 
 
 def main() -> None:
+    """Entry point: every failure is one line on stderr and a non-zero exit."""
     try:
-        cli(prog_name="tracewire")
+        code = cli.main(prog_name="tracewire", standalone_mode=False)
+    except click.UsageError as exc:  # bad option, missing argument, bad value
+        hint = f" (see 'tracewire {exc.ctx.info_name} --help')" if exc.ctx and exc.ctx.parent else \
+            " (see 'tracewire --help')"
+        click.echo(f"Error: {exc.format_message()}{hint}", err=True)
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        click.echo("Aborted.", err=True)
+        sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -349,10 +349,10 @@ class ConsumerCursor:
         eventfd write/read pair orders the producer's stores before our loads.
 
         Args:
-            limit: for a flush (switch timer, stop, dead app), ``(head, ts)``:
-                ``read_head()``, then a ``MemoryBarrier`` call, then
-                ``read_ts()``.  Closed sub-buffers ending at or below that
-                head, and the open one up to it, are taken too.
+            limit: for a flush (switch timer, stop, dead app), the
+                ``(head, ts)`` pair from ``flush_limit()``.  Closed
+                sub-buffers ending at or below that head, and the open one
+                up to it, are taken too.
 
         Raises:
             RingBufferCorrupt: the producer wrote a control value the layout
@@ -394,16 +394,40 @@ class ConsumerCursor:
         """Events dropped since the last chunk (a flush with none reports them)."""
         return self.q[Q_DISCARDED] - self.last_discarded
 
-    def empty_chunk(self) -> Chunk:
-        """A chunk with no events, to carry a discarded count in a packet."""
+    def empty_chunk(self, ts: int) -> Chunk:
+        """A chunk with no events, to carry a discarded count in a packet.
+
+        Args:
+            ts: the ``ts`` of the flush limit everything was read up to.
+        """
         self._advance_to = self.consumed
-        head_ts = max(self.last_ts, self.read_ts())
-        return self._chunk(self.consumed, self.consumed, head_ts)
+        return self._chunk(self.consumed, self.consumed, max(self.last_ts, ts))
 
     def release(self) -> None:
         """Mark the last chunk written: its space may be reused by the producer."""
         self.consumed = self._advance_to
         self.q[Q_CONSUMED] = self.consumed
+
+    def flush_limit(self, barrier=None, tries: int = 16) -> tuple[int, int] | None:
+        """A consistent ``(head, ts)`` for a flush, or None if the producer
+        kept moving (try again later).
+
+        The producer stores ts, then head.  Reading ts (T1), head (H), then
+        ts again (T2) and keeping the pair only when T1 == T2 gives a ts that
+        is the timestamp of the event ending at H, or of the event right
+        after it — both valid as the packet's timestamp_end *and* the next
+        packet's timestamp_begin.  ``barrier`` (a ``MemoryBarrier``) runs
+        between H and T2: after it, every byte below H is visible.
+        """
+        q = self.q
+        for _ in range(tries):
+            t1 = q[Q_TS]
+            head = q[Q_HEAD]
+            if barrier is not None:
+                barrier()
+            if q[Q_TS] == t1:
+                return head, t1
+        return None
 
     def read_head(self) -> int:
         """``head`` as the producer last published it."""
