@@ -1,0 +1,288 @@
+#!/usr/bin/env python3
+"""tracewire benchmarks: print one JSON line per figure,
+``{"name": ..., "value": ..., "unit": ...}``.
+
+Figures (the variant is in the name):
+
+* ``tracer_enabled_ns_per_event_forked_consumer_payload{0,256}`` -- a generated
+  emitter attached to a real ring buffer (256 KiB x 4) whose sub-buffers a
+  *forked consumer process* announces and releases as consumerd would (without
+  writing them anywhere), so that no lock or GIL is shared with the emitter.
+  Best of N.  ``..._dropped`` says how many events the buffer had to drop.
+* ``tracer_enabled_ns_per_event_real_daemons_payload{0,256}`` -- the same,
+  measured by tracewire-demo itself (its "emitted N events in T s" line)
+  while the real sessiond/consumerd write the trace to disk.  Best of N.
+* ``tracer_disabled_ns_per_call_raw`` / ``..._net`` -- a disabled emitter
+  (``tracepoint()`` with no sessiond), per call, before and after subtracting
+  an empty ``for`` loop over the same range.  Best of N.
+* ``local_pipeline_mb_per_s_payload{0,256}`` -- real daemons in a temporary
+  run directory: raw stream bytes on disk (stream files, without metadata and
+  index) / time from the app's start to ``tracewire stop`` returning, for
+  1,000,000 demo:tick events.  Best of N.
+* ``local_pipeline_events_lost_payload{0,256}`` -- emitted - read back with
+  tracewire.ctf, the worst of the N runs (``..._discarded`` is the part of it
+  the trace itself reports as discarded).
+
+Usage: ``python bench/run.py [--repeat N] [--events N] [--only PREFIX]``.
+The daemons it starts are killed (by pid) before it exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+BIN_DIR = os.path.dirname(sys.executable)
+
+
+def emit(name: str, value: float, unit: str) -> None:
+    print(json.dumps({"name": name, "value": round(value, 3), "unit": unit}), flush=True)
+
+
+# ----------------------------------------------------------------- tracer, in process
+
+
+def bench_enabled_forked_consumer(payload: int, events: int, repeat: int) -> None:
+    from tracewire import _tracer
+    from tracewire.ringbuf import BufferSpec, ConsumerCursor, Producer, create_buffer
+
+    best = float("inf")
+    dropped = 0
+    for _ in range(repeat):
+        spec = BufferSpec(256 * 1024, 4)
+        fd = create_buffer(spec, time.monotonic_ns())
+        efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        stop_r, stop_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the consumer: announce and release, as consumerd does
+            code = 1
+            try:
+                os.close(stop_w)
+                cur = ConsumerCursor(fd, spec)
+                done = False
+                while not done:
+                    ready, _, _ = select.select([efd, stop_r], [], [], 1.0)
+                    done = stop_r in ready
+                    try:
+                        cur.announce(os.eventfd_read(efd))
+                    except BlockingIOError:
+                        pass
+                    while (ch := cur.next_chunk()) is not None:
+                        del ch
+                        cur.release()
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(stop_r)
+        prod = Producer(fd, efd, spec)
+        stream = _tracer._StreamW("bench", prod)
+        tp = _tracer.Tracepoint(None, 0, "bench:tick", [("seq", "int"), ("msg", "str")])
+        tp.set_streams((stream,))
+        tick = tp.emit
+        msg = "x" * payload
+        rng = range(events)
+        t0 = time.perf_counter_ns()
+        for i in rng:
+            tick(i, msg)
+        t1 = time.perf_counter_ns()
+        tp.set_streams(())
+        os.close(stop_w)
+        os.waitpid(pid, 0)
+        if (t1 - t0) / events < best:
+            best = (t1 - t0) / events
+            dropped = prod.discarded
+        stream.mv = None
+        prod.close()
+        os.close(fd)
+        os.close(efd)
+    emit(f"tracer_enabled_ns_per_event_forked_consumer_payload{payload}", best, "ns/event")
+    emit(f"tracer_enabled_ns_per_event_forked_consumer_payload{payload}_dropped", dropped, "events")
+
+
+def bench_disabled(calls: int, repeat: int) -> None:
+    rundir = tempfile.mkdtemp(prefix="twb", dir="/tmp")
+    os.environ["TRACEWIRE_RUNDIR"] = rundir  # empty: no sessiond, the emitter stays disabled
+    try:
+        from tracewire import tracepoint
+
+        tick = tracepoint("bench:off", seq=int, msg=str)
+        msg = "x"
+        rng = range(calls)
+        best_loop = best_call = float("inf")
+        for _ in range(repeat):
+            t0 = time.perf_counter_ns()
+            for i in rng:
+                pass
+            t1 = time.perf_counter_ns()
+            for i in rng:
+                tick(i, msg)
+            t2 = time.perf_counter_ns()
+            best_loop = min(best_loop, (t1 - t0) / calls)
+            best_call = min(best_call, (t2 - t1) / calls)
+        emit("tracer_disabled_ns_per_call_raw", best_call, "ns/call")
+        emit("tracer_disabled_ns_per_call_net", best_call - best_loop, "ns/call")
+    finally:
+        shutil.rmtree(rundir, ignore_errors=True)
+
+
+# ----------------------------------------------------------------- real daemons
+
+
+class Daemons:
+    """A sessiond (started by the CLI) in a private run directory."""
+
+    def __init__(self) -> None:
+        self.rundir = tempfile.mkdtemp(prefix="twb", dir="/tmp")
+        self.env = dict(os.environ, TRACEWIRE_RUNDIR=self.rundir)
+        self.env["PATH"] = BIN_DIR + os.pathsep + self.env.get("PATH", "")
+        self.pids: set[int] = set()
+
+    def cli(self, *args: str, timeout: float = 300) -> str:
+        r = subprocess.run([sys.executable, "-m", "tracewire", *args], env=self.env, capture_output=True,
+                           text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        self._note()
+        if r.returncode != 0:
+            raise RuntimeError(f"tracewire {' '.join(args)}: {r.stderr.strip()}")
+        return r.stdout
+
+    def demo(self, *args: str) -> str:
+        r = subprocess.run([os.path.join(BIN_DIR, "tracewire-demo"), *args], env=self.env,
+                           capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+        if r.returncode != 0:
+            raise RuntimeError(f"tracewire-demo: {r.stderr.strip()}")
+        return r.stdout
+
+    def _note(self) -> None:
+        try:
+            with open(os.path.join(self.rundir, "sessiond.pid")) as f:
+                self.pids.add(int(f.read()))
+        except (OSError, ValueError):
+            pass
+
+    def close(self) -> None:
+        self._note()
+        children = []
+        for pid in self.pids:
+            try:
+                with open(f"/proc/{pid}/task/{pid}/children") as f:
+                    children += [int(x) for x in f.read().split()]
+            except OSError:
+                pass
+        for pid in self.pids:
+            _kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and any(_alive(p) for p in self.pids):
+            time.sleep(0.05)
+        for pid in list(self.pids) + children:
+            if _alive(pid):
+                _kill(pid, signal.SIGKILL)
+        shutil.rmtree(self.rundir, ignore_errors=True)
+
+
+def _kill(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _stream_bytes(out: str) -> int:
+    total = 0
+    for dirpath, _dirs, files in os.walk(out):
+        if os.path.basename(dirpath) == "index":
+            continue
+        for fn in files:
+            if fn != "metadata":
+                total += os.path.getsize(os.path.join(dirpath, fn))
+    return total
+
+
+def _read_back(out: str) -> tuple[int, int]:
+    from tracewire import ctf
+
+    events = discarded = 0
+    for item in ctf.read_trace(out):
+        if isinstance(item, ctf.Discarded):
+            discarded += item.count
+        else:
+            events += 1
+    return events, discarded
+
+
+def bench_pipeline(payload: int, events: int, repeat: int) -> None:
+    d = Daemons()
+    outroot = tempfile.mkdtemp(prefix="twbo", dir="/tmp")
+    try:
+        best_mbps = 0.0
+        best_emit = float("inf")
+        worst_lost = 0
+        worst_disc = 0
+        for run in range(repeat):
+            out = os.path.join(outroot, f"run{run}")
+            name = f"bench{run}"
+            d.cli("create", name, "--output", out)
+            d.cli("enable-event", "demo:*", "-s", name)
+            d.cli("start", name)
+            t0 = time.perf_counter()
+            text = d.demo("--events", str(events), "--payload-bytes", str(payload))
+            d.cli("stop", name)
+            t1 = time.perf_counter()
+            raw = _stream_bytes(out)
+            best_mbps = max(best_mbps, raw / 1e6 / (t1 - t0))
+            for line in text.splitlines():
+                parts = line.split()
+                if len(parts) == 6 and parts[0] == "emitted" and parts[2] == "events":
+                    best_emit = min(best_emit, float(parts[4]) * 1e9 / events)
+            read, discarded = _read_back(out)
+            if events - read >= worst_lost:
+                worst_lost, worst_disc = events - read, discarded
+            d.cli("destroy", name)
+            shutil.rmtree(out, ignore_errors=True)
+        emit(f"tracer_enabled_ns_per_event_real_daemons_payload{payload}", best_emit, "ns/event")
+        emit(f"local_pipeline_mb_per_s_payload{payload}", best_mbps, "MB/s")
+        emit(f"local_pipeline_events_lost_payload{payload}", worst_lost, "events")
+        emit(f"local_pipeline_events_lost_payload{payload}_discarded", worst_disc, "events")
+    finally:
+        d.close()
+        shutil.rmtree(outroot, ignore_errors=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--repeat", type=int, default=3, help="best of N (default 3)")
+    ap.add_argument("--events", type=int, default=1_000_000, help="events per pipeline run")
+    ap.add_argument("--tracer-events", type=int, default=300_000, help="events per in-process run")
+    ap.add_argument("--only", default="", help="run only figures whose name starts with this")
+    a = ap.parse_args()
+
+    def want(prefix: str) -> bool:
+        return not a.only or prefix.startswith(a.only) or a.only.startswith(prefix)
+
+    if want("tracer_disabled"):
+        bench_disabled(1_000_000, max(a.repeat, 5))
+    for payload in (0, 256):
+        if want("tracer_enabled"):
+            bench_enabled_forked_consumer(payload, a.tracer_events, a.repeat)
+    for payload in (0, 256):
+        if want("local_pipeline") or want("tracer_enabled_ns_per_event_real"):
+            bench_pipeline(payload, a.events, a.repeat)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,434 @@
+"""Tests for the in-process tracer (tracewire._tracer) without sessiond: the
+public ``tracepoint()`` API with no daemon, and the generated emitters writing
+into a real ring buffer, decoded back with tracewire.ctf."""
+
+from __future__ import annotations
+
+import inspect
+import io
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import uuid
+
+import pytest
+
+from tracewire import _tracer, ctf, tracepoint
+from tracewire.ringbuf import BufferSpec, ConsumerCursor, MemoryBarrier, Producer, create_buffer
+
+START_TS = 10**12
+
+
+@pytest.fixture(autouse=True)
+def _empty_rundir(monkeypatch, tmp_path):
+    """Whatever this process's tracer registry is, it must not find a sessiond."""
+    monkeypatch.setenv("TRACEWIRE_RUNDIR", str(tmp_path))
+
+
+def _run_py(code: str, rundir: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, TRACEWIRE_RUNDIR=rundir)
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True,
+                          text=True, timeout=60)
+
+
+# ---------------------------------------------------------------- public API, no sessiond
+
+
+def test_import_starts_no_thread_and_loads_no_heavy_module(tmp_path) -> None:
+    r = _run_py(
+        """
+        import json, sys, threading
+        import tracewire
+        print(json.dumps({
+            "threads": threading.active_count(),
+            "loaded": sorted(m for m in ("trio", "cbor2", "zstandard", "click") if m in sys.modules),
+            "has_tracepoint": callable(tracewire.tracepoint),
+        }))
+        """,
+        str(tmp_path),
+    )
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert got == {"threads": 1, "loaded": [], "has_tracepoint": True}
+
+
+def test_tracepoint_without_sessiond_does_nothing_and_never_raises(tmp_path) -> None:
+    r = _run_py(
+        """
+        import json, sys
+        from tracewire import tracepoint
+        tick = tracepoint("demo:x", a=int)
+        other = tracepoint("demo:y", s=str, f=float, b=bytes)
+        results = [
+            tick(1), tick(a=2), tick("not an int"), tick(a=None), tick(a=2**80), tick(a=1.5),
+            other("x", 1.0, b"y"), other(s=3, f="no", b=object()), other(s="\\ud800", f=1e400, b="str"),
+        ]
+        for i in range(100000):
+            tick(a=i)
+        print(json.dumps({"results": results, "callable": callable(tick),
+                          "heavy": [m for m in ("trio", "cbor2", "zstandard") if m in sys.modules]}))
+        """,
+        str(tmp_path),
+    )
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert got == {"results": [None] * 9, "callable": True, "heavy": []}
+    assert r.stderr == ""
+    assert os.listdir(tmp_path) == []  # an app never creates anything in the rundir
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["", "x", "nocolon", ":event", "provider:", "a b:c", "p:e/f", "p:e\0", "p:é", "a" * 300 + ":e", 42, None],
+)
+def test_bad_names_raise_valueerror(name) -> None:
+    with pytest.raises(ValueError, match="provider:event"):
+        tracepoint(name, a=int)
+
+
+@pytest.mark.parametrize("ftype", [list, dict, bool, complex, "int", None, bytearray, object])
+def test_bad_field_types_raise_valueerror(ftype) -> None:
+    with pytest.raises(ValueError, match="type must be int, float, str or bytes"):
+        tracepoint("test:badtype", a=ftype)
+
+
+def test_field_names_with_underscore_are_refused() -> None:
+    with pytest.raises(ValueError, match="must not start with '_'"):
+        tracepoint("test:under", _x=int)
+
+
+def test_redeclaration(tmp_path) -> None:
+    # In a subprocess: declaring for real creates the process's tracer registry.
+    r = _run_py(
+        """
+        from tracewire import tracepoint
+        e1 = tracepoint("test:redecl", a=int, b=str)
+        e2 = tracepoint("test:redecl", a=int, b=str)
+        assert callable(e1) and callable(e2)
+        assert e1(a=1, b="x") is None and e2(1, "x") is None
+        for fields in ({"a": int}, {"a": int, "b": bytes}, {"b": str, "a": int}, {}):
+            try:
+                tracepoint("test:redecl", **fields)
+            except ValueError as exc:
+                assert "other fields" in str(exc), exc
+            else:
+                raise AssertionError(f"redeclaring with {fields} did not raise")
+        print("ok")
+        """,
+        str(tmp_path),
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "ok\n"
+
+
+def test_listener_without_sessiond_leaks_no_socket(tmp_path) -> None:
+    env = dict(os.environ, TRACEWIRE_RUNDIR=str(tmp_path), TRACEWIRE_RETRY_S="0.1")
+    r = subprocess.run(
+        [sys.executable, "-X", "dev", "-c",
+         "import time\nfrom tracewire import tracepoint\ntracepoint('demo:x', a=int)\ntime.sleep(1)"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "ResourceWarning" not in r.stderr, r.stderr[:500]
+
+
+# ---------------------------------------------------------------- emitters on a real buffer
+
+
+class Rig:
+    """Generated emitters attached to one real ring buffer (no sessiond): the
+    same objects the tracer's listener thread builds for a stream."""
+
+    def __init__(self, subbuf: int = 64 * 1024, num: int = 16, start_ts: int = START_TS) -> None:
+        self.spec = BufferSpec(subbuf, num)
+        self.start_ts = start_ts
+        self.fd = create_buffer(self.spec, start_ts)
+        self.efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.producer = Producer(self.fd, self.efd, self.spec)
+        self.cursor = ConsumerCursor(self.fd, self.spec)
+        self.stream = _tracer._StreamW("test-stream", self.producer)
+        self.tps: list[_tracer.Tracepoint] = []
+        self.uuid = uuid.uuid4().bytes
+        self.packets = bytearray()
+        self.seq = 0
+
+    def declare(self, name: str, fields: dict[str, type], tp_id: int | None = None) -> _tracer.Tracepoint:
+        decl = [(n, _tracer._TYPES[t]) for n, t in fields.items()]
+        tp = _tracer.Tracepoint(None, len(self.tps) if tp_id is None else tp_id, name, decl)
+        tp.set_streams((self.stream,))
+        self.tps.append(tp)
+        return tp
+
+    def clock(self, tp: _tracer.Tracepoint, values: list[int]) -> None:
+        """Make ``tp`` take its timestamps from ``values``, in order."""
+        it = iter(values)
+        tp.globals["_mono"] = lambda: next(it)
+
+    def drain(self) -> list[bytes]:
+        """Flush everything into CTF packets (as consumerd does); returns the chunks."""
+        try:
+            self.cursor.announce(os.eventfd_read(self.efd))
+        except BlockingIOError:
+            pass
+        if hasattr(self.cursor, "flush_limit"):
+            limit = None
+            while limit is None:  # nothing writes concurrently here
+                limit = self.cursor.flush_limit(MemoryBarrier())
+        else:
+            head = self.cursor.read_head()
+            MemoryBarrier()()
+            limit = head if isinstance(head, tuple) else (head, self.cursor.read_ts())
+        chunks = []
+        while (ch := self.cursor.next_chunk(limit)) is not None:
+            chunks.append(self._packet(ch))
+            del ch
+            self.cursor.release()
+        if self.cursor.discarded_pending() > 0:
+            ch = self.cursor.empty_chunk(limit[1]) if inspect.signature(self.cursor.empty_chunk).parameters \
+                else self.cursor.empty_chunk()
+            self._packet(ch)
+            del ch
+            self.cursor.release()
+        return chunks
+
+    def _packet(self, ch) -> bytes:
+        data = bytes(ch.data)
+        self.packets += ctf.pack_packet_header(self.uuid, 0, 0, ch.ts_begin, ch.ts_end, len(data), self.seq,
+                                               ch.events_discarded)
+        self.packets += data
+        self.seq += 1
+        return data
+
+    def meta(self) -> ctf.TraceMeta:
+        info = ctf.TraceInfo(self.uuid, "testhost", "s", "20260101T000000", "test", 1, 0, ("channel0",))
+        text = ctf.metadata_preamble(info) + "".join(
+            ctf.metadata_event(ctf.EventDecl(tp.name, tp.id, tuple((n, ctf.FieldType[t.upper()]) for n, t in tp.fields)))
+            for tp in self.tps
+        )
+        return ctf.parse_metadata(text)
+
+    def read(self) -> list:
+        self.drain()
+        return list(ctf.read_stream(io.BytesIO(bytes(self.packets)), self.meta()))
+
+    def close(self) -> None:
+        for tp in self.tps:
+            tp.set_streams(())
+        self.stream.mv = None
+        self.producer.close()
+        self.cursor.close()
+        os.close(self.fd)
+        os.close(self.efd)
+
+
+@pytest.fixture
+def rig():
+    r = Rig()
+    yield r
+    r.close()
+
+
+def _events(items) -> list[ctf.Event]:
+    return [i for i in items if isinstance(i, ctf.Event)]
+
+
+VALUES = [
+    (0, 0.0, "", b""),
+    (-1, -1.5, "hello", b"\x00\x01\xff"),
+    (2**63 - 1, 1e308, "ünïcødé ✓ 𝄞 日本", bytes(range(256))),
+    (-(2**63), float("inf"), "x" * 5000, b"y" * 3000),
+]
+
+
+def test_fields_roundtrip_through_ctf(rig: Rig) -> None:
+    tp = rig.declare("test:all", {"i": int, "f": float, "s": str, "b": bytes})
+    for v in VALUES:
+        assert tp.emit(*v) is None
+    tp.emit(i=7, f=2.5, s="kw", b=b"kw")
+    evs = _events(rig.read())
+    assert [(e.fields["i"], e.fields["f"], e.fields["s"], e.fields["b"]) for e in evs] == VALUES + [
+        (7, 2.5, "kw", b"kw")
+    ]
+    assert all(e.name == "test:all" for e in evs)
+    assert rig.producer.discarded == 0
+
+
+def test_event_bytes_match_the_reference_encoder(rig: Rig) -> None:
+    tp = rig.declare("test:ref", {"i": int, "s": str, "f": float, "b": bytes})
+    ts = [START_TS + 5, START_TS + 6, START_TS + 6 + 2**27, START_TS + 6 + 2**27 + 3]
+    rig.clock(tp, ts)
+    vals = [(1, "a", 0.5, b"b"), (2, "é", -0.0, b""), (3, "", 1e-300, b"\xff"), (4, "zz", 3.0, b"12")]
+    for v in vals:
+        tp.emit(*v)
+    (chunk,) = rig.drain()
+    fields = tuple((n, ctf.FieldType[t.upper()]) for n, t in tp.fields)
+    expected = b""
+    prev = START_TS
+    for t, v in zip(ts, vals):
+        expected += ctf.encode_event(tp.id, t, prev, v, fields)
+        prev = t
+    assert chunk == expected
+
+
+def test_compact_or_extended_header_by_timestamp_delta(rig: Rig) -> None:
+    tp = rig.declare("test:hdr", {"a": int})
+    ts = [
+        START_TS + 1,  # compact: small delta from the stream start
+        START_TS + 1 + 2**27 - 1,  # compact: largest delta that fits 27 bits
+        START_TS + 1 + 2**27 - 1 + 2**27,  # extended: delta == 2**27
+        START_TS + 2 + 2**28 + 2**27 + 10**10,  # extended: large delta
+        START_TS + 3 + 2**28 + 2**27 + 10**10,  # compact again
+    ]
+    rig.clock(tp, ts)
+    for k in range(len(ts)):
+        tp.emit(a=k)
+    (chunk,) = rig.drain()
+    kinds = []
+    pos = 0
+    while pos < len(chunk):
+        word = int.from_bytes(chunk[pos : pos + 4], "little")
+        ext = word & 0x1F == 31
+        kinds.append("ext" if ext else "compact")
+        pos += (16 if ext else 4) + 8
+    assert kinds == ["compact", "compact", "ext", "ext", "compact"]
+    evs = _events(list(ctf.read_stream(io.BytesIO(bytes(rig.packets)), rig.meta())))
+    assert [e.timestamp for e in evs] == ts  # clock offset 0: the raw clock values
+    assert [e.fields["a"] for e in evs] == list(range(len(ts)))
+
+
+def test_ids_above_30_always_use_the_extended_header(rig: Rig) -> None:
+    tp = rig.declare("test:bigid", {"a": int}, tp_id=40)
+    rig.clock(tp, [START_TS + 1, START_TS + 2])
+    tp.emit(a=1)
+    tp.emit(a=2)
+    (chunk,) = rig.drain()
+    assert len(chunk) == 2 * (16 + 8)
+    assert int.from_bytes(chunk[0:4], "little") & 0x1F == 31
+    assert int.from_bytes(chunk[4:8], "little") == 40
+    evs = _events(list(ctf.read_stream(io.BytesIO(bytes(rig.packets)), rig.meta())))
+    assert [e.fields["a"] for e in evs] == [1, 2]
+
+
+def test_string_with_embedded_nul_keeps_the_rest_of_the_event(rig: Rig) -> None:
+    tp = rig.declare("test:nul", {"s": str, "after": int})
+    tp.emit(s="a\0b\0", after=99)
+    tp.emit(s="\0", after=100)
+    evs = _events(rig.read())
+    assert [e.fields["after"] for e in evs] == [99, 100]
+    s0 = evs[0].fields["s"]
+    assert len(s0) == 4 and s0[0] == "a" and s0[2] == "b" and "\0" not in s0
+
+
+def test_string_with_embedded_nul_matches_reference_replacement(rig: Rig) -> None:
+    tp = rig.declare("test:nul2", {"s": str})
+    tp.emit(s="a\0b")
+    (ev,) = _events(rig.read())
+    assert ev.fields["s"] == "a" + ctf.NUL_REPLACEMENT + "b"
+
+
+def test_wrong_argument_is_discarded_and_never_raises(rig: Rig) -> None:
+    tp = rig.declare("test:wrong", {"i": int, "s": str, "f": float, "b": bytes})
+    tp.emit(1, "ok", 1.0, b"ok")
+    bad = [
+        ("x", "s", 1.0, b""),  # str for int
+        (1, 2, 1.0, b""),  # int for str
+        (1, "s", "f", b""),  # str for float
+        (1, "s", 1.0, 12.5),  # float for bytes
+        (2**64, "s", 1.0, b""),  # int out of int64
+        (None, None, None, None),
+    ]
+    for args in bad:
+        assert tp.emit(*args) is None
+    tp.emit(2, "ok", 2.0, b"ok")
+    assert rig.producer.discarded == len(bad)
+    items = rig.read()
+    evs = _events(items)
+    assert [e.fields["i"] for e in evs] == [1, 2]
+    assert sum(i.count for i in items if isinstance(i, ctf.Discarded)) == len(bad)
+
+
+def test_event_larger_than_a_subbuffer_is_discarded() -> None:
+    r = Rig(subbuf=4096, num=2)
+    try:
+        tp = r.declare("test:big", {"s": str})
+        r.clock(tp, [START_TS + 1, START_TS + 2])  # compact headers (4 bytes)
+        tp.emit(s="x" * 4000)  # 4 + 4001 bytes: fits the 4012 usable
+        tp.emit(s="x" * 4008)  # 4 + 4009 > 4012: can never fit
+        assert r.producer.discarded == 1
+        items = r.read()
+        assert [len(e.fields["s"]) for e in _events(items)] == [4000]
+        assert sum(i.count for i in items if isinstance(i, ctf.Discarded)) == 1
+    finally:
+        r.close()
+
+
+def test_full_buffer_discards_and_counts_exactly() -> None:
+    r = Rig(subbuf=4096, num=2)
+    try:
+        tp = r.declare("test:full", {"a": int, "pad": str})
+        n = 2000
+        for k in range(n):
+            tp.emit(a=k, pad="p" * 50)
+        items = r.read()
+        evs = _events(items)
+        disc = sum(i.count for i in items if isinstance(i, ctf.Discarded))
+        assert disc > 0
+        assert len(evs) + disc == n
+        assert [e.fields["a"] for e in evs] == list(range(len(evs)))  # the first ones, in order
+    finally:
+        r.close()
+
+
+def test_disabled_emitter_writes_nothing(rig: Rig) -> None:
+    tp = rig.declare("test:off", {"a": int})
+    tp.emit(a=1)
+    tp.set_streams(())
+    tp.emit(a=2)
+    tp.emit(a="wrong type, still nothing")
+    tp.set_streams((rig.stream,))
+    tp.emit(a=3)
+    assert [e.fields["a"] for e in _events(rig.read())] == [1, 3]
+    assert rig.producer.discarded == 0
+
+
+def test_two_tracepoints_one_stream(rig: Rig) -> None:
+    a = rig.declare("test:a", {"x": int})
+    b = rig.declare("test:b", {"y": str})
+    for k in range(50):
+        a.emit(x=k)
+        b.emit(y=str(k))
+    evs = _events(rig.read())
+    assert [(e.name, e.fields) for e in evs] == [
+        item for k in range(50) for item in (("test:a", {"x": k}), ("test:b", {"y": str(k)}))
+    ]
+
+
+def test_threads_emitting_at_once_lose_and_corrupt_nothing(rig: Rig) -> None:
+    tp = rig.declare("test:mt", {"thread": int, "i": int, "tag": str})
+    nthreads, per = 4, 5000
+    start = threading.Barrier(nthreads)
+
+    def work(t: int) -> None:
+        start.wait()
+        for i in range(per):
+            tp.emit(thread=t, i=i, tag=f"t{t}-{i}")
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(nthreads)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(60)
+    assert rig.producer.discarded == 0
+    evs = _events(rig.read())
+    assert len(evs) == nthreads * per
+    seen: dict[int, list[int]] = {t: [] for t in range(nthreads)}
+    for e in evs:
+        assert e.fields["tag"] == f"t{e.fields['thread']}-{e.fields['i']}"
+        seen[e.fields["thread"]].append(e.fields["i"])
+    for t in range(nthreads):
+        assert seen[t] == list(range(per))
+    ts = [e.timestamp for e in evs]
+    assert ts == sorted(ts)
