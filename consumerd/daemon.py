@@ -36,6 +36,7 @@ from tracewire.streamfile import StreamFile
 from tracewire.url import parse_url
 
 from consumerd.net import NetSession, SinkError, read_key_file
+from consumerd.spool import Spool
 
 __all__ = ["ConsumerdConfig", "serve_consumerd"]
 
@@ -84,6 +85,7 @@ class StreamOut:
     net: NetSession | None  # relay sink
     switch_timer_ms: int
     next_seq: int = 0
+    seq_known: bool = True  # False: a resumed relay stream waits for the relay's word
     blocked: bool = False  # the relay sink is full: data waits in the ring
     packets: int = 0
     raw_bytes: int = 0
@@ -161,12 +163,17 @@ class Consumerd:
             if msg.get("auth_key_file"):
                 auth = read_key_file(str(msg["auth_key_file"]))
             so = SessionOut(name, sink)
+            spool = None
+            if msg.get("spool_dir"):
+                spool = Spool(str(msg["spool_dir"]), int(msg.get("spool_size") or 64 * 1024 * 1024))
             net = NetSession(
                 name=name, session_id=int(msg["session_id"]), created=str(msg["created"]),
                 url=url, hostname=str(msg["hostname"]), compress=msg.get("compress", "zstd") == "zstd",
                 level=int(msg.get("compress_level") or 1), auth=auth,
                 ca_file=msg.get("tls_ca") or None, live=bool(msg.get("live")),
                 on_room=lambda: self._on_room(so),
+                spool=spool, on_saved=self._on_saved,
+                max_unacked_bytes=int(msg.get("spool_size") or 64 * 1024 * 1024),
             )
             so.net = net
             self.nursery.start_soon(net.run)
@@ -176,6 +183,11 @@ class Consumerd:
             so = SessionOut(name, sink)
         self.sessions[name] = so
         return {}
+
+    def _on_saved(self, key: str, pos: int, ts: int) -> None:
+        st = self.streams.get(key)
+        if st is not None and not st.closed:
+            st.cursor.publish(pos, ts)
 
     def _on_room(self, so: SessionOut) -> None:
         for st in self.streams.values():
@@ -203,10 +215,14 @@ class Consumerd:
     async def op_metadata(self, msg: dict, fds: list[int]) -> dict:
         tr = self.traces[str(msg["trace_id"])]
         data = str(msg["text"]).encode()
+        if msg.get("replay"):
+            # The whole metadata, after a consumerd restart: a local file
+            # already holds a prefix of it; a relay session starts empty.
+            data = data[tr.metadata_bytes:]
         net = self.sessions[tr.session].net
         if net is not None:
             net.add_metadata(tr.trace_id, data)
-        else:
+        elif data:
             os.write(tr.metadata_fd, data)
         tr.metadata_bytes += len(data)
         return {}
@@ -230,8 +246,15 @@ class Consumerd:
             os.close(memfd)
         os.set_blocking(efd, False)
         sf = None
+        next_seq, seq_known = 0, True
         if net is not None:
-            net.add_stream(key, tr.trace_id, channel, resume=bool(msg.get("replay")))
+            cursor.deferred = True  # ring space is released once a packet is spooled
+            last = net.add_stream(key, tr.trace_id, channel, resume=bool(msg.get("replay")))
+            if last is not None:
+                cursor.skip_to(last.ring_end, last.ts_end)
+                next_seq = last.seq + 1
+            elif msg.get("replay"):
+                seq_known = False
         else:
             # Reopening after a consumerd restart continues the same files.
             sf = StreamFile(tr.directory, f"{channel}_0")
@@ -242,7 +265,8 @@ class Consumerd:
                 cursor.last_ts = max(cursor.last_ts, sf.last_ts_end)
         st = StreamOut(
             key, tr.session, tr, channel, int(msg["stream_class"]), cursor, efd,
-            sf, net, int(msg.get("switch_timer_ms") or 0), next_seq=sf.next_seq if sf else 0,
+            sf, net, int(msg.get("switch_timer_ms") or 0),
+            next_seq=sf.next_seq if sf else next_seq, seq_known=seq_known,
         )
         self.streams[key] = st
         self.nursery.start_soon(self.stream_task, st)
@@ -318,6 +342,14 @@ class Consumerd:
             if so is not None:
                 if so.net is not None:
                     so.net.close()
+                    if so.net.spool is not None:
+                        for st in streams:
+                            so.net.spool.remove(st.key)
+                        so.net.spool.close()
+                        try:
+                            os.rmdir(so.net.spool.directory)
+                        except OSError:
+                            pass
                 del self.sessions[session]
         return {}
 
@@ -349,6 +381,12 @@ class Consumerd:
     # ------------------------------------------------------------- streams
     async def stream_task(self, st: StreamOut) -> None:
         timer = st.switch_timer_ms / 1000 if st.switch_timer_ms > 0 else float("inf")
+        try:
+            await self._stream_loop(st, timer)
+        finally:
+            st.done.set()
+
+    async def _stream_loop(self, st: StreamOut, timer: float) -> None:
         with st.cancel:
             while not st.closed:
                 with trio.move_on_after(timer) as cs:
@@ -367,7 +405,6 @@ class Consumerd:
                     continue
                 st.cursor.announce(n)
                 self.drain(st, flush=False)
-        st.done.set()
 
     def drain(self, st: StreamOut, flush: bool) -> None:
         """Write every chunk the ring buffer has for us (all of it on flush)."""
@@ -386,12 +423,12 @@ class Consumerd:
                 # None: the producer is too busy to catch a consistent head;
                 # take the closed sub-buffers now and the rest next time.
                 limit = cur.flush_limit(self.barrier)
-            if net is not None and st.packets == 0 and st.next_seq == 0:
-                first = net.first_seq(st.key)
+            if not st.seq_known:
+                first = net.first_seq(st.key) if net is not None else 0
                 if first is None:
                     st.blocked = True  # until the relay says where the stream stands
                     return
-                st.next_seq = first
+                st.next_seq, st.seq_known = first, True
             while True:
                 if net is not None and not net.has_room():
                     st.blocked = True  # the rest waits in the ring buffer
@@ -420,7 +457,7 @@ class Consumerd:
         )
         if st.net is not None:
             st.net.submit(st.key, header + chunk.data, seq, chunk.ts_begin, chunk.ts_end,
-                          chunk.events_discarded)
+                          chunk.events_discarded, chunk.end)
             st.packets += 1
         else:
             assert st.file is not None
@@ -453,7 +490,8 @@ async def serve_consumerd(config: ConsumerdConfig, *, task_status=trio.TASK_STAT
         try:
             await cd.run()
         finally:
-            with trio.CancelScope(shield=True):
+            with trio.move_on_after(10) as cs:
+                cs.shield = True
                 for st in list(cd.streams.values()):
                     if not st.closed:
                         cd.drain(st, flush=True)

@@ -37,6 +37,8 @@ import trio
 from tracewire import wire
 from tracewire.url import RelayURL
 
+from consumerd.spool import Spool, SpoolRecord
+
 __all__ = ["NetSession", "SinkError", "read_key_file"]
 
 logger = logging.getLogger(__name__)
@@ -44,6 +46,24 @@ logger = logging.getLogger(__name__)
 
 class SinkError(Exception):
     """The relay refused the session."""
+
+
+_NETWORK_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError,
+                   ssl.SSLError, wire.ProtocolError)
+
+
+def _leaf(group: BaseExceptionGroup) -> BaseException:
+    """The exception a connection's task group failed with: a refusal first,
+    then a network error; anything else (a bug, a cancellation) as it is."""
+    refused, rest = group.split(SinkError)
+    if refused is not None:
+        return refused.exceptions[0] if not isinstance(refused.exceptions[0], BaseExceptionGroup) \
+            else _leaf(refused.exceptions[0])
+    net, rest = group.split(_NETWORK_ERRORS)
+    if net is not None and rest is None:
+        first = net.exceptions[0]
+        return _leaf(first) if isinstance(first, BaseExceptionGroup) else first
+    return group
 
 
 def read_key_file(path: str) -> tuple[str, bytes]:
@@ -83,6 +103,7 @@ class _Pending:
     ts_end: int
     events_discarded: int
     raw: bytes | None
+    ring_end: int = 0  # ring position after this packet (published once spooled)
     data: bytes | None = None  # encoded payload once compressed
     codec: wire.Codec = wire.Codec.NONE
 
@@ -128,6 +149,8 @@ class NetSession:
         connect_timeout: float = 10.0,
         on_room=None,
         opener=None,
+        spool: Spool | None = None,
+        on_saved=None,
     ) -> None:
         self.name = name
         self.session_id = session_id
@@ -142,6 +165,10 @@ class NetSession:
         self.max_unacked_bytes = max_unacked_bytes
         self.connect_timeout = connect_timeout
         self.on_room = on_room or (lambda: None)
+        # on_saved(key, ring_end, ts_end): the packet is spooled (or, without
+        # a spool, compressed): its ring space may go back to the producer.
+        self.on_saved = on_saved or (lambda key, pos, ts: None)
+        self.spool = spool
         # async () -> trio.abc.Stream; tests pass one over memory streams.
         self._opener = opener or self._open
         self.traces: dict[str, _Trace] = {}
@@ -162,6 +189,8 @@ class NetSession:
 
     # ------------------------------------------------------------ producer side
     def has_room(self) -> bool:
+        if self.spool is not None and not self.spool.has_room():
+            return False
         return self.unacked_bytes < self.max_unacked_bytes and self.error is None
 
     def first_seq(self, key: str) -> int | None:
@@ -181,22 +210,40 @@ class NetSession:
         if self.connected:
             self._queue(("metadata", tr, offset, len(tr.metadata)))
 
-    def add_stream(self, key: str, trace_id: str, channel: str, resume: bool = False) -> None:
-        """Add a stream.  A new stream starts at seq 0 at once; a resumed one
-        (a restarted consumerd) waits for the relay to say where it stands."""
+    def add_stream(self, key: str, trace_id: str, channel: str, resume: bool = False):
+        """Add a stream.  A new stream starts at seq 0 at once.  A resumed one
+        (a restarted consumerd) reloads its spool: the returned record (the
+        last one spooled, or None) says where to resume reading the ring and
+        the seq to continue from; with an empty spool it waits for the relay
+        to say where the stream stands."""
         if key in self.streams:
-            return
+            return None
         st = _NetStream(key, self.traces[trace_id].path, channel, 0)
+        last = None
         if not resume:
             st.base_seq = 0
+        elif self.spool is not None:
+            for rec in self.spool.load(key):
+                p = _Pending(next(self._order), st, rec.seq, rec.raw_len, rec.ts_begin, rec.ts_end,
+                             rec.events_discarded, None, rec.ring_end, rec.data, wire.Codec(rec.codec))
+                st.unacked.append(p)
+                self.unacked_bytes += len(rec.data)
+                last = rec
+            if last is not None:
+                st.base_seq = last.seq + 1
         self.streams[key] = st
         if self.connected:
             self._queue(("stream", st))
+        if st.unacked:
+            self._outbox.extend(("packet", p) for p in st.unacked)
+            self._send_wakeup.set()
+        return last
 
-    def submit(self, key: str, raw: bytes, seq: int, ts_begin: int, ts_end: int, discarded: int) -> None:
+    def submit(self, key: str, raw: bytes, seq: int, ts_begin: int, ts_end: int, discarded: int,
+               ring_end: int = 0) -> None:
         """Queue one whole CTF packet (``raw``, header included) of stream ``key``."""
         st = self.streams[key]
-        p = _Pending(next(self._order), st, seq, len(raw), ts_begin, ts_end, discarded, raw)
+        p = _Pending(next(self._order), st, seq, len(raw), ts_begin, ts_end, discarded, raw, ring_end)
         st.unacked.append(p)
         st.packets += 1
         st.raw_bytes += len(raw)
@@ -272,6 +319,16 @@ class NetSession:
                 p.data, p.codec = raw, wire.Codec.NONE
             p.raw = None
             self.unacked_bytes -= p.raw_len - len(p.data)
+            if self.spool is not None:
+                try:
+                    self.spool.append(p.stream.key, SpoolRecord(
+                        p.seq, p.ts_begin, p.ts_end, p.events_discarded, p.ring_end, p.raw_len,
+                        int(p.codec), p.data))
+                except OSError as exc:  # disk full: stop reading rings, say why
+                    self.error = f"cannot write the spool: {exc}"
+                    self._notify()
+                    return
+            self.on_saved(p.stream.key, p.ring_end, p.ts_end)
             if p.seq > p.stream.acked_seq:
                 self._queue(("packet", p))
 
@@ -279,16 +336,18 @@ class NetSession:
         backoff = 0.1
         while self.error is None:
             try:
-                await self._one_connection()
-                return
+                try:
+                    await self._one_connection()
+                    return
+                except BaseExceptionGroup as group:
+                    raise _leaf(group) from None
             except SinkError as exc:
                 self.error = str(exc)
                 self._outbox.clear()
                 logger.error("session %s: relay %s refused: %s", self.name, self.url, exc)
                 self._notify()
                 return
-            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError,
-                    ssl.SSLError, wire.ProtocolError) as exc:
+            except _NETWORK_ERRORS as exc:
                 self.last_failure = f"{type(exc).__name__}: {exc}"
                 logger.warning("session %s: relay %s: %s; retrying in %.1f s",
                                self.name, self.url, self.last_failure, backoff)
@@ -455,6 +514,8 @@ class NetSession:
         while st.unacked and st.unacked[0].seq <= seq:
             p = st.unacked.popleft()
             freed += len(p.data) if p.data is not None else p.raw_len
+        if self.spool is not None:
+            self.spool.acknowledged(st.key, seq)
         if freed:
             had_room = self.has_room()
             self.unacked_bytes -= freed

@@ -122,6 +122,7 @@ class Trace:
     path: str
     uuid: bytes
     declared: int = 0  # tracepoints of the app already in the metadata
+    metadata: str = ""  # everything sent so far (replayed to a restarted consumerd)
 
 
 @dataclass
@@ -136,6 +137,7 @@ class Session:
     state: SessionState = SessionState.CREATED
     compress: str = "zstd"
     compress_level: int = 1
+    spool_size: int = 64 * 1024 * 1024
     auth_key_file: str | None = None
     tls_ca: str | None = None
     declared: bool = False  # consumerd knows the session
@@ -232,8 +234,9 @@ class ConsumerHandle:
                     self.ready.set()
                     await proc.wait()
                     n.cancel_scope.cancel()
-            except (UserError, trio.TooSlowError, OSError, trio.BrokenResourceError) as exc:
-                logger.error("consumerd for uid %d: %s", self.uid, exc)
+            except* (UserError, trio.TooSlowError, OSError, trio.BrokenResourceError) as group:
+                for exc in group.exceptions:
+                    logger.error("consumerd for uid %d: %s", self.uid, exc)
             finally:
                 self.ready = trio.Event()
                 self.conn = None
@@ -245,7 +248,9 @@ class ConsumerHandle:
                         await proc.wait()
             logger.warning("consumerd for uid %d exited with %s; restarting", self.uid, proc.returncode)
             restarts += 1
-            await trio.sleep(0.2)
+            # At once the first times (its ring buffers are filling up), then
+            # with backoff if it keeps dying.
+            await trio.sleep(0 if restarts < 3 else min(5.0, 0.1 * 2**restarts))
 
     def _fail_waiters(self, why: str) -> None:
         for ev, box in self.waiters.values():
@@ -323,19 +328,22 @@ class Sessiond:
 
     async def _replay_consumer(self, uid: int) -> None:
         """Give a restarted consumerd every live trace and stream of ``uid``."""
+        h = self.consumers[uid]
         for sess in self.sessions.values():
             if sess.owner_uid != uid:
                 continue
             if sess.declared:
-                await self._consumer_call(self._session_msg(sess), uid=uid)
+                await h.call(self._session_msg(sess), wait_ready=False)
             for pid, tr in sess.traces.items():
                 app = self.apps.get(pid)
-                await self._consumer_call(self._trace_msg(sess, tr, app, replay=True), uid=uid)
+                await h.call(self._trace_msg(sess, tr, app, replay=True), wait_ready=False)
+                await h.call({"op": "metadata", "trace_id": tr.trace_id, "text": tr.metadata,
+                              "replay": True}, wait_ready=False)
             for st in sess.streams.values():
-                await self._consumer_call(dict(self._stream_msg(sess, st), replay=True),
-                                          (st.memfd, st.eventfd), uid=uid)
+                await h.call(dict(self._stream_msg(sess, st), replay=True), (st.memfd, st.eventfd),
+                             wait_ready=False)
                 if st.pid not in self.apps:
-                    await self._consumer_call({"op": "producer_gone", "key": st.key}, uid=uid)
+                    await h.call({"op": "producer_gone", "key": st.key}, wait_ready=False)
 
     # ------------------------------------------------------------ app socket
     async def handle_app(self, sock: trio.socket.SocketType) -> None:
@@ -437,12 +445,24 @@ class Sessiond:
             "auth_key_file": sess.auth_key_file,
             "tls_ca": sess.tls_ca,
             "live": False,
+            "spool_dir": self._spool_dir(sess) if sess.url else None,
+            "spool_size": sess.spool_size,
             "uid": sess.owner_uid,
             "gid": sess.owner_gid,
         }
 
+    def _spool_dir(self, sess: Session) -> str:
+        return os.path.join(self.config.rundir, "spool", f"{sess.name}-{sess.created}")
+
     async def _declare_session(self, sess: Session) -> None:
         if not sess.declared:
+            if sess.url:
+                # The spool is the owner's: their consumerd writes it.
+                d = self._spool_dir(sess)
+                os.makedirs(os.path.dirname(d), mode=0o711, exist_ok=True)
+                os.makedirs(d, mode=0o700, exist_ok=True)
+                if os.geteuid() == 0 and sess.owner_uid != 0:
+                    os.chown(d, sess.owner_uid, sess.owner_gid)
             await self._consumer_call(self._session_msg(sess), uid=sess.owner_uid)
             sess.declared = True
 
@@ -505,10 +525,11 @@ class Sessiond:
                 clock_offset_ns=sess.clock_offset_ns,
                 channels=tuple(sorted(sess.channels, key=lambda c: sess.channels[c].index)),
             )
+            text = ctf.metadata_preamble(info)
             await self._consumer_call(
-                {"op": "metadata", "trace_id": tr.trace_id, "text": ctf.metadata_preamble(info)},
-                uid=sess.owner_uid,
+                {"op": "metadata", "trace_id": tr.trace_id, "text": text}, uid=sess.owner_uid,
             )
+            tr.metadata += text
         if tr.declared < len(app.tracepoints):
             text = "".join(
                 ctf.metadata_event(
@@ -519,6 +540,7 @@ class Sessiond:
             )
             await self._consumer_call({"op": "metadata", "trace_id": tr.trace_id, "text": text},
                                       uid=sess.owner_uid)
+            tr.metadata += text
             tr.declared = len(app.tracepoints)
         for ch_name, ids in wanted.items():
             key = f"{sess.id}-{ch_name}-{app.pid}"
@@ -616,6 +638,10 @@ class Sessiond:
         sess = Session(name, self.next_session_id, uid, gid, output, url, created)
         sess.compress, sess.compress_level = compress, level
         sess.auth_key_file = req.get("auth_key_file") or None
+        if req.get("spool_size") is not None:
+            sess.spool_size = int(req["spool_size"])
+            if sess.spool_size < 1024 * 1024:
+                raise UserError("--spool-size must be at least 1M")
         sess.tls_ca = req.get("tls_ca") or None
         sess.clock_offset_ns = time.time_ns() - time.monotonic_ns()
         self.next_session_id += 1

@@ -51,6 +51,9 @@ class Size(click.ParamType):
 
     name = "size"
 
+    def __init__(self, power_of_two: bool = True) -> None:
+        self.power_of_two = power_of_two
+
     def convert(self, value: Any, param: Any, ctx: Any) -> int:
         if isinstance(value, int):
             return value
@@ -61,8 +64,10 @@ class Size(click.ParamType):
             n = int(num) * _UNITS[unit]
         except ValueError:
             self.fail(f"{value!r} is not a size (examples: 4096, 256k, 4M)", param, ctx)
-        if n < 4096 or n & (n - 1):
+        if self.power_of_two and (n < 4096 or n & (n - 1)):
             self.fail(f"{value!r}: a sub-buffer size must be a power of two of at least 4k", param, ctx)
+        if n < 0:
+            self.fail(f"{value!r} is negative", param, ctx)
         return n
 
 
@@ -192,13 +197,16 @@ def cli(ctx: click.Context, rundir: str | None) -> None:
               help="zstd level.")
 @click.option("--auth-key-file", envvar="TRACEWIRE_AUTH_KEY_FILE", type=click.Path(dir_okay=False),
               help="File holding 'KEY_ID SECRET' for the relay [env TRACEWIRE_AUTH_KEY_FILE].")
+@click.option("--spool-size", type=Size(power_of_two=False), default="64M", show_default=True,
+              help="Relay sessions: packets not yet acknowledged are kept in a spool of at most "
+                   "this size (in RUNDIR/spool); past it the ring buffers discard, and count.")
 @click.option("--tls-ca", envvar="TRACEWIRE_TLS_CA", type=click.Path(dir_okay=False, exists=True),
               help="CA certificate(s) to verify a tws:// relay with (default: the system's) "
                    "[env TRACEWIRE_TLS_CA].")
 @click.pass_context
 def create(ctx: click.Context, name: str, output: str | None, url: str | None, snapshot: bool,
            live: bool, compress: str, compress_level: int, auth_key_file: str | None,
-           tls_ca: str | None) -> None:
+           spool_size: int, tls_ca: str | None) -> None:
     """Create session NAME and make it the current one.
 
     Without --output or --url the trace goes under ~/tracewire-traces.
@@ -212,7 +220,8 @@ def create(ctx: click.Context, name: str, output: str | None, url: str | None, s
     c = _client(ctx)
     c.ensure_daemon()
     req = {"cmd": "create", "name": name, "output": os.path.abspath(output) if output else None,
-           "url": url, "compress": compress, "compress_level": compress_level}
+           "url": url, "compress": compress, "compress_level": compress_level,
+           "spool_size": spool_size}
     if auth_key_file:
         req["auth_key_file"] = os.path.abspath(auth_key_file)
     if tls_ca:

@@ -28,6 +28,7 @@ offset type     writer      meaning
 32     u64      producer    events discarded (free-running)
 40     u64      consumer    consumed: everything below it has been read
 48     u64      sessiond    stream start timestamp
+56     u64      consumer    timestamp_end of the last released chunk
 64+16k u64,u64  producer    slot k: (ts_end, virtual end) of the sub-buffer
                             that last closed in slot k; all-ones = never
 ====== ======== =========== ===============================================
@@ -87,6 +88,7 @@ Q_HEAD = 3  # producer: virtual end of the last whole event
 Q_DISCARDED = 4  # producer
 Q_CONSUMED = 5  # consumer
 Q_START = 6  # sessiond: stream start timestamp
+Q_CONSUMED_TS = 7  # consumer: timestamp_end of the last chunk released
 Q_SLOTS = 8  # slot k: q[8+2k] = ts_end (stored first), q[9+2k] = virtual end
 OFF_SLOTS = 8 * Q_SLOTS
 NEVER = 0xFFFFFFFFFFFFFFFF
@@ -288,6 +290,7 @@ class Chunk:
     ts_begin: int
     ts_end: int
     events_discarded: int
+    end: int  # virtual ring position right after the chunk
 
 
 class ConsumerCursor:
@@ -302,7 +305,12 @@ class ConsumerCursor:
         self._N = sp.num_subbuf
         self._ctrl = sp.ctrl_size
         self.consumed = self.q[Q_CONSUMED]
-        self.last_ts = self.q[Q_START]
+        # A restarted consumer continues the timestamp chain where it stopped.
+        self.last_ts = max(self.q[Q_START], self.q[Q_CONSUMED_TS])
+        # Deferred release: the space of a chunk goes back to the producer
+        # only through publish() (a relay sink publishes once a packet is
+        # spooled, so a consumerd crash loses nothing it had read).
+        self.deferred = False
         # Closed sub-buffers announced through the eventfd, in total; those
         # below ``consumed`` were announced to an earlier consumer.
         self.announced = self.consumed // self._S
@@ -332,7 +340,7 @@ class ConsumerCursor:
         discarded = self.q[Q_DISCARDED]
         if discarded < self.last_discarded:
             raise RingBufferCorrupt(f"events_discarded went backwards ({discarded} < {self.last_discarded})")
-        c = Chunk(self._view(start, end), self.last_ts, ts_end, discarded)
+        c = Chunk(self._view(start, end), self.last_ts, ts_end, discarded, self._advance_to)
         self.last_ts = ts_end
         self.last_discarded = discarded
         return c
@@ -403,10 +411,29 @@ class ConsumerCursor:
         self._advance_to = self.consumed
         return self._chunk(self.consumed, self.consumed, max(self.last_ts, ts))
 
-    def release(self) -> None:
-        """Mark the last chunk written: its space may be reused by the producer."""
+    def release(self) -> int:
+        """Mark the last chunk read; returns the position after it.  Unless
+        ``deferred``, the producer may reuse its space at once."""
         self.consumed = self._advance_to
-        self.q[Q_CONSUMED] = self.consumed
+        if not self.deferred:
+            self.publish(self.consumed, self.last_ts)
+        return self.consumed
+
+    def publish(self, pos: int, ts: int) -> None:
+        """Give the space below ``pos`` back to the producer (never backwards)."""
+        q = self.q
+        if pos > q[Q_CONSUMED]:
+            q[Q_CONSUMED_TS] = ts
+            q[Q_CONSUMED] = pos
+
+    def skip_to(self, pos: int, ts: int) -> None:
+        """Resume reading at ``pos`` (a restarted consumer that had already
+        saved everything below it), publishing it."""
+        if pos > self.consumed:
+            self.consumed = self._advance_to = pos
+            self.announced = max(self.announced, pos // self._S)
+        self.last_ts = max(self.last_ts, ts)
+        self.publish(pos, ts)
 
     def flush_limit(self, barrier=None, tries: int = 16) -> tuple[int, int] | None:
         """A consistent ``(head, ts)`` for a flush, or None if the producer
