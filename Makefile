@@ -35,8 +35,11 @@ test: venv debs
 bench: venv debs
 	$(PY) bench/run.py
 
+# The property tests over every decoder (wire frames and CBOR headers, CTF
+# reader, ring-buffer control words) with 50x the examples of `make test`.
 fuzz: venv
-	HYPOTHESIS_PROFILE=long $(PY) -m pytest -q -p no:cacheprovider tests -k fuzz
+	TRACEWIRE_FUZZ_SCALE=$${TRACEWIRE_FUZZ_SCALE:-50} $(PY) -m pytest -q -p no:cacheprovider \
+	  tests/test_wire.py tests/test_ctf.py tests/test_ringbuf.py tests/test_tracer.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

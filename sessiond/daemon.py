@@ -203,54 +203,75 @@ class ConsumerHandle:
 
     async def supervise(self) -> None:
         restarts = 0
-        while True:
-            parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            cmd = list(self.sd.config.consumerd_cmd) + ["--control-fd", str(child.fileno())]
-            env = dict(os.environ, TRACEWIRE_RUNDIR=self.sd.config.rundir)
-            try:
-                proc = await trio.lowlevel.open_process(
-                    cmd, pass_fds=(child.fileno(),), env=env, cwd="/", **self._credentials()
-                )
-            except OSError as exc:
-                self.failure = f"cannot start consumerd for uid {self.uid}: {exc}"
-                logger.error("%s", self.failure)
-                parent.close()
-                child.close()
-                self._fail_waiters(self.failure)
-                await trio.sleep(min(5.0, 0.2 * 2**restarts))
-                restarts += 1
-                continue
-            child.close()
-            conn = SeqPacket(trio.socket.from_stdlib_socket(parent))
-            self.conn, self.pid = conn, proc.pid
-            logger.info("consumerd for uid %d started (pid %d)", self.uid, proc.pid)
-            try:
-                async with trio.open_nursery() as n:
-                    n.start_soon(self._reader, conn)
-                    await self.call({"op": "hello"}, timeout=30, wait_ready=False)
-                    if restarts:
-                        await self.sd._replay_consumer(self.uid)
-                    self.failure = None
-                    self.ready.set()
-                    await proc.wait()
-                    n.cancel_scope.cancel()
-            except* (UserError, trio.TooSlowError, OSError, trio.BrokenResourceError) as group:
-                for exc in group.exceptions:
-                    logger.error("consumerd for uid %d: %s", self.uid, exc)
-            finally:
-                self.ready = trio.Event()
-                self.conn = None
-                conn.close()
-                self._fail_waiters("consumerd exited")
-                with trio.CancelScope(shield=True):
-                    if proc.returncode is None:
-                        proc.kill()
+        standby = None
+        try:
+            while True:
+                spawned = standby or await self._spawn()
+                standby = None
+                if spawned is None:  # could not even fork/exec: retry with backoff
+                    await trio.sleep(min(5.0, 0.2 * 2**restarts))
+                    restarts += 1
+                    continue
+                proc, conn = spawned
+                self.conn, self.pid = conn, proc.pid
+                logger.info("consumerd for uid %d running (pid %d)", self.uid, proc.pid)
+                try:
+                    async with trio.open_nursery() as n:
+                        n.start_soon(self._reader, conn)
+                        await self.call({"op": "hello"}, timeout=30, wait_ready=False)
+                        if restarts:
+                            await self.sd._replay_consumer(self.uid)
+                        self.failure = None
+                        self.ready.set()
+                        # A warm spare, its imports done, takes over at once
+                        # if this one dies: the rings only have to hold the
+                        # replay, not a Python start-up.
+                        standby = await self._spawn()
                         await proc.wait()
-            logger.warning("consumerd for uid %d exited with %s; restarting", self.uid, proc.returncode)
-            restarts += 1
-            # At once the first times (its ring buffers are filling up), then
-            # with backoff if it keeps dying.
-            await trio.sleep(0 if restarts < 3 else min(5.0, 0.1 * 2**restarts))
+                        n.cancel_scope.cancel()
+                except* (UserError, trio.TooSlowError, OSError, trio.BrokenResourceError) as group:
+                    for exc in group.exceptions:
+                        logger.error("consumerd for uid %d: %s", self.uid, exc)
+                finally:
+                    self.ready = trio.Event()
+                    self.conn = None
+                    conn.close()
+                    self._fail_waiters("consumerd exited")
+                    with trio.CancelScope(shield=True):
+                        if proc.returncode is None:
+                            proc.kill()
+                            await proc.wait()
+                logger.warning("consumerd for uid %d exited with %s; restarting", self.uid, proc.returncode)
+                restarts += 1
+                # At once the first times (its ring buffers are filling up),
+                # then with backoff if it keeps dying.
+                if restarts >= 3:
+                    await trio.sleep(min(5.0, 0.1 * 2**restarts))
+        finally:
+            if standby is not None:
+                standby[1].close()
+                with trio.CancelScope(shield=True):
+                    standby[0].kill()
+                    await standby[0].wait()
+
+    async def _spawn(self) -> tuple[trio.Process, SeqPacket] | None:
+        """Start a consumerd process (it then waits for requests)."""
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        cmd = list(self.sd.config.consumerd_cmd) + ["--control-fd", str(child.fileno())]
+        env = dict(os.environ, TRACEWIRE_RUNDIR=self.sd.config.rundir)
+        try:
+            proc = await trio.lowlevel.open_process(
+                cmd, pass_fds=(child.fileno(),), env=env, cwd="/", **self._credentials()
+            )
+        except OSError as exc:
+            self.failure = f"cannot start consumerd for uid {self.uid}: {exc}"
+            logger.error("%s", self.failure)
+            parent.close()
+            self._fail_waiters(self.failure)
+            return None
+        finally:
+            child.close()
+        return proc, SeqPacket(trio.socket.from_stdlib_socket(parent))
 
     def _fail_waiters(self, why: str) -> None:
         for ev, box in self.waiters.values():

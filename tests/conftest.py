@@ -174,3 +174,12 @@ def out_dir() -> Iterator[Path]:
     d = short_tmpdir("twout")
     yield Path(d)
     shutil.rmtree(d, ignore_errors=True)
+
+
+# Property tests: bounded in `make test`, scaled up by `make fuzz`.
+from hypothesis import settings as _hyp_settings  # noqa: E402
+
+from fuzzing import SCALE as _FUZZ_SCALE  # noqa: E402
+
+_hyp_settings.register_profile("tracewire", max_examples=100 * _FUZZ_SCALE, deadline=None)
+_hyp_settings.load_profile("tracewire")

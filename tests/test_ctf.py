@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fuzzing import examples
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -469,7 +470,7 @@ def test_rebuild_timestamp_matches_babeltrace2_formula() -> None:
     assert ctf.rebuild_timestamp(2**64 - 1, 0, 27) == 0  # wraps modulo 2**64
 
 
-@settings(max_examples=200)
+@settings(max_examples=examples(200))
 @given(
     values=st.tuples(
         st.integers(-(2**63), 2**63 - 1),
@@ -875,7 +876,7 @@ def test_metadata_file_too_large_or_not_utf8(tmp_path: Path) -> None:
     assert ei.value.code is CTFErrorCode.LIMIT
 
 
-@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(300), suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=400))
 def test_random_bytes_only_raise_ctf_error(data: bytes) -> None:
     try:
@@ -884,7 +885,7 @@ def test_random_bytes_only_raise_ctf_error(data: bytes) -> None:
         pass
 
 
-@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(300), suppress_health_check=[HealthCheck.too_slow])
 @given(st.data())
 def test_mutated_stream_only_raises_ctf_error(data: st.DataObject) -> None:
     buf = bytearray(SAMPLE_STREAM)
@@ -901,7 +902,7 @@ def test_mutated_stream_only_raises_ctf_error(data: st.DataObject) -> None:
 _SAMPLE_TEXT = ctf.metadata_preamble(INFO) + "".join(ctf.metadata_event(d) for d in DECLS)
 
 
-@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(300), suppress_health_check=[HealthCheck.too_slow])
 @given(st.data())
 def test_mutated_metadata_only_raises_ctf_error(data: st.DataObject) -> None:
     text = list(_SAMPLE_TEXT)
@@ -915,7 +916,7 @@ def test_mutated_metadata_only_raises_ctf_error(data: st.DataObject) -> None:
         pass
 
 
-@settings(max_examples=200)
+@settings(max_examples=examples(200))
 @given(st.text(max_size=300))
 def test_random_metadata_text_only_raises_ctf_error(text: str) -> None:
     for t in (text, "/* CTF 1.8 */" + text, _SAMPLE_TEXT[:2000] + text):

@@ -10,6 +10,7 @@ import struct
 import time
 
 import pytest
+from fuzzing import examples
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -394,7 +395,7 @@ u64 = st.one_of(
 )
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=examples(300), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     pre=st.integers(0, 6),
     writes=st.lists(st.tuples(st.sampled_from([OFF_HEAD, OFF_TS, OFF_DISCARDED] + [OFF_SLOTS + 16 * k + f for k in range(N) for f in (SLOT_END, SLOT_TS)]), u64), max_size=12),

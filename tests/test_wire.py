@@ -11,6 +11,7 @@ from pathlib import Path
 
 import cbor2
 import pytest
+from fuzzing import examples
 import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -1057,7 +1058,7 @@ def test_random_cbor_maps_only_raise_remote_errors(mtype: int, fields: dict[str,
     _decode_never_crashes(frame({"t": mtype, **fields}, payload), 1000)
 
 
-@settings(max_examples=50)
+@settings(max_examples=examples(50))
 @given(st.lists(_messages, min_size=1, max_size=8))
 def test_random_messages_through_a_relay_only_raise_protocol_errors(msgs: list[Message]) -> None:
     """Whatever a peer sends, the relay's core answers with a message or a
