@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import select
 import shutil
 import signal
@@ -43,8 +44,8 @@ import time
 BIN_DIR = os.path.dirname(sys.executable)
 
 
-def emit(name: str, value: float, unit: str) -> None:
-    print(json.dumps({"name": name, "value": round(value, 3), "unit": unit}), flush=True)
+def emit(name: str, value: float, unit: str, digits: int = 3) -> None:
+    print(json.dumps({"name": name, "value": round(value, digits), "unit": unit}), flush=True)
 
 
 # ----------------------------------------------------------------- tracer, in process
@@ -171,11 +172,7 @@ class Daemons:
         self._note()
         children = []
         for pid in self.pids:
-            try:
-                with open(f"/proc/{pid}/task/{pid}/children") as f:
-                    children += [int(x) for x in f.read().split()]
-            except OSError:
-                pass
+            children += _children(pid)  # consumerd, and sessiond's warm spare
         for pid in self.pids:
             _kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + 5
@@ -263,6 +260,188 @@ def bench_pipeline(payload: int, events: int, repeat: int) -> None:
         shutil.rmtree(outroot, ignore_errors=True)
 
 
+# ----------------------------------------------------------------- streaming through a relay
+
+
+def _cpu_s(pid: int) -> float:
+    """utime + stime of a process (all its threads), in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _children(pid: int) -> list[int]:
+    """The children of every thread of ``pid``."""
+    out: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out += [int(x) for x in f.read().split()]
+        except OSError:
+            pass
+    return out
+
+
+def _consumerd_pid(d: Daemons) -> int:
+    """The consumerd serving d's sessions: the pid sessiond last logged as
+    running it (sessiond may also keep a warm spare consumerd, idle), else
+    its busiest child."""
+    d._note()
+    kids = [p for pid in d.pids for p in _children(pid)]
+    if not kids:
+        raise RuntimeError(f"no consumerd child of sessiond {sorted(d.pids)}")
+    try:
+        with open(os.path.join(d.rundir, "sessiond.log")) as f:
+            logged = re.findall(r"consumerd for uid \d+ (?:running|started) \(pid (\d+)\)", f.read())
+    except OSError:
+        logged = []
+    for pid in reversed([int(p) for p in logged]):
+        if pid in kids:
+            return pid
+    return max(kids, key=_cpu_s)
+
+
+class Relay:
+    """A tracewire-relayd on loopback writing to its own directory."""
+
+    def __init__(self, out: str, log: str) -> None:
+        self.out = out
+        self.proc = None
+        env = dict(os.environ)
+        env["PATH"] = BIN_DIR + os.pathsep + env.get("PATH", "")
+        with open(log, "wb") as logf:
+            self.proc = subprocess.Popen(
+                [os.path.join(BIN_DIR, "tracewire-relayd"), "--output", out, "--listen", "127.0.0.1:0",
+                 "--live-listen", "127.0.0.1:0"],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=logf, env=env)
+        self.pid = self.proc.pid
+        deadline = time.monotonic() + 15
+        while True:
+            with open(log, errors="replace") as f:
+                m = re.search(r"listening on 127\.0\.0\.1:(\d+)", f.read())
+            if m:
+                self.port = int(m.group(1))
+                return
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                with open(log, errors="replace") as f:
+                    tail = f.read().strip().splitlines()[-1:]
+                self.close()
+                raise RuntimeError(f"tracewire-relayd did not come up: {tail}")
+            time.sleep(0.02)
+
+    def close(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        _kill(self.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            _kill(self.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+def _count_events(out: str) -> int:
+    """Events in the trace(s) under ``out``: ``babeltrace2 out | wc -l`` when
+    babeltrace2 is installed (faster), else tracewire.ctf."""
+    bt = shutil.which("babeltrace2")
+    if bt is None:
+        return _read_back(out)[0]
+    proc = subprocess.Popen([bt, out], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            stdin=subprocess.DEVNULL)
+    assert proc.stdout is not None
+    lines = 0
+    while chunk := proc.stdout.read(1 << 20):
+        lines += chunk.count(b"\n")
+    if proc.wait() != 0:
+        raise RuntimeError(f"babeltrace2 {out} exited with {proc.returncode}")
+    return lines
+
+
+def relay_run(tag: str, compress: str, payload: int, events: int, count: bool) -> dict:
+    """One streaming run on loopback, each with its own relay, run directory
+    and sessiond (all killed after)."""
+    from tracewire.cli import Client
+
+    work = tempfile.mkdtemp(prefix="twbr", dir="/tmp")
+    relay = d = None
+    try:
+        relay = Relay(os.path.join(work, "relay"), os.path.join(work, "relayd.log"))
+        d = Daemons()
+        level = ["--compress-level", "1"] if compress == "zstd" else []
+        d.cli("create", tag, "--url", f"tw://127.0.0.1:{relay.port}", "--compress", compress, *level)
+        d.cli("enable-event", "demo:*", "-s", tag)
+        d.cli("start", tag)
+        consumerd = _consumerd_pid(d)
+        c0, r0 = _cpu_s(consumerd), _cpu_s(relay.pid)
+        t0 = time.perf_counter()
+        d.demo("--events", str(events), "--payload-bytes", str(payload))
+        d.cli("stop", tag)
+        t1 = time.perf_counter()
+        r1 = _cpu_s(relay.pid)
+        streams = Client(d.rundir).request({"cmd": "status", "session": tag})["streams"]
+        res = {
+            "seconds": t1 - t0,
+            "raw": _stream_bytes(relay.out),  # what the relay wrote
+            "sent_raw": sum(s["raw_bytes"] for s in streams),  # what consumerd sent, uncompressed
+            "wire": sum(s["wire_bytes"] for s in streams),
+            "discarded": sum(s["discarded"] for s in streams),
+            "read": _count_events(relay.out) if count else None,
+            "relayd_cpu": r1 - r0,
+            "relayd_cpu_before": r0,  # start-up and session set-up, left out
+            "consumerd_cpu_before": c0,
+        }
+        if consumerd != _consumerd_pid(d):
+            raise RuntimeError("consumerd was replaced during the run")
+        res["consumerd_cpu"] = _cpu_s(consumerd) - c0  # just before killing it
+        return res
+    finally:
+        if d is not None:
+            d.close()
+        if relay is not None:
+            relay.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def bench_relay(compress: str, payload: int, events: int, repeat: int, want) -> None:
+    """Best of N for throughput and CPU/GB, worst of N for losses, all of N
+    summed for the wire/raw ratio."""
+    v = "zstd1" if compress == "zstd" else "none"
+    names = {
+        "mbps": f"relay_pipeline_mb_per_s_{v}_payload{payload}",
+        "lost": f"relay_events_lost_{v}_payload{payload}",
+        "disc": f"relay_events_lost_{v}_payload{payload}_discarded",
+        "ratio": f"relay_wire_to_raw_ratio_{v}_payload{payload}",
+        "ccpu": f"consumerd_cpu_s_per_gb_{v}",
+        "rcpu": f"relayd_cpu_s_per_gb_{v}",
+    }
+    if payload != 256:  # only the wire ratio is asked of the other payloads
+        names = {"ratio": names["ratio"]}
+    names = {k: n for k, n in names.items() if want(n)}
+    if not names:
+        return
+    count = "lost" in names or "disc" in names
+    runs = [relay_run(f"bench{i}", compress, payload, events, count) for i in range(repeat)]
+    for r in runs:
+        if r["raw"] != r["sent_raw"]:
+            print(f"bench: relay wrote {r['raw']} stream bytes, consumerd sent {r['sent_raw']}",
+                  file=sys.stderr)
+    worst = max(runs, key=lambda r: events - r["read"]) if count else None
+    values = {
+        "mbps": (max(r["raw"] / 1e6 / r["seconds"] for r in runs), "MB/s"),
+        "lost": (events - worst["read"] if worst else 0, "events"),
+        "disc": (worst["discarded"] if worst else 0, "events"),
+        "ratio": (sum(r["wire"] for r in runs) / sum(r["sent_raw"] for r in runs), "wire/raw", 4),
+        "ccpu": (min(r["consumerd_cpu"] / (r["raw"] / 1e9) for r in runs), "s/GB"),
+        "rcpu": (min(r["relayd_cpu"] / (r["raw"] / 1e9) for r in runs), "s/GB"),
+    }
+    for key, name in names.items():
+        emit(name, *values[key])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeat", type=int, default=3, help="best of N (default 3)")
@@ -282,6 +461,9 @@ def main() -> None:
     for payload in (0, 256):
         if want("local_pipeline") or want("tracer_enabled_ns_per_event_real"):
             bench_pipeline(payload, a.events, a.repeat)
+    for compress in ("zstd", "none"):
+        bench_relay(compress, 256, a.events, a.repeat, want)
+    bench_relay("zstd", 0, a.events, a.repeat, want)
 
 
 if __name__ == "__main__":

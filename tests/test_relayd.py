@@ -61,7 +61,7 @@ from tracewire.wire import (
     Welcome,
 )
 
-TIMEOUT = 20.0
+TIMEOUT = 60.0  # generous: a loaded 2-core machine starts Python slowly
 BABELTRACE2 = shutil.which("babeltrace2")
 TICK = EventDecl("demo:tick", 0, (("seq", ctf.FieldType.INT), ("msg", ctf.FieldType.STR)))
 EVENTS_PER_PACKET = 5
