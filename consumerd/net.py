@@ -367,9 +367,21 @@ class NetSession:
                 pass
             if not self.url.tls:
                 return tcp
-            ctx = ssl.create_default_context(cafile=self.ca_file)
+            try:
+                ctx = ssl.create_default_context(cafile=self.ca_file)
+            except (OSError, ssl.SSLError) as exc:
+                raise SinkError(f"cannot load the CA file {self.ca_file}: {exc}") from None
             s = trio.SSLStream(tcp, ctx, server_hostname=self.url.host)
-            await s.do_handshake()
+            try:
+                await s.do_handshake()
+            except trio.BrokenResourceError as exc:
+                if isinstance(exc.__cause__, ssl.SSLCertVerificationError):
+                    # Not a network hiccup: retrying cannot help.
+                    raise SinkError(
+                        f"TLS: the relay's certificate is not trusted ({exc.__cause__.verify_message}); "
+                        "give its CA with --tls-ca"
+                    ) from None
+                raise
             return s
 
     async def _one_connection(self) -> None:
