@@ -22,6 +22,25 @@ Figures (the variant is in the name):
 * ``local_pipeline_events_lost_payload{0,256}`` -- emitted - read back with
   tracewire.ctf, the worst of the N runs (``..._discarded`` is the part of it
   the trace itself reports as discarded).
+* ``relay_pipeline_mb_per_s_{zstd1,none}_payload256`` -- the same workload
+  streamed through a tracewire-relayd on loopback (``tracewire create --url
+  tw://127.0.0.1:PORT --compress zstd --compress-level 1`` or ``--compress
+  none``): raw stream bytes the relay wrote / time from the app's start to
+  ``tracewire stop`` returning.  Each run has its own relay, run directory and
+  sessiond, all killed after it.  Best of N.
+* ``relay_events_lost_{zstd1,none}_payload256`` -- emitted - read back
+  (``babeltrace2 DIR | wc -l``, or tracewire.ctf without babeltrace2), the
+  worst of the N runs; ``..._discarded`` is what ``tracewire status``
+  reported as discarded in that run.
+* ``relay_wire_to_raw_ratio_{zstd1,none}_payload256`` and
+  ``..._zstd1_payload0`` -- bytes consumerd sent on the wire (frames included)
+  / raw packet bytes, from consumerd's counters (``tracewire status``), summed
+  over the N runs.
+* ``consumerd_cpu_s_per_gb_{zstd1,none}`` / ``relayd_cpu_s_per_gb_{zstd1,none}``
+  -- utime+stime (``/proc/PID/stat``) the active consumerd (a child of
+  sessiond) / the relay spent between the app's start and the end of the run,
+  per GB (1e9 bytes) of raw trace, from the payload-256 runs.  Their start-up
+  and session set-up are left out.  Best of N.
 
 Usage: ``python bench/run.py [--repeat N] [--events N] [--only PREFIX]``.
 The daemons it starts are killed (by pid) before it exits.

@@ -10,6 +10,8 @@ import sys
 from dataclasses import dataclass
 
 import click
+
+from tracewire import wire
 import trio
 
 from relayd.daemon import (
@@ -127,6 +129,16 @@ def _tls_context(cert: str, key: str) -> ssl.SSLContext:
               help="Seconds a consumer has to complete the handshake.")
 @click.option("--idle-timeout", type=click.FloatRange(min=0, min_open=True), default=300.0, show_default=True,
               help="Drop a connection silent for this many seconds.")
+@click.option("--max-frame", type=click.IntRange(min=4096), default=wire.DEFAULT_MAX_PAYLOAD_SIZE,
+              show_default=True, help="Largest frame payload (a compressed packet) in bytes.")
+@click.option("--max-packet", type=click.IntRange(min=4096), default=64 * 1024 * 1024, show_default=True,
+              help="Largest packet once decompressed, in bytes (checked before decompressing).")
+@click.option("--max-streams", type=click.IntRange(min=1), default=wire.DEFAULT_MAX_STREAMS,
+              show_default=True, help="Open streams per connection.")
+@click.option("--max-sessions", type=click.IntRange(min=1), default=wire.DEFAULT_MAX_SESSIONS,
+              show_default=True, help="Open sessions per connection.")
+@click.option("--max-metadata", type=click.IntRange(min=4096), default=wire.DEFAULT_MAX_METADATA_SIZE,
+              show_default=True, help="Largest metadata file of one trace, in bytes.")
 @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
               default="INFO", show_default=True, help="Logging level.")
 def main(
@@ -138,6 +150,11 @@ def main(
     tls_key: str | None,
     handshake_timeout: float,
     idle_timeout: float,
+    max_frame: int,
+    max_packet: int,
+    max_streams: int,
+    max_sessions: int,
+    max_metadata: int,
     log_level: str,
 ) -> None:
     """Relay daemon: receives traces from consumer daemons and writes CTF traces
@@ -164,6 +181,11 @@ def main(
         auth_keys=keys,
         handshake_timeout=handshake_timeout,
         idle_timeout=idle_timeout,
+        max_payload_size=max_frame,
+        max_raw_packet=max_packet,
+        max_streams=max_streams,
+        max_sessions=max_sessions,
+        max_metadata_size=max_metadata,
         tls=tls,
     )
     sys.exit(run(config))
