@@ -1,0 +1,472 @@
+"""consumerd's network sink (consumerd/net.py: NetSession) against the real relay
+(relayd/daemon.py), in process.
+
+The relay is run with its public entry point, ``serve_relayd``, on 127.0.0.1
+port 0, and the NetSession reaches it over loopback TCP through its ``opener``
+hook.  (relayd/daemon.py does have a per-connection handler,
+``RelayServer.handle``, but RelayServer is not part of the module's public API
+-- its ``__all__`` and docstring list RelaydConfig, serve_relayd,
+parse_auth_keys, RelaydStartupError, AuthKeyError only -- so these tests do not
+build on it.)  The opener is where the tests break connections: it can fail a
+number of times, or hand out a stream that breaks after N bytes, in the middle
+of a frame.
+
+The packets are real CTF packets built with tracewire.ctf; what the relay
+writes is read back with ctf.read_trace (and the index with ctf.read_index).
+"""
+
+from __future__ import annotations
+
+import errno
+import shutil
+import subprocess
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+
+from consumerd.net import NetSession, SinkError
+from relayd.daemon import RelaydConfig, serve_relayd
+from tracewire import ctf
+from tracewire.ctf import EventDecl, TraceInfo
+from tracewire.url import RelayURL
+
+DEADLINE = 60.0  # per test; generous for a loaded 2-core machine
+
+HOST = "relhost"
+SESSION = "netsess"
+CREATED = "20260102T030405"
+PROC = "myapp"
+PID = 4242
+TRACE_PATH = f"ust/pid/{PROC}-{PID}-{CREATED}"
+TRACE_UUID = uuid.UUID("6e3b8a7c-1111-4222-8333-0123456789ab").bytes
+T0 = 1_000_000_000
+
+TICK = EventDecl("demo:tick", 0, (("seq", int), ("msg", str)))
+BT2 = shutil.which("babeltrace2")
+
+
+# --------------------------------------------------------------------------
+# CTF material
+# --------------------------------------------------------------------------
+
+
+def metadata_text(channels: tuple[str, ...] = ("channel0",)) -> bytes:
+    info = TraceInfo(
+        uuid=TRACE_UUID, hostname=HOST, trace_name=SESSION, creation_datetime=CREATED,
+        procname=PROC, vpid=PID, clock_offset_ns=1_700_000_000_000_000_000, channels=channels,
+    )
+    return (ctf.metadata_preamble(info) + ctf.metadata_event(TICK)).encode()
+
+
+def make_packets(n_packets: int, per_packet: int, *, first_event: int = 0, stream_id: int = 0,
+                 msg: str = "payload-") -> list[tuple[bytes, int, int, int, int]]:
+    """``n_packets`` CTF packets of ``per_packet`` demo:tick events each (seq
+    ``first_event``...), as (raw, packet seq, ts_begin, ts_end, discarded)."""
+    out = []
+    ev = first_event
+    for pseq in range(n_packets):
+        body = bytearray()
+        ts_begin = T0 + ev * 1000
+        prev = ts_begin
+        for _ in range(per_packet):
+            ts = T0 + ev * 1000
+            body += ctf.encode_event(TICK.id, ts, prev, (ev, f"{msg}{ev % 97}"), TICK.fields)
+            prev = ts
+            ev += 1
+        header = ctf.pack_packet_header(TRACE_UUID, stream_id, 0, ts_begin, prev, len(body), pseq, 0)
+        out.append((header + bytes(body), pseq, ts_begin, prev, 0))
+    return out
+
+
+def read_seqs(root: Path) -> list[int]:
+    """Every demo:tick seq under ``root`` as ctf.read_trace reads them."""
+    seqs = []
+    for item in ctf.read_trace(root):
+        assert isinstance(item, ctf.Event), item
+        assert item.name == "demo:tick"
+        seqs.append(item.fields["seq"])
+    return seqs
+
+
+def trace_dir(out: Path) -> Path:
+    return out / HOST / f"{SESSION}-{CREATED}" / TRACE_PATH
+
+
+def files_under(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+# --------------------------------------------------------------------------
+# Relay, session and opener
+# --------------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def running_relay(output: Path, **config) -> AsyncIterator[int]:
+    """serve_relayd on 127.0.0.1, a free port; yields the port."""
+    cfg = RelaydConfig(output=str(output), listen_host="127.0.0.1", listen_port=0, **config)
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(serve_relayd, cfg)
+        try:
+            yield listeners[0].socket.getsockname()[1]
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+class BreakingStream(trio.abc.Stream):
+    """A TCP stream that breaks hard once ``limit`` bytes have been sent: the
+    bytes up to the limit go out (usually the head of a frame), then the
+    socket is closed and the sender gets BrokenResourceError."""
+
+    def __init__(self, inner: trio.abc.Stream, limit: int) -> None:
+        self.inner = inner
+        self.limit = limit
+        self.sent = 0
+        self.broken = False
+        self.deaf = False  # True: receive nothing more (acks get lost)
+
+    async def send_all(self, data) -> None:
+        if self.broken:
+            raise trio.BrokenResourceError("test: connection broken")
+        room = self.limit - self.sent
+        if len(data) > room:
+            if room > 0:
+                await self.inner.send_all(bytes(data[:room]))
+            self.sent = self.limit
+            self.broken = True
+            await self.inner.aclose()
+            raise trio.BrokenResourceError("test: connection broken mid-frame")
+        await self.inner.send_all(data)
+        self.sent += len(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes=None) -> bytes:
+        while True:
+            data = await self.inner.receive_some(max_bytes)
+            if not self.deaf or not data:
+                return data
+
+    async def aclose(self) -> None:
+        self.broken = True
+        await self.inner.aclose()
+
+
+class Opener:
+    """NetSession's opener: TCP to the relay; refuses the first ``fail_first``
+    calls; the i-th successful connection breaks after ``break_after[i]``
+    bytes (None or missing: never)."""
+
+    def __init__(self, port: int, *, fail_first: int = 0, break_after: list[int | None] | None = None) -> None:
+        self.port = port
+        self.fail_left = fail_first
+        self.break_after = list(break_after or [])
+        self.calls = 0
+        self.connections = 0
+        self.streams: list[trio.abc.Stream] = []
+
+    async def __call__(self) -> trio.abc.Stream:
+        self.calls += 1
+        if self.fail_left > 0:
+            self.fail_left -= 1
+            raise ConnectionRefusedError(errno.ECONNREFUSED, "test: connection refused")
+        tcp = await trio.open_tcp_stream("127.0.0.1", self.port)
+        limit = self.break_after[self.connections] if self.connections < len(self.break_after) else None
+        self.connections += 1
+        stream = tcp if limit is None else BreakingStream(tcp, limit)
+        self.streams.append(stream)
+        return stream
+
+
+def new_session(opener, *, compress: bool = True, **kw) -> NetSession:
+    return NetSession(
+        name=SESSION, session_id=1, created=CREATED, url=RelayURL("127.0.0.1", 1, False),
+        hostname=HOST, compress=compress, opener=opener, connect_timeout=10.0, **kw,
+    )
+
+
+@asynccontextmanager
+async def running(net: NetSession) -> AsyncIterator[NetSession]:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(net.run)
+        try:
+            yield net
+        finally:
+            net.close()
+
+
+def declare(net: NetSession, key: str = "s0", channel: str = "channel0") -> None:
+    net.add_trace("t0", TRACE_PATH)
+    net.add_metadata("t0", metadata_text())
+    net.add_stream(key, "t0", channel)
+
+
+def submit_all(net: NetSession, packets, key: str = "s0") -> None:
+    for raw, seq, b, e, d in packets:
+        net.submit(key, raw, seq, b, e, d)
+
+
+def check_trace(out: Path, n_events: int, n_packets: int) -> None:
+    """The relay's trace holds every event once, in order, and an index entry
+    per packet."""
+    td = trace_dir(out)
+    assert (td / "metadata").is_file()
+    assert read_seqs(out) == list(range(n_events))
+    entries = ctf.read_index((td / "index" / "channel0_0.idx").read_bytes())
+    assert [e.packet_seq_num for e in entries] == list(range(n_packets))
+    assert sum(e.packet_size for e in entries) // 8 == (td / "channel0_0").stat().st_size
+
+
+# --------------------------------------------------------------------------
+# Tests
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("compress", [True, False], ids=["zstd", "none"])
+async def test_every_event_reaches_the_relay(tmp_path: Path, compress: bool) -> None:
+    out = tmp_path / "relay"
+    packets = make_packets(40, 500)
+    with trio.fail_after(DEADLINE):
+        async with running_relay(out) as port:
+            net = new_session(Opener(port), compress=compress)
+            async with running(net):
+                declare(net)
+                submit_all(net, packets[:10])
+                await net.wait_all_acked()
+                # More metadata and packets on the established connection.
+                net.add_metadata("t0", b"/* appended later */\n")
+                submit_all(net, packets[10:])
+                await net.wait_all_acked()
+                stats = net.stats("s0")
+    check_trace(out, 40 * 500, 40)
+    assert (trace_dir(out) / "metadata").read_bytes() == metadata_text() + b"/* appended later */\n"
+    raw_total = sum(len(p[0]) for p in packets)
+    assert stats["packets"] == 40 and stats["raw_bytes"] == raw_total and stats["unacked"] == 0
+    if compress:
+        assert stats["wire_bytes"] < raw_total / 2, stats
+    else:
+        assert stats["wire_bytes"] > raw_total, stats  # raw payload plus frame headers
+    assert net.unacked_bytes == 0
+
+
+@pytest.mark.skipif(BT2 is None, reason="babeltrace2 is not installed")
+async def test_relay_output_opens_in_babeltrace2(tmp_path: Path) -> None:
+    out = tmp_path / "relay"
+    with trio.fail_after(DEADLINE):
+        async with running_relay(out) as port:
+            net = new_session(Opener(port))
+            async with running(net):
+                declare(net)
+                submit_all(net, make_packets(5, 200))
+                await net.wait_all_acked()
+    r = subprocess.run([BT2, str(out)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sum(" demo:tick: " in ln for ln in r.stdout.splitlines()) == 1000
+
+
+async def test_opener_failures_are_retried(tmp_path: Path) -> None:
+    out = tmp_path / "relay"
+    packets = make_packets(8, 300)
+    with trio.fail_after(DEADLINE):
+        async with running_relay(out) as port:
+            opener = Opener(port, fail_first=3)
+            net = new_session(opener)
+            async with running(net):
+                declare(net)
+                submit_all(net, packets)
+                await net.wait_all_acked()
+    assert opener.calls == 4 and opener.connections == 1
+    assert net.last_failure is not None and "refused" in net.last_failure
+    check_trace(out, 8 * 300, 8)
+
+
+@pytest.mark.parametrize("compress", [True, False], ids=["zstd", "none"])
+async def test_resume_after_connection_breaks_mid_stream(tmp_path: Path, compress: bool) -> None:
+    """The connection breaks in the middle of a frame, twice, and the opener
+    fails in between: the session reconnects, asks where the stream stands,
+    resends the rest; the relay has every packet exactly once."""
+    out = tmp_path / "relay"
+    packets = make_packets(60, 400)
+    # The first two connections break after some tens of KiB: a few packets
+    # (compressed or not) are through, the next frame is cut.
+    limit = 40_000 if compress else 150_000
+    with trio.fail_after(DEADLINE):
+        async with running_relay(out) as port:
+            opener = Opener(port, break_after=[limit, limit])
+            net = new_session(opener, compress=compress)
+            async with running(net):
+                declare(net)
+                submit_all(net, packets[:30])
+                # Let the first connection break before more is queued, then
+                # make the next attempts fail a couple of times.
+                while opener.connections < 2:
+                    await trio.sleep(0.01)
+                opener.fail_left = 2
+                submit_all(net, packets[30:])
+                await net.wait_all_acked()
+    assert opener.connections >= 3, "the connection was expected to break twice"
+    assert all(s.broken for s in opener.streams[:2])
+    assert net.last_failure is not None
+    check_trace(out, 60 * 400, 60)
+
+
+async def test_resume_after_relay_restart(tmp_path: Path) -> None:
+    """The relay goes away (its server cancelled: every connection closed)
+    while packets are queued, and a new one comes back on the same port and
+    output: the session reconnects, the new relay recovers the stream file
+    and says where it stands, and the trace ends complete, no duplicate."""
+    out = tmp_path / "relay"
+    packets = make_packets(30, 300)
+    with trio.fail_after(DEADLINE):
+        async with trio.open_nursery() as relays:
+            first = trio.CancelScope()
+
+            async def relay(scope: trio.CancelScope, port: int, task_status=trio.TASK_STATUS_IGNORED) -> None:
+                with scope:
+                    await serve_relayd(RelaydConfig(output=str(out), listen_host="127.0.0.1", listen_port=port),
+                                       task_status=task_status)
+
+            listeners = await relays.start(relay, first, 0)
+            port = listeners[0].socket.getsockname()[1]
+            opener = Opener(port)
+            net = new_session(opener)
+            async with running(net):
+                declare(net)
+                submit_all(net, packets[:10])
+                await net.wait_all_acked()
+                first.cancel()  # the relay stops
+                submit_all(net, packets[10:])
+                while net.last_failure is None:
+                    await trio.sleep(0.02)
+                second = trio.CancelScope()
+                await relays.start(relay, second, port)  # and comes back
+                await net.wait_all_acked()
+            second.cancel()
+    assert opener.connections >= 2
+    check_trace(out, 30 * 300, 30)
+
+
+async def test_resume_when_everything_was_written_but_not_acked(tmp_path: Path) -> None:
+    """The relay writes packets but their Acks never reach the consumer; the
+    connection then breaks.  After the reconnect the relay says where the
+    stream stands, the consumer forgets what is written, and no packet is
+    written twice."""
+    out = tmp_path / "relay"
+    packets = make_packets(15, 200)
+    with trio.fail_after(DEADLINE):
+        async with running_relay(out) as port:
+            opener = Opener(port, break_after=[10**12])  # a wrapper that can go deaf
+            net = new_session(opener)
+            async with running(net):
+                declare(net)
+                while not net.connected:
+                    await trio.sleep(0.01)
+                first = opener.streams[0]
+                first.deaf = True  # acks are no longer read
+                submit_all(net, packets[:10])
+                idx = trace_dir(out) / "index" / "channel0_0.idx"
+                while not (idx.exists() and len(ctf.read_index(idx.read_bytes())) == 10):
+                    await trio.sleep(0.02)
+                assert net.stats("s0")["unacked"] == 10
+                await first.inner.aclose()  # the connection breaks
+                submit_all(net, packets[10:])
+                await net.wait_all_acked()
+    assert opener.connections == 2
+    check_trace(out, 15 * 200, 15)
+
+
+@pytest.mark.parametrize("with_key", [False, True], ids=["no-key", "wrong-key"])
+async def test_refusing_relay_raises_sink_error(tmp_path: Path, with_key: bool) -> None:
+    out = tmp_path / "relay"
+    keys = {"k1": (b"s" * 40, ("*",))}
+    with trio.fail_after(DEADLINE):
+        async with running_relay(out, auth_keys=keys) as port:
+            opener = Opener(port)
+            auth = ("k1", b"w" * 40) if with_key else None
+            net = new_session(opener, auth=auth)
+            async with running(net):
+                declare(net)
+                submit_all(net, make_packets(3, 100))
+                with pytest.raises(SinkError) as info:
+                    await net.wait_all_acked()
+                # A refusal is final: no reconnect loop.
+                await trio.sleep(0.5)
+                assert opener.calls == 1
+    text = str(info.value)
+    if with_key:
+        assert "AUTH_FAILED" in text and "k1" in text, text
+    else:
+        assert "requires a key" in text, text
+    assert "\n" not in text
+    assert net.error == text
+    assert not net.has_room()
+    assert files_under(out) == []
+
+
+async def test_forbidden_host_raises_sink_error(tmp_path: Path) -> None:
+    out = tmp_path / "relay"
+    keys = {"k1": (b"s" * 40, ("otherhost",))}
+    with trio.fail_after(DEADLINE):
+        async with running_relay(out, auth_keys=keys) as port:
+            net = new_session(Opener(port), auth=("k1", b"s" * 40))
+            async with running(net):
+                declare(net)
+                submit_all(net, make_packets(2, 10))
+                with pytest.raises(SinkError, match=r"FORBIDDEN.*relhost"):
+                    await net.wait_all_acked()
+    assert files_under(out) == []
+
+
+async def test_right_key_is_accepted(tmp_path: Path) -> None:
+    out = tmp_path / "relay"
+    keys = {"k1": (b"s" * 40, (HOST,))}
+    with trio.fail_after(DEADLINE):
+        async with running_relay(out, auth_keys=keys) as port:
+            net = new_session(Opener(port), auth=("k1", b"s" * 40))
+            async with running(net):
+                declare(net)
+                submit_all(net, make_packets(4, 100))
+                await net.wait_all_acked()
+    check_trace(out, 400, 4)
+
+
+async def test_max_unacked_bytes_bounds_memory(tmp_path: Path) -> None:
+    """has_room() goes False once max_unacked_bytes are kept, and True again
+    (with an on_room call) once the relay acknowledged them."""
+    out = tmp_path / "relay"
+    packets = make_packets(12, 400)
+    size = len(packets[0][0])
+    rooms = []
+    with trio.fail_after(DEADLINE):
+        async with running_relay(out) as port:
+            opener = Opener(port, fail_first=1_000_000)  # relay unreachable for now
+            net = new_session(opener, compress=False, max_unacked_bytes=4 * size,
+                              on_room=lambda: rooms.append(net.unacked_bytes))
+            async with running(net):
+                declare(net)
+                submitted = 0
+                # The drain loop's contract: submit while there is room.
+                while net.has_room():
+                    net.submit("s0", *packets[submitted])
+                    submitted += 1
+                assert submitted == 4
+                assert net.unacked_bytes >= net.max_unacked_bytes
+                await trio.sleep(0.3)  # compression does not free room with codec none
+                assert not net.has_room()
+                opener.fail_left = 0  # the relay is reachable now
+                while not net.has_room():
+                    await net.wait_change()
+                assert rooms, "on_room was not called when room came back"
+                while submitted < len(packets):
+                    while not net.has_room():
+                        await net.wait_change()
+                    net.submit("s0", *packets[submitted])
+                    submitted += 1
+                await net.wait_all_acked()
+                assert net.has_room() and net.unacked_bytes == 0
+    check_trace(out, 12 * 400, 12)
