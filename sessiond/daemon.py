@@ -141,6 +141,7 @@ class Session:
     auth_key_file: str | None = None
     tls_ca: str | None = None
     declared: bool = False  # consumerd knows the session
+    error: str | None = None  # the last failure to trace an app (status shows it)
     channels: dict[str, Channel] = field(default_factory=dict)
     traces: dict[int, Trace] = field(default_factory=dict)  # by app pid
     streams: dict[str, Stream] = field(default_factory=dict)
@@ -395,16 +396,12 @@ class Sessiond:
                     logger.info("app %s-%d registered", procname, pid)
                     async with self.lock:
                         self._add_tracepoints(app, msg.get("tracepoints"))
-                        for sess in self.sessions.values():
-                            if sess.state is SessionState.STARTED:
-                                await self._setup_app(sess, app)
+                        await self._setup_app_everywhere(app)
                     await conn.send({"op": "registered"})
                 elif op == "tracepoints" and app is not None:
                     async with self.lock:
                         self._add_tracepoints(app, msg.get("tracepoints"))
-                        for sess in self.sessions.values():
-                            if sess.state is SessionState.STARTED:
-                                await self._setup_app(sess, app)
+                        await self._setup_app_everywhere(app)
                     await conn.send({"op": "registered"})
                 elif op == "stopped" and app is not None:
                     ev = app.stop_waiters.pop(msg.get("seq"), None)
@@ -422,6 +419,18 @@ class Sessiond:
                 for ev in app.stop_waiters.values():
                     ev.set()
                 await self._app_gone(app)
+
+    async def _setup_app_everywhere(self, app: App) -> None:
+        """Give a (re)registered app the streams of every started session.  A
+        session whose consumerd refuses is marked in error (``status`` shows
+        it); the app and the other sessions carry on."""
+        for sess in list(self.sessions.values()):
+            if sess.state is SessionState.STARTED:
+                try:
+                    await self._setup_app(sess, app)
+                except (UserError, trio.TooSlowError) as exc:
+                    sess.error = f"cannot trace {app.procname}-{app.pid}: {exc}"
+                    logger.error("session %s: %s", sess.name, sess.error)
 
     def _add_tracepoints(self, app: App, tps: Any) -> None:
         if not isinstance(tps, list):
@@ -806,6 +815,7 @@ class Sessiond:
             "state": sess.state.value,
             "sink": sess.sink(),
             "owner_uid": sess.owner_uid,
+            "error": sess.error,
             "channels": [
                 {
                     "name": ch.name,

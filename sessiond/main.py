@@ -41,8 +41,11 @@ def run(config: SessiondConfig) -> int:
 @click.command(context_settings={"auto_envvar_prefix": "TRACEWIRE_SESSIOND"})
 @click.option("--rundir", default=None, help="Run directory (default: $TRACEWIRE_RUNDIR, "
               "$XDG_RUNTIME_DIR/tracewire, or /run/tracewire for root).")
+@click.option("--stop-timeout", type=click.FloatRange(min=0, min_open=True), default=120.0,
+              show_default=True, help="How long 'tracewire stop' waits for a relay's acknowledgements "
+              "before reporting what is still kept [env TRACEWIRE_SESSIOND_STOP_TIMEOUT].")
 @click.option("--log-level", default="INFO", show_default=True, help="Python logging level.")
-def main(rundir: str | None, log_level: str) -> None:
+def main(rundir: str | None, stop_timeout: float, log_level: str) -> None:
     """Session daemon: the registry of tracing sessions.
 
     It owns the ring buffers, spawns consumerd and answers the tracewire CLI
@@ -52,4 +55,4 @@ def main(rundir: str | None, log_level: str) -> None:
         level=log_level.upper(), stream=sys.stderr,
         format="%(asctime)s sessiond %(levelname)s %(name)s: %(message)s",
     )
-    sys.exit(run(SessiondConfig(rundir=rundir or default_rundir())))
+    sys.exit(run(SessiondConfig(rundir=rundir or default_rundir(), stop_timeout=stop_timeout)))

@@ -153,6 +153,17 @@ class Client:
             return "no log"
 
 
+def _check_output_dir(path: str) -> None:
+    """Refuse, now and in one line, an output the trace could not be written to."""
+    p = os.path.abspath(path)
+    while not os.path.exists(p):
+        p = os.path.dirname(p)
+    if not os.path.isdir(p):
+        raise CliError(f"cannot write traces under {path}: {p} is not a directory")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise CliError(f"cannot write traces under {path}: {p} is not writable")
+
+
 def _client(ctx: click.Context) -> Client:
     return ctx.find_object(Client)  # type: ignore[return-value]
 
@@ -217,6 +228,8 @@ def create(ctx: click.Context, name: str, output: str | None, url: str | None, s
         raise CliError("snapshot and live sessions are not available yet")
     if not url and not output:
         output = os.path.join(os.path.expanduser("~"), "tracewire-traces")
+    if output:
+        _check_output_dir(output)
     c = _client(ctx)
     c.ensure_daemon()
     req = {"cmd": "create", "name": name, "output": os.path.abspath(output) if output else None,
@@ -333,6 +346,8 @@ def status(ctx: click.Context, session: str | None) -> None:
     r = _client(ctx).request({"cmd": "status", "session": session})
     s = r["session"]
     click.echo(f"{s['name']} [{s['state']}] -> {s['sink']}")
+    if s.get("error"):
+        click.echo(f"  ERROR: {s['error']}")
     streams = r["streams"]
     if not streams:
         click.echo("  no streams yet (no traced app has emitted an enabled event)")
