@@ -412,6 +412,8 @@ class Sessiond:
                     return
         except (OSError, trio.BrokenResourceError) as exc:
             logger.info("app connection lost: %s", exc)
+        except Exception:  # one misbehaving app never takes sessiond down
+            logger.exception("app connection dropped after an unexpected error")
         finally:
             conn.close()
             if app is not None:
