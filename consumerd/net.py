@@ -363,7 +363,11 @@ class NetSession:
                 import socket
 
                 tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
+                # Data unacknowledged by the relay's TCP for this long breaks
+                # the connection, so a long outage ends in a reconnect rather
+                # than in retransmission backoff (which doubles up to minutes).
+                tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 10_000)
+            except (OSError, AttributeError):
                 pass
             if not self.url.tls:
                 return tcp
