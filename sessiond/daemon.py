@@ -729,6 +729,7 @@ class Sessiond:
         if sess.state is SessionState.STARTED:
             for app in list(self.apps.values()):
                 await self._setup_app(sess, app)
+            await self._sync_apps(sess)
         return {"session": sess.name, "channel": ch.name, "pattern": pattern}
 
     async def cmd_start(self, req: dict, uid: int, gid: int) -> dict:
@@ -746,7 +747,30 @@ class Sessiond:
             app = self.apps.get(st.pid)
             if app is not None:
                 await app.conn.send({"op": "enable", "key": st.key, "ids": sorted(st.ids)})
+        await self._sync_apps(sess)
         return {"session": sess.name}
+
+    async def _sync_apps(self, sess: Session) -> None:
+        """Wait (bounded) until every app of the session has applied what it
+        was sent: an app answers "sync" after every message before it, so
+        events emitted once ``start``/``enable-event`` returns are recorded."""
+        waits = []
+        for app in list(self.apps.values()):
+            if not any(st.pid == app.pid for st in sess.streams.values()):
+                continue
+            seq = self.next_seq
+            self.next_seq += 1
+            ev = trio.Event()
+            app.stop_waiters[seq] = ev
+            try:
+                await app.conn.send({"op": "sync", "seq": seq})
+            except (OSError, trio.BrokenResourceError):
+                app.stop_waiters.pop(seq, None)
+                continue
+            waits.append(ev)
+        with trio.move_on_after(self.config.app_stop_timeout):
+            for ev in waits:
+                await ev.wait()
 
     async def _stop(self, sess: Session) -> dict:
         """The stop barrier: quiesce apps, then flush every stream to the sink."""

@@ -349,6 +349,8 @@ class _Registry:
             if s is not None:
                 s.enabled = {int(i) for i in msg["ids"]}
                 self._apply()
+        elif op == "sync":  # everything sent before is applied
+            self._send({"op": "stopped", "seq": msg.get("seq")})
         elif op == "stop":
             # Disable, then wait for writers already inside the stream.
             keys = [str(k) for k in msg["keys"]]
