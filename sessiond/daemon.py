@@ -43,30 +43,19 @@ import trio
 
 from tracewire import ctf
 from tracewire.control import ControlError, FrameReader, encode_frame
+from tracewire.rundir import default_rundir
 from tracewire.names import MAX_SESSION_NAME, InvalidName, validate_name
 from tracewire.ringbuf import BufferSpec, create_buffer
 from tracewire.seqpacket import SeqPacket, peer_credentials
 from tracewire.url import parse_url
 
-__all__ = ["SessiondConfig", "serve_sessiond", "default_rundir"]
+__all__ = ["SessiondConfig", "serve_sessiond", "default_rundir"]  # default_rundir: from tracewire.rundir
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_SUBBUF = 256 * 1024
 DEFAULT_NUM_SUBBUF = 4
 DEFAULT_CHANNEL = "channel0"
-
-
-def default_rundir() -> str:
-    """``$TRACEWIRE_RUNDIR``, else ``/run/tracewire`` for root, else
-    ``$XDG_RUNTIME_DIR/tracewire`` (``/tmp/tracewire-UID/tracewire`` without it)."""
-    rd = os.environ.get("TRACEWIRE_RUNDIR")
-    if rd:
-        return rd
-    if os.geteuid() == 0:
-        return "/run/tracewire"
-    xdg = os.environ.get("XDG_RUNTIME_DIR")
-    return os.path.join(xdg or f"/tmp/tracewire-{os.geteuid()}", "tracewire")
 
 
 @dataclass(frozen=True, slots=True)
@@ -750,31 +739,10 @@ class Sessiond:
         await self._sync_apps(sess)
         return {"session": sess.name}
 
-    async def _sync_apps(self, sess: Session) -> None:
-        """Wait (bounded) until every app of the session has applied what it
-        was sent: an app answers "sync" after every message before it, so
-        events emitted once ``start``/``enable-event`` returns are recorded."""
-        waits = []
-        for app in list(self.apps.values()):
-            if not any(st.pid == app.pid for st in sess.streams.values()):
-                continue
-            seq = self.next_seq
-            self.next_seq += 1
-            ev = trio.Event()
-            app.stop_waiters[seq] = ev
-            try:
-                await app.conn.send({"op": "sync", "seq": seq})
-            except (OSError, trio.BrokenResourceError):
-                app.stop_waiters.pop(seq, None)
-                continue
-            waits.append(ev)
-        with trio.move_on_after(self.config.app_stop_timeout):
-            for ev in waits:
-                await ev.wait()
-
-    async def _stop(self, sess: Session) -> dict:
-        """The stop barrier: quiesce apps, then flush every stream to the sink."""
-        sess.state = SessionState.STOPPED
+    async def _ask_apps(self, sess: Session, make_msg) -> list[tuple[App, trio.Event]]:
+        """Send ``make_msg(keys, seq)`` to every app with streams in the
+        session; each answers ``stopped`` with the seq once it has handled it
+        (and everything sent before).  Returns what to wait for."""
         waits = []
         for app in list(self.apps.values()):
             keys = [st.key for st in sess.streams.values() if st.pid == app.pid]
@@ -785,11 +753,26 @@ class Sessiond:
             ev = trio.Event()
             app.stop_waiters[seq] = ev
             try:
-                await app.conn.send({"op": "stop", "keys": keys, "seq": seq})
+                await app.conn.send(make_msg(keys, seq))
             except (OSError, trio.BrokenResourceError):
                 app.stop_waiters.pop(seq, None)
                 continue
             waits.append((app, ev))
+        return waits
+
+    async def _sync_apps(self, sess: Session) -> None:
+        """Wait (bounded) until every app of the session has applied what it
+        was sent, so events emitted once ``start``/``enable-event`` returns
+        are recorded."""
+        waits = await self._ask_apps(sess, lambda keys, seq: {"op": "sync", "seq": seq})
+        with trio.move_on_after(self.config.app_stop_timeout):
+            for _app, ev in waits:
+                await ev.wait()
+
+    async def _stop(self, sess: Session) -> dict:
+        """The stop barrier: quiesce apps, then flush every stream to the sink."""
+        sess.state = SessionState.STOPPED
+        waits = await self._ask_apps(sess, lambda keys, seq: {"op": "stop", "keys": keys, "seq": seq})
         slow = []
         with trio.move_on_after(self.config.app_stop_timeout):
             for app, ev in waits:

@@ -34,6 +34,8 @@ import sys
 import threading
 import time
 
+from tracewire.rundir import default_rundir
+
 __all__ = ["tracepoint", "Tracepoint"]
 
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.:-")
@@ -191,16 +193,6 @@ class Tracepoint:
                 pass
 
 
-def _rundir() -> str:
-    rd = os.environ.get("TRACEWIRE_RUNDIR")
-    if rd:
-        return rd
-    if os.geteuid() == 0:
-        return "/run/tracewire"
-    xdg = os.environ.get("XDG_RUNTIME_DIR")
-    return os.path.join(xdg or f"/tmp/tracewire-{os.geteuid()}", "tracewire")
-
-
 class _Registry:
     """Per-process tracer state, created by the first ``tracepoint()``."""
 
@@ -211,7 +203,7 @@ class _Registry:
         self.streams: dict[str, _StreamW] = {}
         self.sock = None  # the listener's socket to sessiond, when connected
         self.registered = threading.Event()
-        self.path = os.path.join(_rundir(), "apps.sock")
+        self.path = os.path.join(default_rundir(), "apps.sock")
         self.timeout = float(os.environ.get("TRACEWIRE_REGISTER_TIMEOUT", "3"))
         self.retry = float(os.environ.get("TRACEWIRE_RETRY_S", "1"))
         self.thread: threading.Thread | None = None

@@ -16,21 +16,12 @@ from typing import Any
 
 import click
 
+from tracewire.rundir import default_rundir
 from tracewire.control import ControlError, FrameReader, encode_frame
 
 EXIT_FAILURE = 1
 EXIT_NO_DAEMON = 3
 _UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
-
-
-def default_rundir() -> str:
-    rd = os.environ.get("TRACEWIRE_RUNDIR")
-    if rd:
-        return rd
-    if os.geteuid() == 0:
-        return "/run/tracewire"
-    xdg = os.environ.get("XDG_RUNTIME_DIR")
-    return os.path.join(xdg or f"/tmp/tracewire-{os.geteuid()}", "tracewire")
 
 
 class CliError(click.ClickException):
