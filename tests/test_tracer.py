@@ -329,6 +329,13 @@ def test_string_with_embedded_nul_matches_reference_replacement(rig: Rig) -> Non
     assert ev.fields["s"] == "a" + ctf.NUL_REPLACEMENT + "b"
 
 
+def test_string_with_a_lone_surrogate_is_recorded_with_a_replacement(rig: Rig) -> None:
+    tp = rig.declare("test:surrogate", {"s": str, "after": int})
+    tp.emit(s="a\ud800b", after=7)
+    (ev,) = _events(rig.read())
+    assert ev.fields == {"s": "a?b", "after": 7}
+
+
 def test_wrong_argument_is_discarded_and_never_raises(rig: Rig) -> None:
     tp = rig.declare("test:wrong", {"i": int, "s": str, "f": float, "b": bytes})
     tp.emit(1, "ok", 1.0, b"ok")

@@ -71,7 +71,7 @@ def _gen_source(fields: list[tuple[str, str]], tp_id: int) -> str:
     fixed_size = 0
     for n, t in fields:
         if t == "str":
-            lines.append(f"        _b_{n} = {n}.encode()")
+            lines.append(f"        _b_{n} = {n}.encode('utf-8', 'replace')")
             lines.append(f"        if 0 in _b_{n}: _b_{n} = _b_{n}.replace(b'\\0', {_NUL_REPLACEMENT!r})")
             size_terms.append(f"len(_b_{n}) + 1")
         elif t == "bytes":

@@ -97,11 +97,17 @@ class StreamFile:
         the file first, so a crash leaves an index that is a prefix of the data.
         """
         total = sum(len(p) for p in parts)
-        written = os.writev(self.fd, parts)
-        if written != total:  # short write: finish it (or raise, e.g. ENOSPC)
-            rest = b"".join(bytes(p) for p in parts)[written:]
-            while rest:
-                rest = rest[os.write(self.fd, rest):]
+        try:
+            written = os.writev(self.fd, parts)
+            if written != total:  # short write: finish it (or raise, e.g. ENOSPC)
+                rest = b"".join(bytes(p) for p in parts)[written:]
+                while rest:
+                    rest = rest[os.write(self.fd, rest):]
+        except OSError:
+            # Never leave a partial packet behind: cut back to the last whole one.
+            os.ftruncate(self.fd, self.offset)
+            os.lseek(self.fd, self.offset, os.SEEK_SET)
+            raise
         bits = total * 8
         seq = self.next_seq
         self._pending.append(
