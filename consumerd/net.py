@@ -147,6 +147,7 @@ class NetSession:
         live: bool = False,
         max_unacked_bytes: int = 64 * 1024 * 1024,
         connect_timeout: float = 10.0,
+        keepalive: float = 60.0,
         on_room=None,
         opener=None,
         spool: Spool | None = None,
@@ -164,6 +165,7 @@ class NetSession:
         self.live = live
         self.max_unacked_bytes = max_unacked_bytes
         self.connect_timeout = connect_timeout
+        self.keepalive = keepalive
         self.on_room = on_room or (lambda: None)
         # on_saved(key, ring_end, ts_end): the packet is spooled (or, without
         # a spool, compressed): its ring space may go back to the producer.
@@ -481,7 +483,12 @@ class NetSession:
         while True:
             while not self._outbox:
                 self._send_wakeup = trio.Event()
-                await self._send_wakeup.wait()
+                with trio.move_on_after(self.keepalive) as idle:
+                    await self._send_wakeup.wait()
+                if idle.cancelled_caught and self.by_wire_id:
+                    # Nothing to send for a while: ask where a stream stands,
+                    # so the relay's idle timeout never drops a quiet session.
+                    await self._send(stream, conn, wire.StreamStateRequest(max(self.by_wire_id)))
             item = self._outbox.popleft()
             kind = item[0]
             if kind == "stream":

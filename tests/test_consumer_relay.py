@@ -470,3 +470,23 @@ async def test_max_unacked_bytes_bounds_memory(tmp_path: Path) -> None:
                 await net.wait_all_acked()
                 assert net.has_room() and net.unacked_bytes == 0
     check_trace(out, 12 * 400, 12)
+
+
+async def test_keepalive_holds_a_quiet_session_past_the_relay_idle_timeout(tmp_path: Path) -> None:
+    """A session with nothing to send asks where a stream stands now and
+    then, so a relay with a short idle timeout never drops it."""
+    out = tmp_path / "relay"
+    packets = make_packets(4, 100)
+    with trio.fail_after(DEADLINE):
+        async with running_relay(out, idle_timeout=1.0) as port:
+            opener = Opener(port)
+            net = new_session(opener, keepalive=0.3)
+            async with running(net):
+                declare(net)
+                submit_all(net, packets[:2])
+                await net.wait_all_acked()
+                await trio.sleep(3.0)  # three idle timeouts of silence from the app
+                submit_all(net, packets[2:])
+                await net.wait_all_acked()
+    assert opener.connections == 1
+    check_trace(out, 4 * 100, 4)

@@ -223,9 +223,6 @@ class Producer:
         self.discarded = self.q[Q_DISCARDED]
         self._released_upto = 0
 
-    def offset_of(self, pos: int) -> int:
-        return self._ctrl + (pos // self._S % self._N) * self._S + pos % self._S
-
     def reserve(self, size: int) -> int:
         """Find room for ``size`` event bytes; returns the memfd offset or -1."""
         p = self.pos
