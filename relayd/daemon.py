@@ -118,7 +118,7 @@ AuthKeys = dict[str, tuple[bytes, tuple[str, ...]]]
 MIN_SECRET_CHARS = 32
 ANY_HOST = "*"
 _RECEIVE_SIZE = 256 * 1024
-_THREAD_DECOMPRESS_OVER = 64 * 1024  # raw bytes; smaller packets decompress inline
+_THREAD_DECOMPRESS_OVER = 1024 * 1024  # raw bytes; smaller packets decompress inline (~40 µs per 256 KiB)
 _DIR_MODE = 0o750
 _FILE_MODE = 0o640
 

@@ -263,7 +263,7 @@ def expected_seqs(packets: range) -> list[int]:
 async def test_trace_written_acked_and_readable(tmp_path: Path) -> None:
     with trio.fail_after(TIMEOUT):
         out = tmp_path / "out"
-        trace = Trace("host-a", pad=30_000)  # 150 kB packets: decompressed in a thread
+        trace = Trace("host-a", pad=250_000)  # 1.25 MB packets: decompressed in a thread
         async with running_relay(out) as port:
             await send_trace(port, trace, range(8))
         tdir = trace.trace_dir(out)
