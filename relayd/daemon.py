@@ -118,7 +118,6 @@ AuthKeys = dict[str, tuple[bytes, tuple[str, ...]]]
 MIN_SECRET_CHARS = 32
 ANY_HOST = "*"
 _RECEIVE_SIZE = 256 * 1024
-_THREAD_DECOMPRESS_OVER = 1024 * 1024  # raw bytes; smaller packets decompress inline (~40 µs per 256 KiB)
 _DIR_MODE = 0o750
 _FILE_MODE = 0o640
 
@@ -155,6 +154,9 @@ class RelaydConfig:
         tls: serve TLS with this server context; None for plain TCP.
         decompress_threads: packets decompressed in threads at once,
             relay-wide.
+        inline_decompress_max: packets up to this many raw bytes are
+            decompressed in the event loop (~40 us per 256 KiB: cheaper than
+            a thread hand-off); bigger ones in a worker thread.
     """
 
     output: str
@@ -171,6 +173,7 @@ class RelaydConfig:
     max_metadata_size: int = DEFAULT_MAX_METADATA_SIZE
     tls: ssl.SSLContext | None = field(default=None, repr=False)
     decompress_threads: int = 4
+    inline_decompress_max: int = 1024 * 1024
 
     def __post_init__(self) -> None:
         if not 0 <= self.listen_port <= 65535:
@@ -624,7 +627,7 @@ class _ConsumerConnection:
                 ErrorCode.PROTOCOL, f"stream {msg.stream_id}: packet seq {msg.seq}, expected {st.file.next_seq}"
             )
         decode = partial(decompress_packet, msg.data, msg.codec, msg.raw_len, self.config.max_raw_packet)
-        if msg.codec is Codec.ZSTD and msg.raw_len > _THREAD_DECOMPRESS_OVER:
+        if msg.codec is Codec.ZSTD and msg.raw_len > self.config.inline_decompress_max:
             raw = await trio.to_thread.run_sync(decode, limiter=self.server.decompress_limiter)
             st = self._stream(msg.stream_id)  # it may have been taken over meanwhile
         else:

@@ -263,8 +263,8 @@ def expected_seqs(packets: range) -> list[int]:
 async def test_trace_written_acked_and_readable(tmp_path: Path) -> None:
     with trio.fail_after(TIMEOUT):
         out = tmp_path / "out"
-        trace = Trace("host-a", pad=250_000)  # 1.25 MB packets: decompressed in a thread
-        async with running_relay(out) as port:
+        trace = Trace("host-a", pad=30_000)  # 150 kB packets, over the inline limit set here:
+        async with running_relay(out, inline_decompress_max=64 * 1024) as port:  # in a thread
             await send_trace(port, trace, range(8))
         tdir = trace.trace_dir(out)
         assert sorted(os.listdir(tdir)) == ["channel0_0", "index", "metadata"]
