@@ -291,6 +291,9 @@ class NetSession:
     async def run(self) -> None:
         """Compress forever and keep a connection up until cancelled or refused."""
         with self._cancel:
+            # Start the worker thread now, not when the first packet (of a
+            # ring filling at full speed) needs it.
+            await trio.to_thread.run_sync(lambda: None)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._compress_loop)
                 await self._connection_loop()
