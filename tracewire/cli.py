@@ -191,8 +191,8 @@ def cli(ctx: click.Context, rundir: str | None) -> None:
 @click.argument("name")
 @click.option("--output", "-o", type=click.Path(file_okay=False), help="Local trace directory.")
 @click.option("--url", "-U", help="Relay URL, tw://HOST[:PORT] or tws://HOST[:PORT].")
-@click.option("--snapshot", is_flag=True, help="Flight-recorder session (snapshot record).")
-@click.option("--live", is_flag=True, help="Serve live viewers through the relay.")
+@click.option("--snapshot", is_flag=True, help="Flight-recorder session (not available yet).")
+@click.option("--live", is_flag=True, help="Serve live viewers through the relay (not available yet).")
 @click.option("--compress", type=click.Choice(["zstd", "none"]), default="zstd", show_default=True,
               help="Packet compression on the wire.")
 @click.option("--compress-level", type=click.IntRange(1, 22), default=1, show_default=True,
@@ -240,7 +240,7 @@ def create(ctx: click.Context, name: str, output: str | None, url: str | None, s
 @click.option("--subbuf-size", type=Size(), default="256k", show_default=True, help="Sub-buffer size.")
 @click.option("--num-subbuf", type=click.IntRange(2, 1024), default=4, show_default=True,
               help="Number of sub-buffers per stream.")
-@click.option("--overwrite", is_flag=True, help="Overwrite the oldest data when full (flight recorder).")
+@click.option("--overwrite", is_flag=True, help="Overwrite the oldest data when full (not available yet).")
 @click.option("--switch-timer", type=click.IntRange(0), default=0, show_default=True, metavar="MS",
               help="Hand over partly filled sub-buffers every MS milliseconds (0: off).")
 @click.pass_context
@@ -260,7 +260,7 @@ def enable_channel(ctx: click.Context, name: str, session: str | None, subbuf_si
 @click.option("-c", "--channel", help="Channel (default: channel0, created when needed).")
 @click.pass_context
 def enable_event(ctx: click.Context, pattern: str, session: str | None, channel: str | None) -> None:
-    """Record events matching PATTERN, e.g. 'demo:*' or '*'."""
+    """Record events whose name matches PATTERN ('demo:*', '*')."""
     r = _client(ctx).request({"cmd": "enable_event", "session": session, "channel": channel,
                               "pattern": pattern})
     click.echo(f"Events {r['pattern']!r} enabled in channel {r['channel']} of session {r['session']}")
@@ -354,7 +354,7 @@ def status(ctx: click.Context, session: str | None) -> None:
 
 @cli.group()
 def snapshot() -> None:
-    """Flight-recorder snapshots."""
+    """Flight-recorder snapshots (not available yet)."""
 
 
 @snapshot.command("record")
@@ -362,14 +362,14 @@ def snapshot() -> None:
 @click.option("--output", "-o", type=click.Path(file_okay=False))
 @click.option("--url", "-U")
 def snapshot_record(session: str | None, output: str | None, url: str | None) -> None:
-    """Write the current content of a snapshot session's buffers."""
+    """Write a snapshot session's buffers (not available yet)."""
     raise CliError("snapshot sessions are not available yet")
 
 
 @cli.command()
 @click.argument("session", required=False)
 def rotate(session: str | None) -> None:
-    """Close the current trace chunk and start a new one."""
+    """Close the current trace chunk and start a new one (not available yet)."""
     raise CliError("rotation is not available yet")
 
 
