@@ -190,9 +190,9 @@ class Consumerd:
             st.cursor.publish(pos, ts)
 
     def _on_room(self, so: SessionOut) -> None:
-        for st in self.streams.values():
-            if st.session == so.name and st.blocked:
-                self.drain(st, flush=False)
+        for st in list(self.streams.values()):
+            if st.session == so.name and st.blocked and not st.closed:
+                self.drain(st, flush=st.gone)
 
     async def op_add_trace(self, msg: dict, fds: list[int]) -> dict:
         tid = str(msg["trace_id"])
@@ -228,6 +228,14 @@ class Consumerd:
         return {}
 
     async def op_add_stream(self, msg: dict, fds: list[int]) -> dict:
+        if not fds and msg.get("gone"):
+            # A dead app's stream whose ring is already freed (a restarted
+            # consumerd): only what its spool still holds is left to send.
+            tr = self.traces[str(msg["trace_id"])]
+            net = self.sessions[tr.session].net
+            if net is not None:
+                net.add_stream(str(msg["key"]), tr.trace_id, validate_name(str(msg["channel"])), resume=True)
+            return {}
         if len(fds) != 2:
             raise RequestError("add_stream needs a memfd and an eventfd")
         key = str(msg["key"])
@@ -315,13 +323,18 @@ class Consumerd:
         return {"streams": [self._stats(st) for st in streams]}
 
     async def op_producer_gone(self, msg: dict, fds: list[int]) -> dict:
+        """The app exited or died: write (or spool) what it committed, then
+        let its ring buffer go — sessiond frees it once we say so, so a
+        session tracing many short-lived apps does not keep them all."""
         st = self.streams.get(str(msg["key"]))
-        if st is not None and not st.closed:
-            st.gone = True
-            self.drain(st, flush=True)
-            if st.file is not None:
-                st.file.flush()
-        return {}
+        if st is None or st.closed:
+            return {"released": True}
+        st.gone = True
+        self.drain(st, flush=True)
+        if st.blocked:  # a full spool: the rest waits in the ring; released later
+            return {"released": False}
+        await self.close_stream(st)
+        return {"released": True}
 
     async def op_remove_session(self, msg: dict, fds: list[int]) -> dict:
         session = str(msg["session"])
@@ -468,6 +481,9 @@ class Consumerd:
         st.next_seq = seq + 1
 
     async def close_stream(self, st: StreamOut) -> None:
+        """Stop reading a stream and release its files and mapping (once)."""
+        if st.closed:
+            return
         st.closed = True
         trio.lowlevel.notify_closing(st.eventfd)
         st.cancel.cancel()

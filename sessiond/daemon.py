@@ -351,6 +351,10 @@ class Sessiond:
                 await h.call({"op": "metadata", "trace_id": tr.trace_id, "text": tr.metadata,
                               "replay": True}, wait_ready=False)
             for st in sess.streams.values():
+                if st.memfd < 0:  # a dead app's buffer, written out and freed
+                    await h.call(dict(self._stream_msg(sess, st), replay=True, gone=True),
+                                 wait_ready=False)
+                    continue
                 await h.call(dict(self._stream_msg(sess, st), replay=True), (st.memfd, st.eventfd),
                              wait_ready=False)
                 if st.pid not in self.apps:
@@ -444,13 +448,22 @@ class Sessiond:
         with trio.CancelScope(shield=True):
             for sess in list(self.sessions.values()):
                 for st in sess.streams.values():
-                    if st.pid == app.pid:
+                    if st.pid == app.pid and st.memfd >= 0:
                         try:
-                            await self._consumer_call({"op": "producer_gone", "key": st.key},
-                                                      uid=sess.owner_uid)
+                            reply = await self._consumer_call({"op": "producer_gone", "key": st.key},
+                                                              uid=sess.owner_uid)
                         except (UserError, trio.TooSlowError, trio.BrokenResourceError, OSError):
-                            pass
+                            continue
+                        if reply.get("released"):
+                            self._free_buffer(st)
             logger.info("app %s-%d gone", app.procname, app.pid)
+
+    @staticmethod
+    def _free_buffer(st: Stream) -> None:
+        """consumerd has everything the dead app wrote: free its ring buffer."""
+        os.close(st.memfd)
+        os.close(st.eventfd)
+        st.memfd = st.eventfd = -1
 
     # ------------------------------------------------------- per-app session setup
     def _session_msg(self, sess: Session) -> dict:
@@ -810,8 +823,8 @@ class Sessiond:
         if sess.declared:
             await self._consumer_call({"op": "remove_session", "session": sess.name}, uid=sess.owner_uid)
         for st in sess.streams.values():
-            os.close(st.memfd)
-            os.close(st.eventfd)
+            if st.memfd >= 0:
+                self._free_buffer(st)
         del self.sessions[sess.name]
         for u, n in list(self.current.items()):
             if n == sess.name:
