@@ -358,3 +358,27 @@ def test_switch_timer_on_a_busy_app_keeps_a_valid_trace(tw: TW, out_dir: Path) -
     assert len(seqs) + discarded == n
     assert seqs == sorted(set(seqs))
     assert status_discarded(tw) == discarded
+
+
+def test_buffers_of_exited_apps_are_freed_and_their_events_kept(tw: TW, out_dir: Path) -> None:
+    """Many short-lived apps in one session: each one's ring buffer is freed
+    once its events are written, and every event is in the trace."""
+    tw.cli("create", "s1", "--output", str(out_dir))
+    tw.cli("enable-event", "demo:*")
+    tw.cli("start")
+    for _ in range(8):
+        tw.demo("--events", "300")
+    pid = tw.sessiond_pid()
+    assert pid is not None
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # the last app's exit is handled asynchronously
+        held = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+        if not any("memfd:" in h for h in held):
+            break
+        time.sleep(0.1)
+    assert not any("memfd:" in h for h in held), held
+    tw.cli("stop")
+    events = [e for e in ctf.read_trace(str(out_dir)) if isinstance(e, ctf.Event)]
+    assert sorted(e.fields["seq"] for e in events) == sorted(list(range(300)) * 8)
+    app_dirs = list((next(out_dir.iterdir()) / "ust" / "pid").iterdir())
+    assert len(app_dirs) == 8, app_dirs
