@@ -471,13 +471,12 @@ class Consumerd:
         if st.net is not None:
             st.net.submit(st.key, header + chunk.data, seq, chunk.ts_begin, chunk.ts_end,
                           chunk.events_discarded, chunk.end)
-            st.packets += 1
         else:
             assert st.file is not None
             st.file.append([header, chunk.data], chunk.ts_begin, chunk.ts_end,
                            chunk.events_discarded, st.stream_class)
-            st.packets += 1
-            st.raw_bytes += len(header) + n
+        st.packets += 1
+        st.raw_bytes += len(header) + n
         st.next_seq = seq + 1
 
     async def close_stream(self, st: StreamOut) -> None:

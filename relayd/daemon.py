@@ -642,17 +642,8 @@ class _ConsumerConnection:
             )
         file = st.file
         assert file is not None
-        try:
-            file.append([raw], msg.ts_begin, msg.ts_end, msg.events_discarded, stream_id=ctf_stream_id)
-        except OSError:
-            # StreamFile does not undo a partial write: cut it off so that the
-            # file still ends on a packet boundary.
-            try:
-                os.ftruncate(file.fd, file.offset)
-                os.lseek(file.fd, file.offset, os.SEEK_SET)
-            except OSError:
-                pass
-            raise
+        # On a failed write StreamFile cuts the partial packet off itself.
+        file.append([raw], msg.ts_begin, msg.ts_end, msg.events_discarded, stream_id=ctf_stream_id)
         self.to_flush[msg.stream_id] = st
         self.acks[msg.stream_id] = msg.seq
 

@@ -49,7 +49,7 @@ from tracewire.ringbuf import BufferSpec, create_buffer
 from tracewire.seqpacket import SeqPacket, peer_credentials
 from tracewire.url import parse_url
 
-__all__ = ["SessiondConfig", "serve_sessiond", "default_rundir"]  # default_rundir: from tracewire.rundir
+__all__ = ["SessiondConfig", "serve_sessiond", "default_rundir"]
 
 logger = logging.getLogger(__name__)
 

@@ -62,8 +62,9 @@ class _StreamW:
         self.closed = False
 
 
-def _gen_source(fields: list[tuple[str, str]], tp_id: int) -> str:
-    """Python source of the recording body for these fields."""
+def _gen_source(fields: list[tuple[str, str]], tp_id: int) -> tuple[str, str]:
+    """Python source of the recording body for these fields, and the struct
+    format of the fixed fields packed with the event header."""
     args = ", ".join(n for n, _ in fields)
     lines = [f"def _emit({args}):", "    try:"]
     # Encode variable-size fields once, outside the per-stream loop.

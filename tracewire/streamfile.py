@@ -104,9 +104,13 @@ class StreamFile:
                 while rest:
                     rest = rest[os.write(self.fd, rest):]
         except OSError:
-            # Never leave a partial packet behind: cut back to the last whole one.
-            os.ftruncate(self.fd, self.offset)
-            os.lseek(self.fd, self.offset, os.SEEK_SET)
+            # Never leave a partial packet behind: cut back to the last whole
+            # one (best effort: the write's own error is the one to report).
+            try:
+                os.ftruncate(self.fd, self.offset)
+                os.lseek(self.fd, self.offset, os.SEEK_SET)
+            except OSError:
+                pass
             raise
         bits = total * 8
         seq = self.next_seq
