@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import trio
 
 from tracewire import ctf
-from tracewire.control import ControlError
+from tracewire.control import ControlError, close_fds
 from tracewire.names import InvalidName, validate_name
 from tracewire.ringbuf import BufferSpec, ConsumerCursor, MemoryBarrier, RingBufferCorrupt
 from tracewire.seqpacket import SeqPacket
@@ -135,11 +135,7 @@ class Consumerd:
                 result = await handler(msg, fds)
                 reply = {"seq": seq, "ok": True, **(result or {})}
             except (RequestError, InvalidName, OSError, KeyError, ValueError, RingBufferCorrupt, SinkError) as exc:
-                for fd in fds:
-                    try:
-                        os.close(fd)
-                    except OSError:
-                        pass
+                close_fds(fds)
                 logger.warning("request %s failed: %s", op, exc)
                 reply = {"seq": seq, "ok": False, "error": str(exc)}
             await self.conn.send(reply)
@@ -240,8 +236,7 @@ class Consumerd:
             raise RequestError("add_stream needs a memfd and an eventfd")
         key = str(msg["key"])
         if key in self.streams:
-            for fd in fds:
-                os.close(fd)
+            close_fds(fds)
             return {}
         tr = self.traces[str(msg["trace_id"])]
         net = self.sessions[tr.session].net

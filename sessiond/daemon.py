@@ -42,7 +42,7 @@ from typing import Any
 import trio
 
 from tracewire import ctf
-from tracewire.control import ControlError, FrameReader, encode_frame
+from tracewire.control import ControlError, FrameReader, close_fds, encode_frame
 from tracewire.rundir import default_rundir
 from tracewire.names import MAX_SESSION_NAME, InvalidName, validate_name
 from tracewire.ringbuf import BufferSpec, create_buffer
@@ -275,8 +275,7 @@ class ConsumerHandle:
             if got is None:
                 return
             msg, fds = got
-            for fd in fds:
-                os.close(fd)
+            close_fds(fds)
             w = self.waiters.pop(msg.get("seq"), None)
             if w is not None:
                 w[1].append(msg)
@@ -375,8 +374,7 @@ class Sessiond:
                 if got is None:
                     return
                 msg, fds = got
-                for fd in fds:
-                    os.close(fd)
+                close_fds(fds)
                 op = msg.get("op")
                 if op == "register" and app is None:
                     procname = msg.get("procname")

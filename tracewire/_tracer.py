@@ -283,7 +283,7 @@ class _Registry:
     def _session(self) -> None:
         import socket
 
-        from tracewire.control import loads
+        from tracewire.control import close_fds, loads
 
         try:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
@@ -305,18 +305,13 @@ class _Registry:
             while True:
                 data, fds, _flags, _addr = socket.recv_fds(sock, 65536, 8)
                 if not data:
-                    for fd in fds:
-                        os.close(fd)
+                    close_fds(fds)
                     return
                 try:
                     msg = loads(data)
                     self._handle(msg, fds)
                 except Exception:
-                    for fd in fds:
-                        try:
-                            os.close(fd)
-                        except OSError:
-                            pass
+                    close_fds(fds)
                     raise
         finally:
             with self.lock:

@@ -12,13 +12,23 @@ Sizes are bounded; anything malformed raises ``ControlError``.
 from __future__ import annotations
 
 import json
+import os
 import struct
 from typing import Any
 
-__all__ = ["ControlError", "MAX_CONTROL_MESSAGE", "encode_frame", "FrameReader", "dumps", "loads"]
+__all__ = ["close_fds", "ControlError", "MAX_CONTROL_MESSAGE", "encode_frame", "FrameReader", "dumps", "loads"]
 
 MAX_CONTROL_MESSAGE = 4 * 1024 * 1024
 _LEN = struct.Struct(">I")
+
+
+def close_fds(fds: list[int]) -> None:
+    """Close file descriptors that came with a message and are not kept."""
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 class ControlError(Exception):

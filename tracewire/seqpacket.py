@@ -15,7 +15,7 @@ from typing import Any
 
 import trio
 
-from tracewire.control import MAX_CONTROL_MESSAGE, ControlError, dumps, loads
+from tracewire.control import MAX_CONTROL_MESSAGE, ControlError, close_fds, dumps, loads
 
 __all__ = ["SeqPacket", "peer_credentials", "MAX_FDS"]
 
@@ -65,8 +65,7 @@ class SeqPacket:
                 raise ControlError("control message truncated")
             return loads(data, self.limit), fds
         except ControlError:
-            for fd in fds:
-                os.close(fd)
+            close_fds(fds)
             raise
 
     def close(self) -> None:
