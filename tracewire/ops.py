@@ -1,0 +1,509 @@
+"""The typed local control plane: CLI → sessiond requests, sessiond → consumerd
+operations, and consumerd's replies.
+
+Theory of operation
+-------------------
+Every message is a frozen dataclass.  On the wire (``tracewire.control``
+frames: JSON objects) a message is its fields plus one discriminator key:
+``"cmd"`` for a CLI request, ``"op"`` for a consumerd operation; a consumerd
+reply carries ``"ok"`` and the request's ``"seq"``.  There is one encoder
+(:func:`encode`) and one decoder per direction (:func:`decode_request`,
+:func:`decode_op`, :func:`decode_reply`); each receiver then dispatches with a
+single ``match`` on the message's class.
+
+Decoding is the boundary where a peer's input is checked: every field is
+checked against its annotated type (``bool`` is not an ``int``, a string has a
+bounded length, a nested value has the declared shape), unknown fields are
+refused, and each class checks its ranges in ``__post_init__``.  Anything wrong
+raises :class:`MessageError` with the field's name, so a receiver answers with
+one line and never with a traceback.  A missing field, or one given as
+``null``, takes the class's default when it has one.
+
+This module is stdlib-only and imports no I/O framework: the defaults shared by
+the CLI, sessiond and consumerd (sub-buffer geometry, spool size, compression
+level) are defined here, once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar, Union
+
+__all__ = [
+    "DEFAULT_CHANNEL", "DEFAULT_COMPRESS_LEVEL", "DEFAULT_NUM_SUBBUF", "DEFAULT_SPOOL_SIZE",
+    "DEFAULT_SUBBUF_SIZE", "DEFAULT_FLUSH_TIMEOUT", "DEFAULT_REMOVE_TIMEOUT", "MIN_SPOOL_SIZE",
+    "MAX_STRING", "REPLY_TO", "Compression", "MessageError",
+    "Request", "PingRequest", "CreateRequest", "EnableChannelRequest", "EnableEventRequest",
+    "StartRequest", "StopRequest", "DestroyRequest", "ListRequest", "StatusRequest",
+    "Op", "HelloOp", "SessionOp", "AddTraceOp", "MetadataOp", "AddStreamOp", "FlushOp",
+    "ProducerGoneOp", "RemoveSessionOp", "StatusOp",
+    "Reply", "DoneReply", "HelloReply", "TraceReply", "StreamStats", "StreamsReply",
+    "ReleasedReply", "ErrorReply",
+    "encode", "decode_request", "decode_op", "decode_reply",
+]
+
+DEFAULT_CHANNEL = "channel0"
+DEFAULT_SUBBUF_SIZE = 256 * 1024
+DEFAULT_NUM_SUBBUF = 4
+DEFAULT_SPOOL_SIZE = 64 * 1024 * 1024
+MIN_SPOOL_SIZE = 1024 * 1024
+DEFAULT_COMPRESS_LEVEL = 1
+DEFAULT_FLUSH_TIMEOUT = 120.0
+DEFAULT_REMOVE_TIMEOUT = 30.0
+MAX_STRING = 4096  # any string field but metadata text
+MAX_LIST = 100_000  # entries in a list field
+_INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
+
+_T = TypeVar("_T")
+
+
+class MessageError(ValueError):
+    """A control message that does not decode: unknown kind, missing field,
+    wrong type or value out of range.  The text names the field."""
+
+
+class Compression(enum.Enum):
+    ZSTD = "zstd"
+    NONE = "none"
+
+
+def _require(cond: bool, why: str) -> None:
+    if not cond:
+        raise MessageError(why)
+
+
+# ---------------------------------------------------------------- CLI → sessiond
+@dataclass(frozen=True, slots=True)
+class Request:
+    """A request on sessiond's ``control.sock``."""
+
+    KIND: ClassVar[str] = ""
+
+
+@dataclass(frozen=True, slots=True)
+class PingRequest(Request):
+    KIND: ClassVar[str] = "ping"
+
+
+@dataclass(frozen=True, slots=True)
+class CreateRequest(Request):
+    KIND: ClassVar[str] = "create"
+    name: str
+    output: str | None = None
+    url: str | None = None
+    compress: Compression = Compression.ZSTD
+    compress_level: int = DEFAULT_COMPRESS_LEVEL
+    spool_size: int = DEFAULT_SPOOL_SIZE
+    auth_key_file: str | None = None
+    tls_ca: str | None = None
+
+    def __post_init__(self) -> None:
+        _require(1 <= self.compress_level <= 22, "--compress-level must be between 1 and 22")
+        _require(MIN_SPOOL_SIZE <= self.spool_size <= 2**48, "--spool-size must be at least 1M")
+
+
+@dataclass(frozen=True, slots=True)
+class EnableChannelRequest(Request):
+    KIND: ClassVar[str] = "enable_channel"
+    session: str | None = None
+    channel: str = DEFAULT_CHANNEL
+    subbuf_size: int = DEFAULT_SUBBUF_SIZE
+    num_subbuf: int = DEFAULT_NUM_SUBBUF
+    overwrite: bool = False
+    switch_timer_ms: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.subbuf_size > 0 and self.num_subbuf > 0, "sub-buffer size and count must be positive")
+        _require(0 <= self.switch_timer_ms <= 2**31, "switch timer must be >= 0 ms")
+
+
+@dataclass(frozen=True, slots=True)
+class EnableEventRequest(Request):
+    KIND: ClassVar[str] = "enable_event"
+    pattern: str
+    session: str | None = None
+    channel: str | None = None
+
+    def __post_init__(self) -> None:
+        _require(0 < len(self.pattern) <= 255 and "\0" not in self.pattern,
+                 "event pattern must be 1 to 255 characters, e.g. 'demo:*'")
+
+
+@dataclass(frozen=True, slots=True)
+class StartRequest(Request):
+    KIND: ClassVar[str] = "start"
+    session: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StopRequest(Request):
+    KIND: ClassVar[str] = "stop"
+    session: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DestroyRequest(Request):
+    KIND: ClassVar[str] = "destroy"
+    session: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ListRequest(Request):
+    KIND: ClassVar[str] = "list"
+    session: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StatusRequest(Request):
+    KIND: ClassVar[str] = "status"
+    session: str | None = None
+
+
+# ------------------------------------------------------------- sessiond → consumerd
+@dataclass(frozen=True, slots=True)
+class Op:
+    """An operation sessiond asks of consumerd (descriptors travel beside it)."""
+
+    KIND: ClassVar[str] = ""
+
+
+@dataclass(frozen=True, slots=True)
+class HelloOp(Op):
+    KIND: ClassVar[str] = "hello"
+
+
+@dataclass(frozen=True, slots=True)
+class SessionOp(Op):
+    """Declare a session and its sink (a directory, or a relay URL)."""
+
+    KIND: ClassVar[str] = "session"
+    session: str
+    session_id: int
+    created: str
+    sink: str
+    hostname: str
+    uid: int
+    gid: int
+    compress: Compression = Compression.ZSTD
+    compress_level: int = DEFAULT_COMPRESS_LEVEL
+    auth_key_file: str | None = None
+    tls_ca: str | None = None
+    live: bool = False
+    spool_dir: str | None = None
+    spool_size: int = DEFAULT_SPOOL_SIZE
+
+    def __post_init__(self) -> None:
+        _require(1 <= self.compress_level <= 22, "compress_level must be between 1 and 22")
+        _require(self.spool_size > 0, "spool_size must be positive")
+
+
+@dataclass(frozen=True, slots=True)
+class AddTraceOp(Op):
+    """One app's trace directory (``path`` below the session's sink)."""
+
+    KIND: ClassVar[str] = "add_trace"
+    trace_id: str
+    session: str
+    path: str
+    uuid: str  # 32 hex digits
+
+    def __post_init__(self) -> None:
+        try:
+            ok = len(bytes.fromhex(self.uuid)) == 16
+        except ValueError:
+            ok = False
+        _require(ok, "uuid must be 32 hex digits")
+
+    @property
+    def uuid_bytes(self) -> bytes:
+        return bytes.fromhex(self.uuid)
+
+
+@dataclass(frozen=True, slots=True)
+class MetadataOp(Op):
+    """Append TSDL text to a trace's metadata; ``replay`` sends it whole again
+    to a restarted consumerd, which skips what its sink already holds."""
+
+    KIND: ClassVar[str] = "metadata"
+    MAX_FIELD: ClassVar[int] = 4 * 1024 * 1024
+    trace_id: str
+    text: str
+    replay: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class AddStreamOp(Op):
+    """A stream's ring buffer (memfd, eventfd) is passed beside this message;
+    ``gone`` (a replayed stream whose app exited and whose ring was freed)
+    comes without descriptors."""
+
+    KIND: ClassVar[str] = "add_stream"
+    key: str
+    trace_id: str
+    session: str
+    channel: str
+    stream_class: int
+    subbuf_size: int
+    num_subbuf: int
+    switch_timer_ms: int = 0
+    replay: bool = False
+    gone: bool = False
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.stream_class < 2**32, "stream_class out of range")
+        _require(0 <= self.switch_timer_ms <= 2**31, "switch_timer_ms out of range")
+
+
+@dataclass(frozen=True, slots=True)
+class FlushOp(Op):
+    """The stop barrier: drain every stream of the session and wait for the
+    relay's acknowledgements, for at most ``timeout`` seconds."""
+
+    KIND: ClassVar[str] = "flush"
+    session: str
+    timeout: float = DEFAULT_FLUSH_TIMEOUT
+
+    def __post_init__(self) -> None:
+        _require(0 < self.timeout <= 10**6, "timeout out of range")
+
+
+@dataclass(frozen=True, slots=True)
+class ProducerGoneOp(Op):
+    KIND: ClassVar[str] = "producer_gone"
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class RemoveSessionOp(Op):
+    KIND: ClassVar[str] = "remove_session"
+    session: str
+    timeout: float = DEFAULT_REMOVE_TIMEOUT
+
+    def __post_init__(self) -> None:
+        _require(0 < self.timeout <= 10**6, "timeout out of range")
+
+
+@dataclass(frozen=True, slots=True)
+class StatusOp(Op):
+    KIND: ClassVar[str] = "status"
+    session: str
+
+
+# ------------------------------------------------------------- consumerd → sessiond
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """consumerd's answer to one :class:`Op` (matched by ``seq``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class DoneReply(Reply):
+    """The operation was carried out; nothing to report."""
+
+
+@dataclass(frozen=True, slots=True)
+class HelloReply(Reply):
+    pid: int
+
+
+@dataclass(frozen=True, slots=True)
+class TraceReply(Reply):
+    directory: str
+
+
+@dataclass(frozen=True, slots=True)
+class StreamStats:
+    """One stream's counters, as ``status`` and ``stop`` show them."""
+
+    key: str
+    path: str
+    channel: str
+    packets: int = 0
+    raw_bytes: int = 0
+    wire_bytes: int = 0
+    discarded: int = 0
+    unacked: int = 0
+    producer: str = "alive"
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StreamsReply(Reply):
+    streams: tuple[StreamStats, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ReleasedReply(Reply):
+    """``producer_gone``: whether the dead app's ring may be freed now."""
+
+    released: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorReply(Reply):
+    """A refusal (``internal`` false: the request cannot be done) or an
+    internal error (a bug, logged with its traceback by the receiver)."""
+
+    error: str
+    internal: bool = False
+
+
+_REQUESTS: Mapping[str, type[Request]] = {
+    c.KIND: c for c in (PingRequest, CreateRequest, EnableChannelRequest, EnableEventRequest,
+                        StartRequest, StopRequest, DestroyRequest, ListRequest, StatusRequest)
+}
+_OPS: Mapping[str, type[Op]] = {
+    c.KIND: c for c in (HelloOp, SessionOp, AddTraceOp, MetadataOp, AddStreamOp, FlushOp,
+                        ProducerGoneOp, RemoveSessionOp, StatusOp)
+}
+# What each operation answers when it succeeds.
+REPLY_TO: Mapping[type[Op], type[Reply]] = {
+    HelloOp: HelloReply, SessionOp: DoneReply, AddTraceOp: TraceReply, MetadataOp: DoneReply,
+    AddStreamOp: DoneReply, FlushOp: StreamsReply, ProducerGoneOp: ReleasedReply,
+    RemoveSessionOp: DoneReply, StatusOp: StreamsReply,
+}
+
+
+# ------------------------------------------------------------------- the codec
+def encode(msg: Request | Op | Reply, seq: int | None = None) -> dict[str, Any]:
+    """The JSON-ready form of a message (``seq`` for consumerd traffic)."""
+    out: dict[str, Any] = {}
+    if isinstance(msg, Request):
+        out["cmd"] = msg.KIND
+    elif isinstance(msg, Op):
+        out["op"] = msg.KIND
+    else:
+        out["ok"] = not isinstance(msg, ErrorReply)
+    if seq is not None:
+        out["seq"] = seq
+    out.update(_to_json(msg))
+    return out
+
+
+def _to_json(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _to_json(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, tuple | list):
+        return [_to_json(v) for v in value]
+    return value
+
+
+def decode_request(data: Mapping[str, Any]) -> Request:
+    """A CLI request from its JSON object.
+
+    Raises:
+        MessageError: unknown command, or a field missing or wrong.
+    """
+    return _decode_kind(data, "cmd", _REQUESTS, "command")
+
+
+def decode_op(data: Mapping[str, Any]) -> Op:
+    """A consumerd operation from its JSON object (``seq`` is the caller's).
+
+    Raises:
+        MessageError: unknown operation, or a field missing or wrong.
+    """
+    return _decode_kind(data, "op", _OPS, "operation")
+
+
+def decode_reply(op: type[Op], data: Mapping[str, Any]) -> Reply:
+    """consumerd's answer to an operation of class ``op``.
+
+    Raises:
+        MessageError: the answer does not have the shape ``op`` expects.
+    """
+    fields = {k: v for k, v in data.items() if k not in ("ok", "seq")}
+    if data.get("ok") is not True:
+        return _decode_fields(ErrorReply, fields)
+    return _decode_fields(REPLY_TO[op], fields)
+
+
+def _decode_kind(data: Mapping[str, Any], key: str, table: Mapping[str, type[_T]], what: str) -> _T:
+    kind = data.get(key)
+    cls = table.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise MessageError(f"unknown {what} {_short(kind)}")
+    return _decode_fields(cls, {k: v for k, v in data.items() if k not in (key, "seq")})
+
+
+def _decode_fields(cls: type[_T], data: Mapping[str, Any]) -> _T:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        raise MessageError(f"unknown field {_short(unknown[0])}")
+    args: dict[str, Any] = {}
+    for name, f in fields.items():
+        value = data.get(name)
+        if value is None and _has_default(f):
+            continue
+        args[name] = _check(value, hints[name], name)
+    try:
+        return cls(**args)
+    except TypeError as exc:  # a required field missing
+        raise MessageError(f"missing field in {_kind_name(cls)}: {exc}") from None
+
+
+def _has_default(f: dataclasses.Field[Any]) -> bool:
+    return f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+
+
+def _check(value: Any, tp: Any, name: str) -> Any:
+    """``value`` as type ``tp``, or MessageError naming ``name``."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        (inner,) = [o for o in options if o is not type(None)]
+        return _check(value, inner, name)
+    if origin is tuple:
+        (inner, _ellipsis) = typing.get_args(tp)
+        if not isinstance(value, list | tuple) or len(value) > MAX_LIST:
+            raise MessageError(f"field {name!r} must be a list of at most {MAX_LIST} entries")
+        return tuple(_check(v, inner, name) for v in value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise MessageError(f"field {name!r} must be true or false, not {_short(value)}")
+        return value
+    if tp is int:
+        if not isinstance(value, int) or isinstance(value, bool) or not _INT_MIN <= value <= _INT_MAX:
+            raise MessageError(f"field {name!r} must be an integer, not {_short(value)}")
+        return value
+    if tp is float:
+        if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+            raise MessageError(f"field {name!r} must be a number, not {_short(value)}")
+        return float(value)
+    if tp is str:
+        limit = MetadataOp.MAX_FIELD if name == "text" else MAX_STRING
+        if not isinstance(value, str) or len(value) > limit:
+            raise MessageError(f"field {name!r} must be a string of at most {limit} characters")
+        return value
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        try:
+            return tp(value)
+        except (ValueError, TypeError):
+            allowed = ", ".join(str(m.value) for m in tp)
+            raise MessageError(f"field {name!r} must be one of {allowed}, not {_short(value)}") from None
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise MessageError(f"field {name!r} must be an object")
+        return _decode_fields(tp, value)  # type: ignore[arg-type]
+    raise MessageError(f"field {name!r} has an unsupported type")  # a bug in this module
+
+
+def _kind_name(cls: type) -> str:
+    return str(getattr(cls, "KIND", "") or cls.__name__)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
