@@ -384,6 +384,7 @@ def relay_run(tag: str, compress: str, payload: int, events: int, count: bool) -
     """One streaming run on loopback, each with its own relay, run directory
     and sessiond (all killed after)."""
     from tracewire.cli import Client
+    from tracewire.ops import StatusRequest
 
     work = tempfile.mkdtemp(prefix="twbr", dir="/tmp")
     relay = d = None
@@ -401,7 +402,7 @@ def relay_run(tag: str, compress: str, payload: int, events: int, count: bool) -
         d.cli("stop", tag)
         t1 = time.perf_counter()
         r1 = _cpu_s(relay.pid)
-        streams = Client(d.rundir).request({"cmd": "status", "session": tag})["streams"]
+        streams = Client(d.rundir).request(StatusRequest(session=tag))["streams"]
         res = {
             "seconds": t1 - t0,
             "raw": _stream_bytes(relay.out),  # what the relay wrote

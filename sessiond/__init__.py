@@ -1,5 +1,14 @@
-"""The session daemon: the registry of tracing sessions."""
+"""The session daemon: the registry of tracing sessions.
 
-from sessiond.daemon import SessiondConfig, default_rundir, serve_sessiond
+Where things are: ``model.py`` (sessions, channels, streams, traces, apps),
+``consumers.py`` (consumerd supervision: spawn, warm spare, replay),
+``apps.py`` (the app protocol: registration, buffer hand-out, asking apps and
+waiting), ``commands.py`` (what each CLI command does: ``stop`` is
+``Commands.stop``), ``server.py`` (the sockets and ``serve_sessiond``).
+"""
 
-__all__ = ["SessiondConfig", "default_rundir", "serve_sessiond"]
+from sessiond.model import SessiondConfig, UserError
+from sessiond.server import serve_sessiond
+from tracewire.rundir import default_rundir
+
+__all__ = ["SessiondConfig", "UserError", "default_rundir", "serve_sessiond"]

@@ -10,7 +10,7 @@ from functools import partial
 import click
 import trio
 
-from sessiond.daemon import SessiondConfig, UserError, default_rundir, serve_sessiond
+from sessiond import SessiondConfig, UserError, default_rundir, serve_sessiond
 
 STARTUP_FAILURE = 3
 

@@ -12,12 +12,13 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
-from tracewire.rundir import default_rundir
+from tracewire import ops
 from tracewire.control import ControlError, FrameReader, encode_frame
+from tracewire.rundir import default_rundir
 
 EXIT_FAILURE = 1
 EXIT_NO_DAEMON = 3
@@ -69,7 +70,13 @@ class Client:
         self.rundir = rundir
         self.path = os.path.join(rundir, "control.sock")
 
-    def request(self, req: dict, timeout: float | None = 60.0) -> dict:
+    def request(self, req: ops.Request, timeout: float | None = 60.0) -> dict[str, Any]:
+        """Send one request and return sessiond's answer.
+
+        Raises:
+            NoDaemon: no sessiond answers in this run directory.
+            CliError: the request failed (the error is sessiond's one line).
+        """
         try:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         except OSError as exc:
@@ -89,7 +96,7 @@ class Client:
                 raise NoDaemon(f"cannot reach sessiond at {self.path}: {exc}") from None
             sock.settimeout(timeout)
             try:
-                sock.sendall(encode_frame(req))
+                sock.sendall(encode_frame(ops.encode(req)))
                 reader = FrameReader()
                 while (reply := reader.next()) is None:
                     data = sock.recv(65536)
@@ -109,7 +116,7 @@ class Client:
     def ensure_daemon(self) -> None:
         """Start a sessiond for this run directory unless one answers."""
         try:
-            self.request({"cmd": "ping"}, timeout=5)
+            self.request(ops.PingRequest(), timeout=5)
             return
         except NoDaemon:
             pass
@@ -129,7 +136,7 @@ class Client:
             if proc.poll() is not None:
                 raise CliError(f"tracewire-sessiond exited at start ({self._last_log_line()})")
             try:
-                self.request({"cmd": "ping"}, timeout=5)
+                self.request(ops.PingRequest(), timeout=5)
                 return
             except NoDaemon:
                 time.sleep(0.05)
@@ -153,6 +160,17 @@ def _check_output_dir(path: str) -> None:
         raise CliError(f"cannot write traces under {path}: {p} is not a directory")
     if not os.access(p, os.W_OK | os.X_OK):
         raise CliError(f"cannot write traces under {path}: {p} is not writable")
+
+
+_R = TypeVar("_R", bound=ops.Request)
+
+
+def _make(cls: type[_R], **fields: Any) -> _R:
+    """A request, or one line saying which value is wrong."""
+    try:
+        return cls(**fields)
+    except ops.MessageError as exc:
+        raise CliError(str(exc)) from None
 
 
 def _client(ctx: click.Context) -> Client:
@@ -195,11 +213,13 @@ def cli(ctx: click.Context, rundir: str | None) -> None:
 @click.option("--live", is_flag=True, help="Serve live viewers through the relay (not available yet).")
 @click.option("--compress", type=click.Choice(["zstd", "none"]), default="zstd", show_default=True,
               help="Packet compression on the wire.")
-@click.option("--compress-level", type=click.IntRange(1, 22), default=1, show_default=True,
+@click.option("--compress-level", type=click.IntRange(1, 22), default=ops.DEFAULT_COMPRESS_LEVEL,
+              show_default=True,
               help="zstd level.")
 @click.option("--auth-key-file", envvar="TRACEWIRE_AUTH_KEY_FILE", type=click.Path(dir_okay=False),
               help="File holding 'KEY_ID SECRET' for the relay [env TRACEWIRE_AUTH_KEY_FILE].")
-@click.option("--spool-size", type=Size(power_of_two=False), default="64M", show_default=True,
+@click.option("--spool-size", type=Size(power_of_two=False), default=ops.DEFAULT_SPOOL_SIZE,
+              show_default=f"{ops.DEFAULT_SPOOL_SIZE // 1024**2}M",
               help="Relay sessions: packets not yet acknowledged are kept in a spool of at most "
                    "this size (in RUNDIR/spool); past it the ring buffers discard, and count.")
 @click.option("--tls-ca", envvar="TRACEWIRE_TLS_CA", type=click.Path(dir_okay=False, exists=True),
@@ -223,22 +243,21 @@ def create(ctx: click.Context, name: str, output: str | None, url: str | None, s
         _check_output_dir(output)
     c = _client(ctx)
     c.ensure_daemon()
-    req = {"cmd": "create", "name": name, "output": os.path.abspath(output) if output else None,
-           "url": url, "compress": compress, "compress_level": compress_level,
-           "spool_size": spool_size}
-    if auth_key_file:
-        req["auth_key_file"] = os.path.abspath(auth_key_file)
-    if tls_ca:
-        req["tls_ca"] = os.path.abspath(tls_ca)
-    r = c.request(req)
+    r = c.request(_make(
+        ops.CreateRequest, name=name, output=os.path.abspath(output) if output else None, url=url,
+        compress=ops.Compression(compress), compress_level=compress_level, spool_size=spool_size,
+        auth_key_file=os.path.abspath(auth_key_file) if auth_key_file else None,
+        tls_ca=os.path.abspath(tls_ca) if tls_ca else None,
+    ))
     click.echo(f"Session {r['session']} created; traces go to {r['sink']}")
 
 
 @cli.command("enable-channel")
 @click.argument("name")
 @click.option("-s", "--session", help="Session (default: the current one).")
-@click.option("--subbuf-size", type=Size(), default="256k", show_default=True, help="Sub-buffer size.")
-@click.option("--num-subbuf", type=click.IntRange(2, 1024), default=4, show_default=True,
+@click.option("--subbuf-size", type=Size(), default=ops.DEFAULT_SUBBUF_SIZE,
+              show_default=f"{ops.DEFAULT_SUBBUF_SIZE // 1024}k", help="Sub-buffer size.")
+@click.option("--num-subbuf", type=click.IntRange(2, 1024), default=ops.DEFAULT_NUM_SUBBUF, show_default=True,
               help="Number of sub-buffers per stream.")
 @click.option("--overwrite", is_flag=True, help="Overwrite the oldest data when full (not available yet).")
 @click.option("--switch-timer", type=click.IntRange(0), default=0, show_default=True, metavar="MS",
@@ -247,22 +266,22 @@ def create(ctx: click.Context, name: str, output: str | None, url: str | None, s
 def enable_channel(ctx: click.Context, name: str, session: str | None, subbuf_size: int,
                    num_subbuf: int, overwrite: bool, switch_timer: int) -> None:
     """Create channel NAME (a set of ring buffers) in a session."""
-    r = _client(ctx).request({
-        "cmd": "enable_channel", "session": session, "channel": name, "subbuf_size": subbuf_size,
-        "num_subbuf": num_subbuf, "overwrite": overwrite, "switch_timer_ms": switch_timer,
-    })
+    r = _client(ctx).request(_make(
+        ops.EnableChannelRequest, session=session, channel=name, subbuf_size=subbuf_size,
+        num_subbuf=num_subbuf, overwrite=overwrite, switch_timer_ms=switch_timer,
+    ))
     click.echo(f"Channel {r['channel']} enabled in session {r['session']}")
 
 
 @cli.command("enable-event")
 @click.argument("pattern")
 @click.option("-s", "--session", help="Session (default: the current one).")
-@click.option("-c", "--channel", help="Channel (default: channel0, created when needed).")
+@click.option("-c", "--channel", help=f"Channel (default: {ops.DEFAULT_CHANNEL}, created when needed).")
 @click.pass_context
 def enable_event(ctx: click.Context, pattern: str, session: str | None, channel: str | None) -> None:
     """Record events whose name matches PATTERN ('demo:*', '*')."""
-    r = _client(ctx).request({"cmd": "enable_event", "session": session, "channel": channel,
-                              "pattern": pattern})
+    r = _client(ctx).request(_make(ops.EnableEventRequest, session=session, channel=channel,
+                                   pattern=pattern))
     click.echo(f"Events {r['pattern']!r} enabled in channel {r['channel']} of session {r['session']}")
 
 
@@ -271,7 +290,7 @@ def enable_event(ctx: click.Context, pattern: str, session: str | None, channel:
 @click.pass_context
 def start(ctx: click.Context, session: str | None) -> None:
     """Start recording in SESSION (default: the current one)."""
-    r = _client(ctx).request({"cmd": "start", "session": session})
+    r = _client(ctx).request(ops.StartRequest(session=session))
     click.echo(f"Tracing started for session {r['session']}")
 
 
@@ -293,7 +312,7 @@ def _stop_summary(r: dict) -> None:
 @click.pass_context
 def stop(ctx: click.Context, session: str | None) -> None:
     """Stop SESSION; returns once every event emitted before it is in the sink."""
-    _stop_summary(_client(ctx).request({"cmd": "stop", "session": session}, timeout=None))
+    _stop_summary(_client(ctx).request(ops.StopRequest(session=session), timeout=None))
 
 
 @cli.command()
@@ -301,7 +320,7 @@ def stop(ctx: click.Context, session: str | None) -> None:
 @click.pass_context
 def destroy(ctx: click.Context, session: str | None) -> None:
     """Destroy SESSION (stopping it first when needed)."""
-    r = _client(ctx).request({"cmd": "destroy", "session": session}, timeout=None)
+    r = _client(ctx).request(ops.DestroyRequest(session=session), timeout=None)
     if "streams" in r:
         _stop_summary(r)
     click.echo(f"Session {r['session']} destroyed")
@@ -312,7 +331,7 @@ def destroy(ctx: click.Context, session: str | None) -> None:
 @click.pass_context
 def list_(ctx: click.Context, session: str | None) -> None:
     """List sessions, or one session's channels and events."""
-    r = _client(ctx).request({"cmd": "list", "session": session})
+    r = _client(ctx).request(ops.ListRequest(session=session))
     sessions = r["sessions"]
     if not sessions:
         click.echo("No sessions.")
@@ -334,7 +353,7 @@ def list_(ctx: click.Context, session: str | None) -> None:
 @click.pass_context
 def status(ctx: click.Context, session: str | None) -> None:
     """Per stream: packets, bytes raw / on the wire, discarded, unacknowledged."""
-    r = _client(ctx).request({"cmd": "status", "session": session})
+    r = _client(ctx).request(ops.StatusRequest(session=session))
     s = r["session"]
     click.echo(f"{s['name']} [{s['state']}] -> {s['sink']}")
     if s.get("error"):

@@ -1,0 +1,236 @@
+"""The CLI's commands: create, enable-channel, enable-event, start, stop,
+destroy, list, status.
+
+:meth:`Commands.run` takes one decoded request (``tracewire.ops``), checks
+who may do it, and answers with the JSON-ready reply.  One command runs at a
+time (the registry's lock).  ``stop`` is the barrier: apps disable the
+session's events and wait for writers in flight; then consumerd flushes every
+stream of the session down to the last whole event and answers once it is
+written (or acknowledged by the relay).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from tracewire.names import MAX_SESSION_NAME, InvalidName, validate_name
+from tracewire.ops import (
+    DEFAULT_CHANNEL, CreateRequest, DestroyRequest, EnableChannelRequest, EnableEventRequest,
+    FlushOp, ListRequest, PingRequest, RemoveSessionOp, Request, StartRequest, StatusOp,
+    StatusRequest, StopRequest, StreamsReply, encode,
+)
+from tracewire.ringbuf import BufferSpec
+from tracewire.url import parse_url
+
+from sessiond.apps import AppProtocol
+from sessiond.consumers import ConsumerPool
+from sessiond.model import Channel, Registry, Session, SessionState, UserError, now_stamp
+
+__all__ = ["Commands"]
+
+Reply = dict[str, Any]
+
+
+def _name(value: str, what: str) -> str:
+    try:
+        return validate_name(value, what, MAX_SESSION_NAME)
+    except InvalidName as exc:
+        raise UserError(str(exc)) from None
+
+
+class Commands:
+    """What each CLI request does to the registry, the apps and consumerd."""
+
+    def __init__(self, registry: Registry, consumers: ConsumerPool, apps: AppProtocol) -> None:
+        self.reg = registry
+        self.consumers = consumers
+        self.apps = apps
+
+    async def run(self, req: Request, uid: int, gid: int) -> Reply:
+        """Carry out one request of user ``uid``.
+
+        Raises:
+            UserError: the request cannot be done (one line for the CLI).
+            trio.TooSlowError: consumerd did not answer in time.
+        """
+        async with self.reg.lock:
+            match req:
+                case PingRequest():
+                    return {"pid": os.getpid(), "rundir": self.reg.config.rundir}
+                case CreateRequest():
+                    return self.create(req, uid, gid)
+                case EnableChannelRequest():
+                    return self.enable_channel(req, uid)
+                case EnableEventRequest():
+                    return await self.enable_event(req, uid)
+                case StartRequest():
+                    return await self.start(self.reg.session_for(req.session, uid))
+                case StopRequest():
+                    return await self.stop(self.reg.session_for(req.session, uid))
+                case DestroyRequest():
+                    return await self.destroy(self.reg.session_for(req.session, uid))
+                case ListRequest():
+                    return self.list(req, uid)
+                case StatusRequest():
+                    return await self.status(self.reg.session_for(req.session, uid))
+        raise UserError(f"unknown command {req.KIND!r}")
+
+    def create(self, req: CreateRequest, uid: int, gid: int) -> Reply:
+        name = _name(req.name, "session name")
+        if name in self.reg.sessions:
+            raise UserError(f"session {name!r} already exists")
+        output, url = req.output, req.url
+        if url:
+            try:
+                url = str(parse_url(url))
+            except ValueError as exc:
+                raise UserError(str(exc)) from None
+            output = None
+        elif output:
+            output = os.path.abspath(output)
+        else:
+            raise UserError("give an output directory or a relay URL")
+        sess = Session(name, self.reg.next_session_id, uid, gid, output, url, now_stamp(),
+                       compress=req.compress, compress_level=req.compress_level,
+                       spool_size=req.spool_size, auth_key_file=req.auth_key_file or None,
+                       tls_ca=req.tls_ca or None, clock_offset_ns=time.time_ns() - time.monotonic_ns())
+        self.reg.next_session_id += 1
+        self.reg.sessions[name] = sess
+        self.reg.current[uid] = name
+        return {"session": name, "sink": sess.sink()}
+
+    def enable_channel(self, req: EnableChannelRequest, uid: int) -> Reply:
+        sess = self.reg.session_for(req.session, uid)
+        name = _name(req.channel, "channel name")
+        if sess.state is not SessionState.CREATED and name not in sess.channels:
+            raise UserError(f"session {sess.name!r} has been started: channels can no longer be added")
+        try:
+            BufferSpec(req.subbuf_size, req.num_subbuf)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        if req.overwrite:
+            raise UserError("overwrite (flight-recorder) channels are not available in this build")
+        ch = sess.channels.get(name)
+        if ch is not None:
+            if sess.state is not SessionState.CREATED:
+                raise UserError(f"channel {name!r} exists and the session has been started")
+            ch.subbuf_size, ch.num_subbuf, ch.switch_timer_ms = req.subbuf_size, req.num_subbuf, req.switch_timer_ms
+        else:
+            sess.channels[name] = Channel(name, len(sess.channels), req.subbuf_size, req.num_subbuf,
+                                          False, req.switch_timer_ms)
+        return {"session": sess.name, "channel": name}
+
+    async def enable_event(self, req: EnableEventRequest, uid: int) -> Reply:
+        sess = self.reg.session_for(req.session, uid)
+        chname = req.channel
+        if chname is None:
+            chname = DEFAULT_CHANNEL
+            if chname not in sess.channels:
+                if sess.state is not SessionState.CREATED:
+                    raise UserError(f"session {sess.name!r} has been started: channels can no longer be added")
+                sess.channels[chname] = Channel(chname, len(sess.channels))
+        ch = sess.channels.get(chname)
+        if ch is None:
+            raise UserError(f"no channel named {chname!r} in session {sess.name!r}")
+        if req.pattern not in ch.patterns:
+            ch.patterns.append(req.pattern)
+        if sess.state is SessionState.STARTED:
+            for app in list(self.reg.apps.values()):
+                await self.apps.setup(sess, app)
+            await self.apps.sync(sess)
+        return {"session": sess.name, "channel": ch.name, "pattern": req.pattern}
+
+    async def start(self, sess: Session) -> Reply:
+        if sess.state is SessionState.STARTED:
+            raise UserError(f"session {sess.name!r} is already started")
+        if not any(ch.patterns for ch in sess.channels.values()):
+            raise UserError(f"session {sess.name!r} has no enabled event (use 'tracewire enable-event PATTERN')")
+        await self._declare(sess)
+        sess.state = SessionState.STARTED
+        for app in list(self.reg.apps.values()):
+            await self.apps.setup(sess, app)
+        await self.apps.enable_existing(sess)
+        await self.apps.sync(sess)
+        return {"session": sess.name}
+
+    async def _declare(self, sess: Session) -> None:
+        """Tell the owner's consumerd about the session (once)."""
+        if sess.declared:
+            return
+        if sess.url:
+            # The spool is the owner's: their consumerd writes it.
+            d = self.reg.spool_dir(sess)
+            os.makedirs(os.path.dirname(d), mode=0o711, exist_ok=True)
+            os.makedirs(d, mode=0o700, exist_ok=True)
+            if os.geteuid() == 0 and sess.owner_uid != 0:
+                os.chown(d, sess.owner_uid, sess.owner_gid)
+        await self.consumers.call(sess.owner_uid, self.reg.session_op(sess))
+        sess.declared = True
+
+    async def stop(self, sess: Session) -> Reply:
+        if sess.state is not SessionState.STARTED:
+            raise UserError(f"session {sess.name!r} is not started")
+        return await self._stop(sess)
+
+    async def _stop(self, sess: Session) -> Reply:
+        """The stop barrier: quiesce apps, then flush every stream to the sink."""
+        sess.state = SessionState.STOPPED
+        config = self.reg.config
+        slow = await self.apps.ask_and_wait(
+            sess, lambda keys, seq: {"op": "stop", "keys": keys, "seq": seq}, config.app_stop_timeout)
+        reply = await self.consumers.call(sess.owner_uid, FlushOp(session=sess.name, timeout=config.stop_timeout),
+                                          timeout=config.stop_timeout + 30)
+        result: Reply = {"session": sess.name, "streams": _streams(reply)}
+        if slow:
+            result["warning"] = f"apps did not confirm the stop in time: {', '.join(a.label for a in slow)}"
+        return result
+
+    async def destroy(self, sess: Session) -> Reply:
+        result: Reply = {"session": sess.name}
+        if sess.state is SessionState.STARTED:
+            result = await self._stop(sess)
+        await self.apps.close_streams(sess)
+        if sess.declared:
+            await self.consumers.call(sess.owner_uid, RemoveSessionOp(session=sess.name))
+        self.reg.remove(sess)
+        return result
+
+    def list(self, req: ListRequest, uid: int) -> Reply:
+        if req.session:
+            visible = [self.reg.session_for(req.session, uid)]
+        else:
+            visible = [s for s in self.reg.sessions.values() if uid == 0 or s.owner_uid == uid]
+        return {"sessions": [_describe(s) for s in visible], "current": self.reg.current.get(uid)}
+
+    async def status(self, sess: Session) -> Reply:
+        reply = await self.consumers.call(sess.owner_uid, StatusOp(session=sess.name))
+        return {"session": _describe(sess), "streams": _streams(reply)}
+
+
+def _streams(reply: object) -> list[dict[str, Any]]:
+    if not isinstance(reply, StreamsReply):
+        raise UserError("consumerd answered without stream counters")
+    return list(encode(reply)["streams"])
+
+
+def _describe(sess: Session) -> Reply:
+    return {
+        "name": sess.name,
+        "state": sess.state.value,
+        "sink": sess.sink(),
+        "owner_uid": sess.owner_uid,
+        "error": sess.error,
+        "channels": [
+            {
+                "name": ch.name,
+                "subbuf_size": ch.subbuf_size,
+                "num_subbuf": ch.num_subbuf,
+                "switch_timer_ms": ch.switch_timer_ms,
+                "mode": "overwrite" if ch.overwrite else "discard",
+                "events": list(ch.patterns),
+            }
+            for ch in sess.channels_in_order()
+        ],
+    }

@@ -1,0 +1,243 @@
+"""sessiond's data model: sessions, channels, streams, traces, apps.
+
+The :class:`Registry` holds every session and registered app of one sessiond,
+and turns that state into the consumerd operations that describe it
+(:meth:`Registry.session_op`, :meth:`Registry.trace_op`,
+:meth:`Registry.stream_op`, and the whole replay for a restarted consumerd).
+Nothing here does I/O but closing a freed buffer's descriptors.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import socket
+import sys
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import Enum
+
+import trio
+
+from tracewire import ctf
+from tracewire.ops import (
+    DEFAULT_NUM_SUBBUF, DEFAULT_SPOOL_SIZE, DEFAULT_SUBBUF_SIZE, AddStreamOp, AddTraceOp,
+    Compression, MetadataOp, Op, ProducerGoneOp, SessionOp,
+)
+from tracewire.seqpacket import SeqPacket
+
+__all__ = ["App", "Channel", "Registry", "Session", "SessionState", "SessiondConfig", "Stream",
+           "Trace", "UserError", "now_stamp"]
+
+
+@dataclass(frozen=True, slots=True)
+class SessiondConfig:
+    rundir: str
+    consumerd_cmd: tuple[str, ...] = (sys.executable, "-m", "consumerd")
+    app_stop_timeout: float = 5.0
+    stop_timeout: float = 120.0  # how long stop waits for a relay's acknowledgements
+    consumer_timeout: float = 60.0
+    hostname: str = ""
+
+
+class UserError(Exception):
+    """A request that cannot be done: reported to the CLI as one line."""
+
+
+class SessionState(Enum):
+    CREATED = "created"
+    STARTED = "started"
+    STOPPED = "stopped"
+
+
+@dataclass
+class Channel:
+    name: str
+    index: int
+    subbuf_size: int = DEFAULT_SUBBUF_SIZE
+    num_subbuf: int = DEFAULT_NUM_SUBBUF
+    overwrite: bool = False
+    switch_timer_ms: int = 0
+    patterns: list[str] = field(default_factory=list)
+
+    def matches(self, name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, p) for p in self.patterns)
+
+
+@dataclass
+class Stream:
+    """One ring buffer of (session, channel, app); sessiond holds its fds."""
+
+    key: str
+    session: str
+    channel: str
+    pid: int
+    memfd: int
+    eventfd: int
+    ids: frozenset[int] = frozenset()
+
+    def free_buffer(self) -> None:
+        """consumerd has everything the dead app wrote: free its ring buffer."""
+        if self.memfd >= 0:
+            os.close(self.memfd)
+            os.close(self.eventfd)
+        self.memfd = self.eventfd = -1
+
+
+@dataclass
+class Trace:
+    """One app's trace directory inside one session."""
+
+    trace_id: str
+    path: str
+    uuid: bytes
+    declared: int = 0  # tracepoints of the app already in the metadata
+    metadata: str = ""  # everything sent so far (replayed to a restarted consumerd)
+
+
+@dataclass
+class Session:
+    name: str
+    id: int
+    owner_uid: int
+    owner_gid: int
+    output: str | None
+    url: str | None
+    created: str
+    state: SessionState = SessionState.CREATED
+    compress: Compression = Compression.ZSTD
+    compress_level: int = 1
+    spool_size: int = DEFAULT_SPOOL_SIZE
+    auth_key_file: str | None = None
+    tls_ca: str | None = None
+    declared: bool = False  # consumerd knows the session
+    error: str | None = None  # the last failure to trace an app (status shows it)
+    channels: dict[str, Channel] = field(default_factory=dict)
+    traces: dict[int, Trace] = field(default_factory=dict)  # by app pid
+    streams: dict[str, Stream] = field(default_factory=dict)
+    clock_offset_ns: int = 0
+
+    @property
+    def session_dir(self) -> str:
+        assert self.output is not None
+        return os.path.join(self.output, f"{self.name}-{self.created}")
+
+    def sink(self) -> str:
+        return self.url or self.session_dir
+
+    def channels_in_order(self) -> list[Channel]:
+        return sorted(self.channels.values(), key=lambda c: c.index)
+
+    def keys_of(self, pid: int) -> list[str]:
+        """The stream keys of app ``pid`` in this session."""
+        return [st.key for st in self.streams.values() if st.pid == pid]
+
+
+@dataclass
+class App:
+    """A registered traced process (its connection on ``apps.sock``)."""
+
+    pid: int
+    uid: int
+    procname: str
+    conn: SeqPacket
+    started: str
+    tracepoints: list[ctf.EventDecl] = field(default_factory=list)
+    stop_waiters: dict[int, trio.Event] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return f"{self.procname}-{self.pid}"
+
+
+def now_stamp() -> str:
+    return datetime.now().strftime("%Y%m%dT%H%M%S")
+
+
+class Registry:
+    """Every session and app of one sessiond, and the operations that
+    describe them to consumerd."""
+
+    def __init__(self, config: SessiondConfig) -> None:
+        self.config = config
+        self.sessions: dict[str, Session] = {}
+        self.current: dict[int, str] = {}  # uid -> current session name
+        self.apps: dict[int, App] = {}  # by pid
+        self.next_session_id = 1
+        self.lock = trio.Lock()  # one control operation at a time
+        self.hostname = config.hostname or os.environ.get("TRACEWIRE_HOSTNAME") or socket.gethostname()
+
+    def session_for(self, name: str | None, uid: int) -> Session:
+        """The session ``name`` (or ``uid``'s current one), if ``uid`` may use it.
+
+        Raises:
+            UserError: no such session, or it belongs to another user.
+        """
+        name = name or self.current.get(uid)
+        if not name:
+            raise UserError("no session given and no current session (create one with 'tracewire create NAME')")
+        sess = self.sessions.get(name)
+        if sess is None:
+            raise UserError(f"no session named {name!r}")
+        if uid != 0 and sess.owner_uid != uid:
+            raise UserError(f"permission denied: session {name!r} belongs to another user")
+        return sess
+
+    def remove(self, sess: Session) -> None:
+        for st in sess.streams.values():
+            st.free_buffer()
+        del self.sessions[sess.name]
+        for u, n in list(self.current.items()):
+            if n == sess.name:
+                del self.current[u]
+
+    def spool_dir(self, sess: Session) -> str:
+        return os.path.join(self.config.rundir, "spool", f"{sess.name}-{sess.created}")
+
+    # ----------------------------------------------------- consumerd operations
+    def session_op(self, sess: Session) -> SessionOp:
+        return SessionOp(
+            session=sess.name, session_id=sess.id, created=sess.created, sink=sess.sink(),
+            hostname=self.hostname, uid=sess.owner_uid, gid=sess.owner_gid,
+            compress=sess.compress, compress_level=sess.compress_level,
+            auth_key_file=sess.auth_key_file, tls_ca=sess.tls_ca, live=False,
+            spool_dir=self.spool_dir(sess) if sess.url else None, spool_size=sess.spool_size,
+        )
+
+    @staticmethod
+    def trace_op(sess: Session, tr: Trace) -> AddTraceOp:
+        return AddTraceOp(trace_id=tr.trace_id, session=sess.name, path=tr.path, uuid=tr.uuid.hex())
+
+    @staticmethod
+    def stream_op(sess: Session, st: Stream, replay: bool = False) -> AddStreamOp:
+        ch = sess.channels[st.channel]
+        return AddStreamOp(
+            key=st.key, trace_id=sess.traces[st.pid].trace_id, session=sess.name, channel=ch.name,
+            stream_class=ch.index, subbuf_size=ch.subbuf_size, num_subbuf=ch.num_subbuf,
+            switch_timer_ms=ch.switch_timer_ms, replay=replay, gone=replay and st.memfd < 0,
+        )
+
+    def replay_ops(self, uid: int) -> list[tuple[Op, tuple[int, ...]]]:
+        """Everything a restarted consumerd of ``uid`` must be told, in order.
+
+        Taken in one step (no await), with the ring descriptors duplicated, so
+        an app that exits while the replay is sent cannot change what it says;
+        the caller closes the duplicates once they are sent.
+        """
+        out: list[tuple[Op, tuple[int, ...]]] = []
+        for sess in self.sessions.values():
+            if sess.owner_uid != uid:
+                continue
+            if sess.declared:
+                out.append((self.session_op(sess), ()))
+            for tr in sess.traces.values():
+                out.append((self.trace_op(sess, tr), ()))
+                out.append((MetadataOp(trace_id=tr.trace_id, text=tr.metadata, replay=True), ()))
+            for st in sess.streams.values():
+                if st.memfd < 0:  # a dead app's buffer, written out and freed
+                    out.append((self.stream_op(sess, st, replay=True), ()))
+                    continue
+                out.append((self.stream_op(sess, st, replay=True), (os.dup(st.memfd), os.dup(st.eventfd))))
+                if st.pid not in self.apps:
+                    out.append((ProducerGoneOp(key=st.key), ()))
+        return out
