@@ -444,11 +444,10 @@ def _decode_fields(cls: type[_T], data: Mapping[str, Any]) -> _T:
         value = data.get(name)
         if value is None and _has_default(f):
             continue
+        if name not in data:
+            raise MessageError(f"missing field {name!r} in {_kind_name(cls)}")
         args[name] = _check(value, hints[name], name)
-    try:
-        return cls(**args)
-    except TypeError as exc:  # a required field missing
-        raise MessageError(f"missing field in {_kind_name(cls)}: {exc}") from None
+    return cls(**args)
 
 
 def _has_default(f: dataclasses.Field[Any]) -> bool:
