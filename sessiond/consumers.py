@@ -200,7 +200,7 @@ class ConsumerHandle:
         if conn is None or (wait_ready and not self.ready.is_set()):
             raise UserError(self.failure or "consumerd is not available")
         seq = next(self._seq)
-        ev, box = trio.Event(), []
+        ev, box = trio.Event(), list[Reply]()
         self.waiters[seq] = (type(op), ev, box)
         await conn.send(encode(op, seq), fds)
         with trio.fail_after(timeout or self.config.consumer_timeout):

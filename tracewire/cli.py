@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -38,7 +38,13 @@ class NoDaemon(CliError):
     exit_code = EXIT_NO_DAEMON
 
 
-class Size(click.ParamType):
+if TYPE_CHECKING:  # generic in click >= 8.2 only: subscript it for mypy alone
+    _IntParam = click.ParamType[int, Any]
+else:
+    _IntParam = click.ParamType
+
+
+class Size(_IntParam):
     """A byte size like ``4096``, ``256k`` or ``4M``."""
 
     name = "size"
@@ -294,7 +300,7 @@ def start(ctx: click.Context, session: str | None) -> None:
     click.echo(f"Tracing started for session {r['session']}")
 
 
-def _stop_summary(r: dict) -> None:
+def _stop_summary(r: dict[str, Any]) -> None:
     streams = r.get("streams", [])
     packets = sum(s.get("packets", 0) for s in streams)
     raw = sum(s.get("raw_bytes", 0) for s in streams)
