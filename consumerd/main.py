@@ -13,6 +13,7 @@ from consumerd.daemon import ConsumerdConfig, serve_consumerd
 
 
 def run(config: ConsumerdConfig) -> int:
+    """Serve sessiond until it closes the control socket; the exit status."""
     trio.run(partial(serve_consumerd, config))
     return 0
 

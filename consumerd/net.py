@@ -21,8 +21,12 @@ loop.
 
 Memory is bounded by ``max_unacked_bytes``: past it the drain loop leaves the
 data in the ring buffers (which then discard, and count, new events) until
-acknowledgements free room.  The stop barrier waits for ``all_acked()``: it
-completes on the relay's acknowledgement, not on a timer.
+acknowledgements free room (``on_room`` is called then).  The stop barrier
+waits for ``wait_all_acked()``: it completes on the relay's acknowledgement,
+not on a timer.
+
+consumerd/sinks.py's ``RelaySink`` puts a NetSession and its spool
+(consumerd/spool.py) behind the sink interface the daemon uses.
 """
 
 from __future__ import annotations
@@ -31,10 +35,14 @@ import collections
 import itertools
 import logging
 import ssl
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
+
 import trio
 
 from tracewire import wire
+from tracewire.ops import DEFAULT_COMPRESS_LEVEL, DEFAULT_SPOOL_SIZE
 from tracewire.url import RelayURL
 
 from consumerd.spool import Spool, SpoolRecord
@@ -45,7 +53,8 @@ logger = logging.getLogger(__name__)
 
 
 class SinkError(Exception):
-    """The relay refused the session."""
+    """A sink that cannot be used: the relay refused the session (or a bad
+    relay URL, directory or key file, see consumerd/sinks.py)."""
 
 
 _NETWORK_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError,
@@ -67,28 +76,26 @@ def _leaf(group: BaseExceptionGroup) -> BaseException:
 
 
 def read_key_file(path: str) -> tuple[str, bytes]:
-    """Read a target's key file: one line ``KEY_ID SECRET`` (more words, such
-    as a relay-side host list, are ignored; ``#`` starts a comment).
+    """Read a target's key file: ``KEY_ID SECRET`` (tracewire.keyfile's format,
+    target side: the first key is used; host words, as in a line of a relay's
+    key file, are checked but not used; a word starting with ``#`` starts a
+    comment).  A file that group or others may access is used, with a warning.
 
     Raises:
-        SinkError: unreadable, no key line, or a secret under 32 characters.
+        SinkError: unreadable, not a regular file, too large, malformed, or
+            no key (the text names the file, and the line).
     """
+    from tracewire import keyfile, names
+
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read(64 * 1024)
-    except OSError as exc:
-        raise SinkError(f"cannot read key file {path}: {exc.strerror}") from None
-    for line in text.splitlines():
-        words = line.split("#", 1)[0].split()
-        if not words:
-            continue
-        if len(words) < 2:
-            raise SinkError(f"key file {path}: expected 'KEY_ID SECRET'")
-        key_id, secret = words[0], words[1]
-        if len(secret) < 32:
-            raise SinkError(f"key file {path}: the secret must be at least 32 characters")
-        return key_id, secret.encode()
-    raise SinkError(f"key file {path} holds no key")
+        parsed = keyfile.read_key_file(path, keyfile.Side.TARGET, check_name=names.validate_name)
+    except keyfile.KeyFileError as exc:
+        raise SinkError(str(exc)) from None
+    problem = parsed.permission_problem()
+    if problem is not None:
+        logger.warning("%s", problem)
+    key = parsed.keys[0]
+    return key.key_id, key.secret
 
 
 @dataclass(slots=True)
@@ -116,7 +123,7 @@ class _NetStream:
     index: int
     wire_id: int = -1  # id on the current connection
     base_seq: int | None = None  # the relay's next_seq when first declared
-    unacked: collections.deque = field(default_factory=collections.deque)
+    unacked: collections.deque[_Pending] = field(default_factory=collections.deque)
     packets: int = 0
     raw_bytes: int = 0
     wire_bytes: int = 0
@@ -133,25 +140,13 @@ class NetSession:
     """Streams one tracing session to a relay; see the module docstring."""
 
     def __init__(
-        self,
-        *,
-        name: str,
-        session_id: int,
-        created: str,
-        url: RelayURL,
-        hostname: str,
-        compress: bool = True,
-        level: int = 1,
-        auth: tuple[str, bytes] | None = None,
-        ca_file: str | None = None,
-        live: bool = False,
-        max_unacked_bytes: int = 64 * 1024 * 1024,
-        connect_timeout: float = 10.0,
-        keepalive: float = 60.0,
-        on_room=None,
-        opener=None,
-        spool: Spool | None = None,
-        on_saved=None,
+        self, *, name: str, session_id: int, created: str, url: RelayURL, hostname: str,
+        compress: bool = True, level: int = DEFAULT_COMPRESS_LEVEL,
+        auth: tuple[str, bytes] | None = None, ca_file: str | None = None, live: bool = False,
+        max_unacked_bytes: int = DEFAULT_SPOOL_SIZE, connect_timeout: float = 10.0,
+        keepalive: float = 60.0, on_room: Callable[[], None] | None = None,
+        opener: Callable[[], Awaitable[trio.abc.Stream]] | None = None,
+        spool: Spool | None = None, on_saved: Callable[[str, int, int], None] | None = None,
     ) -> None:
         self.name = name
         self.session_id = session_id
@@ -183,14 +178,17 @@ class NetSession:
         self._order = itertools.count()
         self._to_compress: collections.deque[_Pending] = collections.deque()
         self._compress_wakeup = trio.Event()
-        self._outbox: collections.deque = collections.deque()
+        # ("stream", _NetStream) | ("packet", _Pending) | ("metadata", _Trace, start, end)
+        self._outbox: collections.deque[tuple[Any, ...]] = collections.deque()
         self._send_wakeup = trio.Event()
+        self._next_wire_id: Iterator[int] = itertools.count()
         self._changed = trio.Event()
         self._cancel = trio.CancelScope()
-        self._compressor = None
 
     # ------------------------------------------------------------ producer side
     def has_room(self) -> bool:
+        """False while the spool is full, ``max_unacked_bytes`` are kept, or
+        the relay refused: the drain loop leaves the data in the ring."""
         if self.spool is not None and not self.spool.has_room():
             return False
         return self.unacked_bytes < self.max_unacked_bytes and self.error is None
@@ -202,17 +200,23 @@ class NetSession:
         return self.streams[key].base_seq
 
     def add_trace(self, trace_id: str, path: str) -> None:
+        """Declare a trace at ``path`` below the session (once per id).
+
+        Raises:
+            wire.ProtocolError: ``path`` is not a valid trace path.
+        """
         wire.validate_trace_path(path)
         self.traces.setdefault(trace_id, _Trace(path))
 
     def add_metadata(self, trace_id: str, data: bytes) -> None:
+        """Append to a trace's metadata (kept whole, re-sent on reconnect)."""
         tr = self.traces[trace_id]
         offset = len(tr.metadata)
         tr.metadata += data
         if self.connected:
             self._queue(("metadata", tr, offset, len(tr.metadata)))
 
-    def add_stream(self, key: str, trace_id: str, channel: str, resume: bool = False):
+    def add_stream(self, key: str, trace_id: str, channel: str, resume: bool = False) -> SpoolRecord | None:
         """Add a stream.  A new stream starts at seq 0 at once.  A resumed one
         (a restarted consumerd) reloads its spool: the returned record (the
         last one spooled, or None) says where to resume reading the ring and
@@ -253,7 +257,7 @@ class NetSession:
         self._to_compress.append(p)
         self._compress_wakeup.set()
 
-    def _queue(self, item) -> None:
+    def _queue(self, item: tuple[Any, ...]) -> None:
         self._outbox.append(item)
         self._send_wakeup.set()
 
@@ -270,7 +274,8 @@ class NetSession:
                 return
             await self._changed.wait()
 
-    def stats(self, key: str) -> dict:
+    def stats(self, key: str) -> dict[str, int]:
+        """Stream ``key``'s packets, raw and wire bytes, and unacked packets."""
         st = self.streams[key]
         return {
             "packets": st.packets,
@@ -300,6 +305,7 @@ class NetSession:
                 nursery.cancel_scope.cancel()
 
     def close(self) -> None:
+        """Stop ``run()``: the connection and the compressor."""
         self._cancel.cancel()
 
     async def _compress_loop(self) -> None:
@@ -411,7 +417,7 @@ class NetSession:
                 cs.shield = True
                 await stream.aclose()
 
-    async def _recv(self, stream, conn: wire.Connection):
+    async def _recv(self, stream: trio.abc.Stream, conn: wire.Connection) -> wire.Message:
         while True:
             ev = conn.next_event()
             if ev is not None:
@@ -427,7 +433,7 @@ class NetSession:
             data = await stream.receive_some(256 * 1024)
             conn.receive_data(data)
 
-    async def _send(self, stream, conn: wire.Connection, msg) -> int:
+    async def _send(self, stream: trio.abc.Stream, conn: wire.Connection, msg: wire.Message) -> int:
         parts = conn.send_parts(msg)
         n = 0
         for part in parts:
@@ -435,7 +441,7 @@ class NetSession:
             n += len(part)
         return n
 
-    async def _handshake(self, stream, conn: wire.Connection) -> None:
+    async def _handshake(self, stream: trio.abc.Stream, conn: wire.Connection) -> None:
         key_id = self.auth[0] if self.auth else None
         with trio.fail_after(self.connect_timeout):
             await self._send(stream, conn, wire.Hello(wire.PROTOCOL_VERSION, self.hostname, key_id))
@@ -449,7 +455,7 @@ class NetSession:
             if not isinstance(ev, wire.Welcome):
                 raise SinkError(f"unexpected {type(ev).__name__} in the handshake")
 
-    async def _declare_all(self, stream, conn: wire.Connection) -> None:
+    async def _declare_all(self, stream: trio.abc.Stream, conn: wire.Connection) -> None:
         """(Re)declare everything and resume every stream where the relay stands."""
         await self._send(stream, conn, wire.SessionDecl(self.session_id, self.name, self.created, self.live))
         for tr in self.traces.values():
@@ -482,7 +488,7 @@ class NetSession:
         self._outbox.extend(("packet", p) for p in pending)
         self._send_wakeup.set()
 
-    async def _sender(self, stream, conn: wire.Connection) -> None:
+    async def _sender(self, stream: trio.abc.Stream, conn: wire.Connection) -> None:
         while True:
             while not self._outbox:
                 self._send_wakeup = trio.Event()
@@ -514,7 +520,7 @@ class NetSession:
                 _, tr, start, end = item
                 await self._send(stream, conn, wire.Metadata(self.session_id, tr.path, start, bytes(tr.metadata[start:end])))
 
-    async def _reader(self, stream, conn: wire.Connection) -> None:
+    async def _reader(self, stream: trio.abc.Stream, conn: wire.Connection) -> None:
         while True:
             ev = await self._recv(stream, conn)
             st = self.by_wire_id.get(getattr(ev, "stream_id", -1))

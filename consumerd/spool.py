@@ -33,6 +33,9 @@ MAX_RECORD_DATA = 256 * 1024 * 1024
 
 @dataclass(slots=True)
 class SpoolRecord:
+    """One spooled packet: its place in the stream and the ring, and its
+    (possibly compressed) bytes."""
+
     seq: int
     ts_begin: int
     ts_end: int
@@ -44,6 +47,8 @@ class SpoolRecord:
 
 
 class _Segment:
+    """One segment file of a stream: its open fd, size and last seq (-1: empty)."""
+
     __slots__ = ("path", "fd", "size", "last_seq")
 
     def __init__(self, path: str, fd: int, size: int, last_seq: int) -> None:
@@ -62,6 +67,7 @@ class Spool:
         os.makedirs(directory, mode=0o700, exist_ok=True)
 
     def has_room(self) -> bool:
+        """False once the spool holds its cap: stop reading the rings."""
         return self.size < self.cap
 
     def load(self, key: str) -> list[SpoolRecord]:
@@ -101,6 +107,11 @@ class Spool:
         return out
 
     def append(self, key: str, rec: SpoolRecord) -> None:
+        """Add a packet of stream ``key`` at the end of its last segment.
+
+        Raises:
+            OSError: the write failed (disk full): the record is not kept.
+        """
         segs = self._segments.setdefault(key, [])
         if not segs or segs[-1].size >= self.segment_size:
             n = int(segs[-1].path.rsplit(".", 1)[1]) + 1 if segs else 0
@@ -138,6 +149,7 @@ class Spool:
             self.size -= seg.size
 
     def remove(self, key: str) -> None:
+        """Delete every segment of stream ``key`` (its session is removed)."""
         for seg in self._segments.pop(key, []):
             os.close(seg.fd)
             self.size -= seg.size
@@ -147,6 +159,7 @@ class Spool:
                 pass
 
     def close(self) -> None:
+        """Close the segment files (they stay, for a restarted consumerd)."""
         for segs in self._segments.values():
             for seg in segs:
                 os.close(seg.fd)
