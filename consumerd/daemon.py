@@ -3,26 +3,36 @@
 Theory of operation
 -------------------
 consumerd is spawned by sessiond with one end of a SEQPACKET socketpair
-(``--control-fd``).  sessiond sends it traces (a directory and its metadata)
-and streams (a ring buffer memfd and its eventfd, with SCM_RIGHTS); consumerd
-answers every request with ``{"seq", "ok"}``.
+(``--control-fd``).  sessiond sends it the operations of ``tracewire.ops``:
+sessions (each with its sink: a directory or a relay URL), traces (a
+directory and its metadata) and streams (a ring buffer memfd and its eventfd,
+with SCM_RIGHTS).  Every message is decoded with ``decode_op`` and handled by
+one ``match`` on its class; every handler returns a typed reply, sent back
+with the request's ``seq``.  A message that does not decode, and a request
+that cannot be carried out (an unknown session or trace, a bad sink, a relay
+that refused), is answered with an ``ErrorReply``; anything else that goes
+wrong is a bug: logged with its traceback and answered as an internal error.
+consumerd goes on serving either way.
 
 One trio task per stream waits for its eventfd (no polling), takes the closed
 sub-buffers the eventfd announced, prepends the 84-byte CTF packet header and
-context, and hands the packet to the session's sink, then releases the space
-to the producer.  A switch timer, a ``flush`` request (the stop barrier) and a
+context, and hands the packet to the stream's sink (consumerd/sinks.py: local
+files, or a relay), then releases the space to the producer — at once, or,
+for a sink with ``deferred_release``, once the sink says the packet is saved.
+A sink without room leaves the data in the ring until it calls ``on_room``.
+A switch timer, a ``flush`` request (the stop barrier) and a
 ``producer_gone`` notice (the app exited or died) also take the open
 sub-buffer up to the last whole event.
 
-The local sink writes ``<trace>/<channel>_0`` with ``os.writev`` (header and
-the shared-memory view, no copy) and appends one LTTng v1.1 index entry per
-packet to ``<trace>/index/<channel>_0.idx``.
+This module knows no sink type: what a sink does with a packet, a trace's
+metadata or a flush is the sink's (consumerd/sinks.py).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
 from dataclasses import dataclass, field
 
 import trio
@@ -30,13 +40,15 @@ import trio
 from tracewire import ctf
 from tracewire.control import ControlError, close_fds
 from tracewire.names import InvalidName, validate_name
-from tracewire.ringbuf import BufferSpec, ConsumerCursor, MemoryBarrier, RingBufferCorrupt
+from tracewire.ops import (
+    AddStreamOp, AddTraceOp, DoneReply, ErrorReply, FlushOp, HelloOp, HelloReply, MessageError,
+    MetadataOp, Op, ProducerGoneOp, ReleasedReply, RemoveSessionOp, Reply, SessionOp, StatusOp,
+    StreamsReply, StreamStats, TraceReply, decode_op, encode,
+)
+from tracewire.ringbuf import BufferSpec, Chunk, ConsumerCursor, MemoryBarrier, RingBufferCorrupt
 from tracewire.seqpacket import SeqPacket
-from tracewire.streamfile import StreamFile
-from tracewire.url import parse_url
 
-from consumerd.net import NetSession, SinkError, read_key_file
-from consumerd.spool import Spool
+from consumerd.sinks import SessionSink, SinkError, StreamSink, open_sink
 
 __all__ = ["ConsumerdConfig", "serve_consumerd"]
 
@@ -45,6 +57,9 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class ConsumerdConfig:
+    """How sessiond started consumerd: its control socket, and whether to
+    force the cross-CPU memory barrier before a flush reads a ring."""
+
     control_fd: int
     force_barrier: bool = False
 
@@ -53,27 +68,32 @@ class RequestError(Exception):
     """A request from sessiond that cannot be carried out."""
 
 
+# Errors that refuse one request; any other exception is a bug.
+_REFUSALS = (RequestError, InvalidName, SinkError, OSError, RingBufferCorrupt)
+
+
 @dataclass
 class SessionOut:
-    """A session's sink: a local directory, or a relay (``net``)."""
+    """A declared session and its sink."""
 
     name: str
-    sink: str
-    net: NetSession | None = None
+    sink: SessionSink
 
 
 @dataclass
 class TraceOut:
+    """One app's trace in a session."""
+
     trace_id: str
     session: str
-    directory: str  # local: the trace directory; relay: the trace path below the session
+    directory: str  # where the sink put it, as add_trace answered
     uuid: bytes
-    metadata_fd: int  # -1 for a relay sink
-    metadata_bytes: int = 0
 
 
 @dataclass
 class StreamOut:
+    """One stream: its ring (cursor, eventfd), its sink and its state."""
+
     key: str
     session: str
     trace: TraceOut
@@ -81,12 +101,11 @@ class StreamOut:
     stream_class: int
     cursor: ConsumerCursor
     eventfd: int
-    file: StreamFile | None  # local sink
-    net: NetSession | None  # relay sink
+    sink: StreamSink
     switch_timer_ms: int
     next_seq: int = 0
-    seq_known: bool = True  # False: a resumed relay stream waits for the relay's word
-    blocked: bool = False  # the relay sink is full: data waits in the ring
+    seq_known: bool = True  # False: a resumed stream waits for its sink's word
+    blocked: bool = False  # the sink is full: data waits in the ring
     packets: int = 0
     raw_bytes: int = 0
     gone: bool = False
@@ -96,15 +115,15 @@ class StreamOut:
     cancel: trio.CancelScope = field(default_factory=trio.CancelScope)
 
 
-def _safe_join(base: str, rel: str) -> str:
-    """``base/rel`` where every component of ``rel`` is a valid name."""
-    parts = rel.split("/")
-    for p in parts:
-        validate_name(p, "path component")
-    return os.path.join(base, *parts)
+def _seq(msg: dict[str, object]) -> int | None:
+    """The request's ``seq``, to echo in the reply (None if it has none)."""
+    seq = msg.get("seq")
+    return seq if isinstance(seq, int) and not isinstance(seq, bool) else None
 
 
 class Consumerd:
+    """consumerd's state; its methods run in one trio event loop."""
+
     def __init__(self, config: ConsumerdConfig, conn: SeqPacket, nursery: trio.Nursery) -> None:
         self.config = config
         self.conn = conn
@@ -116,6 +135,7 @@ class Consumerd:
 
     # ------------------------------------------------------------- requests
     async def run(self) -> None:
+        """Answer sessiond's requests, one at a time, until it goes away."""
         while True:
             try:
                 got = await self.conn.receive()
@@ -126,268 +146,238 @@ class Consumerd:
                 logger.info("sessiond closed the control socket; exiting")
                 return
             msg, fds = got
-            seq = msg.get("seq")
-            op = msg.get("op")
-            handler = getattr(self, f"op_{op}", None) if isinstance(op, str) and op.isidentifier() else None
-            try:
-                if handler is None:
-                    raise RequestError(f"unknown op {op!r}")
-                result = await handler(msg, fds)
-                reply = {"seq": seq, "ok": True, **(result or {})}
-            except (RequestError, InvalidName, OSError, KeyError, ValueError, RingBufferCorrupt, SinkError) as exc:
-                close_fds(fds)
-                logger.warning("request %s failed: %s", op, exc)
-                reply = {"seq": seq, "ok": False, "error": str(exc)}
-            await self.conn.send(reply)
+            reply = await self.handle(msg, fds)
+            await self.conn.send(encode(reply, _seq(msg)))
 
-    async def op_hello(self, msg: dict, fds: list[int]) -> dict:
-        return {"pid": os.getpid()}
+    async def handle(self, msg: dict[str, object], fds: list[int]) -> Reply:
+        """The reply to one message; descriptors not kept are closed."""
+        try:
+            op = decode_op(msg)
+        except MessageError as exc:
+            close_fds(fds)
+            logger.warning("bad request from sessiond: %s", exc)
+            return ErrorReply(str(exc))
+        if not isinstance(op, AddStreamOp):
+            close_fds(fds)  # only add_stream takes descriptors
+            fds = []
+        try:
+            return await self.dispatch(op, fds)
+        except _REFUSALS as exc:
+            logger.warning("request %s failed: %s", op.KIND, exc)
+            return ErrorReply(str(exc))
+        except Exception as exc:
+            logger.exception("request %s: internal error", op.KIND)
+            return ErrorReply(f"internal error: {type(exc).__name__}: {exc}", internal=True)
 
-    async def op_session(self, msg: dict, fds: list[int]) -> dict:
+    async def dispatch(self, op: Op, fds: list[int]) -> Reply:
+        """Carry out one operation (``fds`` belong to an ``add_stream``).
+
+        Raises:
+            RequestError: and the other ``_REFUSALS``: the request is refused.
+        """
+        match op:
+            case HelloOp():
+                return HelloReply(os.getpid())
+            case SessionOp():
+                return self.op_session(op)
+            case AddTraceOp():
+                return self.op_add_trace(op)
+            case MetadataOp():
+                return self.op_metadata(op)
+            case AddStreamOp():
+                return self.op_add_stream(op, fds)
+            case FlushOp():
+                return await self.op_flush(op)
+            case ProducerGoneOp():
+                return await self.op_producer_gone(op)
+            case RemoveSessionOp():
+                return await self.op_remove_session(op)
+            case StatusOp():
+                return StreamsReply(tuple(self._stats(st) for st in self._streams_of(op.session)))
+        raise AssertionError(f"no handler for {type(op).__name__}")
+
+    def _session(self, name: str) -> SessionOut:
+        """Session ``name``, or RequestError."""
+        so = self.sessions.get(name)
+        if so is None:
+            raise RequestError(f"unknown session {name!r}")
+        return so
+
+    def _trace(self, trace_id: str) -> TraceOut:
+        """Trace ``trace_id``, or RequestError."""
+        tr = self.traces.get(trace_id)
+        if tr is None:
+            raise RequestError(f"unknown trace {trace_id!r}")
+        return tr
+
+    def _streams_of(self, session: str) -> list[StreamOut]:
+        return [st for st in self.streams.values() if st.session == session]
+
+    def op_session(self, op: SessionOp) -> DoneReply:
         """Declare a session and its sink (before its traces)."""
-        name = str(msg["session"])
+        name = op.session
         if name in self.sessions:
-            return {}
-        sink = str(msg["sink"])
-        net = None
-        if "://" in sink:
-            try:
-                url = parse_url(sink)
-            except ValueError as exc:
-                raise RequestError(str(exc)) from None
-            auth = None
-            if msg.get("auth_key_file"):
-                auth = read_key_file(str(msg["auth_key_file"]))
-            so = SessionOut(name, sink)
-            spool = None
-            if msg.get("spool_dir"):
-                spool = Spool(str(msg["spool_dir"]), int(msg.get("spool_size") or 64 * 1024 * 1024))
-            net = NetSession(
-                name=name, session_id=int(msg["session_id"]), created=str(msg["created"]),
-                url=url, hostname=str(msg["hostname"]), compress=msg.get("compress", "zstd") == "zstd",
-                level=int(msg.get("compress_level") or 1), auth=auth,
-                ca_file=msg.get("tls_ca") or None, live=bool(msg.get("live")),
-                on_room=lambda: self._on_room(so),
-                spool=spool, on_saved=self._on_saved,
-                max_unacked_bytes=int(msg.get("spool_size") or 64 * 1024 * 1024),
-            )
-            so.net = net
-            self.nursery.start_soon(net.run)
-        else:
-            if not os.path.isabs(sink):
-                raise RequestError(f"sink {sink!r} is not an absolute directory")
-            so = SessionOut(name, sink)
-        self.sessions[name] = so
-        return {}
+            return DoneReply()
+        sink = open_sink(op, on_room=lambda: self._on_room(name), on_saved=self._on_saved)
+        self.sessions[name] = SessionOut(name, sink)
+        self.nursery.start_soon(sink.run)
+        return DoneReply()
 
     def _on_saved(self, key: str, pos: int, ts: int) -> None:
+        """A sink saved a packet: the ring below ``pos`` goes back to the producer."""
         st = self.streams.get(key)
         if st is not None and not st.closed:
             st.cursor.publish(pos, ts)
 
-    def _on_room(self, so: SessionOut) -> None:
-        for st in list(self.streams.values()):
-            if st.session == so.name and st.blocked and not st.closed:
+    def _on_room(self, session: str) -> None:
+        """A full sink has room again: go on draining what waits in the rings."""
+        for st in self._streams_of(session):
+            if st.blocked and not st.closed:
                 self.drain(st, flush=st.gone)
 
-    async def op_add_trace(self, msg: dict, fds: list[int]) -> dict:
-        tid = str(msg["trace_id"])
-        if tid in self.traces:
-            return {}
-        so = self.sessions[str(msg["session"])]
-        path = str(msg["path"])
-        if so.net is not None:
-            so.net.add_trace(tid, path)
-            self.traces[tid] = TraceOut(tid, so.name, path, bytes.fromhex(msg["uuid"]), -1)
-            return {"directory": f"{so.sink}/{path}"}
-        directory = _safe_join(so.sink, path)
-        os.makedirs(os.path.join(directory, "index"), exist_ok=True)
-        mpath = os.path.join(directory, "metadata")
-        mfd = os.open(mpath, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
-        size = os.fstat(mfd).st_size
-        self.traces[tid] = TraceOut(tid, so.name, directory, bytes.fromhex(msg["uuid"]), mfd, size)
-        return {"directory": directory}
+    def op_add_trace(self, op: AddTraceOp) -> TraceReply:
+        """Open an app's trace in its session's sink (again: the same answer)."""
+        known = self.traces.get(op.trace_id)
+        if known is not None:
+            return TraceReply(known.directory)
+        so = self._session(op.session)
+        directory = so.sink.add_trace(op.trace_id, op.path)
+        self.traces[op.trace_id] = TraceOut(op.trace_id, so.name, directory, op.uuid_bytes)
+        return TraceReply(directory)
 
-    async def op_metadata(self, msg: dict, fds: list[int]) -> dict:
-        tr = self.traces[str(msg["trace_id"])]
-        data = str(msg["text"]).encode()
-        if msg.get("replay"):
-            # The whole metadata, after a consumerd restart: a local file
-            # already holds a prefix of it; a relay session starts empty.
-            data = data[tr.metadata_bytes:]
-        net = self.sessions[tr.session].net
-        if net is not None:
-            net.add_metadata(tr.trace_id, data)
-        elif data:
-            os.write(tr.metadata_fd, data)
-        tr.metadata_bytes += len(data)
-        return {}
+    def op_metadata(self, op: MetadataOp) -> DoneReply:
+        """Append to a trace's metadata (replayed: only what the sink lacks)."""
+        tr = self._trace(op.trace_id)
+        self.sessions[tr.session].sink.add_metadata(tr.trace_id, op.text.encode(), op.replay)
+        return DoneReply()
 
-    async def op_add_stream(self, msg: dict, fds: list[int]) -> dict:
-        if not fds and msg.get("gone"):
+    def op_add_stream(self, op: AddStreamOp, fds: list[int]) -> DoneReply:
+        """Start reading a stream's ring.  Owns ``fds``: whatever happens,
+        they are kept or closed."""
+        if not fds and op.gone:
             # A dead app's stream whose ring is already freed (a restarted
-            # consumerd): only what its spool still holds is left to send.
-            tr = self.traces[str(msg["trace_id"])]
-            net = self.sessions[tr.session].net
-            if net is not None:
-                net.add_stream(str(msg["key"]), tr.trace_id, validate_name(str(msg["channel"])), resume=True)
-            return {}
-        if len(fds) != 2:
-            raise RequestError("add_stream needs a memfd and an eventfd")
-        key = str(msg["key"])
-        if key in self.streams:
+            # consumerd): only what its sink still holds is left to deliver.
+            tr = self._trace(op.trace_id)
+            channel = validate_name(op.channel, "channel name")
+            self.sessions[tr.session].sink.add_gone_stream(op.key, tr.trace_id, channel)
+            return DoneReply()
+        if len(fds) != 2 or op.key in self.streams:
             close_fds(fds)
-            return {}
-        tr = self.traces[str(msg["trace_id"])]
-        net = self.sessions[tr.session].net
-        channel = validate_name(str(msg["channel"]), "channel name")
+            if len(fds) != 2:
+                raise RequestError("add_stream needs a memfd and an eventfd")
+            return DoneReply()
         memfd, efd = fds
-        spec = BufferSpec(int(msg["subbuf_size"]), int(msg["num_subbuf"]))
         try:
+            st = self._open_stream(op, memfd, efd)
+        except BaseException:
+            os.close(efd)
+            raise
+        self.streams[op.key] = st
+        self.nursery.start_soon(self.stream_task, st)
+        return DoneReply()
+
+    def _open_stream(self, op: AddStreamOp, memfd: int, efd: int) -> StreamOut:
+        """Map the ring (closing ``memfd``), open the stream's sink and put
+        the cursor where the sink resumes."""
+        try:
+            tr = self._trace(op.trace_id)
+            channel = validate_name(op.channel, "channel name")
+            try:
+                spec = BufferSpec(op.subbuf_size, op.num_subbuf)
+            except ValueError as exc:
+                raise RequestError(str(exc)) from None
             cursor = ConsumerCursor(memfd, spec)
         finally:
             os.close(memfd)
-        os.set_blocking(efd, False)
-        sf = None
-        next_seq, seq_known = 0, True
-        if net is not None:
-            cursor.deferred = True  # ring space is released once a packet is spooled
-            last = net.add_stream(key, tr.trace_id, channel, resume=bool(msg.get("replay")))
-            if last is not None:
-                cursor.skip_to(last.ring_end, last.ts_end)
-                next_seq = last.seq + 1
-            elif msg.get("replay"):
-                seq_known = False
-        else:
-            # Reopening after a consumerd restart continues the same files.
-            sf = StreamFile(tr.directory, f"{channel}_0")
-            if sf.recovered_bytes:
-                logger.warning("%s: cut %d bytes of a partial packet", sf.path, sf.recovered_bytes)
-            cursor.last_discarded = sf.last_discarded
-            if sf.next_seq:
-                cursor.last_ts = max(cursor.last_ts, sf.last_ts_end)
-        st = StreamOut(
-            key, tr.session, tr, channel, int(msg["stream_class"]), cursor, efd,
-            sf, net, int(msg.get("switch_timer_ms") or 0),
-            next_seq=sf.next_seq if sf else next_seq, seq_known=seq_known,
+        try:
+            os.set_blocking(efd, False)
+            sink = self.sessions[tr.session].sink.open_stream(
+                op.key, tr.trace_id, channel, op.stream_class, op.replay)
+        except BaseException:
+            cursor.close()
+            raise
+        _resume(cursor, sink)
+        return StreamOut(
+            op.key, tr.session, tr, channel, op.stream_class, cursor, efd, sink, op.switch_timer_ms,
+            next_seq=sink.resume.next_seq or 0, seq_known=sink.resume.next_seq is not None,
         )
-        self.streams[key] = st
-        self.nursery.start_soon(self.stream_task, st)
-        return {}
 
     async def _flush_streams(self, streams: list[StreamOut]) -> None:
-        """Drain every stream to its last whole event, waiting for room in a
-        relay sink when needed, then for the relay's acknowledgements."""
-        nets = {id(st.net): st.net for st in streams if st.net is not None}
+        """Drain every stream (all of one session) to its last whole event,
+        waiting for room in the sink when needed, then for the sink to hold
+        everything safely (a relay's acknowledgements).
+
+        Raises:
+            SinkError: the sink failed for good.
+        """
+        if not streams:
+            return
+        sink = self.sessions[streams[0].session].sink
         while True:
             for st in streams:
                 if not st.closed:
                     self.drain(st, flush=True)
-                    if st.file is not None:
-                        st.file.flush()
-            blocked = [st for st in streams if st.blocked and not st.closed and not st.broken]
-            if not blocked:
+                    st.sink.flush()
+            if not any(st.blocked and not st.closed and not st.broken for st in streams):
                 break
-            net = blocked[0].net
-            assert net is not None
-            if net.error:
-                raise RequestError(f"relay {net.url}: {net.error}")
-            await net.wait_change()
-        for net in nets.values():
-            try:
-                await net.wait_all_acked()
-            except SinkError as exc:
-                raise RequestError(f"relay {net.url}: {exc}") from None
+            await sink.wait_room()
+        await sink.wait_durable()
 
-    async def op_flush(self, msg: dict, fds: list[int]) -> dict:
-        session = str(msg["session"])
-        streams = [st for st in self.streams.values() if st.session == session]
-        timeout = float(msg.get("timeout") or 120)
-        with trio.move_on_after(timeout) as cs:
+    async def op_flush(self, op: FlushOp) -> StreamsReply:
+        """The stop barrier: every stream of the session drained and safe."""
+        streams = self._streams_of(op.session)
+        with trio.move_on_after(op.timeout) as cs:
             await self._flush_streams(streams)
         if cs.cancelled_caught:
-            so = self.sessions[session]
-            net = so.net
-            left = sum(len(net.streams[st.key].unacked) for st in streams) if net else 0
-            why = f" (last failure: {net.last_failure})" if net and net.last_failure else ""
-            raise RequestError(
-                f"relay {net.url if net else so.sink} has not acknowledged everything after "
-                f"{timeout:.0f} s: {left} packets kept, more may wait in the ring buffers{why}; "
-                "they are sent when the relay is reachable"
-            )
-        return {"streams": [self._stats(st) for st in streams]}
+            sink = self._session(op.session).sink
+            raise RequestError(sink.timeout_message([st.key for st in streams], op.timeout))
+        return StreamsReply(tuple(self._stats(st) for st in streams))
 
-    async def op_producer_gone(self, msg: dict, fds: list[int]) -> dict:
+    async def op_producer_gone(self, op: ProducerGoneOp) -> ReleasedReply:
         """The app exited or died: write (or spool) what it committed, then
         let its ring buffer go — sessiond frees it once we say so, so a
         session tracing many short-lived apps does not keep them all."""
-        st = self.streams.get(str(msg["key"]))
+        st = self.streams.get(op.key)
         if st is None or st.closed:
-            return {"released": True}
+            return ReleasedReply(True)
         st.gone = True
         self.drain(st, flush=True)
-        if st.blocked:  # a full spool: the rest waits in the ring; released later
-            return {"released": False}
+        if st.blocked:  # a full sink: the rest waits in the ring; released later
+            return ReleasedReply(False)
         await self.close_stream(st)
-        return {"released": True}
+        return ReleasedReply(True)
 
-    async def op_remove_session(self, msg: dict, fds: list[int]) -> dict:
-        session = str(msg["session"])
-        streams = [st for st in self.streams.values() if st.session == session]
-        so = self.sessions.get(session)
+    async def op_remove_session(self, op: RemoveSessionOp) -> DoneReply:
+        """Flush the session (for at most ``op.timeout``), then forget it and
+        close its sink."""
+        streams = self._streams_of(op.session)
+        so = self.sessions.get(op.session)
         try:
-            with trio.move_on_after(float(msg.get("timeout", 30))):
+            with trio.move_on_after(op.timeout):
                 await self._flush_streams(streams)
         finally:
             for st in streams:
                 await self.close_stream(st)
                 del self.streams[st.key]
-            for tid, tr in list(self.traces.items()):
-                if tr.session == session:
-                    if tr.metadata_fd >= 0:
-                        os.close(tr.metadata_fd)
-                    del self.traces[tid]
+            for tid in [tid for tid, tr in self.traces.items() if tr.session == op.session]:
+                del self.traces[tid]
             if so is not None:
-                if so.net is not None:
-                    so.net.close()
-                    if so.net.spool is not None:
-                        for st in streams:
-                            so.net.spool.remove(st.key)
-                        so.net.spool.close()
-                        try:
-                            os.rmdir(so.net.spool.directory)
-                        except OSError:
-                            pass
-                del self.sessions[session]
-        return {}
+                so.sink.close()
+                del self.sessions[op.session]
+        return DoneReply()
 
-    async def op_status(self, msg: dict, fds: list[int]) -> dict:
-        session = str(msg["session"])
-        return {"streams": [self._stats(st) for st in self.streams.values() if st.session == session]}
-
-    def _stats(self, st: StreamOut) -> dict:
-        out = {
-            "key": st.key,
-            "path": st.file.path if st.file else f"{st.net.url}/{st.trace.directory}/{st.channel}_0",
-            "channel": st.channel,
-            "packets": st.packets,
-            "raw_bytes": st.raw_bytes,
-            "wire_bytes": st.raw_bytes,
-            "discarded": st.cursor.last_discarded,
-            "unacked": 0,
-            "producer": "gone" if st.gone else "alive",
-            "error": st.broken,
-        }
-        if st.net is not None:
-            out.update(st.net.stats(st.key))
-            if st.net.error:
-                out["error"] = f"relay: {st.net.error}"
-            elif not st.net.connected and st.net.last_failure:
-                out["error"] = f"relay unreachable: {st.net.last_failure}"
-        return out
+    def _stats(self, st: StreamOut) -> StreamStats:
+        """The stream's counters, as its sink reports them."""
+        counted = StreamStats(
+            key=st.key, path=st.sink.path, channel=st.channel, packets=st.packets,
+            raw_bytes=st.raw_bytes, wire_bytes=st.raw_bytes, discarded=st.cursor.last_discarded,
+            unacked=0, producer="gone" if st.gone else "alive", error=st.broken,
+        )
+        return st.sink.stats(counted)
 
     # ------------------------------------------------------------- streams
     async def stream_task(self, st: StreamOut) -> None:
+        """Read one stream until it is closed (``st.done`` is set then)."""
         timer = st.switch_timer_ms / 1000 if st.switch_timer_ms > 0 else float("inf")
         try:
             await self._stream_loop(st, timer)
@@ -418,37 +408,9 @@ class Consumerd:
         """Write every chunk the ring buffer has for us (all of it on flush)."""
         if st.broken or st.closed:
             return
-        net = st.net
         st.blocked = False
-        cur = st.cursor
         try:
-            limit = None
-            if flush:
-                try:
-                    st.cursor.announce(os.eventfd_read(st.eventfd))
-                except BlockingIOError:
-                    pass
-                # None: the producer is too busy to catch a consistent head;
-                # take the closed sub-buffers now and the rest next time.
-                limit = cur.flush_limit(self.barrier)
-            if not st.seq_known:
-                first = net.first_seq(st.key) if net is not None else 0
-                if first is None:
-                    st.blocked = True  # until the relay says where the stream stands
-                    return
-                st.next_seq, st.seq_known = first, True
-            while True:
-                if net is not None and not net.has_room():
-                    st.blocked = True  # the rest waits in the ring buffer
-                    return
-                chunk = cur.next_chunk(limit)
-                if chunk is None:
-                    break
-                self.write_packet(st, chunk)
-                cur.release()
-            if limit is not None and cur.discarded_pending() > 0:
-                self.write_packet(st, cur.empty_chunk(limit[1]))
-                cur.release()
+            self._drain(st, flush)
         except RingBufferCorrupt as exc:
             st.broken = str(exc)
             logger.error("stream %s abandoned: %s", st.key, exc)
@@ -456,20 +418,46 @@ class Consumerd:
             st.broken = f"write failed: {exc}"
             logger.error("stream %s: %s", st.key, st.broken)
 
-    def write_packet(self, st: StreamOut, chunk) -> None:
+    def _drain(self, st: StreamOut, flush: bool) -> None:
+        """``drain``'s loop; raises what the ring or the sink raise."""
+        cur = st.cursor
+        limit = None
+        if flush:
+            try:
+                st.cursor.announce(os.eventfd_read(st.eventfd))
+            except BlockingIOError:
+                pass
+            # None: the producer is too busy to catch a consistent head;
+            # take the closed sub-buffers now and the rest next time.
+            limit = cur.flush_limit(self.barrier)
+        if not st.seq_known:
+            first = st.sink.first_seq()
+            if first is None:
+                st.blocked = True  # until the sink knows where the stream stands
+                return
+            st.next_seq, st.seq_known = first, True
+        while True:
+            if not st.sink.has_room():
+                st.blocked = True  # the rest waits in the ring buffer
+                return
+            chunk = cur.next_chunk(limit)
+            if chunk is None:
+                break
+            self.write_packet(st, chunk)
+            cur.release()
+        if limit is not None and cur.discarded_pending() > 0:
+            self.write_packet(st, cur.empty_chunk(limit[1]))
+            cur.release()
+
+    def write_packet(self, st: StreamOut, chunk: Chunk) -> None:
+        """One chunk as one CTF packet (the next seq) into the stream's sink."""
         n = len(chunk.data)
         seq = st.next_seq
         header = ctf.pack_packet_header(
             st.trace.uuid, st.stream_class, 0, chunk.ts_begin, chunk.ts_end, n, seq,
             chunk.events_discarded,
         )
-        if st.net is not None:
-            st.net.submit(st.key, header + chunk.data, seq, chunk.ts_begin, chunk.ts_end,
-                          chunk.events_discarded, chunk.end)
-        else:
-            assert st.file is not None
-            st.file.append([header, chunk.data], chunk.ts_begin, chunk.ts_end,
-                           chunk.events_discarded, st.stream_class)
+        st.sink.write(header, chunk, seq)
         st.packets += 1
         st.raw_bytes += len(header) + n
         st.next_seq = seq + 1
@@ -482,28 +470,42 @@ class Consumerd:
         trio.lowlevel.notify_closing(st.eventfd)
         st.cancel.cancel()
         await st.done.wait()
-        if st.file is not None:
-            st.file.close()
+        st.sink.close()
         os.close(st.eventfd)
         st.cursor.close()
 
 
-async def serve_consumerd(config: ConsumerdConfig, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Serve sessiond's requests on ``config.control_fd`` until it closes."""
-    import socket
+def _resume(cursor: ConsumerCursor, sink: StreamSink) -> None:
+    """Put a new cursor where the stream's sink resumes."""
+    r = sink.resume
+    cursor.deferred = sink.deferred_release
+    if r.ring_pos is not None:
+        cursor.skip_to(r.ring_pos, r.ts_end)
+    else:
+        cursor.last_ts = max(cursor.last_ts, r.ts_end)
+    if r.discarded is not None:
+        cursor.last_discarded = r.discarded
 
+
+async def serve_consumerd(
+    config: ConsumerdConfig, *, task_status: trio.TaskStatus[Consumerd] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve sessiond's requests on ``config.control_fd`` until it closes."""
     sock = socket.socket(fileno=config.control_fd)
     conn = SeqPacket(trio.socket.from_stdlib_socket(sock))
-    async with trio.open_nursery() as nursery:
-        cd = Consumerd(config, conn, nursery)
-        task_status.started(cd)
-        try:
-            await cd.run()
-        finally:
-            with trio.move_on_after(10) as cs:
-                cs.shield = True
-                for st in list(cd.streams.values()):
-                    if not st.closed:
-                        cd.drain(st, flush=True)
-                        await cd.close_stream(st)
-            nursery.cancel_scope.cancel()
+    try:
+        async with trio.open_nursery() as nursery:
+            cd = Consumerd(config, conn, nursery)
+            task_status.started(cd)
+            try:
+                await cd.run()
+            finally:
+                with trio.move_on_after(10) as cs:
+                    cs.shield = True
+                    for st in list(cd.streams.values()):
+                        if not st.closed:
+                            cd.drain(st, flush=True)
+                            await cd.close_stream(st)
+                nursery.cancel_scope.cancel()
+    finally:
+        conn.close()

@@ -1,0 +1,465 @@
+"""consumerd's sinks: where a session's CTF packets go.
+
+Theory of operation
+-------------------
+consumerd's request handling and stream loop (consumerd/daemon.py) know
+nothing of files or relays.  Each session has one :class:`SessionSink`, made
+by :func:`open_sink` from the session's ``sink`` (a directory or a relay URL);
+each stream has one :class:`StreamSink`, opened from its session's sink.  The
+daemon builds every packet (the CTF header it packs and the chunk of the
+ring) and hands it to the stream sink; the sink decides where the bytes go,
+when the ring space may be reused, and whether there is room for more.
+
+* :class:`LocalSink` writes ``<trace>/<channel>_0`` and its LTTng index
+  ``<trace>/index/<channel>_0.idx`` with :class:`~tracewire.streamfile.StreamFile`
+  (``os.writev`` of the header and the shared-memory view, no copy) and appends
+  metadata to ``<trace>/metadata``.  A packet is written when ``write``
+  returns: its ring space goes back to the producer at once, there is always
+  room, and nothing waits for an acknowledgement.
+* :class:`RelaySink` hands packets to a :class:`~consumerd.net.NetSession`
+  (compression, TCP or TLS, acknowledgements, reconnects) with a
+  :class:`~consumerd.spool.Spool` of the unacknowledged ones.  Ring space goes
+  back only once a packet is spooled (``deferred_release``: the sink calls
+  ``on_saved``).  Past the spool's cap, or the memory bound, the sink has no
+  room: the data waits in the ring, and the sink calls ``on_room`` when
+  acknowledgements free some.
+
+Reopening: a restarted consumerd is given every live stream again (the
+operation's ``replay``).  The stream sink says where the stream resumes
+(:class:`Resume`): a local file continues after its last whole packet; a relay
+stream after its last spooled packet or, with an empty spool, at the seq the
+relay reports once connected (``next_seq`` is None until then, see
+``StreamSink.first_seq``).  Metadata is replayed whole; each sink skips the
+prefix it already holds.
+
+Adding a sink (a snapshot sink, a rotating one) is a new pair of classes and
+one line in :func:`open_sink`; the daemon does not change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import trio
+
+from tracewire import wire
+from tracewire.names import InvalidName, validate_name
+from tracewire.ops import Compression, SessionOp, StreamStats
+from tracewire.ringbuf import Chunk
+from tracewire.streamfile import StreamFile
+from tracewire.url import parse_url
+
+from consumerd.net import NetSession, SinkError, read_key_file
+from consumerd.spool import Spool
+
+__all__ = [
+    "LocalSink", "RelaySink", "Resume", "SessionSink", "SinkError", "StreamSink", "open_sink",
+]
+
+logger = logging.getLogger(__name__)
+
+# on_room(): a full sink has room again; on_saved(key, ring_end, ts_end): a
+# packet of stream ``key`` is saved, the ring below ``ring_end`` may be reused.
+OnRoom = Callable[[], None]
+OnSaved = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Resume:
+    """Where a (re)opened stream continues.
+
+    Attributes:
+        next_seq: the ``packet_seq_num`` of the stream's next packet; None
+            while the sink does not know it yet (``StreamSink.first_seq``
+            tells once it does).
+        ring_pos: the ring was read, and saved, up to this position: reading
+            resumes there.  None: where the ring's own consumed position says.
+        ts_end: the last saved packet's ``timestamp_end`` (0: none saved).
+        discarded: the discarded-events count the last saved packet carried
+            (None: not known; the count starts from zero).
+    """
+
+    next_seq: int | None = 0
+    ring_pos: int | None = None
+    ts_end: int = 0
+    discarded: int | None = None
+
+
+class StreamSink(Protocol):
+    """One stream's end of a session sink.
+
+    Attributes:
+        path: where the stream's packets go, as ``status`` shows it.
+        resume: where the stream continues (see :class:`Resume`).
+        deferred_release: True if ring space may be reused only once the
+            session sink's ``on_saved`` says a packet is saved; False if a
+            packet is saved when ``write`` returns.
+    """
+
+    path: str
+    resume: Resume
+    deferred_release: bool
+
+    def first_seq(self) -> int | None:
+        """The seq of the stream's first packet, once the sink knows it (a
+        stream opened with ``resume.next_seq`` None); None until then."""
+        ...
+
+    def has_room(self) -> bool:
+        """False while the sink cannot take another packet (flow control:
+        the data waits in the ring buffer, and ``on_room`` says when to go on)."""
+        ...
+
+    def write(self, header: bytes, chunk: Chunk, seq: int) -> None:
+        """Take one packet: ``header`` then ``chunk.data`` (a view of the ring,
+        read before this returns).
+
+        Raises:
+            OSError: the packet could not be written; the stream is broken.
+        """
+        ...
+
+    def flush(self) -> None:
+        """Push what the sink buffers (an index) to its files."""
+        ...
+
+    def stats(self, counted: StreamStats) -> StreamStats:
+        """The stream's counters as the sink sees them, from those consumerd
+        ``counted`` (a relay sink knows the bytes on the wire, the unacked
+        packets and the connection's trouble)."""
+        ...
+
+    def close(self) -> None:
+        """Release the stream's files (what a restart resumes from stays)."""
+        ...
+
+
+class SessionSink(Protocol):
+    """A session's sink: its traces, their metadata and their streams."""
+
+    async def run(self) -> None:
+        """The sink's background work, until ``close()``; returns at once for
+        a sink that has none."""
+        ...
+
+    def add_trace(self, trace_id: str, path: str) -> str:
+        """Open the trace at ``path`` (relative, below the sink); returns
+        where it is, for sessiond.
+
+        Raises:
+            InvalidName: a component of ``path`` is not a valid name.
+            OSError: the trace cannot be created.
+        """
+        ...
+
+    def add_metadata(self, trace_id: str, text: bytes, replay: bool) -> None:
+        """Append TSDL ``text`` to a trace's metadata.  ``replay``: ``text`` is
+        the whole metadata again (a restarted consumerd); only what the sink
+        does not hold yet is appended."""
+        ...
+
+    def open_stream(self, key: str, trace_id: str, channel: str, stream_class: int,
+                    replay: bool) -> StreamSink:
+        """Open stream ``key`` of a trace (``replay``: a restarted consumerd
+        reopens it, and it resumes where the sink stands).
+
+        Raises:
+            OSError: the stream's files cannot be opened.
+        """
+        ...
+
+    def add_gone_stream(self, key: str, trace_id: str, channel: str) -> None:
+        """A replayed stream whose app exited and whose ring is freed: the
+        sink delivers what it still holds of it (a relay sink's spool)."""
+        ...
+
+    async def wait_room(self) -> None:
+        """Wait until the sink may have room again (an acknowledgement, a
+        reconnect).
+
+        Raises:
+            SinkError: the sink failed for good (a relay refused the session).
+        """
+        ...
+
+    async def wait_durable(self) -> None:
+        """Wait until everything written is safe (a relay acknowledged it).
+
+        Raises:
+            SinkError: the sink failed for good.
+        """
+        ...
+
+    def timeout_message(self, keys: Sequence[str], timeout: float) -> str:
+        """Why a flush of streams ``keys`` did not complete in ``timeout`` s."""
+        ...
+
+    def close(self) -> None:
+        """Stop the sink and release its files: the session is removed (a
+        relay sink deletes its spool).  Close the streams first."""
+        ...
+
+
+def open_sink(op: SessionOp, on_room: OnRoom, on_saved: OnSaved) -> SessionSink:
+    """The sink ``op`` declares: a relay URL (``tw://``, ``tws://``) or an
+    absolute directory.
+
+    Raises:
+        SinkError: a bad URL or directory, or an unreadable key file.
+        OSError: the spool directory cannot be created.
+    """
+    if "://" in op.sink:
+        return RelaySink.open(op, on_room, on_saved)
+    return LocalSink(op.sink)
+
+
+def _safe_join(base: str, rel: str) -> str:
+    """``base/rel`` where every component of ``rel`` is a valid name."""
+    parts = rel.split("/")
+    for p in parts:
+        validate_name(p, "path component")
+    return os.path.join(base, *parts)
+
+
+def _unheld(text: bytes, held: int, replay: bool) -> bytes:
+    """The replay rule: replayed metadata is the whole text, of which the
+    sink already holds the first ``held`` bytes."""
+    return text[held:] if replay else text
+
+
+# ------------------------------------------------------------------ local files
+@dataclass(slots=True)
+class _LocalTrace:
+    directory: str
+    metadata_fd: int
+    metadata_bytes: int
+
+
+class LocalStream(StreamSink):
+    """``<trace>/<channel>_0`` and its index, continued after a restart."""
+
+    def __init__(self, file: StreamFile, stream_class: int) -> None:
+        self.file = file
+        self.stream_class = stream_class
+        self.path = file.path
+        self.resume = Resume(file.next_seq, None, file.last_ts_end, file.last_discarded)
+        self.deferred_release = False
+
+    def first_seq(self) -> int | None:
+        return self.resume.next_seq
+
+    def has_room(self) -> bool:
+        return True
+
+    def write(self, header: bytes, chunk: Chunk, seq: int) -> None:
+        self.file.append([header, chunk.data], chunk.ts_begin, chunk.ts_end,
+                         chunk.events_discarded, self.stream_class)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+    def stats(self, counted: StreamStats) -> StreamStats:
+        return counted
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class LocalSink(SessionSink):
+    """A session written below a local directory.
+
+    Raises:
+        SinkError: ``directory`` is not absolute.
+    """
+
+    def __init__(self, directory: str) -> None:
+        if not os.path.isabs(directory):
+            raise SinkError(f"sink {directory!r} is not an absolute directory")
+        self.directory = directory
+        self._traces: dict[str, _LocalTrace] = {}
+
+    async def run(self) -> None:
+        return  # a packet is written when write() returns
+
+    def add_trace(self, trace_id: str, path: str) -> str:
+        directory = _safe_join(self.directory, path)
+        os.makedirs(os.path.join(directory, "index"), exist_ok=True)
+        mpath = os.path.join(directory, "metadata")
+        mfd = os.open(mpath, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+        # A restarted consumerd appends to the metadata it wrote before.
+        self._traces[trace_id] = _LocalTrace(directory, mfd, os.fstat(mfd).st_size)
+        return directory
+
+    def add_metadata(self, trace_id: str, text: bytes, replay: bool) -> None:
+        tr = self._traces[trace_id]
+        data = _unheld(text, tr.metadata_bytes, replay)
+        if data:
+            os.write(tr.metadata_fd, data)
+        tr.metadata_bytes += len(data)
+
+    def open_stream(self, key: str, trace_id: str, channel: str, stream_class: int,
+                    replay: bool) -> StreamSink:
+        # Reopening after a consumerd restart continues the same files.
+        sf = StreamFile(self._traces[trace_id].directory, f"{channel}_0")
+        if sf.recovered_bytes:
+            logger.warning("%s: cut %d bytes of a partial packet", sf.path, sf.recovered_bytes)
+        return LocalStream(sf, stream_class)
+
+    def add_gone_stream(self, key: str, trace_id: str, channel: str) -> None:
+        return  # its file holds everything the app committed
+
+    async def wait_room(self) -> None:
+        await trio.lowlevel.checkpoint()  # never full
+
+    async def wait_durable(self) -> None:
+        await trio.lowlevel.checkpoint()  # written when write() returned
+
+    def timeout_message(self, keys: Sequence[str], timeout: float) -> str:
+        return f"{self.directory}: {len(keys)} streams not written after {timeout:.0f} s"
+
+    def close(self) -> None:
+        for tr in self._traces.values():
+            os.close(tr.metadata_fd)
+        self._traces.clear()
+
+
+# ------------------------------------------------------------------ relay
+class RelayStream(StreamSink):
+    """One stream of a :class:`RelaySink`."""
+
+    def __init__(self, net: NetSession, key: str, path: str, resume: Resume) -> None:
+        self.net = net
+        self.key = key
+        self.path = path
+        self.resume = resume
+        self.deferred_release = True  # ring space goes back once spooled
+
+    def first_seq(self) -> int | None:
+        return self.net.first_seq(self.key)
+
+    def has_room(self) -> bool:
+        return self.net.has_room()
+
+    def write(self, header: bytes, chunk: Chunk, seq: int) -> None:
+        self.net.submit(self.key, header + chunk.data, seq, chunk.ts_begin, chunk.ts_end,
+                        chunk.events_discarded, chunk.end)
+
+    def flush(self) -> None:
+        return  # the compressor and the sender run on their own
+
+    def stats(self, counted: StreamStats) -> StreamStats:
+        net = self.net
+        s = net.stats(self.key)
+        error = counted.error
+        if net.error:
+            error = f"relay: {net.error}"
+        elif not net.connected and net.last_failure:
+            error = f"relay unreachable: {net.last_failure}"
+        return dataclasses.replace(
+            counted, packets=s["packets"], raw_bytes=s["raw_bytes"], wire_bytes=s["wire_bytes"],
+            unacked=s["unacked"], error=error,
+        )
+
+    def close(self) -> None:
+        return  # its spool stays: a restarted consumerd resumes from it
+
+
+class RelaySink(SessionSink):
+    """A session streamed to a relay (see consumerd/net.py), with its spool."""
+
+    def __init__(self, sink: str, net: NetSession) -> None:
+        self.sink = sink
+        self.net = net
+        self._keys: list[str] = []  # streams opened here: their spool goes with the session
+
+    @classmethod
+    def open(cls, op: SessionOp, on_room: OnRoom, on_saved: OnSaved) -> RelaySink:
+        """The relay sink of ``op`` (not connected before ``run()``).
+
+        Raises:
+            SinkError: a bad URL or an unreadable key file.
+            OSError: the spool directory cannot be created.
+        """
+        try:
+            url = parse_url(op.sink)
+        except ValueError as exc:
+            raise SinkError(str(exc)) from None
+        auth = read_key_file(op.auth_key_file) if op.auth_key_file else None
+        spool = Spool(op.spool_dir, op.spool_size) if op.spool_dir else None
+        net = NetSession(
+            name=op.session, session_id=op.session_id, created=op.created, url=url,
+            hostname=op.hostname, compress=op.compress is Compression.ZSTD, level=op.compress_level,
+            auth=auth, ca_file=op.tls_ca or None, live=op.live, on_room=on_room,
+            spool=spool, on_saved=on_saved, max_unacked_bytes=op.spool_size,
+        )
+        return cls(op.sink, net)
+
+    async def run(self) -> None:
+        await self.net.run()
+
+    def add_trace(self, trace_id: str, path: str) -> str:
+        try:
+            self.net.add_trace(trace_id, path)
+        except wire.ProtocolError as exc:
+            raise InvalidName(exc.message) from None
+        return f"{self.sink}/{path}"
+
+    def add_metadata(self, trace_id: str, text: bytes, replay: bool) -> None:
+        # A restarted consumerd's relay session starts empty: it holds nothing.
+        held = len(self.net.traces[trace_id].metadata)
+        self.net.add_metadata(trace_id, _unheld(text, held, replay))
+
+    def open_stream(self, key: str, trace_id: str, channel: str, stream_class: int,
+                    replay: bool) -> StreamSink:
+        last = self.net.add_stream(key, trace_id, channel, resume=replay)
+        self._keys.append(key)
+        if last is not None:
+            resume = Resume(last.seq + 1, last.ring_end, last.ts_end)
+        elif replay:
+            resume = Resume(None)  # the relay says where the stream stands
+        else:
+            resume = Resume(0)
+        path = f"{self.net.url}/{self.net.traces[trace_id].path}/{channel}_0"
+        return RelayStream(self.net, key, path, resume)
+
+    def add_gone_stream(self, key: str, trace_id: str, channel: str) -> None:
+        self.net.add_stream(key, trace_id, channel, resume=True)
+
+    async def wait_room(self) -> None:
+        if self.net.error:
+            raise SinkError(f"relay {self.net.url}: {self.net.error}")
+        await self.net.wait_change()
+
+    async def wait_durable(self) -> None:
+        try:
+            await self.net.wait_all_acked()
+        except SinkError as exc:
+            raise SinkError(f"relay {self.net.url}: {exc}") from None
+
+    def timeout_message(self, keys: Sequence[str], timeout: float) -> str:
+        net = self.net
+        left = sum(len(net.streams[k].unacked) for k in keys)
+        why = f" (last failure: {net.last_failure})" if net.last_failure else ""
+        return (
+            f"relay {net.url} has not acknowledged everything after {timeout:.0f} s: {left} "
+            f"packets kept, more may wait in the ring buffers{why}; they are sent when the "
+            "relay is reachable"
+        )
+
+    def close(self) -> None:
+        self.net.close()
+        spool = self.net.spool
+        if spool is None:
+            return
+        for key in self._keys:
+            spool.remove(key)
+        spool.close()
+        try:
+            os.rmdir(spool.directory)
+        except OSError:
+            pass  # not empty: a stream only add_gone_stream() saw keeps its segments
