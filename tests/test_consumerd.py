@@ -1,0 +1,292 @@
+"""consumerd (consumerd/daemon.py, consumerd/sinks.py) in process, driven the
+way sessiond drives it: typed operations (tracewire.ops) over a SEQPACKET
+socketpair, ring buffers made with tracewire.ringbuf and filled by hand.
+
+What is checked: the control plane (a malformed operation is refused in one
+line and consumerd keeps serving; an unknown session or trace is a refusal; a
+bug is reported as an internal error with its traceback in the log; the
+descriptors of a refused message are closed), and both sinks behind it (a
+local directory, continued by a restarted consumerd; a relay, run in process
+with serve_relayd, with its spool removed with the session).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from consumerd.daemon import Consumerd, ConsumerdConfig, serve_consumerd
+from relayd.daemon import RelaydConfig, serve_relayd
+from tracewire import ctf
+from tracewire.ctf import EventDecl, TraceInfo
+from tracewire.ops import (
+    AddStreamOp, AddTraceOp, DoneReply, ErrorReply, FlushOp, HelloOp, HelloReply, MetadataOp, Op,
+    ProducerGoneOp, ReleasedReply, RemoveSessionOp, Reply, SessionOp, StatusOp, StreamsReply,
+    TraceReply, decode_reply, encode,
+)
+from tracewire.ringbuf import BufferSpec, Producer, create_buffer
+from tracewire.seqpacket import SeqPacket
+
+DEADLINE = 60.0  # per test; generous for a loaded 2-core machine
+HOST = "cdhost"
+SESSION = "cdsess"
+CREATED = "20260102T030405"
+TRACE_PATH = f"ust/pid/app-77-{CREATED}"
+TRACE_UUID = uuid.UUID("0b7e1c2d-3333-4444-8555-0123456789ab")
+START_TS = 1_000_000_000
+SPEC = BufferSpec(4096, 4)
+TICK = EventDecl("demo:tick", 0, (("seq", int), ("msg", str)))
+
+
+def metadata_text() -> str:
+    info = TraceInfo(
+        uuid=TRACE_UUID.bytes, hostname=HOST, trace_name=SESSION, creation_datetime=CREATED,
+        procname="app", vpid=77, clock_offset_ns=1_700_000_000_000_000_000, channels=("channel0",),
+    )
+    return ctf.metadata_preamble(info) + ctf.metadata_event(TICK)
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+class Ring:
+    """A ring buffer and its eventfd, written by hand as the tracer would."""
+
+    def __init__(self) -> None:
+        self.memfd = create_buffer(SPEC, START_TS)
+        self.efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.producer = Producer(self.memfd, self.efd)
+        self.ts = START_TS
+        self.seq = 0
+
+    def emit(self, n: int) -> None:
+        """``n`` demo:tick events (seq continues); every one must fit."""
+        for _ in range(n):
+            self.ts += 1000
+            data = ctf.encode_event(TICK.id, self.ts, 0, (self.seq, f"m{self.seq}"), TICK.fields)
+            off = self.producer.reserve(len(data))
+            assert off >= 0, "the ring is full: the consumer did not keep up"
+            self.producer.view[off:off + len(data)] = data
+            self.producer.commit(len(data), self.ts)
+            self.seq += 1
+
+    def close(self) -> None:
+        self.producer.close()
+        os.close(self.memfd)
+        os.close(self.efd)
+
+
+class Client:
+    """sessiond's side of the control socket."""
+
+    def __init__(self, conn: SeqPacket, cd: Consumerd) -> None:
+        self.conn = conn
+        self.cd = cd
+        self.seq = 0
+
+    async def raw(self, msg: dict[str, Any], fds: tuple[int, ...] = ()) -> dict[str, Any]:
+        self.seq += 1
+        await self.conn.send(dict(msg, seq=self.seq), fds)
+        got = await self.conn.receive()
+        assert got is not None
+        reply, rfds = got
+        assert rfds == [] and reply["seq"] == self.seq, reply
+        return reply
+
+    async def call(self, op: Op, fds: tuple[int, ...] = ()) -> Reply:
+        return decode_reply(type(op), await self.raw(encode(op), fds))
+
+    async def ok(self, op: Op, fds: tuple[int, ...] = ()) -> Reply:
+        reply = await self.call(op, fds)
+        assert not isinstance(reply, ErrorReply), reply
+        return reply
+
+
+@asynccontextmanager
+async def consumerd() -> AsyncIterator[Client]:
+    """serve_consumerd on one end of a socketpair; the client on the other.
+    Leaving closes the client's end: consumerd drains and returns."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    conn = SeqPacket(trio.socket.from_stdlib_socket(ours))
+    async with trio.open_nursery() as nursery:
+        cd = await nursery.start(serve_consumerd, ConsumerdConfig(theirs.detach()))
+        try:
+            yield Client(conn, cd)
+        finally:
+            conn.close()
+
+
+def session_op(sink: str, **kw: Any) -> SessionOp:
+    return SessionOp(session=SESSION, session_id=1, created=CREATED, sink=sink, hostname=HOST,
+                     uid=os.getuid(), gid=os.getgid(), **kw)
+
+
+def stream_op(**kw: Any) -> AddStreamOp:
+    return AddStreamOp(key="s0", trace_id="t0", session=SESSION, channel="channel0", stream_class=0,
+                       subbuf_size=SPEC.subbuf_size, num_subbuf=SPEC.num_subbuf, **kw)
+
+
+async def declare(c: Client, sink: str, ring: Ring, *, replay: bool = False, **kw: Any) -> None:
+    await c.ok(session_op(sink, **kw))
+    await c.ok(AddTraceOp(trace_id="t0", session=SESSION, path=TRACE_PATH, uuid=TRACE_UUID.hex))
+    await c.ok(MetadataOp(trace_id="t0", text=metadata_text(), replay=replay))
+    await c.ok(stream_op(replay=replay), (ring.memfd, ring.efd))
+
+
+def read_seqs(root: Path) -> list[int]:
+    seqs = []
+    for item in ctf.read_trace(root):
+        assert isinstance(item, ctf.Event), item
+        seqs.append(item.fields["seq"])
+    return seqs
+
+
+# ------------------------------------------------------------------ control plane
+@pytest.mark.parametrize("msg, why", [
+    ({"op": "no_such_op"}, "unknown operation"),
+    ({"op": "add_trace", "trace_id": "t0", "session": "s"}, "missing field"),
+    ({"op": "flush", "session": 3}, "'session'"),
+    ({"op": "status", "session": "s", "extra": 1}, "unknown field"),
+    ({"op": "add_trace", "trace_id": "t0", "session": "s", "path": "p", "uuid": "xyz"}, "uuid"),
+])
+async def test_malformed_operation_is_refused_and_consumerd_keeps_serving(
+        msg: dict[str, Any], why: str) -> None:
+    with trio.fail_after(DEADLINE):
+        async with consumerd() as c:
+            r, w = os.pipe()
+            before = open_fds()
+            reply = await c.raw(msg, (r, w))
+            assert open_fds() == before, "the descriptors of a refused message were kept"
+            os.close(r)
+            os.close(w)
+            assert reply["ok"] is False and why in reply["error"], reply
+            assert reply["internal"] is False and "\n" not in reply["error"]
+            assert await c.call(HelloOp()) == HelloReply(os.getpid())
+
+
+async def test_unknown_session_and_trace_are_refusals(tmp_path: Path) -> None:
+    with trio.fail_after(DEADLINE):
+        async with consumerd() as c:
+            ring = Ring()
+            reply = await c.call(AddTraceOp(trace_id="t0", session="nope", path="a", uuid="00" * 16))
+            assert reply == ErrorReply("unknown session 'nope'")
+            reply = await c.call(MetadataOp(trace_id="nope", text="x"))
+            assert reply == ErrorReply("unknown trace 'nope'")
+            before = open_fds()
+            reply = await c.call(stream_op(), (ring.memfd, ring.efd))
+            assert reply == ErrorReply("unknown trace 't0'")
+            assert open_fds() == before
+            # Nothing to flush or show in a session consumerd never saw.
+            assert await c.call(FlushOp(session="nope")) == StreamsReply(())
+            assert await c.call(StatusOp(session="nope")) == StreamsReply(())
+            assert await c.call(RemoveSessionOp(session="nope")) == DoneReply()
+            ring.close()
+
+
+@pytest.mark.parametrize("sink, why", [
+    ("relative/dir", "is not an absolute directory"),
+    ("ftp://relay", "bad relay URL"),
+])
+async def test_bad_sink_is_a_refusal(sink: str, why: str) -> None:
+    with trio.fail_after(DEADLINE):
+        async with consumerd() as c:
+            reply = await c.call(session_op(sink))
+            assert isinstance(reply, ErrorReply) and why in reply.error and not reply.internal
+
+
+async def test_bug_is_an_internal_error_with_a_traceback(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    def broken(op: MetadataOp) -> DoneReply:
+        return {}[op.trace_id]  # type: ignore[no-any-return]  # a KeyError: a bug
+
+    with trio.fail_after(DEADLINE):
+        async with consumerd() as c:
+            await c.ok(session_op(str(tmp_path)))
+            c.cd.op_metadata = broken  # type: ignore[method-assign]
+            with caplog.at_level(logging.ERROR, logger="consumerd.daemon"):
+                reply = await c.call(MetadataOp(trace_id="t0", text="x"))
+            assert isinstance(reply, ErrorReply) and reply.internal, reply
+            assert reply.error.startswith("internal error: KeyError")
+            [record] = [r for r in caplog.records if r.exc_info]
+            assert "metadata" in record.getMessage()
+            assert await c.call(HelloOp()) == HelloReply(os.getpid())
+
+
+# ------------------------------------------------------------------ local sink
+async def test_local_sink_and_a_restarted_consumerd(tmp_path: Path) -> None:
+    """Packets, index and metadata land in the directory; a second consumerd,
+    given everything again (replay), continues the same files: the next seq,
+    the metadata not written twice, every event once."""
+    td = tmp_path / TRACE_PATH
+    ring = Ring()
+    with trio.fail_after(DEADLINE):
+        async with consumerd() as c:
+            await declare(c, str(tmp_path), ring)
+            ring.emit(150)
+            reply = await c.ok(FlushOp(session=SESSION))
+            assert isinstance(reply, StreamsReply)
+            [st] = reply.streams
+            assert st.key == "s0" and st.path == str(td / "channel0_0") and st.error is None
+            assert st.packets >= 2 and st.raw_bytes == st.wire_bytes == (td / "channel0_0").stat().st_size
+            assert await c.ok(StatusOp(session=SESSION)) == reply
+            assert await c.ok(AddTraceOp(trace_id="t0", session=SESSION, path=TRACE_PATH,
+                                         uuid=TRACE_UUID.hex)) == TraceReply(str(td))
+        first = st.packets
+        async with consumerd() as c:  # the first one exited: sessiond replays
+            await declare(c, str(tmp_path), ring, replay=True)
+            await c.ok(MetadataOp(trace_id="t0", text="/* more */\n"))
+            ring.emit(100)
+            assert await c.ok(ProducerGoneOp(key="s0")) == ReleasedReply(True)
+            reply = await c.ok(FlushOp(session=SESSION))
+            assert isinstance(reply, StreamsReply) and reply.streams[0].producer == "gone"
+            assert await c.ok(RemoveSessionOp(session=SESSION)) == DoneReply()
+            assert await c.ok(StatusOp(session=SESSION)) == StreamsReply(())
+    ring.close()
+    assert (td / "metadata").read_text() == metadata_text() + "/* more */\n"
+    entries = ctf.read_index((td / "index" / "channel0_0.idx").read_bytes())
+    assert [e.packet_seq_num for e in entries] == list(range(len(entries)))
+    assert len(entries) > first
+    assert read_seqs(tmp_path) == list(range(250))
+
+
+# ------------------------------------------------------------------ relay sink
+@asynccontextmanager
+async def running_relay(output: Path) -> AsyncIterator[int]:
+    cfg = RelaydConfig(output=str(output), listen_host="127.0.0.1", listen_port=0)
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(serve_relayd, cfg)
+        try:
+            yield listeners[0].socket.getsockname()[1]
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+async def test_relay_sink_flush_waits_for_the_relay(tmp_path: Path) -> None:
+    out, spool = tmp_path / "relay", tmp_path / "spool"
+    ring = Ring()
+    with trio.fail_after(DEADLINE):
+        async with running_relay(out) as port, consumerd() as c:
+            url = f"tw://127.0.0.1:{port}"
+            await declare(c, url, ring, spool_dir=str(spool))
+            ring.emit(200)
+            reply = await c.ok(FlushOp(session=SESSION))
+            assert isinstance(reply, StreamsReply)
+            [st] = reply.streams
+            assert st.path == f"{url}/{TRACE_PATH}/channel0_0"
+            assert st.packets >= 2 and st.unacked == 0 and st.error is None
+            assert 0 < st.wire_bytes < st.raw_bytes  # zstd
+            assert spool.is_dir()
+            assert await c.ok(RemoveSessionOp(session=SESSION)) == DoneReply()
+            assert not spool.exists()
+    ring.close()
+    assert read_seqs(out) == list(range(200))
