@@ -136,33 +136,35 @@ class EnableEventRequest(Request):
 
 
 @dataclass(frozen=True, slots=True)
-class StartRequest(Request):
+class _SessionRequest(Request):
+    """A request about one session (None: the caller's current one)."""
+
+    session: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StartRequest(_SessionRequest):
     KIND: ClassVar[str] = "start"
-    session: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
-class StopRequest(Request):
+class StopRequest(_SessionRequest):
     KIND: ClassVar[str] = "stop"
-    session: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
-class DestroyRequest(Request):
+class DestroyRequest(_SessionRequest):
     KIND: ClassVar[str] = "destroy"
-    session: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
-class ListRequest(Request):
+class ListRequest(_SessionRequest):
     KIND: ClassVar[str] = "list"
-    session: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
-class StatusRequest(Request):
+class StatusRequest(_SessionRequest):
     KIND: ClassVar[str] = "status"
-    session: str | None = None
 
 
 # ------------------------------------------------------------- sessiond → consumerd
