@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fuzzing import examples
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -35,6 +34,8 @@ from tracewire.ctf import (
     FieldType,
     TraceInfo,
 )
+
+from fuzzing import examples
 
 BABELTRACE2 = shutil.which("babeltrace2")
 needs_babeltrace2 = pytest.mark.skipif(
@@ -175,16 +176,31 @@ def read_bytes(data: bytes, meta: ctf.TraceMeta = SAMPLE_META) -> list[Event | D
 # --------------------------------------------------------------------------
 
 
-def test_ctf_imports_only_stdlib_without_io_frameworks() -> None:
-    tree = ast.parse(Path(ctf.__file__).read_text())
+CTF_MODULES = sorted(Path(ctf.__file__).parent.glob("*.py"))
+
+
+def test_ctf_package_has_its_modules() -> None:
+    names = {p.stem for p in CTF_MODULES}
+    assert {"__init__", "errors", "declarations", "layout", "writer", "metadata_reader",
+            "stream_reader", "text"} <= names
+
+
+@pytest.mark.parametrize("module", CTF_MODULES, ids=lambda p: p.stem)
+def test_ctf_imports_only_stdlib_without_io_frameworks(module: Path) -> None:
+    tree = ast.parse(module.read_text())
     imported = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            imported |= {a.name.split(".")[0] for a in node.names}
+            imported |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module:
-            imported.add(node.module.split(".")[0])
-    assert not imported & {"trio", "socket", "time", "click", "cbor2", "zstandard", "asyncio"}
-    assert imported <= {
+            imported.add(node.module)
+    top = {name.split(".")[0] for name in imported}
+    assert not top & {"trio", "socket", "time", "click", "cbor2", "zstandard", "asyncio"}
+    # Within tracewire, only the package's own modules.
+    assert {name for name in imported if name.split(".")[0] == "tracewire"} <= {
+        f"tracewire.ctf.{p.stem}" for p in CTF_MODULES
+    }
+    assert top - {"tracewire"} <= {
         "__future__", "struct", "uuid", "dataclasses", "enum", "os", "io", "re",
         "heapq", "collections", "types", "typing",
     }
@@ -807,6 +823,34 @@ def test_hostile_stream(mutate: Any, code: CTFErrorCode, match: str) -> None:
         read_bytes(mutate(SAMPLE_STREAM))
     assert ei.value.code is code
     assert ei.value.offset is not None
+
+
+FIRST_PACKET = SAMPLE_STREAM[:ctf.read_index(SAMPLE_INDEX)[1].offset]
+
+
+def test_check_packet_header_accepts_a_good_packet() -> None:
+    h = ctf.check_packet_header(FIRST_PACKET, exact=True, uuid=TRACE_UUID, stream_ids={0}, stream_id=0)
+    assert h == ctf.unpack_packet_header(FIRST_PACKET)
+    # Just the header, with the rest of the file said to be there.
+    head = FIRST_PACKET[:PACKET_HEADER_SIZE]
+    assert ctf.check_packet_header(head, available=len(SAMPLE_STREAM)) == h
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "code", "match", "offset"),
+    [
+        ({"exact": True, "available": len(FIRST_PACKET) + 8}, CTFErrorCode.BAD_SIZE, "but the packet has", 56),
+        ({"available": len(FIRST_PACKET) - 1}, CTFErrorCode.TRUNCATED, "past the end", 56),
+        ({"max_packet_size": 100}, CTFErrorCode.LIMIT, "exceeds the limit of 100", 56),
+        ({"uuid": b"\1" * 16}, CTFErrorCode.BAD_UUID, "differs from the trace uuid", 4),
+        ({"stream_ids": {1}}, CTFErrorCode.BAD_STREAM, "undeclared stream class 0", 20),
+        ({"stream_id": 1}, CTFErrorCode.BAD_STREAM, "stream class 0 in a stream of class 1", 20),
+    ],
+)
+def test_check_packet_header_refuses(kwargs: dict[str, Any], code: CTFErrorCode, match: str, offset: int) -> None:
+    with pytest.raises(CTFError, match=match) as ei:
+        ctf.check_packet_header(FIRST_PACKET, **kwargs)
+    assert ei.value.code is code and ei.value.offset == offset and ei.value.path is None
 
 
 def test_hostile_event_payloads() -> None:
