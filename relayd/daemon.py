@@ -662,15 +662,11 @@ def _check_packet(raw: bytes, msg: Packet) -> int:
     def bad(what: str) -> RemoteProtocolError:
         return RemoteProtocolError(ErrorCode.PROTOCOL, f"stream {msg.stream_id} seq {msg.seq}: {what}")
 
-    if len(raw) < ctf.PACKET_HEADER_SIZE:
-        raise bad(f"packet of {len(raw)} bytes is shorter than its {ctf.PACKET_HEADER_SIZE}-byte header")
-    h = ctf.unpack_packet_header(raw)
-    if h.magic != ctf.CTF_MAGIC:
-        raise bad(f"bad CTF magic {h.magic:#010x}")
-    if h.packet_size != 8 * len(raw):
-        raise bad(f"packet_size {h.packet_size} bits, but the packet has {len(raw)} bytes")
-    if not ctf.PACKET_HEADER_SIZE * 8 <= h.content_size <= h.packet_size:
-        raise bad(f"content_size {h.content_size} bits not within [{ctf.PACKET_HEADER_SIZE * 8}, {h.packet_size}]")
+    try:
+        # The reader's check; the packet's size was bounded by decompression.
+        h = ctf.check_packet_header(raw, exact=True, max_packet_size=None)
+    except ctf.CTFError as exc:
+        raise bad(exc.reason) from None
     got = (h.timestamp_begin, h.timestamp_end, h.content_size, h.packet_size, h.packet_seq_num, h.events_discarded)
     said = (msg.ts_begin, msg.ts_end, msg.content_size_bits, msg.packet_size_bits, msg.packet_seq_num,
             msg.events_discarded)

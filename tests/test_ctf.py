@@ -853,6 +853,35 @@ def test_check_packet_header_refuses(kwargs: dict[str, Any], code: CTFErrorCode,
     assert ei.value.code is code and ei.value.offset == offset and ei.value.path is None
 
 
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda d: d[:PACKET_HEADER_SIZE - 1],
+        lambda d: _patch(d, 0, "<I", 0xDEADBEEF),
+        lambda d: _patch(d, 48, "<Q", len(d) * 8 - 3),
+        lambda d: _patch(d, 48, "<Q", 8),
+        lambda d: _patch(d, 48, "<Q", len(d) * 8 + 8),
+        lambda d: _patch(d, 32, "<QQ", 10, 5),
+    ],
+)
+def test_reader_and_relay_refuse_a_header_alike(mutate: Any) -> None:
+    """relayd checks a received packet with the reader's check: same words.
+    (Only the size check differs: a file may hold more than the packet, a
+    received packet is exactly its bytes.)"""
+    from relayd.daemon import _check_packet
+    from tracewire.wire import Codec, ErrorCode, RemoteProtocolError
+    from tracewire.wire import Packet as WirePacket
+
+    bad = mutate(FIRST_PACKET)
+    with pytest.raises(CTFError) as reader:
+        read_bytes(bad)
+    msg = WirePacket(3, 0, Codec.NONE, len(bad), 0, 0, 0, 8 * len(bad), 8 * len(bad), 0, bad)
+    with pytest.raises(RemoteProtocolError) as relay:
+        _check_packet(bad, msg)
+    assert relay.value.code is ErrorCode.PROTOCOL
+    assert relay.value.message == f"stream 3 seq 0: {reader.value.reason}"
+
+
 def test_hostile_event_payloads() -> None:
     def one_packet(body: bytes, ts_end: int = 100) -> bytes:
         return ctf.pack_packet_header(TRACE_UUID, 0, 0, 0, ts_end, len(body), 0, 0) + body
