@@ -56,14 +56,13 @@ import logging
 import os
 import secrets
 import ssl
-import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import partial
 
 import trio
 
-from tracewire import ctf
+from tracewire import ctf, keyfile, names
 from tracewire.streamfile import StreamFile
 from tracewire.wire import (
     DEFAULT_MAX_METADATA_SIZE,
@@ -115,8 +114,8 @@ logger = logging.getLogger(__name__)
 
 AuthKeys = dict[str, tuple[bytes, tuple[str, ...]]]
 
-MIN_SECRET_CHARS = 32
-ANY_HOST = "*"
+MIN_SECRET_CHARS = keyfile.MIN_SECRET_CHARS
+ANY_HOST = keyfile.ANY_HOST
 _RECEIVE_SIZE = 256 * 1024
 _DIR_MODE = 0o750
 _FILE_MODE = 0o640
@@ -195,9 +194,10 @@ class RelaydConfig:
 def parse_auth_keys(path: str | os.PathLike[str]) -> AuthKeys:
     """Reads a relay key file: one `KEY_ID SECRET HOST...` per line.
 
-    `#` starts a comment (at the start of a line or of a word); blank lines
-    are skipped.  SECRET is used as its UTF-8 bytes and must be at least 32
-    characters; HOST is a hostname the key may write under, or `*` for any.
+    The format is tracewire.keyfile's (relay side): a word starting with `#`
+    starts a comment; blank lines are skipped.  SECRET is used as its UTF-8
+    bytes and must be at least 32 characters; HOST is a hostname the key may
+    write under, or `*` for any.
 
     Args:
         path: the key file.  It must not be accessible by group or others.
@@ -210,48 +210,11 @@ def parse_auth_keys(path: str | os.PathLike[str]) -> AuthKeys:
             others, holds no key, or a line is malformed (the text names
             the file and line).
     """
-    name = os.fspath(path)
     try:
-        with open(name, encoding="utf-8") as f:
-            mode = os.fstat(f.fileno()).st_mode
-            if not stat.S_ISREG(mode):
-                raise AuthKeyError(f"auth key file {name}: not a regular file")
-            if mode & 0o077:
-                raise AuthKeyError(
-                    f"auth key file {name} is accessible by group or others "
-                    f"(mode {stat.S_IMODE(mode):04o}); run: chmod 600 {name}"
-                )
-            lines = f.read().splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise AuthKeyError(f"cannot read auth key file {name}: {exc}") from exc
-    keys: AuthKeys = {}
-    for lineno, line in enumerate(lines, 1):
-        words = line.split()
-        for i, word in enumerate(words):
-            if word.startswith("#"):
-                del words[i:]
-                break
-        if not words:
-            continue
-        where = f"{name}:{lineno}"
-        if len(words) < 3:
-            raise AuthKeyError(f"{where}: expected 'KEY_ID SECRET HOST...', got {len(words)} field(s)")
-        key_id, secret, hosts = words[0], words[1], tuple(words[2:])
-        try:
-            validate_name(key_id, "key id")
-            for host in hosts:
-                if host != ANY_HOST:
-                    validate_name(host, "host")
-        except RemoteProtocolError as exc:
-            raise AuthKeyError(f"{where}: {exc.message}") from None
-        if len(secret) < MIN_SECRET_CHARS:
-            raise AuthKeyError(f"{where}: secret of key {key_id!r} is shorter than {MIN_SECRET_CHARS} characters")
-        if key_id in keys:
-            raise AuthKeyError(f"{where}: key id {key_id!r} appears twice")
-        keys[key_id] = (secret.encode("utf-8"), hosts)
-    if not keys:
-        raise AuthKeyError(f"auth key file {name} holds no key")
-    return keys
+        parsed = keyfile.read_key_file(path, keyfile.Side.RELAY, check_name=names.validate_name)
+    except keyfile.KeyFileError as exc:
+        raise AuthKeyError(str(exc)) from None
+    return {key.key_id: (key.secret, key.hosts) for key in parsed.keys}
 
 
 # --------------------------------------------------------------------------
