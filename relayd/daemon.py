@@ -64,6 +64,7 @@ import trio
 
 from tracewire import ctf, keyfile, names
 from tracewire.streamfile import StreamFile
+from tracewire.url import format_hostport
 from tracewire.wire import (
     DEFAULT_MAX_METADATA_SIZE,
     DEFAULT_MAX_PAYLOAD_SIZE,
@@ -301,7 +302,7 @@ def _peer_name(stream: trio.abc.Stream) -> str:
         host, port = sock.getpeername()[:2]  # type: ignore[union-attr]
     except (AttributeError, OSError, ValueError):
         return "?"
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return format_hostport(host, port)
 
 
 class _ConsumerConnection:
@@ -682,7 +683,7 @@ async def serve_relayd(
         listeners = await trio.open_tcp_listeners(config.listen_port, host=config.listen_host)
     except OSError as exc:
         raise RelaydStartupError(
-            f"cannot listen on {config.listen_host}:{config.listen_port}: {exc.strerror or exc}"
+            f"cannot listen on {format_hostport(config.listen_host, config.listen_port)}: {exc.strerror or exc}"
         ) from exc
     server = RelayServer(config, output)
     served: list[trio.abc.Listener[trio.abc.Stream]] = (
@@ -701,4 +702,5 @@ async def serve_relayd(
 
 def _format_address(sockname: tuple[object, ...]) -> str:
     host, port = str(sockname[0]), sockname[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    assert isinstance(port, int)  # an AF_INET/AF_INET6 address
+    return format_hostport(host, port)

@@ -10,8 +10,6 @@ import sys
 from dataclasses import dataclass
 
 import click
-
-from tracewire import wire
 import trio
 
 from relayd.daemon import (
@@ -21,6 +19,8 @@ from relayd.daemon import (
     parse_auth_keys,
     serve_relayd,
 )
+from tracewire import wire
+from tracewire.url import format_hostport
 
 __all__ = ["STARTUP_FAILURE", "main", "run"]
 
@@ -38,7 +38,7 @@ class Address:
     port: int
 
     def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return format_hostport(self.host, self.port)
 
 
 class AddressType(click.ParamType):
