@@ -44,7 +44,7 @@ TRACE_PATH = f"ust/pid/app-77-{CREATED}"
 TRACE_UUID = uuid.UUID("0b7e1c2d-3333-4444-8555-0123456789ab")
 START_TS = 1_000_000_000
 SPEC = BufferSpec(4096, 4)
-TICK = EventDecl("demo:tick", 0, (("seq", int), ("msg", str)))
+TICK = EventDecl("demo:tick", 0, (("seq", ctf.FieldType.INT), ("msg", ctf.FieldType.STR)))
 
 
 def metadata_text() -> str:
@@ -147,7 +147,9 @@ def read_seqs(root: Path) -> list[int]:
     seqs = []
     for item in ctf.read_trace(root):
         assert isinstance(item, ctf.Event), item
-        seqs.append(item.fields["seq"])
+        seq = item.fields["seq"]
+        assert isinstance(seq, int)
+        seqs.append(seq)
     return seqs
 
 
@@ -207,7 +209,8 @@ async def test_bad_sink_is_a_refusal(sink: str, why: str) -> None:
 async def test_bug_is_an_internal_error_with_a_traceback(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     def broken(op: MetadataOp) -> DoneReply:
-        return {}[op.trace_id]  # type: ignore[no-any-return]  # a KeyError: a bug
+        replies: dict[str, DoneReply] = {}
+        return replies[op.trace_id]  # a KeyError: a bug
 
     with trio.fail_after(DEADLINE):
         async with consumerd() as c:
