@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEBS   := babeltrace2 python3-bt2 iproute2 nftables ethtool iputils-ping docker-compose
 
-.PHONY: demo test bench fuzz venv debs clean compose compose-check
+.PHONY: demo test lint bench fuzz venv debs clean compose compose-check
 
 venv: $(STAMP)
 
@@ -29,8 +29,13 @@ debs:
 demo: venv debs
 	@bash scripts/demo.sh
 
-test: venv debs
+test: venv debs lint
 	$(PY) -m pytest -q -p no:cacheprovider
+
+# ruff on the whole tree; mypy --strict on the package (pyproject.toml says which).
+lint: venv
+	$(VENV)/bin/ruff check --quiet .
+	$(PY) -m mypy
 
 bench: venv debs
 	$(PY) bench/run.py

@@ -139,7 +139,7 @@ def bench_disabled(calls: int, repeat: int) -> None:
         best_loop = best_call = float("inf")
         for _ in range(repeat):
             t0 = time.perf_counter_ns()
-            for i in rng:
+            for _ in rng:
                 pass
             t1 = time.perf_counter_ns()
             for i in rng:

@@ -37,18 +37,35 @@ from dataclasses import dataclass, field
 
 import trio
 
+from consumerd.sinks import SessionSink, SinkError, StreamSink, open_sink
 from tracewire import ctf
 from tracewire.control import ControlError, close_fds
 from tracewire.names import InvalidName, validate_name
 from tracewire.ops import (
-    AddStreamOp, AddTraceOp, DoneReply, ErrorReply, FlushOp, HelloOp, HelloReply, MessageError,
-    MetadataOp, Op, ProducerGoneOp, ReleasedReply, RemoveSessionOp, Reply, SessionOp, StatusOp,
-    StreamsReply, StreamStats, TraceReply, decode_op, encode,
+    AddStreamOp,
+    AddTraceOp,
+    DoneReply,
+    ErrorReply,
+    FlushOp,
+    HelloOp,
+    HelloReply,
+    MessageError,
+    MetadataOp,
+    Op,
+    ProducerGoneOp,
+    ReleasedReply,
+    RemoveSessionOp,
+    Reply,
+    SessionOp,
+    StatusOp,
+    StreamsReply,
+    StreamStats,
+    TraceReply,
+    decode_op,
+    encode,
 )
 from tracewire.ringbuf import BufferSpec, Chunk, ConsumerCursor, MemoryBarrier, RingBufferCorrupt
 from tracewire.seqpacket import SeqPacket
-
-from consumerd.sinks import SessionSink, SinkError, StreamSink, open_sink
 
 __all__ = ["ConsumerdConfig", "serve_consumerd"]
 

@@ -41,11 +41,10 @@ from typing import Any
 
 import trio
 
+from consumerd.spool import Spool, SpoolRecord
 from tracewire import wire
 from tracewire.ops import DEFAULT_COMPRESS_LEVEL, DEFAULT_SPOOL_SIZE
 from tracewire.url import RelayURL
-
-from consumerd.spool import Spool, SpoolRecord
 
 __all__ = ["NetSession", "SinkError", "read_key_file"]
 
@@ -466,7 +465,8 @@ class NetSession:
         for st in self.streams.values():
             st.wire_id = next(ids)
             self.by_wire_id[st.wire_id] = st
-            await self._send(stream, conn, wire.StreamDecl(st.wire_id, self.session_id, st.trace_path, st.channel, st.index))
+            decl = wire.StreamDecl(st.wire_id, self.session_id, st.trace_path, st.channel, st.index)
+            await self._send(stream, conn, decl)
             await self._send(stream, conn, wire.StreamStateRequest(st.wire_id))
         self._next_wire_id = ids
         waiting = set(self.by_wire_id)
@@ -504,7 +504,8 @@ class NetSession:
                 st = item[1]
                 st.wire_id = next(self._next_wire_id)
                 self.by_wire_id[st.wire_id] = st
-                await self._send(stream, conn, wire.StreamDecl(st.wire_id, self.session_id, st.trace_path, st.channel, st.index))
+                decl = wire.StreamDecl(st.wire_id, self.session_id, st.trace_path, st.channel, st.index)
+                await self._send(stream, conn, decl)
                 await self._send(stream, conn, wire.StreamStateRequest(st.wire_id))
             elif kind == "packet":
                 p: _Pending = item[1]
@@ -518,7 +519,8 @@ class NetSession:
                 p.stream.wire_bytes += n
             elif kind == "metadata":
                 _, tr, start, end = item
-                await self._send(stream, conn, wire.Metadata(self.session_id, tr.path, start, bytes(tr.metadata[start:end])))
+                chunk = wire.Metadata(self.session_id, tr.path, start, bytes(tr.metadata[start:end]))
+                await self._send(stream, conn, chunk)
 
     async def _reader(self, stream: trio.abc.Stream, conn: wire.Connection) -> None:
         while True:

@@ -47,15 +47,14 @@ from typing import Protocol
 
 import trio
 
+from consumerd.net import NetSession, SinkError, read_key_file
+from consumerd.spool import Spool
 from tracewire import wire
 from tracewire.names import InvalidName, validate_name
 from tracewire.ops import Compression, SessionOp, StreamStats
 from tracewire.ringbuf import Chunk
 from tracewire.streamfile import StreamFile
 from tracewire.url import parse_url
-
-from consumerd.net import NetSession, SinkError, read_key_file
-from consumerd.spool import Spool
 
 __all__ = [
     "LocalSink", "RelaySink", "Resume", "SessionSink", "SinkError", "StreamSink", "open_sink",

@@ -262,7 +262,8 @@ class RelayServer:
         """
         real = os.path.realpath(os.path.join(self.output, *parts))
         if not real.startswith(self.output + os.sep):
-            raise RemoteProtocolError(ErrorCode.BAD_NAME, f"{os.path.join(*parts)!r} resolves outside the output directory")
+            raise RemoteProtocolError(
+                ErrorCode.BAD_NAME, f"{os.path.join(*parts)!r} resolves outside the output directory")
         return real
 
     def take_stream(self, st: _OpenStream, directory: str, name: str) -> None:

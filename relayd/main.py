@@ -8,6 +8,7 @@ import signal
 import ssl
 import sys
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import click
 import trio
@@ -41,7 +42,13 @@ class Address:
         return format_hostport(self.host, self.port)
 
 
-class AddressType(click.ParamType):
+if TYPE_CHECKING:  # generic in click >= 8.2 only: subscript it for mypy alone
+    _AddressParam = click.ParamType[Address, Any]
+else:
+    _AddressParam = click.ParamType
+
+
+class AddressType(_AddressParam):
     """HOST:PORT, [IPv6]:PORT; PORT 0 picks a free port."""
 
     name = "HOST:PORT"
@@ -63,7 +70,7 @@ async def _serve(config: RelaydConfig) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             listeners = await nursery.start(serve_relayd, config)
-            where = ", ".join(str(Address(*l.socket.getsockname()[:2])) for l in listeners)
+            where = ", ".join(str(Address(*lst.socket.getsockname()[:2])) for lst in listeners)
             tls = " (TLS)" if config.tls is not None else ""
             print(f"{PROG} listening on {where}{tls}, writing to {config.output}", file=sys.stderr, flush=True)
             async for signum in signals:
@@ -123,7 +130,8 @@ def _tls_context(cert: str, key: str) -> ssl.SSLContext:
               help="Address for live viewers (not implemented yet).")
 @click.option("--auth-keys", type=click.Path(dir_okay=False), default=None,
               help="Key file: one 'KEY_ID SECRET HOST...' per line; without it anyone may write.")
-@click.option("--tls-cert", type=click.Path(dir_okay=False), default=None, help="Serve TLS with this certificate (PEM).")
+@click.option("--tls-cert", type=click.Path(dir_okay=False), default=None,
+              help="Serve TLS with this certificate (PEM).")
 @click.option("--tls-key", type=click.Path(dir_okay=False), default=None, help="Private key of --tls-cert (PEM).")
 @click.option("--handshake-timeout", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
               help="Seconds a consumer has to complete the handshake.")

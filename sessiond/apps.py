@@ -22,15 +22,14 @@ from typing import Any
 
 import trio
 
+from sessiond.consumers import ConsumerPool
+from sessiond.model import App, Registry, Session, SessionState, Stream, Trace, UserError, now_stamp
 from tracewire import ctf
 from tracewire.control import ControlError, close_fds
 from tracewire.names import InvalidName, validate_name
 from tracewire.ops import MetadataOp, ProducerGoneOp, ReleasedReply
 from tracewire.ringbuf import BufferSpec, create_buffer
 from tracewire.seqpacket import SeqPacket, peer_credentials
-
-from sessiond.consumers import ConsumerPool
-from sessiond.model import App, Registry, Session, SessionState, Stream, Trace, UserError, now_stamp
 
 __all__ = ["AppProtocol"]
 

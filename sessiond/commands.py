@@ -15,18 +15,30 @@ import os
 import time
 from typing import Any
 
-from tracewire.names import MAX_SESSION_NAME, InvalidName, validate_name
-from tracewire.ops import (
-    DEFAULT_CHANNEL, CreateRequest, DestroyRequest, EnableChannelRequest, EnableEventRequest,
-    FlushOp, ListRequest, PingRequest, RemoveSessionOp, Request, StartRequest, StatusOp,
-    StatusRequest, StopRequest, StreamsReply, encode,
-)
-from tracewire.ringbuf import BufferSpec
-from tracewire.url import parse_url
-
 from sessiond.apps import AppProtocol
 from sessiond.consumers import ConsumerPool
 from sessiond.model import Channel, Registry, Session, SessionState, UserError, now_stamp
+from tracewire.names import MAX_SESSION_NAME, InvalidName, validate_name
+from tracewire.ops import (
+    DEFAULT_CHANNEL,
+    CreateRequest,
+    DestroyRequest,
+    EnableChannelRequest,
+    EnableEventRequest,
+    FlushOp,
+    ListRequest,
+    PingRequest,
+    RemoveSessionOp,
+    Request,
+    StartRequest,
+    StatusOp,
+    StatusRequest,
+    StopRequest,
+    StreamsReply,
+    encode,
+)
+from tracewire.ringbuf import BufferSpec
+from tracewire.url import parse_url
 
 __all__ = ["Commands"]
 

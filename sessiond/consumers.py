@@ -19,11 +19,10 @@ from typing import Any
 
 import trio
 
+from sessiond.model import SessiondConfig, UserError
 from tracewire.control import close_fds
 from tracewire.ops import ErrorReply, HelloOp, MessageError, Op, Reply, decode_reply, encode
 from tracewire.seqpacket import SeqPacket
-
-from sessiond.model import SessiondConfig, UserError
 
 __all__ = ["ConsumerHandle", "ConsumerPool", "ReplayFn"]
 

@@ -21,8 +21,16 @@ import trio
 
 from tracewire import ctf
 from tracewire.ops import (
-    DEFAULT_NUM_SUBBUF, DEFAULT_SPOOL_SIZE, DEFAULT_SUBBUF_SIZE, AddStreamOp, AddTraceOp,
-    Compression, MetadataOp, Op, ProducerGoneOp, SessionOp,
+    DEFAULT_NUM_SUBBUF,
+    DEFAULT_SPOOL_SIZE,
+    DEFAULT_SUBBUF_SIZE,
+    AddStreamOp,
+    AddTraceOp,
+    Compression,
+    MetadataOp,
+    Op,
+    ProducerGoneOp,
+    SessionOp,
 )
 from tracewire.seqpacket import SeqPacket
 

@@ -31,14 +31,13 @@ from functools import partial
 
 import trio
 
-from tracewire.control import ControlError, FrameReader, encode_frame
-from tracewire.ops import MessageError, decode_request
-from tracewire.seqpacket import peer_credentials
-
 from sessiond.apps import AppProtocol
 from sessiond.commands import Commands
 from sessiond.consumers import ConsumerPool
 from sessiond.model import Registry, SessiondConfig, UserError
+from tracewire.control import ControlError, FrameReader, encode_frame
+from tracewire.ops import MessageError, decode_request
+from tracewire.seqpacket import peer_credentials
 
 __all__ = ["serve_sessiond"]
 
@@ -92,7 +91,9 @@ class Sessiond:
             return {"ok": False, "error": f"internal error: {exc!r} (see sessiond's log)"}
 
 
-async def serve_sessiond(config: SessiondConfig, *, task_status: trio.TaskStatus[Sessiond] = trio.TASK_STATUS_IGNORED) -> None:
+async def serve_sessiond(
+    config: SessiondConfig, *, task_status: trio.TaskStatus[Sessiond] = trio.TASK_STATUS_IGNORED,
+) -> None:
     """Run one sessiond in ``config.rundir`` until cancelled.
 
     Raises:

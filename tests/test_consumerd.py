@@ -29,9 +29,25 @@ from relayd.daemon import RelaydConfig, serve_relayd
 from tracewire import ctf
 from tracewire.ctf import EventDecl, TraceInfo
 from tracewire.ops import (
-    AddStreamOp, AddTraceOp, DoneReply, ErrorReply, FlushOp, HelloOp, HelloReply, MetadataOp, Op,
-    ProducerGoneOp, ReleasedReply, RemoveSessionOp, Reply, SessionOp, StatusOp, StreamsReply,
-    TraceReply, decode_reply, encode,
+    AddStreamOp,
+    AddTraceOp,
+    DoneReply,
+    ErrorReply,
+    FlushOp,
+    HelloOp,
+    HelloReply,
+    MetadataOp,
+    Op,
+    ProducerGoneOp,
+    ReleasedReply,
+    RemoveSessionOp,
+    Reply,
+    SessionOp,
+    StatusOp,
+    StreamsReply,
+    TraceReply,
+    decode_reply,
+    encode,
 )
 from tracewire.ringbuf import BufferSpec, Producer, create_buffer
 from tracewire.seqpacket import SeqPacket

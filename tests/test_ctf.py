@@ -324,7 +324,7 @@ def test_parse_metadata_escaped_strings_and_negative_offset() -> None:
 
 
 def test_parse_metadata_rejects_missing_header() -> None:
-    with pytest.raises(CTFError, match="CTF 1.8") as ei:
+    with pytest.raises(CTFError, match=r"CTF 1\.8") as ei:
         ctf.parse_metadata(ctf.metadata_preamble(INFO)[2:])
     assert ei.value.code is CTFErrorCode.BAD_METADATA
 
@@ -355,7 +355,8 @@ def test_parse_metadata_truncated_event_block() -> None:
          'event { name = "a:c"; id = 0; stream_id = 0; fields := struct { }; };', "duplicate event id"),
         ('event { id = 0; fields := struct { }; };', "without name"),
         ('event { name = "a:b"; id = 0; fields := struct { sequence _x; }; };', "unsupported field type"),
-        ('event { name = "a:b"; id = 0; fields := struct { integer { size = 16; } _x; }; };', "unsupported declaration"),
+        ('event { name = "a:b"; id = 0; fields := struct { integer { size = 16; } _x; }; };',
+         "unsupported declaration"),
         ('event { name = "a:b"; id = 0; fields := struct { string x; }; };', "prefix"),
         ('event { name = "bad name"; id = 0; fields := struct { }; };', "invalid event declaration"),
         ("bogus { };", "unexpected top-level"),
@@ -530,7 +531,7 @@ def test_packet_header_pack_unpack() -> None:
 
 
 def test_index_entry_pack_and_read() -> None:
-    assert ctf.INDEX_HEADER == bytes.fromhex("c1f1dcc1 00000001 00000001 00000048")
+    assert bytes.fromhex("c1f1dcc1 00000001 00000001 00000048") == ctf.INDEX_HEADER
     e = ctf.pack_index_entry(1, 2, 3, 4, 5, 6, 7, 8, 9)
     assert len(e) == 72
     assert struct.unpack(">9Q", e) == (1, 2, 3, 4, 5, 6, 7, 8, 9)

@@ -12,8 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fuzzing import examples
 from tracewire import ops
+
+from fuzzing import examples
 
 REQUESTS: list[ops.Request] = [
     ops.PingRequest(),
@@ -71,7 +72,8 @@ def test_defaults_fill_missing_and_null_fields() -> None:
 
 
 @pytest.mark.parametrize("raw,match", [
-    ({"cmd": "create", "name": "x", "output": "/tmp/x", "compress_level": "abc"}, "'compress_level' must be an integer"),
+    ({"cmd": "create", "name": "x", "output": "/tmp/x", "compress_level": "abc"},
+     "'compress_level' must be an integer"),
     ({"cmd": "create", "name": "x", "compress_level": 23}, "between 1 and 22"),
     ({"cmd": "create", "name": "x", "compress": "lz4"}, "'compress' must be one of zstd, none"),
     ({"cmd": "create", "name": "x", "spool_size": 10}, "at least 1M"),

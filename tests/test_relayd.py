@@ -7,6 +7,9 @@ Every async test runs under trio.fail_after(TIMEOUT) (trio_mode is on).
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import logging
 import os
 import random
 import select
@@ -17,15 +20,11 @@ import ssl
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator
-import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import cbor2
-import dataclasses
-import logging
 import pytest
 import trio
 import trustme
@@ -575,7 +574,7 @@ async def test_hostile_peer_dropped_others_carry_on(tmp_path: Path, hostile: Hos
                 nursery.start_soon(hostile, port, out)
         assert event_seqs(good.trace_dir(out)) == expected_seqs(range(40))
         assert os.listdir(tmp_path) == ["out"]  # nothing escaped the output directory
-        for dirpath, dirnames, filenames in os.walk(out):
+        for _dirpath, dirnames, filenames in os.walk(out):
             for name in dirnames + filenames:
                 assert "evil" not in name and not name.startswith(".")
 

@@ -11,8 +11,9 @@ from typing import Any
 
 import pytest
 
-from conftest import TW
 from tracewire import ctf
+
+from conftest import TW
 
 MALFORMED: list[Any] = [
     {"cmd": "create", "name": "x", "output": "/tmp/x", "compress_level": "abc"},

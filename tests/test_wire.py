@@ -11,7 +11,6 @@ from pathlib import Path
 
 import cbor2
 import pytest
-from fuzzing import examples
 import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -25,8 +24,8 @@ from tracewire.wire import (
     Bye,
     Challenge,
     Codec,
-    ConnectionClosed,
     Connection,
+    ConnectionClosed,
     ConnState,
     Error,
     ErrorCode,
@@ -58,6 +57,8 @@ from tracewire.wire import (
     validate_trace_path,
     verify_auth_mac,
 )
+
+from fuzzing import examples
 
 C, R = Role.CONSUMER, Role.RELAY
 NONCE = bytes(range(32))
@@ -690,7 +691,7 @@ def test_version_checks() -> None:
     consumer = Connection(C)
     consumer.send(Hello(1, "board-7"))
     consumer.receive_data(encode(Welcome(2)))
-    with pytest.raises(RemoteProtocolError, match="server_version 2 != Hello.version 1") as info:
+    with pytest.raises(RemoteProtocolError, match=r"server_version 2 != Hello\.version 1") as info:
         consumer.next_event()
     assert info.value.code is ErrorCode.VERSION
 

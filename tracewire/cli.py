@@ -109,7 +109,7 @@ class Client:
                     if not data:
                         raise CliError("sessiond closed the connection without answering")
                     reader.feed(data)
-            except socket.timeout:
+            except TimeoutError:
                 raise CliError(f"sessiond did not answer within {timeout:.0f} s") from None
             except ControlError as exc:
                 raise CliError(f"bad answer from sessiond: {exc}") from None
@@ -128,7 +128,7 @@ class Client:
             pass
         try:
             os.makedirs(self.rundir, mode=0o700, exist_ok=True)
-            log = open(os.path.join(self.rundir, "sessiond.log"), "ab")
+            log = open(os.path.join(self.rundir, "sessiond.log"), "ab")  # noqa: SIM115 (closed below)
         except OSError as exc:
             raise CliError(f"cannot use run directory {self.rundir}: {exc.strerror}") from None
         with log:

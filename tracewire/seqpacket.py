@@ -8,7 +8,6 @@ and between sessiond and consumerd.
 from __future__ import annotations
 
 import array
-import os
 import socket
 import struct
 from typing import Any

@@ -818,7 +818,8 @@ def encode_parts(
     if len(header) > max_header_size:
         _fail(ErrorCode.FRAME_TOO_LARGE, f"{type(msg).__name__} header is {len(header)} bytes, limit {max_header_size}")
     if payload_len > max_payload_size:
-        _fail(ErrorCode.FRAME_TOO_LARGE, f"{type(msg).__name__} payload is {payload_len} bytes, limit {max_payload_size}")
+        _fail(ErrorCode.FRAME_TOO_LARGE,
+              f"{type(msg).__name__} payload is {payload_len} bytes, limit {max_payload_size}")
     head = FRAME_HEADER.pack(MAGIC, len(header), payload_len) + header
     if payload is None or payload_len == 0:
         return [head]
@@ -857,10 +858,10 @@ def _reject_tag(*args: object) -> NoReturn:
 # the others.  No header field is tagged, so every tag is refused: that also
 # keeps attacker-chosen regexes, sets, shared refs and bignums out.
 _REJECT_SEMANTIC: Final = types.MappingProxyType(
-    {
-        tag: _reject_tag
-        for tag in (0, 1, 2, 3, 4, 5, 25, 28, 29, 30, 35, 36, 37, 52, 54, 100, 256, 258, 260, 261, 1004, 43000, 55799)
-    }
+    dict.fromkeys(
+        (0, 1, 2, 3, 4, 5, 25, 28, 29, 30, 35, 36, 37, 52, 54, 100, 256, 258, 260, 261, 1004, 43000, 55799),
+        _reject_tag,
+    )
 )
 
 
@@ -1115,7 +1116,8 @@ class FrameDecoder:
                 self._lengths = None
                 if payload_len:
                     raise RemoteProtocolError(
-                        ErrorCode.PROTOCOL, f"{_CLASSES[mtype].__name__} takes no payload, got payload_len {payload_len}"
+                        ErrorCode.PROTOCOL,
+                        f"{_CLASSES[mtype].__name__} takes no payload, got payload_len {payload_len}",
                     )
                 return _build(mtype, fields, None)
             self._pending = (mtype, fields)
@@ -1578,7 +1580,8 @@ def decompress_packet(data: Buffer, codec: Codec, raw_len: int, max_raw: int) ->
         raise RemoteProtocolError(ErrorCode.DECOMPRESS, f"raw_len {raw_len} over the limit {max_raw}")
     if codec is Codec.NONE:
         if len(data) != raw_len:
-            raise RemoteProtocolError(ErrorCode.DECOMPRESS, f"uncompressed packet has {len(data)} bytes, raw_len {raw_len}")
+            raise RemoteProtocolError(
+                ErrorCode.DECOMPRESS, f"uncompressed packet has {len(data)} bytes, raw_len {raw_len}")
         return bytes(data)
     if codec is not Codec.ZSTD:
         raise RemoteProtocolError(ErrorCode.DECOMPRESS, f"unknown codec {codec!r}")
