@@ -3,14 +3,14 @@ one process, events written by hand, no daemons."""
 
 from __future__ import annotations
 
-import inspect
+import contextlib
+import itertools
 import os
 import random
 import struct
 import time
 
 import pytest
-from fuzzing import examples
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -18,12 +18,16 @@ from tracewire import ringbuf as rb
 from tracewire.ringbuf import (
     PACKET_HEADER_SIZE,
     BufferSpec,
+    Chunk,
     ConsumerCursor,
+    FlushLimit,
     MemoryBarrier,
     Producer,
     RingBufferCorrupt,
     create_buffer,
 )
+
+from fuzzing import examples
 
 S = 4096
 N = 4
@@ -32,36 +36,29 @@ START_TS = 1_000_000
 U64 = struct.Struct("=Q")  # control words are native 64-bit words
 
 # Control-page offsets (documented in the ringbuf module docstring).
-if hasattr(rb, "Q_HEAD"):
-    OFF_HEAD, OFF_TS, OFF_DISCARDED = 8 * rb.Q_HEAD, 8 * rb.Q_TS, 8 * rb.Q_DISCARDED
-    OFF_SLOTS = 8 * rb.Q_SLOTS
-    SLOT_END, SLOT_TS = 8, 0  # slot k: (ts_end, virtual end)
-else:  # the first layout: head, ts; slot k: (virtual end, ts_end)
-    OFF_HEAD, OFF_TS, OFF_DISCARDED, OFF_SLOTS = 16, 24, 32, 64
-    SLOT_END, SLOT_TS = 0, 8
+OFF_HEAD, OFF_TS, OFF_DISCARDED = 8 * rb.Q_HEAD, 8 * rb.Q_TS, 8 * rb.Q_DISCARDED
+SLOT_BYTES = 8 * rb.SLOT_WORDS
+SLOT_TS, SLOT_DISCARDED, SLOT_END = 8 * rb.SLOT_TS, 8 * rb.SLOT_DISCARDED, 8 * rb.SLOT_END
 
 
-def flush_limit(c: ConsumerCursor) -> tuple[int, int]:
-    """The (head, ts) flush limit as consumerd takes it (whichever API this
-    ringbuf version offers)."""
-    if hasattr(c, "flush_limit"):
-        for _ in range(1000):
-            limit = c.flush_limit(MemoryBarrier())
-            if limit is not None:
-                return limit
-        raise AssertionError("flush_limit() never caught a consistent (head, ts)")
-    head = c.read_head()
-    MemoryBarrier()()
-    if isinstance(head, tuple):
-        return head
-    return head, c.read_ts()
+def slot_off(k: int, field: int) -> int:
+    """Byte offset of ``field`` (SLOT_TS, SLOT_DISCARDED, SLOT_END) of slot k."""
+    return rb.OFF_SLOTS + SLOT_BYTES * k + field
 
 
-def empty_chunk(c: ConsumerCursor, limit: tuple[int, int] | None = None):
-    """``c.empty_chunk``, given the flush limit's ts when it takes one."""
-    if inspect.signature(c.empty_chunk).parameters:
-        return c.empty_chunk((limit or flush_limit(c))[1])
-    return c.empty_chunk()
+def flush_limit(c: ConsumerCursor) -> FlushLimit:
+    """The flush limit as consumerd takes it (nothing writes concurrently in
+    the tests that use this, so a consistent one comes at once)."""
+    for _ in range(1000):
+        limit = c.flush_limit(MemoryBarrier())
+        if limit is not None:
+            return limit
+    raise AssertionError("flush_limit() never caught a consistent (head, ts, discarded)")
+
+
+def empty_chunk(c: ConsumerCursor, limit: FlushLimit | None = None) -> Chunk:
+    """``c.empty_chunk`` with the ts of ``limit`` (a fresh flush limit if None)."""
+    return c.empty_chunk((limit or flush_limit(c)).ts)
 
 
 class Ring:
@@ -89,13 +86,15 @@ class Ring:
         return (tag * (n // 4 + 1))[:n]
 
     def write(self, n: int, ts: int | None = None) -> bytes | None:
-        """Write one n-byte event; returns its bytes, or None when dropped."""
-        off = self.p.reserve(n)
+        """Write one n-byte event at ``ts`` (default: 1 ns after the last
+        event or drop), as the tracer does; returns its bytes, or None when
+        dropped."""
+        self.ts = self.ts + 1 if ts is None else ts
+        off = self.p.reserve(n, self.ts)
         if off < 0:
             return None
         data = self.event_bytes(n)
         self.p.view[off : off + n] = data
-        self.ts = self.ts + 1 if ts is None else ts
         self.p.commit(n, self.ts)
         self.seq += 1
         return data
@@ -109,11 +108,17 @@ class Ring:
         return n
 
     def take(self, flush: bool = False) -> list[tuple[bytes, int, int, int]]:
-        """Every chunk available now, copied, each released after reading."""
+        """Every chunk available now, as consumerd's drain takes them (on a
+        flush, an empty chunk for discards no event chunk carries), copied,
+        each released after reading: (data, ts_begin, ts_end, discarded)."""
         self.announce()
         limit = flush_limit(self.c) if flush else None
         out = []
         while (ch := self.c.next_chunk(limit)) is not None:
+            out.append((bytes(ch.data), ch.ts_begin, ch.ts_end, ch.events_discarded))
+            self.c.release()
+        if limit is not None and self.c.discarded_pending() > 0:
+            ch = self.c.empty_chunk(limit.ts)
             out.append((bytes(ch.data), ch.ts_begin, ch.ts_end, ch.events_discarded))
             self.c.release()
         return out
@@ -171,7 +176,8 @@ def test_event_of_exactly_usable_size_fits_and_one_more_is_dropped(ring: Ring) -
     assert ring.p.discarded == 1
     assert ring.write(USABLE) is not None  # closes the first, fills the second
     chunks = ring.take(flush=True)
-    assert [len(c[0]) for c in chunks] == [USABLE, USABLE]
+    # The stream's first packet would report a discard: an empty one with 0 comes first.
+    assert [(len(c[0]), c[3]) for c in chunks] == [(0, 0), (USABLE, 1), (USABLE, 1)]
 
 
 def test_closed_but_unannounced_subbuffer_is_not_returned(ring: Ring) -> None:
@@ -192,7 +198,7 @@ def test_flush_takes_open_subbuffer_up_to_head(ring: Ring) -> None:
     b = ring.write(200)
     assert ring.c.next_chunk() is None
     limit = flush_limit(ring.c)
-    assert limit == (300, ring.ts)
+    assert limit == (300, ring.ts, 0)
     ch = ring.c.next_chunk(limit)
     assert ch is not None
     assert bytes(ch.data) == a + b
@@ -230,16 +236,9 @@ def test_flush_racing_with_a_close_delivers_the_rest(ring: Ring) -> None:
     its first event (compact timestamps decoded 2**27 ns late) or the
     sub-buffer's slot looked stale and the stream stalled for good."""
     a = ring.write(100)
-    if hasattr(ring.c, "flush_limit"):
-        limit = flush_limit(ring.c)  # the flush's snapshot...
-        head = None
-    else:
-        head = ring.c.read_head()
+    limit = flush_limit(ring.c)  # the flush's snapshot...
     b = ring.write(100)  # ...the app goes on: b lands after that head...
     ring.write(USABLE)  # ...and the next event closes sub-buffer 0
-    if head is not None:
-        MemoryBarrier()()
-        limit = head if isinstance(head, tuple) else (head, ring.c.read_ts())
     ch = ring.c.next_chunk(limit)
     assert ch is not None and bytes(ch.data) == a
     first_end = ch.ts_end
@@ -283,19 +282,18 @@ def test_wrap_around_many_laps_contents_checked() -> None:
 
 def test_discard_mode_counts_exactly(ring: Ring) -> None:
     # Fill all N sub-buffers without consuming.
-    stored = 0
     for _ in range(N):
         assert ring.write(USABLE) is not None
-        stored += 1
     # Sub-buffer N would reuse slot 0, which was never released.
     for k in range(1, 51):
         assert ring.p.reserve(100) == -1
         assert ring.p.discarded == k
     assert U64.unpack_from(ring.p.mm, OFF_DISCARDED)[0] == 50
-    assert ring.c.discarded_pending() == 50
     chunks = ring.take(flush=True)
     assert len(chunks) == N
-    assert all(c[3] == 50 for c in chunks)  # free-running counter in every chunk
+    # The free-running counter as it was at each packet's end: the first N-1
+    # closed before any drop; the last (flushed, open) saw all 50.
+    assert [c[3] for c in chunks] == [0] * (N - 1) + [50]
     assert ring.c.discarded_pending() == 0
     # Space released: the producer writes again.
     assert ring.write(100) is not None
@@ -318,9 +316,11 @@ def test_empty_chunk_carries_pending_discarded(ring: Ring) -> None:
     ring.take(flush=True)
     assert ring.c.discarded_pending() == 0
     ring.p.drop(3)
+    limit = flush_limit(ring.c)
+    assert limit.discarded == 3
     assert ring.c.discarded_pending() == 3
-    assert ring.c.next_chunk(flush_limit(ring.c)) is None
-    ch = empty_chunk(ring.c)
+    assert ring.c.next_chunk(limit) is None
+    ch = empty_chunk(ring.c, limit)
     assert len(ch.data) == 0
     assert ch.events_discarded == 3
     assert ch.ts_begin <= ch.ts_end
@@ -329,6 +329,149 @@ def test_empty_chunk_carries_pending_discarded(ring: Ring) -> None:
     # The stream carries on normally afterwards.
     d = ring.write(50)
     assert [c[0] for c in ring.take(flush=True)] == [d]
+
+
+# ------------------------------------------------------------------ per-packet discarded snapshot
+
+
+def test_each_packet_carries_the_total_at_its_close_not_at_its_reading(ring: Ring) -> None:
+    """The count a closed sub-buffer reports is the producer's snapshot at
+    the close, however late the consumer reads it: drops made after the close
+    go to the next packet (babeltrace2 places them between the two ends)."""
+    ring.write(3000)
+    for _ in range(2):
+        assert ring.write(USABLE + 1) is None  # can never fit: dropped, counted
+    ring.write(3000)  # closes sub-buffer 0 with 2 discarded
+    ring.write(USABLE + 1)
+    ring.write(3000)  # closes sub-buffer 1 with 3 discarded
+    for _ in range(4):
+        ring.write(USABLE + 1)  # 7 so far: after both closes, before any read
+    chunks = ring.take()
+    assert [(len(c[0]), c[3]) for c in chunks] == [(0, 0), (3000, 2), (3000, 3)]
+    rest = ring.take(flush=True)
+    assert [(len(c[0]), c[3]) for c in rest] == [(3000, 7)]
+    assert ring.p.discarded == 7
+
+
+def test_close_time_covers_the_drops_before_it(ring: Ring) -> None:
+    """A sub-buffer ends at the time of its switch: after every event it
+    holds and every drop its count includes, and not after the next event."""
+    ring.write(USABLE, ts=START_TS + 10)
+    assert ring.write(USABLE + 1, ts=START_TS + 20) is None
+    ring.write(100, ts=START_TS + 30)  # switches: sub-buffer 0 ends at 30
+    (lead, first) = ring.take()
+    assert (lead[0], lead[1], lead[2], lead[3]) == (b"", START_TS, START_TS, 0)
+    assert (first[1], first[2], first[3]) == (START_TS, START_TS + 30, 1)
+    (second,) = ring.take(flush=True)
+    assert (second[1], second[2], second[3]) == (START_TS + 30, START_TS + 30, 1)
+
+
+def test_flush_counts_drops_up_to_its_timestamp(ring: Ring) -> None:
+    """A flushed (open) sub-buffer reports the drops up to the flush, and its
+    end time is at or after them (a drop publishes its time before its count)."""
+    ring.write(100, ts=START_TS + 10)
+    ring.take(flush=True)
+    ring.write(100, ts=START_TS + 20)
+    assert ring.write(USABLE + 1, ts=START_TS + 25) is None
+    limit = flush_limit(ring.c)
+    assert limit == (200, START_TS + 25, 1)
+    (chunk,) = ring.take(flush=True)
+    assert chunk[2:] == (START_TS + 25, 1)
+    ring.write(100, ts=START_TS + 30)  # later than the drop: a valid next packet
+    (nxt,) = ring.take(flush=True)
+    assert nxt[1:] == (START_TS + 25, START_TS + 30, 1)
+
+
+def test_stream_with_only_drops_begins_with_a_zero_packet(ring: Ring) -> None:
+    """No event, only drops: the flush writes an empty packet with 0, then
+    an empty packet with the count, so that babeltrace2 counts them."""
+    ring.p.drop(5)
+    chunks = ring.take(flush=True)
+    assert [(c[0], c[3]) for c in chunks] == [(b"", 0), (b"", 5)]
+    assert ring.take(flush=True) == []  # nothing more to say
+    ring.p.drop(2)
+    assert [(c[0], c[3]) for c in ring.take(flush=True)] == [(b"", 7)]  # no second zero packet
+
+
+def test_no_zero_packet_when_the_first_packet_reports_none(ring: Ring) -> None:
+    ring.write(100)
+    assert [(len(c[0]), c[3]) for c in ring.take(flush=True)] == [(100, 0)]
+    ring.p.drop(1)
+    ring.write(USABLE)  # closes sub-buffer 0 (read already) with 1
+    assert [(len(c[0]), c[3]) for c in ring.take(flush=True)] == [(USABLE, 1)]
+
+
+def test_restarted_consumer_does_not_begin_the_stream_again(ring: Ring) -> None:
+    """A second cursor (consumerd restarted) after packets were released
+    writes no zero packet, and keeps the count where the trace has it."""
+    ring.write(100)
+    ring.take(flush=True)
+    ring.p.drop(3)
+    ring.write(100)
+    c2 = ConsumerCursor(ring.fd)
+    try:
+        c2.last_discarded = 0  # as read back from the stream file
+        ch = c2.next_chunk(flush_limit(c2))
+        assert ch is not None and len(ch.data) == 100 and ch.events_discarded == 3
+        del ch
+    finally:
+        c2.close()
+
+
+def _closed_subbuffer_ring(snapshot: int, counter: int) -> Ring:
+    """A ring whose sub-buffer 1 closed (announced) with ``snapshot`` while
+    the live counter says ``counter``; sub-buffer 0 (count 1) already read."""
+    r = Ring()
+    r.write(100)
+    r.p.drop(1)
+    r.write(USABLE)  # closes sub-buffer 0 with 1
+    r.take()
+    r.write(USABLE)  # closes sub-buffer 1
+    _poke(r.p.mm, slot_off(1, SLOT_DISCARDED), snapshot)
+    _poke(r.p.mm, OFF_DISCARDED, counter)
+    r.announce()
+    return r
+
+
+@pytest.mark.parametrize("snapshot,counter,ok", [
+    (1, 1, True),
+    (4, 9, True),
+    (0, 1, False),  # a snapshot below the previous one: went backwards
+    (10, 9, False),  # more than the producer's own counter
+    (2**64 - 1, 2**64 - 1, True),  # consistent, if absurd: the counter says so too
+    (2**64 - 1, 9, False),
+])
+def test_hostile_snapshot_is_corrupt(snapshot: int, counter: int, ok: bool) -> None:
+    r = _closed_subbuffer_ring(snapshot, counter)
+    try:
+        if ok:
+            ch = r.c.next_chunk()
+            assert ch is not None and ch.events_discarded == snapshot
+            del ch
+        else:
+            with pytest.raises(RingBufferCorrupt, match="discarded"):
+                r.c.next_chunk()
+    finally:
+        r.close()
+
+
+def test_snapshot_of_a_subbuffer_flushed_whole_is_never_checked_against_the_flush(ring: Ring) -> None:
+    """A flush can read the counter after a close it does not see yet (the
+    event after the switch failed and was dropped): that sub-buffer was
+    taken whole by the flush, so its lower snapshot is never reported."""
+    ring.write(USABLE - 100)
+    assert ring.p.reserve(200, ring.ts + 1) >= 0  # the switch, for an event...
+    ring.p.drop(1)  # ...that then fails (the tracer counts it)
+    limit = flush_limit(ring.c)  # the eventfd not read yet
+    got = []
+    while (ch := ring.c.next_chunk(limit)) is not None:
+        got.append((len(ch.data), ch.events_discarded))
+        ring.c.release()
+    assert got == [(0, 0), (USABLE - 100, 1)]
+    assert ring.announce() == 1
+    assert ring.c.next_chunk() is None  # sub-buffer 0, already read: released, snapshot 0 unused
+    assert ring.write(100) is not None
+    assert [(len(c[0]), c[3]) for c in ring.take(flush=True)] == [(100, 1)]
 
 
 def test_timestamps_chain(ring: Ring) -> None:
@@ -343,7 +486,7 @@ def test_timestamps_chain(ring: Ring) -> None:
             chunks += ring.take(flush=True)
     chunks += ring.take(flush=True)
     assert chunks[0][1] == START_TS
-    for prev, cur in zip(chunks, chunks[1:]):
+    for prev, cur in itertools.pairwise(chunks):
         assert cur[1] == prev[2]
         assert cur[1] <= cur[2]
     assert chunks[-1][2] == ring.ts
@@ -371,21 +514,30 @@ def _poke(mm, off: int, value: int) -> None:
 
 
 def _exercise_cursor(c: ConsumerCursor, rounds: int = 4) -> None:
-    """Drive the cursor as consumerd does; only RingBufferCorrupt may escape."""
+    """Drive the cursor as consumerd does; only RingBufferCorrupt may escape,
+    and whatever the producer wrote, the counts the chunks carry (what the
+    trace will say) never go back."""
+    counts = [c.last_discarded]
+
+    def check(ch: Chunk) -> None:
+        assert 0 <= len(ch.data) <= c.spec.usable
+        assert ch.ts_begin <= ch.ts_end
+        assert ch.events_discarded >= counts[-1]
+        counts.append(ch.events_discarded)
+        c.release()
+
     for _ in range(rounds):
         c.announce(1)
         for limit in (None, flush_limit(c)):
-            for _ in range(3 * c.spec.num_subbuf):
+            for _ in range(3 * c.spec.num_subbuf + 1):
                 ch = c.next_chunk(limit)
                 if ch is None:
                     break
-                assert 0 <= len(ch.data) <= c.spec.usable
-                assert ch.ts_begin <= ch.ts_end
-                c.release()
-        if c.discarded_pending() > 0:
-            ch = empty_chunk(c)
-            assert len(ch.data) == 0
-            c.release()
+                check(ch)
+            if limit is not None and c.discarded_pending() > 0:
+                ch = empty_chunk(c, limit)
+                assert len(ch.data) == 0
+                check(ch)
 
 
 u64 = st.one_of(
@@ -398,7 +550,8 @@ u64 = st.one_of(
 @settings(max_examples=examples(300), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     pre=st.integers(0, 6),
-    writes=st.lists(st.tuples(st.sampled_from([OFF_HEAD, OFF_TS, OFF_DISCARDED] + [OFF_SLOTS + 16 * k + f for k in range(N) for f in (SLOT_END, SLOT_TS)]), u64), max_size=12),
+    writes=st.lists(st.tuples(st.sampled_from([OFF_HEAD, OFF_TS, OFF_DISCARDED] + [
+        slot_off(k, f) for k in range(N) for f in (SLOT_END, SLOT_TS, SLOT_DISCARDED)]), u64), max_size=12),
 )
 def test_hostile_control_page_only_raises_ringbuffercorrupt(pre: int, writes) -> None:
     r = Ring()
@@ -446,8 +599,8 @@ def test_head_behind_consumed_is_corrupt(ring: Ring) -> None:
 
 def test_slot_closed_past_end_is_corrupt(ring: Ring) -> None:
     ring.write(100)
-    _poke(ring.p.mm, OFF_SLOTS + SLOT_TS, START_TS + 5)
-    _poke(ring.p.mm, OFF_SLOTS + SLOT_END, S - 10)  # slot 0 "closed" inside the reserved tail
+    _poke(ring.p.mm, slot_off(0, SLOT_TS), START_TS + 5)
+    _poke(ring.p.mm, slot_off(0, SLOT_END), S - 10)  # slot 0 "closed" inside the reserved tail
     ring.c.announce(1)
     with pytest.raises(RingBufferCorrupt):
         ring.c.next_chunk()
@@ -458,7 +611,7 @@ def test_slot_timestamp_going_backwards_never_yields_a_chunk(ring: Ring) -> None
     ring.take(flush=True)  # the cursor's last timestamp is now START_TS + 1
     ring.write(USABLE - 100)
     ring.write(USABLE)  # closes sub-buffer 0
-    _poke(ring.p.mm, OFF_SLOTS + SLOT_TS, START_TS - 1)
+    _poke(ring.p.mm, slot_off(0, SLOT_TS), START_TS - 1)
     ring.announce()
     try:
         ch = ring.c.next_chunk()
@@ -467,30 +620,49 @@ def test_slot_timestamp_going_backwards_never_yields_a_chunk(ring: Ring) -> None
     assert ch is None or ch.ts_begin <= ch.ts_end
 
 
+def _drain_as_consumerd(r: Ring, flush: bool = True) -> list[tuple[bytes, int]]:
+    """One drain as consumerd does it (a flush gives up when the producer
+    is too busy for a consistent limit); returns (data, discarded) of the
+    chunks written."""
+    r.announce()
+    limit = r.c.flush_limit(MemoryBarrier()) if flush else None
+    out = []
+    while (ch := r.c.next_chunk(limit)) is not None:
+        out.append((bytes(ch.data), ch.events_discarded))
+        r.c.release()
+    if limit is not None and r.c.discarded_pending() > 0:
+        out.append((b"", r.c.empty_chunk(limit.ts).events_discarded))
+        r.c.release()
+    return out
+
+
 def test_concurrent_producer_never_looks_corrupt() -> None:
     """A producer process dropping events while this process drains: the
-    cursor must never report a corruption that did not happen.
+    cursor must never report a corruption that did not happen, and once the
+    producer is done the last count is exactly what it dropped.
 
     Regression: control words written with struct.pack_into were zeroed
     (s_pack_internal's memset) before being written, so a concurrent reader
     saw ``discarded`` go back to 0 and consumerd abandoned the stream."""
+    drops = 200_000
     r = Ring()
     pid = os.fork()
-    if pid == 0:  # the producer: keep dropping (and counting) for a while
+    if pid == 0:  # the producer: drop (and count) a fixed number of events
         try:
-            end = time.monotonic() + 1.5
-            while time.monotonic() < end:
+            for _ in range(drops):
                 r.p.drop()
         finally:
             os._exit(0)
     try:
-        end = time.monotonic() + 1.5
-        while time.monotonic() < end:
-            if r.c.discarded_pending() > 0:
-                empty_chunk(r.c)
-                r.c.release()
+        counts = [0]
+        while os.waitpid(pid, os.WNOHANG)[0] == 0:
+            counts += [d for _, d in _drain_as_consumerd(r)]
+        counts += [d for _, d in _drain_as_consumerd(r)]  # the producer has exited: settled
+        assert counts == sorted(counts)
+        assert counts[-1] == r.c.last_discarded == drops
     finally:
-        os.waitpid(pid, 0)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
         r.close()
 
 
@@ -542,52 +714,58 @@ def _parse_events(data: bytes) -> list[int]:
     return seqs
 
 
+def _produce_until_accepted(r: Ring, wfd: int, accepted: int, deadline_s: float = 120.0) -> None:
+    """The producer process: self-describing events of random sizes, as fast
+    as it can, until ``accepted`` of them found room (whatever the consumer's
+    speed); then the number attempted goes to ``wfd``."""
+    rng = random.Random(5)
+    written = ok = 0
+    deadline = time.monotonic() + deadline_s
+    while ok < accepted:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"only {ok} events found room in {deadline_s:.0f} s")
+        n = rng.randrange(8, 600)
+        ts = time.monotonic_ns()
+        off = r.p.reserve(n, ts)
+        if off >= 0:
+            r.p.view[off : off + n] = struct.pack("<II", written, n) + bytes([written & 0xFF]) * (n - 8)
+            r.p.commit(n, ts)
+            ok += 1
+        written += 1
+    os.write(wfd, str(written).encode())
+
+
 def test_concurrent_producer_and_flushing_consumer_lose_nothing_unreported() -> None:
     """A producer process writes as fast as it can while this process drains
     and flushes (as the switch timer does): every event read is intact, in
-    order, and read + discarded == written."""
-    r = Ring(S, 4)
+    order, the counts never go back, and read + discarded == written."""
+    r = Ring(S, 4, start_ts=time.monotonic_ns())
     rfd, wfd = os.pipe()
     pid = os.fork()
     if pid == 0:
         code = 1
         try:
             os.close(rfd)
-            rng = random.Random(5)
-            written = 0
-            end = time.monotonic() + 1.5
-            while time.monotonic() < end:
-                n = rng.randrange(8, 600)
-                off = r.p.reserve(n)
-                if off >= 0:
-                    r.p.view[off : off + n] = struct.pack("<II", written, n) + bytes([written & 0xFF]) * (n - 8)
-                    r.p.commit(n, time.monotonic_ns())
-                written += 1
-            os.write(wfd, str(written).encode())
+            _produce_until_accepted(r, wfd, accepted=3000)
             code = 0
         finally:
             os._exit(code)
     os.close(wfd)
     try:
-        data = bytearray()
-        discarded = 0
+        got: list[tuple[bytes, int]] = []
         i = 0
-        done = False
-        while not done:
-            done = os.waitpid(pid, os.WNOHANG)[0] != 0
-            chunks = r.take(flush=done or i % 7 == 0)
-            for d, _b, _e, disc in chunks:
-                data += d
-                discarded = disc
-            if done and r.c.discarded_pending() > 0:
-                discarded = empty_chunk(r.c).events_discarded
-                r.c.release()
+        while os.waitpid(pid, os.WNOHANG)[0] == 0:
+            got += _drain_as_consumerd(r, flush=i % 7 == 0)
             i += 1
-        written = int(os.read(rfd, 64))
-        seqs = _parse_events(bytes(data))
+        got += _drain_as_consumerd(r)  # the producer has exited: settled
+        written = int(os.read(rfd, 64) or b"-1")
+        assert written > 0, "the producer did not finish"
+        seqs = _parse_events(b"".join(d for d, _ in got))
+        counts = [disc for _, disc in got]
+        assert counts == sorted(counts)
         assert seqs == sorted(set(seqs))
-        assert len(seqs) + discarded == written
-        assert len(seqs) > 1000
+        assert len(seqs) + counts[-1] == written
+        assert len(seqs) == 3000
     finally:
         os.close(rfd)
         r.close()

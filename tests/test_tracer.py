@@ -4,10 +4,10 @@ into a real ring buffer, decoded back with tracewire.ctf."""
 
 from __future__ import annotations
 
-import inspect
 import io
 import json
 import os
+import struct
 import subprocess
 import sys
 import textwrap
@@ -192,31 +192,38 @@ class Rig:
         tp.globals["_mono"] = lambda: next(it)
 
     def drain(self) -> list[bytes]:
-        """Flush everything into CTF packets (as consumerd does); returns the chunks."""
+        """Flush everything into CTF packets as consumerd's drain does;
+        returns the event chunks (not the empty ones)."""
         try:
             self.cursor.announce(os.eventfd_read(self.efd))
         except BlockingIOError:
             pass
-        if hasattr(self.cursor, "flush_limit"):
-            limit = None
-            while limit is None:  # nothing writes concurrently here
-                limit = self.cursor.flush_limit(MemoryBarrier())
-        else:
-            head = self.cursor.read_head()
-            MemoryBarrier()()
-            limit = head if isinstance(head, tuple) else (head, self.cursor.read_ts())
+        limit = None
+        while limit is None:  # nothing writes concurrently here
+            limit = self.cursor.flush_limit(MemoryBarrier())
         chunks = []
         while (ch := self.cursor.next_chunk(limit)) is not None:
-            chunks.append(self._packet(ch))
+            data = self._packet(ch)
+            if data:
+                chunks.append(data)
             del ch
             self.cursor.release()
         if self.cursor.discarded_pending() > 0:
-            ch = self.cursor.empty_chunk(limit[1]) if inspect.signature(self.cursor.empty_chunk).parameters \
-                else self.cursor.empty_chunk()
+            ch = self.cursor.empty_chunk(limit.ts)
             self._packet(ch)
             del ch
             self.cursor.release()
         return chunks
+
+    def packet_ends(self) -> list[tuple[int, int]]:
+        """(timestamp_end, events_discarded) of every packet written, in order."""
+        out = []
+        pos = 0
+        while pos < len(self.packets):
+            ts_end, _content, size, _seq, discarded = struct.unpack_from("<5Q", self.packets, pos + 40)
+            out.append((ts_end, discarded))
+            pos += size // 8
+        return out
 
     def _packet(self, ch) -> bytes:
         data = bytes(ch.data)
@@ -229,7 +236,8 @@ class Rig:
     def meta(self) -> ctf.TraceMeta:
         info = ctf.TraceInfo(self.uuid, "testhost", "s", "20260101T000000", "test", 1, 0, ("channel0",))
         text = ctf.metadata_preamble(info) + "".join(
-            ctf.metadata_event(ctf.EventDecl(tp.name, tp.id, tuple((n, ctf.FieldType[t.upper()]) for n, t in tp.fields)))
+            ctf.metadata_event(ctf.EventDecl(tp.name, tp.id, tuple((n, ctf.FieldType[t.upper()])
+                                                                   for n, t in tp.fields)))
             for tp in self.tps
         )
         return ctf.parse_metadata(text)
@@ -394,6 +402,9 @@ def test_event_larger_than_a_subbuffer_is_discarded() -> None:
         items = r.read()
         assert [len(e.fields["s"]) for e in _events(items)] == [4000]
         assert sum(i.count for i in items if isinstance(i, ctf.Discarded)) == 1
+        # The drop reaches the stream's first packet: an empty packet saying 0
+        # comes first, so that babeltrace2 (which subtracts) can count it.
+        assert [d for _, d in r.packet_ends()] == [0, 1]
     finally:
         r.close()
 
@@ -411,6 +422,34 @@ def test_full_buffer_discards_and_counts_exactly() -> None:
         assert disc > 0
         assert len(evs) + disc == n
         assert [e.fields["a"] for e in evs] == list(range(len(evs)))  # the first ones, in order
+        counts = [d for _, d in r.packet_ends()]
+        assert counts[0] == 0 and counts == sorted(counts) and counts[-1] == disc
+    finally:
+        r.close()
+
+
+def test_every_packet_counts_the_drops_up_to_its_end() -> None:
+    """What each packet's events_discarded says is the number of events
+    dropped at or before its timestamp_end: a sub-buffer closes at the time
+    of its switch with the producer's count then; a flush reports the count
+    up to its timestamp.  Several rounds of overflow, then draining."""
+    r = Rig(subbuf=4096, num=2)
+    try:
+        tp = r.declare("test:placed", {"a": int, "pad": str})
+        n, step = 3000, 1000
+        ts = [r.start_ts + step * (k + 1) for k in range(n)]  # event k's timestamp
+        r.clock(tp, ts)
+        for k in range(n):
+            tp.emit(a=k, pad="p" * 50)
+            if k % 600 == 599:
+                r.drain()  # the consumer catches up now and then
+        items = r.read()
+        read = {e.fields["a"] for e in _events(items)}
+        dropped_ts = sorted(ts[k] for k in range(n) if k not in read)
+        assert dropped_ts, "2 x 4 KiB must overflow"
+        for ts_end, discarded in r.packet_ends():
+            assert discarded == sum(1 for t in dropped_ts if t <= ts_end), (ts_end, discarded)
+        assert r.packet_ends()[-1][1] == len(dropped_ts) == n - len(read)
     finally:
         r.close()
 

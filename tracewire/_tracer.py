@@ -102,7 +102,7 @@ def _gen_source(fields: list[tuple[str, str]], tp_id: int) -> tuple[str, str]:
     lines.append("                if _pos + _n <= _p.sb_end:")
     lines.append("                    _o = _p.base + _pos")
     lines.append("                else:")
-    lines.append("                    _o = _p._switch(_n)")
+    lines.append("                    _o = _p._switch(_n, _ts)")
     lines.append("                    if _o < 0: continue")
     lines.append("                    _pos = _p.pos")
     lines.append("                _mv = _s.mv")

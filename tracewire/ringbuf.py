@@ -16,36 +16,50 @@ never straddle sub-buffers.
 
 Control page (little-endian), fields and their single writer:
 
-====== ======== =========== ===============================================
-offset type     writer      meaning
-====== ======== =========== ===============================================
-0      u32      sessiond    magic ``RB_MAGIC``
-4      u32      sessiond    layout version
-8      u32      sessiond    sub-buffer size S
-12     u32      sessiond    number of sub-buffers N
-16     u64      producer    timestamp of the last whole event (start time if none)
-24     u64      producer    head: virtual end of the last *whole* event
-32     u64      producer    events discarded (free-running)
-40     u64      consumer    consumed: everything below it has been read
-48     u64      sessiond    stream start timestamp
-56     u64      consumer    timestamp_end of the last released chunk
-64+16k u64,u64  producer    slot k: (ts_end, virtual end) of the sub-buffer
-                            that last closed in slot k; all-ones = never
-====== ======== =========== ===============================================
+====== ========== =========== =============================================
+offset type       writer      meaning
+====== ========== =========== =============================================
+0      u32        sessiond    magic ``RB_MAGIC``
+4      u32        sessiond    layout version (2)
+8      u32        sessiond    sub-buffer size S
+12     u32        sessiond    number of sub-buffers N
+16     u64        producer    ts: the latest timestamp the producer handed
+                              out: of the last whole event, or of a later
+                              dropped one (start time if none)
+24     u64        producer    head: virtual end of the last *whole* event
+32     u64        producer    events discarded so far (free-running)
+40     u64        consumer    consumed: everything below it has been read
+48     u64        sessiond    stream start timestamp
+56     u64        consumer    timestamp_end of the last released chunk
+64+24k u64 x 3    producer    slot k, for the sub-buffer that last closed
+                              in slot k: (ts_end, discarded, virtual end);
+                              end all-ones = never closed
+====== ========== =========== =============================================
 
 Producer (``Producer.reserve``): an event that does not fit in the current
-sub-buffer *closes* it (writes the slot, then signals the eventfd once) and
-moves on to the next one, if the consumer has released it; otherwise the event
-is dropped and ``discarded`` grows (discard mode).  After every event the
-producer publishes ``head`` and the event's timestamp.
+sub-buffer *closes* it and moves on to the next one, if the consumer has
+released it; otherwise the event is dropped: ``discarded`` grows, after ``ts``
+took the dropped event's timestamp (discard mode).  Closing writes the slot --
+``ts_end`` (the time of the switch: the event that caused it, or the latest
+drop), a snapshot of ``discarded``, then ``end`` -- and signals the eventfd
+once, as lttng-ust writes ``timestamp_end`` and ``events_discarded`` into a
+sub-buffer's header when it switches out of it.  After every event the
+producer publishes ``ts``, then ``head``.
 
 Consumer (``ConsumerCursor``): reads closed sub-buffers in order, but never
 more than the eventfd has announced (see docs/design.md for why that is the
 ordering guarantee on weakly ordered CPUs); a *flush* (switch timer, stop, dead
 app) also takes the open sub-buffer up to ``head`` after a system-wide memory
-barrier.  A packet may therefore start in the middle of a sub-buffer.  The
-consumer owns ``consumed`` and treats every producer-written field as hostile:
-a value outside what the layout allows is reported as ``RingBufferCorrupt``.
+barrier (``flush_limit``).  A packet may therefore start in the middle of a
+sub-buffer.  Each chunk's ``events_discarded`` is the stream's total at the
+chunk's end: the slot's snapshot for a closed sub-buffer, the counter read
+with the flush limit for a flushed one.  babeltrace2 cannot count what the
+first packet of a stream reports (it has no earlier packet to subtract), so a
+stream whose first chunk would carry discards begins with an empty chunk that
+carries 0.  The consumer owns ``consumed`` and treats every producer-written
+field as hostile: a value outside what the layout allows (a snapshot that
+goes back or exceeds the counter, a counter that goes back) is reported as
+``RingBufferCorrupt``.
 """
 
 from __future__ import annotations
@@ -53,7 +67,9 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 __all__ = [
     "RB_MAGIC",
@@ -65,10 +81,12 @@ __all__ = [
     "Producer",
     "ConsumerCursor",
     "Chunk",
+    "FlushLimit",
+    "MemoryBarrier",
 ]
 
 RB_MAGIC = 0x54575242  # "TWRB"
-RB_VERSION = 1
+RB_VERSION = 2
 PACKET_HEADER_SIZE = 84
 MIN_SUBBUF_SIZE = 4096
 MAX_SUBBUF_SIZE = 64 * 1024 * 1024
@@ -83,13 +101,15 @@ MAX_NUM_SUBBUF = 1024
 # "<Q" is packed byte by byte besides.  The buffer never leaves the machine,
 # so native byte order is the right one.
 _HDR = struct.Struct("IIII")
-Q_TS = 2  # producer: ts of the last whole event; stored *before* Q_HEAD
+Q_TS = 2  # producer: latest ts handed out (event or drop); stored *before* Q_HEAD / Q_DISCARDED
 Q_HEAD = 3  # producer: virtual end of the last whole event
-Q_DISCARDED = 4  # producer
+Q_DISCARDED = 4  # producer: events discarded so far
 Q_CONSUMED = 5  # consumer
 Q_START = 6  # sessiond: stream start timestamp
 Q_CONSUMED_TS = 7  # consumer: timestamp_end of the last chunk released
-Q_SLOTS = 8  # slot k: q[8+2k] = ts_end (stored first), q[9+2k] = virtual end
+Q_SLOTS = 8  # slot k: q[8+3k] = ts_end, q[9+3k] = discarded (both stored first), q[10+3k] = end
+SLOT_WORDS = 3
+SLOT_TS, SLOT_DISCARDED, SLOT_END = 0, 1, 2
 OFF_SLOTS = 8 * Q_SLOTS
 NEVER = 0xFFFFFFFFFFFFFFFF
 
@@ -110,6 +130,7 @@ class BufferSpec:
     num_subbuf: int
 
     def __post_init__(self) -> None:
+        """Check the geometry (see the class docstring)."""
         s, n = self.subbuf_size, self.num_subbuf
         if not (MIN_SUBBUF_SIZE <= s <= MAX_SUBBUF_SIZE) or s & (s - 1):
             raise ValueError(
@@ -124,10 +145,12 @@ class BufferSpec:
 
     @property
     def ctrl_size(self) -> int:
-        return (OFF_SLOTS + 16 * self.num_subbuf + 4095) & ~4095
+        """Bytes of the control page(s) before the first sub-buffer."""
+        return (OFF_SLOTS + 8 * SLOT_WORDS * self.num_subbuf + 4095) & ~4095
 
     @property
     def total_size(self) -> int:
+        """Bytes of the whole memfd."""
         return self.ctrl_size + self.subbuf_size * self.num_subbuf
 
     @property
@@ -137,10 +160,19 @@ class BufferSpec:
 
 
 def create_buffer(spec: BufferSpec, start_ts: int, name: str = "tracewire-rb") -> int:
-    """Create and initialise a ring buffer memfd; returns its fd (close-on-exec).
+    """Create and initialise a ring buffer memfd.
 
-    The control page gets the geometry, ``head = 0``, ``last_ts = start_ts``,
-    and every slot marked "never closed".
+    The control page gets the geometry, ``head = 0``, ``ts = start_ts``, a
+    discarded count of 0 and every slot marked "never closed".
+
+    Args:
+        spec: the geometry.
+        start_ts: the stream's start, on the clock the producer will use
+            (``time.monotonic_ns()`` now): no event can be earlier.
+        name: the memfd's name (seen in /proc/PID/fd).
+
+    Returns:
+        The memfd (close-on-exec).
     """
     fd = os.memfd_create(name, os.MFD_CLOEXEC)
     try:
@@ -152,8 +184,10 @@ def create_buffer(spec: BufferSpec, start_ts: int, name: str = "tracewire-rb") -
             q[Q_HEAD] = 0
             q[Q_START] = start_ts
             for k in range(spec.num_subbuf):
-                q[Q_SLOTS + 2 * k] = 0
-                q[Q_SLOTS + 2 * k + 1] = NEVER
+                base = Q_SLOTS + SLOT_WORDS * k
+                q[base + SLOT_TS] = 0
+                q[base + SLOT_DISCARDED] = 0
+                q[base + SLOT_END] = NEVER
             q.release()
     except BaseException:
         os.close(fd)
@@ -163,6 +197,13 @@ def create_buffer(spec: BufferSpec, start_ts: int, name: str = "tracewire-rb") -
 
 def map_buffer(fd: int, expected: BufferSpec | None = None) -> tuple[mmap.mmap, BufferSpec]:
     """Map a ring buffer fd and check its geometry.
+
+    Args:
+        fd: the ring buffer's memfd.
+        expected: the geometry the channel declares, if known.
+
+    Returns:
+        The shared mapping of the whole memfd and its geometry.
 
     Raises:
         RingBufferCorrupt: bad magic/version/geometry or a size mismatch.
@@ -190,17 +231,28 @@ def map_buffer(fd: int, expected: BufferSpec | None = None) -> tuple[mmap.mmap, 
 
 
 class Producer:
-    """The app side of one ring buffer.  Not thread-safe by itself: the tracer
-    serialises calls with one lock per stream.
+    """The app side of one ring buffer.
 
-    The hot path is ``reserve(size)``: it returns the memfd offset at which the
-    caller writes ``size`` event bytes, then the caller calls ``commit(ts)``.
-    ``reserve`` returns -1 when the event must be dropped (already counted).
+    Not thread-safe by itself: the tracer serialises calls with one lock per
+    stream, and takes each event's timestamp under that lock, so the
+    timestamps given to ``reserve``, ``commit`` and ``drop`` never decrease.
+
+    The hot path is ``reserve(size, ts)``: it returns the memfd offset at
+    which the caller writes ``size`` event bytes, then the caller calls
+    ``commit(size, ts)``.  ``reserve`` returns -1 when the event must be
+    dropped (already counted).
+
+    Attributes:
+        last_ts: timestamp of the last event written, the reference of the
+            next compact event header.
+        high_ts: the latest timestamp published other than by an event
+            written (a dropped event's, a close's); a sub-buffer closes at
+            ``max(last_ts, high_ts)`` or later.
     """
 
     __slots__ = (
         "mm", "view", "q", "spec", "wakeup_fd", "pos", "sb_end", "sb_index",
-        "last_ts", "discarded", "_S", "_N", "_ctrl", "_released_upto", "base",
+        "last_ts", "high_ts", "discarded", "_S", "_N", "_ctrl", "_released_upto", "base",
     )
 
     def __init__(self, fd: int, wakeup_fd: int, spec: BufferSpec | None = None) -> None:
@@ -212,64 +264,119 @@ class Producer:
         self._S = sp.subbuf_size
         self._N = sp.num_subbuf
         self._ctrl = sp.ctrl_size
-        head, last_ts = self.q[Q_HEAD], self.q[Q_TS]
+        head = self.q[Q_HEAD]
         # Resume where a previous producer (same buffer) left off.
         self.pos = head
         self.sb_index = head // self._S
         self.sb_end = self.sb_index * self._S + sp.usable
         # memfd offset of virtual position p in the current sub-buffer: base + p
         self.base = self._ctrl + (self.sb_index % self._N - self.sb_index) * self._S
-        self.last_ts = last_ts
+        # The ts word may be a dropped event's, later than the last event
+        # written: the stream start is a header reference no reader can be
+        # behind (a resumed producer's first event may get an extended header).
+        self.last_ts = self.q[Q_START]
+        self.high_ts = self.q[Q_TS]
         self.discarded = self.q[Q_DISCARDED]
         self._released_upto = 0
 
-    def reserve(self, size: int) -> int:
-        """Find room for ``size`` event bytes; returns the memfd offset or -1."""
+    def reserve(self, size: int, ts: int | None = None) -> int:
+        """Find room for ``size`` event bytes.
+
+        Args:
+            size: the event's size in bytes.
+            ts: the event's timestamp: the time of the switch if the event
+                closes the current sub-buffer, and of the drop if it is
+                dropped (None: unknown, e.g. a test writing by hand).
+
+        Returns:
+            The memfd offset to write the event at, or -1 (dropped, counted).
+        """
         p = self.pos
         if p + size <= self.sb_end:
             return self.base + p
-        return self._switch(size)
+        return self._switch(size, ts)
 
-    def _switch(self, size: int) -> int:
+    def _switch(self, size: int, ts: int | None = None) -> int:
+        """Close the current sub-buffer and move to the next, or drop.
+
+        Args:
+            size: the event that did not fit.
+            ts: its timestamp (see ``reserve``).
+
+        Returns:
+            The memfd offset for the event, or -1 (dropped and counted).
+        """
         S = self._S
         if size > S - PACKET_HEADER_SIZE:
-            self.drop()
+            self.drop(1, ts)
             return -1
         nxt = self.sb_index + 1
         need = (nxt - self._N + 1) * S  # sub-buffer nxt-N must be fully consumed
         if need > self._released_upto:
             self._released_upto = self.q[Q_CONSUMED]
             if need > self._released_upto:
-                self.drop()
+                self.drop(1, ts)
                 return -1
-        self.close_current()
+        self.close_current(ts)
         self.sb_index = nxt
         self.pos = nxt * S
         self.sb_end = self.pos + S - PACKET_HEADER_SIZE
         self.base = self._ctrl + (nxt % self._N - nxt) * S
         return self.base + self.pos
 
-    def close_current(self) -> None:
-        """Close the current sub-buffer at ``pos`` and wake the consumer."""
-        k = Q_SLOTS + 2 * (self.sb_index % self._N)
-        self.q[k] = self.last_ts
-        self.q[k + 1] = self.pos
+    def close_current(self, ts: int | None = None) -> None:
+        """Close the current sub-buffer at ``pos`` and wake the consumer.
+
+        The slot gets the close's timestamp (``ts``, or the latest the
+        producer handed out) and a snapshot of the discarded count, both
+        before the end position that makes the slot current; then the
+        eventfd write publishes all three (docs/design.md).
+
+        Args:
+            ts: the time of the switch: the timestamp of the event that
+                does not fit (None: the latest known, e.g. at exit).
+        """
+        end_ts = max(self.last_ts, self.high_ts) if ts is None else max(self.last_ts, self.high_ts, ts)
+        self.high_ts = end_ts
+        k = Q_SLOTS + SLOT_WORDS * (self.sb_index % self._N)
+        q = self.q
+        q[k + SLOT_TS] = end_ts
+        q[k + SLOT_DISCARDED] = self.discarded
+        q[k + SLOT_END] = self.pos
         try:
             os.eventfd_write(self.wakeup_fd, 1)
         except OSError:
             pass  # consumer gone or counter saturated: never block or raise
 
     def commit(self, size: int, ts: int) -> None:
+        """Publish an event written at the offset ``reserve`` returned.
+
+        Args:
+            size: the event's size, as reserved.
+            ts: its timestamp (never earlier than the previous one's).
+        """
         self.pos += size
         self.last_ts = ts
         self.q[Q_TS] = ts
         self.q[Q_HEAD] = self.pos
 
-    def drop(self, count: int = 1) -> None:
+    def drop(self, count: int = 1, ts: int | None = None) -> None:
+        """Count ``count`` events as discarded.
+
+        Args:
+            count: how many.
+            ts: the dropped event's timestamp, if known: published in the
+                ts word *before* the count, so that a flush that sees the
+                count also sees a time at or after the drop.
+        """
+        if ts is not None and ts > self.last_ts and ts > self.high_ts:
+            self.high_ts = ts
+            self.q[Q_TS] = ts
         self.discarded += count
         self.q[Q_DISCARDED] = self.discarded
 
     def close(self) -> None:
+        """Unmap the buffer (the caller closes ``wakeup_fd``)."""
         self.q.release()
         self.view.release()
         self.mm.close()
@@ -280,7 +387,9 @@ class Chunk:
     """A run of whole events ready to become one CTF packet.
 
     ``data`` views the shared memory: copy or write it out before calling
-    ``ConsumerCursor.release``.
+    ``ConsumerCursor.release``.  ``events_discarded`` is the stream's
+    discarded total at the chunk's end (``ts_end``), as the CTF packet
+    context wants it.
     """
 
     data: memoryview
@@ -290,8 +399,30 @@ class Chunk:
     end: int  # virtual ring position right after the chunk
 
 
+class FlushLimit(NamedTuple):
+    """A consistent snapshot of the producer's state for a flush.
+
+    ``ts`` is at or after the last event below ``head`` and at or before
+    the next one; ``discarded`` counts the events dropped up to ``ts``.
+    """
+
+    head: int
+    ts: int
+    discarded: int
+
+
 class ConsumerCursor:
-    """The consumer side of one ring buffer: turns sub-buffers into chunks."""
+    """The consumer side of one ring buffer: turns sub-buffers into chunks.
+
+    Attributes:
+        consumed: everything below this virtual position has been read.
+        last_ts: ``ts_end`` of the last chunk (the next one's ``ts_begin``).
+        last_discarded: ``events_discarded`` of the last chunk: what the
+            trace reports so far (a restarted consumerd sets it from the
+            stream file's last packet).
+        deferred: release space to the producer only through ``publish``.
+        announced: closed sub-buffers the eventfd has announced, in total.
+    """
 
     def __init__(self, fd: int, spec: BufferSpec | None = None) -> None:
         self.mm, self.spec = map_buffer(fd, spec)
@@ -313,101 +444,181 @@ class ConsumerCursor:
         self.announced = self.consumed // self._S
         self._advance_to = self.consumed
         self.last_discarded = 0
+        self._snap_floor = 0  # highest slot snapshot accepted
+        self._live_floor = 0  # highest discarded counter read
+        self._flush: FlushLimit | None = None  # the last flush_limit() result
+        self._started = False  # a chunk has been returned
+        self._fresh = self.consumed == 0  # no earlier consumer released anything
 
-    def _slot(self, j: int) -> tuple[int, int] | None:
-        k = Q_SLOTS + 2 * (j % self._N)
-        end = self.q[k + 1]
+    # -- reading the control page -------------------------------------------------------
+    def _slot(self, j: int) -> tuple[int, int, int] | None:
+        """``(end, ts_end, discarded)`` of sub-buffer ``j`` if its slot says
+        it closed in this lap, else None.  Read end first: the other two
+        were stored before it."""
+        k = Q_SLOTS + SLOT_WORDS * (j % self._N)
+        q = self.q
+        end = q[k + SLOT_END]
         lo = j * self._S
         if end == NEVER or end < lo or end >= lo + self._S:
             return None  # not closed in this lap (stale or never)
-        ts_end = self.q[k]
+        ts_end = q[k + SLOT_TS]
         if ts_end < self.last_ts:
             return None  # the slot's ts is from an earlier lap: not visible yet
         if end > lo + self._S - PACKET_HEADER_SIZE:
             raise RingBufferCorrupt(f"sub-buffer {j} closed past its end ({end})")
-        return end, ts_end
+        return end, ts_end, q[k + SLOT_DISCARDED]
+
+    def _check_counter(self, discarded: int) -> None:
+        """Accept a read of the live discarded counter, or raise."""
+        floor = max(self._live_floor, self._snap_floor, self.last_discarded)
+        if discarded < floor:
+            raise RingBufferCorrupt(f"events_discarded went backwards ({discarded} < {floor})")
+        self._live_floor = discarded
+
+    def _check_snapshot(self, j: int, snapshot: int) -> None:
+        """Accept sub-buffer ``j``'s discarded snapshot, or raise.
+
+        Snapshots are taken in sub-buffer order, so they never go back, and
+        the counter (read after the slot, so its stores are visible too) is
+        never below them.
+        """
+        if snapshot < self._snap_floor:
+            raise RingBufferCorrupt(
+                f"events_discarded of sub-buffer {j} went backwards ({snapshot} < {self._snap_floor})")
+        counter = self.q[Q_DISCARDED]
+        if snapshot > counter:
+            raise RingBufferCorrupt(
+                f"sub-buffer {j} closed with {snapshot} events discarded, more than the {counter} counted")
+        self._check_counter(counter)
+        self._snap_floor = snapshot
 
     def _view(self, start: int, end: int) -> memoryview:
+        """The shared memory holding virtual positions [start, end)."""
         off = self._ctrl + (start // self._S % self._N) * self._S + start % self._S
         return self.view[off : off + (end - start)]
 
-    def _chunk(self, start: int, end: int, ts_end: int) -> Chunk:
+    def _chunk(self, start: int, end: int, ts_end: int, discarded: int) -> Chunk:
+        """The chunk [start, end) ending at ``ts_end``, after the previous one.
+
+        Raises:
+            RingBufferCorrupt: ``ts_end`` is before the previous chunk's end.
+        """
         if ts_end < self.last_ts:
             raise RingBufferCorrupt(f"timestamp went backwards ({ts_end} < {self.last_ts})")
-        discarded = self.q[Q_DISCARDED]
-        if discarded < self.last_discarded:
-            raise RingBufferCorrupt(f"events_discarded went backwards ({discarded} < {self.last_discarded})")
-        c = Chunk(self._view(start, end), self.last_ts, ts_end, discarded, self._advance_to)
+        # A flush's counter may run ahead of a snapshot the producer took
+        # before it (only on weakly ordered CPUs): the trace's count never
+        # goes back, whatever order the reads saw.
+        count = max(discarded, self.last_discarded)
+        c = Chunk(self._view(start, end), self.last_ts, ts_end, count, self._advance_to)
         self.last_ts = ts_end
-        self.last_discarded = discarded
+        self.last_discarded = count
+        self._started = True
         return c
 
+    # -- chunks ---------------------------------------------------------------------------
     def announce(self, count: int) -> None:
         """Add what the eventfd said: ``count`` more sub-buffers were closed."""
         self.announced += count
 
-    def next_chunk(self, limit: tuple[int, int] | None = None) -> Chunk | None:
+    def next_chunk(self, limit: FlushLimit | None = None) -> Chunk | None:
         """The next chunk to write, or None when there is nothing (yet).
 
         Sub-buffers are closed in order and each close writes the eventfd once,
         so closed sub-buffer ``j`` may be read once ``announced > j``: the
         eventfd write/read pair orders the producer's stores before our loads.
 
+        The first chunk of a stream whose count would not be 0 is preceded by
+        an empty chunk with a count of 0 (babeltrace2 cannot count what a
+        stream's first packet reports): write and release it, then call
+        again.  Call until None before ``empty_chunk``.
+
         Args:
             limit: for a flush (switch timer, stop, dead app), the
-                ``(head, ts)`` pair from ``flush_limit()``.  Closed
-                sub-buffers ending at or below that head, and the open one
-                up to it, are taken too.
+                ``flush_limit()`` result.  Closed sub-buffers the producer
+                left before that head, and the open one up to it, are taken
+                too.
 
         Raises:
             RingBufferCorrupt: the producer wrote a control value the layout
                 forbids; the stream must be abandoned.
         """
+        found = self._find(limit)
+        pending = limit.discarded if limit is not None else 0  # what empty_chunk would carry
+        count = found[3] if found is not None else pending
+        if count > self.last_discarded and self._unstarted():
+            return self._lead()
+        return None if found is None else self._chunk(*found)
+
+    def _find(self, limit: FlushLimit | None) -> tuple[int, int, int, int] | None:
+        """``(start, end, ts_end, discarded)`` of the next chunk, with
+        ``_advance_to`` set for ``release``; releases empty sub-buffers."""
         S = self._S
         while True:
             c = self.consumed
             j = c // S
             slot = self._slot(j)
-            if slot is not None and (self.announced > j or (limit is not None and slot[0] <= limit[0])):
-                end, ts_end = slot
+            # An unannounced close is visible after the flush's barrier only
+            # if the producer had moved past it when the head was read.
+            if slot is not None and (self.announced > j or (limit is not None and limit.head // S > j)):
+                end, ts_end, snapshot = slot
                 if end < c:
                     raise RingBufferCorrupt(f"sub-buffer {j} closed at {end} before {c}")
                 self._advance_to = (j + 1) * S
                 if end == c:
                     self.release()
                     continue
-                return self._chunk(c, end, ts_end)
-            if limit is None:
-                return None
-            head, ts = limit
-            if head <= c:
-                # A closed sub-buffer leaves head at its end until the next
-                # event lands in the following one.
-                if c - head > S:
-                    raise RingBufferCorrupt(f"head {head} is behind consumed {c}")
-                return None
-            if head // S > j + self._N:
-                raise RingBufferCorrupt(f"head {head} is not reachable from {c}")
-            if head // S == j and head > c:
-                if head > j * S + S - PACKET_HEADER_SIZE:
-                    raise RingBufferCorrupt(f"head {head} past the end of sub-buffer {j}")
-                self._advance_to = head
-                return self._chunk(c, head, ts)
+                self._check_snapshot(j, snapshot)
+                return c, end, ts_end, snapshot
+            return None if limit is None else self._find_open(limit, c, j)
+
+    def _find_open(self, limit: FlushLimit, c: int, j: int) -> tuple[int, int, int, int] | None:
+        """The open sub-buffer ``j`` from ``c`` up to the flush limit's head."""
+        S = self._S
+        head = limit.head
+        if head <= c:
+            # A closed sub-buffer leaves head at its end until the next
+            # event lands in the following one.
+            if c - head > S:
+                raise RingBufferCorrupt(f"head {head} is behind consumed {c}")
             return None
+        if head // S > j + self._N:
+            raise RingBufferCorrupt(f"head {head} is not reachable from {c}")
+        if head // S != j:
+            return None
+        if head > j * S + S - PACKET_HEADER_SIZE:
+            raise RingBufferCorrupt(f"head {head} past the end of sub-buffer {j}")
+        self._advance_to = head
+        return c, head, limit.ts, limit.discarded
+
+    def _unstarted(self) -> bool:
+        """No packet of this stream was written yet, as far as we know."""
+        return self._fresh and not self._started and self.last_discarded == 0
+
+    def _lead(self) -> Chunk:
+        """The empty chunk, with a count of 0, that opens a stream whose
+        first real chunk reports discarded events."""
+        self._advance_to = self.consumed
+        return self._chunk(self.consumed, self.consumed, self.last_ts, 0)
 
     def discarded_pending(self) -> int:
-        """Events dropped since the last chunk (a flush with none reports them)."""
-        return self.q[Q_DISCARDED] - self.last_discarded
+        """Events counted as dropped at the last flush limit that no chunk
+        carries yet (a flush with no event to write reports them with
+        ``empty_chunk``)."""
+        if self._flush is None:
+            return 0
+        return max(0, self._flush.discarded - self.last_discarded)
 
     def empty_chunk(self, ts: int) -> Chunk:
-        """A chunk with no events, to carry a discarded count in a packet.
+        """A chunk with no events, to carry the flush's discarded count.
 
         Args:
             ts: the ``ts`` of the flush limit everything was read up to.
         """
         self._advance_to = self.consumed
-        return self._chunk(self.consumed, self.consumed, max(self.last_ts, ts))
+        discarded = self._flush.discarded if self._flush is not None else self.last_discarded
+        return self._chunk(self.consumed, self.consumed, max(self.last_ts, ts), discarded)
 
+    # -- releasing --------------------------------------------------------------------------
     def release(self) -> int:
         """Mark the last chunk read; returns the position after it.  Unless
         ``deferred``, the producer may reuse its space at once."""
@@ -429,19 +640,27 @@ class ConsumerCursor:
         if pos > self.consumed:
             self.consumed = self._advance_to = pos
             self.announced = max(self.announced, pos // self._S)
+            self._fresh = False
         self.last_ts = max(self.last_ts, ts)
         self.publish(pos, ts)
 
-    def flush_limit(self, barrier=None, tries: int = 16) -> tuple[int, int] | None:
-        """A consistent ``(head, ts)`` for a flush, or None if the producer
-        kept moving (try again later).
+    # -- flushes ----------------------------------------------------------------------------
+    def flush_limit(self, barrier: Callable[[], None] | None = None, tries: int = 16) -> FlushLimit | None:
+        """A consistent ``(head, ts, discarded)`` for a flush, or None if the
+        producer kept moving (try again later).
 
-        The producer stores ts, then head.  Reading ts (T1), head (H), then
-        ts again (T2) and keeping the pair only when T1 == T2 gives a ts that
-        is the timestamp of the event ending at H, or of the event right
-        after it — both valid as the packet's timestamp_end *and* the next
-        packet's timestamp_begin.  ``barrier`` (a ``MemoryBarrier``) runs
-        between H and T2: after it, every byte below H is visible.
+        The producer stores ts, then head (an event) or ts, then the count (a
+        drop).  Reading ts (T1), head (H), the count (D), then ts again (T2)
+        and keeping the triple only when T1 == T2 gives a ts that is the
+        timestamp of the event ending at H, or of the event or drop right
+        after it -- valid as the packet's timestamp_end *and* the next
+        packet's timestamp_begin -- and a count of the drops up to that ts.
+        ``barrier`` (a ``MemoryBarrier``) runs between H and D: after it,
+        every byte below H is visible, and D is at least every snapshot the
+        producer took before.
+
+        Raises:
+            RingBufferCorrupt: the discarded counter went back.
         """
         q = self.q
         for _ in range(tries):
@@ -449,8 +668,11 @@ class ConsumerCursor:
             head = q[Q_HEAD]
             if barrier is not None:
                 barrier()
+            discarded = q[Q_DISCARDED]
             if q[Q_TS] == t1:
-                return head, t1
+                self._check_counter(discarded)
+                self._flush = FlushLimit(head, t1, discarded)
+                return self._flush
         return None
 
     def read_head(self) -> int:
@@ -464,6 +686,7 @@ class ConsumerCursor:
         return self.q[Q_TS]
 
     def close(self) -> None:
+        """Unmap the buffer."""
         self.q.release()
         self.view.release()
         self.mm.close()
@@ -489,13 +712,14 @@ class MemoryBarrier:
         machine = machine or os.uname().machine
         self.needed = force or machine not in ("x86_64", "i686", "i386")
         self._nr = _SYS_MEMBARRIER.get(machine)
-        self._syscall = None
+        self._syscall: Callable[..., int] | None = None
         if self.needed and self._nr is not None:
             import ctypes
 
             self._syscall = ctypes.CDLL(None, use_errno=True).syscall
 
     def __call__(self) -> None:
+        """Issue the barrier (nothing on x86 unless forced)."""
         if not self.needed:
             return
         if self._syscall is None or self._syscall(self._nr, _MEMBARRIER_CMD_GLOBAL, 0, 0) != 0:
