@@ -33,8 +33,16 @@ import struct
 import sys
 import threading
 import time
+from collections.abc import Callable
+from types import CodeType
+from typing import TYPE_CHECKING, Any
 
 from tracewire.rundir import default_rundir
+
+if TYPE_CHECKING:  # the tracer imports ringbuf only when a stream arrives
+    import socket
+
+    from tracewire.ringbuf import Producer
 
 __all__ = ["tracepoint", "Tracepoint"]
 
@@ -53,108 +61,152 @@ class _StreamW:
 
     __slots__ = ("key", "producer", "lock", "mv", "enabled", "closed")
 
-    def __init__(self, key: str, producer) -> None:
+    def __init__(self, key: str, producer: Producer) -> None:
         self.key = key
-        self.producer = producer
-        self.mv = producer.view
+        self.producer: Producer | None = producer
+        self.mv: memoryview | None = producer.view
         self.lock = threading.Lock()
         self.enabled: set[int] = set()
         self.closed = False
 
 
-def _gen_source(fields: list[tuple[str, str]], tp_id: int) -> tuple[str, str]:
-    """Python source of the recording body for these fields, and the struct
-    format of the fixed fields packed with the event header."""
-    args = ", ".join(n for n, _ in fields)
-    lines = [f"def _emit({args}):", "    try:"]
-    # Encode variable-size fields once, outside the per-stream loop.
+_HDR_COMPACT = 4  # bytes of a compact event header
+_HDR_EXTENDED = 16  # bytes of an extended one
+_I2, _I3, _I4, _I5 = " " * 8, " " * 12, " " * 16, " " * 20  # generated code's indents
+
+
+def _gen_encode(fields: list[tuple[str, str]]) -> list[str]:
+    """Lines that encode the variable-size fields (once, outside the
+    per-stream loop) and compute ``_sz``, the size of all the fields."""
+    lines = []
     size_terms = []
     fixed_size = 0
     for n, t in fields:
         if t == "str":
-            lines.append(f"        _b_{n} = {n}.encode('utf-8', 'replace')")
-            lines.append(f"        if 0 in _b_{n}: _b_{n} = _b_{n}.replace(b'\\0', {_NUL_REPLACEMENT!r})")
+            lines.append(f"{_I2}_b_{n} = {n}.encode('utf-8', 'replace')")
+            lines.append(f"{_I2}if 0 in _b_{n}: _b_{n} = _b_{n}.replace(b'\\0', {_NUL_REPLACEMENT!r})")
             size_terms.append(f"len(_b_{n}) + 1")
         elif t == "bytes":
-            lines.append(f"        _b_{n} = bytes({n})")
+            lines.append(f"{_I2}_b_{n} = bytes({n})")
             size_terms.append(f"len(_b_{n}) + 4")
         else:
             fixed_size += 8
-    compact = tp_id <= _COMPACT_MAX_ID
-    hdr_c = 4
-    hdr_x = 16
     size_expr = " + ".join([str(fixed_size)] + size_terms)
-    lines.append(f"        _sz = {size_expr}")
-    lines.append("        for _s in _streams:")
-    lines.append("            _l = _s.lock")
-    lines.append("            _l.acquire()")
-    lines.append("            try:")
-    lines.append("                _p = _s.producer")
-    lines.append("                if _p is None: continue")
-    lines.append("                _ts = _mono()")
+    lines.append(f"{_I2}_sz = {size_expr}")
+    return lines
+
+
+def _gen_reserve(compact: bool) -> list[str]:
+    """Lines that, under the stream's lock, take the timestamp and reserve
+    room (switching sub-buffers, or dropping: the event's timestamp goes
+    with either)."""
+    lines = [
+        f"{_I2}for _s in _streams:",
+        f"{_I3}_l = _s.lock",
+        f"{_I3}_l.acquire()",
+        f"{_I3}try:",
+        f"{_I4}_p = _s.producer",
+        f"{_I4}if _p is None: continue",
+        f"{_I4}_ts = _mono()",
+    ]
     if compact:
-        lines.append(f"                _ext = _ts - _p.last_ts >= {_TS27}")
-        lines.append(f"                _n = _sz + ({hdr_x} if _ext else {hdr_c})")
+        lines.append(f"{_I4}_ext = _ts - _p.last_ts >= {_TS27}")
+        lines.append(f"{_I4}_n = _sz + ({_HDR_EXTENDED} if _ext else {_HDR_COMPACT})")
     else:
-        lines.append("                _ext = True")
-        lines.append(f"                _n = _sz + {hdr_x}")
-    lines.append("                _pos = _p.pos")
-    lines.append("                if _pos + _n <= _p.sb_end:")
-    lines.append("                    _o = _p.base + _pos")
-    lines.append("                else:")
-    lines.append("                    _o = _p._switch(_n, _ts)")
-    lines.append("                    if _o < 0: continue")
-    lines.append("                    _pos = _p.pos")
-    lines.append("                _mv = _s.mv")
-    # Header + the leading run of fixed fields in one pack_into.
-    lead = []
-    for n, t in fields:
-        if t in _FIXED:
-            lead.append((n, t))
-        else:
-            break
-    lead_fmt = "".join(_FIXED[t] for _, t in lead)
+        lines.append(f"{_I4}_ext = True")
+        lines.append(f"{_I4}_n = _sz + {_HDR_EXTENDED}")
+    return lines + [
+        f"{_I4}_pos = _p.pos",
+        f"{_I4}if _pos + _n <= _p.sb_end:",
+        f"{_I5}_o = _p.base + _pos",
+        f"{_I4}else:",
+        f"{_I5}_o = _p._switch(_n, _ts)",
+        f"{_I5}if _o < 0: continue",
+        f"{_I5}_pos = _p.pos",
+        f"{_I4}_mv = _s.mv",
+    ]
+
+
+def _gen_header(tp_id: int, compact: bool, lead: list[tuple[str, str]]) -> list[str]:
+    """Lines that pack the event header and the leading run of fixed fields
+    (``lead``) with one ``pack_into``."""
     lead_args = "".join(f", {n}" for n, _ in lead)
     lead_size = 8 * len(lead)
-    if compact:
-        lines.append("                if _ext:")
-        lines.append(f"                    _PX(_mv, _o, {_EXTENDED}, {tp_id}, _ts{lead_args})")
-        lines.append(f"                    _o += {hdr_x + lead_size}")
-        lines.append("                else:")
-        lines.append(f"                    _PC(_mv, _o, {tp_id} | (_ts & 0x7FFFFFF) << 5{lead_args})")
-        lines.append(f"                    _o += {hdr_c + lead_size}")
-    else:
-        lines.append(f"                _PX(_mv, _o, {_EXTENDED}, {tp_id}, _ts{lead_args})")
-        lines.append(f"                _o += {hdr_x + lead_size}")
-    for n, t in fields[len(lead):]:
+    extended = [
+        f"_PX(_mv, _o, {_EXTENDED}, {tp_id}, _ts{lead_args})",
+        f"_o += {_HDR_EXTENDED + lead_size}",
+    ]
+    if not compact:
+        return [_I4 + line for line in extended]
+    return [
+        f"{_I4}if _ext:",
+        *(_I5 + line for line in extended),
+        f"{_I4}else:",
+        f"{_I5}_PC(_mv, _o, {tp_id} | (_ts & 0x7FFFFFF) << 5{lead_args})",
+        f"{_I5}_o += {_HDR_COMPACT + lead_size}",
+    ]
+
+
+def _gen_fields(fields: list[tuple[str, str]]) -> list[str]:
+    """Lines that write the fields after the leading fixed ones."""
+    lines = []
+    for n, t in fields:
         if t in _FIXED:
-            lines.append(f"                _P{t}(_mv, _o, {n}); _o += 8")
+            lines.append(f"{_I4}_P{t}(_mv, _o, {n}); _o += 8")
         elif t == "str":
-            lines.append(f"                _e = _o + len(_b_{n}); _mv[_o:_e] = _b_{n}; _mv[_e] = 0; _o = _e + 1")
+            lines.append(f"{_I4}_e = _o + len(_b_{n}); _mv[_o:_e] = _b_{n}; _mv[_e] = 0; _o = _e + 1")
         else:
-            lines.append(f"                _PI(_mv, _o, len(_b_{n})); _o += 4")
-            lines.append(f"                _e = _o + len(_b_{n}); _mv[_o:_e] = _b_{n}; _o = _e")
-    lines.append("                _pos += _n")
-    lines.append("                _p.pos = _pos")
-    lines.append("                _p.last_ts = _ts")
-    lines.append(f"                _q = _p.q; _q[{_Q_TS}] = _ts; _q[{_Q_HEAD}] = _pos")
-    lines.append("            finally:")
-    lines.append("                _l.release()")
-    lines.append("    except Exception:")
-    lines.append("        _failed()")
-    return "\n".join(lines) + "\n", lead_fmt
+            lines.append(f"{_I4}_PI(_mv, _o, len(_b_{n})); _o += 4")
+            lines.append(f"{_I4}_e = _o + len(_b_{n}); _mv[_o:_e] = _b_{n}; _o = _e")
+    return lines
+
+
+def _gen_source(fields: list[tuple[str, str]], tp_id: int) -> tuple[str, str]:
+    """Python source of the recording body for these fields.
+
+    Args:
+        fields: (name, type) pairs, type one of int, float, str, bytes.
+        tp_id: the tracepoint's id (above 30: always the extended header).
+
+    Returns:
+        The source of ``_emit(fields...)`` and the struct format of the
+        leading fixed fields, packed with the event header.
+    """
+    compact = tp_id <= _COMPACT_MAX_ID
+    lead: list[tuple[str, str]] = []
+    for n, t in fields:
+        if t not in _FIXED:
+            break
+        lead.append((n, t))
+    lines = [
+        f"def _emit({', '.join(n for n, _ in fields)}):",
+        "    try:",
+        *_gen_encode(fields),
+        *_gen_reserve(compact),
+        *_gen_header(tp_id, compact, lead),
+        *_gen_fields(fields[len(lead):]),
+        f"{_I4}_pos += _n",
+        f"{_I4}_p.pos = _pos",
+        f"{_I4}_p.last_ts = _ts",
+        f"{_I4}_q = _p.q; _q[{_Q_TS}] = _ts; _q[{_Q_HEAD}] = _pos",
+        f"{_I3}finally:",
+        f"{_I4}_l.release()",
+        "    except Exception:",
+        "        _failed()",
+    ]
+    return "\n".join(lines) + "\n", "".join(_FIXED[t] for _, t in lead)
 
 
 class Tracepoint:
     """One declared event: its name, fields and app-wide id."""
 
-    def __init__(self, registry: _Registry, tp_id: int, name: str, fields: list[tuple[str, str]]):
+    def __init__(self, registry: _Registry | None, tp_id: int, name: str, fields: list[tuple[str, str]]) -> None:
         self.registry = registry
         self.id = tp_id
         self.name = name
         self.fields = fields
         src, lead_fmt = _gen_source(fields, tp_id)
-        self.globals: dict = {
+        self.globals: dict[str, Any] = {
             "_streams": (),
             "_mono": time.monotonic_ns,
             "_PC": struct.Struct("<I" + lead_fmt).pack_into,
@@ -165,24 +217,26 @@ class Tracepoint:
             "_failed": self._failed,
         }
         exec(compile(src, f"<tracepoint {name}>", "exec"), self.globals)
-        self._enabled_code = self.globals["_emit"].__code__
+        self._enabled_code: CodeType = self.globals["_emit"].__code__
         args = ", ".join(n for n, _ in fields)
-        ns: dict = {}
+        ns: dict[str, Any] = {}
         exec(compile(f"def _off({args}):\n    return None\n", f"<tracepoint {name}>", "exec"), ns)
-        self._disabled_code = ns["_off"].__code__
+        self._disabled_code: CodeType = ns["_off"].__code__
         emit = self.globals["_emit"]
         emit.__code__ = self._disabled_code
         emit.__name__ = emit.__qualname__ = name.replace(":", "_").replace(".", "_").replace("-", "_")
         emit.__doc__ = f"Emit the {name} event ({', '.join(f'{n}: {t}' for n, t in fields)})."
-        emit.tracepoint = self  # type: ignore[attr-defined]
-        self.emit = emit
+        emit.tracepoint = self
+        self.emit: Callable[..., None] = emit
 
-    def set_streams(self, streams: tuple) -> None:
+    def set_streams(self, streams: tuple[_StreamW, ...]) -> None:
         """Point the emitter at these streams (empty: disabled).  Atomic."""
         self.globals["_streams"] = streams
         self.emit.__code__ = self._enabled_code if streams else self._disabled_code
 
     def _failed(self) -> None:
+        """Count the event as discarded in every stream it would have gone to
+        (a bad argument or a closed buffer); never raises."""
         # A bad argument or a closed buffer: count the event as discarded in
         # every stream it would have gone to.  Never raise.
         for s in self.globals["_streams"]:
@@ -202,7 +256,7 @@ class _Registry:
         self.tracepoints: list[Tracepoint] = []
         self.by_name: dict[str, Tracepoint] = {}
         self.streams: dict[str, _StreamW] = {}
-        self.sock = None  # the listener's socket to sessiond, when connected
+        self.sock: socket.socket | None = None  # the listener's socket to sessiond, when connected
         self.registered = threading.Event()
         self.path = os.path.join(default_rundir(), "apps.sock")
         self.timeout = float(os.environ.get("TRACEWIRE_REGISTER_TIMEOUT", "3"))
@@ -213,6 +267,12 @@ class _Registry:
 
     # -- declarations (app threads) ------------------------------------------------
     def declare(self, name: str, fields: list[tuple[str, str]]) -> Tracepoint:
+        """The tracepoint ``name``, declared now if new (and announced to
+        sessiond, waiting up to ``timeout`` for its answer).
+
+        Raises:
+            ValueError: declared before with other fields.
+        """
         with self.lock:
             tp = self.by_name.get(name)
             if tp is not None:
@@ -236,10 +296,13 @@ class _Registry:
         return tp
 
     @staticmethod
-    def _decl(tp: Tracepoint) -> dict:
+    def _decl(tp: Tracepoint) -> dict[str, Any]:
+        """A tracepoint as the register/tracepoints messages carry it."""
         return {"id": tp.id, "name": tp.name, "fields": [list(f) for f in tp.fields]}
 
     def _start_listener(self) -> None:
+        """Start the listener thread (called with ``lock`` held); if sessiond
+        is there, wait (bounded) for its first answer."""
         self.thread = threading.Thread(target=self._listen, name="tracewire-listener", daemon=True)
         exists = os.path.exists(self.path)
         self.thread.start()
@@ -253,7 +316,9 @@ class _Registry:
                 self.lock.acquire()
 
     # -- listener thread ---------------------------------------------------------------
-    def _send(self, msg: dict, fds: list[int] | None = None) -> None:
+    def _send(self, msg: dict[str, Any], fds: list[int] | None = None) -> None:
+        """Send one message to sessiond, if connected; errors are ignored
+        (the listener notices a dead connection)."""
         import socket
 
         from tracewire.control import dumps
@@ -270,6 +335,8 @@ class _Registry:
             pass
 
     def _listen(self) -> None:
+        """The listener thread: one sessiond connection after another, for
+        the life of the process."""
         while True:
             try:
                 self._session()
@@ -281,6 +348,8 @@ class _Registry:
             time.sleep(self.retry)
 
     def _session(self) -> None:
+        """Connect to sessiond, register, and handle its messages until the
+        connection ends."""
         import socket
 
         from tracewire.control import close_fds, loads
@@ -318,20 +387,15 @@ class _Registry:
                 self.sock = None
             sock.close()
 
-    def _handle(self, msg: dict, fds: list[int]) -> None:
+    def _handle(self, msg: dict[str, Any], fds: list[int]) -> None:
+        """Carry out one message from sessiond.
+
+        Raises:
+            ValueError: an unknown op or a malformed message.
+        """
         op = msg.get("op")
         if op == "stream":
-            from tracewire.ringbuf import BufferSpec, Producer
-
-            if len(fds) != 2:
-                raise ValueError("stream message without its two fds")
-            memfd, efd = fds
-            try:
-                spec = BufferSpec(int(msg["subbuf_size"]), int(msg["num_subbuf"]))
-                prod = Producer(memfd, efd, spec)
-            finally:
-                os.close(memfd)  # the mapping keeps the memory; efd stays open
-            self.streams[str(msg["key"])] = _StreamW(str(msg["key"]), prod)
+            self._add_stream(msg, fds)
         elif op == "enable":
             s = self.streams.get(str(msg["key"]))
             if s is not None:
@@ -340,18 +404,7 @@ class _Registry:
         elif op == "sync":  # everything sent before is applied
             self._send({"op": "stopped", "seq": msg.get("seq")})
         elif op == "stop":
-            # Disable, then wait for writers already inside the stream.
-            keys = [str(k) for k in msg["keys"]]
-            for k in keys:
-                s = self.streams.get(k)
-                if s is not None:
-                    s.enabled = set()
-            self._apply()
-            for k in keys:
-                s = self.streams.get(k)
-                if s is not None:
-                    with s.lock:
-                        pass
+            self._stop([str(k) for k in msg["keys"]])
             self._send({"op": "stopped", "seq": msg.get("seq")})
         elif op == "close":
             for k in msg["keys"]:
@@ -367,12 +420,41 @@ class _Registry:
         else:
             raise ValueError(f"unknown op {op!r}")
 
+    def _add_stream(self, msg: dict[str, Any], fds: list[int]) -> None:
+        """Map a new stream's ring buffer (the memfd and eventfd in ``fds``)."""
+        from tracewire.ringbuf import BufferSpec, Producer
+
+        if len(fds) != 2:
+            raise ValueError("stream message without its two fds")
+        memfd, efd = fds
+        try:
+            spec = BufferSpec(int(msg["subbuf_size"]), int(msg["num_subbuf"]))
+            prod = Producer(memfd, efd, spec)
+        finally:
+            os.close(memfd)  # the mapping keeps the memory; efd stays open
+        self.streams[str(msg["key"])] = _StreamW(str(msg["key"]), prod)
+
+    def _stop(self, keys: list[str]) -> None:
+        """Disable these streams, then wait for writers already inside them."""
+        for k in keys:
+            s = self.streams.get(k)
+            if s is not None:
+                s.enabled = set()
+        self._apply()
+        for k in keys:
+            s = self.streams.get(k)
+            if s is not None:
+                with s.lock:
+                    pass
+
     def _apply(self) -> None:
+        """Point every emitter at the streams that enable it."""
         with self.lock:
             for tp in self.tracepoints:
                 tp.set_streams(tuple(s for s in self.streams.values() if tp.id in s.enabled))
 
     def _close_stream(self, s: _StreamW) -> None:
+        """Stop writing to a stream and unmap its buffer."""
         s.enabled = set()
         self._apply()
         with s.lock:
@@ -386,6 +468,7 @@ class _Registry:
                 pass  # a view still exported: the mapping goes with the process
 
     def _drop_all(self) -> None:
+        """Close every stream (sessiond went away)."""
         for s in list(self.streams.values()):
             self._close_stream(s)
         self.streams.clear()
@@ -401,6 +484,7 @@ class _Registry:
 
 
 def _procname() -> str:
+    """The process name sessiond shows and puts in trace paths."""
     try:
         with open("/proc/self/comm") as f:
             comm = f.read().strip()
@@ -417,6 +501,7 @@ _registry_box: list[_Registry] = []  # the process's one registry, created lazil
 
 
 def _get_registry() -> _Registry:
+    """This process's registry (a forked child gets its own)."""
     if not _registry_box or _registry_box[0].pid != os.getpid():
         with _registry_lock:
             if not _registry_box or _registry_box[0].pid != os.getpid():
@@ -424,7 +509,7 @@ def _get_registry() -> _Registry:
     return _registry_box[0]
 
 
-def tracepoint(name: str, **fields: type):
+def tracepoint(name: str, **fields: type) -> Callable[..., None]:
     """Declare an event and return the function that emits it.
 
     Args:
