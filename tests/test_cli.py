@@ -177,7 +177,7 @@ def test_view_of_garbage_stream(tw: TW, out_dir) -> None:
     tw.cli("start")
     tw.demo("--events", "100")
     tw.cli("stop")
-    (stream,) = [p for p in out_dir.rglob("channel0_0")]
+    (stream,) = list(out_dir.rglob("channel0_0"))
     stream.write_bytes(stream.read_bytes()[:150])  # cut inside the first packet
     r = tw.cli("view", str(out_dir), check=False)
     assert_one_line_error(r, 1, "channel0_0")
