@@ -17,7 +17,6 @@ import pwd
 import shutil
 import signal
 import subprocess
-import sys
 import sysconfig
 import tempfile
 import time
@@ -79,14 +78,53 @@ def world():
     _run(python, env, None, "create", "rootsess", "--output", root_out)
     yield {"python": python, "env": env, "top": top, "uid1": uid1, "uid2": uid2,
            "root_out": root_out}
+    _stop_sessiond(rundir)
+    shutil.rmtree(top, ignore_errors=True)
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for t in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{t}/children") as f:
+                out += [int(x) for x in f.read().split()]
+        except OSError:
+            pass
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _stop_sessiond(rundir: str) -> None:
+    """End the sessiond this module started and its consumerds (by pid, no
+    pattern matching): SIGTERM, wait for them to go, SIGKILL what is left."""
     try:
         with open(os.path.join(rundir, "sessiond.pid")) as f:
-            os.kill(int(f.read()), signal.SIGTERM)
-        time.sleep(0.5)
+            pid = int(f.read())
     except (OSError, ValueError):
-        pass
-    subprocess.run(["pkill", "-f", f"PYTHONPATH={lib}"], capture_output=True)
-    shutil.rmtree(top, ignore_errors=True)
+        return
+    pids = [pid, *_children(pid)]
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for p in pids:
+            try:
+                os.kill(p, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(_alive(p) for p in pids):
+            time.sleep(0.02)
+        if not any(_alive(p) for p in pids):
+            return
 
 
 def _run(python: str, env: dict, user: str | None, *args: str, check: bool = True):
