@@ -20,8 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN_DIR, TW, _alive, _children, short_tmpdir
 from tracewire import ctf
+
+from conftest import BIN_DIR, TW, _alive, _children, short_tmpdir
 
 RELAYD = os.path.join(BIN_DIR, "tracewire-relayd")
 BT2 = shutil.which("babeltrace2")
@@ -257,7 +258,7 @@ def test_output_layout(tw: TW, relayd) -> None:
     relay = relayd()
     start_session(tw, "lay", relay, "layhost")
     demo = tw.demo_popen("--events", "5000")
-    out, err = demo.communicate(timeout=180)
+    _out, err = demo.communicate(timeout=180)
     assert demo.returncode == 0, err
     tw.cli("stop")
 
@@ -283,7 +284,7 @@ def test_three_hosts_into_one_relay(make_tw, relayd) -> None:
         start_session(tw, f"s-{host}", relay, host)
     demos = [tw.demo_popen("--events", str(n)) for tw in tws]  # all three at once
     for d in demos:
-        out, err = d.communicate(timeout=180)
+        _out, err = d.communicate(timeout=180)
         assert d.returncode == 0, err
     for tw in tws:
         tw.cli("stop")
@@ -345,10 +346,10 @@ def test_consumerd_killed_mid_stream(make_tw, relayd) -> None:
     do = other.demo_popen("--events", str(n), "--rate", "60000")
     dv, cpid = kill_consumerd_mid_stream(victim, n)
 
-    out, err = do.communicate(timeout=180)
+    _out, err = do.communicate(timeout=180)
     assert do.returncode == 0, err
     other.cli("stop")
-    rest, err = dv.communicate(timeout=180)
+    _rest, err = dv.communicate(timeout=180)
     assert dv.returncode == 0, err  # the app never notices
     # A new consumerd took over (it maps no ring any more: the app has
     # exited and its buffer was freed once written).
