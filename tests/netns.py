@@ -102,7 +102,7 @@ CMD_TIMEOUT = 30.0
 
 __all__ = [
     "PREFIX", "ENTRYPOINT_TARGET", "NetnsError", "Network", "NetHost",
-    "cleanup_stale", "netns_unavailable_reason", "requires_netns", "skip_unless_netns",
+    "cleanup_stale", "netns_unavailable_reason", "requires_netns", "skip_unless_netns",  # noqa: F822 (module __getattr__)
     "network",
 ]
 
@@ -405,7 +405,7 @@ class Network:
     def loss(self, name: str, percent: float, direction: str = "both") -> None:
         """Drop ``percent`` % of the host's packets at random (per direction)."""
         h = self.host(name)
-        pct = int(round(percent))
+        pct = round(percent)
         if not 0 <= pct <= 100:
             raise ValueError("percent must be within 0..100")
         ins, outs = _directions(direction)
