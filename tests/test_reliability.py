@@ -32,14 +32,15 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import pytest
 
-from netns import Network, NetnsError, cleanup_stale, skip_unless_netns
 from tracewire import ctf
 from tracewire.topology import TOPOLOGY, Target, Topology
+
+from netns import NetnsError, Network, cleanup_stale, skip_unless_netns
 
 BT2 = shutil.which("babeltrace2")
 SUMMARY = "/tmp/tw-reliability.json"
@@ -357,6 +358,17 @@ class TargetHost:
         """How many times consumerd logged a failed / broken relay connection."""
         return self.log().count("retrying in")
 
+    def hold(self, seconds: float, until: Callable[[], bool], what: str, timeout: float = 120.0) -> None:
+        """Let a failure last at least ``seconds`` and until ``until()`` holds
+        (checked every 0.1 s; fail after ``timeout``): what the scenario needs
+        happens whatever the machine's speed, and no longer only if the
+        machine is fast enough."""
+        t0 = time.monotonic()
+        while not (time.monotonic() - t0 >= seconds and until()):
+            if time.monotonic() - t0 > timeout:
+                pytest.fail(f"{self.name}: {what} did not happen within {timeout:.0f} s\n{self.log_tail()}")
+            time.sleep(0.1)
+
     def cleanup(self) -> None:
         for d in self.demos:
             _reap(d.proc)
@@ -533,7 +545,8 @@ def test_relayd_kill9_and_restart(lab: Lab) -> None:
     demo.wait_emitted(60_000)
     relay.kill9()
     killed = time.monotonic()
-    time.sleep(3)
+    # Down for 3 s at least, and until consumerd has noticed.
+    t.hold(3, lambda: "relay unreachable" in t.cli("status").stdout, "consumerd noticing the relay is down")
     unacked_before_restart = t.status()[2]
     relay.start()
     down_s = time.monotonic() - killed
@@ -554,7 +567,8 @@ def test_link_cut_5s(lab: Lab) -> None:
     demo = t.demo(N, RATE, PAYLOAD, 10_000)
     demo.wait_emitted(60_000)
     lab.net.cut(t.name)
-    time.sleep(5)
+    # 5 s at least, and until packets wait for acknowledgement ("did the cut act?").
+    t.hold(5, lambda: t.status()[2] > 0, "a packet left unacknowledged by the cut")
     unacked_at_restore = t.status()[2]
     rto_ms = t.relay_rto_ms()
     lab.net.restore(t.name)
@@ -603,7 +617,7 @@ def test_consumerd_kill9(lab: Lab) -> None:
     assert "consumerd" in _cmdline(victim), _cmdline(victim)
     os.kill(victim, signal.SIGKILL)
     t0 = time.monotonic()
-    successor = t.consumerd_pid(not_pid=victim)
+    t.consumerd_pid(not_pid=victim)  # the standby took over
     takeover_s = time.monotonic() - t0
     demo.wait()
     stop_s = t.timed_stop()
@@ -661,9 +675,12 @@ def test_spool_cap_loss_is_counted(lab: Lab) -> None:
     t = lab.target()
     t.session("--spool-size", "1M")
     demo = t.demo(n, RATE, payload, 10_000)
-    demo.wait_emitted(40_000)
+    cut_at = demo.wait_emitted(40_000)
     lab.net.cut(t.name)
-    time.sleep(8)
+    # 8 s at least, and while the app emits 8 s of its events (or all of
+    # them): the data of the outage, not its wall time, fills the spool.
+    t.hold(8, lambda: demo.emitted >= cut_at + 8 * RATE or demo.proc.poll() is not None,
+           f"the app emitting {8 * RATE} events during the outage")
     unacked_at_restore = t.status()[2]
     rto_ms = t.relay_rto_ms()
     lab.net.restore(t.name)
