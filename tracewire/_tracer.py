@@ -13,6 +13,14 @@ with SCM_RIGHTS), enable/disable, stop (quiesce) and close.  Without a sessiond
 the listener retries every ``TRACEWIRE_RETRY_S`` seconds, so apps started
 before sessiond are traced once it appears.
 
+The app hands its buffers only to a sessiond it trusts.  Before connecting,
+the listener checks that the run directory (and the ``/tmp/tracewire-UID``
+fallback's parent) is a directory owned by the app's effective uid or root
+and not writable by group or others (``tracewire.rundir.rundir_problem``);
+once connected, that the process serving ``apps.sock`` runs as that uid or
+as root (SO_PEERCRED).  Otherwise it sends nothing, says why on stderr (once
+per distinct reason), and retries later like with no sessiond.
+
 Each emitter is a generated Python function specialised for its fields.  While
 no session enables it, its ``__code__`` is a body that only returns: a
 disabled call costs one Python call.  Enabling swaps in the recording body
@@ -37,7 +45,7 @@ from collections.abc import Callable
 from types import CodeType
 from typing import TYPE_CHECKING, Any
 
-from tracewire.rundir import default_rundir
+from tracewire.rundir import default_rundir, rundir_problem, trusted_uid
 
 if TYPE_CHECKING:  # the tracer imports ringbuf only when a stream arrives
     import socket
@@ -54,6 +62,7 @@ _EXTENDED = 31
 _TS27 = 1 << 27
 _NUL_REPLACEMENT = "\ufffd".encode()  # a NUL would end a CTF string early
 _Q_TS, _Q_HEAD = 2, 3  # ringbuf.Q_TS / Q_HEAD: ts is stored before head
+_PEERCRED = struct.Struct("3i")  # SO_PEERCRED's struct ucred: pid, uid, gid
 
 
 class _StreamW:
@@ -258,7 +267,9 @@ class _Registry:
         self.streams: dict[str, _StreamW] = {}
         self.sock: socket.socket | None = None  # the listener's socket to sessiond, when connected
         self.registered = threading.Event()
-        self.path = os.path.join(default_rundir(), "apps.sock")
+        self.rundir = default_rundir()
+        self.path = os.path.join(self.rundir, "apps.sock")
+        self.reported: set[str] = set()  # why sessionds were refused, said once each
         self.timeout = float(os.environ.get("TRACEWIRE_REGISTER_TIMEOUT", "3"))
         self.retry = float(os.environ.get("TRACEWIRE_RETRY_S", "1"))
         self.thread: threading.Thread | None = None
@@ -354,14 +365,8 @@ class _Registry:
 
         from tracewire.control import close_fds, loads
 
-        try:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        except OSError:
-            return
-        try:
-            sock.connect(self.path)
-        except OSError:
-            sock.close()
+        sock = self._connect()
+        if sock is None:
             return
         with self.lock:
             self.sock = sock
@@ -386,6 +391,49 @@ class _Registry:
             with self.lock:
                 self.sock = None
             sock.close()
+
+    def _connect(self) -> socket.socket | None:
+        """Connect to the sessiond in the run directory, if this process may
+        trust it.
+
+        Returns:
+            The connection, or None: no sessiond there, or one that must not
+            get the app's buffers (a run directory another user may control,
+            or a socket served by another user; said once on stderr).
+        """
+        import socket
+
+        problem = rundir_problem(self.rundir)
+        if problem is not None:
+            self._refuse(problem)
+            return None
+        try:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            sock.connect(self.path)
+            problem = _peer_problem(sock, self.path)
+        except OSError:
+            sock.close()
+            return None
+        if problem is not None:
+            sock.close()
+            self._refuse(problem)
+            return None
+        return sock
+
+    def _refuse(self, problem: str) -> None:
+        """Say on stderr, once per distinct problem, why the app does not
+        register; never raises."""
+        if problem in self.reported:
+            return
+        self.reported.add(problem)
+        try:
+            print(f"tracewire: not registering with sessiond: {problem}; events are not recorded",
+                  file=sys.stderr, flush=True)
+        except Exception:
+            pass
 
     def _handle(self, msg: dict[str, Any], fds: list[int]) -> None:
         """Carry out one message from sessiond.
@@ -481,6 +529,22 @@ class _Registry:
                 p, s.producer = s.producer, None
                 if p is not None and p.pos > p.sb_index * p._S:
                     p.close_current()
+
+
+def _peer_problem(sock: socket.socket, path: str) -> str | None:
+    """Why the process serving ``path`` (the peer of the connected ``sock``)
+    must not get this app's buffers, or None: it must run as this process's
+    effective uid or as root (the kernel's SO_PEERCRED says which).
+
+    Raises:
+        OSError: the credentials cannot be read.
+    """
+    import socket
+
+    _pid, uid, _gid = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+    if trusted_uid(uid):
+        return None
+    return f"{path} is served by uid {uid}, not by uid {os.geteuid()} or root"
 
 
 def _procname() -> str:
