@@ -37,6 +37,7 @@ from sessiond.consumers import ConsumerPool
 from sessiond.model import Registry, SessiondConfig, UserError
 from tracewire.control import ControlError, FrameReader, encode_frame
 from tracewire.ops import MessageError, decode_request
+from tracewire.rundir import ensure_rundir
 from tracewire.seqpacket import peer_credentials
 
 __all__ = ["serve_sessiond"]
@@ -99,7 +100,7 @@ async def serve_sessiond(
     Raises:
         UserError: another sessiond holds the run directory.
     """
-    os.makedirs(config.rundir, mode=0o700, exist_ok=True)
+    ensure_rundir(config.rundir, error=UserError)
     if os.geteuid() == 0:
         os.chmod(config.rundir, 0o755)  # apps of every user must reach apps.sock
     lock_fd = _lock_rundir(config.rundir)

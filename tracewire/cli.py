@@ -18,7 +18,7 @@ import click
 
 from tracewire import ops
 from tracewire.control import ControlError, FrameReader, encode_frame
-from tracewire.rundir import default_rundir
+from tracewire.rundir import default_rundir, ensure_rundir
 
 EXIT_FAILURE = 1
 EXIT_NO_DAEMON = 3
@@ -127,7 +127,7 @@ class Client:
         except NoDaemon:
             pass
         try:
-            os.makedirs(self.rundir, mode=0o700, exist_ok=True)
+            ensure_rundir(self.rundir, error=CliError)
             log = open(os.path.join(self.rundir, "sessiond.log"), "ab")  # noqa: SIM115 (closed below)
         except OSError as exc:
             raise CliError(f"cannot use run directory {self.rundir}: {exc.strerror}") from None
