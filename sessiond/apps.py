@@ -15,15 +15,28 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import trio
 
 from sessiond.consumers import ConsumerPool
-from sessiond.model import App, Registry, Session, SessionState, Stream, Trace, UserError, now_stamp
+from sessiond.model import (
+    App,
+    AppLink,
+    Outgoing,
+    Registry,
+    Session,
+    SessionState,
+    Stream,
+    Trace,
+    UserError,
+    now_stamp,
+)
 from tracewire import ctf
 from tracewire.control import ControlError, close_fds
 from tracewire.names import InvalidName, validate_name
@@ -46,86 +59,152 @@ class AppProtocol:
         self.reg = registry
         self.consumers = consumers
         self._next_seq = 1
+        self._refused: set[int] = set()  # uids whose refusal was logged
+        # Each connection costs a descriptor, and each of its streams two:
+        # connections beyond half the descriptor limit are refused, so that
+        # root's sessions always have descriptors left.
+        self.max_connections = max(16, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 2)
 
     # ------------------------------------------------------------ connection
     async def handle(self, sock: trio.socket.SocketType) -> None:
-        """Serve one app's connection until it ends, then let its streams go."""
-        conn = SeqPacket(sock)
-        app: App | None = None
+        """Serve one app's connection until it ends, then let its streams go.
+
+        Nothing the app sends ends sessiond: a protocol error, an exception
+        or a budget exceeded drops this app only (logged with its reason)."""
+        conn = SeqPacket(sock, limit=self.reg.config.app_message_limit)
+        peer: _Peer | None = None
         try:
             pid, uid, _gid = peer_credentials(sock)
-            while True:
-                try:
-                    got = await conn.receive()
-                except ControlError as exc:
-                    logger.warning("app %d: %s; dropping it", pid, exc)
-                    return
-                if got is None:
-                    return
-                msg, fds = got
-                close_fds(fds)
-                app = await self._on_message(conn, app, pid, uid, msg)
-        except _DropApp as exc:
-            logger.warning("app %s: %s; dropping it", exc.args[0], exc.args[1])
+            if self.reg.apps_of_uid[uid] >= self.reg.config.max_apps_per_uid:
+                self._refuse_once(uid, f"uid {uid} has {self.reg.apps_of_uid[uid]} apps connected, "
+                                       "the limit (max_apps_per_uid)")
+                return
+            if self.reg.apps_of_uid.total() >= self.max_connections:
+                self._refuse_once(uid, f"{self.max_connections} apps connected, half the descriptor limit")
+                return
+            self.reg.apps_of_uid[uid] += 1
+            outbox, inbox = trio.open_memory_channel[Outgoing](self.reg.config.app_queue)
+            peer = _Peer(pid, uid, conn, AppLink(outbox, trio.CancelScope()))
+            with peer.link.scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._writer, peer, inbox)
+                    await self._reader(peer)
+                    nursery.cancel_scope.cancel()
+            if peer.link.dropped:
+                logger.warning("app %d (uid %d): %s; dropped", pid, uid, peer.link.dropped)
         except (OSError, trio.BrokenResourceError) as exc:
             logger.info("app connection lost: %s", exc)
         except Exception:  # one misbehaving app never takes sessiond down
             logger.exception("app connection dropped after an unexpected error")
         finally:
             conn.close()
-            if app is not None:
-                await self._gone(app)
+            if peer is not None:
+                await self._release(peer)
 
-    async def _on_message(self, conn: SeqPacket, app: App | None, pid: int, uid: int,
-                          msg: dict[str, Any]) -> App:
-        op = msg.get("op")
-        if op == "register" and app is None:
+    async def _reader(self, peer: _Peer) -> None:
+        while True:
             try:
-                procname = validate_name(str(msg.get("procname")), "process name")
-            except InvalidName:
-                procname = "app"
-            app = App(pid, uid, procname, conn, now_stamp())
-            self.reg.apps[pid] = app
-            logger.info("app %s registered", app.label)
-        elif op == "stopped" and app is not None:
+                got = await peer.conn.receive()
+            except ControlError as exc:
+                peer.link.drop(str(exc))
+                return
+            if got is None:
+                return
+            msg, fds = got
+            close_fds(fds)
+            if not await self._on_message(peer, msg):
+                return
+
+    async def _writer(self, peer: _Peer, inbox: trio.MemoryReceiveChannel[Outgoing]) -> None:
+        """Send what was posted to the app, each send bounded in time."""
+        timeout = self.reg.config.app_send_timeout
+        async with inbox:
+            async for msg, fds in inbox:
+                try:
+                    with trio.move_on_after(timeout) as cs:
+                        await peer.conn.send(msg, fds)
+                finally:
+                    close_fds(list(fds))
+                if cs.cancelled_caught:
+                    peer.link.drop(f"did not read its socket for {timeout:g} s")
+                    return
+
+    async def _release(self, peer: _Peer) -> None:
+        self.reg.apps_of_uid[peer.uid] -= 1
+        if self.reg.apps_of_uid[peer.uid] <= 0:
+            del self.reg.apps_of_uid[peer.uid]
+        if peer.app is not None:
+            self.reg.tracepoints_of_uid[peer.uid] -= len(peer.app.tracepoints)
+            if self.reg.tracepoints_of_uid[peer.uid] <= 0:
+                del self.reg.tracepoints_of_uid[peer.uid]
+            await self._gone(peer.app)
+
+    def _refuse_once(self, uid: int, why: str) -> None:
+        """Log a refused connection once per uid until that uid registers an app again."""
+        if uid not in self._refused:
+            self._refused.add(uid)
+            logger.warning("apps.sock: refusing connections: %s", why)
+
+    async def _on_message(self, peer: _Peer, msg: dict[str, Any]) -> bool:
+        """Handle one message; False ends the connection."""
+        op, app = msg.get("op"), peer.app
+        if op == "stopped" and app is not None:
             seq = msg.get("seq")
             ev = app.stop_waiters.pop(seq, None) if isinstance(seq, int) else None
             if ev is not None:
                 ev.set()
-            return app
+            return True
+        if op == "register" and app is None:
+            app = peer.app = self._register(peer, msg)
         elif op != "tracepoints" or app is None:
-            raise _DropApp(pid, f"unexpected {op!r}")
+            peer.link.drop(f"unexpected {_short(op)}")
+            return False
+        if not self._add_tracepoints(app, msg.get("tracepoints")):
+            return False
         async with self.reg.lock:
-            self._add_tracepoints(app, msg.get("tracepoints"))
             await self.setup_everywhere(app)
-        await conn.send({"op": "registered"})
+        app.link.post({"op": "registered"})
+        return True
+
+    def _register(self, peer: _Peer, msg: dict[str, Any]) -> App:
+        self._refused.discard(peer.uid)
+        try:
+            procname = validate_name(str(msg.get("procname")), "process name")
+        except InvalidName:
+            procname = "app"
+        app = App(self.reg.next_app_id, peer.pid, peer.uid, procname, peer.link, now_stamp())
+        self.reg.next_app_id += 1
+        self.reg.apps[app.id] = app
+        logger.info("app %s registered (uid %d, registration %d)", app.label, app.uid, app.id)
         return app
 
-    def _add_tracepoints(self, app: App, tps: Any) -> None:
+    def _add_tracepoints(self, app: App, tps: Any) -> bool:
+        """Add the declarations of ``tps`` within the app's and its uid's
+        budgets; False (the app is dropped) when over them."""
         if not isinstance(tps, list):
-            return
+            return True
+        config = self.reg.config
+        if len(app.tracepoints) + len(tps) > config.max_tracepoints_per_app:
+            app.link.drop(f"declares more than {config.max_tracepoints_per_app} tracepoints")
+            return False
+        if self.reg.tracepoints_of_uid[app.uid] + len(tps) > config.max_tracepoints_per_uid:
+            app.link.drop(f"uid {app.uid} would declare more than {config.max_tracepoints_per_uid} tracepoints")
+            return False
         for tp in tps:
-            try:
-                tp_id, name, fields = int(tp["id"]), str(tp["name"]), tp["fields"]
-                decl = ctf.EventDecl(
-                    name, tp_id, tuple((str(n), ctf.FieldType[str(t).upper()]) for n, t in fields)
-                )
-            except Exception as exc:
-                logger.warning("app %d: bad tracepoint %r: %s", app.pid, tp, exc)
-                continue
-            if tp_id != len(app.tracepoints):
-                logger.warning("app %d: tracepoint id %d out of order", app.pid, tp_id)
-                continue
-            app.tracepoints.append(decl)
+            decl = _declaration(app, tp)
+            if decl is not None:
+                app.tracepoints.append(decl)
+                self.reg.tracepoints_of_uid[app.uid] += 1
+        return True
 
     async def _gone(self, app: App) -> None:
         """The app's connection ended: hand its streams over as dead."""
-        self.reg.apps.pop(app.pid, None)
+        self.reg.apps.pop(app.id, None)
         for ev in app.stop_waiters.values():
             ev.set()
         with trio.CancelScope(shield=True):
             for sess in list(self.reg.sessions.values()):
-                for st in [st for st in sess.streams.values() if st.pid == app.pid and st.memfd >= 0]:
+                for st in [st for st in sess.streams.values() if st.app_id == app.id and st.memfd >= 0]:
                     try:
                         reply = await self.consumers.call(sess.owner_uid, ProducerGoneOp(key=st.key))
                     except (UserError, trio.TooSlowError, trio.BrokenResourceError, OSError):
@@ -156,9 +235,9 @@ class AppProtocol:
             ids = frozenset(tp.id for tp in app.tracepoints if ch.matches(tp.name))
             if ids:
                 wanted[ch.name] = ids
-        if not wanted and app.pid not in sess.traces:
+        if not wanted and app.id not in sess.traces:
             return
-        tr = sess.traces.get(app.pid) or await self._new_trace(sess, app)
+        tr = sess.traces.get(app.id) or await self._new_trace(sess, app)
         if tr.declared < len(app.tracepoints):
             text = "".join(
                 ctf.metadata_event(ctf.EventDecl(tp.name, tp.id, tp.fields, stream_id=ch.index))
@@ -168,14 +247,15 @@ class AppProtocol:
             await self._add_metadata(sess, tr, text)
             tr.declared = len(app.tracepoints)
         for ch_name, ids in wanted.items():
-            st = sess.streams.get(f"{sess.id}-{ch_name}-{app.pid}") or await self._new_stream(sess, app, ch_name)
+            st = sess.streams.get(_stream_key(sess, ch_name, app)) or await self._new_stream(sess, app, ch_name)
             if st.ids != ids:
                 st.ids = ids
-                await app.conn.send({"op": "enable", "key": st.key, "ids": sorted(ids)})
+                app.link.post({"op": "enable", "key": st.key, "ids": sorted(ids)})
 
     async def _new_trace(self, sess: Session, app: App) -> Trace:
-        tr = Trace(f"{sess.id}-{app.pid}", f"ust/pid/{app.label}-{app.started}", uuid.uuid4().bytes)
-        sess.traces[app.pid] = tr
+        path = sess.trace_path(app.procname, app.pid, app.started)
+        tr = Trace(f"{sess.id}-{app.id}", path, uuid.uuid4().bytes)
+        sess.traces[app.id] = tr
         await self.consumers.call(sess.owner_uid, self.reg.trace_op(sess, tr))
         info = ctf.TraceInfo(
             uuid=tr.uuid,
@@ -195,14 +275,14 @@ class AppProtocol:
         tr.metadata += text
 
     async def _new_stream(self, sess: Session, app: App, ch_name: str) -> Stream:
-        key = f"{sess.id}-{ch_name}-{app.pid}"
+        key = _stream_key(sess, ch_name, app)
         ch = sess.channels[ch_name]
         memfd = create_buffer(BufferSpec(ch.subbuf_size, ch.num_subbuf), time.monotonic_ns(), f"tw-{key}")
         efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        st = Stream(key, sess.name, ch_name, app.pid, memfd, efd)
+        st = Stream(key, sess.name, ch_name, app.id, memfd, efd)
         sess.streams[key] = st
         await self.consumers.call(sess.owner_uid, self.reg.stream_op(sess, st), (memfd, efd))
-        await app.conn.send(
+        app.link.post(
             {"op": "stream", "key": key, "subbuf_size": ch.subbuf_size, "num_subbuf": ch.num_subbuf},
             (memfd, efd),
         )
@@ -215,18 +295,14 @@ class AppProtocol:
         (and everything sent before).  Returns what to wait for."""
         waits = []
         for app in list(self.reg.apps.values()):
-            keys = sess.keys_of(app.pid)
-            if not keys:
+            keys = sess.keys_of(app.id)
+            if not keys or app.link.dropped:
                 continue
             seq = self._next_seq
             self._next_seq += 1
             ev = trio.Event()
             app.stop_waiters[seq] = ev
-            try:
-                await app.conn.send(make_msg(keys, seq))
-            except (OSError, trio.BrokenResourceError):
-                app.stop_waiters.pop(seq, None)
-                continue
+            app.link.post(make_msg(keys, seq))
             waits.append((app, ev))
         return waits
 
@@ -249,20 +325,47 @@ class AppProtocol:
     async def enable_existing(self, sess: Session) -> None:
         """Streams that exist from an earlier start get their events back."""
         for st in list(sess.streams.values()):
-            app = self.reg.apps.get(st.pid)
+            app = self.reg.apps.get(st.app_id)
             if app is not None:
-                await app.conn.send({"op": "enable", "key": st.key, "ids": sorted(st.ids)})
+                app.link.post({"op": "enable", "key": st.key, "ids": sorted(st.ids)})
 
     async def close_streams(self, sess: Session) -> None:
         """Tell every app to let go of the session's streams (destroy)."""
         for app in list(self.reg.apps.values()):
-            keys = sess.keys_of(app.pid)
+            keys = sess.keys_of(app.id)
             if keys:
-                try:
-                    await app.conn.send({"op": "close", "keys": keys})
-                except (OSError, trio.BrokenResourceError):
-                    pass
+                app.link.post({"op": "close", "keys": keys})
 
 
-class _DropApp(Exception):
-    """The app broke the protocol: (pid, why)."""
+def _stream_key(sess: Session, channel: str, app: App) -> str:
+    return f"{sess.id}-{channel}-{app.id}"
+
+
+@dataclass
+class _Peer:
+    """One connection on apps.sock, before and after it registers."""
+
+    pid: int
+    uid: int
+    conn: SeqPacket
+    link: AppLink
+    app: App | None = None
+
+
+def _declaration(app: App, tp: Any) -> ctf.EventDecl | None:
+    """One declared tracepoint, or None (logged) when it is malformed."""
+    try:
+        tp_id, name, fields = int(tp["id"]), str(tp["name"]), tp["fields"]
+        decl = ctf.EventDecl(name, tp_id, tuple((str(n), ctf.FieldType[str(t).upper()]) for n, t in fields))
+    except Exception as exc:  # anything an app sends: refused, never raised
+        logger.warning("app %s: bad tracepoint %s: %s", app.label, _short(tp), exc)
+        return None
+    if tp_id != len(app.tracepoints):
+        logger.warning("app %s: tracepoint id %d out of order", app.label, tp_id)
+        return None
+    return decl
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."

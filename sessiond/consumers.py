@@ -132,10 +132,16 @@ class ConsumerHandle:
             await current.kill()
 
     async def _replay(self) -> None:
+        """Give the new consumerd its owner's state.  An operation it refuses
+        (one app's corrupt ring, say) is logged and skipped: it never stops
+        the replay of everyone else's streams."""
         ops = self.replay(self.uid)
         try:
             for op, fds in ops:
-                await self.call(op, fds, wait_ready=False)
+                try:
+                    await self.call(op, fds, wait_ready=False)
+                except UserError as exc:
+                    logger.error("consumerd for uid %d refused %s during replay: %s", self.uid, op.KIND, exc)
         finally:
             for _op, fds in ops:
                 close_fds(list(fds))

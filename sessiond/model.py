@@ -13,13 +13,16 @@ import fnmatch
 import os
 import socket
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
+from typing import Any
 
 import trio
 
 from tracewire import ctf
+from tracewire.control import close_fds
 from tracewire.ops import (
     DEFAULT_NUM_SUBBUF,
     DEFAULT_SPOOL_SIZE,
@@ -32,9 +35,8 @@ from tracewire.ops import (
     ProducerGoneOp,
     SessionOp,
 )
-from tracewire.seqpacket import SeqPacket
 
-__all__ = ["App", "Channel", "Registry", "Session", "SessionState", "SessiondConfig", "Stream",
+__all__ = ["App", "AppLink", "Channel", "Outgoing", "Registry", "Session", "SessionState", "SessiondConfig", "Stream",
            "Trace", "UserError", "now_stamp"]
 
 
@@ -46,6 +48,13 @@ class SessiondConfig:
     stop_timeout: float = 120.0  # how long stop waits for a relay's acknowledgements
     consumer_timeout: float = 60.0
     hostname: str = ""
+    # What one app (one connection on apps.sock) and one uid may cost sessiond.
+    app_queue: int = 256  # messages waiting for an app to read them
+    app_send_timeout: float = 5.0  # an app that reads nothing this long is dropped
+    app_message_limit: int = 1024 * 1024  # bytes in one message from an app
+    max_apps_per_uid: int = 1024  # connections on apps.sock
+    max_tracepoints_per_app: int = 4096
+    max_tracepoints_per_uid: int = 65536  # summed over the uid's connected apps
 
 
 class UserError(Exception):
@@ -79,7 +88,7 @@ class Stream:
     key: str
     session: str
     channel: str
-    pid: int
+    app_id: int  # the registration, never the pid (a pid can be reused)
     memfd: int
     eventfd: int
     ids: frozenset[int] = frozenset()
@@ -121,7 +130,7 @@ class Session:
     declared: bool = False  # consumerd knows the session
     error: str | None = None  # the last failure to trace an app (status shows it)
     channels: dict[str, Channel] = field(default_factory=dict)
-    traces: dict[int, Trace] = field(default_factory=dict)  # by app pid
+    traces: dict[int, Trace] = field(default_factory=dict)  # by app id
     streams: dict[str, Stream] = field(default_factory=dict)
     clock_offset_ns: int = 0
 
@@ -136,19 +145,66 @@ class Session:
     def channels_in_order(self) -> list[Channel]:
         return sorted(self.channels.values(), key=lambda c: c.index)
 
-    def keys_of(self, pid: int) -> list[str]:
-        """The stream keys of app ``pid`` in this session."""
-        return [st.key for st in self.streams.values() if st.pid == pid]
+    def keys_of(self, app_id: int) -> list[str]:
+        """The stream keys of app ``app_id`` in this session."""
+        return [st.key for st in self.streams.values() if st.app_id == app_id]
+
+    def trace_path(self, procname: str, pid: int, started: str) -> str:
+        """LTTng's ``ust/pid/<procname>-<pid>-<datetime>``, made unique when a
+        reused pid registers again within the same second."""
+        base = f"ust/pid/{procname}-{pid}-{started}"
+        taken = {tr.path for tr in self.traces.values()}
+        path, n = base, 1
+        while path in taken:
+            path, n = f"{base}-{n}", n + 1
+        return path
+
+
+Outgoing = tuple[dict[str, Any], tuple[int, ...]]
+
+
+class AppLink:
+    """The way to one app: a bounded queue that a writer task empties, and
+    the cancel scope of the app's connection.  :meth:`post` never waits, so
+    nothing that holds shared state waits on an app; an app whose queue
+    overflows, or that does not read for ``app_send_timeout``, is dropped."""
+
+    def __init__(self, outbox: trio.MemorySendChannel[Outgoing], scope: trio.CancelScope) -> None:
+        self.outbox = outbox
+        self.scope = scope
+        self.dropped: str | None = None
+
+    def post(self, msg: dict[str, Any], fds: tuple[int, ...] = ()) -> None:
+        """Queue ``msg`` (with duplicates of ``fds``, closed once sent)."""
+        if self.dropped is not None:
+            return
+        dups = tuple(os.dup(fd) for fd in fds)
+        try:
+            self.outbox.send_nowait((msg, dups))
+        except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+            close_fds(list(dups))
+            self.drop("does not read its socket (its queue is full)")
+
+    def drop(self, why: str) -> None:
+        """End the app's connection; it is then handled as a dead app."""
+        if self.dropped is None:
+            self.dropped = why
+            self.scope.cancel()
 
 
 @dataclass
 class App:
-    """A registered traced process (its connection on ``apps.sock``)."""
+    """A registered traced process (one connection on ``apps.sock``).
 
+    ``id`` is the registration's, unique for the life of sessiond: a pid can
+    be reused by another process while sessiond still holds the first one's
+    streams."""
+
+    id: int
     pid: int
     uid: int
     procname: str
-    conn: SeqPacket
+    link: AppLink
     started: str
     tracepoints: list[ctf.EventDecl] = field(default_factory=list)
     stop_waiters: dict[int, trio.Event] = field(default_factory=dict)
@@ -170,8 +226,11 @@ class Registry:
         self.config = config
         self.sessions: dict[str, Session] = {}
         self.current: dict[int, str] = {}  # uid -> current session name
-        self.apps: dict[int, App] = {}  # by pid
+        self.apps: dict[int, App] = {}  # by app id
         self.next_session_id = 1
+        self.next_app_id = 1
+        self.apps_of_uid: Counter[int] = Counter()  # connections on apps.sock
+        self.tracepoints_of_uid: Counter[int] = Counter()
         self.lock = trio.Lock()  # one control operation at a time
         self.hostname = config.hostname or os.environ.get("TRACEWIRE_HOSTNAME") or socket.gethostname()
 
@@ -220,7 +279,7 @@ class Registry:
     def stream_op(sess: Session, st: Stream, replay: bool = False) -> AddStreamOp:
         ch = sess.channels[st.channel]
         return AddStreamOp(
-            key=st.key, trace_id=sess.traces[st.pid].trace_id, session=sess.name, channel=ch.name,
+            key=st.key, trace_id=sess.traces[st.app_id].trace_id, session=sess.name, channel=ch.name,
             stream_class=ch.index, subbuf_size=ch.subbuf_size, num_subbuf=ch.num_subbuf,
             switch_timer_ms=ch.switch_timer_ms, replay=replay, gone=replay and st.memfd < 0,
         )
@@ -246,6 +305,6 @@ class Registry:
                     out.append((self.stream_op(sess, st, replay=True), ()))
                     continue
                 out.append((self.stream_op(sess, st, replay=True), (os.dup(st.memfd), os.dup(st.eventfd))))
-                if st.pid not in self.apps:
+                if st.app_id not in self.apps:
                     out.append((ProducerGoneOp(key=st.key), ()))
         return out

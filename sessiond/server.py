@@ -23,6 +23,7 @@ events it describes.  The state itself is :mod:`sessiond.model`.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
@@ -174,7 +175,26 @@ def _restrict_control_socket(path: str) -> None:
         os.chmod(path, 0o600)
 
 
+# accept() errors that mean "out of resources for now" (trio.serve_listeners' list).
+_ACCEPT_CAPACITY_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+ACCEPT_BACKOFF = 0.1  # seconds to wait before accepting again when out of descriptors
+
+
 async def _accept_apps(listener: trio.socket.SocketType, apps: AppProtocol, nursery: trio.Nursery) -> None:
+    """Serve every connection on apps.sock; out of descriptors, wait and go on."""
+    short = False
     while True:
-        sock, _ = await listener.accept()
+        try:
+            sock, _ = await listener.accept()
+        except OSError as exc:  # never fatal: the listening socket is ours, the peers are not
+            if exc.errno not in _ACCEPT_CAPACITY_ERRORS:
+                logger.warning("apps.sock: accept failed: %s", exc)
+            if not short:
+                logger.error("apps.sock: cannot accept: %s; retrying every %g s", exc.strerror, ACCEPT_BACKOFF)
+                short = True
+            await trio.sleep(ACCEPT_BACKOFF)
+            continue
+        if short:
+            logger.warning("apps.sock: accepting again")
+            short = False
         nursery.start_soon(apps.handle, sock)
