@@ -20,13 +20,15 @@ from __future__ import annotations
 import errno
 import shutil
 import subprocess
+import threading
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 import pytest
 import trio
+from trio.testing import MockClock, wait_all_tasks_blocked
 
 from consumerd.net import NetSession, SinkError
 from relayd.daemon import RelaydConfig, serve_relayd
@@ -35,6 +37,24 @@ from tracewire.ctf import EventDecl, TraceInfo
 from tracewire.url import RelayURL
 
 DEADLINE = 60.0  # per test; generous for a loaded 2-core machine
+
+
+@contextmanager
+def fail_after_wall(seconds: float) -> Iterator[None]:
+    """trio.fail_after on the wall clock, for a test run on a MockClock (whose
+    deadlines expire only when the test jumps it): a hang still ends."""
+    token = trio.lowlevel.current_trio_token()
+    with trio.CancelScope() as scope:
+        timer = threading.Timer(seconds, token.run_sync_soon, (scope.cancel,))
+        timer.daemon = True
+        timer.start()
+        try:
+            yield
+        finally:
+            timer.cancel()
+            timer.join()
+    if scope.cancelled_caught:
+        raise trio.TooSlowError(f"not done within {seconds} s of wall-clock time")
 
 HOST = "relhost"
 SESSION = "netsess"
@@ -120,12 +140,16 @@ async def running_relay(output: Path, **config) -> AsyncIterator[int]:
 class BreakingStream(trio.abc.Stream):
     """A TCP stream that breaks hard once ``limit`` bytes have been sent: the
     bytes up to the limit go out (usually the head of a frame), then the
-    socket is closed and the sender gets BrokenResourceError."""
+    socket is closed and the sender gets BrokenResourceError.  It counts
+    what it hands to the session (``received``; ``receipt`` is set, and
+    replaced, on each delivery)."""
 
     def __init__(self, inner: trio.abc.Stream, limit: int) -> None:
         self.inner = inner
         self.limit = limit
         self.sent = 0
+        self.received = 0
+        self.receipt = trio.Event()
         self.broken = False
         self.deaf = False  # True: receive nothing more (acks get lost)
 
@@ -150,6 +174,9 @@ class BreakingStream(trio.abc.Stream):
         while True:
             data = await self.inner.receive_some(max_bytes)
             if not self.deaf or not data:
+                self.received += len(data)
+                self.receipt.set()
+                self.receipt = trio.Event()
                 return data
 
     async def aclose(self) -> None:
@@ -389,13 +416,22 @@ async def test_refusing_relay_raises_sink_error(tmp_path: Path, with_key: bool) 
             opener = Opener(port)
             auth = ("k1", b"w" * 40) if with_key else None
             net = new_session(opener, auth=auth)
-            async with running(net):
+            run_returned = trio.Event()
+
+            async def run() -> None:
+                await net.run()
+                run_returned.set()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(run)
                 declare(net)
                 submit_all(net, make_packets(3, 100))
                 with pytest.raises(SinkError) as info:
                     await net.wait_all_acked()
-                # A refusal is final: no reconnect loop.
-                await trio.sleep(0.5)
+                # A refusal is final: run() returns by itself (nobody closed
+                # the session), so no reconnect loop is left to try again, and
+                # none did before.
+                await run_returned.wait()
                 assert opener.calls == 1
     text = str(info.value)
     if with_key:
@@ -442,11 +478,19 @@ async def test_max_unacked_bytes_bounds_memory(tmp_path: Path) -> None:
     packets = make_packets(12, 400)
     size = len(packets[0][0])
     rooms = []
+    saved = []
+    all_saved = trio.Event()
+
+    def on_saved(key: str, ring_end: int, ts_end: int) -> None:
+        saved.append(key)
+        if len(saved) == 4:
+            all_saved.set()
+
     with trio.fail_after(DEADLINE):
         async with running_relay(out) as port:
             opener = Opener(port, fail_first=1_000_000)  # relay unreachable for now
             net = new_session(opener, compress=False, max_unacked_bytes=4 * size,
-                              on_room=lambda: rooms.append(net.unacked_bytes))
+                              on_room=lambda: rooms.append(net.unacked_bytes), on_saved=on_saved)
             async with running(net):
                 declare(net)
                 submitted = 0
@@ -456,7 +500,11 @@ async def test_max_unacked_bytes_bounds_memory(tmp_path: Path) -> None:
                     submitted += 1
                 assert submitted == 4
                 assert net.unacked_bytes >= net.max_unacked_bytes
-                await trio.sleep(0.3)  # compression does not free room with codec none
+                # Once the compressor is through with the four packets (it
+                # calls on_saved after accounting for each), codec none has
+                # freed nothing: only an acknowledgement could make room.
+                await all_saved.wait()
+                assert net.unacked_bytes == sum(len(p[0]) for p in packets[:4])
                 assert not net.has_room()
                 opener.fail_left = 0  # the relay is reachable now
                 while not net.has_room():
@@ -472,20 +520,41 @@ async def test_max_unacked_bytes_bounds_memory(tmp_path: Path) -> None:
     check_trace(out, 12 * 400, 12)
 
 
-async def test_keepalive_holds_a_quiet_session_past_the_relay_idle_timeout(tmp_path: Path) -> None:
+async def test_keepalive_holds_a_quiet_session_past_the_relay_idle_timeout(
+    tmp_path: Path, mock_clock: MockClock
+) -> None:
     """A session with nothing to send asks where a stream stands now and
-    then, so a relay with a short idle timeout never drops it."""
+    then, so a relay with a short idle timeout never drops it.
+
+    The session's keepalive and the relay's idle timeout are trio timers in
+    this process, run here on a MockClock that moves only when the test jumps
+    it: they see exactly the idle time the test lets pass, however loaded the
+    machine is.  The wall clock only bounds the test."""
     out = tmp_path / "relay"
     packets = make_packets(4, 100)
-    with trio.fail_after(DEADLINE):
-        async with running_relay(out, idle_timeout=1.0) as port:
-            opener = Opener(port)
-            net = new_session(opener, keepalive=0.3)
+    idle_timeout, keepalive = 1.0, 0.3
+    step = 0.4  # past the keepalive interval, well short of the idle timeout
+    with fail_after_wall(DEADLINE):
+        async with running_relay(out, idle_timeout=idle_timeout) as port:
+            opener = Opener(port, break_after=[10**12])  # never breaks; counts what the relay sends
+            net = new_session(opener, keepalive=keepalive)
             async with running(net):
                 declare(net)
                 submit_all(net, packets[:2])
                 await net.wait_all_acked()
-                await trio.sleep(3.0)  # three idle timeouts of silence from the app
+                stream = opener.streams[0]
+                assert isinstance(stream, BreakingStream)
+                quiet = 0.0
+                while quiet < 3 * idle_timeout:  # three idle timeouts of silence from the app
+                    # Everything waits: the session's keepalive timer was armed
+                    # at the current (virtual) time, and so was the relay's
+                    # idle timer at the earliest, after its last answer.  So
+                    # the jump fires the keepalive, never the relay's timer.
+                    await wait_all_tasks_blocked()
+                    answered = stream.receipt
+                    mock_clock.jump(step)
+                    quiet += step
+                    await answered.wait()  # the relay answered the keepalive
                 submit_all(net, packets[2:])
                 await net.wait_all_acked()
     assert opener.connections == 1

@@ -2,7 +2,8 @@
 client sending real CTF packets; the output is read back with ctf.read_trace
 and babeltrace2.  Hostile peers, auth, TLS, the key file and the CLI too.
 
-Every async test runs under trio.fail_after(TIMEOUT) (trio_mode is on).
+Every async test runs under trio.fail_after(TIMEOUT) (trio_mode is on), or
+fail_after_wall(TIMEOUT) when it runs on a MockClock.
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ import shutil
 import signal
 import socket
 import ssl
+import struct
 import subprocess
 import sys
+import threading
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -30,6 +33,7 @@ import trio
 import trustme
 import zstandard
 from click.testing import CliRunner
+from trio.testing import MockClock
 
 from relayd import AuthKeyError, RelaydConfig, parse_auth_keys, serve_relayd
 from relayd.main import main as relayd_main
@@ -254,6 +258,24 @@ def expected_seqs(packets: range) -> list[int]:
     return list(range(packets.start * EVENTS_PER_PACKET, packets.stop * EVENTS_PER_PACKET))
 
 
+@contextlib.contextmanager
+def fail_after_wall(seconds: float) -> Iterator[None]:
+    """trio.fail_after on the wall clock, for a test run on a MockClock (whose
+    deadlines expire only when the test jumps it): a hang still ends."""
+    token = trio.lowlevel.current_trio_token()
+    with trio.CancelScope() as scope:
+        timer = threading.Timer(seconds, token.run_sync_soon, (scope.cancel,))
+        timer.daemon = True
+        timer.start()
+        try:
+            yield
+        finally:
+            timer.cancel()
+            timer.join()
+    if scope.cancelled_caught:
+        raise trio.TooSlowError(f"not done within {seconds} s of wall-clock time")
+
+
 # --------------------------------------------------------------------------
 # Normal operation
 # --------------------------------------------------------------------------
@@ -360,9 +382,12 @@ async def test_client_killed_mid_frame(tmp_path: Path) -> None:
             await c.open_stream(dead)
             for n in range(3):
                 await c.send(packet_msg(1, n, dead.packet(n), compress=False))
+            await c.wait_ack(1, 2)  # three whole packets are written
             frame = b"".join(bytes(p) for p in c.conn.send_parts(packet_msg(1, 3, dead.packet(3), compress=False)))
             await c.stream.send_all(frame[: len(frame) // 2])
-            await trio.sleep(0.05)
+            # Killed: its kernel resets the connection (SO_LINGER 0: RST, no FIN).
+            assert isinstance(c.stream, trio.SocketStream)
+            c.stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             await c.aclose()
             await send_trace(port, good, range(4))  # the relay carries on
         assert event_seqs(dead.trace_dir(out)) == expected_seqs(range(3))
@@ -476,25 +501,64 @@ async def _expect_code(c: Client, code: ErrorCode) -> None:
     assert (await c.expect_error()).code == code
 
 
-async def hostile_random_bytes(port: int, out: Path) -> None:
+class TimeGate:
+    """Says when the hostile-peer test may let (MockClock) time pass.
+
+    That test runs on a MockClock that moves only when the test jumps it, so
+    the relay's short timeouts cannot drop the good client however loaded the
+    machine is.  A hostile peer that waits to be timed out opens the gate
+    (``with gate.open():``); while it is open, the good client jumps the
+    clock by less than the relay's idle timeout, each time right after a
+    round trip with the relay (which then waits on the good connection since
+    the current time at the earliest).  ``done``: the hostile peer is
+    through."""
+
+    def __init__(self) -> None:
+        self.is_open = False
+        self.done = False
+        self._changed = trio.Event()
+
+    def _change(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    @contextlib.contextmanager
+    def open(self) -> Iterator[None]:
+        self.is_open = True
+        self._change()
+        try:
+            yield
+        finally:
+            self.is_open = False
+            self._change()
+
+    def finish(self) -> None:
+        self.done = True
+        self._change()
+
+    async def wait_change(self) -> None:
+        await self._changed.wait()
+
+
+async def hostile_random_bytes(port: int, out: Path, gate: TimeGate) -> None:
     c = await Client.connect(port)
     await c.stream.send_all(random.Random(1).randbytes(3000))
     await _expect_code(c, ErrorCode.PROTOCOL)
 
 
-async def hostile_huge_frame(port: int, out: Path) -> None:
+async def hostile_huge_frame(port: int, out: Path, gate: TimeGate) -> None:
     c = await Client.connect(port)
     await c.stream.send_all(FRAME_HEADER.pack(MAGIC, 20, 2**31))
     await _expect_code(c, ErrorCode.FRAME_TOO_LARGE)
 
 
-async def hostile_junk_cbor(port: int, out: Path) -> None:
+async def hostile_junk_cbor(port: int, out: Path, gate: TimeGate) -> None:
     c = await Client.connect(port)
     await c.stream.send_all(FRAME_HEADER.pack(MAGIC, 6, 0) + b"\xff\xfe\x1f\xbf\x00\x9b")
     await _expect_code(c, ErrorCode.PROTOCOL)
 
 
-async def hostile_zstd_bomb(port: int, out: Path) -> None:
+async def hostile_zstd_bomb(port: int, out: Path, gate: TimeGate) -> None:
     t = Trace("host-bomb")
     bomb = zstandard.ZstdCompressor(write_content_size=True).compress(bytes(8 << 20))  # declares 8 MiB
     raw = t.packet(0)
@@ -507,7 +571,7 @@ async def hostile_zstd_bomb(port: int, out: Path) -> None:
     await _expect_code(c, ErrorCode.DECOMPRESS)
 
 
-async def hostile_names(port: int, out: Path) -> None:
+async def hostile_names(port: int, out: Path, gate: TimeGate) -> None:
     for host in ("../evil", "a/b", "..", ".hidden"):
         c = await Client.connect(port)
         await c.stream.send_all(raw_frame({"t": 1, "v": 1, "h": host, "k": None}))
@@ -523,7 +587,7 @@ async def hostile_names(port: int, out: Path) -> None:
         await _expect_code(c, ErrorCode.BAD_NAME)
 
 
-async def hostile_bad_packets(port: int, out: Path) -> None:
+async def hostile_bad_packets(port: int, out: Path, gate: TimeGate) -> None:
     t = Trace("host-badpkt")
     raw = t.packet(0)
     bad_magic = b"\0\0\0\0" + raw[4:]
@@ -547,15 +611,17 @@ async def hostile_bad_packets(port: int, out: Path) -> None:
     assert (t.trace_dir(out) / "channel0_0").stat().st_size == 0  # no bad packet written
 
 
-async def hostile_stalls(port: int, out: Path) -> None:
+async def hostile_stalls(port: int, out: Path, gate: TimeGate) -> None:
     c = await Client.connect(port)  # never says Hello
-    await _expect_code(c, ErrorCode.TIMEOUT)
-    c = await _established(port, "host-stall")
+    with gate.open():
+        await _expect_code(c, ErrorCode.TIMEOUT)
+    c = await _established(port, "host-stall")  # (the clock stands still meanwhile)
     await c.stream.send_all(raw_frame({"t": 14})[:7])  # stops mid-frame
-    await _expect_code(c, ErrorCode.TIMEOUT)
+    with gate.open():
+        await _expect_code(c, ErrorCode.TIMEOUT)
 
 
-Hostile = Callable[[int, Path], Awaitable[None]]
+Hostile = Callable[[int, Path, TimeGate], Awaitable[None]]
 
 
 @pytest.mark.parametrize(
@@ -563,15 +629,46 @@ Hostile = Callable[[int, Path], Awaitable[None]]
     [hostile_random_bytes, hostile_huge_frame, hostile_junk_cbor, hostile_zstd_bomb, hostile_names,
      hostile_bad_packets, hostile_stalls],
 )
-async def test_hostile_peer_dropped_others_carry_on(tmp_path: Path, hostile: Hostile) -> None:
-    with trio.fail_after(TIMEOUT):
+async def test_hostile_peer_dropped_others_carry_on(tmp_path: Path, hostile: Hostile, mock_clock: MockClock) -> None:
+    """A hostile peer gets its Error and is dropped; a good client connected
+    all along carries on.  The relay's timeouts are short, for the stalling
+    peers; time is a MockClock's that moves only while a hostile peer waits
+    to be timed out (see TimeGate), so the good client never is."""
+    with fail_after_wall(TIMEOUT):
         out = tmp_path / "out"
         good = Trace("host-good")
-        options = {"handshake_timeout": 1.0, "idle_timeout": 0.5, "max_raw_packet": 1 << 20}
+        idle_timeout = 0.5
+        options = {"handshake_timeout": 1.0, "idle_timeout": idle_timeout, "max_raw_packet": 1 << 20}
+        gate = TimeGate()
+
+        async def run_hostile() -> None:
+            try:
+                await hostile(port, out, gate)
+            finally:
+                gate.finish()
+
         async with running_relay(out, **options) as port:
+            c = await _established(port, good.host, good)
+            assert await c.stream_state(1) == 0
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(lambda: send_trace(port, good, range(40), pause=0.01))
-                nursery.start_soon(hostile, port, out)
+                nursery.start_soon(run_hostile)
+                n = 0
+                while n < 40 or not gate.done:
+                    if n < 40:  # packets, zstd and raw alternately, each acked
+                        await c.send(packet_msg(1, n, good.packet(n), compress=n % 2 == 0))
+                        await c.wait_ack(1, n)
+                        n += 1
+                    elif gate.is_open:  # all sent; a round trip before each jump
+                        assert await c.stream_state(1) == 40
+                    else:
+                        await gate.wait_change()
+                        continue
+                    if gate.is_open:
+                        mock_clock.jump(idle_timeout / 2)
+            assert c.acks[1] == 39
+            await c.send(StreamClose(1))
+            await c.send(SessionClose(1))
+            await c.bye()
         assert event_seqs(good.trace_dir(out)) == expected_seqs(range(40))
         assert os.listdir(tmp_path) == ["out"]  # nothing escaped the output directory
         for _dirpath, dirnames, filenames in os.walk(out):
