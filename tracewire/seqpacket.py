@@ -16,10 +16,26 @@ import trio
 
 from tracewire.control import MAX_CONTROL_MESSAGE, ControlError, close_fds, dumps, loads
 
-__all__ = ["SeqPacket", "peer_credentials", "MAX_FDS"]
+__all__ = ["SeqPacket", "DescriptorsTruncated", "peer_credentials", "MAX_FDS"]
 
 MAX_FDS = 8
 _CRED = struct.Struct("3i")
+
+
+class DescriptorsTruncated(ControlError):
+    """A whole message whose descriptors did not all arrive (``MSG_CTRUNC``):
+    the receiver is out of descriptors, or the sender passed more than
+    ``MAX_FDS``.  The message itself decoded; those descriptors that did
+    arrive are closed.  A receiver that answers requests answers this one with
+    an error rather than leave its sender waiting.
+
+    Attributes:
+        message: the decoded message (its ``seq`` says what to answer).
+    """
+
+    def __init__(self, message: dict[str, Any]) -> None:
+        super().__init__("the message's descriptors were cut off (SCM_RIGHTS truncated)")
+        self.message = message
 
 
 def peer_credentials(sock: Any) -> tuple[int, int, int]:
@@ -37,6 +53,11 @@ class SeqPacket:
         self._send_lock = trio.Lock()
 
     async def send(self, msg: dict[str, Any], fds: list[int] | tuple[int, ...] = ()) -> None:
+        """Send ``msg`` as one datagram, with ``fds`` beside it (SCM_RIGHTS).
+
+        Raises:
+            OSError: the socket failed (the peer is gone).
+        """
         data = dumps(msg)
         anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
         async with self._send_lock:
@@ -46,6 +67,8 @@ class SeqPacket:
         """The next message and its fds, or None at end of stream.
 
         Raises:
+            DescriptorsTruncated: the message is whole but its descriptors
+                were cut off (its fds are closed); ``.message`` is the message.
             ControlError: a truncated or malformed message (its fds are closed).
         """
         data, ancdata, flags, _ = await self.sock.recvmsg(
@@ -60,12 +83,16 @@ class SeqPacket:
         if not data and not fds:
             return None
         try:
-            if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+            if flags & socket.MSG_TRUNC:
                 raise ControlError("control message truncated")
-            return loads(data, self.limit), fds
+            msg = loads(data, self.limit)
+            if flags & socket.MSG_CTRUNC:
+                raise DescriptorsTruncated(msg)
+            return msg, fds
         except ControlError:
             close_fds(fds)
             raise
 
     def close(self) -> None:
+        """Close the socket."""
         self.sock.close()
