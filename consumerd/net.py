@@ -172,6 +172,8 @@ class NetSession:
         self.by_wire_id: dict[int, _NetStream] = {}
         self.error: str | None = None
         self.connected = False
+        # A connection is being declared or is up: what is added now is queued.
+        self._linked = False
         self.last_failure: str | None = None
         self.unacked_bytes = 0
         self._order = itertools.count()
@@ -212,7 +214,7 @@ class NetSession:
         tr = self.traces[trace_id]
         offset = len(tr.metadata)
         tr.metadata += data
-        if self.connected:
+        if self._linked:
             self._queue(("metadata", tr, offset, len(tr.metadata)))
 
     def add_stream(self, key: str, trace_id: str, channel: str, resume: bool = False) -> SpoolRecord | None:
@@ -237,7 +239,7 @@ class NetSession:
             if last is not None:
                 st.base_seq = last.seq + 1
         self.streams[key] = st
-        if self.connected:
+        if self._linked:
             self._queue(("stream", st))
         if st.unacked:
             self._outbox.extend(("packet", p) for p in st.unacked)
@@ -411,7 +413,7 @@ class NetSession:
                 nursery.start_soon(self._reader, stream, conn)
                 await self._sender(stream, conn)
         finally:
-            self.connected = False
+            self.connected = self._linked = False
             with trio.move_on_after(1) as cs:
                 cs.shield = True
                 await stream.aclose()
@@ -455,14 +457,23 @@ class NetSession:
                 raise SinkError(f"unexpected {type(ev).__name__} in the handshake")
 
     async def _declare_all(self, stream: trio.abc.Stream, conn: wire.Connection) -> None:
-        """(Re)declare everything and resume every stream where the relay stands."""
+        """(Re)declare everything and resume every stream where the relay stands.
+
+        What is there when it starts is declared here; a trace, metadata or
+        stream added meanwhile (a replay arrives while the connection is set
+        up) is queued, and sent once this returns.
+        """
+        # No await until the snapshot: what is queued from now on is new.
+        self._linked = True
+        self._outbox.clear()
+        traces, streams = list(self.traces.values()), list(self.streams.values())
         await self._send(stream, conn, wire.SessionDecl(self.session_id, self.name, self.created, self.live))
-        for tr in self.traces.values():
+        for tr in traces:
             if tr.metadata:
                 await self._send(stream, conn, wire.Metadata(self.session_id, tr.path, 0, bytes(tr.metadata)))
         self.by_wire_id.clear()
         ids = itertools.count()
-        for st in self.streams.values():
+        for st in streams:
             st.wire_id = next(ids)
             self.by_wire_id[st.wire_id] = st
             decl = wire.StreamDecl(st.wire_id, self.session_id, st.trace_path, st.channel, st.index)
@@ -478,13 +489,16 @@ class NetSession:
                     self._stream_state(self.by_wire_id[ev.stream_id], ev.next_seq)
                 elif isinstance(ev, wire.Ack):
                     self._acknowledge(self.by_wire_id[ev.stream_id], ev.seq)
-        # Resend what is compressed and unacknowledged, in submission order;
-        # packets still being compressed follow through the compressor.
-        self._outbox.clear()
+        # Resend what is compressed and unacknowledged, in submission order,
+        # after the traces and streams added meanwhile; packets still being
+        # compressed follow through the compressor.
+        added = [item for item in self._outbox if item[0] != "packet"]
         pending = sorted(
             (p for st in self.streams.values() for p in st.unacked if p.data is not None),
             key=lambda p: p.order,
         )
+        self._outbox.clear()
+        self._outbox.extend(added)
         self._outbox.extend(("packet", p) for p in pending)
         self._send_wakeup.set()
 
