@@ -127,6 +127,7 @@ class _NetStream:
     raw_bytes: int = 0
     wire_bytes: int = 0
     acked_seq: int = -1
+    finished: bool = False  # no more packets (its app exited, or it broke)
 
 
 @dataclass(slots=True)
@@ -245,6 +246,20 @@ class NetSession:
             self._outbox.extend(("packet", p) for p in st.unacked)
             self._send_wakeup.set()
         return last
+
+    def finish_stream(self, key: str) -> None:
+        """Stream ``key`` gets no more packets (its app exited, or the stream
+        broke): once the relay has acknowledged everything it has, its spool
+        segments go, so no descriptor is kept for it."""
+        st = self.streams.get(key)
+        if st is not None:
+            st.finished = True
+            self._forget_if_done(st)
+
+    def _forget_if_done(self, st: _NetStream) -> None:
+        """Delete a finished stream's spool once nothing of it is unacknowledged."""
+        if st.finished and not st.unacked and self.spool is not None:
+            self.spool.remove(st.key)
 
     def submit(self, key: str, raw: bytes, seq: int, ts_begin: int, ts_end: int, discarded: int,
                ring_end: int = 0) -> None:
@@ -564,6 +579,7 @@ class NetSession:
             freed += len(p.data) if p.data is not None else p.raw_len
         if self.spool is not None:
             self.spool.acknowledged(st.key, seq)
+            self._forget_if_done(st)
         if freed:
             had_room = self.has_room()
             self.unacked_bytes -= freed

@@ -13,16 +13,18 @@ when the ring space may be reused, and whether there is room for more.
 * :class:`LocalSink` writes ``<trace>/<channel>_0`` and its LTTng index
   ``<trace>/index/<channel>_0.idx`` with :class:`~tracewire.streamfile.StreamFile`
   (``os.writev`` of the header and the shared-memory view, no copy) and appends
-  metadata to ``<trace>/metadata``.  A packet is written when ``write``
-  returns: its ring space goes back to the producer at once, there is always
-  room, and nothing waits for an acknowledgement.
+  metadata to ``<trace>/metadata`` (opened for each append: no descriptor is
+  kept per trace, nor per stream once it is closed).  A packet is written
+  when ``write`` returns: its ring space goes back to the producer at once,
+  there is always room, and nothing waits for an acknowledgement.
 * :class:`RelaySink` hands packets to a :class:`~consumerd.net.NetSession`
   (compression, TCP or TLS, acknowledgements, reconnects) with a
   :class:`~consumerd.spool.Spool` of the unacknowledged ones.  Ring space goes
   back only once a packet is spooled (``deferred_release``: the sink calls
   ``on_saved``).  Past the spool's cap, or the memory bound, the sink has no
   room: the data waits in the ring, and the sink calls ``on_room`` when
-  acknowledgements free some.
+  acknowledgements free some.  A closed stream's spool files go once the
+  relay has acknowledged all of it (no descriptor is kept per exited app).
 
 Reopening: a restarted consumerd is given every live stream again (the
 operation's ``replay``).  The stream sink says where the stream resumes
@@ -159,7 +161,11 @@ class SessionSink(Protocol):
     def add_metadata(self, trace_id: str, text: bytes, replay: bool) -> None:
         """Append TSDL ``text`` to a trace's metadata.  ``replay``: ``text`` is
         the whole metadata again (a restarted consumerd); only what the sink
-        does not hold yet is appended."""
+        does not hold yet is appended.
+
+        Raises:
+            OSError: the metadata cannot be written.
+        """
         ...
 
     def open_stream(self, key: str, trace_id: str, channel: str, stream_class: int,
@@ -234,8 +240,12 @@ def _unheld(text: bytes, held: int, replay: bool) -> bytes:
 # ------------------------------------------------------------------ local files
 @dataclass(slots=True)
 class _LocalTrace:
+    """A trace of a local sink: where it is and how much metadata it holds.
+    No descriptor is kept: a session tracing many short-lived apps must not
+    hold one per app (metadata is appended rarely, opening it each time)."""
+
     directory: str
-    metadata_fd: int
+    metadata_path: str
     metadata_bytes: int
 
 
@@ -290,16 +300,28 @@ class LocalSink(SessionSink):
         os.makedirs(os.path.join(directory, "index"), exist_ok=True)
         mpath = os.path.join(directory, "metadata")
         mfd = os.open(mpath, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
-        # A restarted consumerd appends to the metadata it wrote before.
-        self._traces[trace_id] = _LocalTrace(directory, mfd, os.fstat(mfd).st_size)
+        try:
+            # A restarted consumerd appends to the metadata it wrote before.
+            held = os.fstat(mfd).st_size
+        finally:
+            os.close(mfd)
+        self._traces[trace_id] = _LocalTrace(directory, mpath, held)
         return directory
 
     def add_metadata(self, trace_id: str, text: bytes, replay: bool) -> None:
         tr = self._traces[trace_id]
         data = _unheld(text, tr.metadata_bytes, replay)
-        if data:
-            os.write(tr.metadata_fd, data)
-        tr.metadata_bytes += len(data)
+        if not data:
+            return
+        fd = os.open(tr.metadata_path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.write(fd, view)
+                tr.metadata_bytes += n  # what the file holds, even if a later write fails
+                view = view[n:]
+        finally:
+            os.close(fd)
 
     def open_stream(self, key: str, trace_id: str, channel: str, stream_class: int,
                     replay: bool) -> StreamSink:
@@ -322,9 +344,7 @@ class LocalSink(SessionSink):
         return f"{self.directory}: {len(keys)} streams not written after {timeout:.0f} s"
 
     def close(self) -> None:
-        for tr in self._traces.values():
-            os.close(tr.metadata_fd)
-        self._traces.clear()
+        self._traces.clear()  # no descriptor is kept open
 
 
 # ------------------------------------------------------------------ relay
@@ -365,7 +385,9 @@ class RelayStream(StreamSink):
         )
 
     def close(self) -> None:
-        return  # its spool stays: a restarted consumerd resumes from it
+        # What is unacknowledged stays spooled (a restarted consumerd resumes
+        # from it); the spool's files go once the relay has it all.
+        self.net.finish_stream(self.key)
 
 
 class RelaySink(SessionSink):
@@ -428,6 +450,7 @@ class RelaySink(SessionSink):
 
     def add_gone_stream(self, key: str, trace_id: str, channel: str) -> None:
         self.net.add_stream(key, trace_id, channel, resume=True)
+        self.net.finish_stream(key)  # its spool goes once acknowledged
 
     async def wait_room(self) -> None:
         if self.net.error:
