@@ -24,6 +24,21 @@ A switch timer, a ``flush`` request (the stop barrier) and a
 ``producer_gone`` notice (the app exited or died) also take the open
 sub-buffer up to the last whole event.
 
+Apps are untrusted: each can write its own ring.  A stream whose ring cannot
+be mapped (a bad magic or geometry, a memfd the app could shrink) is
+*quarantined* at ``add_stream``: the request is done (a replay carries on past
+it), nothing is read from it, ``status`` shows why.  A stream whose control
+words turn out corrupt while it is drained is *broken*: counted, logged and
+closed.  Either way consumerd and the other streams go on.
+
+Descriptors: a stream holds its eventfd, its mapping and its sink's files
+until it is closed — at once when it breaks, and once its app is gone and
+everything it wrote is out of the ring (``producer_gone`` answers released).
+Nothing is kept per exited app, so a session tracing many short-lived apps
+does not run consumerd out of descriptors.  If it is out of them anyway,
+a request whose descriptors the kernel had to cut off (``MSG_CTRUNC``) is
+answered with an error, never left without an answer.
+
 This module knows no sink type: what a sink does with a packet, a trace's
 metadata or a flush is the sink's (consumerd/sinks.py).
 """
@@ -32,6 +47,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import socket
 from dataclasses import dataclass, field
 
@@ -65,7 +81,7 @@ from tracewire.ops import (
     encode,
 )
 from tracewire.ringbuf import BufferSpec, Chunk, ConsumerCursor, MemoryBarrier, RingBufferCorrupt
-from tracewire.seqpacket import SeqPacket
+from tracewire.seqpacket import DescriptorsTruncated, SeqPacket
 
 __all__ = ["ConsumerdConfig", "serve_consumerd"]
 
@@ -85,8 +101,9 @@ class RequestError(Exception):
     """A request from sessiond that cannot be carried out."""
 
 
-# Errors that refuse one request; any other exception is a bug.
-_REFUSALS = (RequestError, InvalidName, SinkError, OSError, RingBufferCorrupt)
+# Errors that refuse one request; any other exception is a bug.  A corrupt
+# ring is not one: its stream is quarantined, the request carried out.
+_REFUSALS = (RequestError, InvalidName, SinkError, OSError)
 
 
 @dataclass
@@ -132,10 +149,38 @@ class StreamOut:
     cancel: trio.CancelScope = field(default_factory=trio.CancelScope)
 
 
+@dataclass
+class Quarantined:
+    """A stream whose ring could not even be mapped (a bad magic or geometry
+    the app wrote): nothing is read from it, status shows why."""
+
+    key: str
+    session: str
+    channel: str
+    path: str
+    error: str
+    gone: bool = False
+
+    def stats(self) -> StreamStats:
+        """What ``status`` shows of it."""
+        return StreamStats(key=self.key, path=self.path, channel=self.channel,
+                           producer="gone" if self.gone else "alive", error=self.error)
+
+
 def _seq(msg: dict[str, object]) -> int | None:
     """The request's ``seq``, to echo in the reply (None if it has none)."""
     seq = msg.get("seq")
     return seq if isinstance(seq, int) and not isinstance(seq, bool) else None
+
+
+def _truncated(msg: dict[str, object]) -> ErrorReply:
+    """The answer to a request whose descriptors were cut off in transit
+    (``MSG_CTRUNC``): consumerd has no room for them.  Logged as well."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    why = (f"consumerd is out of file descriptors (limit {soft}): the descriptors sent with "
+           f"{str(msg.get('op'))[:40]!r} were cut off")
+    logger.error("%s", why)
+    return ErrorReply(why)
 
 
 class Consumerd:
@@ -148,6 +193,8 @@ class Consumerd:
         self.sessions: dict[str, SessionOut] = {}
         self.traces: dict[str, TraceOut] = {}
         self.streams: dict[str, StreamOut] = {}
+        self.quarantined: dict[str, Quarantined] = {}
+        self.broken_streams = 0  # streams quarantined or abandoned for a corrupt ring or a failed write
         self.barrier = MemoryBarrier(force=config.force_barrier)
 
     # ------------------------------------------------------------- requests
@@ -156,6 +203,10 @@ class Consumerd:
         while True:
             try:
                 got = await self.conn.receive()
+            except DescriptorsTruncated as exc:
+                # Answered, or sessiond would wait for this seq in vain.
+                await self.conn.send(encode(_truncated(exc.message), _seq(exc.message)))
+                continue
             except ControlError as exc:
                 logger.error("bad request from sessiond: %s", exc)
                 continue
@@ -210,7 +261,7 @@ class Consumerd:
             case RemoveSessionOp():
                 return await self.op_remove_session(op)
             case StatusOp():
-                return StreamsReply(tuple(self._stats(st) for st in self._streams_of(op.session)))
+                return StreamsReply(self._session_stats(self._streams_of(op.session), op.session))
         raise AssertionError(f"no handler for {type(op).__name__}")
 
     def _session(self, name: str) -> SessionOut:
@@ -228,7 +279,13 @@ class Consumerd:
         return tr
 
     def _streams_of(self, session: str) -> list[StreamOut]:
+        """The streams of ``session`` that were opened (not the quarantined)."""
         return [st for st in self.streams.values() if st.session == session]
+
+    def _session_stats(self, streams: list[StreamOut], session: str) -> tuple[StreamStats, ...]:
+        """The counters of ``streams``, then those of the session's quarantined streams."""
+        quarantined = [q.stats() for q in self.quarantined.values() if q.session == session]
+        return tuple([self._stats(st) for st in streams] + quarantined)
 
     def op_session(self, op: SessionOp) -> DoneReply:
         """Declare a session and its sink (before its traces)."""
@@ -247,10 +304,13 @@ class Consumerd:
             st.cursor.publish(pos, ts)
 
     def _on_room(self, session: str) -> None:
-        """A full sink has room again: go on draining what waits in the rings."""
+        """A full sink has room again: go on draining what waits in the rings.
+        A dead app's stream written out at last lets its descriptors go."""
         for st in self._streams_of(session):
             if st.blocked and not st.closed:
                 self.drain(st, flush=st.gone)
+                if st.gone and not st.blocked:
+                    self._release(st)
 
     def op_add_trace(self, op: AddTraceOp) -> TraceReply:
         """Open an app's trace in its session's sink (again: the same answer)."""
@@ -270,7 +330,13 @@ class Consumerd:
 
     def op_add_stream(self, op: AddStreamOp, fds: list[int]) -> DoneReply:
         """Start reading a stream's ring.  Owns ``fds``: whatever happens,
-        they are kept or closed."""
+        they are kept or closed.  A ring the app corrupted (bad magic or
+        geometry) is no refusal: the stream is quarantined, so that a replay
+        carries on past it.
+
+        Raises:
+            RequestError: and the other ``_REFUSALS``: the request is refused.
+        """
         if not fds and op.gone:
             # A dead app's stream whose ring is already freed (a restarted
             # consumerd): only what its sink still holds is left to deliver.
@@ -278,7 +344,7 @@ class Consumerd:
             channel = validate_name(op.channel, "channel name")
             self.sessions[tr.session].sink.add_gone_stream(op.key, tr.trace_id, channel)
             return DoneReply()
-        if len(fds) != 2 or op.key in self.streams:
+        if len(fds) != 2 or op.key in self.streams or op.key in self.quarantined:
             close_fds(fds)
             if len(fds) != 2:
                 raise RequestError("add_stream needs a memfd and an eventfd")
@@ -286,12 +352,39 @@ class Consumerd:
         memfd, efd = fds
         try:
             st = self._open_stream(op, memfd, efd)
+        except RingBufferCorrupt as exc:
+            os.close(efd)
+            self._quarantine(op, str(exc))
+            return DoneReply()
         except BaseException:
             os.close(efd)
             raise
         self.streams[op.key] = st
         self.nursery.start_soon(self.stream_task, st)
         return DoneReply()
+
+    def _quarantine(self, op: AddStreamOp, why: str) -> None:
+        """Keep stream ``op.key`` as quarantined: its ring is never read; a
+        replayed one's sink still delivers what it holds (a relay's spool).
+
+        Raises:
+            RequestError: the stream's trace is unknown.
+        """
+        tr = self._trace(op.trace_id)
+        if op.replay:
+            try:
+                self.sessions[tr.session].sink.add_gone_stream(op.key, tr.trace_id, op.channel)
+            except OSError as exc:
+                logger.error("stream %s: what its sink holds is lost: %s", op.key, exc)
+        path = f"{tr.directory}/{op.channel}_0"
+        self.quarantined[op.key] = Quarantined(op.key, tr.session, op.channel, path, f"quarantined: {why}")
+        self._count_broken(op.key, f"quarantined: {why}")
+
+    def _count_broken(self, key: str, why: str) -> None:
+        """Count and log a stream given up on."""
+        self.broken_streams += 1
+        logger.error("stream %s given up: %s (%d broken streams in this consumerd)",
+                     key, why, self.broken_streams)
 
     def _open_stream(self, op: AddStreamOp, memfd: int, efd: int) -> StreamOut:
         """Map the ring (closing ``memfd``), open the stream's sink and put
@@ -332,8 +425,8 @@ class Consumerd:
         sink = self.sessions[streams[0].session].sink
         while True:
             for st in streams:
-                if not st.closed:
-                    self.drain(st, flush=True)
+                self.drain(st, flush=True)
+                if not st.closed:  # a broken stream was closed by drain()
                     st.sink.flush()
             if not any(st.blocked and not st.closed and not st.broken for st in streams):
                 break
@@ -341,23 +434,33 @@ class Consumerd:
         await sink.wait_durable()
 
     async def op_flush(self, op: FlushOp) -> StreamsReply:
-        """The stop barrier: every stream of the session drained and safe."""
+        """The stop barrier: every stream of the session drained and safe.
+
+        Raises:
+            RequestError: not done in ``op.timeout``.
+            SinkError: the sink failed for good.
+        """
         streams = self._streams_of(op.session)
         with trio.move_on_after(op.timeout) as cs:
             await self._flush_streams(streams)
         if cs.cancelled_caught:
             sink = self._session(op.session).sink
             raise RequestError(sink.timeout_message([st.key for st in streams], op.timeout))
-        return StreamsReply(tuple(self._stats(st) for st in streams))
+        return StreamsReply(self._session_stats(streams, op.session))
 
     async def op_producer_gone(self, op: ProducerGoneOp) -> ReleasedReply:
         """The app exited or died: write (or spool) what it committed, then
         let its ring buffer go — sessiond frees it once we say so, so a
         session tracing many short-lived apps does not keep them all."""
+        q = self.quarantined.get(op.key)
+        if q is not None:
+            q.gone = True
         st = self.streams.get(op.key)
-        if st is None or st.closed:
+        if st is None:
             return ReleasedReply(True)
         st.gone = True
+        if st.closed:  # broken (its descriptors are closed) or released already
+            return ReleasedReply(True)
         self.drain(st, flush=True)
         if st.blocked:  # a full sink: the rest waits in the ring; released later
             return ReleasedReply(False)
@@ -376,6 +479,8 @@ class Consumerd:
             for st in streams:
                 await self.close_stream(st)
                 del self.streams[st.key]
+            for key in [k for k, q in self.quarantined.items() if q.session == op.session]:
+                del self.quarantined[key]
             for tid in [tid for tid, tr in self.traces.items() if tr.session == op.session]:
                 del self.traces[tid]
             if so is not None:
@@ -422,18 +527,31 @@ class Consumerd:
                 self.drain(st, flush=False)
 
     def drain(self, st: StreamOut, flush: bool) -> None:
-        """Write every chunk the ring buffer has for us (all of it on flush)."""
+        """Write every chunk the ring buffer has for us (all of it on flush).
+
+        A stream whose ring turns out corrupt, whose sink cannot write, or
+        that trips a bug is broken: counted, logged and closed (its
+        descriptors and mapping released); consumerd and the other streams
+        go on.
+        """
         if st.broken or st.closed:
             return
         st.blocked = False
         try:
             self._drain(st, flush)
+            return
         except RingBufferCorrupt as exc:
-            st.broken = str(exc)
-            logger.error("stream %s abandoned: %s", st.key, exc)
+            why = f"quarantined: {exc}"
         except OSError as exc:
-            st.broken = f"write failed: {exc}"
-            logger.error("stream %s: %s", st.key, st.broken)
+            why = f"write failed: {exc}"
+        except Exception as exc:  # a bug, or a hostile value no check caught
+            logger.exception("stream %s: internal error", st.key)
+            why = f"internal error: {type(exc).__name__}: {exc}"
+        # Out of the handler: the traceback (and the chunk views its frames
+        # hold) is gone, so the mapping can be closed.
+        st.broken = why
+        self._count_broken(st.key, why)
+        self._release(st)
 
     def _drain(self, st: StreamOut, flush: bool) -> None:
         """``drain``'s loop; raises what the ring or the sink raise."""
@@ -480,16 +598,32 @@ class Consumerd:
         st.next_seq = seq + 1
 
     async def close_stream(self, st: StreamOut) -> None:
-        """Stop reading a stream and release its files and mapping (once)."""
+        """Stop reading a stream, release its files and mapping (once), and
+        wait for its task to end."""
+        self._release(st)
+        await st.done.wait()
+
+    def _release(self, st: StreamOut) -> None:
+        """Close what the stream holds (its sink's files, its eventfd, its
+        mapping) at once; its task, woken, ends.  Nothing is read from it
+        again, and nothing it holds survives: a session tracing many
+        short-lived apps keeps no descriptor per app."""
         if st.closed:
             return
         st.closed = True
         trio.lowlevel.notify_closing(st.eventfd)
         st.cancel.cancel()
-        await st.done.wait()
-        st.sink.close()
-        os.close(st.eventfd)
-        st.cursor.close()
+        try:
+            st.sink.close()
+        except OSError as exc:
+            st.broken = st.broken or f"closing its files failed: {exc}"
+            logger.error("stream %s: closing its files failed: %s", st.key, exc)
+        finally:
+            os.close(st.eventfd)
+            try:
+                st.cursor.close()
+            except BufferError:  # a chunk view is still alive: unmapped when it goes
+                logger.warning("stream %s: its ring is unmapped later", st.key)
 
 
 def _resume(cursor: ConsumerCursor, sink: StreamSink) -> None:
