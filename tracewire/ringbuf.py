@@ -64,6 +64,7 @@ goes back or exceeds the counter, a counter that goes back) is reported as
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 import struct
@@ -112,6 +113,9 @@ SLOT_WORDS = 3
 SLOT_TS, SLOT_DISCARDED, SLOT_END = 0, 1, 2
 OFF_SLOTS = 8 * Q_SLOTS
 NEVER = 0xFFFFFFFFFFFFFFFF
+# The size never changes, and no other seal can be added (F_SEAL_FUTURE_WRITE
+# would make a restarted consumer's mapping fail).
+_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
 
 class RingBufferCorrupt(Exception):
@@ -163,7 +167,10 @@ def create_buffer(spec: BufferSpec, start_ts: int, name: str = "tracewire-rb") -
     """Create and initialise a ring buffer memfd.
 
     The control page gets the geometry, ``head = 0``, ``ts = start_ts``, a
-    discarded count of 0 and every slot marked "never closed".
+    discarded count of 0 and every slot marked "never closed".  The memfd is
+    sealed against any change of size, and against new seals: the app that
+    gets it cannot shrink it under the consumer's mapping (a read past the
+    end would kill the consumer with SIGBUS).
 
     Args:
         spec: the geometry.
@@ -174,9 +181,10 @@ def create_buffer(spec: BufferSpec, start_ts: int, name: str = "tracewire-rb") -
     Returns:
         The memfd (close-on-exec).
     """
-    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         os.ftruncate(fd, spec.total_size)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
         with mmap.mmap(fd, spec.ctrl_size) as m:
             _HDR.pack_into(m, 0, RB_MAGIC, RB_VERSION, spec.subbuf_size, spec.num_subbuf)
             q = memoryview(m).cast("Q")
@@ -228,6 +236,20 @@ def map_buffer(fd: int, expected: BufferSpec | None = None) -> tuple[mmap.mmap, 
         m.close()
         raise
     return m, spec
+
+
+def _check_sealed(fd: int) -> None:
+    """Refuse a ring buffer whose size its producer could change.
+
+    Raises:
+        RingBufferCorrupt: ``fd`` is not a memfd sealed as ``create_buffer`` seals it.
+    """
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError as exc:
+        raise RingBufferCorrupt(f"ring buffer is not a sealed memfd: {exc.strerror}") from None
+    if seals & _SEALS != _SEALS:
+        raise RingBufferCorrupt(f"ring buffer memfd is not sealed against resizing (seals {seals:#x})")
 
 
 class Producer:
@@ -425,6 +447,14 @@ class ConsumerCursor:
     """
 
     def __init__(self, fd: int, spec: BufferSpec | None = None) -> None:
+        """Map the ring buffer ``fd`` (of geometry ``spec``, if given).
+
+        Raises:
+            RingBufferCorrupt: bad magic/version/geometry or size, or a memfd
+                not sealed against shrinking (the producer could make a read
+                of the mapping kill the consumer).
+        """
+        _check_sealed(fd)
         self.mm, self.spec = map_buffer(fd, spec)
         self.view = memoryview(self.mm)
         self.q = self.view.cast("Q")
