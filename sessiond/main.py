@@ -27,13 +27,15 @@ async def _serve_until_signal(config: SessiondConfig) -> None:
 
 def run(config: SessiondConfig) -> int:
     """Run sessiond until SIGTERM/SIGINT; returns the exit code."""
+    failure = None
     try:
         trio.run(_serve_until_signal, config)
-    except UserError as exc:
-        print(f"tracewire-sessiond: {exc}", file=sys.stderr)
-        return STARTUP_FAILURE
-    except OSError as exc:
-        print(f"tracewire-sessiond: cannot start: {exc}", file=sys.stderr)
+    except* UserError as group:  # nurseries wrap what serve_sessiond raises
+        failure = str(group.exceptions[0])
+    except* OSError as group:
+        failure = f"cannot start: {group.exceptions[0]}"
+    if failure is not None:
+        print(f"tracewire-sessiond: {failure}", file=sys.stderr)
         return STARTUP_FAILURE
     return 0
 

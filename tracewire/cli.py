@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -18,7 +19,7 @@ import click
 
 from tracewire import ops
 from tracewire.control import ControlError, FrameReader, encode_frame
-from tracewire.rundir import default_rundir, ensure_rundir
+from tracewire.rundir import default_rundir, ensure_rundir, trusted_uid
 
 EXIT_FAILURE = 1
 EXIT_NO_DAEMON = 3
@@ -100,6 +101,7 @@ class Client:
                 raise CliError(f"permission denied on {self.path}") from None
             except OSError as exc:
                 raise NoDaemon(f"cannot reach sessiond at {self.path}: {exc}") from None
+            _check_peer(sock, self.path)
             sock.settimeout(timeout)
             try:
                 sock.sendall(encode_frame(ops.encode(req)))
@@ -155,6 +157,14 @@ class Client:
             return lines[-1] if lines else "no log"
         except OSError:
             return "no log"
+
+
+def _check_peer(sock: socket.socket, path: str) -> None:
+    """Talk only to a sessiond run by this user or by root: anyone else
+    listening at ``path`` planted it (SO_PEERCRED)."""
+    _pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    if not trusted_uid(uid):
+        raise CliError(f"refusing the sessiond at {path}: it runs as uid {uid}, not as you or root")
 
 
 def _check_output_dir(path: str) -> None:
