@@ -5,6 +5,7 @@ and every command's --help works."""
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 
 import pytest
@@ -231,3 +232,37 @@ def test_help_of_every_executable(tw: TW, exe: str) -> None:
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("Usage: ")
     assert "Traceback" not in r.stdout + r.stderr
+
+
+PLANTED_LISTENER = """
+import os, socket, sys
+os.setgid(65534)
+os.setuid(65534)
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.bind(sys.argv[1])
+s.listen(1)
+print("ready", flush=True)
+conn, _ = s.accept()
+got = 0
+while data := conn.recv(65536):
+    got += len(data)
+print(got, flush=True)
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a listener as another user")
+def test_cli_refuses_a_control_socket_served_by_another_user(tw: TW) -> None:
+    """A control.sock planted by another user gets a one-line refusal and no request."""
+    rundir = tw.rundir
+    os.chmod(rundir, 0o777)  # only so that 'nobody' can bind its socket in it
+    listener = subprocess.Popen([sys.executable, "-c", PLANTED_LISTENER, os.path.join(rundir, "control.sock")],
+                                stdout=subprocess.PIPE, text=True)
+    tw.procs.append(listener)
+    assert listener.stdout is not None
+    assert listener.stdout.readline().strip() == "ready"
+    r = tw.cli("list", check=False)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [
+        f"Error: refusing the sessiond at {rundir}/control.sock: it runs as uid 65534, not as you or root"]
+    out, _ = listener.communicate(timeout=30)
+    assert out.strip() == "0"  # not one byte of the request reached it
