@@ -323,9 +323,9 @@ class Consumerd:
         return TraceReply(directory)
 
     def op_metadata(self, op: MetadataOp) -> DoneReply:
-        """Append to a trace's metadata (replayed: only what the sink lacks)."""
+        """Add a piece of a trace's metadata (only what the sink lacks is written)."""
         tr = self._trace(op.trace_id)
-        self.sessions[tr.session].sink.add_metadata(tr.trace_id, op.text.encode(), op.replay)
+        self.sessions[tr.session].sink.add_metadata(tr.trace_id, op.text.encode(), op.offset)
         return DoneReply()
 
     def op_add_stream(self, op: AddStreamOp, fds: list[int]) -> DoneReply:

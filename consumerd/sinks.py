@@ -158,13 +158,14 @@ class SessionSink(Protocol):
         """
         ...
 
-    def add_metadata(self, trace_id: str, text: bytes, replay: bool) -> None:
-        """Append TSDL ``text`` to a trace's metadata.  ``replay``: ``text`` is
-        the whole metadata again (a restarted consumerd); only what the sink
-        does not hold yet is appended.
+    def add_metadata(self, trace_id: str, text: bytes, offset: int) -> None:
+        """Add TSDL ``text``, which starts at byte ``offset`` of the trace's
+        metadata; only what the sink does not hold yet is appended (a
+        restarted consumerd is sent every piece again).
 
         Raises:
             OSError: the metadata cannot be written.
+            SinkError: the piece would leave a gap.
         """
         ...
 
@@ -231,10 +232,16 @@ def _safe_join(base: str, rel: str) -> str:
     return os.path.join(base, *parts)
 
 
-def _unheld(text: bytes, held: int, replay: bool) -> bytes:
-    """The replay rule: replayed metadata is the whole text, of which the
-    sink already holds the first ``held`` bytes."""
-    return text[held:] if replay else text
+def _unheld(text: bytes, held: int, offset: int) -> bytes:
+    """What the sink lacks of ``text``, which starts at byte ``offset`` of
+    the trace's metadata, when it holds the first ``held`` bytes.
+
+    Raises:
+        SinkError: ``text`` would leave a gap (a piece was not sent).
+    """
+    if offset > held:
+        raise SinkError(f"metadata piece at byte {offset}, but only {held} bytes are held")
+    return text[held - offset:]
 
 
 # ------------------------------------------------------------------ local files
@@ -308,9 +315,9 @@ class LocalSink(SessionSink):
         self._traces[trace_id] = _LocalTrace(directory, mpath, held)
         return directory
 
-    def add_metadata(self, trace_id: str, text: bytes, replay: bool) -> None:
+    def add_metadata(self, trace_id: str, text: bytes, offset: int) -> None:
         tr = self._traces[trace_id]
-        data = _unheld(text, tr.metadata_bytes, replay)
+        data = _unheld(text, tr.metadata_bytes, offset)
         if not data:
             return
         fd = os.open(tr.metadata_path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
@@ -430,10 +437,10 @@ class RelaySink(SessionSink):
             raise InvalidName(exc.message) from None
         return f"{self.sink}/{path}"
 
-    def add_metadata(self, trace_id: str, text: bytes, replay: bool) -> None:
+    def add_metadata(self, trace_id: str, text: bytes, offset: int) -> None:
         # A restarted consumerd's relay session starts empty: it holds nothing.
         held = len(self.net.traces[trace_id].metadata)
-        self.net.add_metadata(trace_id, _unheld(text, held, replay))
+        self.net.add_metadata(trace_id, _unheld(text, held, offset))
 
     def open_stream(self, key: str, trace_id: str, channel: str, stream_class: int,
                     replay: bool) -> StreamSink:

@@ -40,7 +40,7 @@ from sessiond.model import (
 from tracewire import ctf
 from tracewire.control import ControlError, close_fds
 from tracewire.names import InvalidName, validate_name
-from tracewire.ops import MetadataOp, ProducerGoneOp, ReleasedReply
+from tracewire.ops import ProducerGoneOp, ReleasedReply
 from tracewire.ringbuf import BufferSpec, create_buffer
 from tracewire.seqpacket import SeqPacket, peer_credentials
 
@@ -75,9 +75,9 @@ class AppProtocol:
         peer: _Peer | None = None
         try:
             pid, uid, _gid = peer_credentials(sock)
-            if self.reg.apps_of_uid[uid] >= self.reg.config.max_apps_per_uid:
-                self._refuse_once(uid, f"uid {uid} has {self.reg.apps_of_uid[uid]} apps connected, "
-                                       "the limit (max_apps_per_uid)")
+            per_uid = self._per_uid_limit(uid)
+            if self.reg.apps_of_uid[uid] >= per_uid:
+                self._refuse_once(uid, f"uid {uid} has {per_uid} apps connected, its limit")
                 return
             if self.reg.apps_of_uid.total() >= self.max_connections:
                 self._refuse_once(uid, f"{self.max_connections} apps connected, half the descriptor limit")
@@ -88,10 +88,12 @@ class AppProtocol:
             with peer.link.scope:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._writer, peer, inbox)
+                    nursery.start_soon(self._register_deadline, peer)
                     await self._reader(peer)
                     nursery.cancel_scope.cancel()
             if peer.link.dropped:
-                logger.warning("app %d (uid %d): %s; dropped", pid, uid, peer.link.dropped)
+                level = logging.WARNING if peer.app is not None else logging.INFO
+                logger.log(level, "app %d (uid %d): %s; dropped", pid, uid, peer.link.dropped)
         except (OSError, trio.BrokenResourceError) as exc:
             logger.info("app connection lost: %s", exc)
         except Exception:  # one misbehaving app never takes sessiond down
@@ -115,6 +117,21 @@ class AppProtocol:
             if not await self._on_message(peer, msg):
                 return
 
+    def _per_uid_limit(self, uid: int) -> int:
+        """Connections one uid may hold: root up to the total; any other uid
+        up to half of it, so that one user cannot lock everyone out."""
+        if uid == 0:
+            return self.max_connections
+        return min(self.reg.config.max_apps_per_uid, self.max_connections // 2)
+
+    async def _register_deadline(self, peer: _Peer) -> None:
+        """A connection that does not register in time is closed: an idle
+        one costs a descriptor and a slot of its uid's budget."""
+        timeout = self.reg.config.register_timeout
+        await trio.sleep(timeout)
+        if peer.app is None:
+            peer.link.drop(f"did not register within {timeout:g} s")
+
     async def _writer(self, peer: _Peer, inbox: trio.MemoryReceiveChannel[Outgoing]) -> None:
         """Send what was posted to the app, each send bounded in time."""
         timeout = self.reg.config.app_send_timeout
@@ -134,9 +151,9 @@ class AppProtocol:
         if self.reg.apps_of_uid[peer.uid] <= 0:
             del self.reg.apps_of_uid[peer.uid]
         if peer.app is not None:
-            self.reg.tracepoints_of_uid[peer.uid] -= len(peer.app.tracepoints)
-            if self.reg.tracepoints_of_uid[peer.uid] <= 0:
-                del self.reg.tracepoints_of_uid[peer.uid]
+            self.reg.declared_of_uid[peer.uid] -= peer.declared
+            if self.reg.declared_of_uid[peer.uid] <= 0:
+                del self.reg.declared_of_uid[peer.uid]
             await self._gone(peer.app)
 
     def _refuse_once(self, uid: int, why: str) -> None:
@@ -159,7 +176,7 @@ class AppProtocol:
         elif op != "tracepoints" or app is None:
             peer.link.drop(f"unexpected {_short(op)}")
             return False
-        if not self._add_tracepoints(app, msg.get("tracepoints")):
+        if not self._add_tracepoints(peer, app, msg.get("tracepoints")):
             return False
         async with self.reg.lock:
             await self.setup_everywhere(app)
@@ -178,7 +195,7 @@ class AppProtocol:
         logger.info("app %s registered (uid %d, registration %d)", app.label, app.uid, app.id)
         return app
 
-    def _add_tracepoints(self, app: App, tps: Any) -> bool:
+    def _add_tracepoints(self, peer: _Peer, app: App, tps: Any) -> bool:
         """Add the declarations of ``tps`` within the app's and its uid's
         budgets; False (the app is dropped) when over them."""
         if not isinstance(tps, list):
@@ -187,14 +204,21 @@ class AppProtocol:
         if len(app.tracepoints) + len(tps) > config.max_tracepoints_per_app:
             app.link.drop(f"declares more than {config.max_tracepoints_per_app} tracepoints")
             return False
-        if self.reg.tracepoints_of_uid[app.uid] + len(tps) > config.max_tracepoints_per_uid:
-            app.link.drop(f"uid {app.uid} would declare more than {config.max_tracepoints_per_uid} tracepoints")
-            return False
         for tp in tps:
             decl = _declaration(app, tp)
-            if decl is not None:
-                app.tracepoints.append(decl)
-                self.reg.tracepoints_of_uid[app.uid] += 1
+            if decl is None:
+                continue
+            size = _declared_size(decl)
+            if peer.declared + size > config.max_declared_per_app:
+                app.link.drop(f"declares more than {config.max_declared_per_app} bytes of tracepoints")
+                return False
+            if self.reg.declared_of_uid[app.uid] + size > config.max_declared_per_uid:
+                app.link.drop(f"uid {app.uid} would declare more than {config.max_declared_per_uid} bytes "
+                              "of tracepoints over its apps")
+                return False
+            app.tracepoints.append(decl)
+            peer.declared += size
+            self.reg.declared_of_uid[app.uid] += size
         return True
 
     async def _gone(self, app: App) -> None:
@@ -254,7 +278,7 @@ class AppProtocol:
 
     async def _new_trace(self, sess: Session, app: App) -> Trace:
         path = sess.trace_path(app.procname, app.pid, app.started)
-        tr = Trace(f"{sess.id}-{app.id}", path, uuid.uuid4().bytes)
+        tr = Trace(f"{sess.id}-{app.id}", path, uuid.uuid4().bytes, app.uid)
         sess.traces[app.id] = tr
         await self.consumers.call(sess.owner_uid, self.reg.trace_op(sess, tr))
         info = ctf.TraceInfo(
@@ -271,8 +295,20 @@ class AppProtocol:
         return tr
 
     async def _add_metadata(self, sess: Session, tr: Trace, text: str) -> None:
-        await self.consumers.call(sess.owner_uid, MetadataOp(trace_id=tr.trace_id, text=text))
-        tr.metadata += text
+        """Send ``text`` to consumerd in pieces that fit a message, and keep it
+        (compressed) for a restarted consumerd, within the app uid's budget.
+
+        Raises:
+            UserError: over the budget, or consumerd refused.
+        """
+        limit = self.reg.config.max_metadata_per_uid
+        if self.reg.metadata_of_uid[tr.uid] >= limit:
+            raise UserError(f"uid {tr.uid} holds {limit} bytes of trace metadata, its limit")
+        before = tr.kept
+        pieces = tr.add_pieces(text)
+        self.reg.metadata_of_uid[tr.uid] += tr.kept - before
+        for op in pieces:
+            await self.consumers.call(sess.owner_uid, op)
 
     async def _new_stream(self, sess: Session, app: App, ch_name: str) -> Stream:
         key = _stream_key(sess, ch_name, app)
@@ -350,6 +386,12 @@ class _Peer:
     conn: SeqPacket
     link: AppLink
     app: App | None = None
+    declared: int = 0  # bytes of its tracepoint declarations
+
+
+def _declared_size(decl: ctf.EventDecl) -> int:
+    """What keeping a declaration costs, roughly, in bytes."""
+    return 64 + len(decl.name) + sum(48 + len(name) for name, _type in decl.fields)
 
 
 def _declaration(app: App, tp: Any) -> ctf.EventDecl | None:

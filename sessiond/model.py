@@ -13,6 +13,7 @@ import fnmatch
 import os
 import socket
 import sys
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -54,7 +55,10 @@ class SessiondConfig:
     app_message_limit: int = 1024 * 1024  # bytes in one message from an app
     max_apps_per_uid: int = 1024  # connections on apps.sock
     max_tracepoints_per_app: int = 4096
-    max_tracepoints_per_uid: int = 65536  # summed over the uid's connected apps
+    max_declared_per_app: int = 1024 * 1024  # bytes of declarations (names, fields)
+    max_declared_per_uid: int = 16 * 1024 * 1024  # summed over the uid's connected apps
+    max_metadata_per_uid: int = 16 * 1024 * 1024  # compressed metadata kept for the uid's traces
+    register_timeout: float = 10.0  # a connection must register within this
 
 
 class UserError(Exception):
@@ -103,13 +107,38 @@ class Stream:
 
 @dataclass
 class Trace:
-    """One app's trace directory inside one session."""
+    """One app's trace directory inside one session.
+
+    The metadata sent so far is kept (to replay it to a restarted consumerd)
+    as zlib-compressed pieces, each with its byte offset: TSDL compresses
+    about tenfold, and what is kept counts against the app's uid."""
 
     trace_id: str
     path: str
     uuid: bytes
+    uid: int  # the app's, whose budget the kept metadata counts against
     declared: int = 0  # tracepoints of the app already in the metadata
-    metadata: str = ""  # everything sent so far (replayed to a restarted consumerd)
+    size: int = 0  # bytes of metadata so far (UTF-8)
+    pieces: list[tuple[int, bytes]] = field(default_factory=list)  # (offset, compressed text)
+
+    @property
+    def kept(self) -> int:
+        return sum(len(c) for _, c in self.pieces)
+
+    def add_pieces(self, text: str) -> list[MetadataOp]:
+        """Split ``text`` into operations that each fit one message, and keep them."""
+        out = []
+        for i in range(0, len(text), MetadataOp.MAX_CHARS):
+            piece = text[i:i + MetadataOp.MAX_CHARS]
+            out.append(MetadataOp(trace_id=self.trace_id, text=piece, offset=self.size))
+            self.pieces.append((self.size, zlib.compress(piece.encode(), 1)))
+            self.size += len(piece.encode())
+        return out
+
+    def metadata_ops(self) -> list[MetadataOp]:
+        """Every piece sent so far, as sent."""
+        return [MetadataOp(trace_id=self.trace_id, text=zlib.decompress(c).decode(), offset=off)
+                for off, c in self.pieces]
 
 
 @dataclass
@@ -230,7 +259,8 @@ class Registry:
         self.next_session_id = 1
         self.next_app_id = 1
         self.apps_of_uid: Counter[int] = Counter()  # connections on apps.sock
-        self.tracepoints_of_uid: Counter[int] = Counter()
+        self.declared_of_uid: Counter[int] = Counter()  # bytes, connected apps
+        self.metadata_of_uid: Counter[int] = Counter()  # compressed bytes kept in traces
         self.lock = trio.Lock()  # one control operation at a time
         self.hostname = config.hostname or os.environ.get("TRACEWIRE_HOSTNAME") or socket.gethostname()
 
@@ -253,6 +283,10 @@ class Registry:
     def remove(self, sess: Session) -> None:
         for st in sess.streams.values():
             st.free_buffer()
+        for tr in sess.traces.values():
+            self.metadata_of_uid[tr.uid] -= tr.kept
+            if self.metadata_of_uid[tr.uid] <= 0:
+                del self.metadata_of_uid[tr.uid]
         del self.sessions[sess.name]
         for u, n in list(self.current.items()):
             if n == sess.name:
@@ -299,7 +333,7 @@ class Registry:
                 out.append((self.session_op(sess), ()))
             for tr in sess.traces.values():
                 out.append((self.trace_op(sess, tr), ()))
-                out.append((MetadataOp(trace_id=tr.trace_id, text=tr.metadata, replay=True), ()))
+                out.extend((op, ()) for op in tr.metadata_ops())
             for st in sess.streams.values():
                 if st.memfd < 0:  # a dead app's buffer, written out and freed
                     out.append((self.stream_op(sess, st, replay=True), ()))

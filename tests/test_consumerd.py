@@ -172,7 +172,7 @@ def stream_op(**kw: Any) -> AddStreamOp:
 async def declare(c: Client, sink: str, ring: Ring, *, replay: bool = False, **kw: Any) -> None:
     await c.ok(session_op(sink, **kw))
     await c.ok(AddTraceOp(trace_id="t0", session=SESSION, path=TRACE_PATH, uuid=TRACE_UUID.hex))
-    await c.ok(MetadataOp(trace_id="t0", text=metadata_text(), replay=replay))
+    await c.ok(MetadataOp(trace_id="t0", text=metadata_text()))
     await c.ok(stream_op(replay=replay), (ring.memfd, ring.efd))
 
 
@@ -280,7 +280,7 @@ async def test_local_sink_and_a_restarted_consumerd(tmp_path: Path) -> None:
         first = st.packets
         async with consumerd() as c:  # the first one exited: sessiond replays
             await declare(c, str(tmp_path), ring, replay=True)
-            await c.ok(MetadataOp(trace_id="t0", text="/* more */\n"))
+            await c.ok(MetadataOp(trace_id="t0", text="/* more */\n", offset=len(metadata_text().encode())))
             ring.emit(100)
             assert await c.ok(ProducerGoneOp(key="s0")) == ReleasedReply(True)
             reply = await c.ok(FlushOp(session=SESSION))
@@ -501,7 +501,7 @@ async def test_exited_apps_keep_no_descriptor(tmp_path: Path) -> None:
                 await add_app(c, i, None, replay=True)
                 await c.ok(app_stream_op(i, replay=True, gone=True))
             assert open_fds() == before, "a replay of dead apps' traces kept descriptors"
-            await c.ok(MetadataOp(trace_id="t7", text="/* more */\n"))
+            await c.ok(MetadataOp(trace_id="t7", text="/* more */\n", offset=len(metadata_text().encode())))
     for i in (0, APPS - 1):
         assert read_seqs(tmp_path / app_path(i)) == list(range(5))
     assert (tmp_path / app_path(7) / "metadata").read_text() == metadata_text() + "/* more */\n"
@@ -539,7 +539,7 @@ def app_stream_op(i: int, **kw: Any) -> AddStreamOp:
 async def add_app(c: Client, i: int, ring: Ring | None, *, replay: bool = False) -> None:
     """App ``i``: its trace ``t{i}``, metadata and, given a ring, stream ``s{i}``."""
     await c.ok(AddTraceOp(trace_id=f"t{i}", session=SESSION, path=app_path(i), uuid=TRACE_UUID.hex))
-    await c.ok(MetadataOp(trace_id=f"t{i}", text=metadata_text(), replay=replay))
+    await c.ok(MetadataOp(trace_id=f"t{i}", text=metadata_text()))
     if ring is not None:
         assert await c.ok(app_stream_op(i, replay=replay), (ring.memfd, ring.efd)) == DoneReply()
 

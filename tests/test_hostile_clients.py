@@ -14,9 +14,8 @@ Each test runs the real daemons and CLI and one kind of misbehaving client on
 * an app with many tracepoints (within its budget), then a consumerd restart:
   root's session goes on recording.
 
-The tests marked xfail (strict) show bugs the lead has been told about: once
-fixed, they pass and the marker must go.  TRACEWIRE_SHORT_LIVED_APPS sets how
-many short-lived apps run (300 by default).
+TRACEWIRE_SHORT_LIVED_APPS sets how many short-lived apps run (300 by
+default).
 
 Every wait is a condition with a deadline; every process a test starts is
 ended by pid at teardown (the ``tw`` fixture, or the test's own ``finally``).
@@ -365,17 +364,15 @@ def limited_sessiond(tw: TW) -> Iterator[subprocess.Popen]:
         proc.wait(10)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "issue 9 bug: the connection cap (half of RLIMIT_NOFILE, 512 here) is global and "
-    "max_apps_per_uid (1024) is above it, so idle connections that never register (no "
-    "timeout) from one uid take every slot and every later app, root's too, is refused: "
-    "its events are lost ('Tracing stopped: 0 packets')"))
 @pytest.mark.parametrize("holder", ["root", OUTSIDER])
 def test_more_connections_than_descriptors_leave_root_session_working(
         tw: TW, out_dir: Path, limited_sessiond: subprocess.Popen, holder: str) -> None:
     """1,100 connections to apps.sock (held open by ``holder``) against a
     sessiond limited to 1,024 descriptors: sessiond lives, and root's session
-    records all 1,000 events of a real app while they are open."""
+    records all 1,000 events of a real app while they are open.  Another
+    user gets at most half of sessiond's connection slots, so root's app is
+    served at once; root's own flood takes every slot until its unregistered
+    connections are closed (register_timeout), then root's app is served."""
     need_system_python()
     user = outsider() if holder == OUTSIDER else None
     sd = limited_sessiond.pid
@@ -387,6 +384,9 @@ def test_more_connections_than_descriptors_leave_root_session_working(
     wait_for(lambda: "apps.sock: refusing connections" in sessiond_log(tw), 30,
              "sessiond to refuse connections beyond its budget")
     print(f"\n[{holder}] sessiond holds {fd_count(sd)} descriptors with 1100 connections made")
+    if user is None:
+        wait_for(lambda: fd_count(sd) < 100, 120,
+                 "sessiond to close the connections that did not register in time")
 
     start_session(tw, out_dir)
     tw.demo("--events", "1000")
@@ -402,6 +402,8 @@ def test_more_connections_than_descriptors_leave_root_session_working(
     hold.stdin.close()
     assert read_line(hold, 60, "the connection holder") == "closed"
     hold.wait(30)
+    assert hold.stdout is not None
+    hold.stdout.close()
     assert _alive(sd)
     tw.cli("list")
 
@@ -526,10 +528,7 @@ def declare(apps_sock: str, procname: str, prefix: str, batches: int, batch: int
     # declarations no session enables: what they cost while declared
     pytest.param("hostile", id="names-no-session-enables"),
     # declarations root's session enables: each also becomes metadata
-    pytest.param("demo", id="names-the-session-enables", marks=pytest.mark.xfail(strict=True, reason=(
-        "issue 9 bug: the metadata of a dropped app's declarations stays in sessiond "
-        "(Trace.metadata, kept for the session's life), and the budget counts tracepoints, "
-        "not bytes: each connection adds ~22 MB here, without bound across reconnections"))),
+    pytest.param("demo", id="names-the-session-enables"),
 ])
 def test_app_declaring_too_many_tracepoints_is_dropped_and_memory_stays_bounded(
         tw: TW, out_dir: Path, prefix: str) -> None:
@@ -543,15 +542,13 @@ def test_app_declaring_too_many_tracepoints_is_dropped_and_memory_stays_bounded(
     tw.demo("--events", "100")  # warm up every code path of a traced app
     base_rss = status_kib(sd, "VmRSS")
     apps_sock = os.path.join(tw.rundir, "apps.sock")
-    drop_line = (f"app {os.getpid()} (uid {os.geteuid()}): "
-                 f"declares more than {MAX_TRACEPOINTS_PER_APP} tracepoints; dropped")
+    drop_line = f"app {os.getpid()} (uid {os.geteuid()}): declares more than "
     totals, rss_after = [], []
     t0 = time.monotonic()
     for k in range(4):
         sent, nbytes, _ = declare(apps_sock, f"declarer{k}", prefix, batches=200, batch=25, fields=64)
         totals.append((sent, nbytes))
-        assert MAX_TRACEPOINTS_PER_APP < sent <= MAX_TRACEPOINTS_PER_APP + 25
-        assert nbytes > 3.5 * 2**20
+        assert sent <= MAX_TRACEPOINTS_PER_APP + 25  # closed by sessiond, over a budget
         wait_for(lambda k=k: sessiond_log(tw).count(drop_line) >= k + 1, 60,
                  f"sessiond to log connection {k} as dropped for its declarations")
         rss_after.append(status_kib(sd, "VmRSS"))
@@ -574,11 +571,6 @@ def test_app_declaring_too_many_tracepoints_is_dropped_and_memory_stays_bounded(
 # ---------------------------------------------------------------- 5. many declarations, then a consumerd restart
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "issue 9 bug: a restarted consumerd gets each trace's whole metadata in one SEQPACKET "
-    "message (MetadataOp replay); past the socket's send buffer (~208 KiB: ~1,150 one-field "
-    "tracepoints, well within the 4,096 budget) it fails with EMSGSIZE, and sessiond kills "
-    "and restarts consumerd every 5 s forever: root's session records nothing more"))
 def test_consumerd_restart_after_an_app_declared_many_tracepoints(tw: TW, out_dir: Path) -> None:
     """An app declares 1,300 one-field tracepoints that root's session
     enables (within its budget, 100 per message); root's consumerd is then

@@ -31,7 +31,7 @@ OPS: list[ops.Op] = [
     ops.SessionOp(session="s", session_id=1, created="20260101T000000", sink="/tmp/t", hostname="h",
                   uid=1000, gid=1000, spool_dir="/run/tw/spool/s"),
     ops.AddTraceOp(trace_id="1-42", session="s", path="ust/pid/app-42-x", uuid="00" * 16),
-    ops.MetadataOp(trace_id="1-42", text="/* CTF 1.8 */\n" * 100, replay=True),
+    ops.MetadataOp(trace_id="1-42", text="/* CTF 1.8 */\n" * 100, offset=4096),
     ops.AddStreamOp(key="1-c-42", trace_id="1-42", session="s", channel="c", stream_class=0,
                     subbuf_size=4096, num_subbuf=2, replay=True, gone=True),
     ops.FlushOp(session="s", timeout=3.5), ops.ProducerGoneOp(key="k"),
@@ -103,7 +103,8 @@ def test_bad_requests_are_one_line_errors(raw: dict[str, Any], match: str) -> No
     ({"op": "flush", "session": "s", "timeout": float("nan")}, "'timeout' must be a number"),
     ({"op": "flush", "session": "s", "timeout": -1}, "timeout out of range"),
     ({"op": "add_stream", "key": "k"}, "missing field"),
-    ({"op": "metadata", "trace_id": "t", "text": "x" * (ops.MetadataOp.MAX_FIELD + 1)}, "'text' must be a string"),
+    ({"op": "metadata", "trace_id": "t", "text": "x" * (ops.MetadataOp.MAX_CHARS + 1)}, "'text' must be a string"),
+    ({"op": "metadata", "trace_id": "t", "text": "x", "offset": -1}, "offset must be >= 0"),
     ({"op": "op_hello"}, "unknown operation"),
 ])
 def test_bad_ops_are_message_errors(raw: dict[str, Any], match: str) -> None:

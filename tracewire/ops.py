@@ -229,14 +229,21 @@ class AddTraceOp(Op):
 
 @dataclass(frozen=True, slots=True)
 class MetadataOp(Op):
-    """Append TSDL text to a trace's metadata; ``replay`` sends it whole again
-    to a restarted consumerd, which skips what its sink already holds."""
+    """TSDL text for a trace's metadata, starting at byte ``offset`` of it
+    (UTF-8).  The sink writes only what it does not hold yet, so sending a
+    piece again (the replay to a restarted consumerd) is harmless; a piece
+    that would leave a gap is refused.  Pieces are at most
+    ``MAX_CHARS`` characters: a SEQPACKET message must fit the socket's
+    buffer whole."""
 
     KIND: ClassVar[str] = "metadata"
-    MAX_FIELD: ClassVar[int] = 4 * 1024 * 1024
+    MAX_CHARS: ClassVar[int] = 16 * 1024
     trace_id: str
     text: str
-    replay: bool = False
+    offset: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.offset >= 0, "offset must be >= 0")
 
 
 @dataclass(frozen=True, slots=True)
@@ -483,7 +490,7 @@ def _check(value: Any, tp: Any, name: str) -> Any:
             raise MessageError(f"field {name!r} must be a number, not {_short(value)}")
         return float(value)
     if tp is str:
-        limit = MetadataOp.MAX_FIELD if name == "text" else MAX_STRING
+        limit = MetadataOp.MAX_CHARS if name == "text" else MAX_STRING
         if not isinstance(value, str) or len(value) > limit:
             raise MessageError(f"field {name!r} must be a string of at most {limit} characters")
         return value
