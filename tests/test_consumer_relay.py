@@ -20,10 +20,9 @@ from __future__ import annotations
 import errno
 import shutil
 import subprocess
-import threading
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -36,25 +35,11 @@ from tracewire import ctf
 from tracewire.ctf import EventDecl, TraceInfo
 from tracewire.url import RelayURL
 
+from clocks import fail_after_wall
+
 DEADLINE = 60.0  # per test; generous for a loaded 2-core machine
 
 
-@contextmanager
-def fail_after_wall(seconds: float) -> Iterator[None]:
-    """trio.fail_after on the wall clock, for a test run on a MockClock (whose
-    deadlines expire only when the test jumps it): a hang still ends."""
-    token = trio.lowlevel.current_trio_token()
-    with trio.CancelScope() as scope:
-        timer = threading.Timer(seconds, token.run_sync_soon, (scope.cancel,))
-        timer.daemon = True
-        timer.start()
-        try:
-            yield
-        finally:
-            timer.cancel()
-            timer.join()
-    if scope.cancelled_caught:
-        raise trio.TooSlowError(f"not done within {seconds} s of wall-clock time")
 
 HOST = "relhost"
 SESSION = "netsess"

@@ -21,7 +21,6 @@ import ssl
 import struct
 import subprocess
 import sys
-import threading
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -63,6 +62,8 @@ from tracewire.wire import (
     StreamStateRequest,
     Welcome,
 )
+
+from clocks import fail_after_wall
 
 TIMEOUT = 60.0  # generous: a loaded 2-core machine starts Python slowly
 BABELTRACE2 = shutil.which("babeltrace2")
@@ -258,22 +259,6 @@ def expected_seqs(packets: range) -> list[int]:
     return list(range(packets.start * EVENTS_PER_PACKET, packets.stop * EVENTS_PER_PACKET))
 
 
-@contextlib.contextmanager
-def fail_after_wall(seconds: float) -> Iterator[None]:
-    """trio.fail_after on the wall clock, for a test run on a MockClock (whose
-    deadlines expire only when the test jumps it): a hang still ends."""
-    token = trio.lowlevel.current_trio_token()
-    with trio.CancelScope() as scope:
-        timer = threading.Timer(seconds, token.run_sync_soon, (scope.cancel,))
-        timer.daemon = True
-        timer.start()
-        try:
-            yield
-        finally:
-            timer.cancel()
-            timer.join()
-    if scope.cancelled_caught:
-        raise trio.TooSlowError(f"not done within {seconds} s of wall-clock time")
 
 
 # --------------------------------------------------------------------------

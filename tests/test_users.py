@@ -23,6 +23,8 @@ import time
 
 import pytest
 
+from conftest import _alive, _children
+
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create users and switch to them")
 
 USER_IN_GROUP = "twtest1"
@@ -80,29 +82,6 @@ def world():
            "root_out": root_out}
     _stop_sessiond(rundir)
     shutil.rmtree(top, ignore_errors=True)
-
-
-def _children(pid: int) -> list[int]:
-    out: list[int] = []
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return out
-    for t in tasks:
-        try:
-            with open(f"/proc/{pid}/task/{t}/children") as f:
-                out += [int(x) for x in f.read().split()]
-        except OSError:
-            pass
-    return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def _stop_sessiond(rundir: str) -> None:
