@@ -18,6 +18,7 @@ import os
 import resource
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -40,9 +41,10 @@ from sessiond.model import (
 from tracewire import ctf
 from tracewire.control import ControlError, close_fds
 from tracewire.names import InvalidName, validate_name
-from tracewire.ops import ProducerGoneOp, ReleasedReply
+from tracewire.ops import ProducerGoneOp, ReleasedReply, short_repr
+from tracewire.peercred import peer_credentials
 from tracewire.ringbuf import BufferSpec, create_buffer
-from tracewire.seqpacket import SeqPacket, peer_credentials
+from tracewire.seqpacket import SeqPacket
 
 __all__ = ["AppProtocol"]
 
@@ -147,13 +149,10 @@ class AppProtocol:
                     return
 
     async def _release(self, peer: _Peer) -> None:
-        self.reg.apps_of_uid[peer.uid] -= 1
-        if self.reg.apps_of_uid[peer.uid] <= 0:
-            del self.reg.apps_of_uid[peer.uid]
+        # Counter's -= keeps only positive counts: a uid at zero leaves the table.
+        self.reg.apps_of_uid -= Counter({peer.uid: 1})
         if peer.app is not None:
-            self.reg.declared_of_uid[peer.uid] -= peer.declared
-            if self.reg.declared_of_uid[peer.uid] <= 0:
-                del self.reg.declared_of_uid[peer.uid]
+            self.reg.declared_of_uid -= Counter({peer.uid: peer.declared})
             await self._gone(peer.app)
 
     def _refuse_once(self, uid: int, why: str) -> None:
@@ -174,7 +173,7 @@ class AppProtocol:
         if op == "register" and app is None:
             app = peer.app = self._register(peer, msg)
         elif op != "tracepoints" or app is None:
-            peer.link.drop(f"unexpected {_short(op)}")
+            peer.link.drop(f"unexpected {short_repr(op)}")
             return False
         if not self._add_tracepoints(peer, app, msg.get("tracepoints")):
             return False
@@ -400,14 +399,9 @@ def _declaration(app: App, tp: Any) -> ctf.EventDecl | None:
         tp_id, name, fields = int(tp["id"]), str(tp["name"]), tp["fields"]
         decl = ctf.EventDecl(name, tp_id, tuple((str(n), ctf.FieldType[str(t).upper()]) for n, t in fields))
     except Exception as exc:  # anything an app sends: refused, never raised
-        logger.warning("app %s: bad tracepoint %s: %s", app.label, _short(tp), exc)
+        logger.warning("app %s: bad tracepoint %s: %s", app.label, short_repr(tp), exc)
         return None
     if tp_id != len(app.tracepoints):
         logger.warning("app %s: tracepoint id %d out of order", app.label, tp_id)
         return None
     return decl
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."

@@ -284,9 +284,7 @@ class Registry:
         for st in sess.streams.values():
             st.free_buffer()
         for tr in sess.traces.values():
-            self.metadata_of_uid[tr.uid] -= tr.kept
-            if self.metadata_of_uid[tr.uid] <= 0:
-                del self.metadata_of_uid[tr.uid]
+            self.metadata_of_uid -= Counter({tr.uid: tr.kept})  # zero counts leave the table
         del self.sessions[sess.name]
         for u, n in list(self.current.items()):
             if n == sess.name:

@@ -38,8 +38,8 @@ from sessiond.consumers import ConsumerPool
 from sessiond.model import Registry, SessiondConfig, UserError
 from tracewire.control import ControlError, FrameReader, encode_frame
 from tracewire.ops import MessageError, decode_request
+from tracewire.peercred import peer_credentials
 from tracewire.rundir import ensure_rundir
-from tracewire.seqpacket import peer_credentials
 
 __all__ = ["serve_sessiond"]
 

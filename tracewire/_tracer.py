@@ -62,7 +62,6 @@ _EXTENDED = 31
 _TS27 = 1 << 27
 _NUL_REPLACEMENT = "\ufffd".encode()  # a NUL would end a CTF string early
 _Q_TS, _Q_HEAD = 2, 3  # ringbuf.Q_TS / Q_HEAD: ts is stored before head
-_PEERCRED = struct.Struct("3i")  # SO_PEERCRED's struct ucred: pid, uid, gid
 
 
 class _StreamW:
@@ -246,8 +245,6 @@ class Tracepoint:
     def _failed(self) -> None:
         """Count the event as discarded in every stream it would have gone to
         (a bad argument or a closed buffer); never raises."""
-        # A bad argument or a closed buffer: count the event as discarded in
-        # every stream it would have gone to.  Never raise.
         for s in self.globals["_streams"]:
             try:
                 with s.lock:
@@ -539,9 +536,9 @@ def _peer_problem(sock: socket.socket, path: str) -> str | None:
     Raises:
         OSError: the credentials cannot be read.
     """
-    import socket
+    from tracewire.peercred import peer_credentials
 
-    _pid, uid, _gid = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+    _pid, uid, _gid = peer_credentials(sock)
     if trusted_uid(uid):
         return None
     return f"{path} is served by uid {uid}, not by uid {os.geteuid()} or root"

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import socket
-import struct
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import click
 
 from tracewire import ops
 from tracewire.control import ControlError, FrameReader, encode_frame
+from tracewire.peercred import peer_credentials
 from tracewire.rundir import default_rundir, ensure_rundir, trusted_uid
 
 EXIT_FAILURE = 1
@@ -162,7 +162,7 @@ class Client:
 def _check_peer(sock: socket.socket, path: str) -> None:
     """Talk only to a sessiond run by this user or by root: anyone else
     listening at ``path`` planted it (SO_PEERCRED)."""
-    _pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    _pid, uid, _gid = peer_credentials(sock)
     if not trusted_uid(uid):
         raise CliError(f"refusing the sessiond at {path}: it runs as uid {uid}, not as you or root")
 

@@ -45,7 +45,7 @@ __all__ = [
     "ProducerGoneOp", "RemoveSessionOp", "StatusOp",
     "Reply", "DoneReply", "HelloReply", "TraceReply", "StreamStats", "StreamsReply",
     "ReleasedReply", "ErrorReply",
-    "encode", "decode_request", "decode_op", "decode_reply",
+    "encode", "decode_request", "decode_op", "decode_reply", "short_repr",
 ]
 
 DEFAULT_CHANNEL = "channel0"
@@ -238,6 +238,7 @@ class MetadataOp(Op):
 
     KIND: ClassVar[str] = "metadata"
     MAX_CHARS: ClassVar[int] = 16 * 1024
+    STRING_LIMITS: ClassVar[Mapping[str, int]] = types.MappingProxyType({"text": MAX_CHARS})
     trace_id: str
     text: str
     offset: int = 0
@@ -438,7 +439,7 @@ def _decode_kind(data: Mapping[str, Any], key: str, table: Mapping[str, type[_T]
     kind = data.get(key)
     cls = table.get(kind) if isinstance(kind, str) else None
     if cls is None:
-        raise MessageError(f"unknown {what} {_short(kind)}")
+        raise MessageError(f"unknown {what} {short_repr(kind)}")
     return _decode_fields(cls, {k: v for k, v in data.items() if k not in (key, "seq")})
 
 
@@ -447,7 +448,7 @@ def _decode_fields(cls: type[_T], data: Mapping[str, Any]) -> _T:
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = [k for k in data if k not in fields]
     if unknown:
-        raise MessageError(f"unknown field {_short(unknown[0])}")
+        raise MessageError(f"unknown field {short_repr(unknown[0])}")
     args: dict[str, Any] = {}
     for name, f in fields.items():
         value = data.get(name)
@@ -455,7 +456,8 @@ def _decode_fields(cls: type[_T], data: Mapping[str, Any]) -> _T:
             continue
         if name not in data:
             raise MessageError(f"missing field {name!r} in {_kind_name(cls)}")
-        args[name] = _check(value, hints[name], name)
+        limit = getattr(cls, "STRING_LIMITS", {}).get(name, MAX_STRING)
+        args[name] = _check(value, hints[name], name, limit)
     return cls(**args)
 
 
@@ -463,15 +465,16 @@ def _has_default(f: dataclasses.Field[Any]) -> bool:
     return f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
 
 
-def _check(value: Any, tp: Any, name: str) -> Any:
-    """``value`` as type ``tp``, or MessageError naming ``name``."""
+def _check(value: Any, tp: Any, name: str, limit: int = MAX_STRING) -> Any:
+    """``value`` as type ``tp`` (a string of at most ``limit`` characters),
+    or MessageError naming ``name``."""
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
         options = typing.get_args(tp)
         if value is None and type(None) in options:
             return None
         (inner,) = [o for o in options if o is not type(None)]
-        return _check(value, inner, name)
+        return _check(value, inner, name, limit)
     if origin is tuple:
         (inner, _ellipsis) = typing.get_args(tp)
         if not isinstance(value, list | tuple) or len(value) > MAX_LIST:
@@ -479,18 +482,17 @@ def _check(value: Any, tp: Any, name: str) -> Any:
         return tuple(_check(v, inner, name) for v in value)
     if tp is bool:
         if not isinstance(value, bool):
-            raise MessageError(f"field {name!r} must be true or false, not {_short(value)}")
+            raise MessageError(f"field {name!r} must be true or false, not {short_repr(value)}")
         return value
     if tp is int:
         if not isinstance(value, int) or isinstance(value, bool) or not _INT_MIN <= value <= _INT_MAX:
-            raise MessageError(f"field {name!r} must be an integer, not {_short(value)}")
+            raise MessageError(f"field {name!r} must be an integer, not {short_repr(value)}")
         return value
     if tp is float:
         if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
-            raise MessageError(f"field {name!r} must be a number, not {_short(value)}")
+            raise MessageError(f"field {name!r} must be a number, not {short_repr(value)}")
         return float(value)
     if tp is str:
-        limit = MetadataOp.MAX_CHARS if name == "text" else MAX_STRING
         if not isinstance(value, str) or len(value) > limit:
             raise MessageError(f"field {name!r} must be a string of at most {limit} characters")
         return value
@@ -499,7 +501,7 @@ def _check(value: Any, tp: Any, name: str) -> Any:
             return tp(value)
         except (ValueError, TypeError):
             allowed = ", ".join(str(m.value) for m in tp)
-            raise MessageError(f"field {name!r} must be one of {allowed}, not {_short(value)}") from None
+            raise MessageError(f"field {name!r} must be one of {allowed}, not {short_repr(value)}") from None
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, Mapping):
             raise MessageError(f"field {name!r} must be an object")
@@ -511,7 +513,8 @@ def _kind_name(cls: type) -> str:
     return str(getattr(cls, "KIND", "") or cls.__name__)
 
 
-def _short(value: Any) -> str:
+def short_repr(value: Any) -> str:
+    """``repr(value)``, cut to 60 characters: for error texts about a peer's input."""
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 

@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import array
 import socket
-import struct
 from typing import Any
 
 import trio
 
 from tracewire.control import MAX_CONTROL_MESSAGE, ControlError, close_fds, dumps, loads
 
-__all__ = ["SeqPacket", "DescriptorsTruncated", "peer_credentials", "MAX_FDS"]
+__all__ = ["SeqPacket", "DescriptorsTruncated", "MAX_FDS"]
 
 MAX_FDS = 8
-_CRED = struct.Struct("3i")
 
 
 class DescriptorsTruncated(ControlError):
@@ -38,10 +36,6 @@ class DescriptorsTruncated(ControlError):
         self.message = message
 
 
-def peer_credentials(sock: Any) -> tuple[int, int, int]:
-    """(pid, uid, gid) of the peer of a connected unix socket (SO_PEERCRED)."""
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size)
-    return _CRED.unpack(raw)
 
 
 class SeqPacket:
