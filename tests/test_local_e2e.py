@@ -46,6 +46,19 @@ print(ev, disc, unknown)
 # ---------------------------------------------------------------- helpers
 
 
+def _fd_targets(pid: int) -> list[str]:
+    """What the descriptors of ``pid`` point at; one closed between the
+    listing and its readlink (sessiond duplicates a ring's descriptors while
+    it hands them to an app) is simply no longer held."""
+    out = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            out.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except FileNotFoundError:
+            continue
+    return out
+
+
 def read_back(path: Path, name: str = "demo:tick") -> tuple[list[int], int]:
     """(seq of every `name` event, total discarded) as tracewire.ctf reads them."""
     seqs = []
@@ -426,7 +439,7 @@ def test_buffers_of_exited_apps_are_freed_and_their_events_kept(tw: TW, out_dir:
     assert pid is not None
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:  # the last app's exit is handled asynchronously
-        held = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+        held = _fd_targets(pid)
         if not any("memfd:" in h for h in held):
             break
         time.sleep(0.1)
