@@ -39,6 +39,8 @@ from tracewire.wire import (
     Packet,
     ProtocolError,
     RemoteProtocolError,
+    Retry,
+    RetryReason,
     Role,
     SessionClose,
     SessionDecl,
@@ -111,6 +113,7 @@ SAMPLES: list[Message] = [
     Ack(7, 12345678901),
     StreamStateRequest(7),
     StreamState(7, 42),
+    Retry(7, 43, RetryReason.NO_SPACE, "No space left on device"),
     StreamClose(7),
     SessionClose(3),
     Bye(),
@@ -785,6 +788,9 @@ def test_wrong_role_is_refused_even_when_state_fits() -> None:
         ([SessionClose(2)], ErrorCode.PROTOCOL, "session 2 is not open"),
         ([Ack(11, 0)], ErrorCode.PROTOCOL, "Ack for undeclared stream 11"),
         ([StreamState(11, 0)], ErrorCode.PROTOCOL, "StreamState for undeclared stream 11"),
+        ([Retry(11, 0, RetryReason.IO_ERROR, "")], ErrorCode.PROTOCOL, "Retry for undeclared stream 11"),
+        ([packet(10, 3), Retry(10, 5, RetryReason.NO_SPACE, "")], ErrorCode.PROTOCOL,
+         "Retry for stream 10 at seq 5, after seq 3 was sent"),
     ],
 )
 def test_declaration_bookkeeping(msgs: list[Message], code: ErrorCode, match: str) -> None:
@@ -794,7 +800,7 @@ def test_declaration_bookkeeping(msgs: list[Message], code: ErrorCode, match: st
         return p.established()
 
     *ok, bad = msgs
-    sender = R if isinstance(bad, Ack | StreamState) else C
+    sender = R if isinstance(bad, Ack | StreamState | Retry) else C
     p = make()
     for msg in ok:
         p.send(C, msg)
@@ -809,6 +815,29 @@ def test_declaration_bookkeeping(msgs: list[Message], code: ErrorCode, match: st
     with pytest.raises(LocalProtocolError, match=match) as linfo:
         p.conn[sender].send(bad)
     assert linfo.value.code is code
+
+
+def test_retry_lets_the_consumer_resend_from_its_seq_once() -> None:
+    p = ConnectionPair().established()
+    for seq in range(4):
+        p.send(C, packet(10, seq))
+    p.send(R, Retry(10, 1, RetryReason.NO_SPACE, "No space left on device"))
+    p.send(C, packet(10, 4))  # in flight when the Retry left: still in order
+    p.send(C, packet(10, 1))  # the resend the Retry asked for
+    p.send(C, packet(10, 2))
+    # The rewind is used up, on both ends.
+    p.conn[R].receive_data(encode(packet(10, 1)))
+    with pytest.raises(RemoteProtocolError, match="stream 10: seq 1 after 2"):
+        p.conn[R].next_event()
+    with pytest.raises(LocalProtocolError, match="stream 10: seq 1 after 2"):
+        p.conn[C].send(packet(10, 1))
+    q = ConnectionPair().established()
+    q.send(C, packet(10, 0))
+    q.send(C, packet(10, 1))
+    q.send(R, Retry(10, 0, RetryReason.IO_ERROR, "Input/output error"))
+    q.conn[R].receive_data(encode(packet(10, 1)))  # only seq 0 may go back
+    with pytest.raises(RemoteProtocolError, match="stream 10: seq 1 after 1"):
+        q.conn[R].next_event()
 
 
 def test_connection_error_state() -> None:

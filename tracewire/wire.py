@@ -86,6 +86,7 @@ __all__ = [
     "NONCE_SIZE",
     "PROTOCOL_VERSION",
     "SUPPORTED_VERSIONS",
+    "TRANSIENT_ERRORS",
     "TRANSITIONS",
     "Ack",
     "Auth",
@@ -108,6 +109,8 @@ __all__ = [
     "Packet",
     "ProtocolError",
     "RemoteProtocolError",
+    "Retry",
+    "RetryReason",
     "Role",
     "SessionClose",
     "SessionDecl",
@@ -178,7 +181,23 @@ class ErrorCode(enum.IntEnum):
     LIMIT = 8  # too many streams or sessions, metadata too big
     DECOMPRESS = 9  # bad zstd data, or decompressed size not as declared
     TIMEOUT = 10  # handshake or idle timeout
-    INTERNAL = 11  # a bug or an I/O failure on the sender's side
+    INTERNAL = 11  # a bug, or an error on the sender's side that will not heal
+    RETRY = 12  # a transient failure on the relay's side hit the connection: reconnect later
+
+
+# The codes a consumer answers by reconnecting later, keeping every packet:
+# the relay could not go on now (a full disk while declaring a stream, an
+# idle timeout), not "this can never be accepted".
+TRANSIENT_ERRORS: Final = frozenset({ErrorCode.TIMEOUT, ErrorCode.RETRY})
+
+
+class RetryReason(enum.IntEnum):
+    """Why the relay did not write a packet it will take later (Retry.reason)."""
+
+    NO_SPACE = 1  # ENOSPC, EDQUOT: the output filesystem or the quota is full
+    READ_ONLY = 2  # EROFS: the filesystem was remounted read-only
+    IO_ERROR = 3  # EIO: the device failed this write
+    BUSY = 4  # any other error that can heal: out of descriptors, memory, permissions changed
 
 
 class ProtocolError(Exception):
@@ -402,6 +421,7 @@ class MessageType(enum.IntEnum):
     SESSION_CLOSE = 13
     BYE = 14
     ERROR = 15
+    RETRY = 16
 
 
 class Codec(enum.IntEnum):
@@ -638,6 +658,31 @@ class StreamState:
 
 
 @dataclass(frozen=True, slots=True)
+class Retry:
+    """Relay -> consumer: packet `seq` of the stream was not written because
+    of a failure that can heal (`reason`); the stream's file ends just before
+    it.  Resend from `seq` later.  Until then the relay drops, without an
+    error, the packets after `seq` already in flight.  Not a refusal: the
+    connection and every other stream go on.
+
+    `text` comes from the peer (an strerror): show it, never interpret it.
+    """
+
+    stream_id: int
+    seq: int
+    reason: RetryReason
+    text: str
+    msg_type: ClassVar[MessageType] = MessageType.RETRY
+
+    def __post_init__(self) -> None:
+        _check_int(self.stream_id, "Retry.stream_id")
+        _check_int(self.seq, "Retry.seq")
+        if not isinstance(self.reason, RetryReason):
+            _fail(ErrorCode.PROTOCOL, f"Retry.reason must be a RetryReason, got {self.reason!r:.40}")
+        _check_str(self.text, "Retry.text", MAX_ERROR_TEXT)
+
+
+@dataclass(frozen=True, slots=True)
 class StreamClose:
     """Consumer -> relay: no more packets for this stream."""
 
@@ -699,6 +744,7 @@ Message: TypeAlias = (
     | Ack
     | StreamStateRequest
     | StreamState
+    | Retry
     | StreamClose
     | SessionClose
     | Bye
@@ -725,6 +771,7 @@ _CLASSES: Final[Mapping[MessageType, type]] = types.MappingProxyType(
             SessionClose,
             Bye,
             Error,
+            Retry,
         )
     }
 )
@@ -778,6 +825,8 @@ def _header_map(msg: Message) -> tuple[dict[str, object], Buffer | None]:
             return {"i": msg.stream_id}, None
         case StreamState():
             return {"i": msg.stream_id, "nq": msg.next_seq}, None
+        case Retry():
+            return {"i": msg.stream_id, "q": msg.seq, "r": int(msg.reason), "tx": msg.text}, None
         case StreamClose():
             return {"i": msg.stream_id}, None
         case SessionClose():
@@ -978,6 +1027,8 @@ def _build(mtype: MessageType, fields: dict[object, object], payload: bytes | No
                 msg = StreamStateRequest(f("i"))
             case MessageType.STREAM_STATE:
                 msg = StreamState(f("i"), f("nq"))
+            case MessageType.RETRY:
+                msg = Retry(f("i"), f("q"), _as_enum(RetryReason, f("r")), f("tx"))
             case MessageType.STREAM_CLOSE:
                 msg = StreamClose(f("i"))
             case MessageType.SESSION_CLOSE:
@@ -1165,7 +1216,7 @@ _CONSUMER_DATA: Final = (
     _T.STREAM_CLOSE,
     _T.SESSION_CLOSE,
 )
-_RELAY_DATA: Final = (_T.ACK, _T.STREAM_STATE)
+_RELAY_DATA: Final = (_T.ACK, _T.STREAM_STATE, _T.RETRY)
 _LIVE_STATES: Final = tuple(s for s in ConnState if s not in (_S.CLOSED, _S.ERROR))
 
 # (state, sender, message type) -> next state.  Anything else is an error.
@@ -1207,6 +1258,7 @@ class _ConnectionState:
         self.sessions: dict[int, SessionDecl] = {}
         self.streams: dict[int, StreamDecl] = {}
         self.last_seq: dict[int, int] = {}  # open stream -> last Packet.seq (-1: none yet)
+        self.rewind: dict[int, int] = {}  # open stream -> seq a Retry asked for, until it is sent
         self.max_stream_id = -1  # highest stream id ever declared
 
     def process(self, sender: Role, msg: Message, error: type[ProtocolError]) -> None:
@@ -1272,7 +1324,8 @@ class _ConnectionState:
                     return ErrorCode.LIMIT, f"metadata would reach {end} bytes (limit {self.max_metadata_size})"
             case Packet():
                 problem = self._stream_problem(msg.stream_id)
-                if problem is None and msg.seq <= self.last_seq[msg.stream_id]:
+                if problem is None and msg.seq <= self.last_seq[msg.stream_id] \
+                        and self.rewind.get(msg.stream_id) != msg.seq:
                     problem = ErrorCode.PROTOCOL, (
                         f"stream {msg.stream_id}: seq {msg.seq} after {self.last_seq[msg.stream_id]}"
                     )
@@ -1282,10 +1335,16 @@ class _ConnectionState:
             case SessionClose():
                 if msg.session_id not in self.sessions:
                     return ErrorCode.PROTOCOL, f"session {msg.session_id} is not open"
-            case Ack() | StreamState():
+            case Ack() | StreamState() | Retry():
                 # The stream may have been closed meanwhile; it must have existed.
                 if msg.stream_id > self.max_stream_id:
                     return ErrorCode.PROTOCOL, f"{type(msg).__name__} for undeclared stream {msg.stream_id}"
+                if isinstance(msg, Retry) and msg.stream_id in self.streams \
+                        and msg.seq > self.last_seq[msg.stream_id] + 1:
+                    return ErrorCode.PROTOCOL, (
+                        f"Retry for stream {msg.stream_id} at seq {msg.seq}, "
+                        f"after seq {self.last_seq[msg.stream_id]} was sent"
+                    )
         return None
 
     def _apply(self, msg: Message) -> None:
@@ -1302,12 +1361,21 @@ class _ConnectionState:
                 self.max_stream_id = msg.stream_id
             case Packet():
                 self.last_seq[msg.stream_id] = msg.seq
+                if self.rewind.get(msg.stream_id) == msg.seq:
+                    del self.rewind[msg.stream_id]
+            case Retry():
+                if msg.stream_id in self.streams:
+                    self.rewind[msg.stream_id] = msg.seq
             case StreamClose():
-                del self.streams[msg.stream_id], self.last_seq[msg.stream_id]
+                self._forget_stream(msg.stream_id)
             case SessionClose():
                 del self.sessions[msg.session_id]
                 for sid in [s for s, decl in self.streams.items() if decl.session_id == msg.session_id]:
-                    del self.streams[sid], self.last_seq[sid]
+                    self._forget_stream(sid)
+
+    def _forget_stream(self, stream_id: int) -> None:
+        del self.streams[stream_id], self.last_seq[stream_id]
+        self.rewind.pop(stream_id, None)
 
 
 class Connection:
