@@ -23,7 +23,7 @@ REQUESTS: list[ops.Request] = [
                       spool_size=2 * 1024 * 1024, auth_key_file="/k", tls_ca="/ca"),
     ops.EnableChannelRequest(session="s", channel="big", subbuf_size=4096, num_subbuf=2, switch_timer_ms=100),
     ops.EnableEventRequest(pattern="demo:*", session=None, channel="c"),
-    ops.StartRequest(), ops.StopRequest(session="x"), ops.DestroyRequest(session="x"),
+    ops.StartRequest(), ops.StopRequest(session="x"), ops.StopRequest(timeout=2.5), ops.DestroyRequest(session="x"),
     ops.ListRequest(), ops.StatusRequest(session="s"),
 ]
 OPS: list[ops.Op] = [
@@ -55,8 +55,12 @@ def test_op_round_trip(op: ops.Op) -> None:
 
 
 def test_reply_round_trip() -> None:
-    reply = ops.StreamsReply((ops.StreamStats("k", "/p", "c", packets=3, error="relay: x"),))
+    reply = ops.StreamsReply((ops.StreamStats("k", "/p", "c", packets=3, error="relay: x"),
+                              ops.StreamStats("k2", "/p2", "c", unacked=123, unacked_bytes=4_718_592,
+                                              relay=ops.RelayState.FULL, relay_why="No space left on device",
+                                              ring_unread=2)))
     assert ops.decode_reply(ops.FlushOp, _wire(ops.encode(reply, seq=1))) == reply
+    assert ops.encode(reply)["streams"][1]["relay"] == "full"
     err = ops.ErrorReply("no such session", internal=True)
     assert ops.decode_reply(ops.StatusOp, _wire(ops.encode(err, seq=1))) == err
     assert ops.decode_reply(ops.ProducerGoneOp, {"ok": True, "seq": 2, "released": False}) == \
@@ -89,6 +93,9 @@ def test_defaults_fill_missing_and_null_fields() -> None:
     ({"cmd": "enable_channel", "num_subbuf": 2**70}, "'num_subbuf' must be an integer"),
     ({"cmd": "enable_event", "pattern": ""}, "event pattern"),
     ({"cmd": "start", "session": "s", "extra": 1}, "unknown field 'extra'"),
+    ({"cmd": "stop", "timeout": 0}, "--timeout must be more than 0"),
+    ({"cmd": "stop", "timeout": "5"}, "'timeout' must be a number"),
+    ({"cmd": "start", "timeout": 5}, "unknown field 'timeout'"),
     ({"cmd": "cmd_create"}, "unknown command"),
     ({"cmd": ["create"]}, "unknown command"),
     ({}, "unknown command"),
@@ -154,3 +161,12 @@ def test_any_op_decodes_or_is_a_message_error(kind: str, fields: dict[str, Any])
     except ops.MessageError:
         return
     assert ops.decode_op(_wire(ops.encode(op, seq=1))) == op
+
+
+def test_relay_state_words() -> None:
+    """How status and stop word each state; every state has its words."""
+    assert ops.RelayState.FULL.describe("No space left on device") == \
+        "relay full, retrying (No space left on device)"
+    assert ops.RelayState.UNREACHABLE.describe(None) == "relay unreachable, retrying"
+    assert len({state.describe(None) for state in ops.RelayState}) == len(ops.RelayState)
+    assert [ops.human_size(n) for n in (0, 1023, 4_718_592)] == ["0 B", "1023 B", "4.5 MiB"]

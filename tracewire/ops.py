@@ -38,7 +38,7 @@ from typing import Any, ClassVar, TypeVar, Union
 __all__ = [
     "DEFAULT_CHANNEL", "DEFAULT_COMPRESS_LEVEL", "DEFAULT_NUM_SUBBUF", "DEFAULT_SPOOL_SIZE",
     "DEFAULT_SUBBUF_SIZE", "DEFAULT_FLUSH_TIMEOUT", "DEFAULT_REMOVE_TIMEOUT", "MIN_SPOOL_SIZE",
-    "MAX_STRING", "REPLY_TO", "Compression", "MessageError",
+    "MAX_STRING", "REPLY_TO", "Compression", "RelayState", "MessageError", "human_size",
     "Request", "PingRequest", "CreateRequest", "EnableChannelRequest", "EnableEventRequest",
     "StartRequest", "StopRequest", "DestroyRequest", "ListRequest", "StatusRequest",
     "Op", "HelloOp", "SessionOp", "AddTraceOp", "MetadataOp", "AddStreamOp", "FlushOp",
@@ -71,6 +71,49 @@ class MessageError(ValueError):
 class Compression(enum.Enum):
     ZSTD = "zstd"
     NONE = "none"
+
+
+class RelayState(enum.Enum):
+    """Why a relay stream's packets are not being acknowledged now
+    (``StreamStats.relay``; ``StreamStats.relay_why`` holds the detail).
+
+    All but ``REFUSED`` heal: the packets stay on the target (in consumerd's
+    memory and spool, and in the ring buffers once the spool is full) and
+    go out once the relay takes them again.
+    """
+
+    FULL = "full"  # the relay's disk or quota is full: the stream is held, retried
+    READ_ONLY = "read-only"  # the relay's filesystem went read-only: held, retried
+    IO_ERROR = "io-error"  # the relay's disk failed a write: held, retried
+    BUSY = "busy"  # another failure the relay expects to heal: held, retried
+    UNAVAILABLE = "unavailable"  # the relay closed the connection for now: reconnecting
+    UNREACHABLE = "unreachable"  # no connection to the relay: reconnecting
+    REFUSED = "refused"  # the session failed for good: what is unacknowledged is lost
+
+    def describe(self, why: str | None) -> str:
+        """The state as ``status`` and ``stop`` word it, with its detail."""
+        words = _RELAY_WORDS[self]
+        return f"{words} ({why})" if why else words
+
+
+_RELAY_WORDS: Mapping[RelayState, str] = types.MappingProxyType({
+    RelayState.FULL: "relay full, retrying",
+    RelayState.READ_ONLY: "relay read-only, retrying",
+    RelayState.IO_ERROR: "relay I/O error, retrying",
+    RelayState.BUSY: "relay busy, retrying",
+    RelayState.UNAVAILABLE: "relay unavailable, retrying",
+    RelayState.UNREACHABLE: "relay unreachable, retrying",
+    RelayState.REFUSED: "relay session failed for good",
+})
+
+
+def human_size(n: float) -> str:
+    """``n`` bytes for people: ``512 B``, ``4.5 MiB``."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
 
 
 def _require(cond: bool, why: str) -> None:
@@ -149,7 +192,15 @@ class StartRequest(_SessionRequest):
 
 @dataclass(frozen=True, slots=True)
 class StopRequest(_SessionRequest):
+    """``timeout``: how long the barrier may wait for the sink (None:
+    sessiond's ``--stop-timeout``)."""
+
     KIND: ClassVar[str] = "stop"
+    timeout: float | None = None
+
+    def __post_init__(self) -> None:
+        _require(self.timeout is None or 0 < self.timeout <= 10**6,
+                 "--timeout must be more than 0 and at most 1000000 seconds")
 
 
 @dataclass(frozen=True, slots=True)
@@ -340,6 +391,15 @@ class StreamStats:
     unacked: int = 0
     producer: str = "alive"
     error: str | None = None
+    # A relay stream: the bytes its ``unacked`` packets take on the target
+    # (compressed once compressed), and why the relay does not take them
+    # now (None: it does, or the sink is local).
+    unacked_bytes: int = 0
+    relay: RelayState | None = None
+    relay_why: str | None = None
+    # Sub-buffers of the ring holding events not read yet (each becomes a
+    # packet): data left in the ring while the sink has no room.
+    ring_unread: int = 0
 
 
 @dataclass(frozen=True, slots=True)
