@@ -17,7 +17,21 @@ and its streams, asks where each stream stands (``StreamStateRequest``),
 forgets what the relay already wrote, and resends the rest — the relay drops
 duplicates.  A refusal by the relay (authentication, permission, a protocol
 error) is fatal for the session and reported to sessiond, never retried in a
-loop.
+loop.  An Error whose code is in ``wire.TRANSIENT_ERRORS`` (the relay could
+not go on now: a full disk while declaring, an idle timeout) is no refusal:
+the session reconnects, as after a network error.  The reconnect backoff
+(0.1 s doubling to 5 s) starts again once a connection is declared.
+
+A relay that cannot write a packet because of a failure that can heal (a full
+disk, a read-only remount, EIO) answers ``Retry(stream, seq)``: its file ends
+just before ``seq``.  That one stream is *held*: nothing of it is sent (the
+relay would drop it) for a per-stream backoff (0.25 s doubling to 5 s), then
+the packet ``seq`` alone goes out as a *probe*.  Once an acknowledgement
+covers the probe the stream is open again, its backoff reset, and the rest of
+its unacknowledged packets go out in order; another Retry holds it again,
+for longer.  The timers belong to the streams, not to the connection: a
+reconnect keeps them, a held stream sends nothing on the new connection, a
+probing one sends its probe again.  Other streams never wait for a held one.
 
 Memory is bounded by ``max_unacked_bytes``: past it the drain loop leaves the
 data in the ring buffers (which then discard, and count, new events) until
@@ -32,8 +46,10 @@ consumerd/sinks.py's ``RelaySink`` puts a NetSession and its spool
 from __future__ import annotations
 
 import collections
+import enum
 import itertools
 import logging
+import math
 import ssl
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -43,10 +59,10 @@ import trio
 
 from consumerd.spool import Spool, SpoolRecord
 from tracewire import wire
-from tracewire.ops import DEFAULT_COMPRESS_LEVEL, DEFAULT_SPOOL_SIZE
+from tracewire.ops import DEFAULT_COMPRESS_LEVEL, DEFAULT_SPOOL_SIZE, RelayState
 from tracewire.url import RelayURL
 
-__all__ = ["NetSession", "SinkError", "read_key_file"]
+__all__ = ["NetSession", "RelayUnavailable", "SinkError", "read_key_file"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,22 +72,56 @@ class SinkError(Exception):
     relay URL, directory or key file, see consumerd/sinks.py)."""
 
 
+class RelayUnavailable(Exception):
+    """The relay closed the connection with an Error whose code is in
+    ``wire.TRANSIENT_ERRORS``: not a refusal; reconnect later, keep everything.
+    The text is ``CODE: the relay's text``."""
+
+
 _NETWORK_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError,
-                   ssl.SSLError, wire.ProtocolError)
+                   ssl.SSLError, wire.ProtocolError, RelayUnavailable)
+
+RECONNECT_MIN, RECONNECT_MAX = 0.1, 5.0  # seconds between connection attempts
+RETRY_MIN, RETRY_MAX = 0.25, 5.0  # seconds a stream is held after a Retry
+_TEXT_SHOWN = 200  # characters of a relay's text kept for logs and status
+
+# How status words a Retry's reason.
+_HELD_STATE: dict[wire.RetryReason, RelayState] = {
+    wire.RetryReason.NO_SPACE: RelayState.FULL,
+    wire.RetryReason.READ_ONLY: RelayState.READ_ONLY,
+    wire.RetryReason.IO_ERROR: RelayState.IO_ERROR,
+    wire.RetryReason.BUSY: RelayState.BUSY,
+}
+
+
+def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    """Every exception in ``group``, nested groups flattened, in order."""
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out += _leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
+    return out
 
 
 def _leaf(group: BaseExceptionGroup) -> BaseException:
     """The exception a connection's task group failed with: a refusal first,
-    then a network error; anything else (a bug, a cancellation) as it is."""
+    then a network error (the relay's own word, a transient Error, before the
+    broken socket that follows it); anything else (a bug, a cancellation) as
+    it is."""
     refused, rest = group.split(SinkError)
     if refused is not None:
-        return refused.exceptions[0] if not isinstance(refused.exceptions[0], BaseExceptionGroup) \
-            else _leaf(refused.exceptions[0])
+        return _leaves(refused)[0]
     net, rest = group.split(_NETWORK_ERRORS)
     if net is not None and rest is None:
-        first = net.exceptions[0]
-        return _leaf(first) if isinstance(first, BaseExceptionGroup) else first
+        found = _leaves(net)
+        return next((e for e in found if isinstance(e, RelayUnavailable)), found[0])
     return group
+
+
+def _shown(text: str) -> str:
+    """A peer's text made fit for one line of a log or of ``status``:
+    control characters replaced, at most ``_TEXT_SHOWN`` characters."""
+    clean = "".join(c if c.isprintable() else "?" for c in text[:_TEXT_SHOWN + 1])
+    return clean if len(clean) <= _TEXT_SHOWN else clean[:_TEXT_SHOWN - 3] + "..."
 
 
 def read_key_file(path: str) -> tuple[str, bytes]:
@@ -114,6 +164,14 @@ class _Pending:
     codec: wire.Codec = wire.Codec.NONE
 
 
+class _Flow(enum.Enum):
+    """Whether a stream's packets may go to the relay (see the module docstring)."""
+
+    OPEN = "open"  # every packet, in order
+    HELD = "held"  # none: the relay answered Retry; waiting for the stream's backoff
+    PROBING = "probing"  # only the probe (``retry_seq``), until it is acknowledged
+
+
 @dataclass(slots=True)
 class _NetStream:
     key: str
@@ -128,6 +186,38 @@ class _NetStream:
     wire_bytes: int = 0
     acked_seq: int = -1
     finished: bool = False  # no more packets (its app exited, or it broke)
+    # After a Retry: the packet the relay must take first, why it did not,
+    # when the held stream probes, the next hold's length, and whether the
+    # probe went out on the current connection.
+    flow: _Flow = _Flow.OPEN
+    retry_seq: int = -1
+    retry_reason: wire.RetryReason | None = None
+    retry_text: str = ""
+    hold_until: float = 0.0
+    retry_backoff: float = RETRY_MIN
+    probe_sent: bool = False
+
+    def unacked_bytes(self) -> int:
+        """What the unacknowledged packets take (compressed, once they are)."""
+        return sum(len(p.data) if p.data is not None else p.raw_len for p in self.unacked)
+
+    def probe(self) -> _Pending | None:
+        """The packet a probing stream sends, once compressed (None: not yet)."""
+        for p in self.unacked:
+            if p.seq == self.retry_seq:
+                return p if p.data is not None else None
+            if p.seq > self.retry_seq:
+                break
+        return None
+
+    def sendable(self, p: _Pending) -> bool:
+        """Whether ``p`` may go out now (it is not acknowledged, and the
+        stream is open, or ``p`` is the probe not sent yet)."""
+        if p.seq <= self.acked_seq:
+            return False
+        if self.flow is _Flow.OPEN:
+            return True
+        return self.flow is _Flow.PROBING and p.seq == self.retry_seq and not self.probe_sent
 
 
 @dataclass(slots=True)
@@ -176,6 +266,10 @@ class NetSession:
         # A connection is being declared or is up: what is added now is queued.
         self._linked = False
         self.last_failure: str | None = None
+        # The last failure was the relay's transient Error ("CODE: text").
+        self._unavailable: str | None = None
+        self._reconnect_backoff = RECONNECT_MIN
+        self._hold_wakeup = trio.Event()  # a stream was held: the hold timer re-plans
         self.unacked_bytes = 0
         self._order = itertools.count()
         self._to_compress: collections.deque[_Pending] = collections.deque()
@@ -291,14 +385,39 @@ class NetSession:
             await self._changed.wait()
 
     def stats(self, key: str) -> dict[str, int]:
-        """Stream ``key``'s packets, raw and wire bytes, and unacked packets."""
+        """Stream ``key``'s packets, raw and wire bytes, and unacked packets
+        (and the bytes they take)."""
         st = self.streams[key]
         return {
             "packets": st.packets,
             "raw_bytes": st.raw_bytes,
             "wire_bytes": st.wire_bytes,
             "unacked": len(st.unacked),
+            "unacked_bytes": st.unacked_bytes(),
         }
+
+    def relay_state(self, key: str) -> tuple[RelayState | None, str | None]:
+        """Why the relay does not take stream ``key``'s packets now, and the
+        detail: the session failed for good, there is no connection (the
+        relay unreachable, or it closed the connection for now), or the
+        relay answered Retry for this stream.  (None, None): it takes them."""
+        st = self.streams[key]
+        if self.error:
+            return RelayState.REFUSED, self.error
+        if not self.connected and self.last_failure:
+            if self._unavailable:
+                return RelayState.UNAVAILABLE, self._unavailable
+            return RelayState.UNREACHABLE, self.last_failure
+        if st.flow is not _Flow.OPEN and st.retry_reason is not None:
+            return _HELD_STATE[st.retry_reason], st.retry_text or st.retry_reason.name
+        return None, None
+
+    def unreachable(self) -> str | None:
+        """The network failure that keeps the session from the relay (None:
+        connected, or the relay closed the connection by itself, for now)."""
+        if self.error or self.connected or not self.last_failure or self._unavailable:
+            return None
+        return self.last_failure
 
     async def wait_change(self) -> None:
         """Wait until an acknowledgement, a refusal or a reconnect happens."""
@@ -317,6 +436,7 @@ class NetSession:
             await trio.to_thread.run_sync(lambda: None)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._compress_loop)
+                nursery.start_soon(self._hold_loop)
                 await self._connection_loop()
                 nursery.cancel_scope.cancel()
 
@@ -356,11 +476,10 @@ class NetSession:
                     self._notify()
                     return
             self.on_saved(p.stream.key, p.ring_end, p.ts_end)
-            if p.seq > p.stream.acked_seq:
+            if p.stream.sendable(p):  # a held stream's packets wait for its release
                 self._queue(("packet", p))
 
     async def _connection_loop(self) -> None:
-        backoff = 0.1
         while self.error is None:
             try:
                 try:
@@ -375,13 +494,19 @@ class NetSession:
                 self._notify()
                 return
             except _NETWORK_ERRORS as exc:
-                self.last_failure = f"{type(exc).__name__}: {exc}"
+                if isinstance(exc, RelayUnavailable):
+                    self._unavailable = str(exc)
+                    self.last_failure = f"relay: {exc}"
+                else:
+                    self._unavailable = None
+                    self.last_failure = f"{type(exc).__name__}: {exc}"
                 logger.warning("session %s: relay %s: %s; retrying in %.1f s",
-                               self.name, self.url, self.last_failure, backoff)
+                               self.name, self.url, self.last_failure, self._reconnect_backoff)
             finally:
                 self.connected = False
-            await trio.sleep(backoff)
-            backoff = min(backoff * 2, 5.0)
+            self._notify()  # status, and whoever waits for a change, see the failure
+            await trio.sleep(self._reconnect_backoff)
+            self._reconnect_backoff = min(self._reconnect_backoff * 2, RECONNECT_MAX)
 
     async def _open(self) -> trio.abc.Stream:
         with trio.fail_after(self.connect_timeout):
@@ -421,10 +546,16 @@ class NetSession:
         conn = wire.Connection(wire.Role.CONSUMER)
         try:
             async with trio.open_nursery() as nursery:
-                await self._handshake(stream, conn)
-                await self._declare_all(stream, conn)
+                try:
+                    await self._handshake(stream, conn)
+                    await self._declare_all(stream, conn)
+                except (trio.BrokenResourceError, OSError):
+                    await self._last_word(stream, conn)
+                    raise
                 self.connected = True
+                self._reconnect_backoff = RECONNECT_MIN  # this relay works: the next failure retries soon
                 logger.info("session %s: connected to %s", self.name, self.url)
+                self._notify()
                 nursery.start_soon(self._reader, stream, conn)
                 await self._sender(stream, conn)
         finally:
@@ -432,6 +563,17 @@ class NetSession:
             with trio.move_on_after(1) as cs:
                 cs.shield = True
                 await stream.aclose()
+
+    async def _last_word(self, stream: trio.abc.Stream, conn: wire.Connection) -> None:
+        """A write failed: the relay may have closed the connection after
+        saying why (an Error we have not read yet).  Read what is left, for
+        up to a second; raise what ``_recv`` raises for an Error there."""
+        with trio.move_on_after(1.0):
+            try:
+                while True:
+                    await self._recv(stream, conn)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, wire.ProtocolError):
+                return
 
     async def _recv(self, stream: trio.abc.Stream, conn: wire.Connection) -> wire.Message:
         while True:
@@ -442,7 +584,9 @@ class NetSession:
                         code = wire.ErrorCode(ev.code).name
                     except ValueError:
                         code = str(ev.code)
-                    raise SinkError(f"relay refused ({code}): {ev.text}")
+                    if ev.code in wire.TRANSIENT_ERRORS:
+                        raise RelayUnavailable(f"{code}: {_shown(ev.text)}")
+                    raise SinkError(f"relay refused ({code}): {_shown(ev.text)}")
                 if isinstance(ev, wire.ConnectionClosed):
                     raise trio.BrokenResourceError("relay closed the connection")
                 return ev
@@ -504,12 +648,22 @@ class NetSession:
                     self._stream_state(self.by_wire_id[ev.stream_id], ev.next_seq)
                 elif isinstance(ev, wire.Ack):
                     self._acknowledge(self.by_wire_id[ev.stream_id], ev.seq)
+                elif isinstance(ev, wire.Retry):
+                    self._retry(self.by_wire_id[ev.stream_id], ev)
+        for st in streams:
+            st.probe_sent = False
+            if st.flow is not _Flow.OPEN and st.unacked:
+                # The relay has just said where the stream stands: the probe
+                # is the first packet it lacks (there is no rewind to make on
+                # a new connection, and no gap must be left).
+                st.retry_seq = st.unacked[0].seq
         # Resend what is compressed and unacknowledged, in submission order,
-        # after the traces and streams added meanwhile; packets still being
-        # compressed follow through the compressor.
+        # after the traces and streams added meanwhile: every packet of an
+        # open stream, the probe of a probing one, nothing of a held one.
+        # Packets still being compressed follow through the compressor.
         added = [item for item in self._outbox if item[0] != "packet"]
         pending = sorted(
-            (p for st in self.streams.values() for p in st.unacked if p.data is not None),
+            (p for st in self.streams.values() for p in st.unacked if p.data is not None and st.sendable(p)),
             key=lambda p: p.order,
         )
         self._outbox.clear()
@@ -518,6 +672,16 @@ class NetSession:
         self._send_wakeup.set()
 
     async def _sender(self, stream: trio.abc.Stream, conn: wire.Connection) -> None:
+        try:
+            await self._send_loop(stream, conn)
+        except (trio.BrokenResourceError, OSError):
+            # The relay may have said why it closed the connection: give the
+            # reader a moment to take its Error (it then ends this task).
+            with trio.move_on_after(1.0):
+                await trio.sleep_forever()
+            raise
+
+    async def _send_loop(self, stream: trio.abc.Stream, conn: wire.Connection) -> None:
         while True:
             while not self._outbox:
                 self._send_wakeup = trio.Event()
@@ -538,8 +702,10 @@ class NetSession:
                 await self._send(stream, conn, wire.StreamStateRequest(st.wire_id))
             elif kind == "packet":
                 p: _Pending = item[1]
-                if p.seq <= p.stream.acked_seq:
+                if not p.stream.sendable(p):  # acknowledged, or its stream is held
                     continue
+                if p.stream.flow is _Flow.PROBING:
+                    p.stream.probe_sent = True  # the relay takes seq retry_seq once more, once
                 assert p.data is not None
                 n = await self._send(stream, conn, wire.Packet(
                     p.stream.wire_id, p.seq, p.codec, p.raw_len, p.ts_begin, p.ts_end,
@@ -561,6 +727,8 @@ class NetSession:
                 self._acknowledge(st, ev.seq)
             elif isinstance(ev, wire.StreamState):
                 self._stream_state(st, ev.next_seq)
+            elif isinstance(ev, wire.Retry):
+                self._retry(st, ev)
 
     def _stream_state(self, st: _NetStream, next_seq: int) -> None:
         if st.base_seq is None:
@@ -585,4 +753,74 @@ class NetSession:
             self.unacked_bytes -= freed
             if not had_room and self.has_room():
                 self.on_room()
+        if st.flow is not _Flow.OPEN and seq >= st.retry_seq:
+            self._reopen(st)
         self._notify()
+
+    # ------------------------------------------------------------ Retry
+    def _retry(self, st: _NetStream, msg: wire.Retry) -> None:
+        """The relay did not write packet ``msg.seq`` of ``st`` (a failure
+        that can heal): hold the stream for its backoff, then probe."""
+        if msg.seq <= st.acked_seq:
+            # The relay promises a Retry's seq is above its last Ack: this
+            # one names a packet it has written.  Nothing to hold.
+            logger.warning("session %s: stream %s: Retry for seq %d, acknowledged already; ignored",
+                           self.name, st.key, msg.seq)
+            return
+        st.flow = _Flow.HELD
+        st.retry_seq = msg.seq
+        st.retry_reason, st.retry_text = msg.reason, _shown(msg.text)
+        st.probe_sent = False
+        st.hold_until = trio.current_time() + st.retry_backoff
+        logger.warning("session %s: relay %s did not write stream %s at seq %d (%s: %s); "
+                       "holding it for %.2f s", self.name, self.url, st.key, msg.seq,
+                       msg.reason.name, st.retry_text, st.retry_backoff)
+        st.retry_backoff = min(st.retry_backoff * 2, RETRY_MAX)
+        self._purge(st)
+        self._hold_wakeup.set()
+        self._notify()
+
+    def _purge(self, st: _NetStream) -> None:
+        """Take the queued packets of ``st`` out of the outbox."""
+        if any(item[0] == "packet" and item[1].stream is st for item in self._outbox):
+            self._outbox = collections.deque(
+                item for item in self._outbox if not (item[0] == "packet" and item[1].stream is st))
+
+    def _reopen(self, st: _NetStream) -> None:
+        """The relay took the probe (or more): ``st`` is open again, and the
+        rest of what it holds goes out, in order, once each."""
+        logger.info("session %s: relay %s takes stream %s again (from seq %d)",
+                    self.name, self.url, st.key, st.acked_seq + 1)
+        st.flow = _Flow.OPEN
+        st.retry_reason, st.retry_text = None, ""
+        st.retry_backoff = RETRY_MIN
+        st.probe_sent = False
+        self._purge(st)
+        if self._linked:
+            self._outbox.extend(("packet", p) for p in st.unacked if p.data is not None)
+            self._send_wakeup.set()
+
+    async def _hold_loop(self) -> None:
+        """Move each held stream to probing when its backoff ends (whether
+        or not a connection is up: the timers are the streams')."""
+        while True:
+            held = [st for st in self.streams.values() if st.flow is _Flow.HELD]
+            with trio.move_on_at(min((st.hold_until for st in held), default=math.inf)):
+                await self._hold_wakeup.wait()
+            self._hold_wakeup = trio.Event()
+            now = trio.current_time()
+            for st in held:
+                if st.flow is _Flow.HELD and st.hold_until <= now:
+                    self._start_probe(st)
+
+    def _start_probe(self, st: _NetStream) -> None:
+        """Send ``st``'s probe: its packet ``retry_seq`` alone (now if it is
+        compressed and a connection is up; else the compressor or the next
+        declaration sends it)."""
+        st.flow = _Flow.PROBING
+        st.probe_sent = False
+        logger.info("session %s: probing relay %s with stream %s seq %d",
+                    self.name, self.url, st.key, st.retry_seq)
+        p = st.probe()
+        if p is not None and self._linked:
+            self._queue(("packet", p))

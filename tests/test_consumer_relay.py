@@ -27,12 +27,13 @@ from pathlib import Path
 
 import pytest
 import trio
-from trio.testing import MockClock, wait_all_tasks_blocked
+from trio.testing import MockClock, memory_stream_pair, wait_all_tasks_blocked
 
 from consumerd.net import NetSession, SinkError
 from relayd.daemon import RelaydConfig, serve_relayd
-from tracewire import ctf
+from tracewire import ctf, wire
 from tracewire.ctf import EventDecl, TraceInfo
+from tracewire.ops import RelayState
 from tracewire.url import RelayURL
 
 from clocks import fail_after_wall
@@ -544,3 +545,304 @@ async def test_keepalive_holds_a_quiet_session_past_the_relay_idle_timeout(
                 await net.wait_all_acked()
     assert opener.connections == 1
     check_trace(out, 4 * 100, 4)
+
+
+# --------------------------------------------------------------------------
+# A scripted relay: Retry, transient Errors, the reconnect backoff
+# --------------------------------------------------------------------------
+
+
+class FakeRelay:
+    """A relay the test scripts, speaking the real protocol through
+    wire.Connection(Role.RELAY) over trio memory streams (its ``opener`` hands
+    NetSession one end of a new pair each time).
+
+    It keeps stream "files" as lists of the seqs written, per channel, across
+    connections, and does with a Packet what the protocol says: a duplicate
+    is acked again, the next seq is written and acked -- unless its channel
+    is in ``full``: then it answers Retry(NO_SPACE) and drops, without a word,
+    the stream's packets with another seq until that seq comes again.
+    The Packets of a channel in ``silent`` get no answer at all (a relay
+    still busy with them).  ``errors`` are Errors to answer, one per
+    connection, to the session's declaration (then it closes).  Every Packet
+    received is logged as (connection number, channel, seq)."""
+
+    TEXT = "No space left on device"
+
+    def __init__(self, nursery: trio.Nursery) -> None:
+        self.nursery = nursery
+        self.full: set[str] = set()
+        self.silent: set[str] = set()
+        self.errors: list[tuple[wire.ErrorCode, str]] = []
+        self.files: dict[str, list[int]] = {}
+        self.packets: list[tuple[int, str, int]] = []
+        self.retries: list[tuple[str, int]] = []  # (channel, seq) of each Retry sent
+        self.opened: list[float] = []  # trio.current_time() of each connection
+        self.ends: list[trio.abc.Stream] = []  # the relay's end of each connection
+
+    async def opener(self) -> trio.abc.Stream:
+        ours, theirs = memory_stream_pair()
+        self.opened.append(trio.current_time())
+        self.ends.append(theirs)
+        self.nursery.start_soon(self._serve, len(self.ends) - 1, theirs)
+        return ours
+
+    def seqs(self, channel: str, since: int = 0) -> list[int]:
+        """The seqs of the Packets of ``channel`` received, in order, from
+        the ``since``-th Packet of the log on."""
+        return [seq for _, ch, seq in self.packets[since:] if ch == channel]
+
+    async def _serve(self, number: int, stream: trio.abc.Stream) -> None:
+        conn = wire.Connection(wire.Role.RELAY)
+        channels: dict[int, str] = {}
+        awaiting: dict[int, int] = {}  # stream id -> seq of its Retry, until it comes again
+
+        async def send(msg: wire.Message) -> None:
+            for part in conn.send_parts(msg):
+                await stream.send_all(part)
+
+        while True:
+            try:
+                data = await stream.receive_some(65536)
+            except trio.ClosedResourceError:
+                return  # the test closed this end
+            conn.receive_data(data)
+            while (msg := conn.next_event()) is not None:
+                match msg:
+                    case wire.ConnectionClosed():
+                        return
+                    case wire.Hello():
+                        await send(wire.Welcome(wire.PROTOCOL_VERSION, None))
+                    case wire.SessionDecl() if self.errors:
+                        await send(wire.Error(*self.errors.pop(0)))
+                        await stream.aclose()
+                        return
+                    case wire.StreamDecl():
+                        channels[msg.stream_id] = msg.channel
+                    case wire.StreamStateRequest():
+                        written = self.files.get(channels[msg.stream_id], [])
+                        await send(wire.StreamState(msg.stream_id, len(written)))
+                    case wire.Packet():
+                        await self._packet(number, msg, channels[msg.stream_id], awaiting, send)
+
+    async def _packet(self, number: int, msg: wire.Packet, channel: str, awaiting: dict[int, int],
+                      send) -> None:
+        self.packets.append((number, channel, msg.seq))
+        if channel in self.silent:
+            return
+        if awaiting.get(msg.stream_id, msg.seq) != msg.seq:
+            return  # in flight when the Retry left: dropped, not an error
+        written = self.files.setdefault(channel, [])
+        assert msg.seq <= len(written), f"{channel}: gap, seq {msg.seq} after {len(written)} written"
+        if msg.seq < len(written):
+            await send(wire.Ack(msg.stream_id, len(written) - 1))
+        elif channel in self.full:
+            awaiting[msg.stream_id] = msg.seq
+            self.retries.append((channel, msg.seq))
+            await send(wire.Retry(msg.stream_id, msg.seq, wire.RetryReason.NO_SPACE, self.TEXT))
+        else:
+            awaiting.pop(msg.stream_id, None)
+            written.append(msg.seq)
+            await send(wire.Ack(msg.stream_id, msg.seq))
+
+
+def fake_session(relay: FakeRelay, channels: tuple[str, ...] = ("channel0", "channel1"), **kw) -> NetSession:
+    """A session to ``relay`` with one stream per channel (``s0``, ``s1``...),
+    packets sent raw (no worker thread: what runs is only trio tasks)."""
+    net = new_session(relay.opener, compress=False, **kw)
+    net.add_trace("t0", TRACE_PATH)
+    net.add_metadata("t0", metadata_text(channels))
+    for i, ch in enumerate(channels):
+        net.add_stream(f"s{i}", "t0", ch)
+    return net
+
+
+async def connected(net: NetSession) -> None:
+    while not net.connected:
+        await net.wait_change()
+
+
+async def settle(clock: MockClock, seconds: float = 0.0) -> None:
+    """Let every task run until all wait, jump the clock, and again."""
+    await wait_all_tasks_blocked()
+    if seconds:
+        clock.jump(seconds)
+        await wait_all_tasks_blocked()
+
+
+async def test_retry_holds_one_stream_then_probes_and_resends_the_rest_once(mock_clock: MockClock) -> None:
+    """The relay answers a packet of s0 with Retry: s0 sends nothing for its
+    backoff (0.25 s, then 0.5 s, 1 s after each failed probe), then its probe
+    alone -- the packet the Retry named; once the probe is acknowledged the
+    rest goes, in order, each packet once.  s1, on the same connection,
+    never waits.  The backoff is back to 0.25 s afterwards.  Time is a
+    MockClock the test jumps: what is checked is the order of events."""
+    a = make_packets(10, 10)  # s0, channel0
+    b = make_packets(6, 10, stream_id=1)  # s1, channel1
+    with fail_after_wall(DEADLINE):
+        async with trio.open_nursery() as nursery:
+            relay = FakeRelay(nursery)
+            net = fake_session(relay)
+            nursery.start_soon(net.run)
+            await connected(net)
+            submit_all(net, a[:2], "s0")
+            await net.wait_all_acked()
+            relay.full.add("channel0")
+            submit_all(net, a[2:6], "s0")
+            submit_all(net, b[:3], "s1")
+            await settle(mock_clock)
+            assert relay.retries == [("channel0", 2)]
+            sent = relay.seqs("channel0")  # 2, and what was in flight behind it
+            assert sent == list(range(len(sent))) and len(sent) >= 3, sent
+            assert relay.files["channel1"] == [0, 1, 2]
+            assert net.relay_state("s0") == (RelayState.FULL, FakeRelay.TEXT)
+            assert net.relay_state("s1") == (None, None)
+
+            mark = len(relay.packets)
+            submit_all(net, a[6:8], "s0")
+            submit_all(net, b[3:], "s1")
+            await settle(mock_clock)
+            assert relay.seqs("channel0", mark) == []  # held
+            assert relay.files["channel1"] == list(range(6))  # s1 goes on
+            assert net.stats("s0")["unacked"] == 6 and net.stats("s1")["unacked"] == 0
+
+            await settle(mock_clock, 0.2)
+            assert relay.seqs("channel0", mark) == []  # still held
+            await settle(mock_clock, 0.1)
+            assert relay.seqs("channel0", mark) == [2]  # the probe, alone; refused again
+            assert relay.retries == [("channel0", 2)] * 2
+            await settle(mock_clock, 0.4)
+            assert relay.seqs("channel0", mark) == [2]  # held longer: 0.5 s
+            await settle(mock_clock, 0.2)
+            assert relay.seqs("channel0", mark) == [2, 2]
+            relay.full.clear()  # the relay's disk has room again
+            await settle(mock_clock, 0.9)
+            assert relay.seqs("channel0", mark) == [2, 2]  # held for 1 s
+            await settle(mock_clock, 0.2)
+            assert relay.seqs("channel0", mark) == [2, 2, 2, 3, 4, 5, 6, 7]
+            assert relay.files["channel0"] == list(range(8))
+            assert net.relay_state("s0") == (None, None)
+            await net.wait_all_acked()
+
+            relay.full.add("channel0")  # full again: the backoff starts from 0.25 s again
+            mark = len(relay.packets)
+            submit_all(net, a[8:], "s0")
+            await settle(mock_clock)
+            assert relay.retries[-1] == ("channel0", 8)
+            relay.full.clear()
+            await settle(mock_clock, 0.3)
+            assert relay.seqs("channel0", mark)[-2:] == [8, 9]
+            await net.wait_all_acked()
+            net.close()
+    assert relay.files == {"channel0": list(range(10)), "channel1": list(range(6))}
+    assert len(relay.opened) == 1
+
+
+async def test_held_and_probing_streams_across_a_reconnect(mock_clock: MockClock) -> None:
+    """A held stream keeps its timer over a reconnect and sends nothing on
+    the new connection until it ends; a probing stream whose probe got no
+    answer sends it again on the next connection."""
+    a = make_packets(6, 10)
+    b = make_packets(4, 10, stream_id=1)
+    with fail_after_wall(DEADLINE):
+        async with trio.open_nursery() as nursery:
+            relay = FakeRelay(nursery)
+            net = fake_session(relay)
+            nursery.start_soon(net.run)
+            await connected(net)
+            submit_all(net, a[:2], "s0")
+            await net.wait_all_acked()
+            relay.full.add("channel0")
+            submit_all(net, a[2:4], "s0")
+            await settle(mock_clock)
+            assert relay.retries == [("channel0", 2)]
+
+            mark = len(relay.packets)
+            await relay.ends[0].aclose()  # the connection breaks while s0 is held
+            await settle(mock_clock, 0.1)  # the reconnect's first backoff
+            assert len(relay.opened) == 2 and net.connected
+            submit_all(net, b[:2], "s1")
+            await settle(mock_clock)
+            assert relay.files["channel1"] == [0, 1]
+            assert relay.seqs("channel0", mark) == []  # 0.1 s of 0.25 s held
+            await settle(mock_clock, 0.1)
+            assert relay.seqs("channel0", mark) == []
+            relay.silent.add("channel0")  # the next probe gets no answer
+            await settle(mock_clock, 0.1)
+            assert relay.packets[mark:] == [(1, "channel1", 0), (1, "channel1", 1), (1, "channel0", 2)]
+
+            relay.silent.clear()
+            relay.full.clear()
+            mark = len(relay.packets)
+            await relay.ends[1].aclose()  # breaks while s0 probes
+            await settle(mock_clock, 0.1)
+            assert len(relay.opened) == 3
+            await net.wait_all_acked()
+            submit_all(net, a[4:], "s0")
+            submit_all(net, b[2:], "s1")
+            await net.wait_all_acked()
+            assert [(c, seq) for n, c, seq in relay.packets[mark:] if c == "channel0"] == [
+                ("channel0", 2), ("channel0", 3), ("channel0", 4), ("channel0", 5)]
+            assert {n for n, _, _ in relay.packets[mark:]} == {2}
+            net.close()
+    assert relay.files == {"channel0": list(range(6)), "channel1": list(range(4))}
+
+
+@pytest.mark.parametrize("code", [wire.ErrorCode.RETRY, wire.ErrorCode.TIMEOUT])
+async def test_transient_relay_errors_reconnect(mock_clock: MockClock, code: wire.ErrorCode) -> None:
+    """An Error whose code is in TRANSIENT_ERRORS is no refusal: the session
+    reconnects with backoff and delivers everything."""
+    mock_clock.autojump_threshold = 0
+    with fail_after_wall(DEADLINE):
+        async with trio.open_nursery() as nursery:
+            relay = FakeRelay(nursery)
+            relay.errors = [(code, "No space left on device")] * 2
+            net = fake_session(relay, channels=("channel0",))
+            nursery.start_soon(net.run)
+            submit_all(net, make_packets(5, 10), "s0")
+            await net.wait_all_acked()
+            net.close()
+    assert len(relay.opened) == 3
+    assert net.error is None
+    assert net.last_failure == f"relay: {code.name}: No space left on device"
+    assert relay.files == {"channel0": list(range(5))}
+
+
+async def test_final_relay_error_is_a_refusal_that_keeps_the_count(mock_clock: MockClock) -> None:
+    """AUTH_FAILED (not in TRANSIENT_ERRORS) fails the session for good: no
+    reconnect, and what was left unacknowledged stays counted."""
+    mock_clock.autojump_threshold = 0
+    with fail_after_wall(DEADLINE):
+        async with trio.open_nursery() as nursery:
+            relay = FakeRelay(nursery)
+            relay.errors = [(wire.ErrorCode.AUTH_FAILED, "unknown key")]
+            net = fake_session(relay, channels=("channel0",))
+            nursery.start_soon(net.run)
+            submit_all(net, make_packets(3, 10), "s0")
+            with pytest.raises(SinkError, match=r"relay refused \(AUTH_FAILED\): unknown key"):
+                await net.wait_all_acked()
+            net.close()
+    assert len(relay.opened) == 1
+    assert net.stats("s0")["unacked"] == 3 and net.stats("s0")["unacked_bytes"] > 0
+    assert net.relay_state("s0") == (RelayState.REFUSED, "relay refused (AUTH_FAILED): unknown key")
+
+
+async def test_reconnect_backoff_starts_again_after_a_working_connection(mock_clock: MockClock) -> None:
+    """0.1 s, 0.2 s, 0.4 s between failed attempts; once a connection was
+    declared and then broke, the next attempt comes 0.1 s later again.
+    The clock jumps straight to each timer: the gaps are the backoffs."""
+    mock_clock.autojump_threshold = 0
+    with fail_after_wall(DEADLINE):
+        async with trio.open_nursery() as nursery:
+            relay = FakeRelay(nursery)
+            relay.errors = [(wire.ErrorCode.RETRY, "No space left on device")] * 3
+            net = fake_session(relay, channels=("channel0",))
+            nursery.start_soon(net.run)
+            submit_all(net, make_packets(2, 10), "s0")
+            await net.wait_all_acked()
+            await relay.ends[3].aclose()
+            while len(relay.opened) < 5 or not net.connected:
+                await net.wait_change()
+            net.close()
+    gaps = [b - a for a, b in zip(relay.opened, relay.opened[1:])]
+    assert gaps == pytest.approx([0.1, 0.2, 0.4, 0.1])
