@@ -445,7 +445,8 @@ class Consumerd:
             await self._flush_streams(streams)
         if cs.cancelled_caught:
             sink = self._session(op.session).sink
-            raise RequestError(sink.timeout_message([st.key for st in streams], op.timeout))
+            unread = sum(_ring_unread(st) for st in streams)
+            raise RequestError(sink.timeout_message([st.key for st in streams], op.timeout, unread))
         return StreamsReply(self._session_stats(streams, op.session))
 
     async def op_producer_gone(self, op: ProducerGoneOp) -> ReleasedReply:
@@ -493,7 +494,7 @@ class Consumerd:
         counted = StreamStats(
             key=st.key, path=st.sink.path, channel=st.channel, packets=st.packets,
             raw_bytes=st.raw_bytes, wire_bytes=st.raw_bytes, discarded=st.cursor.last_discarded,
-            unacked=0, producer="gone" if st.gone else "alive", error=st.broken,
+            unacked=0, producer="gone" if st.gone else "alive", error=st.broken, ring_unread=_ring_unread(st),
         )
         return st.sink.stats(counted)
 
@@ -624,6 +625,22 @@ class Consumerd:
                 st.cursor.close()
             except BufferError:  # a chunk view is still alive: unmapped when it goes
                 logger.warning("stream %s: its ring is unmapped later", st.key)
+
+
+def _ring_unread(st: StreamOut) -> int:
+    """The sub-buffers of ``st``'s ring that hold events not read yet (each
+    becomes one packet when drained): from the consumer's position to the
+    producer's head, as the producer last published it.  Exact while the
+    app is stopped; a head the app wrote out of range counts as a full ring
+    at most.  0 for a closed stream (its ring is no longer mapped)."""
+    if st.closed:
+        return 0
+    cur = st.cursor
+    size = cur.spec.subbuf_size
+    head = cur.read_head()
+    if head <= cur.consumed:
+        return 0
+    return min((head - 1) // size - cur.consumed // size + 1, cur.spec.num_subbuf)
 
 
 def _resume(cursor: ConsumerCursor, sink: StreamSink) -> None:

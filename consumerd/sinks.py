@@ -53,7 +53,7 @@ from consumerd.net import NetSession, SinkError, read_key_file
 from consumerd.spool import Spool
 from tracewire import wire
 from tracewire.names import InvalidName, validate_name
-from tracewire.ops import Compression, SessionOp, StreamStats
+from tracewire.ops import Compression, SessionOp, StreamStats, human_size
 from tracewire.ringbuf import Chunk
 from tracewire.streamfile import StreamFile
 from tracewire.url import parse_url
@@ -201,8 +201,10 @@ class SessionSink(Protocol):
         """
         ...
 
-    def timeout_message(self, keys: Sequence[str], timeout: float) -> str:
-        """Why a flush of streams ``keys`` did not complete in ``timeout`` s."""
+    def timeout_message(self, keys: Sequence[str], timeout: float, ring_unread: int) -> str:
+        """Why a flush of streams ``keys`` did not complete in ``timeout`` s,
+        and what is still only on this machine (``ring_unread``: the
+        sub-buffers the flush left unread in the streams' rings)."""
         ...
 
     def close(self) -> None:
@@ -347,8 +349,9 @@ class LocalSink(SessionSink):
     async def wait_durable(self) -> None:
         await trio.lowlevel.checkpoint()  # written when write() returned
 
-    def timeout_message(self, keys: Sequence[str], timeout: float) -> str:
-        return f"{self.directory}: {len(keys)} streams not written after {timeout:.0f} s"
+    def timeout_message(self, keys: Sequence[str], timeout: float, ring_unread: int) -> str:
+        return (f"{self.directory}: {len(keys)} streams not written after {timeout:g} s "
+                f"({ring_unread} sub-buffers unread in the ring buffers)")
 
     def close(self) -> None:
         self._traces.clear()  # no descriptor is kept open
@@ -384,11 +387,12 @@ class RelayStream(StreamSink):
         error = counted.error
         if net.error:
             error = f"relay: {net.error}"
-        elif not net.connected and net.last_failure:
-            error = f"relay unreachable: {net.last_failure}"
+        elif (failure := net.unreachable()) is not None:
+            error = f"relay unreachable: {failure}"
+        relay, why = net.relay_state(self.key)
         return dataclasses.replace(
             counted, packets=s["packets"], raw_bytes=s["raw_bytes"], wire_bytes=s["wire_bytes"],
-            unacked=s["unacked"], error=error,
+            unacked=s["unacked"], unacked_bytes=s["unacked_bytes"], error=error, relay=relay, relay_why=why,
         )
 
     def close(self) -> None:
@@ -461,23 +465,39 @@ class RelaySink(SessionSink):
 
     async def wait_room(self) -> None:
         if self.net.error:
-            raise SinkError(f"relay {self.net.url}: {self.net.error}")
+            raise self._failed()
         await self.net.wait_change()
 
     async def wait_durable(self) -> None:
         try:
             await self.net.wait_all_acked()
-        except SinkError as exc:
-            raise SinkError(f"relay {self.net.url}: {exc}") from None
+        except SinkError:
+            raise self._failed() from None
 
-    def timeout_message(self, keys: Sequence[str], timeout: float) -> str:
+    def _held(self, keys: Sequence[str]) -> tuple[int, int]:
+        """(packets, bytes) of streams ``keys`` not acknowledged yet."""
+        streams = [self.net.streams[k] for k in keys if k in self.net.streams]
+        return sum(len(st.unacked) for st in streams), sum(st.unacked_bytes() for st in streams)
+
+    def _failed(self) -> SinkError:
+        """The session failed for good: why, and what it leaves unacknowledged
+        (lost: nothing more is sent)."""
+        packets, size = self._held(self._keys)
+        return SinkError(f"relay {self.net.url}: {self.net.error}; {packets} packets ({human_size(size)}) "
+                         "left unacknowledged are lost")
+
+    def timeout_message(self, keys: Sequence[str], timeout: float, ring_unread: int) -> str:
         net = self.net
-        left = sum(len(net.streams[k].unacked) for k in keys)
-        why = f" (last failure: {net.last_failure})" if net.last_failure else ""
+        packets, size = self._held(keys)
+        states = sorted({state.describe(why) for state, why in
+                         (net.relay_state(k) for k in keys if k in net.streams) if state is not None})
+        if not states and net.last_failure:
+            states = [f"last failure: {net.last_failure}"]
+        why = f" ({'; '.join(states)})" if states else ""
         return (
-            f"relay {net.url} has not acknowledged everything after {timeout:.0f} s: {left} "
-            f"packets kept, more may wait in the ring buffers{why}; they are sent when the "
-            "relay is reachable"
+            f"relay {net.url} has not acknowledged everything after {timeout:g} s{why}: "
+            f"{packets} packets ({human_size(size)}) held on the target, {ring_unread} sub-buffers unread "
+            "in the ring buffers; they are sent once the relay takes them ('tracewire stop' again waits for them)"
         )
 
     def close(self) -> None:
