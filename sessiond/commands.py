@@ -6,7 +6,9 @@ who may do it, and answers with the JSON-ready reply.  One command runs at a
 time (the registry's lock).  ``stop`` is the barrier: apps disable the
 session's events and wait for writers in flight; then consumerd flushes every
 stream of the session down to the last whole event and answers once it is
-written (or acknowledged by the relay).
+written (or acknowledged by the relay).  The barrier gives up after the
+request's timeout (default ``--stop-timeout``): the session stays stopped,
+and a later ``stop`` runs the flush again until one completes.
 """
 
 from __future__ import annotations
@@ -80,7 +82,7 @@ class Commands:
                 case StartRequest():
                     return await self.start(self.reg.session_for(req.session, uid))
                 case StopRequest():
-                    return await self.stop(self.reg.session_for(req.session, uid))
+                    return await self.stop(self.reg.session_for(req.session, uid), req.timeout)
                 case DestroyRequest():
                     return await self.destroy(self.reg.session_for(req.session, uid))
                 case ListRequest():
@@ -161,6 +163,7 @@ class Commands:
             raise UserError(f"session {sess.name!r} has no enabled event (use 'tracewire enable-event PATTERN')")
         await self._declare(sess)
         sess.state = SessionState.STARTED
+        sess.stop_pending = False  # the next stop's flush covers what the last one left
         for app in list(self.reg.apps.values()):
             await self.apps.setup(sess, app)
         await self.apps.enable_existing(sess)
@@ -181,23 +184,41 @@ class Commands:
         await self.consumers.call(sess.owner_uid, self.reg.session_op(sess))
         sess.declared = True
 
-    async def stop(self, sess: Session) -> Reply:
-        if sess.state is not SessionState.STARTED:
-            raise UserError(f"session {sess.name!r} is not started")
-        return await self._stop(sess)
+    async def stop(self, sess: Session, timeout: float | None = None) -> Reply:
+        """Stop a started session; or, when the last stop of a stopped one
+        did not complete (its flush timed out or failed), run the flush again."""
+        if sess.state is SessionState.STARTED:
+            return await self._stop(sess, timeout)
+        if sess.state is SessionState.STOPPED and sess.stop_pending:
+            return await self._flush(sess, timeout)
+        raise UserError(f"session {sess.name!r} is not started")
 
-    async def _stop(self, sess: Session) -> Reply:
+    async def _stop(self, sess: Session, timeout: float | None = None) -> Reply:
         """The stop barrier: quiesce apps, then flush every stream to the sink."""
         sess.state = SessionState.STOPPED
+        sess.stop_pending = True
         config = self.reg.config
         slow = await self.apps.ask_and_wait(
             sess, lambda keys, seq: {"op": "stop", "keys": keys, "seq": seq}, config.app_stop_timeout)
-        reply = await self.consumers.call(sess.owner_uid, FlushOp(session=sess.name, timeout=config.stop_timeout),
-                                          timeout=config.stop_timeout + 30)
-        result: Reply = {"session": sess.name, "streams": _streams(reply)}
+        result = await self._flush(sess, timeout)
         if slow:
             result["warning"] = f"apps did not confirm the stop in time: {', '.join(a.label for a in slow)}"
         return result
+
+    async def _flush(self, sess: Session, timeout: float | None) -> Reply:
+        """The barrier's second half: every stream of the (stopped) session
+        in its sink, within ``timeout`` s (None: ``--stop-timeout``).  Until
+        it completes, the session's stop stays pending.
+
+        Raises:
+            UserError: not done in time (the text says what is still kept),
+                or the sink failed.
+        """
+        wait = timeout if timeout is not None else self.reg.config.stop_timeout
+        reply = await self.consumers.call(sess.owner_uid, FlushOp(session=sess.name, timeout=wait),
+                                          timeout=wait + 30)
+        sess.stop_pending = False
+        return {"session": sess.name, "streams": _streams(reply)}
 
     async def destroy(self, sess: Session) -> Reply:
         result: Reply = {"session": sess.name}
@@ -234,6 +255,7 @@ def _describe(sess: Session) -> Reply:
         "sink": sess.sink(),
         "owner_uid": sess.owner_uid,
         "error": sess.error,
+        "stop_pending": sess.stop_pending,
         "channels": [
             {
                 "name": ch.name,

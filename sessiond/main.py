@@ -45,7 +45,8 @@ def run(config: SessiondConfig) -> int:
               "$XDG_RUNTIME_DIR/tracewire, or /run/tracewire for root).")
 @click.option("--stop-timeout", type=click.FloatRange(min=0, min_open=True), default=120.0,
               show_default=True, help="How long 'tracewire stop' waits for a relay's acknowledgements "
-              "before reporting what is still kept [env TRACEWIRE_SESSIOND_STOP_TIMEOUT].")
+              "before reporting what is still kept, unless the stop gives its own --timeout "
+              "[env TRACEWIRE_SESSIOND_STOP_TIMEOUT].")
 @click.option("--log-level", default="INFO", show_default=True, help="Python logging level.")
 def main(rundir: str | None, stop_timeout: float, log_level: str) -> None:
     """Session daemon: the registry of tracing sessions.

@@ -157,6 +157,7 @@ class Session:
     auth_key_file: str | None = None
     tls_ca: str | None = None
     declared: bool = False  # consumerd knows the session
+    stop_pending: bool = False  # stopped, but the last stop's flush did not complete
     error: str | None = None  # the last failure to trace an app (status shows it)
     channels: dict[str, Channel] = field(default_factory=dict)
     traces: dict[int, Trace] = field(default_factory=dict)  # by app id

@@ -193,14 +193,6 @@ def _client(ctx: click.Context) -> Client:
     return ctx.find_object(Client)  # type: ignore[return-value]
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--rundir", envvar="TRACEWIRE_RUNDIR", default=None, metavar="DIR",
               help="sessiond's run directory [env TRACEWIRE_RUNDIR; default "
@@ -315,7 +307,7 @@ def _stop_summary(r: dict[str, Any]) -> None:
     packets = sum(s.get("packets", 0) for s in streams)
     raw = sum(s.get("raw_bytes", 0) for s in streams)
     discarded = sum(s.get("discarded", 0) for s in streams)
-    msg = f"Tracing stopped for session {r['session']}: {packets} packets, {_human(raw)}"
+    msg = f"Tracing stopped for session {r['session']}: {packets} packets, {ops.human_size(raw)}"
     if discarded:
         msg += f", {discarded} events DISCARDED (buffers full)"
     click.echo(msg)
@@ -325,10 +317,23 @@ def _stop_summary(r: dict[str, Any]) -> None:
 
 @cli.command()
 @click.argument("session", required=False)
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None, metavar="SECONDS",
+              help="Give up waiting for the sink after SECONDS (default: tracewire-sessiond's "
+                   "--stop-timeout, 120 s).")
 @click.pass_context
-def stop(ctx: click.Context, session: str | None) -> None:
-    """Stop SESSION; returns once every event emitted before it is in the sink."""
-    _stop_summary(_client(ctx).request(ops.StopRequest(session=session), timeout=None))
+def stop(ctx: click.Context, session: str | None, timeout: float | None) -> None:
+    """Stop SESSION (default: the current one); returns once every event
+    emitted before it is in the sink (for a relay: acknowledged by it).
+
+    When the relay does not acknowledge everything within the timeout (it is
+    unreachable, or its disk is full), the command fails with one line
+    saying how many packets are still held on this machine.  The session
+    stays stopped and those packets are still sent once the relay takes them;
+    run 'tracewire stop' again to wait for them: it succeeds once everything
+    is acknowledged.
+    """
+    req = _make(ops.StopRequest, session=session, timeout=timeout)
+    _stop_summary(_client(ctx).request(req, timeout=None))
 
 
 @cli.command()
@@ -354,11 +359,12 @@ def list_(ctx: click.Context, session: str | None) -> None:
         return
     for s in sessions:
         mark = " (current)" if s["name"] == r.get("current") else ""
-        click.echo(f"{s['name']}{mark} [{s['state']}] -> {s['sink']}")
+        pending = " (stop incomplete)" if s.get("stop_pending") else ""
+        click.echo(f"{s['name']}{mark} [{s['state']}]{pending} -> {s['sink']}")
         if session or len(sessions) == 1:
             for ch in s["channels"]:
                 click.echo(f"  channel {ch['name']}: {ch['mode']}, {ch['num_subbuf']} x "
-                           f"{_human(ch['subbuf_size'])}, switch timer "
+                           f"{ops.human_size(ch['subbuf_size'])}, switch timer "
                            f"{ch['switch_timer_ms'] or 'off'}{' ms' if ch['switch_timer_ms'] else ''}")
                 for ev in ch["events"]:
                     click.echo(f"    event {ev}")
@@ -374,17 +380,57 @@ def status(ctx: click.Context, session: str | None) -> None:
     click.echo(f"{s['name']} [{s['state']}] -> {s['sink']}")
     if s.get("error"):
         click.echo(f"  ERROR: {s['error']}")
+    if s.get("stop_pending"):
+        click.echo("  the last stop did not complete: 'tracewire stop' waits for the rest again")
     streams = r["streams"]
     if not streams:
         click.echo("  no streams yet (no traced app has emitted an enabled event)")
+    for line in _relay_summary(streams):
+        click.echo(f"  {line}")
     for st in streams:
         ratio = st["raw_bytes"] / st["wire_bytes"] if st.get("wire_bytes") else 1.0
-        line = (f"  {st['path']}: {st['packets']} packets, raw {_human(st['raw_bytes'])}, "
-                f"wire {_human(st['wire_bytes'])} (x{ratio:.2f}), discarded {st['discarded']}, "
+        line = (f"  {st['path']}: {st['packets']} packets, raw {ops.human_size(st['raw_bytes'])}, "
+                f"wire {ops.human_size(st['wire_bytes'])} (x{ratio:.2f}), discarded {st['discarded']}, "
                 f"unacked {st['unacked']}, producer {st['producer']}")
         if st.get("error"):
             line += f", ERROR: {st['error']}"
+        elif st.get("relay"):
+            line += f", {_relay_words(st['relay'], None)}"
         click.echo(line)
+
+
+def _relay_words(state: str, why: str | None) -> str:
+    """A stream's relay state as words (a state this CLI does not know: as sent)."""
+    try:
+        return ops.RelayState(state).describe(why)
+    except ValueError:
+        return f"relay {state} ({why})" if why else f"relay {state}"
+
+
+def _relay_summary(streams: list[dict[str, Any]]) -> list[str]:
+    """One line per relay state the session's streams are in, with what it
+    keeps on this machine: held (sent once the relay takes it) or, when the
+    session failed for good, lost."""
+    groups: dict[tuple[str, str | None], list[dict[str, Any]]] = {}
+    for st in streams:
+        if st.get("relay"):
+            groups.setdefault((st["relay"], st.get("relay_why")), []).append(st)
+    lines = []
+    for (state, why), members in groups.items():
+        packets = sum(st.get("unacked", 0) for st in members)
+        size = ops.human_size(sum(st.get("unacked_bytes", 0) for st in members))
+        unread = sum(st.get("ring_unread", 0) for st in members)
+        if state == ops.RelayState.REFUSED.value:
+            line = f"LOST: {packets} packets ({size}) left unacknowledged"
+            if unread:
+                line += f", {unread} sub-buffers never read from the ring buffers"
+            line += f"; {why}"
+        else:
+            line = f"{_relay_words(state, why)}: {packets} packets ({size}) held on the target"
+            if unread:
+                line += f", {unread} sub-buffers unread in the ring buffers"
+        lines.append(line)
+    return lines
 
 
 @cli.group()
