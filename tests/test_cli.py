@@ -113,7 +113,10 @@ def test_bad_subbuf_size_is_refused(session: TW, size: str) -> None:
     ["enable-channel", "c", "--subbuf-size", "3"],
     ["enable-channel", "c", "--num-subbuf", "1"],
     ["view", "/nonexistent/trace"],
-], ids=["subbuf-size-3", "num-subbuf-1", "view-missing"])
+    ["stop", "--timeout", "0"],
+    ["stop", "--timeout", "soon"],
+    ["stop", "--timeout"],
+], ids=["subbuf-size-3", "num-subbuf-1", "view-missing", "stop-timeout-0", "stop-timeout-word", "stop-timeout-none"])
 def test_usage_errors_are_one_line(session: TW, args: list[str]) -> None:
     r = session.cli(*args, check=False)
     assert_one_line_error(r, 2)
@@ -139,6 +142,26 @@ def test_stop_of_session_not_started(session: TW) -> None:
     session.cli("start")
     session.cli("stop")
     r = session.cli("stop", "s1", check=False)
+    assert_one_line_error(r, 1, "session 's1' is not started")
+
+
+def test_stop_timeout(session: TW) -> None:
+    """'stop --timeout' is a per-stop bound: the help says what happens when
+    it expires; one out of range for sessiond is one line; a stop that
+    finishes in time is a plain stop."""
+    out = session.cli("stop", "--help").stdout
+    for words in ("--timeout SECONDS", "--stop-timeout", "120 s", "held on this machine", "again"):
+        assert words in " ".join(out.split()), out
+    session.cli("enable-event", "demo:*")
+    session.cli("start")
+    r = session.cli("stop", "--timeout", "2000000", check=False)
+    assert_one_line_error(r, 1, "--timeout must be more than 0 and at most 1000000 seconds")
+    assert "[started]" in session.cli("list").stdout
+    session.demo("--events", "100")
+    r = session.cli("stop", "s1", "--timeout", "30")
+    assert r.stdout.startswith("Tracing stopped for session s1: ")
+    assert "[stopped] ->" in session.cli("list").stdout
+    r = session.cli("stop", "--timeout", "30", check=False)
     assert_one_line_error(r, 1, "session 's1' is not started")
 
 

@@ -1,17 +1,23 @@
 """sessiond's control socket against malformed requests: each gets a one-line
-error, sessiond keeps serving, and a session then traces completely."""
+error, sessiond keeps serving, and a session then traces completely.  And the
+stop barrier against a relay whose disk is full: a stop that times out says
+what is still on the target, and a later stop runs the barrier again."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import struct
+import threading
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tracewire import ctf
+from tracewire import ctf, wire
 
 from conftest import TW
 
@@ -75,3 +81,192 @@ def test_create_refuses_out_of_range_values(tw: TW, out_dir, field: str, value: 
                                         field: value}).encode())
     assert reply["ok"] is False
     assert reply["error"].startswith("--")
+
+
+class FullDiskRelay:
+    """A relay on 127.0.0.1 (threads, blocking sockets, the real protocol
+    through wire.Connection(Role.RELAY)) whose disk is full while ``full`` is
+    set: it answers the next packet of every stream with Retry(NO_SPACE) and,
+    as the protocol says, drops the stream's packets with another seq until
+    that seq comes again.  Otherwise it keeps each packet (decoded) and its
+    metadata in memory, and acks.  ``write_to`` puts what it kept on disk as
+    a CTF trace.  With ``refuse`` (an Error), it answers the first packet with
+it, and closes."""
+
+    def __init__(self, refuse: wire.Error | None = None) -> None:
+        self.full = True
+        self.refuse = refuse
+        self.lock = threading.Lock()
+        self.streams: dict[tuple[str, str], list[bytes]] = {}  # (trace path, channel) -> packets
+        self.metadata: dict[str, bytearray] = {}
+        self.retries = 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.conns: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self) -> None:
+        self.listener.close()
+        with self.lock:
+            for c in self.conns:
+                c.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except OSError:
+                return
+            with self.lock:
+                self.conns.append(sock)
+            threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
+
+    def _serve(self, sock: socket.socket) -> None:
+        conn = wire.Connection(wire.Role.RELAY)
+        keys: dict[int, tuple[str, str]] = {}
+        awaiting: dict[int, int] = {}
+        try:
+            while data := sock.recv(1 << 16):
+                conn.receive_data(data)
+                while (msg := conn.next_event()) is not None:
+                    for reply in self._handle(msg, keys, awaiting):
+                        sock.sendall(conn.send(reply))
+                    if isinstance(msg, wire.Packet) and self.refuse is not None:
+                        return
+        except OSError:
+            pass
+        finally:
+            sock.close()
+
+    def _handle(self, msg: wire.Message, keys: dict[int, tuple[str, str]],
+                awaiting: dict[int, int]) -> list[wire.Message]:
+        with self.lock:
+            match msg:
+                case wire.Hello():
+                    return [wire.Welcome(wire.PROTOCOL_VERSION, None)]
+                case wire.Packet() if self.refuse is not None:
+                    return [self.refuse]
+                case wire.Metadata():
+                    held = self.metadata.setdefault(msg.trace_path, bytearray())
+                    held[msg.offset:msg.offset + len(msg.data)] = msg.data
+                case wire.StreamDecl():
+                    keys[msg.stream_id] = (msg.trace_path, msg.channel)
+                    self.streams.setdefault(keys[msg.stream_id], [])
+                case wire.StreamStateRequest():
+                    return [wire.StreamState(msg.stream_id, len(self.streams[keys[msg.stream_id]]))]
+                case wire.Packet():
+                    if awaiting.get(msg.stream_id, msg.seq) != msg.seq:
+                        return []  # in flight behind a Retry: dropped
+                    kept = self.streams[keys[msg.stream_id]]
+                    assert msg.seq <= len(kept), f"gap: seq {msg.seq} after {len(kept)}"
+                    if msg.seq == len(kept) and self.full:
+                        awaiting[msg.stream_id] = msg.seq
+                        self.retries += 1
+                        return [wire.Retry(msg.stream_id, msg.seq, wire.RetryReason.NO_SPACE,
+                                           "No space left on device")]
+                    awaiting.pop(msg.stream_id, None)
+                    if msg.seq == len(kept):
+                        kept.append(wire.decompress_packet(msg.data, msg.codec, msg.raw_len, 1 << 26))
+                    return [wire.Ack(msg.stream_id, len(kept) - 1)]
+            return []
+
+    def write_to(self, root: Path) -> None:
+        with self.lock:
+            for (path, channel), packets in self.streams.items():
+                (root / path).mkdir(parents=True, exist_ok=True)
+                (root / path / "metadata").write_bytes(bytes(self.metadata[path]))
+                (root / path / f"{channel}_0").write_bytes(b"".join(packets))
+
+
+_HELD = re.compile(r"relay full, retrying \(No space left on device\): (\d+) packets \(([\d.]+ \w+)\) "
+                   r"held on the target(?:, (\d+) sub-buffers unread in the ring buffers)?")
+
+
+def test_stop_while_the_relay_is_full_times_out_then_a_later_stop_completes(tw: TW, out_dir) -> None:
+    """The relay's disk is full: status says so and counts what the target
+    holds; 'stop --timeout' fails with one line giving the same counts (the
+    spool is full, so part of it is still in the ring buffers); the session
+    is stopped, and a second stop runs the barrier again (not 'not started').
+    Once the disk has room, a stop returns 0 and the relay has every event
+    once, or counted as discarded."""
+    relay = FullDiskRelay()
+    try:
+        tw.env["TRACEWIRE_HOSTNAME"] = "fullhost"
+        tw.cli("create", "s", "--url", f"tw://127.0.0.1:{relay.port}", "--compress", "none",
+               "--spool-size", "1M")
+        tw.cli("enable-event", "demo:*")
+        tw.cli("start")
+        events = 12_000
+        tw.demo("--events", str(events), "--payload-bytes", "200")  # ~2.8 MiB: more than spool and ring
+
+        deadline = time.monotonic() + 60  # the relay's Retry has to come back first
+        while not (held := _HELD.search(out := tw.cli("status").stdout)):
+            assert time.monotonic() < deadline, out
+            time.sleep(0.1)
+        (unacked,) = [int(m) for m in re.findall(r"unacked (\d+)", out)]
+        assert int(held[1]) == unacked > 0 and held[3] is not None and int(held[3]) > 0, out
+        assert "relay full, retrying" in out.splitlines()[-1] and "ERROR" not in out, out
+
+        r = tw.cli("stop", "--timeout", "1", check=False)
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        (line,) = r.stderr.splitlines()
+        assert "has not acknowledged everything after 1 s (relay full, retrying (No space left on device))" in line
+        assert f": {unacked} packets ({held[2]}) held on the target, {held[3]} sub-buffers unread" in line, line
+        assert "[stopped] (stop incomplete)" in tw.cli("list").stdout
+        assert "the last stop did not complete" in tw.cli("status").stdout
+
+        r = tw.cli("stop", "--timeout", "0.5", check=False)  # the barrier again, not "not started"
+        assert r.returncode == 1 and "has not acknowledged everything after 0.5 s" in r.stderr, r.stderr
+
+        relay.full = False  # room on the relay's disk again
+        r = tw.cli("stop")
+        assert r.stdout.startswith("Tracing stopped for session s:"), r.stdout
+        out = tw.cli("status").stdout
+        assert "relay" not in out.split("\n", 1)[1].replace(f"tw://127.0.0.1:{relay.port}", ""), out
+        assert re.search(r"unacked 0, producer gone$", out, re.M), out
+        assert "[stopped] ->" in tw.cli("list").stdout
+        r = tw.cli("stop", check=False)
+        assert r.returncode == 1 and "is not started" in r.stderr
+    finally:
+        relay.close()
+    assert relay.retries >= 3
+    relay.write_to(out_dir)
+    seqs, discarded = [], 0
+    for item in ctf.read_trace(str(out_dir)):
+        if isinstance(item, ctf.Discarded):
+            discarded += item.count
+        else:
+            seqs.append(item.fields["seq"])
+    assert len(seqs) == len(set(seqs)) and seqs == sorted(seqs)
+    assert len(seqs) + discarded == events and discarded > 0
+
+
+def test_a_relay_refusal_counts_what_is_lost(tw: TW) -> None:
+    """A relay that refuses the session for good (an Error not in
+    wire.TRANSIENT_ERRORS): status keeps counting what was left
+    unacknowledged and unread, as lost, and stop says so too."""
+    relay = FullDiskRelay(refuse=wire.Error(wire.ErrorCode.FORBIDDEN, "fullhost may not write here"))
+    try:
+        tw.env["TRACEWIRE_HOSTNAME"] = "fullhost"
+        tw.cli("create", "s", "--url", f"tw://127.0.0.1:{relay.port}", "--compress", "none",
+               "--spool-size", "1M")
+        tw.cli("enable-event", "demo:*")
+        tw.cli("start")
+        tw.demo("--events", "12000", "--payload-bytes", "200")
+        lost = re.compile(r"LOST: (\d+) packets \(([\d.]+ \w+)\) left unacknowledged, (\d+) sub-buffers never "
+                          r"read from the ring buffers; relay refused \(FORBIDDEN\): fullhost may not write here$",
+                          re.M)
+        deadline = time.monotonic() + 60
+        while not (found := lost.search(out := tw.cli("status").stdout)):
+            assert time.monotonic() < deadline, out
+            time.sleep(0.1)
+        (unacked,) = [int(m) for m in re.findall(r"unacked (\d+)", out)]
+        assert int(found[1]) == unacked > 0 and int(found[3]) > 0, out
+        assert "ERROR: relay: relay refused (FORBIDDEN)" in out, out
+        r = tw.cli("stop", "--timeout", "30", check=False)
+        assert r.returncode == 1, r.stderr
+        assert f"relay refused (FORBIDDEN): fullhost may not write here; {unacked} packets ({found[2]}) " \
+               "left unacknowledged are lost" in r.stderr, r.stderr
+        assert lost.search(tw.cli("status").stdout)  # still counted after the stop
+    finally:
+        relay.close()
