@@ -482,7 +482,7 @@ class RelaySink(SessionSink):
     def _failed(self) -> SinkError:
         """The session failed for good: why, and what it leaves unacknowledged
         (lost: nothing more is sent)."""
-        packets, size = self._held(self._keys)
+        packets, size = self._held(list(self.net.streams))
         return SinkError(f"relay {self.net.url}: {self.net.error}; {packets} packets ({human_size(size)}) "
                          "left unacknowledged are lost")
 
