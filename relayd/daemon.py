@@ -56,14 +56,15 @@ import logging
 import os
 import secrets
 import ssl
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
+from typing import TypeVar
 
 import trio
 
 from tracewire import ctf, keyfile, names
-from tracewire.streamfile import StreamFile
+from tracewire.streamfile import Checkpoint, StreamFile
 from tracewire.url import format_hostport
 from tracewire.wire import (
     DEFAULT_MAX_METADATA_SIZE,
@@ -74,6 +75,7 @@ from tracewire.wire import (
     NONCE_SIZE,
     Ack,
     Auth,
+    Buffer,
     Bye,
     Challenge,
     Codec,
@@ -88,6 +90,8 @@ from tracewire.wire import (
     Metadata,
     Packet,
     RemoteProtocolError,
+    Retry,
+    RetryReason,
     Role,
     SessionClose,
     SessionDecl,
@@ -120,6 +124,10 @@ ANY_HOST = keyfile.ANY_HOST
 _RECEIVE_SIZE = 256 * 1024
 _DIR_MODE = 0o750
 _FILE_MODE = 0o640
+# Packets of one connection written in one worker-thread call at most (raw
+# bytes): bounds what a connection holds decompressed.
+_MAX_BATCH_BYTES = 8 * 1024 * 1024
+_T = TypeVar("_T")
 
 
 class RelaydStartupError(Exception):
@@ -157,6 +165,16 @@ class RelaydConfig:
         inline_decompress_max: packets up to this many raw bytes are
             decompressed in the event loop (~40 us per 256 KiB: cheaper than
             a thread hand-off); bigger ones in a worker thread.
+        io_threads: worker threads writing files at once, relay-wide (every
+            file-system call runs in one, so a stalled disk never holds the
+            event loop).
+        fsync: acknowledge a packet only once it and its index entry are
+            durable (fdatasync), so that a power cut at the relay cannot lose
+            what a target has already freed.
+        fsync_interval: fsync mode: seconds a connection's written packets
+            wait, at most, for the fdatasync that covers them (one per stream
+            per interval, whatever the packet rate).
+        fdatasync: the call that makes a file durable (tests observe it).
     """
 
     output: str
@@ -174,15 +192,19 @@ class RelaydConfig:
     tls: ssl.SSLContext | None = field(default=None, repr=False)
     decompress_threads: int = 4
     inline_decompress_max: int = 1024 * 1024
+    io_threads: int = 16
+    fsync: bool = False
+    fsync_interval: float = 0.1
+    fdatasync: Callable[[int], None] = field(default=os.fdatasync, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not 0 <= self.listen_port <= 65535:
             raise ValueError(f"listen_port {self.listen_port} not in 0..65535")
-        for name in ("handshake_timeout", "idle_timeout", "close_timeout"):
+        for name in ("handshake_timeout", "idle_timeout", "close_timeout", "fsync_interval"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
         for name in ("max_payload_size", "max_raw_packet", "max_streams", "max_sessions",
-                     "max_metadata_size", "decompress_threads"):
+                     "max_metadata_size", "decompress_threads", "io_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
 
@@ -230,7 +252,71 @@ class _OpenStream:
     decl: StreamDecl
     path: str  # real path of the stream file: the registry key
     file: StreamFile | None  # None once closed or taken over
+    owner: _ConsumerConnection
     ctf_stream_id: int | None = None  # CTF stream class of its packets
+    expect: int = 0  # next seq accepted: the file's next_seq plus the packets batched
+    blocked_at: int | None = None  # a Retry asked for this seq: others are dropped
+    acked: int = -1  # last seq acknowledged on this connection
+    durable: Checkpoint | None = None  # fsync mode: where the file was last made durable
+
+
+@dataclass(slots=True, eq=False)
+class _Write:
+    """A checked packet waiting in a connection's batch."""
+
+    st: _OpenStream
+    raw: bytes
+    msg: Packet
+    ctf_stream_id: int
+
+
+@dataclass(slots=True, eq=False)
+class _Fault:
+    """One kind of write failure at the output, from its first sighting until
+    every file it hit has been written again."""
+
+    reason: RetryReason
+    text: str
+    since: float
+    paths: set[str] = field(default_factory=set)
+    refused: int = 0  # writes refused (each one retried by its target)
+
+
+class _Transient(Exception):
+    """A healable write failure on a declaration: the connection is dropped
+    with Error(RETRY) and the consumer reconnects later."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+
+_FINAL_ERRNOS = frozenset({errno.ENAMETOOLONG, errno.ELOOP, errno.ENOTDIR, errno.EISDIR, errno.EINVAL,
+                           errno.EFBIG, errno.EXDEV, errno.EBADF})
+
+
+def retry_reason(exc: OSError) -> RetryReason | None:
+    """Whether a write error at the output can heal, and how it is reported.
+
+    Returns:
+        The RetryReason to tell the consumer, or None for an error that names
+        a request that can never succeed (a name too long, a symlink loop, a
+        file where a directory should be...): that one ends the connection.
+    """
+    match exc.errno:
+        case errno.ENOSPC | errno.EDQUOT:
+            return RetryReason.NO_SPACE
+        case errno.EROFS:
+            return RetryReason.READ_ONLY
+        case errno.EIO:
+            return RetryReason.IO_ERROR
+        case code if code in _FINAL_ERRNOS:
+            return None
+    return RetryReason.BUSY
+
+
+def _strerror(exc: OSError) -> str:
+    return os.strerror(exc.errno) if exc.errno else str(exc)
 
 
 class RelayServer:
@@ -246,6 +332,9 @@ class RelayServer:
         self.output = output
         self.owners: dict[str, _OpenStream] = {}  # stream file path -> owner
         self.decompress_limiter = trio.CapacityLimiter(config.decompress_threads)
+        self.io_limiter = trio.CapacityLimiter(config.io_threads)
+        self.faults: dict[RetryReason, _Fault] = {}  # write failures not cleared yet
+        self.retries_sent = 0  # Retry messages and Error(RETRY), relay-wide
         self._next_conn_id = 0
 
     def new_conn_id(self) -> int:
@@ -266,7 +355,42 @@ class RelayServer:
                 ErrorCode.BAD_NAME, f"{os.path.join(*parts)!r} resolves outside the output directory")
         return real
 
-    def take_stream(self, st: _OpenStream, directory: str, name: str) -> None:
+    def fault(self, reason: RetryReason, exc: OSError, path: str) -> None:
+        """A write to `path` failed and will be retried: logged once per kind
+        of failure until it clears."""
+        self.retries_sent += 1
+        f = self.faults.get(reason)
+        if f is None:
+            f = self.faults[reason] = _Fault(reason, _strerror(exc), trio.current_time())
+            logger.warning(
+                "output %s: %s (writing %s): holding back acknowledgements; targets keep their data "
+                "and retry (logged again when it clears)",
+                self.output, f.text, os.path.relpath(path, self.output),
+            )
+        f.paths.add(path)
+        f.refused += 1
+
+    def written(self, path: str) -> None:
+        """A write to `path` succeeded: a failure that hit it is cleared there."""
+        for reason, f in list(self.faults.items()):
+            if path in f.paths:
+                f.paths.discard(path)
+                if not f.paths:
+                    del self.faults[reason]
+                    logger.warning("output %s: writable again after %.1f s of %s (%d writes were refused "
+                                   "and resent by their targets)", self.output, trio.current_time() - f.since,
+                                   f.text, f.refused)
+
+    def forget(self, path: str) -> None:
+        """`path` is closed: it no longer waits on a failure."""
+        for reason, f in list(self.faults.items()):
+            f.paths.discard(path)
+            if not f.paths:
+                del self.faults[reason]
+                logger.warning("output %s: no stream waits on %s any more (%d writes were refused)",
+                               self.output, f.text, f.refused)
+
+    async def take_stream(self, st: _OpenStream, directory: str, name: str) -> None:
         """Opens (recovering) the stream file for `st`, taking it over from
         any other connection that holds it.
 
@@ -276,20 +400,41 @@ class RelayServer:
         old = self.owners.pop(st.path, None)
         if old is not None and old.file is not None:
             logger.info("stream file %s taken over by a newer connection", st.path)
-            file, old.file = old.file, None
-            file.close()
-        st.file = StreamFile(directory, name, mode=_FILE_MODE)
+            # Not while the old owner's thread writes to it.
+            async with old.owner.io_lock:
+                file, old.file = old.file, None
+                if file is not None:
+                    await self.run_io(partial(_close_file, file, old.durable if self.config.fsync else None))
+        flush_every = None if self.config.fsync else 64
+        st.file = await self.run_io(partial(StreamFile, directory, name, mode=_FILE_MODE, flush_every=flush_every))
+        if self.config.fsync:
+            # What an earlier relay left in the page cache is acknowledged
+            # (StreamState) from now on: make it durable first.
+            try:
+                await self.run_io(partial(_sync_file, st.file, self.config.fdatasync))
+            except OSError:
+                file, st.file = st.file, None
+                await self.run_io(partial(_close_file, file, None))
+                raise
+        st.expect = st.file.next_seq
+        st.durable = st.file.checkpoint()
         self.owners[st.path] = st
         if st.file.recovered_bytes:
             logger.warning("stream file %s: cut %d bytes of a partial packet", st.path, st.file.recovered_bytes)
 
-    def release_stream(self, st: _OpenStream) -> None:
+    async def release_stream(self, st: _OpenStream) -> None:
         """Closes `st`'s file if it still holds it (flushing the index)."""
         if self.owners.get(st.path) is st:
             del self.owners[st.path]
+        self.forget(st.path)
         file, st.file = st.file, None
         if file is not None:
-            file.close()
+            await self.run_io(partial(_close_file, file, st.durable if self.config.fsync else None))
+
+    async def run_io(self, fn: Callable[[], _T]) -> _T:
+        """Runs file-system work in a worker thread: a disk that stalls (a
+        frozen filesystem) holds that connection only, never the event loop."""
+        return await trio.to_thread.run_sync(fn, limiter=self.io_limiter)
 
     async def handle(self, stream: trio.abc.Stream) -> None:
         """Serves one accepted connection; never raises but Cancelled."""
@@ -324,12 +469,17 @@ class _ConsumerConnection:
             max_metadata_size=cfg.max_metadata_size,
         )
         self.send_lock = trio.Lock()
+        self.io_lock = trio.Lock()  # held while a worker thread writes this connection's files
         self.hostname: str | None = None
         self.sessions: dict[int, str] = {}  # session id -> real session directory
         self.streams: dict[int, _OpenStream] = {}  # stream id -> stream
         self.metadata_fds: dict[str, int] = {}  # real metadata path -> fd
-        self.to_flush: dict[int, _OpenStream] = {}  # streams written in this batch
-        self.acks: dict[int, int] = {}  # stream id -> highest written seq, to ack
+        self.batch: list[_Write] = []  # checked packets not written yet
+        self.batch_bytes = 0
+        self.to_ack: dict[int, _OpenStream] = {}  # streams written to (or resent to) since the last acks
+        self.unsynced: dict[int, _OpenStream] = {}  # fsync mode: written, not durable yet
+        self.sync_due: float | None = None  # fsync mode: when the unsynced ones are synced at the latest
+        self.retries: dict[int, Retry] = {}  # Retry messages to send with the next acks
         self.got_bye = False
 
     def __str__(self) -> str:
@@ -349,6 +499,9 @@ class _ConsumerConnection:
         except RemoteProtocolError as exc:
             logger.warning("%s: dropped: %s: %s", self, exc.code.name, exc.message)
             await self._send_error(exc.code, exc.message)
+        except _Transient as exc:
+            logger.info("%s: dropped until the output heals: %s", self, exc.text)
+            await self._send_error(ErrorCode.RETRY, exc.text)
         except trio.TooSlowError:
             phase = "handshake" if self.hostname is None else "idle"
             logger.warning("%s: dropped: %s timeout", self, phase)
@@ -357,23 +510,29 @@ class _ConsumerConnection:
             logger.info("%s: connection lost: %s", self, str(exc) or type(exc).__name__)
         except OSError as exc:
             logger.error("%s: dropped: I/O error: %s", self, exc)
-            await self._send_error(ErrorCode.INTERNAL, f"relay I/O error: {os.strerror(exc.errno or errno.EIO)}")
+            await self._send_error(ErrorCode.INTERNAL, f"relay I/O error: {_strerror(exc)}")
         except Exception as exc:  # a bug: keep the other connections alive
             logger.exception("%s: dropped: internal error", self)
             await self._send_error(ErrorCode.INTERNAL, f"relay internal error: {type(exc).__name__}")
         finally:
-            self._close_all()
+            with trio.CancelScope(shield=True):
+                await self._close_all()
 
-    def _close_all(self) -> None:
-        for st in self.streams.values():
-            try:
-                self.server.release_stream(st)
-            except OSError as exc:
-                logger.error("%s: closing %s: %s", self, st.path, exc)
-        self.streams.clear()
-        for fd in self.metadata_fds.values():
-            os.close(fd)
-        self.metadata_fds.clear()
+    async def _close_all(self) -> None:
+        """Closes every file of the connection (unacknowledged packets of a
+        batch are not written: the consumer resends them)."""
+        self.batch.clear()
+        async with self.io_lock:
+            for st in self.streams.values():
+                try:
+                    await self.server.release_stream(st)
+                except OSError as exc:
+                    logger.error("%s: closing %s: %s", self, st.path, exc)
+            self.streams.clear()
+            fds = list(self.metadata_fds.values())
+            self.metadata_fds.clear()
+            for fd in fds:
+                os.close(fd)
 
     # -- I/O ------------------------------------------------------------------
 
@@ -407,6 +566,26 @@ class _ConsumerConnection:
         while (event := self.conn.next_event()) is None:
             await self._receive()
         return event
+
+    async def _io(self, fn: Callable[[], _T], path: str) -> _T:
+        """Runs one declaration's file-system work in a worker thread.
+
+        Raises:
+            _Transient: it failed with an error that can heal.
+            OSError: it failed for good.
+        """
+        try:
+            async with self.io_lock:
+                result = await self.server.run_io(fn)
+        except OSError as exc:
+            reason = retry_reason(exc)
+            if reason is None:
+                raise
+            self.server.fault(reason, exc, path)
+            raise _Transient(f"{_strerror(exc)} ({os.path.relpath(path, self.server.output)})") from exc
+        if self.server.faults:
+            self.server.written(path)
+        return result
 
     # -- handshake -----------------------------------------------------------
 
@@ -454,53 +633,133 @@ class _ConsumerConnection:
             while (event := self.conn.next_event()) is not None:
                 if isinstance(event, ConnectionClosed):
                     # The state is now CLOSED: no more acks; the teardown
-                    # flushes what was written.
+                    # closes the files (unacknowledged packets are resent).
                     logger.info("%s: closed by peer", self)
                     return
                 if isinstance(event, Error):
                     logger.warning("%s: peer sent error %d: %r", self, event.code, event.text)
                     return
                 await self._dispatch(event)
-            await self._finish_batch()
+            await self._write_batch()
             if self.got_bye:
+                await self._settle()
                 await self._send(Bye())
                 logger.info("%s: bye", self)
                 return
-            with trio.fail_after(self.config.idle_timeout):
+            await self._acknowledge(sync=False)
+            await self._receive_more()
+
+    async def _receive_more(self) -> None:
+        """Waits for bytes, bounded by idle_timeout; in fsync mode, syncs
+        and acknowledges when the sync window ends first."""
+        deadline = trio.current_time() + self.config.idle_timeout
+        while self.sync_due is not None:
+            with trio.move_on_at(min(self.sync_due, deadline)):
                 await self._receive()
+                return
+            await self._acknowledge(sync=True)
+        with trio.fail_at(deadline):
+            await self._receive()
 
     async def _dispatch(self, msg: Message) -> None:
         match msg:
             case Packet():
                 await self._on_packet(msg)
+                return
+            case Bye():
+                self.got_bye = True
+                return
+        # Anything else is answered or touches the files after every packet
+        # before it is written, made durable and acknowledged.
+        await self._settle()
+        match msg:
             case Metadata():
-                self._on_metadata(msg)
+                await self._on_metadata(msg)
             case SessionDecl():
-                self._on_session(msg)
+                await self._on_session(msg)
             case StreamDecl():
-                self._on_stream(msg)
+                await self._on_stream(msg)
             case StreamStateRequest():
                 st = self._stream(msg.stream_id)
                 assert st.file is not None
                 await self._send(StreamState(msg.stream_id, st.file.next_seq))
             case StreamClose():
-                self._close_stream(msg.stream_id)
+                await self._close_stream(msg.stream_id)
             case SessionClose():
-                self._close_session(msg.session_id)
-            case Bye():
-                self.got_bye = True
+                await self._close_session(msg.session_id)
             case _:  # the core lets nothing else through in this state
                 raise RemoteProtocolError(ErrorCode.BAD_STATE, f"unexpected {type(msg).__name__}")
 
-    async def _finish_batch(self) -> None:
-        """Flushes the indexes written to, then acks what they hold."""
-        for st in self.to_flush.values():
-            if st.file is not None:
-                st.file.flush()
-        self.to_flush.clear()
-        acks, self.acks = self.acks, {}
-        for stream_id, seq in acks.items():
-            await self._send(Ack(stream_id, seq))
+    async def _settle(self) -> None:
+        """Writes the batch, makes it durable (fsync mode) and acknowledges it."""
+        await self._write_batch()
+        await self._acknowledge(sync=True)
+
+    async def _write_batch(self) -> None:
+        """Writes the batched packets in a worker thread; a stream whose write
+        fails with an error that can heal is cut back and asked to resend."""
+        if not self.batch:
+            return
+        batch, self.batch, self.batch_bytes = self.batch, [], 0
+        index = not self.config.fsync  # fsync mode: index entries only after the data is durable
+        async with self.io_lock:
+            failed = await self.server.run_io(partial(_write_packets, batch, index))
+        for w in batch:
+            st = w.st
+            if st.file is None or st in failed:
+                continue
+            self.to_ack[st.decl.stream_id] = st
+            if self.config.fsync:
+                self.unsynced[st.decl.stream_id] = st
+                if self.sync_due is None:
+                    self.sync_due = trio.current_time() + self.config.fsync_interval
+        self._failed(failed)
+        if self.server.faults:
+            for st in {id(w.st): w.st for w in batch if w.st not in failed}.values():
+                self.server.written(st.path)
+
+    def _failed(self, failed: Mapping[_OpenStream, OSError]) -> None:
+        """Streams whose files were cut back after `exc`: a Retry each, or
+        the connection ends for an error that cannot heal.
+
+        Raises:
+            OSError: an error that cannot heal.
+        """
+        for st, exc in failed.items():
+            reason = retry_reason(exc)
+            if reason is None:
+                raise exc
+            assert st.file is not None
+            st.expect = st.blocked_at = st.file.next_seq
+            self.unsynced.pop(st.decl.stream_id, None)
+            self.server.fault(reason, exc, st.path)
+            self.retries[st.decl.stream_id] = Retry(st.decl.stream_id, st.file.next_seq, reason, _strerror(exc))
+
+    async def _acknowledge(self, *, sync: bool) -> None:
+        """Sends the Retries, then an Ack per stream that got packets; in fsync
+        mode only for what an fdatasync covers (synced now when `sync` is set
+        or the window is over)."""
+        if self.config.fsync and self.unsynced and (sync or trio.current_time() >= (self.sync_due or 0)):
+            streams, self.unsynced, self.sync_due = list(self.unsynced.values()), {}, None
+            async with self.io_lock:
+                failed = await self.server.run_io(partial(_sync_streams, streams, self.config.fdatasync))
+            self._failed(failed)
+        retries, self.retries = self.retries, {}
+        for msg in retries.values():
+            await self._send(msg)
+        pending, self.to_ack = self.to_ack, {}
+        for stream_id, st in pending.items():
+            if st.file is None:
+                continue
+            if self.config.fsync:
+                if stream_id in self.unsynced:
+                    self.to_ack[stream_id] = st  # acknowledged once synced
+                seq = st.durable.next_seq - 1 if st.durable is not None else -1
+            else:
+                seq = st.file.indexed_seq
+            if seq > st.acked:
+                st.acked = seq
+                await self._send(Ack(stream_id, seq))
 
     def _stream(self, stream_id: int) -> _OpenStream:
         """The open stream `stream_id`, if this connection still owns its file.
@@ -515,81 +774,81 @@ class _ConsumerConnection:
             )
         return st
 
-    def _on_session(self, msg: SessionDecl) -> None:
+    async def _on_session(self, msg: SessionDecl) -> None:
         assert self.hostname is not None
         name = validate_name(msg.name, "session name")
         directory = self.server.safe_path(self.hostname, f"{name}-{msg.created}")
-        os.makedirs(directory, mode=_DIR_MODE, exist_ok=True)
+        await self._io(partial(_makedirs, self.server.output, directory), directory)
         self.sessions[msg.session_id] = directory
         logger.info("%s: session %d -> %s", self, msg.session_id, directory)
 
-    def _trace_dir(self, session_id: int, trace_path: str) -> str:
+    async def _trace_dir(self, session_id: int, trace_path: str) -> str:
         session_dir = self.sessions[session_id]  # the core checked the id is open
         rel = os.path.relpath(session_dir, self.server.output)
         directory = self.server.safe_path(rel, validate_trace_path(trace_path))
         if not directory.startswith(session_dir + os.sep):
             raise RemoteProtocolError(ErrorCode.BAD_NAME, f"trace path {trace_path!r} leaves its session")
-        os.makedirs(directory, mode=_DIR_MODE, exist_ok=True)
+        await self._io(partial(_makedirs, self.server.output, directory), directory)
         return directory
 
-    def _on_stream(self, msg: StreamDecl) -> None:
+    async def _on_stream(self, msg: StreamDecl) -> None:
         channel = validate_name(msg.channel, "channel")
-        directory = self._trace_dir(msg.session_id, msg.trace_path)
+        directory = await self._trace_dir(msg.session_id, msg.trace_path)
         name = f"{channel}_{msg.index}"
         rel = os.path.relpath(directory, self.server.output)
         path = self.server.safe_path(rel, name)
         self.server.safe_path(rel, "index", name + ".idx")  # StreamFile creates it
-        st = _OpenStream(msg, path, None)
+        st = _OpenStream(msg, path, None, self)
+        try:
+            await self.server.take_stream(st, directory, name)
+        except OSError as exc:
+            reason = retry_reason(exc)
+            if reason is None:
+                raise
+            self.server.fault(reason, exc, path)
+            raise _Transient(f"{_strerror(exc)} (opening {os.path.relpath(path, self.server.output)})") from exc
+        if self.server.faults:
+            self.server.written(path)
         self.streams[msg.stream_id] = st
-        self.server.take_stream(st, directory, name)
         assert st.file is not None
         logger.info("%s: stream %d -> %s (next seq %d)", self, msg.stream_id, path, st.file.next_seq)
 
-    def _close_stream(self, stream_id: int) -> None:
+    async def _close_stream(self, stream_id: int) -> None:
         st = self.streams.pop(stream_id)
-        self.to_flush.pop(stream_id, None)
-        self.server.release_stream(st)  # flushes the index before the ack goes out
+        async with self.io_lock:
+            await self.server.release_stream(st)
 
-    def _close_session(self, session_id: int) -> None:
+    async def _close_session(self, session_id: int) -> None:
         for stream_id in [i for i, st in self.streams.items() if st.decl.session_id == session_id]:
-            self._close_stream(stream_id)
+            await self._close_stream(stream_id)
         prefix = self.sessions.pop(session_id) + os.sep
         for path in [p for p in self.metadata_fds if p.startswith(prefix)]:
             os.close(self.metadata_fds.pop(path))
 
-    def _on_metadata(self, msg: Metadata) -> None:
-        directory = self._trace_dir(msg.session_id, msg.trace_path)
+    async def _on_metadata(self, msg: Metadata) -> None:
+        directory = await self._trace_dir(msg.session_id, msg.trace_path)
         path = os.path.join(directory, "metadata")
         fd = self.metadata_fds.get(path)
         if fd is None:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, _FILE_MODE)
+            fd = await self._io(partial(os.open, path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
+                                        _FILE_MODE), path)
             self.metadata_fds[path] = fd
-        size = os.fstat(fd).st_size
-        data = memoryview(msg.data).cast("B")
-        if msg.offset > size:
-            raise RemoteProtocolError(
-                ErrorCode.PROTOCOL, f"metadata offset {msg.offset} is past the end of {path} ({size} bytes)"
-            )
-        skip = min(size - msg.offset, len(data))  # a resend: these bytes are there already
-        if skip and os.pread(fd, skip, msg.offset) != data[:skip]:
-            raise RemoteProtocolError(
-                ErrorCode.PROTOCOL, f"metadata at offset {msg.offset} differs from what {path} holds"
-            )
-        rest = data[skip:]
-        pos = msg.offset + skip
-        while rest:
-            n = os.pwrite(fd, rest, pos)
-            rest, pos = rest[n:], pos + n
+        problem = await self._io(partial(_write_metadata, fd, msg.offset, msg.data, self.config.fsync), path)
+        if problem is not None:
+            raise RemoteProtocolError(ErrorCode.PROTOCOL, f"metadata at offset {msg.offset}: {problem} ({path})")
 
     async def _on_packet(self, msg: Packet) -> None:
         st = self._stream(msg.stream_id)
-        assert st.file is not None
-        if msg.seq < st.file.next_seq:  # a resend of what we have: drop it, ack again
-            self.acks[msg.stream_id] = st.file.next_seq - 1
+        if st.blocked_at is not None:
+            if msg.seq != st.blocked_at:
+                return  # in flight when the Retry left: resent after it
+            st.blocked_at = None
+        if msg.seq < st.expect:  # a resend of what we have: drop it, ack again
+            self.to_ack[msg.stream_id] = st
             return
-        if msg.seq > st.file.next_seq:
+        if msg.seq > st.expect:
             raise RemoteProtocolError(
-                ErrorCode.PROTOCOL, f"stream {msg.stream_id}: packet seq {msg.seq}, expected {st.file.next_seq}"
+                ErrorCode.PROTOCOL, f"stream {msg.stream_id}: packet seq {msg.seq}, expected {st.expect}"
             )
         decode = partial(decompress_packet, msg.data, msg.codec, msg.raw_len, self.config.max_raw_packet)
         if msg.codec is Codec.ZSTD and msg.raw_len > self.config.inline_decompress_max:
@@ -605,12 +864,128 @@ class _ConsumerConnection:
                 ErrorCode.PROTOCOL,
                 f"stream {msg.stream_id}: packet of CTF stream class {ctf_stream_id}, earlier ones {st.ctf_stream_id}",
             )
+        self.batch.append(_Write(st, raw, msg, ctf_stream_id))
+        st.expect += 1
+        self.batch_bytes += len(raw)
+        if self.batch_bytes >= _MAX_BATCH_BYTES:
+            await self._write_batch()
+
+
+# -- file-system work, run in worker threads ---------------------------------
+
+
+def _makedirs(output: str, directory: str) -> None:
+    """Creates `directory` and its missing parents below `output`, 0750 each."""
+    missing = []
+    d = directory
+    while d != output and not os.path.isdir(d):
+        missing.append(d)
+        d = os.path.dirname(d)
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, _DIR_MODE)
+        except FileExistsError:
+            pass
+
+
+def _write_packets(batch: list[_Write], index: bool) -> dict[_OpenStream, OSError]:
+    """Appends each packet to its stream file, then (unless `index` is
+    False) writes the index entries.  A stream whose write fails is rolled
+    back to its last indexed packet and skipped for the rest of the batch.
+
+    Returns:
+        {stream: the error} for the streams that failed.
+    """
+    failed: dict[_OpenStream, OSError] = {}
+    for w in batch:
+        st, file = w.st, w.st.file
+        if file is None or st in failed:
+            continue
+        m = w.msg
+        try:
+            file.append([w.raw], m.ts_begin, m.ts_end, m.events_discarded, stream_id=w.ctf_stream_id)
+        except OSError as exc:
+            failed[st] = exc
+            _rollback(file)
+    if index:
+        for st in {id(w.st): w.st for w in batch}.values():
+            file = st.file
+            if file is None or st in failed:
+                continue
+            try:
+                file.flush()
+            except OSError as exc:
+                failed[st] = exc
+                _rollback(file)
+    return failed
+
+
+def _sync_streams(streams: list[_OpenStream], fdatasync: Callable[[int], None]) -> dict[_OpenStream, OSError]:
+    """fsync mode: makes each stream's packets durable, then their index
+    entries; a stream that fails goes back to where it was last durable.
+
+    Returns:
+        {stream: the error} for the streams that failed.
+    """
+    failed: dict[_OpenStream, OSError] = {}
+    for st in streams:
         file = st.file
-        assert file is not None
-        # On a failed write StreamFile cuts the partial packet off itself.
-        file.append([raw], msg.ts_begin, msg.ts_end, msg.events_discarded, stream_id=ctf_stream_id)
-        self.to_flush[msg.stream_id] = st
-        self.acks[msg.stream_id] = msg.seq
+        if file is None:
+            continue
+        try:
+            fdatasync(file.fd)
+            file.flush()
+            fdatasync(file.ifd)
+        except OSError as exc:
+            failed[st] = exc
+            _rollback(file, st.durable)
+        else:
+            st.durable = file.checkpoint()
+    return failed
+
+
+def _sync_file(file: StreamFile, fdatasync: Callable[[int], None]) -> None:
+    fdatasync(file.fd)
+    fdatasync(file.ifd)
+
+
+def _close_file(file: StreamFile, durable: Checkpoint | None) -> None:
+    """Closes a stream file; in fsync mode (`durable` given) what was written
+    after its last sync goes first: it was never acknowledged."""
+    if durable is not None:
+        _rollback(file, durable)
+    file.close()
+
+
+def _rollback(file: StreamFile, point: Checkpoint | None = None) -> None:
+    try:
+        file.rollback(point)
+    except OSError:
+        pass  # recovery at the next open cuts what is left
+
+
+def _write_metadata(fd: int, offset: int, data: Buffer, sync: bool) -> str | None:
+    """Writes metadata bytes at `offset`, skipping what the file holds already.
+
+    Returns:
+        Why the bytes are refused (they differ from what is there, or leave a
+        hole), or None once written.
+    """
+    size = os.fstat(fd).st_size
+    view = memoryview(data).cast("B")
+    if offset > size:
+        return f"offset is past the end of the file ({size} bytes)"
+    skip = min(size - offset, len(view))  # a resend: these bytes are there already
+    if skip and os.pread(fd, skip, offset) != view[:skip]:
+        return "differs from what the file holds"
+    rest = view[skip:]
+    pos = offset + skip
+    while rest:
+        n = os.pwrite(fd, rest, pos)
+        rest, pos = rest[n:], pos + n
+    if sync:
+        os.fdatasync(fd)
+    return None
 
 
 def _check_packet(raw: bytes, msg: Packet) -> int:
