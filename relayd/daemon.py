@@ -706,7 +706,7 @@ class _ConsumerConnection:
             failed = await self.server.run_io(partial(_write_packets, batch, index))
         for w in batch:
             st = w.st
-            if st.file is None or st in failed:
+            if st.file is None:
                 continue
             self.to_ack[st.decl.stream_id] = st
             if self.config.fsync:
@@ -731,12 +731,11 @@ class _ConsumerConnection:
                 raise exc
             assert st.file is not None
             st.expect = st.blocked_at = st.file.next_seq
-            self.unsynced.pop(st.decl.stream_id, None)
             self.server.fault(reason, exc, st.path)
             self.retries[st.decl.stream_id] = Retry(st.decl.stream_id, st.file.next_seq, reason, _strerror(exc))
 
     async def _acknowledge(self, *, sync: bool) -> None:
-        """Sends the Retries, then an Ack per stream that got packets; in fsync
+        """Sends an Ack per stream that got packets, then the Retries; in fsync
         mode only for what an fdatasync covers (synced now when `sync` is set
         or the window is over)."""
         if self.config.fsync and self.unsynced and (sync or trio.current_time() >= (self.sync_due or 0)):
@@ -744,9 +743,6 @@ class _ConsumerConnection:
             async with self.io_lock:
                 failed = await self.server.run_io(partial(_sync_streams, streams, self.config.fdatasync))
             self._failed(failed)
-        retries, self.retries = self.retries, {}
-        for msg in retries.values():
-            await self._send(msg)
         pending, self.to_ack = self.to_ack, {}
         for stream_id, st in pending.items():
             if st.file is None:
@@ -760,6 +756,9 @@ class _ConsumerConnection:
             if seq > st.acked:
                 st.acked = seq
                 await self._send(Ack(stream_id, seq))
+        retries, self.retries = self.retries, {}
+        for msg in retries.values():
+            await self._send(msg)
 
     def _stream(self, stream_id: int) -> _OpenStream:
         """The open stream `stream_id`, if this connection still owns its file.
@@ -890,8 +889,10 @@ def _makedirs(output: str, directory: str) -> None:
 
 def _write_packets(batch: list[_Write], index: bool) -> dict[_OpenStream, OSError]:
     """Appends each packet to its stream file, then (unless `index` is
-    False) writes the index entries.  A stream whose write fails is rolled
-    back to its last indexed packet and skipped for the rest of the batch.
+    False) writes the index entries.  A stream whose append fails keeps the
+    packets before (StreamFile cuts the failed one) and skips the rest of the
+    batch; one whose index write fails is rolled back to its last indexed
+    packet.
 
     Returns:
         {stream: the error} for the streams that failed.
@@ -906,16 +907,15 @@ def _write_packets(batch: list[_Write], index: bool) -> dict[_OpenStream, OSErro
             file.append([w.raw], m.ts_begin, m.ts_end, m.events_discarded, stream_id=w.ctf_stream_id)
         except OSError as exc:
             failed[st] = exc
-            _rollback(file)
     if index:
         for st in {id(w.st): w.st for w in batch}.values():
             file = st.file
-            if file is None or st in failed:
+            if file is None:
                 continue
             try:
                 file.flush()
             except OSError as exc:
-                failed[st] = exc
+                failed.setdefault(st, exc)
                 _rollback(file)
     return failed
 

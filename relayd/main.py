@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 
 STARTUP_FAILURE = 3
 PROG = "tracewire-relayd"
+FSYNC_DEFAULT = True  # see docs/reliability.md, "Durability"
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +148,12 @@ def _tls_context(cert: str, key: str) -> ssl.SSLContext:
               show_default=True, help="Open sessions per connection.")
 @click.option("--max-metadata", type=click.IntRange(min=4096), default=wire.DEFAULT_MAX_METADATA_SIZE,
               show_default=True, help="Largest metadata file of one trace, in bytes.")
+@click.option("--fsync/--no-fsync", default=FSYNC_DEFAULT, show_default=True,
+              help="Acknowledge a packet only once it and its index entry are on stable storage (fdatasync), "
+                   "so a power cut at this host cannot lose what a target has freed. See docs/reliability.md.")
+@click.option("--fsync-interval", type=click.FloatRange(min=0.001, max=10.0), default=0.1, show_default=True,
+              help="With --fsync: seconds written packets wait, at most, for the fdatasync that covers them "
+                   "(one per stream per interval).")
 @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
               default="INFO", show_default=True, help="Logging level.")
 def main(
@@ -163,6 +170,8 @@ def main(
     max_streams: int,
     max_sessions: int,
     max_metadata: int,
+    fsync: bool,
+    fsync_interval: float,
     log_level: str,
 ) -> None:
     """Relay daemon: receives traces from consumer daemons and writes CTF traces
@@ -195,5 +204,7 @@ def main(
         max_sessions=max_sessions,
         max_metadata_size=max_metadata,
         tls=tls,
+        fsync=fsync,
+        fsync_interval=fsync_interval,
     )
     sys.exit(run(config))
