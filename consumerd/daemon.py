@@ -468,14 +468,16 @@ class Consumerd:
         await self.close_stream(st)
         return ReleasedReply(True)
 
-    async def op_remove_session(self, op: RemoveSessionOp) -> DoneReply:
+    async def op_remove_session(self, op: RemoveSessionOp) -> StreamsReply:
         """Flush the session (for at most ``op.timeout``), then forget it and
-        close its sink."""
+        close its sink.  The reply holds the streams' counters as they were
+        then: what is still unacknowledged (or unread) is lost with it."""
         streams = self._streams_of(op.session)
         so = self.sessions.get(op.session)
         try:
             with trio.move_on_after(op.timeout):
                 await self._flush_streams(streams)
+            stats = self._session_stats(streams, op.session)
         finally:
             for st in streams:
                 await self.close_stream(st)
@@ -487,7 +489,7 @@ class Consumerd:
             if so is not None:
                 so.sink.close()
                 del self.sessions[op.session]
-        return DoneReply()
+        return StreamsReply(stats)
 
     def _stats(self, st: StreamOut) -> StreamStats:
         """The stream's counters, as its sink reports them."""

@@ -38,6 +38,7 @@ from tracewire.ops import (
     StopRequest,
     StreamsReply,
     encode,
+    human_size,
 )
 from tracewire.ringbuf import BufferSpec
 from tracewire.url import parse_url
@@ -226,7 +227,14 @@ class Commands:
             result = await self._stop(sess)
         await self.apps.close_streams(sess)
         if sess.declared:
-            await self.consumers.call(sess.owner_uid, RemoveSessionOp(session=sess.name))
+            # After a stop that timed out the user has waited already: a
+            # short last chance, then what is left is counted as lost.
+            op = RemoveSessionOp(session=sess.name, timeout=1.0) if sess.stop_pending \
+                else RemoveSessionOp(session=sess.name)
+            reply = await self.consumers.call(sess.owner_uid, op)
+            lost = _lost(reply)
+            if lost:
+                result["warning"] = f"{result['warning']}; {lost}" if result.get("warning") else lost
         self.reg.remove(sess)
         return result
 
@@ -240,6 +248,19 @@ class Commands:
     async def status(self, sess: Session) -> Reply:
         reply = await self.consumers.call(sess.owner_uid, StatusOp(session=sess.name))
         return {"session": _describe(sess), "streams": _streams(reply)}
+
+
+def _lost(reply: object) -> str | None:
+    """What a removed session's sink still held, and so lost, in words."""
+    if not isinstance(reply, StreamsReply):
+        return None
+    packets = sum(s.unacked for s in reply.streams)
+    size = sum(s.unacked_bytes for s in reply.streams)
+    unread = sum(s.ring_unread for s in reply.streams)
+    if not packets and not unread:
+        return None
+    return (f"destroyed with {packets} packets ({human_size(size)}) never acknowledged by the relay and "
+            f"{unread} sub-buffers never read from the ring buffers: they are lost")
 
 
 def _streams(reply: object) -> list[dict[str, Any]]:

@@ -241,6 +241,30 @@ def test_stop_while_the_relay_is_full_times_out_then_a_later_stop_completes(tw: 
     assert len(seqs) + discarded == events and discarded > 0
 
 
+def test_destroy_after_a_timed_out_stop_says_what_is_lost(tw: TW) -> None:
+    """The relay stays full: after a stop that timed out, destroy succeeds
+    but warns, with the counts status gave, that what the target still held
+    is lost with the session."""
+    relay = FullDiskRelay()
+    try:
+        tw.env["TRACEWIRE_HOSTNAME"] = "fullhost"
+        tw.cli("create", "s", "--url", f"tw://127.0.0.1:{relay.port}", "--compress", "none",
+               "--spool-size", "1M")
+        tw.cli("enable-event", "demo:*")
+        tw.cli("start")
+        tw.demo("--events", "12000", "--payload-bytes", "200")
+        assert tw.cli("stop", "--timeout", "1", check=False).returncode == 1
+        held = _HELD.search(out := tw.cli("status").stdout)
+        assert held and held[3] is not None, out
+        r = tw.cli("destroy")
+        assert r.stdout.strip() == "Session s destroyed", r.stdout
+        assert r.stderr.strip() == (
+            f"Warning: destroyed with {held[1]} packets ({held[2]}) never acknowledged by the relay and "
+            f"{held[3]} sub-buffers never read from the ring buffers: they are lost"), r.stderr
+    finally:
+        relay.close()
+
+
 def test_a_relay_refusal_counts_what_is_lost(tw: TW) -> None:
     """A relay that refuses the session for good (an Error not in
     wire.TRANSIENT_ERRORS): status keeps counting what was left

@@ -343,7 +343,9 @@ def destroy(ctx: click.Context, session: str | None) -> None:
     """Destroy SESSION (stopping it first when needed)."""
     r = _client(ctx).request(ops.DestroyRequest(session=session), timeout=None)
     if "streams" in r:
-        _stop_summary(r)
+        _stop_summary(r)  # prints the warning too
+    elif r.get("warning"):
+        click.echo(f"Warning: {r['warning']}", err=True)
     click.echo(f"Session {r['session']} destroyed")
 
 

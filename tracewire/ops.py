@@ -435,7 +435,7 @@ _OPS: Mapping[str, type[Op]] = {
 REPLY_TO: Mapping[type[Op], type[Reply]] = {
     HelloOp: HelloReply, SessionOp: DoneReply, AddTraceOp: TraceReply, MetadataOp: DoneReply,
     AddStreamOp: DoneReply, FlushOp: StreamsReply, ProducerGoneOp: ReleasedReply,
-    RemoveSessionOp: DoneReply, StatusOp: StreamsReply,
+    RemoveSessionOp: StreamsReply, StatusOp: StreamsReply,
 }
 
 
