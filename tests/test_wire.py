@@ -789,8 +789,8 @@ def test_wrong_role_is_refused_even_when_state_fits() -> None:
         ([Ack(11, 0)], ErrorCode.PROTOCOL, "Ack for undeclared stream 11"),
         ([StreamState(11, 0)], ErrorCode.PROTOCOL, "StreamState for undeclared stream 11"),
         ([Retry(11, 0, RetryReason.IO_ERROR, "")], ErrorCode.PROTOCOL, "Retry for undeclared stream 11"),
-        ([packet(10, 3), Retry(10, 5, RetryReason.NO_SPACE, "")], ErrorCode.PROTOCOL,
-         "Retry for stream 10 at seq 5, after seq 3 was sent"),
+        ([packet(10, 3), Retry(10, 4, RetryReason.NO_SPACE, "")], ErrorCode.PROTOCOL,
+         "Retry for stream 10 at seq 4, after seq 3 was sent"),
     ],
 )
 def test_declaration_bookkeeping(msgs: list[Message], code: ErrorCode, match: str) -> None:

@@ -1339,8 +1339,11 @@ class _ConnectionState:
                 # The stream may have been closed meanwhile; it must have existed.
                 if msg.stream_id > self.max_stream_id:
                     return ErrorCode.PROTOCOL, f"{type(msg).__name__} for undeclared stream {msg.stream_id}"
+                # A Retry names a packet the relay received (so the rewind
+                # is used up by the resend on both ends, never by a packet
+                # already in flight).
                 if isinstance(msg, Retry) and msg.stream_id in self.streams \
-                        and msg.seq > self.last_seq[msg.stream_id] + 1:
+                        and msg.seq > self.last_seq[msg.stream_id]:
                     return ErrorCode.PROTOCOL, (
                         f"Retry for stream {msg.stream_id} at seq {msg.seq}, "
                         f"after seq {self.last_seq[msg.stream_id]} was sent"
