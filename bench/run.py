@@ -41,24 +41,53 @@ Figures (the variant is in the name):
   sessiond) / the relay spent between the app's start and the end of the run,
   per GB (1e9 bytes) of raw trace, from the payload-256 runs.  Their start-up
   and session set-up are left out.  Best of N.
+* ``relay_fsync_mb_per_s_{fsync,nofsync}`` (and ``..._min``, ``..._max``) --
+  the relay alone, ``tracewire-relayd --fsync`` against ``--no-fsync`` (the
+  default ``--fsync-interval``, 0.1 s), writing under ``--fsync-dir``
+  (/var/tmp: ext4 on the VM's virtio disk /dev/vda here, a real disk; not
+  tmpfs, where fdatasync costs nothing; the file system is printed on
+  stderr).  The load generator is this script: one connection,
+  ``wire.Connection(Role.CONSUMER)`` on a blocking socket, 4 streams (one per
+  channel) of real CTF packets of 256 KiB sent round-robin, uncompressed, as
+  fast as the relay takes them with at most 32 MiB unacknowledged,
+  ``--fsync-mb`` (400) MB per run.  Raw bytes acknowledged / time from the first packet sent to the last
+  Ack.  N rounds, interleaved (fsync, nofsync, fsync, ...), each with its own
+  relay and directory (removed, then ``sync``, after it); median over the
+  rounds, and the min and max.  ``relay_fsync_mb_per_s_ratio``: fsync median
+  / nofsync median.
+* ``relayd_fsync_cpu_s_per_gb_{fsync,nofsync}`` (``..._min``, ``..._max``) --
+  utime+stime of the relay over the same transfer, per GB; median, min, max.
+* ``relay_fsync_ack_latency_ms_{p50,p99}_{fsync,nofsync}`` -- time from
+  sending a packet to the Ack covering it, over all packets of a run; median
+  of the rounds.  It includes the time the packet waits in the socket
+  buffers and the relay's batch, so it grows with the window.
+* ``relay_fsync_zstd1_...``, ``relayd_fsync_zstd1_...`` -- the same with every
+  packet compressed with zstd level 1 beforehand (not timed): the relay
+  decompresses.
 
-Usage: ``python bench/run.py [--repeat N] [--events N] [--only PREFIX]``.
+Usage: ``python bench/run.py [--repeat N] [--events N] [--only PREFIX]
+[--fsync-mb MB] [--fsync-dir DIR]``.  ``--only relay_fsync`` prints every
+figure of that benchmark, ``relayd_fsync_*`` included.
 The daemons it starts are killed (by pid) before it exits.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import re
 import select
 import shutil
 import signal
+import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import uuid
 
 BIN_DIR = os.path.dirname(sys.executable)
 
@@ -327,7 +356,7 @@ def _consumerd_pid(d: Daemons) -> int:
 class Relay:
     """A tracewire-relayd on loopback writing to its own directory."""
 
-    def __init__(self, out: str, log: str) -> None:
+    def __init__(self, out: str, log: str, extra: tuple[str, ...] = ()) -> None:
         self.out = out
         self.proc = None
         env = dict(os.environ)
@@ -335,7 +364,7 @@ class Relay:
         with open(log, "wb") as logf:
             self.proc = subprocess.Popen(
                 [os.path.join(BIN_DIR, "tracewire-relayd"), "--output", out, "--listen", "127.0.0.1:0",
-                 "--live-listen", "127.0.0.1:0"],
+                 "--live-listen", "127.0.0.1:0", *extra],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=logf, env=env)
         self.pid = self.proc.pid
         deadline = time.monotonic() + 15
@@ -462,12 +491,291 @@ def bench_relay(compress: str, payload: int, events: int, repeat: int, want) -> 
         emit(name, *values[key])
 
 
+# ----------------------------------------------------------------- the relay alone: --fsync against --no-fsync
+
+FSYNC_PACKET = 256 * 1024  # bytes per packet: a realistic sub-buffer
+FSYNC_STREAMS = 4  # streams on the one connection, packets sent round-robin
+FSYNC_WINDOW = 32 * 1024 * 1024  # unacknowledged raw bytes allowed, as a consumer's window
+FSYNC_CREATED = "20261201T000000"
+FSYNC_T0 = 1 << 40  # packet n of each stream starts at FSYNC_T0 + n * 2**27 ns (see _FsyncTrace)
+
+
+def _fs_type(path: str) -> str:
+    """The file system holding ``path``, as ``TYPE (SOURCE on MOUNT POINT)``,
+    from /proc/self/mountinfo (the longest mount point above it)."""
+    real = os.path.realpath(path)
+    best = ("", "?", "?")
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, right = line.split(" - ", 1)
+            mnt = left.split()[4]
+            fstype, source = right.split()[:2]
+            if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best[0]):
+                best = (mnt, fstype, source)
+    return f"{best[1]} ({best[2]} on {best[0]})"
+
+
+class _FsyncTrace:
+    """One trace whose FSYNC_STREAMS streams, one per channel as consumerd
+    writes them (channel0_0, channel1_0, ...; the CTF stream class is the
+    channel's position, stream_instance_id 0), all carry the same packet
+    body: demo:tick events (id 0 in every stream class) with a 256-byte payload
+    (the last one longer) filling the packet exactly.  Packet n of a stream
+    spans [FSYNC_T0 + n * 2**27, FSYNC_T0 + (n + 1) * 2**27) ns: every
+    packet then begins at a multiple of 2**27, so the events' compact
+    timestamps (their low 27 bits) in the shared body are right in each.
+    Only the 84-byte header is packed per packet (its packet_seq_num and
+    timestamps must agree with the Packet message)."""
+
+    def __init__(self, packet_bytes: int) -> None:
+        from tracewire import ctf
+        from tracewire.ctf import EventDecl, TraceInfo
+
+        self.uuid = uuid.uuid4().bytes
+        fields = (("seq", ctf.FieldType.INT), ("msg", ctf.FieldType.STR))
+        self.channels = tuple(f"channel{s}" for s in range(FSYNC_STREAMS))
+        info = TraceInfo(self.uuid, "bench", "fsync", FSYNC_CREATED, "bench", 4242, 1_700_000_000_000_000_000,
+                         self.channels)
+        self.metadata = (ctf.metadata_preamble(info) + "".join(
+            ctf.metadata_event(EventDecl("demo:tick", 0, fields, stream_id=s)) for s in range(FSYNC_STREAMS)
+        )).encode()
+        self.trace_path = f"ust/pid/bench-4242-{FSYNC_CREATED}"
+        self.content = packet_bytes - ctf.PACKET_HEADER_SIZE
+        overhead = len(ctf.encode_event(0, 0, 0, [0, ""], fields))  # compact header, int64, NUL
+        body = bytearray()
+        i = 0
+        while len(body) < self.content:
+            left = self.content - len(body)
+            pad = 256 if left >= 2 * (overhead + 256) else left - overhead  # the last event takes the rest
+            body += ctf.encode_event(0, 10 * i, 10 * max(i - 1, 0), [i, "x" * pad], fields)
+            i += 1
+        assert len(body) == self.content
+        self.body = bytes(body)
+
+    def header(self, stream: int, n: int) -> tuple[bytes, int, int]:
+        """Packet n of a stream: its header, timestamp_begin and timestamp_end."""
+        from tracewire import ctf
+
+        ts_begin = FSYNC_T0 + (n << 27)
+        ts_end = ts_begin + (1 << 27) - 1
+        return ctf.pack_packet_header(self.uuid, stream, 0, ts_begin, ts_end, self.content, n, 0), ts_begin, ts_end
+
+
+class _FsyncClient:
+    """A consumer on a plain blocking socket, built on wire.Connection(Role.CONSUMER)."""
+
+    def __init__(self, port: int) -> None:
+        from tracewire.wire import Connection, Role
+
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        self.sock.settimeout(None)  # blocking; waits for the relay go through select() below
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.conn = Connection(Role.CONSUMER)
+
+    def send(self, msg) -> None:
+        """Sends one frame (header and payload with one sendmsg when it all fits)."""
+        views = [memoryview(p).cast("B") for p in self.conn.send_parts(msg)]
+        while views:
+            n = self.sock.sendmsg(views)
+            while n:
+                if n >= len(views[0]):
+                    n -= len(views.pop(0))
+                else:
+                    views[0] = views[0][n:]
+                    n = 0
+            while views and not len(views[0]):
+                views.pop(0)
+
+    def receive(self, timeout: float) -> list:
+        """The messages the relay sent, waiting up to ``timeout`` seconds for
+        the first byte (0: only what is already there)."""
+        events = []
+        while (ev := self.conn.next_event()) is not None:
+            events.append(ev)
+        if events:
+            return events
+        ready, _, _ = select.select([self.sock], [], [], timeout)
+        if ready:
+            self.conn.receive_data(self.sock.recv(1 << 16))
+            while (ev := self.conn.next_event()) is not None:
+                events.append(ev)
+        return events
+
+    def expect(self, cls: type):
+        """The relay's next message, which must be a ``cls``."""
+        if not (events := self.receive(30)):
+            raise RuntimeError(f"no answer from the relay in 30 s (waiting for {cls.__name__})")
+        if len(events) != 1 or not isinstance(events[0], cls):
+            raise RuntimeError(f"relay answered {events!r}, expected {cls.__name__}")
+        return events[0]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _fsync_transfer(relay: Relay, trace: _FsyncTrace, packets: int, zstd: bool) -> dict:
+    """Streams ``packets`` packets per connection round-robin over
+    FSYNC_STREAMS streams, as fast as the relay acknowledges them with at
+    most FSYNC_WINDOW raw bytes unacknowledged, until all are acknowledged."""
+    from tracewire import wire
+    from tracewire.wire import Ack, Codec, Hello, Metadata, Packet, SessionDecl, StreamDecl, StreamState, Welcome
+
+    size = FSYNC_PACKET
+    # zstd: every packet compressed before the clock starts (the consumer's
+    # cost is not the relay's), only the relay's decompression is measured.
+    compressed: list[bytes] = []
+    if zstd:
+        comp = wire.new_compressor(1)
+        compressed = [comp.compress(trace.header(i % FSYNC_STREAMS, i // FSYNC_STREAMS)[0] + trace.body)
+                      for i in range(packets)]
+    raw = bytearray(size)  # packet i's bytes; only the header changes between packets
+    raw[size - trace.content:] = trace.body
+    c = _FsyncClient(relay.port)
+    try:
+        c.send(Hello(wire.PROTOCOL_VERSION, "bench"))
+        c.expect(Welcome)
+        c.send(SessionDecl(1, "fsync", FSYNC_CREATED, False))
+        c.send(Metadata(1, trace.trace_path, 0, trace.metadata))
+        for s in range(FSYNC_STREAMS):
+            c.send(StreamDecl(s + 1, 1, trace.trace_path, trace.channels[s], 0))
+        # The relay answers in order: once this is answered, every stream file exists.
+        c.send(wire.StreamStateRequest(FSYNC_STREAMS))
+        c.expect(StreamState)
+
+        inflight: list[collections.deque[tuple[int, float]]] = [collections.deque() for _ in range(FSYNC_STREAMS)]
+        latencies: list[float] = []  # seconds from sending a packet to the Ack covering it
+        sent = acked = 0  # packets
+
+        def handle(events: list) -> None:
+            nonlocal acked
+            now = time.perf_counter()
+            for ev in events:
+                if not isinstance(ev, Ack):  # a Retry (disk full...), an Error, the relay gone
+                    raise RuntimeError(f"relay sent {ev!r} during the transfer")
+                q = inflight[ev.stream_id - 1]
+                while q and q[0][0] <= ev.seq:
+                    latencies.append(now - q.popleft()[1])
+                    acked += 1
+
+        cpu0 = _cpu_s(relay.pid)
+        t0 = time.perf_counter()
+        while acked < packets:
+            while sent < packets and (sent - acked + 1) * size <= FSYNC_WINDOW:
+                stream, n = sent % FSYNC_STREAMS, sent // FSYNC_STREAMS
+                header, ts_begin, ts_end = trace.header(stream, n)
+                if zstd:
+                    codec, data = Codec.ZSTD, compressed[sent]
+                else:
+                    raw[:len(header)] = header
+                    codec, data = Codec.NONE, raw
+                msg = Packet(stream + 1, n, codec, size, ts_begin, ts_end, 0, size * 8, size * 8, n, data)
+                inflight[stream].append((n, time.perf_counter()))
+                c.send(msg)
+                sent += 1
+                handle(c.receive(0))
+            if acked < packets:
+                events = c.receive(60)
+                if not events:
+                    raise RuntimeError(f"no Ack from the relay for 60 s ({acked} of {packets} packets acked)")
+                handle(events)
+        t1 = time.perf_counter()
+        cpu1 = _cpu_s(relay.pid)
+    finally:
+        c.close()
+    latencies.sort()
+    nbytes = packets * size
+    return {
+        "bytes": nbytes,
+        "on_disk": _stream_bytes(relay.out),
+        "mbps": nbytes / 1e6 / (t1 - t0),
+        "cpu": (cpu1 - cpu0) / (nbytes / 1e9),
+        "p50": latencies[len(latencies) // 2] * 1e3,
+        "p99": latencies[min(len(latencies) - 1, len(latencies) * 99 // 100)] * 1e3,
+    }
+
+
+def fsync_run(fsync: bool, zstd: bool, packets: int, root: str) -> dict:
+    """One transfer to a fresh relay (``--fsync`` or ``--no-fsync``) writing
+    to a fresh directory under ``root``; the relay is killed and the
+    directory removed after it."""
+    work = tempfile.mkdtemp(prefix="twbf", dir=root)
+    log = os.path.join(work, "relayd.log")
+    relay = None
+    try:
+        relay = Relay(os.path.join(work, "relay"), log,
+                      ("--fsync" if fsync else "--no-fsync", "--log-level", "WARNING"))
+        return _fsync_transfer(relay, _FsyncTrace(FSYNC_PACKET), packets, zstd)
+    except Exception:
+        with open(log, errors="replace") as f:
+            print("bench: relayd.log:", *f.read().strip().splitlines()[-5:], sep="\n  ", file=sys.stderr)
+        raise
+    finally:
+        if relay is not None:
+            relay.close()
+        shutil.rmtree(work, ignore_errors=True)
+        os.sync()  # so that nothing of this run is still being written back during the next
+
+
+def bench_relay_fsync(megabytes: int, root: str, repeat: int, want, everything: bool) -> None:
+    """--fsync against --no-fsync, rounds interleaved (fsync, nofsync, fsync,
+    ...): median, min and max over the rounds."""
+    packets = max(FSYNC_STREAMS, megabytes * 1_000_000 // FSYNC_PACKET)
+    variants = [("", False), ("_zstd1", True)]
+    modes = [("fsync", True), ("nofsync", False)]
+    figures = {}  # name -> (variant suffix, mode, key, statistic, unit)
+    for v, _ in variants:
+        for m, _ in modes:
+            for stat in ("", "_min", "_max"):
+                figures[f"relay_fsync{v}_mb_per_s_{m}{stat}"] = (v, m, "mbps", stat, "MB/s")
+            for stat in ("", "_min", "_max"):
+                figures[f"relayd_fsync{v}_cpu_s_per_gb_{m}{stat}"] = (v, m, "cpu", stat, "s/GB")
+            figures[f"relay_fsync{v}_ack_latency_ms_p50_{m}"] = (v, m, "p50", "", "ms")
+            figures[f"relay_fsync{v}_ack_latency_ms_p99_{m}"] = (v, m, "p99", "", "ms")
+        figures[f"relay_fsync{v}_mb_per_s_ratio"] = (v, "", "ratio", "", "fsync/nofsync")
+    figures = {n: f for n, f in figures.items() if everything or want(n)}
+    variants = [(v, z) for v, z in variants if any(f[0] == v for f in figures.values())]
+    if not variants:
+        return
+    os.makedirs(root, exist_ok=True)
+    fs = _fs_type(root)
+    print(f"bench: relay_fsync writes under {root}: {fs}", file=sys.stderr)
+    if fs.startswith(("tmpfs", "ramfs")):
+        print("bench: warning: fdatasync costs nothing on tmpfs; use --fsync-dir on a real disk", file=sys.stderr)
+    for v, zstd in variants:
+        runs: dict[str, list[dict]] = {m: [] for m, _ in modes}
+        for r in range(repeat):
+            for m, fsync in modes:
+                res = fsync_run(fsync, zstd, packets, root)
+                if res["on_disk"] != res["bytes"]:
+                    print(f"bench: relay wrote {res['on_disk']} stream bytes, {res['bytes']} were acked",
+                          file=sys.stderr)
+                print(f"bench: relay_fsync{v} round {r + 1}/{repeat} {m}: {res['mbps']:.1f} MB/s, "
+                      f"relayd {res['cpu']:.2f} CPU s/GB, ack p50 {res['p50']:.1f} ms, p99 {res['p99']:.1f} ms",
+                      file=sys.stderr, flush=True)
+                runs[m].append(res)
+        for name, (fv, m, key, stat, unit) in figures.items():
+            if fv != v:
+                continue
+            if key == "ratio":
+                value = statistics.median(r["mbps"] for r in runs["fsync"]) / \
+                    statistics.median(r["mbps"] for r in runs["nofsync"])
+                emit(name, value, unit, 4)
+                continue
+            values = [r[key] for r in runs[m]]
+            emit(name, {"": statistics.median, "_min": min, "_max": max}[stat](values), unit)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeat", type=int, default=3, help="best of N (default 3)")
     ap.add_argument("--events", type=int, default=1_000_000, help="events per pipeline run")
     ap.add_argument("--tracer-events", type=int, default=300_000, help="events per in-process run")
     ap.add_argument("--only", default="", help="run only figures whose name starts with this")
+    ap.add_argument("--fsync-mb", type=int, default=400,
+                    help="relay_fsync: MB (10^6 bytes) of packets per run (default 400)")
+    ap.add_argument("--fsync-dir", default="/var/tmp",
+                    help="relay_fsync: the relay writes under this directory; a real disk, not tmpfs "
+                         "(default /var/tmp)")
     a = ap.parse_args()
 
     def want(prefix: str) -> bool:
@@ -484,6 +792,9 @@ def main() -> None:
     for compress in ("zstd", "none"):
         bench_relay(compress, 256, a.events, a.repeat, want)
     bench_relay("zstd", 0, a.events, a.repeat, want)
+    # --only relay_fsync (or a shorter prefix of it) prints all of its
+    # figures, relayd_fsync_cpu_* included.
+    bench_relay_fsync(a.fsync_mb, a.fsync_dir, a.repeat, want, "relay_fsync".startswith(a.only))
 
 
 if __name__ == "__main__":
