@@ -56,7 +56,7 @@ import logging
 import os
 import secrets
 import ssl
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TypeVar
@@ -568,15 +568,29 @@ class _ConsumerConnection:
         return event
 
     async def _io(self, fn: Callable[[], _T], path: str) -> _T:
-        """Runs one declaration's file-system work in a worker thread.
+        """Runs one declaration's file-system work on `path` in a worker thread.
+
+        Raises:
+            _Transient: it failed with an error that can heal.
+            OSError: it failed for good.
+        """
+
+        async def locked() -> _T:
+            async with self.io_lock:
+                return await self.server.run_io(fn)
+
+        return await self._declaring(path, locked)
+
+    async def _declaring(self, path: str, work: Callable[[], Awaitable[_T]]) -> _T:
+        """Runs a declaration's `work` on `path`: a write error that can heal
+        becomes _Transient (Error(RETRY)), counted as a fault of the output.
 
         Raises:
             _Transient: it failed with an error that can heal.
             OSError: it failed for good.
         """
         try:
-            async with self.io_lock:
-                result = await self.server.run_io(fn)
+            result = await work()
         except OSError as exc:
             reason = retry_reason(exc)
             if reason is None:
@@ -798,16 +812,7 @@ class _ConsumerConnection:
         path = self.server.safe_path(rel, name)
         self.server.safe_path(rel, "index", name + ".idx")  # StreamFile creates it
         st = _OpenStream(msg, path, None, self)
-        try:
-            await self.server.take_stream(st, directory, name)
-        except OSError as exc:
-            reason = retry_reason(exc)
-            if reason is None:
-                raise
-            self.server.fault(reason, exc, path)
-            raise _Transient(f"{_strerror(exc)} (opening {os.path.relpath(path, self.server.output)})") from exc
-        if self.server.faults:
-            self.server.written(path)
+        await self._declaring(path, partial(self.server.take_stream, st, directory, name))
         self.streams[msg.stream_id] = st
         assert st.file is not None
         logger.info("%s: stream %d -> %s (next seq %d)", self, msg.stream_id, path, st.file.next_seq)

@@ -178,6 +178,16 @@ it, and closes."""
                 (root / path / f"{channel}_0").write_bytes(b"".join(packets))
 
 
+def _trace_into(tw: TW, relay: FullDiskRelay, events: int) -> None:
+    """A session 's' into `relay` with a 1 MiB spool, and `events` demo
+    events of 200 bytes (12,000: ~2.8 MiB, more than the spool and the ring)."""
+    tw.env["TRACEWIRE_HOSTNAME"] = "fullhost"
+    tw.cli("create", "s", "--url", f"tw://127.0.0.1:{relay.port}", "--compress", "none", "--spool-size", "1M")
+    tw.cli("enable-event", "demo:*")
+    tw.cli("start")
+    tw.demo("--events", str(events), "--payload-bytes", "200")
+
+
 _HELD = re.compile(r"relay full, retrying \(No space left on device\): (\d+) packets \(([\d.]+ \w+)\) "
                    r"held on the target(?:, (\d+) sub-buffers unread in the ring buffers)?")
 
@@ -191,13 +201,8 @@ def test_stop_while_the_relay_is_full_times_out_then_a_later_stop_completes(tw: 
     once, or counted as discarded."""
     relay = FullDiskRelay()
     try:
-        tw.env["TRACEWIRE_HOSTNAME"] = "fullhost"
-        tw.cli("create", "s", "--url", f"tw://127.0.0.1:{relay.port}", "--compress", "none",
-               "--spool-size", "1M")
-        tw.cli("enable-event", "demo:*")
-        tw.cli("start")
         events = 12_000
-        tw.demo("--events", str(events), "--payload-bytes", "200")  # ~2.8 MiB: more than spool and ring
+        _trace_into(tw, relay, events)
 
         deadline = time.monotonic() + 60  # the relay's Retry has to come back first
         while not (held := _HELD.search(out := tw.cli("status").stdout)):
@@ -247,12 +252,7 @@ def test_destroy_after_a_timed_out_stop_says_what_is_lost(tw: TW) -> None:
     is lost with the session."""
     relay = FullDiskRelay()
     try:
-        tw.env["TRACEWIRE_HOSTNAME"] = "fullhost"
-        tw.cli("create", "s", "--url", f"tw://127.0.0.1:{relay.port}", "--compress", "none",
-               "--spool-size", "1M")
-        tw.cli("enable-event", "demo:*")
-        tw.cli("start")
-        tw.demo("--events", "12000", "--payload-bytes", "200")
+        _trace_into(tw, relay, 12_000)
         assert tw.cli("stop", "--timeout", "1", check=False).returncode == 1
         held = _HELD.search(out := tw.cli("status").stdout)
         assert held and held[3] is not None, out
@@ -271,12 +271,7 @@ def test_a_relay_refusal_counts_what_is_lost(tw: TW) -> None:
     unacknowledged and unread, as lost, and stop says so too."""
     relay = FullDiskRelay(refuse=wire.Error(wire.ErrorCode.FORBIDDEN, "fullhost may not write here"))
     try:
-        tw.env["TRACEWIRE_HOSTNAME"] = "fullhost"
-        tw.cli("create", "s", "--url", f"tw://127.0.0.1:{relay.port}", "--compress", "none",
-               "--spool-size", "1M")
-        tw.cli("enable-event", "demo:*")
-        tw.cli("start")
-        tw.demo("--events", "12000", "--payload-bytes", "200")
+        _trace_into(tw, relay, 12_000)
         lost = re.compile(r"LOST: (\d+) packets \(([\d.]+ \w+)\) left unacknowledged, (\d+) sub-buffers never "
                           r"read from the ring buffers; relay refused \(FORBIDDEN\): fullhost may not write here$",
                           re.M)
