@@ -199,7 +199,8 @@ class Consumerd:
 
     # ------------------------------------------------------------- requests
     async def run(self) -> None:
-        """Answer sessiond's requests, one at a time, until it goes away."""
+        """Answer sessiond's requests until it goes away: one at a time, but
+        for flushes, which are answered when done."""
         while True:
             try:
                 got = await self.conn.receive()
@@ -214,8 +215,17 @@ class Consumerd:
                 logger.info("sessiond closed the control socket; exiting")
                 return
             msg, fds = got
-            reply = await self.handle(msg, fds)
-            await self.conn.send(encode(reply, _seq(msg)))
+            if msg.get("op") == FlushOp.KIND:
+                # A stop barrier can wait minutes for a relay (a full disk):
+                # meanwhile status, new apps' streams and the owner's other
+                # sessions are answered (replies carry their request's seq).
+                self.nursery.start_soon(self._answer, msg, fds)
+            else:
+                await self._answer(msg, fds)
+
+    async def _answer(self, msg: dict[str, object], fds: list[int]) -> None:
+        reply = await self.handle(msg, fds)
+        await self.conn.send(encode(reply, _seq(msg)))
 
     async def handle(self, msg: dict[str, object], fds: list[int]) -> Reply:
         """The reply to one message; descriptors not kept are closed."""

@@ -2,8 +2,9 @@
 destroy, list, status.
 
 :meth:`Commands.run` takes one decoded request (``tracewire.ops``), checks
-who may do it, and answers with the JSON-ready reply.  One command runs at a
-time (the registry's lock).  ``stop`` is the barrier: apps disable the
+who may do it, and answers with the JSON-ready reply.  One command that
+changes something runs at a time (the registry's lock); ``list``, ``status``
+and ``ping`` only read, and answer at once.  ``stop`` is the barrier: apps disable the
 session's events and wait for writers in flight; then consumerd flushes every
 stream of the session down to the last whole event and answers once it is
 written (or acknowledged by the relay).  The barrier gives up after the
@@ -70,10 +71,17 @@ class Commands:
             UserError: the request cannot be done (one line for the CLI).
             trio.TooSlowError: consumerd did not answer in time.
         """
+        # Reading needs no turn: status and list answer while a stop waits
+        # for a relay (minutes, with a full disk), whoever's stop it is.
+        match req:
+            case PingRequest():
+                return {"pid": os.getpid(), "rundir": self.reg.config.rundir}
+            case ListRequest():
+                return self.list(req, uid)
+            case StatusRequest():
+                return await self.status(self.reg.session_for(req.session, uid))
         async with self.reg.lock:
             match req:
-                case PingRequest():
-                    return {"pid": os.getpid(), "rundir": self.reg.config.rundir}
                 case CreateRequest():
                     return self.create(req, uid, gid)
                 case EnableChannelRequest():
@@ -86,10 +94,6 @@ class Commands:
                     return await self.stop(self.reg.session_for(req.session, uid), req.timeout)
                 case DestroyRequest():
                     return await self.destroy(self.reg.session_for(req.session, uid))
-                case ListRequest():
-                    return self.list(req, uid)
-                case StatusRequest():
-                    return await self.status(self.reg.session_for(req.session, uid))
         raise UserError(f"unknown command {req.KIND!r}")
 
     def create(self, req: CreateRequest, uid: int, gid: int) -> Reply:
@@ -216,8 +220,12 @@ class Commands:
                 or the sink failed.
         """
         wait = timeout if timeout is not None else self.reg.config.stop_timeout
-        reply = await self.consumers.call(sess.owner_uid, FlushOp(session=sess.name, timeout=wait),
-                                          timeout=wait + 30)
+        sess.stopping = True
+        try:
+            reply = await self.consumers.call(sess.owner_uid, FlushOp(session=sess.name, timeout=wait),
+                                              timeout=wait + 30)
+        finally:
+            sess.stopping = False
         sess.stop_pending = False
         return {"session": sess.name, "streams": _streams(reply)}
 
@@ -277,6 +285,7 @@ def _describe(sess: Session) -> Reply:
         "owner_uid": sess.owner_uid,
         "error": sess.error,
         "stop_pending": sess.stop_pending,
+        "stopping": sess.stopping,
         "channels": [
             {
                 "name": ch.name,

@@ -158,6 +158,7 @@ class Session:
     tls_ca: str | None = None
     declared: bool = False  # consumerd knows the session
     stop_pending: bool = False  # stopped, but the last stop's flush did not complete
+    stopping: bool = False  # a stop is waiting for the sink right now
     error: str | None = None  # the last failure to trace an app (status shows it)
     channels: dict[str, Channel] = field(default_factory=dict)
     traces: dict[int, Trace] = field(default_factory=dict)  # by app id

@@ -10,6 +10,8 @@ import os
 import re
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -223,9 +225,22 @@ def test_stop_while_the_relay_is_full_times_out_then_a_later_stop_completes(tw: 
         r = tw.cli("stop", "--timeout", "0.5", check=False)  # the barrier again, not "not started"
         assert r.returncode == 1 and "has not acknowledged everything after 0.5 s" in r.stderr, r.stderr
 
+        # While a stop waits for the relay, status and list answer at once
+        # (they used to wait for the stop's turn: up to its timeout).
+        stop = subprocess.Popen([sys.executable, "-m", "tracewire", "stop", "--timeout", "300"], env=tw.env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                stdin=subprocess.DEVNULL)
+        tw.procs.append(stop)
+        deadline = time.monotonic() + 60
+        while "[stopped] (stopping: waiting for the sink)" not in tw.cli("list", timeout=20).stdout:
+            assert time.monotonic() < deadline and stop.poll() is None
+            time.sleep(0.1)
+        out = tw.cli("status", timeout=20).stdout
+        assert _HELD.search(out) and "stopping: a stop is waiting for the sink" in out, out
         relay.full = False  # room on the relay's disk again
-        r = tw.cli("stop")
-        assert r.stdout.startswith("Tracing stopped for session s:"), r.stdout
+        out, err = stop.communicate(timeout=120)
+        assert stop.returncode == 0, err
+        assert out.startswith("Tracing stopped for session s:"), out
         out = tw.cli("status").stdout
         assert "relay" not in out.split("\n", 1)[1].replace(f"tw://127.0.0.1:{relay.port}", ""), out
         assert re.search(r"unacked 0, producer gone$", out, re.M), out

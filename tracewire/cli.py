@@ -361,7 +361,8 @@ def list_(ctx: click.Context, session: str | None) -> None:
         return
     for s in sessions:
         mark = " (current)" if s["name"] == r.get("current") else ""
-        pending = " (stop incomplete)" if s.get("stop_pending") else ""
+        pending = (" (stopping: waiting for the sink)" if s.get("stopping")
+                   else " (stop incomplete)" if s.get("stop_pending") else "")
         click.echo(f"{s['name']}{mark} [{s['state']}]{pending} -> {s['sink']}")
         if session or len(sessions) == 1:
             for ch in s["channels"]:
@@ -382,7 +383,9 @@ def status(ctx: click.Context, session: str | None) -> None:
     click.echo(f"{s['name']} [{s['state']}] -> {s['sink']}")
     if s.get("error"):
         click.echo(f"  ERROR: {s['error']}")
-    if s.get("stop_pending"):
+    if s.get("stopping"):
+        click.echo("  stopping: a stop is waiting for the sink to take the rest")
+    elif s.get("stop_pending"):
         click.echo("  the last stop did not complete: 'tracewire stop' waits for the rest again")
     streams = r["streams"]
     if not streams:
