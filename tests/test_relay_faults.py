@@ -9,6 +9,7 @@ are skipped elsewhere.  The fsync ordering and StreamFile tests need nothing.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import threading
@@ -29,6 +30,7 @@ from test_relayd import (
     running_relay,
 )
 
+from relayd.daemon import retry_reason
 from tracewire import ctf
 from tracewire.streamfile import StreamFile
 from tracewire.wire import (
@@ -318,3 +320,18 @@ async def test_connection_closed_while_retrying_keeps_the_file_whole(tmp_path: P
             assert await c.stream_state(1) == retry.seq
             await c.aclose()
         assert _whole(trace, out) == retry.seq
+
+
+@pytest.mark.parametrize(("code", "reason"), [
+    (errno.ENOSPC, RetryReason.NO_SPACE),
+    (errno.EDQUOT, RetryReason.NO_SPACE),
+    (errno.EROFS, RetryReason.READ_ONLY),
+    (errno.EIO, RetryReason.IO_ERROR),
+    (errno.EMFILE, RetryReason.BUSY),
+    (errno.EACCES, RetryReason.BUSY),
+    (errno.ENAMETOOLONG, None),
+    (errno.ELOOP, None),
+    (errno.EFBIG, None),
+])
+def test_which_write_errors_are_retried(code: int, reason: RetryReason | None) -> None:
+    assert retry_reason(OSError(code, os.strerror(code))) is reason
