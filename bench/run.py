@@ -65,16 +65,63 @@ Figures (the variant is in the name):
   packet compressed with zstd level 1 beforehand (not timed): the relay
   decompresses.
 
+* ``vs_lttng_<figure>_<side>`` (and ``..._min``, ``..._max``) -- side by side
+  with LTTng 2.13 (Debian's lttng-tools, liblttng-ust): the same workload
+  (``--events`` demo:tick events, int64 seq and a 256-byte string) streamed
+  through each tool's relay on loopback, every output, run directory and
+  spool on tmpfs (/dev/shm).  Sides: ``lttng`` (LTTng's default channel:
+  discard mode, per-user buffers, 4 x 512 KiB per CPU), ``lttng_blocking``
+  (``enable-channel -u --blocking-timeout=inf``, the app run with
+  LTTNG_UST_ALLOW_BLOCKING=1), ``tracewire_none`` and ``tracewire_zstd1``
+  (relay_run(), ``--compress none`` / zstd level 1).  The LTTng app is
+  bench/lttng_app/app.c (a C app, compiled with gcc at bench time), the
+  tracewire app tracewire-demo (Python).  Rounds interleaved (lttng,
+  tracewire_none, lttng_blocking, tracewire_zstd1, then again), each with its
+  own daemons, ``--repeat`` rounds; median, min, max over the rounds.
+  ``vs_lttng_<figure>_ratio_{none,zstd1}``: tracewire median / LTTng default
+  median (not emitted when LTTng's is 0).  Figures:
+  ``consumerd_cpu_s_per_gb`` (utime+stime of the 64-bit UST lttng-consumerd
+  and its children from ``lttng start`` to after ``lttng destroy``, or of
+  tracewire's active consumerd as in ``consumerd_cpu_s_per_gb_*``, per GB of
+  raw trace the relay wrote), ``relayd_cpu_s_per_gb`` (the relay from just
+  before the app to ``stop`` returning), ``daemons_pss_mb`` /
+  ``daemons_rss_mb`` (peak over the run, sampled every 0.25 s, of the summed
+  /proc/PID/smaps_rollup Pss / Rss of the session daemon and every process
+  under it: its consumer daemons, LTTng's run-as helpers, tracewire's warm
+  spare consumerd), ``events_lost`` (emitted - ``babeltrace2`` lines),
+  ``events_lost_discarded`` (the sum of babeltrace2's "Tracer discarded N
+  events" warnings), ``stop_s`` (``lttng stop`` / ``tracewire stop``, which
+  both wait until the relay has everything), ``mb_per_s`` (raw bytes / time
+  from the app's start to ``stop`` returning).  LTTng's daemons, CLI and app
+  run as ``nobody`` with a private LTTNG_HOME when the bench runs as root (a
+  root lttng-sessiond would use /var/run/lttng); as root the script installs
+  lttng-tools, liblttng-ust-dev, python3-lttngust, gcc, libc6-dev and
+  babeltrace2 with apt-get if missing; otherwise these figures are skipped
+  with one line on stderr.
+* ``python_tracer_ns_per_event_{lttng,tracewire}`` -- ns per call, with a
+  session enabling the event (a local trace on tmpfs): LTTng's Python agent
+  (python3-lttngust under Debian's /usr/bin/python3, ``lttng enable-event
+  --python bench``) for ``logger.info('request %d %s', i, 'path')``, against
+  a tracewire tracepoint doing the same work (``log(seq=i, msg='request %d
+  %s' % (i, 'path'))``) under the same /usr/bin/python3, the tree on
+  PYTHONPATH.  ``..._ratio``: tracewire / LTTng.  ``..._tracewire_venv``: the
+  tracewire loop under the venv's interpreter; ``..._logging_no_handler``:
+  the same ``logger.info`` with no handler at all (what ``logging`` itself
+  costs).  ``--python-calls`` (200,000) timed calls per round after 1,000
+  untimed, ``--repeat`` rounds interleaved, median.
+
 Usage: ``python bench/run.py [--repeat N] [--events N] [--only PREFIX]
-[--fsync-mb MB] [--fsync-dir DIR]``.  ``--only relay_fsync`` prints every
-figure of that benchmark, ``relayd_fsync_*`` included.
-The daemons it starts are killed (by pid) before it exits.
+[--fsync-mb MB] [--fsync-dir DIR] [--python-calls N]``.  ``--only
+relay_fsync`` prints every figure of that benchmark, ``relayd_fsync_*``
+included; ``--only vs_lttng`` every ``vs_lttng_*`` and ``python_tracer_*``
+figure.  The daemons it starts are killed (by pid) before it exits.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import json
 import os
 import re
@@ -188,8 +235,8 @@ def bench_disabled(calls: int, repeat: int) -> None:
 class Daemons:
     """A sessiond (started by the CLI) in a private run directory."""
 
-    def __init__(self) -> None:
-        self.rundir = tempfile.mkdtemp(prefix="twb", dir="/tmp")
+    def __init__(self, root: str = "/tmp") -> None:
+        self.rundir = tempfile.mkdtemp(prefix="twb", dir=root)
         self.env = dict(os.environ, TRACEWIRE_RUNDIR=self.rundir)
         self.env["PATH"] = BIN_DIR + os.pathsep + self.env.get("PATH", "")
         self.pids: set[int] = set()
@@ -334,6 +381,73 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+def _tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants."""
+    out = [pid]
+    for child in _children(pid):
+        out += _tree(child)
+    return out
+
+
+def _memory_mb(pid: int) -> tuple[float, float]:
+    """PSS and RSS of a process in MB (10^6 bytes), from /proc/PID/smaps_rollup
+    (0, 0 once it is gone)."""
+    pss = rss = 0
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    pss = int(line.split()[1])
+                elif line.startswith("Rss:"):
+                    rss = int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return pss * 1024 / 1e6, rss * 1024 / 1e6
+
+
+class _MemPeak:
+    """The peak of the summed PSS and RSS of the processes ``pids()`` names,
+    sampled every ``interval`` seconds by a thread until ``finish()``."""
+
+    def __init__(self, pids, interval: float = 0.25) -> None:
+        import threading
+
+        self.pids = pids
+        self.pss = self.rss = 0.0
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
+        self.sample()
+        self.thread.start()
+
+    def sample(self) -> None:
+        pss = rss = 0.0
+        for pid in self.pids():
+            p, r = _memory_mb(pid)
+            pss += p
+            rss += r
+        self.pss, self.rss = max(self.pss, pss), max(self.rss, rss)
+
+    def _run(self, interval: float) -> None:
+        while not self.done.wait(interval):
+            self.sample()
+
+    def finish(self) -> tuple[float, float]:
+        if not self.done.is_set():
+            self.done.set()
+            self.thread.join()
+            self.sample()
+        return self.pss, self.rss
+
+
+def _emitted(text: str) -> float | None:
+    """The seconds of the app's "emitted N events in T s" line."""
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 6 and parts[0] == "emitted" and parts[2] == "events":
+            return float(parts[4])
+    return None
+
+
 def _consumerd_pid(d: Daemons) -> int:
     """The consumerd serving d's sessions: the pid sessiond last logged as
     running it (sessiond may also keep a warm spare consumerd, idle), else
@@ -392,53 +506,71 @@ class Relay:
             self.proc.wait()
 
 
-def _count_events(out: str) -> int:
-    """Events in the trace(s) under ``out``: ``babeltrace2 out | wc -l`` when
-    babeltrace2 is installed (faster), else tracewire.ctf."""
+def _bt_count(out: str) -> tuple[int, int]:
+    """Events in the trace(s) under ``out`` and the events the trace reports
+    as discarded: ``babeltrace2 out`` (its lines on stdout; its "Tracer
+    discarded N events" warnings on stderr), else tracewire.ctf."""
     bt = shutil.which("babeltrace2")
     if bt is None:
-        return _read_back(out)[0]
-    proc = subprocess.Popen([bt, out], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            stdin=subprocess.DEVNULL)
-    assert proc.stdout is not None
-    lines = 0
-    while chunk := proc.stdout.read(1 << 20):
-        lines += chunk.count(b"\n")
-    if proc.wait() != 0:
-        raise RuntimeError(f"babeltrace2 {out} exited with {proc.returncode}")
-    return lines
+        return _read_back(out)
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen([bt, out], stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL)
+        assert proc.stdout is not None
+        lines = 0
+        while chunk := proc.stdout.read(1 << 20):
+            lines += chunk.count(b"\n")
+        if proc.wait() != 0:
+            raise RuntimeError(f"babeltrace2 {out} exited with {proc.returncode}")
+        err.seek(0)
+        discarded = sum(int(n) for n in re.findall(rb"Tracer discarded (\d+) events?\b", err.read()))
+    return lines, discarded
 
 
-def relay_run(tag: str, compress: str, payload: int, events: int, count: bool) -> dict:
+def relay_run(tag: str, compress: str, payload: int, events: int, count: bool, root: str = "/tmp",
+              memory: bool = False) -> dict:
     """One streaming run on loopback, each with its own relay, run directory
-    and sessiond (all killed after)."""
+    and sessiond (all killed after), under ``root``.  ``memory``: also the
+    peak PSS and RSS of sessiond and its children (consumerd, the warm spare)
+    over the run, sampled every 0.25 s."""
     from tracewire.cli import Client
     from tracewire.ops import StatusRequest
 
-    work = tempfile.mkdtemp(prefix="twbr", dir="/tmp")
+    work = tempfile.mkdtemp(prefix="twbr", dir=root)
     relay = d = None
+    mem = None
     try:
         relay = Relay(os.path.join(work, "relay"), os.path.join(work, "relayd.log"))
-        d = Daemons()
+        d = Daemons(root)
         level = ["--compress-level", "1"] if compress == "zstd" else []
         d.cli("create", tag, "--url", f"tw://127.0.0.1:{relay.port}", "--compress", compress, *level)
         d.cli("enable-event", "demo:*", "-s", tag)
         d.cli("start", tag)
         consumerd = _consumerd_pid(d)
+        if memory:
+            daemons = d
+            mem = _MemPeak(lambda: [p for pid in daemons.pids for p in _tree(pid)])
         c0, r0 = _cpu_s(consumerd), _cpu_s(relay.pid)
         t0 = time.perf_counter()
-        d.demo("--events", str(events), "--payload-bytes", str(payload))
+        text = d.demo("--events", str(events), "--payload-bytes", str(payload))
+        ts = time.perf_counter()
         d.cli("stop", tag)
         t1 = time.perf_counter()
         r1 = _cpu_s(relay.pid)
+        pss, rss = mem.finish() if mem is not None else (0.0, 0.0)
         streams = Client(d.rundir).request(StatusRequest(session=tag))["streams"]
+        read, bt_discarded = _bt_count(relay.out) if count else (None, None)
         res = {
             "seconds": t1 - t0,
+            "stop_s": t1 - ts,
+            "app": _emitted(text),
+            "pss_mb": pss,
+            "rss_mb": rss,
             "raw": _stream_bytes(relay.out),  # what the relay wrote
             "sent_raw": sum(s["raw_bytes"] for s in streams),  # what consumerd sent, uncompressed
             "wire": sum(s["wire_bytes"] for s in streams),
             "discarded": sum(s["discarded"] for s in streams),
-            "read": _count_events(relay.out) if count else None,
+            "read": read,
+            "bt_discarded": bt_discarded,  # what babeltrace2 says the trace reports as discarded
             "relayd_cpu": r1 - r0,
             "relayd_cpu_before": r0,  # start-up and session set-up, left out
             "consumerd_cpu_before": c0,
@@ -448,6 +580,8 @@ def relay_run(tag: str, compress: str, payload: int, events: int, count: bool) -
         res["consumerd_cpu"] = _cpu_s(consumerd) - c0  # just before killing it
         return res
     finally:
+        if mem is not None:
+            mem.finish()
         if d is not None:
             d.close()
         if relay is not None:
@@ -765,6 +899,494 @@ def bench_relay_fsync(megabytes: int, root: str, repeat: int, want, everything: 
             emit(name, {"": statistics.median, "_min": min, "_max": max}[stat](values), unit)
 
 
+# ----------------------------------------------------------------- side by side with LTTng
+
+LTTNG_DEBS = ("lttng-tools", "liblttng-ust-dev", "python3-lttngust", "gcc", "libc6-dev", "babeltrace2")
+LTTNG_BINS = ("lttng", "lttng-sessiond", "lttng-relayd", "gcc", "babeltrace2")
+REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LTTNG_APP_DIR = os.path.join(REPO_DIR, "bench", "lttng_app")
+SYSTEM_PYTHON = "/usr/bin/python3"  # Debian's: the only one python3-lttngust is installed for
+VS_ROOT = "/dev/shm"  # every output, run directory and spool of the side-by-side runs: tmpfs
+VS_PREFIX = "vs_lttng_"
+
+
+@functools.cache
+def lttng_setup() -> bool:
+    """LTTng 2.13 from Debian and a C compiler: installs what is missing
+    (apt-get, as root); False, with one line on stderr, when it cannot."""
+    missing = [p for p in LTTNG_DEBS if shutil.which("dpkg") and subprocess.run(
+        ["dpkg", "-s", p], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode != 0]
+    if missing and os.geteuid() == 0:
+        print(f"bench: installing {' '.join(missing)}", file=sys.stderr, flush=True)
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        r = subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, text=True, timeout=600)
+        if r.returncode == 0:
+            r = subprocess.run(["apt-get", "install", "-y", "-qq", *missing], env=env,
+                               capture_output=True, text=True, timeout=1200)
+        if r.returncode != 0:
+            tail = (r.stderr.strip().splitlines() or ["?"])[-1]
+            print(f"bench: vs_lttng skipped: apt-get install {' '.join(missing)} failed: {tail}", file=sys.stderr)
+            return False
+    elif missing:
+        print(f"bench: vs_lttng skipped: not root, cannot install {' '.join(missing)}", file=sys.stderr)
+        return False
+    absent = [b for b in LTTNG_BINS if shutil.which(b) is None]
+    if absent:
+        print(f"bench: vs_lttng skipped: {', '.join(absent)} not found", file=sys.stderr)
+        return False
+    return True
+
+
+def _lttng_user() -> dict:
+    """subprocess arguments running LTTng's daemons, CLI and apps as an
+    unprivileged user (nobody) when the bench runs as root: a root
+    lttng-sessiond always uses /var/run/lttng, while a user's lives in
+    $LTTNG_HOME/.lttng, which is private to the run."""
+    if os.geteuid() != 0:
+        return {}
+    import pwd
+
+    pw = pwd.getpwnam("nobody")
+    return {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
+
+
+def _private_dir(root: str, prefix: str, as_user: dict) -> str:
+    """A fresh directory under ``root`` owned by the user LTTng runs as."""
+    path = tempfile.mkdtemp(prefix=prefix, dir=root)
+    if as_user:
+        os.chown(path, as_user["user"], as_user["group"])
+    return path
+
+
+def _free_ports(n: int) -> list[int]:
+    """n TCP ports free on 127.0.0.1 right now (bound to port 0 together, then released)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+class LttngDaemons:
+    """A private lttng-sessiond (no kernel tracing) with LTTNG_HOME a fresh
+    directory under ``root``, run in the foreground as our child; ready once
+    ``lttng list`` answers (``--sig-parent`` cannot tell us: as nobody it may
+    not signal a root parent).  Its consumerd are its children."""
+
+    def __init__(self, root: str, agent_port: int | None = None) -> None:
+        self.as_user = _lttng_user()
+        self.home = _private_dir(root, "twbl", self.as_user)
+        self.env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": self.home, "LTTNG_HOME": self.home,
+                    "LANG": "C.UTF-8"}
+        self.log = os.path.join(self.home, "sessiond.log")
+        self.proc: subprocess.Popen | None = None
+        self.pid = 0
+        try:
+            self._start(agent_port)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, agent_port: int | None) -> None:
+        extra = [f"--agent-tcp-port={agent_port}"] if agent_port else []
+        with open(self.log, "wb") as logf:
+            self.proc = subprocess.Popen(["lttng-sessiond", "--no-kernel", *extra],
+                                         env=self.env, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+                                         **self.as_user)
+        self.pid = self.proc.pid
+        deadline = time.monotonic() + 20
+        while subprocess.run(["lttng", "list"], env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, timeout=30, **self.as_user).returncode != 0:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                with open(self.log, errors="replace") as f:
+                    tail = f.read().strip().splitlines()[-1:]
+                raise RuntimeError(f"lttng-sessiond did not come up: {tail}")
+            time.sleep(0.05)
+        try:
+            with open(os.path.join(self.home, ".lttng", "lttng-sessiond.pid")) as f:
+                pid = int(f.read())
+        except (OSError, ValueError) as e:
+            raise RuntimeError(f"lttng-sessiond's pid file: {e}") from None
+        if pid != self.pid:
+            raise RuntimeError(f"lttng-sessiond.pid names {pid}, not our lttng-sessiond {self.pid}")
+
+    def lttng(self, *args: str, timeout: float = 300) -> str:
+        r = subprocess.run(["lttng", *args], env=self.env, capture_output=True, text=True, timeout=timeout,
+                           stdin=subprocess.DEVNULL, **self.as_user)
+        if r.returncode != 0:
+            raise RuntimeError(f"lttng {' '.join(args)}: {(r.stderr or r.stdout).strip()}")
+        return r.stdout
+
+    def run(self, argv: list[str], env: dict | None = None, timeout: float = 600) -> str:
+        """Runs an app as LTTng's user, in this sessiond's LTTNG_HOME."""
+        r = subprocess.run(argv, env=dict(self.env, **(env or {})), capture_output=True, text=True,
+                           timeout=timeout, stdin=subprocess.DEVNULL, **self.as_user)
+        if r.returncode != 0:
+            raise RuntimeError(f"{argv[0]}: exit {r.returncode}: {r.stderr.strip()}")
+        return r.stdout
+
+    def consumerd_pid(self) -> int:
+        """The 64-bit UST lttng-consumerd (a child of sessiond)."""
+        for pid in _children(self.pid):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if b"ustconsumerd64" in f.read():
+                        return pid
+            except OSError:
+                pass
+        raise RuntimeError(f"no 64-bit UST lttng-consumerd under lttng-sessiond {self.pid}")
+
+    def close(self) -> None:
+        """SIGTERM to sessiond (it ends its consumerd), SIGKILL to whatever
+        of its tree is left after 5 s, then the directory goes."""
+        if self.proc is not None:
+            tree = _tree(self.pid)
+            _kill(self.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
+            for pid in tree:
+                if _alive(pid):
+                    _kill(pid, signal.SIGKILL)
+            self.proc.wait()
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and any(_alive(p) for p in tree):
+                time.sleep(0.02)
+            self.proc = None
+        shutil.rmtree(self.home, ignore_errors=True)
+
+
+class LttngRelay:
+    """An lttng-relayd on loopback (control, data and live ports free ones)
+    writing under ``out``, as our child."""
+
+    def __init__(self, out: str, log: str, as_user: dict) -> None:
+        self.out = out
+        self.proc: subprocess.Popen | None = None
+        for _attempt in range(3):  # a port taken between _free_ports() and the bind: again
+            self.ctrl, self.data, live = _free_ports(3)
+            with open(log, "wb") as logf:
+                self.proc = subprocess.Popen(
+                    ["lttng-relayd", "-o", out, "-C", f"tcp://127.0.0.1:{self.ctrl}",
+                     "-D", f"tcp://127.0.0.1:{self.data}", "-L", f"tcp://127.0.0.1:{live}"],
+                    env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.path.dirname(out),
+                         "LTTNG_HOME": os.path.dirname(out)},
+                    stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, **as_user)
+            self.pid = self.proc.pid
+            try:
+                if self._wait_listening(15):
+                    return
+            except BaseException:
+                self.close()
+                raise
+            self.close()
+        with open(log, errors="replace") as f:
+            tail = f.read().strip().splitlines()[-1:]
+        raise RuntimeError(f"lttng-relayd did not come up: {tail}")
+
+    def _wait_listening(self, timeout: float) -> bool:
+        """Whether the relay accepts connections on its control and data ports within ``timeout`` s."""
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            if all(self._listening(p) for p in (self.ctrl, self.data)):
+                return True
+            time.sleep(0.02)
+        return False
+
+    @staticmethod
+    def _listening(port: int) -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return True
+        except OSError:
+            return False
+
+    def close(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            _kill(self.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                _kill(self.pid, signal.SIGKILL)
+        self.proc.wait()
+        self.proc = None
+
+
+def _build_lttng_app(workdir: str) -> str:
+    """bench/lttng_app/app.c compiled (gcc -O2) into ``workdir``."""
+    app = os.path.join(workdir, "tw-bench-lttng-app")
+    r = subprocess.run(["gcc", "-O2", "-Wall", "-I", LTTNG_APP_DIR, "-o", app,
+                        os.path.join(LTTNG_APP_DIR, "app.c"), "-llttng-ust", "-ldl"],
+                       capture_output=True, text=True, timeout=300)
+    if r.returncode != 0:
+        raise RuntimeError(f"gcc bench/lttng_app/app.c: {r.stderr.strip()}")
+    os.chmod(app, 0o755)
+    return app
+
+
+def lttng_run(app: str, blocking: bool, payload: int, events: int, root: str) -> dict:
+    """One LTTng run, the counterpart of relay_run(): its own relayd and
+    sessiond, ``lttng create --set-url=net://...``, the default channel
+    (discard mode, per-user buffers) or a blocking one, the C app, ``lttng
+    stop`` (timed), ``lttng destroy``; everything killed after."""
+    as_user = _lttng_user()
+    work = _private_dir(root, "twbL", as_user)
+    relay = d = mem = None
+    try:
+        relay = LttngRelay(os.path.join(work, "relay"), os.path.join(work, "relayd.log"), as_user)
+        d = LttngDaemons(root)
+        d.lttng("create", "s", f"--set-url=net://127.0.0.1:{relay.ctrl}:{relay.data}")
+        if blocking:
+            d.lttng("enable-channel", "-u", "--blocking-timeout=inf", "blk")
+            d.lttng("enable-event", "-u", "demo:tick", "-c", "blk")
+        else:
+            d.lttng("enable-event", "-u", "demo:tick")
+        d.lttng("start")
+        consumerd = d.consumerd_pid()
+        sessiond = d.pid
+        mem = _MemPeak(lambda: _tree(sessiond))
+        c0 = sum(_cpu_s(p) for p in _tree(consumerd))
+        r0 = _cpu_s(relay.pid)
+        t0 = time.perf_counter()
+        text = d.run([app, "--events", str(events), "--payload-bytes", str(payload)],
+                     {"LTTNG_UST_ALLOW_BLOCKING": "1"} if blocking else None)
+        ts = time.perf_counter()
+        d.lttng("stop", "s")
+        t1 = time.perf_counter()
+        r1 = _cpu_s(relay.pid)
+        pss, rss = mem.finish()
+        d.lttng("destroy", "s")
+        c1 = sum(_cpu_s(p) for p in _tree(consumerd))
+        read, discarded = _bt_count(relay.out)
+        return {
+            "seconds": t1 - t0,
+            "stop_s": t1 - ts,
+            "app": _emitted(text),
+            "raw": _stream_bytes(relay.out),
+            "read": read,
+            "bt_discarded": discarded,
+            "consumerd_cpu": c1 - c0,
+            "relayd_cpu": r1 - r0,
+            "pss_mb": pss,
+            "rss_mb": rss,
+        }
+    finally:
+        if mem is not None:
+            mem.finish()
+        if d is not None:
+            d.close()
+        if relay is not None:
+            relay.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+# name -> (what a run gives, unit); per GB is of the raw trace the relay wrote
+VS_FIGURES = {
+    "consumerd_cpu_s_per_gb": (lambda r: r["consumerd_cpu"] / (r["raw"] / 1e9), "s/GB"),
+    "relayd_cpu_s_per_gb": (lambda r: r["relayd_cpu"] / (r["raw"] / 1e9), "s/GB"),
+    "daemons_pss_mb": (lambda r: r["pss_mb"], "MB"),
+    "daemons_rss_mb": (lambda r: r["rss_mb"], "MB"),
+    "events_lost": (lambda r: r["lost"], "events"),
+    "events_lost_discarded": (lambda r: r["bt_discarded"], "events"),
+    "stop_s": (lambda r: r["stop_s"], "s"),
+    "mb_per_s": (lambda r: r["raw"] / 1e6 / r["seconds"], "MB/s"),
+}
+
+
+def _remove_new_wait_shm(before: set[str]) -> None:
+    """Removes the /dev/shm/lttng-ust-wait-* files our LTTng apps created
+    (liblttng-ust leaves them behind); those that were there before stay."""
+    try:
+        now = {n for n in os.listdir("/dev/shm") if n.startswith("lttng-ust-wait-")}
+    except OSError:
+        return
+    for name in now - before:
+        try:
+            os.unlink(os.path.join("/dev/shm", name))
+        except OSError:
+            pass
+
+
+def _lttng_wait_shm() -> set[str]:
+    try:
+        return {n for n in os.listdir("/dev/shm") if n.startswith("lttng-ust-wait-")}
+    except OSError:
+        return set()
+
+
+def bench_vs_lttng(events: int, repeat: int, want, payload: int = 256, root: str = VS_ROOT) -> None:
+    """tracewire (--compress none, zstd 1) against LTTng (default channel,
+    blocking channel), each through its own relay on loopback, rounds
+    interleaved: LTTng, tracewire none, LTTng blocking, tracewire zstd1, ...
+    Median, min and max over the rounds; ratios tracewire / LTTng default."""
+    sides = {"lttng": None, "tracewire_none": "none", "lttng_blocking": None, "tracewire_zstd1": "zstd"}
+    names: dict[str, tuple] = {}
+    for fig in VS_FIGURES:
+        for side in sides:
+            for stat in ("", "_min", "_max"):
+                names[f"{VS_PREFIX}{fig}_{side}{stat}"] = (fig, side, stat)
+        for v in ("none", "zstd1"):
+            names[f"{VS_PREFIX}{fig}_ratio_{v}"] = (fig, f"tracewire_{v}", "ratio")
+    names = {n: f for n, f in names.items() if want(n)}
+    if not names or not lttng_setup():
+        return
+    build = tempfile.mkdtemp(prefix="twbc", dir=root)
+    os.chmod(build, 0o755)
+    shm_before = _lttng_wait_shm()
+    runs: dict[str, list[dict]] = {s: [] for s in sides}
+    try:
+        app = _build_lttng_app(build)
+        for r in range(repeat):
+            for side, compress in sides.items():
+                if compress is None:
+                    res = lttng_run(app, side == "lttng_blocking", payload, events, root)
+                else:
+                    res = relay_run(f"vs{r}", compress, payload, events, True, root=root, memory=True)
+                res["lost"] = events - res["read"]
+                runs[side].append(res)
+                app_s = f"{res['app']:.3f} s" if res["app"] is not None else "?"
+                status = f", tracewire status: {res['discarded']}" if compress is not None else ""
+                print(f"bench: vs_lttng round {r + 1}/{repeat} {side}: {res['raw'] / 1e6:.0f} MB raw in "
+                      f"{res['seconds']:.2f} s (app {app_s}, stop {res['stop_s']:.2f} s), lost {res['lost']} "
+                      f"(babeltrace2: {res['bt_discarded']} discarded{status}), consumerd {res['consumerd_cpu']:.2f} "
+                      f"CPU s, relayd {res['relayd_cpu']:.2f} CPU s, PSS {res['pss_mb']:.1f} MB, "
+                      f"RSS {res['rss_mb']:.1f} MB", file=sys.stderr, flush=True)
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
+        _remove_new_wait_shm(shm_before)
+    for name, (fig, side, stat) in names.items():
+        get, unit = VS_FIGURES[fig]
+        if stat == "ratio":
+            lttng = statistics.median(get(x) for x in runs["lttng"])
+            ours = statistics.median(get(x) for x in runs[side])
+            if lttng == 0:
+                print(f"bench: {name}: LTTng's median is 0, no ratio", file=sys.stderr)
+                continue
+            emit(name, ours / lttng, "tracewire/lttng", 4)
+        else:
+            values = [get(x) for x in runs[side]]
+            emit(name, {"": statistics.median, "_min": min, "_max": max}[stat](values), unit)
+
+
+# The timed loops, run as separate processes: the LTTng agent under Debian's
+# /usr/bin/python3 (python3-lttngust), tracewire under this venv's python.
+_PY_LOGGING = r"""
+import logging, sys, time
+n = int(sys.argv[1])
+if sys.argv[2] == "lttng":
+    import lttngust  # registers with the session daemon (LTTNG_HOME), blocks up to 5 s for it
+    deadline = time.monotonic() + 10
+    while not logging.getLogger().handlers:  # the agent adds its handler once a session enables an event
+        if time.monotonic() > deadline:
+            sys.exit("lttngust: no handler on the root logger after 10 s: no session enables the event")
+        time.sleep(0.01)
+else:
+    logging.getLogger().setLevel(logging.NOTSET)  # as lttngust sets it: every record is made, none handled
+logger = logging.getLogger("bench")
+for i in range(1000):
+    logger.info("request %d %s", i, "path")
+t0 = time.perf_counter_ns()
+for i in range(n):
+    logger.info("request %d %s", i, "path")
+t1 = time.perf_counter_ns()
+print((t1 - t0) / n)
+"""
+
+_PY_TRACEWIRE = r"""
+import sys, time
+from tracewire import tracepoint
+n = int(sys.argv[1])
+log = tracepoint("demo:log", seq=int, msg=str)  # waits (bounded) for sessiond to enable it
+for i in range(1000):
+    log(seq=i, msg="request %d %s" % (i, "path"))
+t0 = time.perf_counter_ns()
+for i in range(n):
+    log(seq=i, msg="request %d %s" % (i, "path"))
+t1 = time.perf_counter_ns()
+print((t1 - t0) / n)
+"""
+
+
+def bench_python_tracer(calls: int, repeat: int, want, everything: bool, root: str = VS_ROOT) -> None:
+    """ns per ``logger.info('request %d %s', i, 'path')`` through LTTng's
+    Python agent against ns per tracewire tracepoint call doing the same
+    (seq and the formatted message), each with a session enabling the event
+    and writing to a local trace on tmpfs; rounds interleaved, median."""
+    names = {f"python_tracer_ns_per_event_{k}": k
+             for k in ("tracewire", "lttng", "ratio", "tracewire_venv", "logging_no_handler")}
+    names = {n: k for n, k in names.items() if everything or want(n)}
+    if not names or not lttng_setup():
+        return
+    if not os.path.exists(SYSTEM_PYTHON):
+        print(f"bench: python_tracer skipped: no {SYSTEM_PYTHON}", file=sys.stderr)
+        return
+    shm_before = _lttng_wait_shm()
+    ld = tw = None
+    out = tempfile.mkdtemp(prefix="twbp", dir=root)
+    results: dict[str, list[float]] = {"lttng": [], "tracewire": [], "tracewire_venv": [], "logging_no_handler": []}
+    try:
+        ld = LttngDaemons(root, agent_port=_free_ports(1)[0])
+        ltrace = os.path.join(ld.home, "trace")
+        ld.lttng("create", "p", f"--output={ltrace}")
+        ld.lttng("enable-event", "--python", "bench")
+        ld.lttng("start", "p")
+        tw = Daemons(root)
+        twtrace = os.path.join(out, "trace")
+        tw.cli("create", "p", "--output", twtrace)
+        tw.cli("enable-event", "demo:*", "-s", "p")
+        tw.cli("start", "p")
+        for r in range(repeat):
+            ns = float(ld.run([SYSTEM_PYTHON, "-c", _PY_LOGGING, str(calls), "lttng"]))
+            results["lttng"].append(ns)
+            for key, python in (("tracewire", SYSTEM_PYTHON), ("tracewire_venv", sys.executable)):
+                # The tracer needs only the standard library: Debian's python runs it from the tree.
+                env = dict(tw.env, PYTHONPATH=REPO_DIR) if python == SYSTEM_PYTHON else tw.env
+                proc = subprocess.run([python, "-c", _PY_TRACEWIRE, str(calls)], env=env, capture_output=True,
+                                      text=True, timeout=600, stdin=subprocess.DEVNULL)
+                if proc.returncode != 0:
+                    raise RuntimeError(f"tracewire python loop ({python}): {proc.stderr.strip()}")
+                results[key].append(float(proc.stdout))
+            proc = subprocess.run([SYSTEM_PYTHON, "-c", _PY_LOGGING, str(calls), "none"], capture_output=True,
+                                  text=True, timeout=600, stdin=subprocess.DEVNULL)
+            if proc.returncode != 0:
+                raise RuntimeError(f"logging loop: {proc.stderr.strip()}")
+            results["logging_no_handler"].append(float(proc.stdout))
+            print(f"bench: python_tracer round {r + 1}/{repeat}: lttng {results['lttng'][-1]:.0f}, tracewire "
+                  f"{results['tracewire'][-1]:.0f} (venv: {results['tracewire_venv'][-1]:.0f}), logging without "
+                  f"handler {results['logging_no_handler'][-1]:.0f} ns/call", file=sys.stderr, flush=True)
+        ld.lttng("stop", "p")
+        tw.cli("stop", "p")
+        expected = (calls + 1000) * repeat
+        for side, trace in (("lttng", ltrace), ("tracewire", twtrace)):
+            read, discarded = _bt_count(trace)
+            want_n = expected * (2 if side == "tracewire" else 1)  # Debian's python and the venv's
+            print(f"bench: python_tracer {side}: {read} events in the trace, {discarded} reported discarded, "
+                  f"{want_n} emitted", file=sys.stderr)
+            if read + discarded != want_n:
+                print(f"bench: python_tracer {side}: the trace does not account for every call", file=sys.stderr)
+    finally:
+        if ld is not None:
+            ld.close()
+        if tw is not None:
+            tw.close()
+        shutil.rmtree(out, ignore_errors=True)
+        _remove_new_wait_shm(shm_before)
+    med = {k: statistics.median(v) for k, v in results.items()}
+    med["ratio"] = med["tracewire"] / med["lttng"]
+    for name, k in names.items():
+        if k == "ratio":
+            emit(name, med[k], "tracewire/lttng", 4)
+        else:
+            emit(name, med[k], "ns/event")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeat", type=int, default=3, help="best of N (default 3)")
@@ -776,6 +1398,8 @@ def main() -> None:
     ap.add_argument("--fsync-dir", default="/var/tmp",
                     help="relay_fsync: the relay writes under this directory; a real disk, not tmpfs "
                          "(default /var/tmp)")
+    ap.add_argument("--python-calls", type=int, default=200_000,
+                    help="python_tracer: timed calls per round (default 200,000)")
     a = ap.parse_args()
 
     def want(prefix: str) -> bool:
@@ -795,6 +1419,9 @@ def main() -> None:
     # --only relay_fsync (or a shorter prefix of it) prints all of its
     # figures, relayd_fsync_cpu_* included.
     bench_relay_fsync(a.fsync_mb, a.fsync_dir, a.repeat, want, "relay_fsync".startswith(a.only))
+    # --only vs_lttng (or a prefix of it) also runs the python_tracer_* figures.
+    bench_vs_lttng(a.events, a.repeat, want)
+    bench_python_tracer(a.python_calls, a.repeat, want, VS_PREFIX.startswith(a.only))
 
 
 if __name__ == "__main__":
