@@ -277,6 +277,7 @@ class NetSession:
         # ("stream", _NetStream) | ("packet", _Pending) | ("metadata", _Trace, start, end)
         self._outbox: collections.deque[tuple[Any, ...]] = collections.deque()
         self._send_wakeup = trio.Event()
+        self._sync_wanted = False  # a flush waits: ask where a stream stands once all is sent
         self._next_wire_id: Iterator[int] = itertools.count()
         self._changed = trio.Event()
         self._cancel = trio.CancelScope()
@@ -371,12 +372,22 @@ class NetSession:
         self._outbox.append(item)
         self._send_wakeup.set()
 
+    def _compressing(self) -> bool:
+        """Whether a submitted packet is still with the compressor."""
+        return any(p.data is None for st in self.streams.values() for p in st.unacked)
+
     async def wait_all_acked(self) -> None:
         """Return once every submitted packet is acknowledged.
 
         Raises:
             SinkError: the relay refused the session.
         """
+        # Ask the relay where a stream stands once everything submitted is
+        # sent: it answers only after writing (and, in fsync mode, syncing)
+        # all that came before, so the acks come now rather than at the end
+        # of its sync window.
+        self._sync_wanted = True
+        self._send_wakeup.set()
         while True:
             if self.error:
                 raise SinkError(self.error)
@@ -684,6 +695,10 @@ class NetSession:
     async def _send_loop(self, stream: trio.abc.Stream, conn: wire.Connection) -> None:
         while True:
             while not self._outbox:
+                if self._sync_wanted and self.by_wire_id and not self._compressing():
+                    self._sync_wanted = False  # see wait_all_acked
+                    await self._send(stream, conn, wire.StreamStateRequest(max(self.by_wire_id)))
+                    continue
                 self._send_wakeup = trio.Event()
                 with trio.move_on_after(self.keepalive) as idle:
                     await self._send_wakeup.wait()

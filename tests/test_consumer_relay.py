@@ -267,6 +267,24 @@ async def test_every_event_reaches_the_relay(tmp_path: Path, compress: bool) -> 
     assert net.unacked_bytes == 0
 
 
+async def test_a_flush_does_not_wait_for_the_relays_sync_window(tmp_path: Path) -> None:
+    """A relay in fsync mode acknowledges once per sync window (here far
+    longer than the test's deadline): a flush (wait_all_acked) asks where a
+    stream stands once everything is sent, which the relay answers only
+    after syncing, so the acks come at once."""
+    out = tmp_path / "relay"
+    packets = make_packets(12, 200)
+    with trio.fail_after(DEADLINE):
+        async with running_relay(out, fsync=True, fsync_interval=10_000.0) as port:
+            net = new_session(Opener(port))
+            async with running(net):
+                declare(net)
+                submit_all(net, packets)
+                await net.wait_all_acked()
+                assert net.stats("s0")["unacked"] == 0
+    check_trace(out, 12 * 200, 12)
+
+
 @pytest.mark.skipif(BT2 is None, reason="babeltrace2 is not installed")
 async def test_relay_output_opens_in_babeltrace2(tmp_path: Path) -> None:
     out = tmp_path / "relay"
