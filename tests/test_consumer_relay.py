@@ -21,7 +21,7 @@ import errno
 import shutil
 import subprocess
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -619,11 +619,16 @@ class FakeRelay:
             for part in conn.send_parts(msg):
                 await stream.send_all(part)
 
+        try:
+            await self._answer(stream, conn, send, channels, awaiting, number)
+        except trio.ClosedResourceError:
+            return  # the test closed this end (while reading, or answering)
+
+    async def _answer(self, stream: trio.abc.Stream, conn: wire.Connection,
+                      send: Callable[[wire.Message], Awaitable[None]], channels: dict[int, str],
+                      awaiting: dict[int, int], number: int) -> None:
         while True:
-            try:
-                data = await stream.receive_some(65536)
-            except trio.ClosedResourceError:
-                return  # the test closed this end
+            data = await stream.receive_some(65536)
             conn.receive_data(data)
             while (msg := conn.next_event()) is not None:
                 match msg:
