@@ -67,6 +67,15 @@ __all__ = ["NetSession", "RelayUnavailable", "SinkError", "read_key_file"]
 logger = logging.getLogger(__name__)
 
 
+# Packets (raw bytes) compressed in one worker-thread hand-off at most.
+_COMPRESS_BATCH_BYTES = 4 * 1024 * 1024
+
+
+def _compress_all(cctx: Any, raws: list[bytes | None]) -> list[bytes | None]:
+    """Compresses each packet (in a worker thread: zstd releases the GIL)."""
+    return [cctx.compress(r) if r is not None else None for r in raws]
+
+
 class SinkError(Exception):
     """A sink that cannot be used: the relay refused the session (or a bad
     relay URL, directory or key file, see consumerd/sinks.py)."""
@@ -463,32 +472,39 @@ class NetSession:
             while not self._to_compress:
                 await self._compress_wakeup.wait()
                 self._compress_wakeup = trio.Event()
-            p = self._to_compress.popleft()
-            raw = p.raw
-            assert raw is not None
-            if cctx is not None:
-                data = await trio.to_thread.run_sync(cctx.compress, raw)
+            # Whatever is queued goes to the worker thread in one hand-off:
+            # the thread round trip costs more of the event loop's CPU than
+            # the compression bookkeeping, so it is paid per batch, not per
+            # packet (docs/design.md, "Where the consumer's CPU goes").
+            batch: list[_Pending] = []
+            size = 0
+            while self._to_compress and size < _COMPRESS_BATCH_BYTES:
+                p = self._to_compress.popleft()
+                batch.append(p)
+                size += p.raw_len
+            raws = [p.raw for p in batch]
+            datas = await trio.to_thread.run_sync(_compress_all, cctx, raws) if cctx is not None else raws
+            for p, raw, data in zip(batch, raws, datas, strict=True):
+                assert raw is not None and data is not None
                 # Keep whichever is smaller: incompressible data goes raw.
-                if len(data) < len(raw):
+                if cctx is not None and len(data) < len(raw):
                     p.data, p.codec = data, wire.Codec.ZSTD
                 else:
                     p.data, p.codec = raw, wire.Codec.NONE
-            else:
-                p.data, p.codec = raw, wire.Codec.NONE
-            p.raw = None
-            self.unacked_bytes -= p.raw_len - len(p.data)
-            if self.spool is not None:
-                try:
-                    self.spool.append(p.stream.key, SpoolRecord(
-                        p.seq, p.ts_begin, p.ts_end, p.events_discarded, p.ring_end, p.raw_len,
-                        int(p.codec), p.data))
-                except OSError as exc:  # disk full: stop reading rings, say why
-                    self.error = f"cannot write the spool: {exc}"
-                    self._notify()
-                    return
-            self.on_saved(p.stream.key, p.ring_end, p.ts_end)
-            if p.stream.sendable(p):  # a held stream's packets wait for its release
-                self._queue(("packet", p))
+                p.raw = None
+                self.unacked_bytes -= p.raw_len - len(p.data)
+                if self.spool is not None:
+                    try:
+                        self.spool.append(p.stream.key, SpoolRecord(
+                            p.seq, p.ts_begin, p.ts_end, p.events_discarded, p.ring_end, p.raw_len,
+                            int(p.codec), p.data))
+                    except OSError as exc:  # disk full: stop reading rings, say why
+                        self.error = f"cannot write the spool: {exc}"
+                        self._notify()
+                        return
+                self.on_saved(p.stream.key, p.ring_end, p.ts_end)
+                if p.stream.sendable(p):  # a held stream's packets wait for its release
+                    self._queue(("packet", p))
 
     async def _connection_loop(self) -> None:
         while self.error is None:
