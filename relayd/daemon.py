@@ -170,7 +170,8 @@ class RelaydConfig:
             event loop).
         fsync: acknowledge a packet only once it and its index entry are
             durable (fdatasync), so that a power cut at the relay cannot lose
-            what a target has already freed.
+            what a target has already freed.  Off here (tests and embedders
+            choose); on by default for `tracewire-relayd` (`--fsync`).
         fsync_interval: fsync mode: seconds a connection's written packets
             wait, at most, for the fdatasync that covers them (one per stream
             per interval, whatever the packet rate).
