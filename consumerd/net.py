@@ -432,13 +432,6 @@ class NetSession:
             return _HELD_STATE[st.retry_reason], st.retry_text or st.retry_reason.name
         return None, None
 
-    def unreachable(self) -> str | None:
-        """The network failure that keeps the session from the relay (None:
-        connected, or the relay closed the connection by itself, for now)."""
-        if self.error or self.connected or not self.last_failure or self._unavailable:
-            return None
-        return self.last_failure
-
     async def wait_change(self) -> None:
         """Wait until an acknowledgement, a refusal or a reconnect happens."""
         await self._changed.wait()

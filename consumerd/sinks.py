@@ -53,7 +53,7 @@ from consumerd.net import NetSession, SinkError, read_key_file
 from consumerd.spool import Spool
 from tracewire import wire
 from tracewire.names import InvalidName, validate_name
-from tracewire.ops import Compression, SessionOp, StreamStats, human_size
+from tracewire.ops import Compression, RelayState, SessionOp, StreamStats, human_size
 from tracewire.ringbuf import Chunk
 from tracewire.streamfile import StreamFile
 from tracewire.url import parse_url
@@ -384,12 +384,12 @@ class RelayStream(StreamSink):
     def stats(self, counted: StreamStats) -> StreamStats:
         net = self.net
         s = net.stats(self.key)
-        error = counted.error
-        if net.error:
-            error = f"relay: {net.error}"
-        elif (failure := net.unreachable()) is not None:
-            error = f"relay unreachable: {failure}"
         relay, why = net.relay_state(self.key)
+        error = counted.error
+        if relay is RelayState.REFUSED:
+            error = f"relay: {why}"
+        elif relay is RelayState.UNREACHABLE:
+            error = f"relay unreachable: {why}"
         return dataclasses.replace(
             counted, packets=s["packets"], raw_bytes=s["raw_bytes"], wire_bytes=s["wire_bytes"],
             unacked=s["unacked"], unacked_bytes=s["unacked_bytes"], error=error, relay=relay, relay_why=why,
