@@ -693,6 +693,21 @@ async def settle(clock: MockClock, seconds: float = 0.0) -> None:
         await wait_all_tasks_blocked()
 
 
+@asynccontextmanager
+async def s0_full_after_two(a: list) -> AsyncIterator[tuple[FakeRelay, NetSession]]:
+    """A FakeRelay and a session on it whose stream s0 had packets ``a[:2]``
+    acknowledged; then the relay's disk is full for channel0 (s0)."""
+    async with trio.open_nursery() as nursery:
+        relay = FakeRelay(nursery)
+        net = fake_session(relay)
+        nursery.start_soon(net.run)
+        await connected(net)
+        submit_all(net, a[:2], "s0")
+        await net.wait_all_acked()
+        relay.full.add("channel0")
+        yield relay, net
+
+
 async def test_retry_holds_one_stream_then_probes_and_resends_the_rest_once(mock_clock: MockClock) -> None:
     """The relay answers a packet of s0 with Retry: s0 sends nothing for its
     backoff (0.25 s, then 0.5 s, 1 s after each failed probe), then its probe
@@ -703,14 +718,7 @@ async def test_retry_holds_one_stream_then_probes_and_resends_the_rest_once(mock
     a = make_packets(10, 10)  # s0, channel0
     b = make_packets(6, 10, stream_id=1)  # s1, channel1
     with fail_after_wall(DEADLINE):
-        async with trio.open_nursery() as nursery:
-            relay = FakeRelay(nursery)
-            net = fake_session(relay)
-            nursery.start_soon(net.run)
-            await connected(net)
-            submit_all(net, a[:2], "s0")
-            await net.wait_all_acked()
-            relay.full.add("channel0")
+        async with s0_full_after_two(a) as (relay, net):
             submit_all(net, a[2:6], "s0")
             submit_all(net, b[:3], "s1")
             await settle(mock_clock)
@@ -768,14 +776,7 @@ async def test_held_and_probing_streams_across_a_reconnect(mock_clock: MockClock
     a = make_packets(6, 10)
     b = make_packets(4, 10, stream_id=1)
     with fail_after_wall(DEADLINE):
-        async with trio.open_nursery() as nursery:
-            relay = FakeRelay(nursery)
-            net = fake_session(relay)
-            nursery.start_soon(net.run)
-            await connected(net)
-            submit_all(net, a[:2], "s0")
-            await net.wait_all_acked()
-            relay.full.add("channel0")
+        async with s0_full_after_two(a) as (relay, net):
             submit_all(net, a[2:4], "s0")
             await settle(mock_clock)
             assert relay.retries == [("channel0", 2)]
