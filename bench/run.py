@@ -526,6 +526,19 @@ def _bt_count(out: str) -> tuple[int, int]:
     return lines, discarded
 
 
+def _tear_down(mem, daemons, relay, work: str) -> None:
+    """The end of a pipeline run, whatever happened: stop sampling memory,
+    kill the daemons and the relay (each may be None), remove the run's
+    directory."""
+    if mem is not None:
+        mem.finish()
+    if daemons is not None:
+        daemons.close()
+    if relay is not None:
+        relay.close()
+    shutil.rmtree(work, ignore_errors=True)
+
+
 def relay_run(tag: str, compress: str, payload: int, events: int, count: bool, root: str = "/tmp",
               memory: bool = False) -> dict:
     """One streaming run on loopback, each with its own relay, run directory
@@ -580,13 +593,7 @@ def relay_run(tag: str, compress: str, payload: int, events: int, count: bool, r
         res["consumerd_cpu"] = _cpu_s(consumerd) - c0  # just before killing it
         return res
     finally:
-        if mem is not None:
-            mem.finish()
-        if d is not None:
-            d.close()
-        if relay is not None:
-            relay.close()
-        shutil.rmtree(work, ignore_errors=True)
+        _tear_down(mem, d, relay, work)
 
 
 def bench_relay(compress: str, payload: int, events: int, repeat: int, want) -> None:
@@ -1178,13 +1185,7 @@ def lttng_run(app: str, blocking: bool, payload: int, events: int, root: str) ->
             "rss_mb": rss,
         }
     finally:
-        if mem is not None:
-            mem.finish()
-        if d is not None:
-            d.close()
-        if relay is not None:
-            relay.close()
-        shutil.rmtree(work, ignore_errors=True)
+        _tear_down(mem, d, relay, work)
 
 
 # name -> (what a run gives, unit); per GB is of the raw trace the relay wrote
