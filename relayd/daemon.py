@@ -276,7 +276,6 @@ class _Fault:
     """One kind of write failure at the output, from its first sighting until
     every file it hit has been written again."""
 
-    reason: RetryReason
     text: str
     since: float
     paths: set[str] = field(default_factory=set)
@@ -286,10 +285,6 @@ class _Fault:
 class _Transient(Exception):
     """A healable write failure on a declaration: the connection is dropped
     with Error(RETRY) and the consumer reconnects later."""
-
-    def __init__(self, text: str) -> None:
-        super().__init__(text)
-        self.text = text
 
 
 _FINAL_ERRNOS = frozenset({errno.ENAMETOOLONG, errno.ELOOP, errno.ENOTDIR, errno.EISDIR, errno.EINVAL,
@@ -362,7 +357,7 @@ class RelayServer:
         self.retries_sent += 1
         f = self.faults.get(reason)
         if f is None:
-            f = self.faults[reason] = _Fault(reason, _strerror(exc), trio.current_time())
+            f = self.faults[reason] = _Fault(_strerror(exc), trio.current_time())
             logger.warning(
                 "output %s: %s (writing %s): holding back acknowledgements; targets keep their data "
                 "and retry (logged again when it clears)",
@@ -373,21 +368,27 @@ class RelayServer:
 
     def written(self, path: str) -> None:
         """A write to `path` succeeded: a failure that hit it is cleared there."""
-        for reason, f in list(self.faults.items()):
-            if path in f.paths:
-                f.paths.discard(path)
-                if not f.paths:
-                    del self.faults[reason]
-                    logger.warning("output %s: writable again after %.1f s of %s (%d writes were refused "
-                                   "and resent by their targets)", self.output, trio.current_time() - f.since,
-                                   f.text, f.refused)
+        self._release_path(path, written=True)
 
     def forget(self, path: str) -> None:
         """`path` is closed: it no longer waits on a failure."""
+        self._release_path(path, written=False)
+
+    def _release_path(self, path: str, written: bool) -> None:
+        """`path` no longer waits on any failure; a failure no file waits on
+        any more is over, and logged as such."""
         for reason, f in list(self.faults.items()):
+            if path not in f.paths:
+                continue
             f.paths.discard(path)
-            if not f.paths:
-                del self.faults[reason]
+            if f.paths:
+                continue
+            del self.faults[reason]
+            if written:
+                logger.warning("output %s: writable again after %.1f s of %s (%d writes were refused "
+                               "and resent by their targets)", self.output, trio.current_time() - f.since,
+                               f.text, f.refused)
+            else:
                 logger.warning("output %s: no stream waits on %s any more (%d writes were refused)",
                                self.output, f.text, f.refused)
 
@@ -501,8 +502,8 @@ class _ConsumerConnection:
             logger.warning("%s: dropped: %s: %s", self, exc.code.name, exc.message)
             await self._send_error(exc.code, exc.message)
         except _Transient as exc:
-            logger.info("%s: dropped until the output heals: %s", self, exc.text)
-            await self._send_error(ErrorCode.RETRY, exc.text)
+            logger.info("%s: dropped until the output heals: %s", self, exc)
+            await self._send_error(ErrorCode.RETRY, str(exc))
         except trio.TooSlowError:
             phase = "handshake" if self.hostname is None else "idle"
             logger.warning("%s: dropped: %s timeout", self, phase)
@@ -719,19 +720,18 @@ class _ConsumerConnection:
         index = not self.config.fsync  # fsync mode: index entries only after the data is durable
         async with self.io_lock:
             failed = await self.server.run_io(partial(_write_packets, batch, index))
-        for w in batch:
-            st = w.st
-            if st.file is None:
-                continue
+        streams = [st for st in {id(w.st): w.st for w in batch}.values() if st.file is not None]
+        for st in streams:
             self.to_ack[st.decl.stream_id] = st
             if self.config.fsync:
                 self.unsynced[st.decl.stream_id] = st
-                if self.sync_due is None:
-                    self.sync_due = trio.current_time() + self.config.fsync_interval
+        if self.config.fsync and streams and self.sync_due is None:
+            self.sync_due = trio.current_time() + self.config.fsync_interval
         self._failed(failed)
         if self.server.faults:
-            for st in {id(w.st): w.st for w in batch if w.st not in failed}.values():
-                self.server.written(st.path)
+            for st in streams:
+                if st not in failed:
+                    self.server.written(st.path)
 
     def _failed(self, failed: Mapping[_OpenStream, OSError]) -> None:
         """Streams whose files were cut back after `exc`: a Retry each, or
