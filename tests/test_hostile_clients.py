@@ -45,7 +45,7 @@ import pytest
 
 from tracewire import ctf
 
-from conftest import TW, _alive, _children
+from conftest import TW, _alive, _children, _kill_wait
 
 SYSTEM_PYTHON = "/usr/bin/python3"  # other users cannot run the venv's (it lives in root's home)
 OUTSIDER = "nobody"  # a user outside the "tracing" group
@@ -353,14 +353,7 @@ def limited_sessiond(tw: TW) -> Iterator[subprocess.Popen]:
     finally:
         pids = [proc.pid, *_children(proc.pid)] if proc.poll() is None else []
         for sig in (signal.SIGTERM, signal.SIGKILL):
-            for pid in pids:
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline and any(_alive(p) for p in pids):
-                time.sleep(0.02)
+            _kill_wait([p for p in pids if _alive(p)], sig, time.monotonic() + 10)
         proc.wait(10)
 
 

@@ -23,7 +23,7 @@ import time
 
 import pytest
 
-from conftest import _alive, _children
+from conftest import _alive, _children, _kill_wait
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create users and switch to them")
 
@@ -94,16 +94,7 @@ def _stop_sessiond(rundir: str) -> None:
         return
     pids = [pid, *_children(pid)]
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        for p in pids:
-            try:
-                os.kill(p, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and any(_alive(p) for p in pids):
-            time.sleep(0.02)
-        if not any(_alive(p) for p in pids):
-            return
+        _kill_wait([p for p in pids if _alive(p)], sig, time.monotonic() + 10)
 
 
 def _run(python: str, env: dict, user: str | None, *args: str, check: bool = True):
