@@ -286,6 +286,18 @@ def _kill(pid: int, sig: int) -> None:
         pass
 
 
+def _terminate(proc: subprocess.Popen, pid: int) -> None:
+    """SIGTERM to ``pid`` (``proc``'s process, or the one it runs as), SIGKILL
+    if ``proc`` has not exited 5 s later; ``proc`` is reaped."""
+    if proc.poll() is None:
+        _kill(pid, signal.SIGTERM)
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            _kill(pid, signal.SIGKILL)
+    proc.wait()
+
+
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -496,14 +508,8 @@ class Relay:
             time.sleep(0.02)
 
     def close(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        _kill(self.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            _kill(self.pid, signal.SIGKILL)
-            self.proc.wait()
+        if self.proc is not None:
+            _terminate(self.proc, self.pid)
 
 
 def _bt_count(out: str) -> tuple[int, int]:
@@ -1114,16 +1120,9 @@ class LttngRelay:
             return False
 
     def close(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            _kill(self.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                _kill(self.pid, signal.SIGKILL)
-        self.proc.wait()
-        self.proc = None
+        if self.proc is not None:
+            _terminate(self.proc, self.pid)
+            self.proc = None
 
 
 def _build_lttng_app(workdir: str) -> str:
