@@ -46,6 +46,7 @@ metadata or a flush is the sink's (consumerd/sinks.py).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import resource
 import socket
@@ -520,16 +521,20 @@ class Consumerd:
             st.done.set()
 
     async def _stream_loop(self, st: StreamOut, timer: float) -> None:
+        timed = math.isfinite(timer)
         with st.cancel:
             while not st.closed:
-                with trio.move_on_after(timer) as cs:
-                    try:
+                try:
+                    if timed:
+                        with trio.move_on_after(timer) as cs:
+                            await trio.lowlevel.wait_readable(st.eventfd)
+                    else:  # no switch timer: no cancel scope per wake-up either
                         await trio.lowlevel.wait_readable(st.eventfd)
-                    except trio.ClosedResourceError:
-                        break  # close_stream() is closing the eventfd
+                except trio.ClosedResourceError:
+                    break  # close_stream() is closing the eventfd
                 if st.closed:
                     break
-                if cs.cancelled_caught:
+                if timed and cs.cancelled_caught:
                     self.drain(st, flush=True)
                     continue
                 try:

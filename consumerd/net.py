@@ -50,14 +50,16 @@ import enum
 import itertools
 import logging
 import math
+import os
+import socket
 import ssl
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
-from consumerd.spool import Spool, SpoolRecord
+from consumerd.spool import Spool, SpoolRecord, SpoolRef
 from tracewire import wire
 from tracewire.ops import DEFAULT_COMPRESS_LEVEL, DEFAULT_SPOOL_SIZE, RelayState
 from tracewire.url import RelayURL
@@ -71,9 +73,57 @@ logger = logging.getLogger(__name__)
 _COMPRESS_BATCH_BYTES = 4 * 1024 * 1024
 
 
-def _compress_all(cctx: Any, raws: list[bytes | None]) -> list[bytes | None]:
-    """Compresses each packet (in a worker thread: zstd releases the GIL)."""
-    return [cctx.compress(r) if r is not None else None for r in raws]
+def _compress_all(cctx: Any, packets: list[list[wire.Buffer]]) -> list[bytes]:
+    """Compresses each packet, given as its parts (the CTF header and a view
+    of the ring), in a worker thread: zstd releases the GIL."""
+    return [cctx.compress(b"".join(parts)) for parts in packets]
+
+
+def _size(parts: Sequence[wire.Buffer]) -> int:
+    return sum(p.nbytes if isinstance(p, memoryview) else len(p) for p in parts)
+
+
+# Packets sent back to back on a TCP socket before the sender yields to the
+# other tasks (it yields anyway whenever the socket is full).
+_SEND_BURST = 8
+
+
+class _FileSend:
+    """A packet going out on a non-blocking TCP socket: the frame's head with
+    MSG_MORE (it leaves in the same segment as the data), then the spooled
+    bytes with ``os.sendfile`` (the kernel hands the spool file's pages to
+    the socket: no copy in Python)."""
+
+    __slots__ = ("head", "fd", "offset", "left")
+
+    def __init__(self, head: wire.Buffer, ref: SpoolRef) -> None:
+        self.head = memoryview(head)
+        self.fd, self.offset, self.left = ref.fd, ref.offset, ref.length
+
+    def push(self, sock: socket.socket) -> bool:
+        """Send what the socket takes now; True once all is sent.
+
+        Raises:
+            OSError: the socket failed (trio.BrokenResourceError: the spool
+                segment ended before the packet did).
+        """
+        try:
+            while self.head:
+                self.head = self.head[sock.send(self.head, socket.MSG_MORE):]
+            while self.left:
+                sent = os.sendfile(sock.fileno(), self.fd, self.offset, self.left)
+                if sent == 0:
+                    raise trio.BrokenResourceError("the spool segment ended before the packet did")
+                self.offset += sent
+                self.left -= sent
+        except BlockingIOError:
+            return False
+        return True
+
+    async def finish(self, sock: socket.socket) -> None:
+        """Send the rest, waiting while the socket is full."""
+        while not self.push(sock):
+            await trio.lowlevel.wait_writable(sock)
 
 
 class SinkError(Exception):
@@ -158,7 +208,9 @@ def read_key_file(path: str) -> tuple[str, bytes]:
 
 @dataclass(slots=True)
 class _Pending:
-    """One packet kept until acknowledged."""
+    """One packet kept until acknowledged: first its raw parts (still in the
+    ring, waiting for the compressor), then, once *saved*, where its encoded
+    bytes are (the spool, or memory when there is no spool)."""
 
     order: int
     stream: _NetStream
@@ -167,10 +219,21 @@ class _Pending:
     ts_begin: int
     ts_end: int
     events_discarded: int
-    raw: bytes | None
-    ring_end: int = 0  # ring position after this packet (published once spooled)
-    data: bytes | None = None  # encoded payload once compressed
+    parts: list[wire.Buffer] | None  # the CTF header and a view of the ring, until saved
+    ring_end: int = 0  # ring position after this packet (published once saved)
+    ref: SpoolRef | None = None  # the encoded bytes in the spool
+    data: bytes | None = None  # the encoded bytes in memory (no spool)
+    size: int = 0  # encoded bytes, once saved
     codec: wire.Codec = wire.Codec.NONE
+
+    @property
+    def saved(self) -> bool:
+        """Whether the encoded packet is in the spool (or memory): it may be sent."""
+        return self.ref is not None or self.data is not None
+
+    def held_bytes(self) -> int:
+        """What the packet takes until acknowledged: encoded, once saved."""
+        return self.size if self.saved else self.raw_len
 
 
 class _Flow(enum.Enum):
@@ -208,13 +271,13 @@ class _NetStream:
 
     def unacked_bytes(self) -> int:
         """What the unacknowledged packets take (compressed, once they are)."""
-        return sum(len(p.data) if p.data is not None else p.raw_len for p in self.unacked)
+        return sum(p.held_bytes() for p in self.unacked)
 
     def probe(self) -> _Pending | None:
-        """The packet a probing stream sends, once compressed (None: not yet)."""
+        """The packet a probing stream sends, once saved (None: not yet)."""
         for p in self.unacked:
             if p.seq == self.retry_seq:
-                return p if p.data is not None else None
+                return p if p.saved else None
             if p.seq > self.retry_seq:
                 break
         return None
@@ -287,6 +350,14 @@ class NetSession:
         self._outbox: collections.deque[tuple[Any, ...]] = collections.deque()
         self._send_wakeup = trio.Event()
         self._sync_wanted = False  # a flush waits: ask where a stream stands once all is sent
+        # The connection's TCP socket (a duplicate descriptor) for sending
+        # spooled packets without trio's wrappers; None over TLS.
+        self._raw: socket.socket | None = None
+        # The sender task waits for work: the drain loop may send packets
+        # itself (_pump); a packet it could not finish is left in _partial.
+        self._sender_idle = False
+        self._partial: _FileSend | None = None
+        self._conn: wire.Connection | None = None
         self._next_wire_id: Iterator[int] = itertools.count()
         self._changed = trio.Event()
         self._cancel = trio.CancelScope()
@@ -337,9 +408,10 @@ class NetSession:
         elif self.spool is not None:
             for rec in self.spool.load(key):
                 p = _Pending(next(self._order), st, rec.seq, rec.raw_len, rec.ts_begin, rec.ts_end,
-                             rec.events_discarded, None, rec.ring_end, rec.data, wire.Codec(rec.codec))
+                             rec.events_discarded, None, rec.ring_end, rec.ref, None, rec.ref.length,
+                             wire.Codec(rec.codec))
                 st.unacked.append(p)
-                self.unacked_bytes += len(rec.data)
+                self.unacked_bytes += p.size
                 last = rec
             if last is not None:
                 st.base_seq = last.seq + 1
@@ -365,17 +437,99 @@ class NetSession:
         if st.finished and not st.unacked and self.spool is not None:
             self.spool.remove(st.key)
 
-    def submit(self, key: str, raw: bytes, seq: int, ts_begin: int, ts_end: int, discarded: int,
-               ring_end: int = 0) -> None:
-        """Queue one whole CTF packet (``raw``, header included) of stream ``key``."""
+    def submit(self, key: str, raw: wire.Buffer | Sequence[wire.Buffer], seq: int, ts_begin: int,
+               ts_end: int, discarded: int, ring_end: int = 0) -> None:
+        """Take one whole CTF packet of stream ``key``: ``raw``, or its parts
+        back to back (the CTF header and a view of the ring, which must stay
+        valid until ``on_saved`` says the packet is saved).
+
+        Uncompressed, the packet is saved at once (written to the spool, or
+        copied, without one); compressed, once the compressor is through.
+        A spool that cannot be written fails the session (``error``).
+        """
         st = self.streams[key]
-        p = _Pending(next(self._order), st, seq, len(raw), ts_begin, ts_end, discarded, raw, ring_end)
+        parts = [raw] if isinstance(raw, bytes | bytearray | memoryview) else list(raw)
+        size = _size(parts)
+        p = _Pending(next(self._order), st, seq, size, ts_begin, ts_end, discarded, parts, ring_end)
         st.unacked.append(p)
         st.packets += 1
-        st.raw_bytes += len(raw)
-        self.unacked_bytes += len(raw)
-        self._to_compress.append(p)
-        self._compress_wakeup.set()
+        st.raw_bytes += size
+        self.unacked_bytes += size
+        if self.compress:
+            self._to_compress.append(p)
+            self._compress_wakeup.set()
+        else:
+            self._save(p, parts, wire.Codec.NONE)
+
+    def _save(self, p: _Pending, parts: list[wire.Buffer], codec: wire.Codec) -> bool:
+        """Save a packet's encoded bytes (``parts``) in the spool, or in memory
+        without one; then its ring space may go (``on_saved``) and it may be
+        sent.  False: the spool could not be written; the session failed."""
+        st = p.stream
+        try:
+            if self.spool is not None:
+                p.ref = self.spool.append(st.key, parts, p.seq, p.ts_begin, p.ts_end, p.events_discarded,
+                                          p.ring_end, p.raw_len, int(codec)).ref
+                p.size = p.ref.length
+            else:
+                p.data = parts[0] if len(parts) == 1 and type(parts[0]) is bytes else b"".join(parts)
+                p.size = len(p.data)
+        except OSError as exc:  # disk full: stop reading rings, say why
+            self.error = f"cannot write the spool: {exc}"
+            self._notify()
+            return False
+        p.parts = None
+        p.codec = codec
+        self.unacked_bytes -= p.raw_len - p.size
+        self.on_saved(st.key, p.ring_end, p.ts_end)
+        if st.sendable(p):  # a held stream's packets wait for its release
+            self._outbox.append(("packet", p))
+            if not self._pump():
+                self._send_wakeup.set()
+        return True
+
+    def _pump(self) -> bool:
+        """Send the spooled packets at the head of the outbox from here, the
+        drain loop, while the sender task is idle and the socket takes them
+        whole: no wake-up of the sender per packet.  True: the outbox is
+        empty (nothing for the sender to do); False: the sender must run (a
+        packet left half sent in ``_partial``, something else queued, a
+        failure for it to meet)."""
+        raw, conn = self._raw, self._conn
+        if not self._sender_idle or raw is None or conn is None or self._partial is not None:
+            return not self._outbox
+        outbox = self._outbox
+        while outbox:
+            item = outbox[0]
+            if item[0] != "packet" or item[1].ref is None:
+                return False
+            p: _Pending = item[1]
+            outbox.popleft()
+            st = p.stream
+            if not st.sendable(p):
+                continue
+            ref = p.ref
+            assert ref is not None
+            try:
+                head = conn.send_parts(wire.Packet(
+                    st.wire_id, p.seq, p.codec, p.raw_len, p.ts_begin, p.ts_end, p.events_discarded,
+                    p.raw_len * 8, p.raw_len * 8, p.seq, wire.OutOfBand(ref.length),
+                ))[0]
+            except wire.ProtocolError:
+                outbox.appendleft(item)  # the sender meets the error, and the connection ends
+                return False
+            if st.flow is _Flow.PROBING:
+                st.probe_sent = True
+            st.wire_bytes += len(head) + ref.length
+            job = _FileSend(head, ref)
+            try:
+                done = job.push(raw)
+            except OSError:
+                done = False  # the sender's next write meets the failure
+            if not done:
+                self._partial = job
+                return False
+        return True
 
     def _queue(self, item: tuple[Any, ...]) -> None:
         self._outbox.append(item)
@@ -383,7 +537,7 @@ class NetSession:
 
     def _compressing(self) -> bool:
         """Whether a submitted packet is still with the compressor."""
-        return any(p.data is None for st in self.streams.values() for p in st.unacked)
+        return any(not p.saved for st in self.streams.values() for p in st.unacked)
 
     async def wait_all_acked(self) -> None:
         """Return once every submitted packet is acknowledged.
@@ -450,6 +604,8 @@ class NetSession:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._compress_loop)
                 nursery.start_soon(self._hold_loop)
+                if self.spool is not None:
+                    nursery.start_soon(self._trim_loop, self.spool)
                 await self._connection_loop()
                 nursery.cancel_scope.cancel()
 
@@ -458,9 +614,11 @@ class NetSession:
         self._cancel.cancel()
 
     async def _compress_loop(self) -> None:
+        if not self.compress:
+            return  # packets are saved as they are submitted
         import zstandard
 
-        cctx = zstandard.ZstdCompressor(level=self.level, write_content_size=True) if self.compress else None
+        cctx = zstandard.ZstdCompressor(level=self.level, write_content_size=True)
         while True:
             while not self._to_compress:
                 await self._compress_wakeup.wait()
@@ -475,29 +633,23 @@ class NetSession:
                 p = self._to_compress.popleft()
                 batch.append(p)
                 size += p.raw_len
-            raws = [p.raw for p in batch]
-            datas = await trio.to_thread.run_sync(_compress_all, cctx, raws) if cctx is not None else raws
+            raws = [p.parts or [] for p in batch]  # unsaved: every one has its parts
+            datas = await trio.to_thread.run_sync(_compress_all, cctx, raws)
             for p, raw, data in zip(batch, raws, datas, strict=True):
-                assert raw is not None and data is not None
                 # Keep whichever is smaller: incompressible data goes raw.
-                if cctx is not None and len(data) < len(raw):
-                    p.data, p.codec = data, wire.Codec.ZSTD
+                if len(data) < p.raw_len:
+                    ok = self._save(p, [data], wire.Codec.ZSTD)
                 else:
-                    p.data, p.codec = raw, wire.Codec.NONE
-                p.raw = None
-                self.unacked_bytes -= p.raw_len - len(p.data)
-                if self.spool is not None:
-                    try:
-                        self.spool.append(p.stream.key, SpoolRecord(
-                            p.seq, p.ts_begin, p.ts_end, p.events_discarded, p.ring_end, p.raw_len,
-                            int(p.codec), p.data))
-                    except OSError as exc:  # disk full: stop reading rings, say why
-                        self.error = f"cannot write the spool: {exc}"
-                        self._notify()
-                        return
-                self.on_saved(p.stream.key, p.ring_end, p.ts_end)
-                if p.stream.sendable(p):  # a held stream's packets wait for its release
-                    self._queue(("packet", p))
+                    ok = self._save(p, raw, wire.Codec.NONE)
+                if not ok:
+                    return
+
+    @staticmethod
+    async def _trim_loop(spool: Spool) -> None:
+        """Give back the spool's spare segments a stream no longer needs."""
+        while True:
+            await trio.sleep(spool.trim_after)
+            spool.trim()
 
     async def _connection_loop(self) -> None:
         while self.error is None:
@@ -532,8 +684,6 @@ class NetSession:
         with trio.fail_after(self.connect_timeout):
             tcp = await trio.open_tcp_stream(self.url.host, self.url.port)
             try:
-                import socket
-
                 tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 # Data unacknowledged by the relay's TCP for this long breaks
                 # the connection, so a long outage ends in a reconnect rather
@@ -564,6 +714,9 @@ class NetSession:
         with trio.fail_after(self.connect_timeout):
             stream = await self._opener()
         conn = wire.Connection(wire.Role.CONSUMER)
+        if isinstance(stream, trio.SocketStream):
+            self._raw = socket.socket(fileno=os.dup(stream.socket.fileno()))
+            self._raw.setblocking(False)
         try:
             async with trio.open_nursery() as nursery:
                 try:
@@ -573,13 +726,18 @@ class NetSession:
                     await self._last_word(stream, conn)
                     raise
                 self.connected = True
+                self._conn = conn
                 self._reconnect_backoff = RECONNECT_MIN  # this relay works: the next failure retries soon
                 logger.info("session %s: connected to %s", self.name, self.url)
                 self._notify()
                 nursery.start_soon(self._reader, stream, conn)
                 await self._sender(stream, conn)
         finally:
-            self.connected = self._linked = False
+            self.connected = self._linked = self._sender_idle = False
+            self._partial = self._conn = None
+            if self._raw is not None:
+                self._raw.close()
+                self._raw = None
             with trio.move_on_after(1) as cs:
                 cs.shield = True
                 await stream.aclose()
@@ -620,6 +778,35 @@ class NetSession:
             await stream.send_all(part)
             n += len(part)
         return n
+
+    async def _send_packet(self, stream: trio.abc.Stream, conn: wire.Connection, p: _Pending) -> int:
+        """Send a saved packet; returns the bytes sent.  A spooled one goes
+        from the spool file to a TCP socket with ``os.sendfile`` (the kernel
+        hands the file's pages to the socket: no copy in Python); over TLS,
+        or another stream, it is read back first."""
+        ref = p.ref
+        payload: wire.Buffer
+        if p.data is not None:
+            payload = p.data
+        else:
+            assert ref is not None
+            payload = wire.OutOfBand(ref.length)
+        head = conn.send_parts(wire.Packet(
+            p.stream.wire_id, p.seq, p.codec, p.raw_len, p.ts_begin, p.ts_end,
+            p.events_discarded, p.raw_len * 8, p.raw_len * 8, p.seq, payload,
+        ))[0]
+        if ref is None or p.data is not None:
+            await stream.send_all(head)
+            if p.size:
+                await stream.send_all(payload)
+            return len(head) + p.size
+        if self._raw is not None:
+            await _FileSend(head, ref).finish(self._raw)
+        else:
+            await stream.send_all(head)
+            if ref.length:
+                await stream.send_all(ref.read())
+        return len(head) + ref.length
 
     async def _handshake(self, stream: trio.abc.Stream, conn: wire.Connection) -> None:
         key_id = self.auth[0] if self.auth else None
@@ -683,7 +870,7 @@ class NetSession:
         # Packets still being compressed follow through the compressor.
         added = [item for item in self._outbox if item[0] != "packet"]
         pending = sorted(
-            (p for st in self.streams.values() for p in st.unacked if p.data is not None and st.sendable(p)),
+            (p for st in self.streams.values() for p in st.unacked if p.saved and st.sendable(p)),
             key=lambda p: p.order,
         )
         self._outbox.clear()
@@ -702,15 +889,29 @@ class NetSession:
             raise
 
     async def _send_loop(self, stream: trio.abc.Stream, conn: wire.Connection) -> None:
+        burst = 0
         while True:
+            if burst >= _SEND_BURST:
+                burst = 0
+                await trio.lowlevel.checkpoint()  # let the drain loops and the reader run
+            if self._partial is not None and self._raw is not None:
+                await self._partial.finish(self._raw)  # what _pump() began
+                self._partial = None
             while not self._outbox:
                 if self._sync_wanted and self.by_wire_id and not self._compressing():
                     self._sync_wanted = False  # see wait_all_acked
                     await self._send(stream, conn, wire.StreamStateRequest(max(self.by_wire_id)))
                     continue
                 self._send_wakeup = trio.Event()
-                with trio.move_on_after(self.keepalive) as idle:
-                    await self._send_wakeup.wait()
+                self._sender_idle = True
+                try:
+                    with trio.move_on_after(self.keepalive) as idle:
+                        await self._send_wakeup.wait()
+                finally:
+                    self._sender_idle = False
+                if self._partial is not None and self._raw is not None:
+                    await self._partial.finish(self._raw)
+                    self._partial = None
                 if idle.cancelled_caught and self.by_wire_id:
                     # Nothing to send for a while: ask where a stream stands,
                     # so the relay's idle timeout never drops a quiet session.
@@ -730,12 +931,8 @@ class NetSession:
                     continue
                 if p.stream.flow is _Flow.PROBING:
                     p.stream.probe_sent = True  # the relay takes seq retry_seq once more, once
-                assert p.data is not None
-                n = await self._send(stream, conn, wire.Packet(
-                    p.stream.wire_id, p.seq, p.codec, p.raw_len, p.ts_begin, p.ts_end,
-                    p.events_discarded, p.raw_len * 8, p.raw_len * 8, p.seq, p.data,
-                ))
-                p.stream.wire_bytes += n
+                p.stream.wire_bytes += await self._send_packet(stream, conn, p)
+                burst += 1
             elif kind == "metadata":
                 _, tr, start, end = item
                 chunk = wire.Metadata(self.session_id, tr.path, start, bytes(tr.metadata[start:end]))
@@ -768,7 +965,7 @@ class NetSession:
         freed = 0
         while st.unacked and st.unacked[0].seq <= seq:
             p = st.unacked.popleft()
-            freed += len(p.data) if p.data is not None else p.raw_len
+            freed += p.held_bytes()
         if self.spool is not None:
             self.spool.acknowledged(st.key, seq)
             self._forget_if_done(st)
@@ -821,7 +1018,7 @@ class NetSession:
         st.probe_sent = False
         self._purge(st)
         if self._linked:
-            self._outbox.extend(("packet", p) for p in st.unacked if p.data is not None)
+            self._outbox.extend(("packet", p) for p in st.unacked if p.saved)
             self._send_wakeup.set()
 
     async def _hold_loop(self) -> None:

@@ -375,7 +375,9 @@ class RelayStream(StreamSink):
         return self.net.has_room()
 
     def write(self, header: bytes, chunk: Chunk, seq: int) -> None:
-        self.net.submit(self.key, header + chunk.data, seq, chunk.ts_begin, chunk.ts_end,
+        # The ring's view itself: it is written to the spool (or compressed)
+        # from shared memory, and the ring space goes once it is saved.
+        self.net.submit(self.key, [header, chunk.data], seq, chunk.ts_begin, chunk.ts_end,
                         chunk.events_discarded, chunk.end)
 
     def flush(self) -> None:

@@ -1,4 +1,4 @@
-"""The relay sink's spool: every packet read from a ring buffer is appended to
+"""The relay sink's spool: every packet read from a ring buffer is written to
 a local segment file before the ring space is given back, and forgotten once
 the relay acknowledges it.
 
@@ -11,30 +11,66 @@ While the relay is unreachable the spool grows up to its cap; past the cap
 the consumer stops reading the rings, which then discard new events and count
 them in the trace (``events_discarded``) and in ``tracewire status``.
 
-Layout: ``<dir>/<stream key>.<segment>``, segments of ``segment_size`` bytes;
-a segment is deleted when all its packets are acknowledged.  Record:
-``<QQQQQIB I`` (seq, ts_begin, ts_end, events_discarded, ring_end, raw_len,
-codec, data_len) then ``data_len`` bytes.  The spool is written and read by
-consumerd only (a directory of the session owner's), but a truncated or
-damaged tail — a crash mid-append — is cut off on load, not trusted.
+The spool is also where a packet is sent *from*: a packet's bytes are
+written once, from the ring's shared memory to the segment (``pwritev`` of
+the CTF header and a view of the ring: no copy in Python), and the sender
+hands the segment's pages to the socket (``os.sendfile``).  No packet is
+kept in consumerd's memory.
+
+Cost: writing to a file page that does not exist yet allocates and zeroes it
+(on tmpfs, ``/run``, most of the write's cost), and truncating or unlinking
+frees it again.  So segments are *recycled*: a segment whose packets are all
+acknowledged is not deleted but kept as a spare (``keep_free`` per stream),
+and the next segment is written over it.  Steady streaming then writes into
+pages that are already there.  How many spares a stream keeps follows what
+it needs: as many as it had segments in use at most over the last
+``trim_after`` seconds (at least ``keep_free``), so a stream streaming fast
+behind a relay that acknowledges every 0.1 s writes over its own spares,
+and a stream gone quiet, or past an outage, gives the space back within
+``2 * trim_after`` seconds (``trim()``, which consumerd calls every
+``trim_after`` seconds).  Spares hold disk (on tmpfs: memory) space, and
+go with their stream.
+
+Layout: ``<dir>/<stream key>.<n>``.  A segment starts with a 16-byte header
+``<IIQ`` (magic ``TWSP``, version, generation); each reuse of the file writes
+a new generation.  Then records: a 64-byte header ``<IIQQQQQQII`` (CRC-32 of
+the 60 bytes after it, codec, generation, seq, ts_begin, ts_end,
+events_discarded, ring_end, raw_len, data_len) followed by ``data_len``
+bytes.  A record's data is written before its header, so a consumerd killed
+mid-append leaves no header in front of data that is not all there; a
+segment's records end at the first header that is not of the segment's
+generation, fails its CRC, runs past the file's end or breaks the seq
+sequence (a reused segment's older records stay behind the new ones and
+are never read as new).  The spool is written and read by consumerd only (a
+directory of the session owner's), but its content is checked on load, not
+trusted.
 """
 
 from __future__ import annotations
 
 import os
 import struct
+import time
+import zlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-__all__ = ["Spool", "SpoolRecord"]
+from tracewire.wire import Buffer
 
-_REC = struct.Struct("<QQQQQIBI")
+__all__ = ["Spool", "SpoolRecord", "SpoolRef"]
+
+_SEG = struct.Struct("<IIQ")
+_SEG_MAGIC = 0x50535754  # "TWSP"
+_SEG_VERSION = 2
+_REC = struct.Struct("<IIQQQQQQII")
 MAX_RECORD_DATA = 256 * 1024 * 1024
+_LOAD_READ = 64 * 1024  # bytes read at a time while loading
 
 
 @dataclass(slots=True)
 class SpoolRecord:
-    """One spooled packet: its place in the stream and the ring, and its
-    (possibly compressed) bytes."""
+    """One spooled packet: its place in the stream and the ring, and where
+    its (possibly compressed) bytes are."""
 
     seq: int
     ts_begin: int
@@ -43,124 +79,290 @@ class SpoolRecord:
     ring_end: int
     raw_len: int
     codec: int
-    data: bytes
+    ref: SpoolRef
 
 
 class _Segment:
-    """One segment file of a stream: its open fd, size and last seq (-1: empty)."""
+    """One segment file of a stream: its open fd, generation, size (the end
+    of its last record), first and last seq (-1: empty) and name number."""
 
-    __slots__ = ("path", "fd", "size", "last_seq")
+    __slots__ = ("path", "number", "fd", "gen", "size", "first_seq", "last_seq", "closed")
 
-    def __init__(self, path: str, fd: int, size: int, last_seq: int) -> None:
-        self.path, self.fd, self.size, self.last_seq = path, fd, size, last_seq
+    def __init__(self, path: str, number: int, fd: int, gen: int) -> None:
+        self.path, self.number, self.fd, self.gen = path, number, fd, gen
+        self.size = _SEG.size
+        self.first_seq = self.last_seq = -1
+        self.closed = False
+
+    def start(self, gen: int) -> None:
+        """(Re)start the segment empty, with generation ``gen``.
+
+        Raises:
+            OSError: the header could not be written.
+        """
+        os.pwrite(self.fd, _SEG.pack(_SEG_MAGIC, _SEG_VERSION, gen), 0)
+        self.gen, self.size, self.first_seq, self.last_seq = gen, _SEG.size, -1, -1
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            os.close(self.fd)
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolRef:
+    """Where a spooled packet's bytes are: ``length`` bytes at ``offset`` of
+    a segment (valid until the packet is acknowledged)."""
+
+    segment: _Segment
+    offset: int
+    length: int
+
+    @property
+    def fd(self) -> int:
+        """The segment's descriptor (for ``os.sendfile``)."""
+        return self.segment.fd
+
+    def read(self) -> bytes:
+        """The bytes (a copy: for a TLS connection, which cannot sendfile).
+
+        Raises:
+            OSError: the segment could not be read, or is shorter than the record.
+        """
+        data = os.pread(self.segment.fd, self.length, self.offset)
+        if len(data) != self.length:
+            raise OSError(f"spool {self.segment.path}: record cut short")
+        return data
 
 
 class Spool:
-    """Segment files per stream, with a total size cap."""
+    """Segment files per stream, recycled, with a total size cap."""
 
-    def __init__(self, directory: str, cap_bytes: int, segment_size: int = 8 * 1024 * 1024) -> None:
+    def __init__(self, directory: str, cap_bytes: int, segment_size: int = 1024 * 1024,
+                 keep_free: int = 2, trim_after: float = 10.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.directory = directory
         self.cap = cap_bytes
         self.segment_size = segment_size
-        self.size = 0
-        self._segments: dict[str, list[_Segment]] = {}
+        self.keep_free = keep_free
+        self.trim_after = trim_after
+        self._clock = clock
+        # Per stream: the most segments in use since the last trim, the
+        # number of spares it may keep until the next, and when that is.
+        self._peak: dict[str, int] = {}
+        self._keep: dict[str, int] = {}
+        self._trim_at: dict[str, float] = {}
+        self.size = 0  # bytes of the segments in use (not the spares)
+        self._segments: dict[str, list[_Segment]] = {}  # in use, oldest first
+        self._free: dict[str, list[_Segment]] = {}  # spares, ready to be written over
+        self._numbers: dict[str, int] = {}  # the next new segment's number
         os.makedirs(directory, mode=0o700, exist_ok=True)
 
     def has_room(self) -> bool:
         """False once the spool holds its cap: stop reading the rings."""
         return self.size < self.cap
 
+    # ------------------------------------------------------------ loading
     def load(self, key: str) -> list[SpoolRecord]:
         """Records left by an earlier consumerd for stream ``key``, in order."""
         prefix = key + "."
-        names = sorted(
-            (n for n in os.listdir(self.directory) if n.startswith(prefix) and n[len(prefix):].isdigit()),
-            key=lambda n: int(n[len(prefix):]),
-        )
+        numbers = sorted(int(n[len(prefix):]) for n in os.listdir(self.directory)
+                         if n.startswith(prefix) and n[len(prefix):].isdigit())
+        self._numbers[key] = numbers[-1] + 1 if numbers else 0
+        loaded: list[tuple[_Segment, list[SpoolRecord]]] = []
+        free = self._free.setdefault(key, [])
+        for number in numbers:
+            path = os.path.join(self.directory, f"{key}.{number}")
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            seg = _Segment(path, number, fd, 0)
+            try:
+                recs = self._read_segment(seg)
+            except BaseException:
+                seg.close()
+                raise
+            if recs:
+                loaded.append((seg, recs))
+            else:
+                free.append(seg)
+        # Recycled files are not in seq order by name: by their first seq.
+        # The stream's records are the run of consecutive seqs that ends
+        # with the newest one; a segment before a gap is an old one (a spare
+        # whose new generation was not written yet when consumerd died).
+        loaded.sort(key=lambda sr: sr[1][0].seq)
+        start = len(loaded)
+        while start > 0 and (start == len(loaded) or loaded[start - 1][1][-1].seq + 1 == loaded[start][1][0].seq):
+            start -= 1
         out: list[SpoolRecord] = []
         segs = self._segments.setdefault(key, [])
-        for name in names:
-            path = os.path.join(self.directory, name)
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-            data = b""
-            size = os.fstat(fd).st_size
-            while len(data) < size:
-                chunk = os.pread(fd, size - len(data), len(data))
-                if not chunk:
-                    break
-                data += chunk
-            off, last = 0, -1
-            while off + _REC.size <= len(data):
-                seq, tb, te, disc, ring_end, raw_len, codec, n = _REC.unpack_from(data, off)
-                if n > MAX_RECORD_DATA or off + _REC.size + n > len(data):
-                    break
-                body = data[off + _REC.size : off + _REC.size + n]
-                if out and seq != out[-1].seq + 1:
-                    break
-                out.append(SpoolRecord(seq, tb, te, disc, ring_end, raw_len, codec, body))
-                last = seq
-                off += _REC.size + n
-            if off != len(data):
-                os.ftruncate(fd, off)  # a crash mid-append: cut the partial record
-            segs.append(_Segment(path, fd, off, last))
-            self.size += off
+        for i, (seg, recs) in enumerate(loaded):
+            if i < start:
+                free.append(seg)
+                continue
+            out += recs
+            segs.append(seg)
+            self.size += seg.size
+        spares = free[:]
+        free.clear()
+        for seg in spares:
+            self._recycle(key, seg, in_use=False)
         return out
 
-    def append(self, key: str, rec: SpoolRecord) -> None:
-        """Add a packet of stream ``key`` at the end of its last segment.
+    def _read_segment(self, seg: _Segment) -> list[SpoolRecord]:
+        """The valid records of ``seg`` (see the module docstring); sets its
+        generation, size and seqs."""
+        file_size = os.fstat(seg.fd).st_size
+        head = os.pread(seg.fd, _SEG.size, 0)
+        if len(head) < _SEG.size:
+            return []
+        magic, version, gen = _SEG.unpack(head)
+        if magic != _SEG_MAGIC or version != _SEG_VERSION:
+            return []
+        seg.gen = gen
+        out: list[SpoolRecord] = []
+        off = _SEG.size
+        while off + _REC.size <= file_size:
+            raw = os.pread(seg.fd, _REC.size, off)
+            if len(raw) < _REC.size:
+                break
+            crc, codec, rgen, seq, tb, te, disc, ring_end, raw_len, n = _REC.unpack(raw)
+            if crc != zlib.crc32(raw[4:]) or rgen != gen or n > MAX_RECORD_DATA:
+                break
+            if off + _REC.size + n > file_size or (out and seq != out[-1].seq + 1):
+                break
+            ref = SpoolRef(seg, off + _REC.size, n)
+            out.append(SpoolRecord(seq, tb, te, disc, ring_end, raw_len, codec, ref))
+            off += _REC.size + n
+        seg.size = off
+        if out:
+            seg.first_seq, seg.last_seq = out[0].seq, out[-1].seq
+        return out
+
+    # ------------------------------------------------------------ writing
+    def append(self, key: str, parts: Sequence[Buffer], seq: int, ts_begin: int, ts_end: int,
+               events_discarded: int, ring_end: int, raw_len: int, codec: int) -> SpoolRecord:
+        """Write a packet of stream ``key`` (its bytes: ``parts`` back to back)
+        after the stream's last one.
 
         Raises:
             OSError: the write failed (disk full): the record is not kept.
         """
-        segs = self._segments.setdefault(key, [])
-        if not segs or segs[-1].size >= self.segment_size:
-            n = int(segs[-1].path.rsplit(".", 1)[1]) + 1 if segs else 0
-            path = os.path.join(self.directory, f"{key}.{n}")
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            segs.append(_Segment(path, fd, 0, -1))
-        seg = segs[-1]
-        head = _REC.pack(rec.seq, rec.ts_begin, rec.ts_end, rec.events_discarded, rec.ring_end,
-                         rec.raw_len, rec.codec, len(rec.data))
-        total = len(head) + len(rec.data)
-        written = os.pwritev(seg.fd, [head, rec.data], seg.size)
-        if written != total:
+        seg = self._writable(key)
+        n = sum(len(p) if not isinstance(p, memoryview) else p.nbytes for p in parts)
+        data_off = seg.size + _REC.size
+        # The data first, then the header that makes it a record.
+        written = os.pwritev(seg.fd, parts, data_off) if n else 0
+        if written != n:
             raise OSError(f"short write to spool {seg.path}")
+        body = _REC.pack(0, codec, seg.gen, seq, ts_begin, ts_end, events_discarded, ring_end, raw_len, n)
+        head = struct.pack("<I", zlib.crc32(memoryview(body)[4:])) + body[4:]
+        if os.pwrite(seg.fd, head, seg.size) != _REC.size:
+            raise OSError(f"short write to spool {seg.path}")
+        total = _REC.size + n
         seg.size += total
-        seg.last_seq = rec.seq
+        if seg.first_seq < 0:
+            seg.first_seq = seq
+        seg.last_seq = seq
         self.size += total
+        return SpoolRecord(seq, ts_begin, ts_end, events_discarded, ring_end, raw_len, codec,
+                           SpoolRef(seg, data_off, n))
+
+    def _writable(self, key: str) -> _Segment:
+        """The segment the next record of ``key`` goes to: the last one, or a
+        spare written over, or a new file."""
+        segs = self._segments.setdefault(key, [])
+        if segs and segs[-1].size < self.segment_size:
+            return segs[-1]
+        free = self._free.setdefault(key, [])
+        if free:
+            seg = free.pop()
+            if os.fstat(seg.fd).st_size > 2 * self.segment_size:
+                os.ftruncate(seg.fd, self.segment_size)  # a huge packet's file: give the excess back
+            self.size += seg.size
+        else:
+            number = self._numbers.get(key, 0)
+            self._numbers[key] = number + 1
+            path = os.path.join(self.directory, f"{key}.{number}")
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            seg = _Segment(path, number, fd, 0)
+            try:
+                seg.start(1)
+            except BaseException:
+                self._drop(seg)
+                raise
+            self.size += seg.size
+        segs.append(seg)
+        if len(segs) > self._peak.get(key, 0):
+            self._peak[key] = len(segs)
+        return seg
 
     def acknowledged(self, key: str, seq: int) -> None:
-        """Forget whole segments whose packets are all acknowledged."""
+        """Recycle whole segments whose packets are all acknowledged (the one
+        being written stays while it has room: the next packets go after what
+        it holds)."""
         segs = self._segments.get(key)
-        while segs and segs[0].last_seq <= seq and (len(segs) > 1 or segs[0].last_seq >= 0):
-            seg = segs[0]
-            if len(segs) == 1:
-                # The live segment: empty it in place.
-                os.ftruncate(seg.fd, 0)
-                self.size -= seg.size
-                seg.size, seg.last_seq = 0, -1
-                break
-            segs.pop(0)
-            os.close(seg.fd)
-            try:
-                os.unlink(seg.path)
-            except FileNotFoundError:
-                pass
+        self._spares_wanted(key)  # a new period starts counting from the segments in use now
+        while segs and segs[0].last_seq <= seq and (len(segs) > 1 or segs[0].size >= self.segment_size):
+            if segs[0].last_seq < 0:
+                break  # a segment just started: nothing in it yet
+            self._recycle(key, segs.pop(0))
+
+    def _spares_wanted(self, key: str) -> int:
+        """How many spares stream ``key`` may keep now (see the module
+        docstring); past a trim period, the extra ones go."""
+        now = self._clock()
+        segs, free = self._segments.get(key, []), self._free.setdefault(key, [])
+        if now >= self._trim_at.get(key, 0.0):
+            self._keep[key] = max(self.keep_free, self._peak.get(key, 0))
+            self._peak[key] = len(segs)
+            self._trim_at[key] = now + self.trim_after
+            while len(free) > self._keep[key]:
+                self._drop(free.pop(0))
+        # What it needed before, or needs now if that is more.
+        return max(self._keep.get(key, self.keep_free), self._peak.get(key, 0))
+
+    def trim(self) -> None:
+        """Delete the spares each stream no longer needs (see the module docstring)."""
+        for key in list(self._free):
+            self._spares_wanted(key)
+
+    def _recycle(self, key: str, seg: _Segment, in_use: bool = True) -> None:
+        """Keep ``seg`` as a spare (its old records made invalid at once by a
+        new generation), or delete it when the stream has enough spares."""
+        if in_use:
             self.size -= seg.size
+        free = self._free.setdefault(key, [])
+        if len(free) < self._spares_wanted(key):
+            try:
+                seg.start(seg.gen + 1)
+                free.append(seg)
+                return
+            except OSError:
+                pass
+        self._drop(seg)
 
     def remove(self, key: str) -> None:
-        """Delete every segment of stream ``key`` (its session is removed)."""
+        """Delete every segment of stream ``key`` (finished and acknowledged,
+        or its session removed)."""
         for seg in self._segments.pop(key, []):
-            os.close(seg.fd)
             self.size -= seg.size
-            try:
-                os.unlink(seg.path)
-            except FileNotFoundError:
-                pass
+            self._drop(seg)
+        for seg in self._free.pop(key, []):
+            self._drop(seg)
+        for d in (self._numbers, self._peak, self._keep, self._trim_at):
+            d.pop(key, None)
+
+    @staticmethod
+    def _drop(seg: _Segment) -> None:
+        seg.close()
+        try:
+            os.unlink(seg.path)
+        except FileNotFoundError:
+            pass
 
     def close(self) -> None:
         """Close the segment files (they stay, for a restarted consumerd)."""
-        for segs in self._segments.values():
-            for seg in segs:
-                os.close(seg.fd)
-        self._segments.clear()
+        for group in (self._segments, self._free):
+            for segs in group.values():
+                for seg in segs:
+                    seg.close()
+            group.clear()

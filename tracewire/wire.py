@@ -106,6 +106,7 @@ __all__ = [
     "Message",
     "MessageType",
     "Metadata",
+    "OutOfBand",
     "Packet",
     "ProtocolError",
     "RemoteProtocolError",
@@ -161,6 +162,32 @@ _COMPACT_THRESHOLD: Final = 64 * 1024
 
 # Bytes-like objects accepted as Packet/Metadata data.
 Buffer: TypeAlias = bytes | bytearray | memoryview
+
+
+class OutOfBand(bytes):
+    """Stands for a payload of ``length`` bytes that the sender writes itself
+    right after the frame's head (consumerd sends a spooled packet with
+    ``os.sendfile`` from its spool file, never holding it in memory).
+
+    Give it as a message's ``data``: ``len()`` is ``length``, so the frame's
+    head announces the real payload and a Packet's checks see its size;
+    ``encode_parts`` returns it as the second part, and the caller sends the
+    real bytes in its place.  It holds no bytes itself: sending it as it is
+    would break the frame.  Only ever made by a sender; a decoder never
+    produces one.
+    """
+
+    length: int
+
+    def __new__(cls, length: int) -> OutOfBand:
+        if not isinstance(length, int) or length < 0:
+            raise ValueError(f"OutOfBand length must be a non-negative int, got {length!r}")
+        obj = super().__new__(cls)
+        obj.length = length
+        return obj
+
+    def __len__(self) -> int:
+        return self.length
 
 
 # --------------------------------------------------------------------------
