@@ -4,13 +4,21 @@ Theory of operation
 -------------------
 One ``NetSession`` per tracing session streams every trace and stream of that
 session over one connection.  ``submit()`` (called from the synchronous drain
-loop) copies a packet out of shared memory and queues it; a compressor task
+loop) takes a packet as its parts (the CTF header and a view of the ring's
+shared memory).  Uncompressed, it is *saved* at once: written to the spool
+(consumerd/spool.py) with one ``pwritev``; compressed, a compressor task
 compresses queued packets in a worker thread (zstd releases the GIL), so
-compression of packet *n+1* overlaps the sending of packet *n*; a sender task
-writes frames; a reader task takes acknowledgements.
+compression of packet *n+1* overlaps the sending of packet *n*, then saves
+them.  Once saved, the ring space may go back to the producer
+(``on_saved``).  A sender task writes frames: a spooled packet goes from the
+spool file to a TCP socket with ``os.sendfile`` (read back over TLS); while
+the sender is idle, the drain loop sends the packet itself (``_pump``),
+non-blocking, and wakes the sender only when the socket is full.  A reader
+task takes acknowledgements.  Without a spool (tests), a saved packet is a
+``bytes`` in memory.
 
-Every packet stays in its stream's ``unacked`` deque, compressed, until the
-relay acknowledges it (``Ack(stream, seq)`` = everything up to ``seq`` is
+Every packet stays in its stream's ``unacked`` deque (where it is in the
+spool, not its bytes) until the relay acknowledges it (``Ack(stream, seq)`` = everything up to ``seq`` is
 written).  When the connection breaks, the session reconnects with backoff,
 re-declares the session, its metadata (the relay skips what it already has)
 and its streams, asks where each stream stands (``StreamStateRequest``),

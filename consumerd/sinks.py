@@ -19,9 +19,10 @@ when the ring space may be reused, and whether there is room for more.
   there is always room, and nothing waits for an acknowledgement.
 * :class:`RelaySink` hands packets to a :class:`~consumerd.net.NetSession`
   (compression, TCP or TLS, acknowledgements, reconnects) with a
-  :class:`~consumerd.spool.Spool` of the unacknowledged ones.  Ring space goes
-  back only once a packet is spooled (``deferred_release``: the sink calls
-  ``on_saved``).  Past the spool's cap, or the memory bound, the sink has no
+  :class:`~consumerd.spool.Spool` of the unacknowledged ones: the header and
+  a view of the ring, written to the spool without a copy in Python.  Ring
+  space goes back only once a packet is spooled (``deferred_release``: the
+  sink calls ``on_saved``).  Past the spool's cap, or the memory bound, the sink has no
   room: the data waits in the ring, and the sink calls ``on_room`` when
   acknowledgements free some.  A closed stream's spool files go once the
   relay has acknowledged all of it (no descriptor is kept per exited app).
