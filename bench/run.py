@@ -1433,6 +1433,20 @@ def bench_python_tracer(calls: int, repeat: int, want, everything: bool, root: s
             emit(name, med[k], "ns/event")
 
 
+def _installed_bytecode() -> None:
+    """Run every tracewire process as an installed package runs: compiled to
+    bytecode once (``pip install`` does it), not recompiled at each start.
+    Without this, a shell with PYTHONDONTWRITEBYTECODE set makes every CLI
+    call and daemon start compile the sources again, which the ``stop`` and
+    start-up figures would include."""
+    import compileall
+
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+    sys.dont_write_bytecode = False
+    for pkg in ("tracewire", "sessiond", "consumerd", "relayd"):
+        compileall.compile_dir(os.path.join(REPO_DIR, pkg), quiet=1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeat", type=int, default=3, help="best of N (default 3)")
@@ -1447,6 +1461,7 @@ def main() -> None:
     ap.add_argument("--python-calls", type=int, default=200_000,
                     help="python_tracer: timed calls per round (default 200,000)")
     a = ap.parse_args()
+    _installed_bytecode()
 
     def want(prefix: str) -> bool:
         return not a.only or prefix.startswith(a.only) or a.only.startswith(prefix)
