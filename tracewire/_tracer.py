@@ -78,6 +78,18 @@ class _StreamW:
         self.closed = False
 
 
+class _Detached:
+    """What a one-stream emitter body finds in ``_S1`` when it no longer has
+    that stream: a lock and no producer, so it writes nothing."""
+
+    __slots__ = ("lock", "producer", "mv")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.producer: Producer | None = None
+        self.mv: memoryview | None = None
+
+
 _HDR_COMPACT = 4  # bytes of a compact event header
 _HDR_EXTENDED = 16  # bytes of an extended one
 _PACK_MAX_LEN = 256  # longest string/bytes field (encoded) packed with a cached per-length Struct
@@ -88,17 +100,17 @@ def _indent(depth: int, lines: list[str]) -> list[str]:
     return ["    " * depth + line for line in lines]
 
 
-def _gen_encode(fields: list[tuple[str, str]], fast_header: int | None) -> list[str]:
+def _gen_encode(fields: list[tuple[str, str]], header: int) -> list[str]:
     """Lines, run before any lock is taken, that encode the variable-size
-    fields and compute ``_sz`` (the size of all the fields) and, for a fast
-    path (``fast_header``: its header's size), ``_n0``: the event's size.
+    fields and compute ``_n0``: the event's size with a ``header``-byte
+    header (the one the tracepoint usually gets).
 
     A str is encoded strictly first (the common case, cheaper than naming an
     error handler); one that cannot be (a lone surrogate) is encoded again
     with replacement characters."""
     lines = []
     size_terms = []
-    fixed_size = 0
+    fixed_size = header
     for n, t in fields:
         if t == "str":
             lines += [
@@ -109,15 +121,15 @@ def _gen_encode(fields: list[tuple[str, str]], fast_header: int | None) -> list[
                 f"if 0 in _b_{n}: _b_{n} = _b_{n}.replace(b'\\0', {_NUL_REPLACEMENT!r})",
                 f"_k_{n} = len(_b_{n})",
             ]
-            size_terms.append(f"_k_{n} + 1")
+            size_terms.append(f"_k_{n}")
+            fixed_size += 1
         elif t == "bytes":
             lines += [f"_b_{n} = bytes({n})", f"_k_{n} = len(_b_{n})"]
-            size_terms.append(f"_k_{n} + 4")
+            size_terms.append(f"_k_{n}")
+            fixed_size += 4
         else:
             fixed_size += 8
-    size_expr = " + ".join([str(fixed_size)] + size_terms)
-    lines.append(f"_sz = {size_expr}")
-    return lines if fast_header is None else lines + [f"_n0 = _sz + {fast_header}"]
+    return lines + [f"_n0 = {' + '.join(size_terms + [str(fixed_size)])}"]
 
 
 def _gen_general(fields: list[tuple[str, str]], tp_id: int, compact: bool, skip: str) -> list[str]:
@@ -128,9 +140,9 @@ def _gen_general(fields: list[tuple[str, str]], tp_id: int, compact: bool, skip:
     Leaves ``_end``, the event's end."""
     lines = []
     if compact:
-        lines += [f"_ext = _ts - _p.last_ts >= {_TS27}", f"_n = _sz + ({_HDR_EXTENDED} if _ext else {_HDR_COMPACT})"]
+        lines += [f"_ext = _ts - _p.last_ts >= {_TS27}", f"_n = _n0 + {_HDR_EXTENDED - _HDR_COMPACT} if _ext else _n0"]
     else:
-        lines += ["_ext = True", f"_n = _sz + {_HDR_EXTENDED}"]
+        lines += ["_ext = True", "_n = _n0"]
     lines += [
         "if _pos + _n <= _p.sb_end:",
         "    _o = _p.base + _pos",
@@ -149,7 +161,7 @@ def _gen_general(fields: list[tuple[str, str]], tp_id: int, compact: bool, skip:
             "if _ext:",
             *_indent(1, extended),
             "else:",
-            f"    _PC(_mv, _o, {tp_id} | (_ts & 0x7FFFFFF) << 5{lead_args})",
+            f"    _PC(_mv, _o, {_compact_header(tp_id)}{lead_args})",
             f"    _o += {_HDR_COMPACT + lead_size}",
         ]
     else:
@@ -163,6 +175,11 @@ def _gen_general(fields: list[tuple[str, str]], tp_id: int, compact: bool, skip:
             lines.append(f"_PI(_mv, _o, _k_{n}); _o += 4")
             lines.append(f"_e = _o + _k_{n}; _mv[_o:_e] = _b_{n}; _o = _e")
     return lines + ["_end = _pos + _n"]
+
+
+def _compact_header(tp_id: int) -> str:
+    """The expression of a compact header's u32: 5-bit id, 27-bit time."""
+    return "(_ts & 0x7FFFFFF) << 5" + (f" | {tp_id}" if tp_id else "")
 
 
 def _lead(fields: list[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -195,7 +212,7 @@ def _gen_write(fields: list[tuple[str, str]], tp_id: int, skip: str) -> list[str
     if len(var) > 1:
         lines += _gen_general(fields, tp_id, compact, skip)
     else:
-        hdr = f"{tp_id} | (_ts & 0x7FFFFFF) << 5" if compact else f"{_EXTENDED}, {tp_id}, _ts"
+        hdr = _compact_header(tp_id) if compact else f"{_EXTENDED}, {tp_id}, _ts"
         args = []
         for n, t in fields:
             args += [f"_k_{n}", f"_b_{n}"] if t == "bytes" else [f"_b_{n}"] if t == "str" else [n]
@@ -225,15 +242,15 @@ def _gen_source(fields: list[tuple[str, str]], tp_id: int, many: bool) -> str:
         fields: (name, type) pairs, type one of int, float, str, bytes.
         tp_id: the tracepoint's id (above 30: always the extended header).
         many: write to every stream of ``_streams`` (a loop); otherwise to
-            the one stream ``_S1`` (None: nowhere), without the loop.
+            the one stream ``_S1`` (a ``_Detached`` one: nowhere), without
+            the loop.
 
     Returns:
         The source of ``_emit(fields...)``.  Its globals: see
         ``Tracepoint.__init__``.
     """
     var = _variable(fields)
-    fast_header = None if len(var) > 1 else _HDR_COMPACT if tp_id <= _COMPACT_MAX_ID else _HDR_EXTENDED
-    prelude = _gen_encode(fields, fast_header)
+    prelude = _gen_encode(fields, _HDR_COMPACT if tp_id <= _COMPACT_MAX_ID else _HDR_EXTENDED)
     if len(var) == 1:
         prelude += [f"_pk = _PK.get(_k_{var[0]})", f"if _pk is None: _pk = _mkpk(_k_{var[0]})"]
     locked = [
@@ -249,7 +266,7 @@ def _gen_source(fields: list[tuple[str, str]], tp_id: int, many: bool) -> str:
     if many:
         body = ["for _s in _streams:", *_indent(1, [line.replace("SKIP", "continue") for line in locked])]
     else:
-        body = ["_s = _S1", "if _s is None: return", *[line.replace("SKIP", "return") for line in locked]]
+        body = ["_s = _S1", *[line.replace("SKIP", "return") for line in locked]]
     lines = [
         f"def _emit({', '.join(n for n, _ in fields)}):",
         "    try:",
@@ -267,7 +284,8 @@ class Tracepoint:
     ``__code__``: disabled (returns at once), one stream (the common case:
     no loop over streams) and several streams.  They share one globals dict:
     ``_streams`` (the streams, for the loop and for counting failures),
-    ``_S1`` (the stream when there is exactly one, else None), the packers
+    ``_S1`` (the stream when there is exactly one, else a ``_Detached``
+    stand-in that has no producer), the packers
     and the clock."""
 
     def __init__(self, registry: _Registry | None, tp_id: int, name: str, fields: list[tuple[str, str]]) -> None:
@@ -291,9 +309,10 @@ class Tracepoint:
             else:
                 self._fmt_var = t
         self._packers: dict[int, Callable[..., None]] = {}
+        self._detached = _Detached()
         self.globals: dict[str, Any] = {
             "_streams": (),
-            "_S1": None,
+            "_S1": self._detached,
             "_mono": time.monotonic_ns,
             "_PC": struct.Struct("<I" + lead_fmt).pack_into,
             "_PX": struct.Struct("<IIQ" + lead_fmt).pack_into,
@@ -336,10 +355,10 @@ class Tracepoint:
         elif streams:
             g["_streams"] = streams
             self.emit.__code__ = self._many_code
-            g["_S1"] = None
+            g["_S1"] = self._detached
         else:
             g["_streams"] = streams
-            g["_S1"] = None
+            g["_S1"] = self._detached
             self.emit.__code__ = self._disabled_code
 
     def _packer(self, k: int) -> Callable[..., None] | None:
