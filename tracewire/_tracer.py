@@ -23,14 +23,22 @@ per distinct reason), and retries later like with no sessiond.
 
 Each emitter is a generated Python function specialised for its fields.  While
 no session enables it, its ``__code__`` is a body that only returns: a
-disabled call costs one Python call.  Enabling swaps in the recording body
+disabled call costs one Python call.  Enabling swaps in a recording body
 (like a jump label); the swap is a single attribute store, atomic under the
-GIL.  The recording body serialises writers of one stream with that stream's
-lock, takes the timestamp under the lock (so timestamps are ordered in the
-stream), writes the compact event header and the fields straight into shared
-memory, and publishes ``head``.  Any exception (a wrong field type, an
-unencodable string) drops the event and counts it as discarded: the tracer
-never raises into the app.
+GIL.  There are two recording bodies, one for an event enabled in exactly one
+stream (the common case: no loop) and one looping over several.  Either
+encodes the strings before taking any lock, then, per stream, serialises
+writers with that stream's lock, takes the timestamp under the lock (so
+timestamps are ordered in the stream), writes the event straight into shared
+memory, and publishes ``ts`` then ``head``.  An event that fits the current
+sub-buffer, gets its usual header, and has at most one string/bytes field of
+at most ``_PACK_MAX_LEN`` bytes is written with a single ``pack_into``
+(header, every field, the string's NUL), using a ``Struct`` cached per length
+of that field; any other event takes the general path (header and leading
+fixed fields packed, the rest written field by field, switching sub-buffers
+when needed).  Any exception (a wrong field type, an out-of-range int) drops
+the event and counts it as discarded: the tracer never raises into the app.
+docs/design.md ("The tracer's cost per event") says what each choice buys.
 """
 
 from __future__ import annotations
