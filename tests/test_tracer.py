@@ -604,6 +604,20 @@ def test_a_one_stream_body_left_running_writes_nowhere_once_streams_are_gone(rig
     assert rig.producer.discarded == 0
 
 
+def test_a_one_stream_body_left_running_keeps_its_stream_when_another_is_added(rig: Rig) -> None:
+    tp = rig.declare("test:grow", {"k": int})
+    other = _second_rig(rig, tp)
+    try:
+        tp.set_streams((rig.stream, other.stream))
+        tp.emit.__code__ = tp._one_code  # an emitter that entered the one-stream body just before the change
+        tp.emit(k=1)
+        assert [e.fields["k"] for e in _events(rig.read())] == [1]
+        assert _events(other.read()) == []
+    finally:
+        tp.set_streams(())
+        other.close()
+
+
 def test_threads_emitting_into_several_streams_lose_and_corrupt_nothing(rig: Rig) -> None:
     tp = rig.declare("test:mt2", {"thread": int, "i": int, "tag": str})
     other = _second_rig(rig, tp)

@@ -250,8 +250,8 @@ def _gen_source(fields: list[tuple[str, str]], tp_id: int, many: bool) -> str:
         fields: (name, type) pairs, type one of int, float, str, bytes.
         tp_id: the tracepoint's id (above 30: always the extended header).
         many: write to every stream of ``_streams`` (a loop); otherwise to
-            the one stream ``_S1`` (a ``_Detached`` one: nowhere), without
-            the loop.
+            the one stream ``_S1`` (a ``_Detached`` stand-in: nowhere),
+            without the loop.
 
     Returns:
         The source of ``_emit(fields...)``.  Its globals: see
@@ -292,9 +292,8 @@ class Tracepoint:
     ``__code__``: disabled (returns at once), one stream (the common case:
     no loop over streams) and several streams.  They share one globals dict:
     ``_streams`` (the streams, for the loop and for counting failures),
-    ``_S1`` (the stream when there is exactly one, else a ``_Detached``
-    stand-in that has no producer), the packers
-    and the clock."""
+    ``_S1`` (the stream when there is exactly one; see ``set_streams`` for
+    what it holds otherwise), the packers and the clock."""
 
     def __init__(self, registry: _Registry | None, tp_id: int, name: str, fields: list[tuple[str, str]]) -> None:
         self.registry = registry
@@ -351,10 +350,12 @@ class Tracepoint:
     def set_streams(self, streams: tuple[_StreamW, ...]) -> None:
         """Point the emitter at these streams (empty: disabled).
 
-        Each store is atomic; their order makes an emitter that runs during
-        the change write to the old set or the new one, never lose an event
-        to a stream both sets have, and write to no stream once the change
-        to an empty set returns."""
+        Each store is atomic.  An emitter running through the change (a
+        thread inside the old body) writes to the old set or to the new one,
+        so a stream both sets have gets its event: a change to several
+        streams leaves ``_S1`` on the old single stream.  A change to none
+        leaves ``_S1`` on a ``_Detached`` stand-in, so a body that reads it
+        afterwards writes nowhere (the stop barrier relies on this)."""
         g = self.globals
         if len(streams) == 1:
             g["_S1"] = streams[0]
@@ -363,7 +364,6 @@ class Tracepoint:
         elif streams:
             g["_streams"] = streams
             self.emit.__code__ = self._many_code
-            g["_S1"] = self._detached
         else:
             g["_streams"] = streams
             g["_S1"] = self._detached
