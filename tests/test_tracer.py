@@ -504,3 +504,147 @@ def test_threads_emitting_at_once_lose_and_corrupt_nothing(rig: Rig) -> None:
         assert seen[t] == list(range(per))
     ts = [e.timestamp for e in evs]
     assert ts == sorted(ts)
+
+
+# The one-pack fast path: a layout with at most one variable-size field, whose
+# length picks a cached packer (up to _PACK_MAX_LEN bytes), header compact or
+# extended by the timestamp gap; everything else takes the general path.
+FAST_LAYOUTS = [
+    ({"s": str}, ("",)),
+    ({"i": int, "s": str}, (-5, "request 1 path")),
+    ({"s": str, "f": float, "i": int}, ("mid", 2.5, 2**63 - 1)),
+    ({"b": bytes, "i": int}, (b"\x00\xff", -(2**63))),
+    ({"i": int, "f": float}, (3, -0.0)),
+]
+
+
+@pytest.mark.parametrize("tp_id", [0, 7, 30, 31, 40])
+@pytest.mark.parametrize("layout", FAST_LAYOUTS, ids=lambda x: ",".join(x[0]) if isinstance(x, tuple) else x)
+def test_fast_path_bytes_match_the_reference_encoder(rig: Rig, layout, tp_id: int) -> None:
+    decl, sample = layout
+    tp = rig.declare("test:fast", decl, tp_id=tp_id)
+    var = [n for n, t in decl.items() if t in (str, bytes)]
+    lengths = [0, 1, _tracer._PACK_MAX_LEN - 1, _tracer._PACK_MAX_LEN, _tracer._PACK_MAX_LEN + 1, 3000]
+    vals = []
+    for k in lengths:
+        v = dict(zip(decl, sample))
+        for n in var:  # k bytes once encoded
+            v[n] = "é" * (k // 2) + "x" * (k % 2) if decl[n] is str else (bytes(range(256)) * 12)[:k]
+        vals.append(tuple(v.values()))
+    t0 = rig.start_ts
+    ts = [t0 + 1, t0 + 2, t0 + 2 + 2**27, t0 + 3 + 2**27, t0 + 3 + 2**28, t0 + 4 + 2**28]  # compact and extended
+    rig.clock(tp, ts)
+    for v in vals:
+        tp.emit(*v)
+    (chunk,) = rig.drain()
+    fields = tuple((n, ctf.FieldType[t.upper()]) for n, t in tp.fields)
+    expected = b"".join(ctf.encode_event(tp_id, t, prev, v, fields) for t, prev, v in zip(ts, [t0] + ts, vals))
+    assert chunk == expected
+    assert rig.producer.discarded == 0
+    if var:  # lengths past the limit are not cached
+        assert max(tp._packers) <= _tracer._PACK_MAX_LEN
+
+
+def test_packer_cache_is_bounded(rig: Rig) -> None:
+    tp = rig.declare("test:lens", {"s": str})
+    for k in range(2 * _tracer._PACK_MAX_LEN):
+        tp.emit(s="x" * k)
+    assert sorted(tp._packers) == list(range(_tracer._PACK_MAX_LEN + 1))
+    assert [e.fields["s"] for e in _events(rig.read())] == ["x" * k for k in range(2 * _tracer._PACK_MAX_LEN)]
+    assert rig.producer.discarded == 0
+
+
+def _second_rig(rig: Rig, tp: _tracer.Tracepoint) -> Rig:
+    other = Rig(start_ts=rig.start_ts)
+    other.tps.append(tp)
+    return other
+
+
+def test_one_and_several_streams_get_the_same_events(rig: Rig) -> None:
+    tp = rig.declare("test:multi", {"k": int, "s": str})
+    other = _second_rig(rig, tp)
+    try:
+        sets = [(rig.stream,), (rig.stream, other.stream), (other.stream,), (), (other.stream, rig.stream)]
+        for phase, streams in enumerate(sets):
+            tp.set_streams(streams)
+            for k in range(3):
+                tp.emit(k=10 * phase + k, s=f"p{phase}")
+        got = [[e.fields["k"] for e in _events(r.read())] for r in (rig, other)]
+        assert got[0] == [0, 1, 2, 10, 11, 12, 40, 41, 42]
+        assert got[1] == [10, 11, 12, 20, 21, 22, 40, 41, 42]
+        assert rig.producer.discarded == other.producer.discarded == 0
+    finally:
+        tp.set_streams(())
+        other.close()
+
+
+def test_several_streams_get_byte_identical_events(rig: Rig) -> None:
+    tp = rig.declare("test:same", {"k": int, "s": str, "b": bytes})
+    other = _second_rig(rig, tp)
+    try:
+        tp.set_streams((rig.stream, other.stream))
+        rig.clock(tp, [v for t in range(1, 41) for v in (rig.start_ts + t, rig.start_ts + t)])  # one per stream
+        for k in range(20):
+            tp.emit(k=k, s="é" * k, b=bytes(k))
+            tp.emit(k=-k, s="x" * 300, b=b"")
+        assert rig.drain() == other.drain()
+        assert len(_events(rig.read())) == 40
+    finally:
+        tp.set_streams(())
+        other.close()
+
+
+def test_a_one_stream_body_left_running_writes_nowhere_once_streams_are_gone(rig: Rig) -> None:
+    tp = rig.declare("test:late", {"k": int})
+    tp.emit(k=1)
+    tp.set_streams(())
+    tp.emit.__code__ = tp._one_code  # an emitter that entered the body just before the change
+    tp.emit(k=2)
+    assert [e.fields["k"] for e in _events(rig.read())] == [1]
+    assert rig.producer.discarded == 0
+
+
+def test_a_one_stream_body_left_running_keeps_its_stream_when_another_is_added(rig: Rig) -> None:
+    tp = rig.declare("test:grow", {"k": int})
+    other = _second_rig(rig, tp)
+    try:
+        tp.set_streams((rig.stream, other.stream))
+        tp.emit.__code__ = tp._one_code  # an emitter that entered the one-stream body just before the change
+        tp.emit(k=1)
+        assert [e.fields["k"] for e in _events(rig.read())] == [1]
+        assert _events(other.read()) == []
+    finally:
+        tp.set_streams(())
+        other.close()
+
+
+def test_threads_emitting_into_several_streams_lose_and_corrupt_nothing(rig: Rig) -> None:
+    tp = rig.declare("test:mt2", {"thread": int, "i": int, "tag": str})
+    other = _second_rig(rig, tp)
+    try:
+        tp.set_streams((rig.stream, other.stream))
+        nthreads, per = 4, 3000
+        start = threading.Barrier(nthreads)
+
+        def work(t: int) -> None:
+            start.wait()
+            for i in range(per):
+                tp.emit(thread=t, i=i, tag=f"t{t}-{i}")
+
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(nthreads)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(60)
+        for r in (rig, other):
+            assert r.producer.discarded == 0
+            evs = _events(r.read())
+            assert len(evs) == nthreads * per
+            assert all(e.fields["tag"] == f"t{e.fields['thread']}-{e.fields['i']}" for e in evs)
+            for t in range(nthreads):
+                assert [e.fields["i"] for e in evs if e.fields["thread"] == t] == list(range(per))
+            ts = [e.timestamp for e in evs]
+            assert ts == sorted(ts)
+    finally:
+        tp.set_streams(())
+        other.close()

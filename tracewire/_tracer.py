@@ -23,14 +23,22 @@ per distinct reason), and retries later like with no sessiond.
 
 Each emitter is a generated Python function specialised for its fields.  While
 no session enables it, its ``__code__`` is a body that only returns: a
-disabled call costs one Python call.  Enabling swaps in the recording body
+disabled call costs one Python call.  Enabling swaps in a recording body
 (like a jump label); the swap is a single attribute store, atomic under the
-GIL.  The recording body serialises writers of one stream with that stream's
-lock, takes the timestamp under the lock (so timestamps are ordered in the
-stream), writes the compact event header and the fields straight into shared
-memory, and publishes ``head``.  Any exception (a wrong field type, an
-unencodable string) drops the event and counts it as discarded: the tracer
-never raises into the app.
+GIL.  There are two recording bodies, one for an event enabled in exactly one
+stream (the common case: no loop) and one looping over several.  Either
+encodes the strings before taking any lock, then, per stream, serialises
+writers with that stream's lock, takes the timestamp under the lock (so
+timestamps are ordered in the stream), writes the event straight into shared
+memory, and publishes ``ts`` then ``head``.  An event that fits the current
+sub-buffer, gets its usual header, and has at most one string/bytes field of
+at most ``_PACK_MAX_LEN`` bytes is written with a single ``pack_into``
+(header, every field, the string's NUL), using a ``Struct`` cached per length
+of that field; any other event takes the general path (header and leading
+fixed fields packed, the rest written field by field, switching sub-buffers
+when needed).  Any exception (a wrong field type, an out-of-range int) drops
+the event and counts it as discarded: the tracer never raises into the app.
+docs/design.md ("The tracer's cost per event") says what each choice buys.
 """
 
 from __future__ import annotations
@@ -78,157 +86,259 @@ class _StreamW:
         self.closed = False
 
 
+class _Detached:
+    """What a one-stream emitter body finds in ``_S1`` when it no longer has
+    that stream: a lock and no producer, so it writes nothing."""
+
+    __slots__ = ("lock", "producer", "mv")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.producer: Producer | None = None
+        self.mv: memoryview | None = None
+
+
 _HDR_COMPACT = 4  # bytes of a compact event header
 _HDR_EXTENDED = 16  # bytes of an extended one
-_I2, _I3, _I4, _I5 = " " * 8, " " * 12, " " * 16, " " * 20  # generated code's indents
+_PACK_MAX_LEN = 256  # longest string/bytes field (encoded) packed with a cached per-length Struct
 
 
-def _gen_encode(fields: list[tuple[str, str]]) -> list[str]:
-    """Lines that encode the variable-size fields (once, outside the
-    per-stream loop) and compute ``_sz``, the size of all the fields."""
+def _indent(depth: int, lines: list[str]) -> list[str]:
+    """``lines`` indented by ``depth`` levels (four spaces each)."""
+    return ["    " * depth + line for line in lines]
+
+
+def _gen_encode(fields: list[tuple[str, str]], header: int) -> list[str]:
+    """Lines, run before any lock is taken, that encode the variable-size
+    fields and compute ``_n0``: the event's size with a ``header``-byte
+    header (the one the tracepoint usually gets).
+
+    A str is encoded strictly first (the common case, cheaper than naming an
+    error handler); one that cannot be (a lone surrogate) is encoded again
+    with replacement characters."""
     lines = []
     size_terms = []
-    fixed_size = 0
+    fixed_size = header
     for n, t in fields:
         if t == "str":
-            lines.append(f"{_I2}_b_{n} = {n}.encode('utf-8', 'replace')")
-            lines.append(f"{_I2}if 0 in _b_{n}: _b_{n} = _b_{n}.replace(b'\\0', {_NUL_REPLACEMENT!r})")
-            size_terms.append(f"len(_b_{n}) + 1")
+            lines += [
+                "try:",
+                f"    _b_{n} = {n}.encode()",
+                "except UnicodeEncodeError:",
+                f"    _b_{n} = {n}.encode('utf-8', 'replace')",
+                f"if 0 in _b_{n}: _b_{n} = _b_{n}.replace(b'\\0', {_NUL_REPLACEMENT!r})",
+                f"_k_{n} = len(_b_{n})",
+            ]
+            size_terms.append(f"_k_{n}")
+            fixed_size += 1
         elif t == "bytes":
-            lines.append(f"{_I2}_b_{n} = bytes({n})")
-            size_terms.append(f"len(_b_{n}) + 4")
+            lines += [f"_b_{n} = bytes({n})", f"_k_{n} = len(_b_{n})"]
+            size_terms.append(f"_k_{n}")
+            fixed_size += 4
         else:
             fixed_size += 8
-    size_expr = " + ".join([str(fixed_size)] + size_terms)
-    lines.append(f"{_I2}_sz = {size_expr}")
-    return lines
+    return lines + [f"_n0 = {' + '.join(size_terms + [str(fixed_size)])}"]
 
 
-def _gen_reserve(compact: bool) -> list[str]:
-    """Lines that, under the stream's lock, take the timestamp and reserve
-    room (switching sub-buffers, or dropping: the event's timestamp goes
-    with either)."""
-    lines = [
-        f"{_I2}for _s in _streams:",
-        f"{_I3}_l = _s.lock",
-        f"{_I3}_l.acquire()",
-        f"{_I3}try:",
-        f"{_I4}_p = _s.producer",
-        f"{_I4}if _p is None: continue",
-        f"{_I4}_ts = _mono()",
-    ]
+def _gen_general(fields: list[tuple[str, str]], tp_id: int, compact: bool, skip: str) -> list[str]:
+    """Lines of the general write path, under the stream's lock with ``_ts``
+    taken: choose the header, reserve (switching sub-buffers, or dropping:
+    ``skip`` leaves the stream), pack the header and the leading fixed
+    fields with one ``pack_into``, then write the other fields one by one.
+    Leaves ``_end``, the event's end."""
+    lines = []
     if compact:
-        lines.append(f"{_I4}_ext = _ts - _p.last_ts >= {_TS27}")
-        lines.append(f"{_I4}_n = _sz + ({_HDR_EXTENDED} if _ext else {_HDR_COMPACT})")
+        lines += [f"_ext = _ts - _p.last_ts >= {_TS27}", f"_n = _n0 + {_HDR_EXTENDED - _HDR_COMPACT} if _ext else _n0"]
     else:
-        lines.append(f"{_I4}_ext = True")
-        lines.append(f"{_I4}_n = _sz + {_HDR_EXTENDED}")
-    return lines + [
-        f"{_I4}_pos = _p.pos",
-        f"{_I4}if _pos + _n <= _p.sb_end:",
-        f"{_I5}_o = _p.base + _pos",
-        f"{_I4}else:",
-        f"{_I5}_o = _p._switch(_n, _ts)",
-        f"{_I5}if _o < 0: continue",
-        f"{_I5}_pos = _p.pos",
-        f"{_I4}_mv = _s.mv",
+        lines += ["_ext = True", "_n = _n0"]
+    lines += [
+        "if _pos + _n <= _p.sb_end:",
+        "    _o = _p.base + _pos",
+        "else:",
+        "    _o = _p._switch(_n, _ts)",
+        f"    if _o < 0: {skip}",
+        "    _pos = _p.pos",
+        "_mv = _s.mv",
     ]
-
-
-def _gen_header(tp_id: int, compact: bool, lead: list[tuple[str, str]]) -> list[str]:
-    """Lines that pack the event header and the leading run of fixed fields
-    (``lead``) with one ``pack_into``."""
+    lead = _lead(fields)
     lead_args = "".join(f", {n}" for n, _ in lead)
     lead_size = 8 * len(lead)
-    extended = [
-        f"_PX(_mv, _o, {_EXTENDED}, {tp_id}, _ts{lead_args})",
-        f"_o += {_HDR_EXTENDED + lead_size}",
-    ]
-    if not compact:
-        return [_I4 + line for line in extended]
-    return [
-        f"{_I4}if _ext:",
-        *(_I5 + line for line in extended),
-        f"{_I4}else:",
-        f"{_I5}_PC(_mv, _o, {tp_id} | (_ts & 0x7FFFFFF) << 5{lead_args})",
-        f"{_I5}_o += {_HDR_COMPACT + lead_size}",
-    ]
-
-
-def _gen_fields(fields: list[tuple[str, str]]) -> list[str]:
-    """Lines that write the fields after the leading fixed ones."""
-    lines = []
-    for n, t in fields:
+    extended = [f"_PX(_mv, _o, {_EXTENDED}, {tp_id}, _ts{lead_args})", f"_o += {_HDR_EXTENDED + lead_size}"]
+    if compact:
+        lines += [
+            "if _ext:",
+            *_indent(1, extended),
+            "else:",
+            f"    _PC(_mv, _o, {_compact_header(tp_id)}{lead_args})",
+            f"    _o += {_HDR_COMPACT + lead_size}",
+        ]
+    else:
+        lines += extended
+    for n, t in fields[len(lead):]:
         if t in _FIXED:
-            lines.append(f"{_I4}_P{t}(_mv, _o, {n}); _o += 8")
+            lines.append(f"_P{t}(_mv, _o, {n}); _o += 8")
         elif t == "str":
-            lines.append(f"{_I4}_e = _o + len(_b_{n}); _mv[_o:_e] = _b_{n}; _mv[_e] = 0; _o = _e + 1")
+            lines.append(f"_e = _o + _k_{n}; _mv[_o:_e] = _b_{n}; _mv[_e] = 0; _o = _e + 1")
         else:
-            lines.append(f"{_I4}_PI(_mv, _o, len(_b_{n})); _o += 4")
-            lines.append(f"{_I4}_e = _o + len(_b_{n}); _mv[_o:_e] = _b_{n}; _o = _e")
-    return lines
+            lines.append(f"_PI(_mv, _o, _k_{n}); _o += 4")
+            lines.append(f"_e = _o + _k_{n}; _mv[_o:_e] = _b_{n}; _o = _e")
+    return lines + ["_end = _pos + _n"]
 
 
-def _gen_source(fields: list[tuple[str, str]], tp_id: int) -> tuple[str, str]:
-    """Python source of the recording body for these fields.
+def _compact_header(tp_id: int) -> str:
+    """The expression of a compact header's u32: 5-bit id, 27-bit time."""
+    return "(_ts & 0x7FFFFFF) << 5" + (f" | {tp_id}" if tp_id else "")
 
-    Args:
-        fields: (name, type) pairs, type one of int, float, str, bytes.
-        tp_id: the tracepoint's id (above 30: always the extended header).
 
-    Returns:
-        The source of ``_emit(fields...)`` and the struct format of the
-        leading fixed fields, packed with the event header.
-    """
-    compact = tp_id <= _COMPACT_MAX_ID
-    lead: list[tuple[str, str]] = []
+def _lead(fields: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The leading run of fixed-size fields (packed with the header)."""
+    lead = []
     for n, t in fields:
         if t not in _FIXED:
             break
         lead.append((n, t))
+    return lead
+
+
+def _variable(fields: list[tuple[str, str]]) -> list[str]:
+    """Names of the variable-size (str, bytes) fields."""
+    return [n for n, t in fields if t not in _FIXED]
+
+
+def _gen_write(fields: list[tuple[str, str]], tp_id: int, skip: str) -> list[str]:
+    """Lines that write one event into the stream ``_s`` whose producer
+    ``_p`` is held under its lock, and publish it.
+
+    The fast path -- the event fits in the current sub-buffer, its header is
+    the one the tracepoint usually gets (compact unless the clock moved 2^27
+    ns or more), and at most one field has a variable size, short enough to
+    have a packer -- writes header and every field, NUL or length included,
+    with one ``pack_into``.  Anything else takes the general path."""
+    compact = tp_id <= _COMPACT_MAX_ID
+    var = _variable(fields)
+    lines = ["_ts = _mono()", "_pos = _p.pos"]
+    if len(var) > 1:
+        lines += _gen_general(fields, tp_id, compact, skip)
+    else:
+        hdr = _compact_header(tp_id) if compact else f"{_EXTENDED}, {tp_id}, _ts"
+        args = []
+        for n, t in fields:
+            args += [f"_k_{n}", f"_b_{n}"] if t == "bytes" else [f"_b_{n}"] if t == "str" else [n]
+        cond = ["_end <= _p.sb_end"]
+        if compact:
+            cond.append(f"_ts - _p.last_ts < {_TS27}")
+        if var:
+            cond.append("_pk is not None")
+        lines += [
+            "_end = _pos + _n0",
+            f"if {' and '.join(cond)}:",
+            f"    {'_pk' if var else '_PF'}(_s.mv, _p.base + _pos, {', '.join([hdr] + args)})",
+            "else:",
+            *_indent(1, _gen_general(fields, tp_id, compact, skip)),
+        ]
+    return lines + [
+        "_p.pos = _end",
+        "_p.last_ts = _ts",
+        f"_q = _p.q; _q[{_Q_TS}] = _ts; _q[{_Q_HEAD}] = _end",
+    ]
+
+
+def _gen_source(fields: list[tuple[str, str]], tp_id: int, many: bool) -> str:
+    """Python source of a recording body for these fields.
+
+    Args:
+        fields: (name, type) pairs, type one of int, float, str, bytes.
+        tp_id: the tracepoint's id (above 30: always the extended header).
+        many: write to every stream of ``_streams`` (a loop); otherwise to
+            the one stream ``_S1`` (a ``_Detached`` stand-in: nowhere),
+            without the loop.
+
+    Returns:
+        The source of ``_emit(fields...)``.  Its globals: see
+        ``Tracepoint.__init__``.
+    """
+    var = _variable(fields)
+    prelude = _gen_encode(fields, _HDR_COMPACT if tp_id <= _COMPACT_MAX_ID else _HDR_EXTENDED)
+    if len(var) == 1:
+        prelude += [f"_pk = _PK.get(_k_{var[0]})", f"if _pk is None: _pk = _mkpk(_k_{var[0]})"]
+    locked = [
+        "_l = _s.lock",
+        "_l.acquire()",
+        "try:",
+        "    _p = _s.producer",
+        "    if _p is None: SKIP",
+        *_indent(1, _gen_write(fields, tp_id, "SKIP")),
+        "finally:",
+        "    _l.release()",
+    ]
+    if many:
+        body = ["for _s in _streams:", *_indent(1, [line.replace("SKIP", "continue") for line in locked])]
+    else:
+        body = ["_s = _S1", *[line.replace("SKIP", "return") for line in locked]]
     lines = [
         f"def _emit({', '.join(n for n, _ in fields)}):",
         "    try:",
-        *_gen_encode(fields),
-        *_gen_reserve(compact),
-        *_gen_header(tp_id, compact, lead),
-        *_gen_fields(fields[len(lead):]),
-        f"{_I4}_pos += _n",
-        f"{_I4}_p.pos = _pos",
-        f"{_I4}_p.last_ts = _ts",
-        f"{_I4}_q = _p.q; _q[{_Q_TS}] = _ts; _q[{_Q_HEAD}] = _pos",
-        f"{_I3}finally:",
-        f"{_I4}_l.release()",
+        *_indent(2, prelude + body),
         "    except Exception:",
         "        _failed()",
     ]
-    return "\n".join(lines) + "\n", "".join(_FIXED[t] for _, t in lead)
+    return "\n".join(lines) + "\n"
 
 
 class Tracepoint:
-    """One declared event: its name, fields and app-wide id."""
+    """One declared event: its name, fields and app-wide id.
+
+    Its emitter (``emit``) runs one of three bodies, swapped in through
+    ``__code__``: disabled (returns at once), one stream (the common case:
+    no loop over streams) and several streams.  They share one globals dict:
+    ``_streams`` (the streams, for the loop and for counting failures),
+    ``_S1`` (the stream when there is exactly one; see ``set_streams`` for
+    what it holds otherwise), the packers and the clock."""
 
     def __init__(self, registry: _Registry | None, tp_id: int, name: str, fields: list[tuple[str, str]]) -> None:
         self.registry = registry
         self.id = tp_id
         self.name = name
         self.fields = fields
-        src, lead_fmt = _gen_source(fields, tp_id)
+        lead_fmt = "".join(_FIXED[t] for _, t in _lead(fields))
+        hdr_fmt = "<I" if tp_id <= _COMPACT_MAX_ID else "<IIQ"
+        # The fast path's struct format: header and every field; a variable
+        # field's part depends on its length (``_packer``).
+        self._fmt_head = hdr_fmt
+        self._fmt_var = ""
+        self._fmt_tail = ""
+        for _name, t in fields:
+            if t in _FIXED:
+                if self._fmt_var:
+                    self._fmt_tail += _FIXED[t]
+                else:
+                    self._fmt_head += _FIXED[t]
+            else:
+                self._fmt_var = t
+        self._packers: dict[int, Callable[..., None]] = {}
+        self._detached = _Detached()
         self.globals: dict[str, Any] = {
             "_streams": (),
+            "_S1": self._detached,
             "_mono": time.monotonic_ns,
             "_PC": struct.Struct("<I" + lead_fmt).pack_into,
             "_PX": struct.Struct("<IIQ" + lead_fmt).pack_into,
+            "_PF": struct.Struct(self._fmt_head + self._fmt_tail).pack_into,
+            "_PK": self._packers,
+            "_mkpk": self._packer,
             "_Pint": struct.Struct("<q").pack_into,
             "_Pfloat": struct.Struct("<d").pack_into,
             "_PI": struct.Struct("<I").pack_into,
             "_failed": self._failed,
         }
-        exec(compile(src, f"<tracepoint {name}>", "exec"), self.globals)
-        self._enabled_code: CodeType = self.globals["_emit"].__code__
+        where = f"<tracepoint {name}>"
+        exec(compile(_gen_source(fields, tp_id, many=False), where, "exec"), self.globals)
+        self._one_code: CodeType = self.globals["_emit"].__code__
+        exec(compile(_gen_source(fields, tp_id, many=True), where, "exec"), self.globals)
+        self._many_code: CodeType = self.globals["_emit"].__code__
         args = ", ".join(n for n, _ in fields)
         ns: dict[str, Any] = {}
-        exec(compile(f"def _off({args}):\n    return None\n", f"<tracepoint {name}>", "exec"), ns)
+        exec(compile(f"def _off({args}):\n    return None\n", where, "exec"), ns)
         self._disabled_code: CodeType = ns["_off"].__code__
         emit = self.globals["_emit"]
         emit.__code__ = self._disabled_code
@@ -238,9 +348,38 @@ class Tracepoint:
         self.emit: Callable[..., None] = emit
 
     def set_streams(self, streams: tuple[_StreamW, ...]) -> None:
-        """Point the emitter at these streams (empty: disabled).  Atomic."""
-        self.globals["_streams"] = streams
-        self.emit.__code__ = self._enabled_code if streams else self._disabled_code
+        """Point the emitter at these streams (empty: disabled).
+
+        Each store is atomic.  An emitter running through the change (a
+        thread inside the old body) writes to the old set or to the new one,
+        so a stream both sets have gets its event: a change to several
+        streams leaves ``_S1`` on the old single stream.  A change to none
+        leaves ``_S1`` on a ``_Detached`` stand-in, so a body that reads it
+        afterwards writes nowhere (the stop barrier relies on this)."""
+        g = self.globals
+        if len(streams) == 1:
+            g["_S1"] = streams[0]
+            g["_streams"] = streams
+            self.emit.__code__ = self._one_code
+        elif streams:
+            g["_streams"] = streams
+            self.emit.__code__ = self._many_code
+        else:
+            g["_streams"] = streams
+            g["_S1"] = self._detached
+            self.emit.__code__ = self._disabled_code
+
+    def _packer(self, k: int) -> Callable[..., None] | None:
+        """The fast path's ``pack_into`` for a variable field of ``k`` bytes
+        (cached), or None: longer than ``_PACK_MAX_LEN`` (the general path
+        copies it).  A str's ``{k+1}s`` pads it with its NUL; bytes get
+        their u32 length first."""
+        if not 0 <= k <= _PACK_MAX_LEN:
+            return None
+        var = f"{k + 1}s" if self._fmt_var == "str" else f"I{k}s"
+        pk = struct.Struct(self._fmt_head + var + self._fmt_tail).pack_into
+        self._packers[k] = pk
+        return pk
 
     def _failed(self) -> None:
         """Count the event as discarded in every stream it would have gone to
