@@ -226,6 +226,7 @@ def _become_consumerd(control_fd: int, creds: Credentials | None, rundir: str, r
     code = 127
     try:
         _close_all_but({0, 1, 2, control_fd, report_fd})
+        _set_comm("tw-consumerd")  # while /proc/self is still writable (see below)
         try:
             if creds is not None:
                 os.setgroups(list(creds.groups))
@@ -237,7 +238,6 @@ def _become_consumerd(control_fd: int, creds: Credentials | None, rundir: str, r
         os.write(report_fd, str(os.getpid()).encode())
         os.close(report_fd)
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        _set_comm("tw-consumerd")
         os.environ["TRACEWIRE_RUNDIR"] = rundir
         os.chdir("/")
         from consumerd import run_consumerd
