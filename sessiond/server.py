@@ -12,7 +12,9 @@ sessiond listens on two unix sockets in its run directory:
   (:mod:`sessiond.apps`).
 
 It spawns a consumerd per session owner as a child, connected by a SEQPACKET
-socketpair, and restarts it if it dies (:mod:`sessiond.consumers`).  For every
+socketpair, and restarts it if it dies (:mod:`sessiond.consumers`); each
+consumerd is forked from a zygote that shares sessiond's imports
+(:mod:`sessiond.zygote`).  For every
 (session, channel, app) that records events sessiond creates the ring buffer
 memfd and its eventfd, keeps both open, and passes them to consumerd and to
 the app, in that order: consumerd must know a stream before the app can fill
