@@ -170,7 +170,7 @@ def serve_zygote(sock: socket.socket, rundir: str) -> int:
         try:
             if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or len(fds) != 1:
                 raise ControlError("a request is one message with one descriptor")
-            reply = _fork_consumerd(fds[0], _parse_request(loads(data, MAX_REQUEST)), rundir, sock.fileno())
+            reply = _fork_consumerd(fds[0], _parse_request(loads(data, MAX_REQUEST)), rundir)
         except ControlError as exc:
             reply = {"error": str(exc)}
         except OSError as exc:
@@ -183,7 +183,7 @@ def serve_zygote(sock: socket.socket, rundir: str) -> int:
             return 0
 
 
-def _fork_consumerd(control_fd: int, creds: Credentials | None, rundir: str, zygote_fd: int) -> dict[str, Any]:
+def _fork_consumerd(control_fd: int, creds: Credentials | None, rundir: str) -> dict[str, Any]:
     """Fork (twice) a consumerd serving ``control_fd``; its pid, and what went
     wrong if it could not take ``creds``.
 

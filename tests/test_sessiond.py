@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import struct
@@ -402,3 +403,51 @@ def test_a_dead_zygote_is_replaced_and_consumerd_still_restarts(tw: TW, out_dir)
 def _log(tw: TW) -> str:
     with open(os.path.join(tw.rundir, "sessiond.log"), errors="replace") as f:
         return f.read()
+
+
+def _zygote_request(sock: socket.socket, msg: bytes, fds: list[int]) -> dict[str, Any]:
+    sock.sendmsg([msg], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))] if fds else [])
+    return json.loads(sock.recv(65536))
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv")
+def test_the_zygote_refuses_bad_requests_and_reports_credentials_it_cannot_take() -> None:
+    """A zygote (started by exec, as sessiond does after one dies) without
+    the capabilities to change uid or groups: a request without exactly one
+    descriptor or with malformed credentials gets an error and forks
+    nothing; one for uid 1 forks a child that cannot take it, which says so
+    and exits before running any consumerd code; the zygote goes on serving."""
+    from sessiond.zygote import EXEC_ZYGOTE
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours.settimeout(30)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    no_setid = "-setuid,-setgid"
+    proc = subprocess.Popen(["setpriv", "--bounding-set", no_setid, "--inh-caps", no_setid, "--",
+                             sys.executable, "-c", EXEC_ZYGOTE, str(theirs.fileno()), "/tmp"],
+                            pass_fds=(theirs.fileno(),), env=env, cwd="/", stdin=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    theirs.close()
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        assert "error" in _zygote_request(ours, b'{"credentials": null}', [])
+        assert "error" in _zygote_request(ours, b'{"credentials": null}', [b.fileno(), b.fileno()])
+        for bad in (b'{"credentials": {"uid": -1, "gid": 0, "groups": []}}', b'{"credentials": [0]}',
+                    b'{"credentials": {"uid": 0, "gid": 0, "groups": ["root"]}}', b"\xff", b"[]"):
+            reply = _zygote_request(ours, bad, [b.fileno()])
+            assert set(reply) == {"error"}, (bad, reply)  # nothing forked
+        reply = _zygote_request(ours, b'{"credentials": {"uid": 1, "gid": 1, "groups": []}}', [b.fileno()])
+        assert reply["pid"] > 0 and reply["error"].startswith("cannot take uid 1"), reply
+        b.close()
+        assert a.recv(100) == b""  # the child has gone, without a word on the control socket
+        # Still serving: a consumerd with the zygote's own credentials answers on its socket.
+        c, d = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        reply = _zygote_request(ours, b'{"credentials": null}', [d.fileno()])
+        d.close()
+        assert set(reply) == {"pid"} and _comm(reply["pid"]) == "tw-consumerd", reply
+        c.close()  # consumerd exits when its control socket closes
+    finally:
+        a.close()
+        ours.close()
+        proc.wait(timeout=30)
+    assert proc.returncode == 0
