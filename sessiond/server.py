@@ -119,6 +119,7 @@ async def serve_sessiond(
     try:
         async with trio.open_nursery() as nursery:
             sd = Sessiond(config, nursery, forks)
+            nursery.start_soon(forks.supervise)
             ctl = await _listen(ctl_path, socket.SOCK_STREAM, 64)
             apps = await _listen(app_path, socket.SOCK_SEQPACKET, 256)
             # Any local app may register with a root sessiond (a user's session

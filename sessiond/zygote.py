@@ -38,7 +38,8 @@ ends the child (status 127) with the reason in the zygote's answer.  Having
 changed credentials without an exec, the kernel marks it non-dumpable: its
 owner cannot ptrace it (it was forked from a process of sessiond's user).
 
-When the zygote dies, sessiond starts another by exec (``python -c
+When the zygote dies (or does not answer a request within 10 s, and is
+killed), sessiond reaps it and at once starts another by exec (``python -c
 EXEC_ZYGOTE FD RUNDIR``: it cannot fork itself once trio runs), which
 preloads the same modules; consumerds forked from it share pages with it,
 not with sessiond.  Without a pre-forked zygote (``serve_sessiond`` called
@@ -343,9 +344,10 @@ class _Link:
 
 
 class Zygote:
-    """sessiond's handle on its zygote: :meth:`spawn` forks a consumerd.  A
-    zygote that died (or does not answer) is replaced by one started by exec,
-    and the request is tried once more."""
+    """sessiond's handle on its zygote: :meth:`spawn` forks a consumerd;
+    :meth:`supervise` replaces a zygote that exits by one started by exec.
+    A request the zygote does not answer (it died, or hangs) kills it and is
+    tried once more on a new one."""
 
     def __init__(self, rundir: str, forked: ForkedZygote | None = None) -> None:
         self.rundir = rundir
@@ -355,9 +357,33 @@ class Zygote:
         if forked is not None:
             self._link = _Link(SeqPacket(trio.socket.from_stdlib_socket(forked.sock)), Child(forked.pid))
 
-    @property
-    def pid(self) -> int | None:
-        return self._link.proc.pid if self._link is not None else None
+    async def supervise(self) -> None:
+        """Keep a zygote running (until cancelled): one that exits is reaped
+        and replaced at once (with backoff if it keeps dying), so that the
+        next consumerd does not wait for a Python start-up."""
+        failures = 0
+        while True:
+            async with self._lock:
+                link = self._link
+                if link is None:
+                    try:
+                        link = await self._start()
+                    except OSError as exc:
+                        logger.error("cannot start a zygote: %s", exc)
+            if link is None:
+                failures += 1
+                await trio.sleep(min(5.0, 0.1 * 2**failures))
+                continue
+            started = trio.current_time()
+            code = await link.proc.wait()
+            async with self._lock:
+                if self._link is link:
+                    self._link = None
+            link.conn.close()
+            logger.warning("zygote (pid %d) exited with %s; starting another", link.proc.pid, code)
+            failures = failures + 1 if trio.current_time() - started < 10 else 1
+            if failures >= 3:
+                await trio.sleep(min(5.0, 0.1 * 2**failures))
 
     async def spawn(self, control_fd: int, creds: Credentials | None) -> Child:
         """A new consumerd on ``control_fd`` (which the caller still closes).
