@@ -41,6 +41,13 @@ Figures (the variant is in the name):
   sessiond) / the relay spent between the app's start and the end of the run,
   per GB (1e9 bytes) of raw trace, from the payload-256 runs.  Their start-up
   and session set-up are left out.  Best of N.
+* ``daemon_pss_mb_idle_{sessiond,zygote,consumerd,spare,total}`` (and
+  ``..._min``, ``..._max``) -- /proc/PID/smaps_rollup Pss of each target
+  daemon, and of all of them, with a local session started and idle (1 s
+  after ``start``, every daemon up): sessiond, the consumerd zygote (the
+  child named ``tw-zygote``), the active consumerd (named in sessiond.log),
+  the warm spare.  Own sessiond per round (on /dev/shm), ``--repeat``
+  rounds, median, min, max.
 * ``relay_fsync_mb_per_s_{fsync,nofsync}`` (and ``..._min``, ``..._max``) --
   the relay alone, ``tracewire-relayd --fsync`` against ``--no-fsync`` (the
   default ``--fsync-interval``, 0.1 s), writing under ``--fsync-dir``
@@ -371,6 +378,50 @@ def bench_pipeline(payload: int, events: int, repeat: int) -> None:
     finally:
         d.close()
         shutil.rmtree(outroot, ignore_errors=True)
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def bench_daemon_memory(repeat: int, root: str = "/dev/shm") -> None:
+    """daemon_pss_mb_idle_*: each target daemon's PSS once a local session has
+    started and is idle (median, min, max of ``repeat`` rounds, each with its
+    own sessiond)."""
+    roles = ("sessiond", "zygote", "consumerd", "spare", "total")
+    got: dict[str, list[float]] = {r: [] for r in roles}
+    for _ in range(repeat):
+        d = Daemons(root)
+        out = tempfile.mkdtemp(prefix="twbm", dir=root)
+        try:
+            d.cli("create", "m", "--output", out)
+            d.cli("enable-event", "demo:*", "-s", "m")
+            d.cli("start", "m")
+            active = _consumerd_pid(d)
+            (sessiond,) = d.pids
+            deadline = time.monotonic() + 30
+            while len(_children(sessiond)) < 3 and time.monotonic() < deadline:  # zygote, consumerd, spare
+                time.sleep(0.05)
+            time.sleep(1.0)  # settled: start-up done, nothing to read
+            kids = _children(sessiond)
+            pss = {"sessiond": _memory_mb(sessiond)[0],
+                   "zygote": sum(_memory_mb(p)[0] for p in kids if _comm(p) == "tw-zygote"),
+                   "consumerd": _memory_mb(active)[0],
+                   "spare": sum(_memory_mb(p)[0] for p in kids if p != active and _comm(p) != "tw-zygote")}
+            pss["total"] = sum(_memory_mb(p)[0] for p in _tree(sessiond))
+            for r in roles:
+                got[r].append(pss[r])
+        finally:
+            d.close()
+            shutil.rmtree(out, ignore_errors=True)
+    for r in roles:
+        emit(f"daemon_pss_mb_idle_{r}", statistics.median(got[r]), "MB")
+        emit(f"daemon_pss_mb_idle_{r}_min", min(got[r]), "MB")
+        emit(f"daemon_pss_mb_idle_{r}_max", max(got[r]), "MB")
 
 
 # ----------------------------------------------------------------- streaming through a relay
@@ -1474,6 +1525,8 @@ def main() -> None:
     for payload in (0, 256):
         if want("local_pipeline") or want("tracer_enabled_ns_per_event_real"):
             bench_pipeline(payload, a.events, a.repeat)
+    if want("daemon_pss_mb_idle"):
+        bench_daemon_memory(a.repeat)
     for compress in ("zstd", "none"):
         bench_relay(compress, 256, a.events, a.repeat, want)
     bench_relay("zstd", 0, a.events, a.repeat, want)

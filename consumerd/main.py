@@ -2,20 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 import sys
-from functools import partial
 
 import click
-import trio
 
-from consumerd.daemon import ConsumerdConfig, serve_consumerd
-
-
-def run(config: ConsumerdConfig) -> int:
-    """Serve sessiond until it closes the control socket; the exit status."""
-    trio.run(partial(serve_consumerd, config))
-    return 0
+from consumerd import run_consumerd
 
 
 @click.command(context_settings={"auto_envvar_prefix": "TRACEWIRE_CONSUMERD"})
@@ -24,14 +15,8 @@ def run(config: ConsumerdConfig) -> int:
 def main(control_fd: int, log_level: str) -> None:
     """Consumer daemon: reads full sub-buffers and writes CTF packets.
 
-    sessiond spawns it with the --control-fd it passes down; it is not meant to
-    be started by hand.
+    sessiond forks it from its zygote with the control socket it passes down
+    (this command is the same daemon on an inherited --control-fd); it is not
+    meant to be started by hand.
     """
-    logging.basicConfig(level=log_level.upper(), format="consumerd %(levelname)s %(message)s", stream=sys.stderr)
-    try:
-        sys.exit(run(ConsumerdConfig(control_fd)))
-    except OSError as exc:
-        click.echo(f"tracewire-consumerd: {exc}", err=True)
-        sys.exit(3)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    sys.exit(run_consumerd(control_fd, log_level))

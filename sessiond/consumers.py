@@ -15,11 +15,11 @@ import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import trio
 
 from sessiond.model import SessiondConfig, UserError
+from sessiond.zygote import Child, Credentials, Zygote
 from tracewire.control import close_fds
 from tracewire.ops import ErrorReply, HelloOp, MessageError, Op, Reply, decode_reply, encode
 from tracewire.seqpacket import SeqPacket
@@ -37,7 +37,7 @@ _Waiter = tuple[type[Op], trio.Event, list[Reply]]
 
 @dataclass
 class _Spawned:
-    proc: trio.Process
+    proc: Child
     conn: SeqPacket
 
     async def kill(self) -> None:
@@ -52,16 +52,18 @@ class ConsumerHandle:
     """One consumerd (per session owner), supervised: restarted when it dies,
     then given back every trace and stream of its owner's sessions.
 
-    When sessiond runs as root and the owner is another user, consumerd is
-    spawned with that user's uid, gid and supplementary groups (set by the
-    child before exec, never changed afterwards), so the trace files are the
-    owner's and the process can map only the buffers sessiond hands it.
+    consumerd is forked by sessiond's zygote (:mod:`sessiond.zygote`).  When
+    sessiond runs as root and the owner is another user, it takes that user's
+    uid, gid and supplementary groups in the child before any consumerd code
+    runs, never changed afterwards, so the trace files are the owner's and the
+    process can map only the buffers sessiond hands it.
     """
 
-    def __init__(self, config: SessiondConfig, uid: int, replay: ReplayFn) -> None:
+    def __init__(self, config: SessiondConfig, uid: int, replay: ReplayFn, zygote: Zygote) -> None:
         self.config = config
         self.uid = uid
         self.replay = replay
+        self.zygote = zygote
         self.conn: SeqPacket | None = None
         self.ready = trio.Event()
         self.waiters: dict[int, _Waiter] = {}
@@ -70,9 +72,9 @@ class ConsumerHandle:
         self._standby: _Spawned | None = None
         self._seq = itertools.count(1)
 
-    def _credentials(self) -> dict[str, Any]:
+    def _credentials(self) -> Credentials | None:
         if os.geteuid() != 0 or self.uid == os.geteuid():
-            return {}
+            return None
         import pwd
 
         try:
@@ -80,7 +82,7 @@ class ConsumerHandle:
             gid, groups = pw.pw_gid, os.getgrouplist(pw.pw_name, pw.pw_gid)
         except KeyError:  # a uid without a passwd entry: its own group only
             gid, groups = self.uid, []
-        return {"user": self.uid, "group": gid, "extra_groups": groups}
+        return Credentials(self.uid, gid, tuple(groups))
 
     async def supervise(self) -> None:
         """Keep a consumerd running (until cancelled)."""
@@ -149,12 +151,8 @@ class ConsumerHandle:
     async def _spawn(self) -> _Spawned | None:
         """Start a consumerd process (it then waits for requests)."""
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        cmd = list(self.config.consumerd_cmd) + ["--control-fd", str(child.fileno())]
-        env = dict(os.environ, TRACEWIRE_RUNDIR=self.config.rundir)
         try:
-            proc = await trio.lowlevel.open_process(
-                cmd, pass_fds=(child.fileno(),), env=env, cwd="/", **self._credentials()
-            )
+            proc = await self.zygote.spawn(child.fileno(), self._credentials())
         except OSError as exc:
             self.failure = f"cannot start consumerd for uid {self.uid}: {exc}"
             logger.error("%s", self.failure)
@@ -219,16 +217,17 @@ class ConsumerHandle:
 class ConsumerPool:
     """The consumerds of one sessiond, by session owner, started on first use."""
 
-    def __init__(self, config: SessiondConfig, nursery: trio.Nursery, replay: ReplayFn) -> None:
+    def __init__(self, config: SessiondConfig, nursery: trio.Nursery, replay: ReplayFn, zygote: Zygote) -> None:
         self.config = config
         self.nursery = nursery
         self.replay = replay
+        self.zygote = zygote
         self.handles: dict[int, ConsumerHandle] = {}
 
     def get(self, uid: int) -> ConsumerHandle:
         h = self.handles.get(uid)
         if h is None:
-            h = self.handles[uid] = ConsumerHandle(self.config, uid, self.replay)
+            h = self.handles[uid] = ConsumerHandle(self.config, uid, self.replay, self.zygote)
             self.nursery.start_soon(h.supervise)
         return h
 

@@ -11,13 +11,14 @@ import click
 import trio
 
 from sessiond import SessiondConfig, UserError, default_rundir, serve_sessiond
+from sessiond.zygote import ForkedZygote, fork_zygote
 
 STARTUP_FAILURE = 3
 
 
-async def _serve_until_signal(config: SessiondConfig) -> None:
+async def _serve_until_signal(config: SessiondConfig, zygote: ForkedZygote) -> None:
     async with trio.open_nursery() as nursery:
-        await nursery.start(partial(serve_sessiond, config))
+        await nursery.start(partial(serve_sessiond, config, zygote=zygote))
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for _ in signals:
                 logging.getLogger("sessiond").info("signal received; shutting down")
@@ -26,10 +27,15 @@ async def _serve_until_signal(config: SessiondConfig) -> None:
 
 
 def run(config: SessiondConfig) -> int:
-    """Run sessiond until SIGTERM/SIGINT; returns the exit code."""
+    """Run sessiond until SIGTERM/SIGINT; returns the exit code.
+
+    The consumerd zygote is forked first, while this process is still
+    single-threaded: it shares sessiond's imports, and the consumerds it forks
+    share them too (sessiond/zygote.py)."""
     failure = None
     try:
-        trio.run(_serve_until_signal, config)
+        zygote = fork_zygote(config.rundir)
+        trio.run(_serve_until_signal, config, zygote)
     except* UserError as group:  # nurseries wrap what serve_sessiond raises
         failure = str(group.exceptions[0])
     except* OSError as group:

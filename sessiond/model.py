@@ -12,7 +12,6 @@ from __future__ import annotations
 import fnmatch
 import os
 import socket
-import sys
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
@@ -44,7 +43,6 @@ __all__ = ["App", "AppLink", "Channel", "Outgoing", "Registry", "Session", "Sess
 @dataclass(frozen=True, slots=True)
 class SessiondConfig:
     rundir: str
-    consumerd_cmd: tuple[str, ...] = (sys.executable, "-m", "consumerd")
     app_stop_timeout: float = 5.0
     stop_timeout: float = 120.0  # how long stop waits for a relay's acknowledgements
     consumer_timeout: float = 60.0

@@ -12,7 +12,9 @@ sessiond listens on two unix sockets in its run directory:
   (:mod:`sessiond.apps`).
 
 It spawns a consumerd per session owner as a child, connected by a SEQPACKET
-socketpair, and restarts it if it dies (:mod:`sessiond.consumers`).  For every
+socketpair, and restarts it if it dies (:mod:`sessiond.consumers`); each
+consumerd is forked from a zygote that shares sessiond's imports
+(:mod:`sessiond.zygote`).  For every
 (session, channel, app) that records events sessiond creates the ring buffer
 memfd and its eventfd, keeps both open, and passes them to consumerd and to
 the app, in that order: consumerd must know a stream before the app can fill
@@ -36,6 +38,7 @@ from sessiond.apps import AppProtocol
 from sessiond.commands import Commands
 from sessiond.consumers import ConsumerPool
 from sessiond.model import Registry, SessiondConfig, UserError
+from sessiond.zygote import ForkedZygote, Zygote
 from tracewire.control import ControlError, FrameReader, encode_frame
 from tracewire.ops import MessageError, decode_request
 from tracewire.peercred import peer_credentials
@@ -52,10 +55,10 @@ REQUEST_TIMEOUT = 10.0  # for the request to arrive whole
 class Sessiond:
     """One sessiond: its registry, consumerds, app protocol and commands."""
 
-    def __init__(self, config: SessiondConfig, nursery: trio.Nursery) -> None:
+    def __init__(self, config: SessiondConfig, nursery: trio.Nursery, zygote: Zygote) -> None:
         self.config = config
         self.registry = Registry(config)
-        self.consumers = ConsumerPool(config, nursery, self.registry.replay_ops)
+        self.consumers = ConsumerPool(config, nursery, self.registry.replay_ops, zygote)
         self.apps = AppProtocol(self.registry, self.consumers)
         self.commands = Commands(self.registry, self.consumers, self.apps)
 
@@ -94,9 +97,13 @@ class Sessiond:
 
 
 async def serve_sessiond(
-    config: SessiondConfig, *, task_status: trio.TaskStatus[Sessiond] = trio.TASK_STATUS_IGNORED,
+    config: SessiondConfig, *, zygote: ForkedZygote | None = None,
+    task_status: trio.TaskStatus[Sessiond] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run one sessiond in ``config.rundir`` until cancelled.
+    """Run one sessiond in ``config.rundir`` until cancelled.  ``zygote``: the
+    consumerd fork server forked before trio started (:func:`sessiond.zygote.fork_zygote`,
+    whose pages sessiond shares); without one, one is started by exec when the
+    first consumerd is needed.
 
     Raises:
         UserError: another sessiond holds the run directory.
@@ -108,9 +115,11 @@ async def serve_sessiond(
     ctl_path = os.path.join(config.rundir, "control.sock")
     app_path = os.path.join(config.rundir, "apps.sock")
     pid_path = os.path.join(config.rundir, "sessiond.pid")
+    forks = Zygote(config.rundir, zygote)
     try:
         async with trio.open_nursery() as nursery:
-            sd = Sessiond(config, nursery)
+            sd = Sessiond(config, nursery, forks)
+            nursery.start_soon(forks.supervise)
             ctl = await _listen(ctl_path, socket.SOCK_STREAM, 64)
             apps = await _listen(app_path, socket.SOCK_SEQPACKET, 256)
             # Any local app may register with a root sessiond (a user's session
@@ -125,6 +134,7 @@ async def serve_sessiond(
             logger.info("sessiond ready in %s", config.rundir)
             task_status.started(sd)
     finally:
+        await forks.aclose()
         for p in (ctl_path, app_path, pid_path):
             try:
                 os.unlink(p)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -21,7 +23,7 @@ import pytest
 
 from tracewire import ctf, wire
 
-from conftest import TW
+from conftest import TW, _alive, _children
 
 MALFORMED: list[Any] = [
     {"cmd": "create", "name": "x", "output": "/tmp/x", "compress_level": "abc"},
@@ -304,3 +306,153 @@ def test_a_relay_refusal_counts_what_is_lost(tw: TW) -> None:
         assert lost.search(tw.cli("status").stdout)  # still counted after the stop
     finally:
         relay.close()
+
+
+# ---------------------------------------------------------------- the zygote
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _fds(pid: int) -> dict[int, str]:
+    """fd -> what it points at (readlink of /proc/PID/fd/N)."""
+    out = {}
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            out[int(name)] = os.readlink(f"/proc/{pid}/fd/{name}")
+        except OSError:  # closed meanwhile
+            pass
+    return out
+
+
+def _family(tw: TW, deadline: float, consumerds: int = 2) -> tuple[int, list[int], list[int]]:
+    """sessiond, its zygotes and its consumerds (active and spare), once it
+    has ``consumerds`` of them."""
+    sd = tw.sessiond_pid()
+    assert sd is not None
+    while True:
+        kids = [(c, _comm(c)) for c in _children(sd) if _alive(c)]
+        zygotes = [c for c, name in kids if name == "tw-zygote"]
+        consumers = [c for c, name in kids if name == "tw-consumerd"]
+        if len(consumers) >= consumerds or time.monotonic() > deadline:
+            return sd, zygotes, consumers
+        time.sleep(0.02)
+
+
+def test_a_forked_consumerd_holds_no_descriptor_of_sessiond_or_the_zygote(tw: TW, out_dir) -> None:
+    """consumerds are forked (twice) from sessiond's zygote, which holds the
+    socket on which sessiond asks for processes of any uid: no consumerd may
+    keep it, nor any socket, lock or listening socket of sessiond.  What
+    consumerd shares with sessiond is only what sessiond passed it on
+    purpose (ring buffer memfds and eventfds)."""
+    tw.cli("create", "s", "--output", str(out_dir))
+    tw.cli("enable-event", "demo:*")
+    tw.cli("start")
+    sd, zygotes, consumers = _family(tw, time.monotonic() + 30)
+    assert len(zygotes) == 1 and len(consumers) == 2, (zygotes, consumers)  # active + warm spare
+    zygote_fds = _fds(zygotes[0])
+    # The zygote: stdin/out/err and its socket to sessiond, nothing else.
+    assert sorted(zygote_fds) == [0, 1, 2, *[fd for fd, t in zygote_fds.items() if fd > 2]]
+    assert len([t for fd, t in zygote_fds.items() if fd > 2]) == 1
+    assert all(t.startswith("socket:") for fd, t in zygote_fds.items() if fd > 2), zygote_fds
+    theirs = {t for pid in (sd, zygotes[0]) for fd, t in _fds(pid).items() if t.startswith("socket:")}
+    for c in consumers:
+        mine = _fds(c)
+        assert not {t for t in mine.values() if t.startswith("socket:")} & theirs, (mine, theirs)
+        assert not [t for t in mine.values() if t.endswith(("sessiond.lock", "control.sock", "apps.sock"))], mine
+        assert os.readlink(f"/proc/{c}/cwd") == "/"
+    tw.demo("--events", "1000")
+    tw.cli("stop")
+    assert len([e for e in ctf.read_trace(str(out_dir)) if isinstance(e, ctf.Event)]) == 1000
+
+
+def test_a_dead_zygote_is_replaced_and_consumerd_still_restarts(tw: TW, out_dir) -> None:
+    """The zygote SIGKILLed: sessiond reaps it and starts another (by exec)
+    at once.  Then the active consumerd SIGKILLed: the warm spare takes
+    over, the new zygote forks the next spare, and the session traces
+    completely."""
+    tw.cli("create", "s", "--output", str(out_dir))
+    tw.cli("enable-event", "demo:*")
+    tw.cli("start")
+    tw.demo("--events", "500")
+    _, zygotes, consumers = _family(tw, time.monotonic() + 30)
+    assert len(zygotes) == 1 and len(consumers) == 2, (zygotes, consumers)
+    os.kill(zygotes[0], signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        _, new_zygotes, _ = _family(tw, deadline)
+        if new_zygotes and zygotes[0] not in new_zygotes:
+            break
+        time.sleep(0.05)
+    assert len(new_zygotes) == 1 and zygotes[0] not in new_zygotes, (new_zygotes, _log(tw)[-2000:])
+    assert not os.path.exists(f"/proc/{zygotes[0]}")  # reaped, not left a zombie
+    active = int(re.findall(r"consumerd for uid \d+ running \(pid (\d+)\)", _log(tw))[-1])
+    os.kill(active, signal.SIGKILL)
+    while time.monotonic() < deadline:
+        _, _, new_consumers = _family(tw, deadline)
+        if len(new_consumers) == 2 and active not in new_consumers:
+            break
+        time.sleep(0.05)
+    assert len(new_consumers) == 2 and active not in new_consumers, (new_consumers, _log(tw)[-2000:])
+    assert not os.path.exists(f"/proc/{active}")
+    tw.demo("--events", "500")
+    tw.cli("stop")
+    assert len([e for e in ctf.read_trace(str(out_dir)) if isinstance(e, ctf.Event)]) == 1000
+
+
+def _log(tw: TW) -> str:
+    with open(os.path.join(tw.rundir, "sessiond.log"), errors="replace") as f:
+        return f.read()
+
+
+def _zygote_request(sock: socket.socket, msg: bytes, fds: list[int]) -> dict[str, Any]:
+    sock.sendmsg([msg], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))] if fds else [])
+    return json.loads(sock.recv(65536))
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv")
+def test_the_zygote_refuses_bad_requests_and_reports_credentials_it_cannot_take() -> None:
+    """A zygote (started by exec, as sessiond does after one dies) without
+    the capabilities to change uid or groups: a request without exactly one
+    descriptor or with malformed credentials gets an error and forks
+    nothing; one for uid 1 forks a child that cannot take it, which says so
+    and exits before running any consumerd code; the zygote goes on serving."""
+    from sessiond.zygote import EXEC_ZYGOTE
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours.settimeout(30)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    no_setid = "-setuid,-setgid"
+    proc = subprocess.Popen(["setpriv", "--bounding-set", no_setid, "--inh-caps", no_setid, "--",
+                             sys.executable, "-c", EXEC_ZYGOTE, str(theirs.fileno()), "/tmp"],
+                            pass_fds=(theirs.fileno(),), env=env, cwd="/", stdin=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    theirs.close()
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        assert "error" in _zygote_request(ours, b'{"credentials": null}', [])
+        assert "error" in _zygote_request(ours, b'{"credentials": null}', [b.fileno(), b.fileno()])
+        for bad in (b'{"credentials": {"uid": -1, "gid": 0, "groups": []}}', b'{"credentials": [0]}',
+                    b'{"credentials": {"uid": 0, "gid": 0, "groups": ["root"]}}', b"\xff", b"[]"):
+            reply = _zygote_request(ours, bad, [b.fileno()])
+            assert set(reply) == {"error"}, (bad, reply)  # nothing forked
+        reply = _zygote_request(ours, b'{"credentials": {"uid": 1, "gid": 1, "groups": []}}', [b.fileno()])
+        assert reply["pid"] > 0 and reply["error"].startswith("cannot take uid 1"), reply
+        b.close()
+        assert a.recv(100) == b""  # the child has gone, without a word on the control socket
+        # Still serving: a consumerd with the zygote's own credentials answers on its socket.
+        c, d = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        reply = _zygote_request(ours, b'{"credentials": null}', [d.fileno()])
+        d.close()
+        assert set(reply) == {"pid"} and _comm(reply["pid"]) == "tw-consumerd", reply
+        c.close()  # consumerd exits when its control socket closes
+    finally:
+        a.close()
+        ours.close()
+        proc.wait(timeout=30)
+    assert proc.returncode == 0

@@ -97,6 +97,28 @@ def _stop_sessiond(rundir: str) -> None:
         _kill_wait([p for p in pids if _alive(p)], sig, time.monotonic() + 10)
 
 
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _status(pid: int) -> dict[str, list[str]]:
+    """/proc/PID/status's Uid, Gid and Groups lines, split."""
+    out = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in ("Uid", "Gid", "Groups"):
+                    out[key] = value.split()
+    except OSError:
+        pass
+    return out
+
+
 def _run(python: str, env: dict, user: str | None, *args: str, check: bool = True):
     argv = [python, "-m", "tracewire", *args]
     if user is not None:
@@ -137,9 +159,18 @@ def test_user_session_is_private_and_files_belong_to_the_user(world):
     assert any(f.endswith("channel0_0") for f in files), files
     for f in files:
         assert os.stat(f).st_uid == world["uid1"], f
-    ps = subprocess.run(["ps", "-eo", "uid=,args="], capture_output=True, text=True).stdout
-    assert any(line.split(None, 1)[0] == str(world["uid1"]) and "consumerd" in line
-               for line in ps.splitlines()), ps
+    # That consumerd is sessiond's child (forked by its zygote) with the user's
+    # real, effective, saved and file-system uid and gid, and the user's groups.
+    with open(os.path.join(env["TRACEWIRE_RUNDIR"], "sessiond.pid")) as f:
+        sessiond = int(f.read())
+    pw = pwd.getpwuid(world["uid1"])
+    want = {"Uid": [str(pw.pw_uid)] * 4, "Gid": [str(pw.pw_gid)] * 4,
+            "Groups": sorted(str(g) for g in os.getgrouplist(pw.pw_name, pw.pw_gid))}
+    kids = {c: _status(c) for c in _children(sessiond) if _comm(c) == "tw-consumerd"}
+    assert any(st.get("Uid") == want["Uid"] for st in kids.values()), kids
+    for st in kids.values():
+        if st.get("Uid") == want["Uid"]:
+            assert st["Gid"] == want["Gid"] and sorted(st["Groups"]) == want["Groups"], (st, want)
 
 
 def test_cross_user_control_is_denied_and_changes_nothing(world):
