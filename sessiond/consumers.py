@@ -152,7 +152,7 @@ class ConsumerHandle:
         """Start a consumerd process (it then waits for requests)."""
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            proc = await self.zygote.spawn(child.fileno(), self._credentials())
+            proc = await self.zygote.spawn(child.fileno(), self._credentials(), self.config.consumer_rt_priority)
         except OSError as exc:
             self.failure = f"cannot start consumerd for uid {self.uid}: {exc}"
             logger.error("%s", self.failure)

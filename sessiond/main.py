@@ -53,8 +53,13 @@ def run(config: SessiondConfig) -> int:
               show_default=True, help="How long 'tracewire stop' waits for a relay's acknowledgements "
               "before reporting what is still kept, unless the stop gives its own --timeout "
               "[env TRACEWIRE_SESSIOND_STOP_TIMEOUT].")
+@click.option("--consumer-rt-priority", type=click.IntRange(0, 99), default=1, show_default=True,
+              help="Real-time priority (SCHED_RR) of each consumerd's draining thread, so that a busy "
+              "machine cannot delay the drain until the ring buffers overflow; 0: normal scheduling. "
+              "Granted only when sessiond may (root, or RLIMIT_RTPRIO); otherwise consumerd runs "
+              "normally [env TRACEWIRE_SESSIOND_CONSUMER_RT_PRIORITY].")
 @click.option("--log-level", default="INFO", show_default=True, help="Python logging level.")
-def main(rundir: str | None, stop_timeout: float, log_level: str) -> None:
+def main(rundir: str | None, stop_timeout: float, consumer_rt_priority: int, log_level: str) -> None:
     """Session daemon: the registry of tracing sessions.
 
     It owns the ring buffers, spawns consumerd and answers the tracewire CLI
@@ -64,4 +69,5 @@ def main(rundir: str | None, stop_timeout: float, log_level: str) -> None:
         level=log_level.upper(), stream=sys.stderr,
         format="%(asctime)s sessiond %(levelname)s %(name)s: %(message)s",
     )
-    sys.exit(run(SessiondConfig(rundir=rundir or default_rundir(), stop_timeout=stop_timeout)))
+    sys.exit(run(SessiondConfig(rundir=rundir or default_rundir(), stop_timeout=stop_timeout,
+                                consumer_rt_priority=consumer_rt_priority)))

@@ -171,7 +171,8 @@ def serve_zygote(sock: socket.socket, rundir: str) -> int:
         try:
             if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or len(fds) != 1:
                 raise ControlError("a request is one message with one descriptor")
-            reply = _fork_consumerd(fds[0], _parse_request(loads(data, MAX_REQUEST)), rundir)
+            request = loads(data, MAX_REQUEST)
+            reply = _fork_consumerd(fds[0], _parse_request(request), rundir, _rt_priority(request))
         except ControlError as exc:
             reply = {"error": str(exc)}
         except OSError as exc:
@@ -184,7 +185,33 @@ def serve_zygote(sock: socket.socket, rundir: str) -> int:
             return 0
 
 
-def _fork_consumerd(control_fd: int, creds: Credentials | None, rundir: str) -> dict[str, Any]:
+def _rt_priority(msg: dict[str, Any]) -> int:
+    """The request's real-time priority (0: none).
+
+    Raises:
+        ControlError: not an integer from 0 to 99.
+    """
+    prio = msg.get("rt_priority", 0)
+    if type(prio) is not int or not 0 <= prio <= 99:
+        raise ControlError("rt_priority must be an integer from 0 to 99")
+    return prio
+
+
+def _realtime(prio: int) -> None:
+    """Run this thread (consumerd's main thread, which drains the rings)
+    SCHED_RR at ``prio``, if the process may (root, RLIMIT_RTPRIO); if not,
+    it keeps normal scheduling.  Threads it starts inherit the policy:
+    consumerd's compression threads give it up (consumerd/net.py)."""
+    if prio <= 0:
+        return
+    try:
+        os.sched_setscheduler(0, os.SCHED_RR, os.sched_param(prio))
+    except OSError:
+        pass  # not allowed: normal scheduling (docs/design.md)
+
+
+def _fork_consumerd(control_fd: int, creds: Credentials | None, rundir: str,
+                    rt_priority: int = 0) -> dict[str, Any]:
     """Fork (twice) a consumerd serving ``control_fd``; its pid, and what went
     wrong if it could not take ``creds``.
 
@@ -199,7 +226,7 @@ def _fork_consumerd(control_fd: int, creds: Credentials | None, rundir: str) -> 
             try:
                 if os.fork() == 0:
                     os.close(r)
-                    _become_consumerd(control_fd, creds, rundir, w)
+                    _become_consumerd(control_fd, creds, rundir, w, rt_priority)
             except BaseException:
                 code = 1
             os._exit(code)
@@ -221,13 +248,15 @@ def _fork_consumerd(control_fd: int, creds: Credentials | None, rundir: str) -> 
     return {"pid": int(head), "error": why} if why else {"pid": int(head)}
 
 
-def _become_consumerd(control_fd: int, creds: Credentials | None, rundir: str, report_fd: int) -> NoReturn:
+def _become_consumerd(control_fd: int, creds: Credentials | None, rundir: str, report_fd: int,
+                      rt_priority: int = 0) -> NoReturn:
     """The new consumerd: drop what it must not keep, take the owner's
     credentials, run consumerd, exit.  Never returns to the zygote's code."""
     code = 127
     try:
         _close_all_but({0, 1, 2, control_fd, report_fd})
         _set_comm("tw-consumerd")  # while /proc/self is still writable (see below)
+        _realtime(rt_priority)  # while it may (before the owner's credentials)
         try:
             if creds is not None:
                 os.setgroups(list(creds.groups))
@@ -385,14 +414,17 @@ class Zygote:
             if failures >= 3:
                 await trio.sleep(min(5.0, 0.1 * 2**failures))
 
-    async def spawn(self, control_fd: int, creds: Credentials | None) -> Child:
-        """A new consumerd on ``control_fd`` (which the caller still closes).
+    async def spawn(self, control_fd: int, creds: Credentials | None, rt_priority: int = 0) -> Child:
+        """A new consumerd on ``control_fd`` (which the caller still closes),
+        its draining thread at real-time priority ``rt_priority`` if it may
+        have it (0: normal scheduling).
 
         Raises:
             OSError: no consumerd could be started (the reason in one line).
         """
         request = {"credentials": None if creds is None else
-                   {"uid": creds.uid, "gid": creds.gid, "groups": list(creds.groups)}}
+                   {"uid": creds.uid, "gid": creds.gid, "groups": list(creds.groups)},
+                   "rt_priority": rt_priority}
         async with self._lock:
             why = "?"
             for _attempt in range(2):

@@ -438,7 +438,8 @@ def test_the_zygote_refuses_bad_requests_and_reports_credentials_it_cannot_take(
         assert "error" in _zygote_request(ours, b'{"credentials": null}', [])
         assert "error" in _zygote_request(ours, b'{"credentials": null}', [b.fileno(), b.fileno()])
         for bad in (b'{"credentials": {"uid": -1, "gid": 0, "groups": []}}', b'{"credentials": [0]}',
-                    b'{"credentials": {"uid": 0, "gid": 0, "groups": ["root"]}}', b"\xff", b"[]"):
+                    b'{"credentials": {"uid": 0, "gid": 0, "groups": ["root"]}}', b"\xff", b"[]",
+                    b'{"credentials": null, "rt_priority": 100}', b'{"credentials": null, "rt_priority": true}'):
             reply = _zygote_request(ours, bad, [b.fileno()])
             assert set(reply) == {"error"}, (bad, reply)  # nothing forked
         reply = _zygote_request(ours, b'{"credentials": {"uid": 1, "gid": 1, "groups": []}}', [b.fileno()])
@@ -447,9 +448,12 @@ def test_the_zygote_refuses_bad_requests_and_reports_credentials_it_cannot_take(
         assert a.recv(100) == b""  # the child has gone, without a word on the control socket
         # Still serving: a consumerd with the zygote's own credentials answers on its socket.
         c, d = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        reply = _zygote_request(ours, b'{"credentials": null}', [d.fileno()])
+        reply = _zygote_request(ours, b'{"credentials": null, "rt_priority": 1}', [d.fileno()])
         d.close()
         assert set(reply) == {"pid"} and _comm(reply["pid"]) == "tw-consumerd", reply
+        if os.geteuid() == 0:  # root may grant a real-time priority, and the zygote did
+            assert os.sched_getscheduler(reply["pid"]) == os.SCHED_RR
+            assert os.sched_getparam(reply["pid"]).sched_priority == 1
         c.close()  # consumerd exits when its control socket closes
     finally:
         a.close()

@@ -171,6 +171,10 @@ def test_user_session_is_private_and_files_belong_to_the_user(world):
     for st in kids.values():
         if st.get("Uid") == want["Uid"]:
             assert st["Gid"] == want["Gid"] and sorted(st["Groups"]) == want["Groups"], (st, want)
+    # Its draining thread kept the real-time priority root sessiond gave it
+    # (--consumer-rt-priority, default 1) before it took the user's uid.
+    for c in kids:
+        assert os.sched_getscheduler(c) == os.SCHED_RR and os.sched_getparam(c).sched_priority == 1, c
 
 
 def test_cross_user_control_is_denied_and_changes_nothing(world):
