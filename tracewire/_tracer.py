@@ -449,7 +449,8 @@ class _Registry:
         elif op == "sync":  # everything sent before is applied
             self._send({"op": "stopped", "seq": msg.get("seq")})
         elif op == "stop":
-            self._stop([str(k) for k in msg["keys"]])
+            wait = msg.get("timeout")
+            self._stop([str(k) for k in msg["keys"]], float(wait) if isinstance(wait, int | float) else None)
             self._send({"op": "stopped", "seq": msg.get("seq")})
         elif op == "close":
             for k in msg["keys"]:
@@ -466,21 +467,31 @@ class _Registry:
             raise ValueError(f"unknown op {op!r}")
 
     def _add_stream(self, msg: dict[str, Any], fds: list[int]) -> None:
-        """Map a new stream's ring buffer (the memfd and eventfd in ``fds``)."""
+        """Map a new stream's ring buffer (the memfd and eventfd in ``fds``,
+        and a blocking channel's space pipe, read end, third)."""
         from tracewire.ringbuf import BufferSpec, Producer
 
-        if len(fds) != 2:
+        if len(fds) not in (2, 3):
             raise ValueError("stream message without its two fds")
-        memfd, efd = fds
+        memfd, efd = fds[0], fds[1]
+        space = fds[2] if len(fds) == 3 else -1
+        ms = int(msg.get("blocking_timeout_ms") or 0)
+        if space >= 0 and ms == 0:
+            os.close(space)
+            space = fds[2] = -1
         try:
             spec = BufferSpec(int(msg["subbuf_size"]), int(msg["num_subbuf"]))
-            prod = Producer(memfd, efd, spec)
+            # blocking_timeout_ms: 0 discard mode, < 0 wait for ever ('inf').
+            prod = Producer(memfd, efd, spec, space_fd=space, block_timeout=None if ms < 0 else ms / 1000)
         finally:
-            os.close(memfd)  # the mapping keeps the memory; efd stays open
+            os.close(memfd)  # the mapping keeps the memory; efd (and space) stay open
         self.streams[str(msg["key"])] = _StreamW(str(msg["key"]), prod)
 
-    def _stop(self, keys: list[str]) -> None:
-        """Disable these streams, then wait for writers already inside them."""
+    def _stop(self, keys: list[str], timeout: float | None = None) -> None:
+        """Disable these streams, then wait for writers already inside them
+        (at most ``timeout`` s per stream, sessiond's own wait: a writer of a
+        blocking channel may wait for space the consumer cannot give yet,
+        and this thread must stay free to handle ``close``)."""
         for k in keys:
             s = self.streams.get(k)
             if s is not None:
@@ -488,9 +499,8 @@ class _Registry:
         self._apply()
         for k in keys:
             s = self.streams.get(k)
-            if s is not None:
-                with s.lock:
-                    pass
+            if s is not None and s.lock.acquire(timeout=-1 if timeout is None else timeout):
+                s.lock.release()
 
     def _apply(self) -> None:
         """Point every emitter at the streams that enable it."""
@@ -499,13 +509,20 @@ class _Registry:
                 tp.set_streams(tuple(s for s in self.streams.values() if tp.id in s.enabled))
 
     def _close_stream(self, s: _StreamW) -> None:
-        """Stop writing to a stream and unmap its buffer."""
+        """Stop writing to a stream and unmap its buffer.  A writer waiting
+        for space in it (a blocking channel) gives up within
+        ``ringbuf.RECHECK_S`` and drops its event."""
         s.enabled = set()
         self._apply()
+        waiting = s.producer
+        if waiting is not None:
+            waiting.cancel_wait()  # without the lock: its holder may be the one waiting
         with s.lock:
             p, s.producer = s.producer, None
         if p is not None:
             os.close(p.wakeup_fd)
+            if p.space_fd >= 0:
+                os.close(p.space_fd)
             s.mv = None
             try:
                 p.close()
@@ -520,8 +537,13 @@ class _Registry:
         self._apply()
 
     def hand_over(self) -> None:
-        """At exit: close every open sub-buffer so the consumer takes it now."""
+        """At exit: close every open sub-buffer so the consumer takes it now.
+        Another thread waiting for space (a blocking channel) gives up
+        first, dropping its event, so exit never waits for the consumer."""
         for s in list(self.streams.values()):
+            waiting = s.producer
+            if waiting is not None:
+                waiting.cancel_wait()
             with s.lock:
                 p, s.producer = s.producer, None
                 if p is not None and p.pos > p.sb_index * p._S:
