@@ -8,9 +8,10 @@ creates the process's ``_Registry``: if ``$TRACEWIRE_RUNDIR/apps.sock`` exists,
 a daemon thread (the *listener*) registers the app with sessiond, waits up to
 ``TRACEWIRE_REGISTER_TIMEOUT`` seconds (default 3) for the first answer so
 that events emitted right after start-up are not missed, and then keeps
-listening for commands: new streams (a ring buffer memfd and an eventfd, passed
-with SCM_RIGHTS), enable/disable, stop (quiesce) and close.  Without a sessiond
-the listener retries every ``TRACEWIRE_RETRY_S`` seconds, so apps started
+listening for commands: new streams (a ring buffer memfd and an eventfd, and for
+a blocking channel the read end of its space pipe, passed with SCM_RIGHTS),
+enable/disable, stop (quiesce) and close.  Without a sessiond the listener
+retries every ``TRACEWIRE_RETRY_S`` seconds, so apps started
 before sessiond are traced once it appears.
 
 The app hands its buffers only to a sessiond it trusts.  Before connecting,
@@ -602,8 +603,10 @@ def tracepoint(name: str, **fields: type) -> Callable[..., None]:
 
     Returns:
         A function taking the fields as arguments (by keyword or position).
-        It never raises and never blocks; while no session enables the event
-        it does nothing.
+        It never raises, and never blocks unless a channel enabling the event
+        has a blocking timeout (``enable-channel --blocking-timeout``: it then
+        waits up to that long for room in a full buffer); while no session
+        enables the event it does nothing.
 
     Raises:
         ValueError: a malformed name, an unsupported field type, or the name
