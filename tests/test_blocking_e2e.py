@@ -11,13 +11,16 @@ Robust on a loaded 2-core machine: generous deadlines, no timing assertions.
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
+import signal
 import time
 from pathlib import Path
 
 import pytest
 from test_local_e2e import bt2_python_counts, read_back, status_discarded, stream_files
-from test_relay_e2e import Relay, bt2_seqs, check_once, ctf_seqs, needs_bt2, socket_closed_port
+from test_relay_e2e import Relay, bt2_seqs, check_once, consumerd_pid, ctf_seqs, needs_bt2, socket_closed_port
 
 from conftest import TW, short_tmpdir
 
@@ -65,6 +68,41 @@ def test_tiny_ring_through_a_relay_loses_nothing(tw: TW) -> None:
         _session(tw, "--url", relay.url, blocking="inf")
         tw.demo("--events", str(EVENTS))
         stop = tw.cli("stop")
+        assert "DISCARDED" not in stop.stdout + stop.stderr
+        assert status_discarded(tw) == 0
+        check_once(bt2_seqs(relay.output), EVENTS, "babeltrace2")
+        seqs, lost = ctf_seqs(relay.output)
+        assert lost == 0
+        check_once(seqs, EVENTS, "ctf.read_trace")
+    finally:
+        relay.stop()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@needs_bt2
+def test_consumerd_killed_while_the_app_waits_loses_nothing(tw: TW) -> None:
+    """SIGKILL consumerd while the app streams at full speed into the tiny
+    ring with --blocking-timeout inf: the app waits for the consumerd
+    sessiond starts in its place (given the pipe again), which drains the
+    ring; every event arrives once, none discarded."""
+    d = Path(short_tmpdir("twblk"))
+    relay = Relay(d / "out", d / "relayd.log").start()
+    try:
+        tw.env["TRACEWIRE_HOSTNAME"] = "killhost"
+        _session(tw, "--url", relay.url, blocking="inf")
+        app = tw.demo_popen("--events", str(EVENTS), "--progress-every", "1000")
+        assert app.stdout is not None
+        for line in app.stdout:
+            m = re.fullmatch(r"emitted (\d+)\n", line)
+            if m and int(m.group(1)) >= EVENTS // 3:
+                break
+        else:
+            pytest.fail("the app ended before consumerd could be killed")
+        killed = consumerd_pid(tw)
+        os.kill(killed, signal.SIGKILL)
+        _rest, err = app.communicate(timeout=300)
+        assert app.returncode == 0, err
+        stop = tw.cli("stop", timeout=120)
         assert "DISCARDED" not in stop.stdout + stop.stderr
         assert status_discarded(tw) == 0
         check_once(bt2_seqs(relay.output), EVENTS, "babeltrace2")

@@ -880,6 +880,33 @@ def test_non_blocking_channel_never_waits(blocking: bool) -> None:
         os.close(wr)
 
 
+def test_waiting_producer_nudges_a_restarted_consumer() -> None:
+    """consumerd died after reading the eventfd (the announcements of the
+    closed sub-buffers went with it): its successor learns of them from the
+    producer, which writes the eventfd when a re-check finds no room, and
+    from the waiting word, which says how many it closed."""
+    r = Ring(block_timeout=None)
+    try:
+        _full(r)
+        assert r.announce() == N - 1  # the consumer that dies took these
+        space_w = r.c.space_fd
+        r.c.space_fd = -1
+        r.c.close()
+        r.c = ConsumerCursor(r.fd, space_fd=space_w)  # the restarted one
+        t, out = _write_in_thread(r, 100)
+        ready, _, _ = select.select([r.efd], [], [], JOIN_S)  # the producer's nudge
+        assert ready, "the waiting producer never nudged the consumer"
+        r.announce()
+        assert r.c.announced == N - 1  # the closes, not the nudges
+        assert r.c.next_chunk() is not None
+        r.c.release()
+        t.join(JOIN_S)
+        assert not t.is_alive() and out[0] is not None
+        assert r.p.discarded == 0
+    finally:
+        r.close()
+
+
 def test_cancel_wait_ends_a_wait_for_ever() -> None:
     r = Ring(block_timeout=None)
     try:

@@ -56,7 +56,11 @@ between its first read and that store is not missed), and sleeps in
 ``poll()`` on the pipe -- never longer than ``RECHECK_S`` at a time, after
 which it re-reads ``consumed`` anyway -- until the space is released, the
 timeout expires (the event is then dropped and counted as in discard mode) or
-``cancel_wait`` is called (the stream is being closed).  The consumer, after
+``cancel_wait`` is called (the stream is being closed).  A re-check that
+finds no room also writes the eventfd (at most once per ``RECHECK_S``): a
+consumer that lost the announcements of closed sub-buffers (its predecessor
+read them and died) is woken, and ``ConsumerCursor.announce`` takes the
+number of closes from ``waiting`` rather than from the eventfd.  The consumer, after
 it stores a new ``consumed``, writes one byte to the pipe only when
 ``waiting`` is non-zero and at or below it: a non-blocking channel's consumer
 costs one comparison more per release, and a hostile ``waiting`` costs at
@@ -442,6 +446,14 @@ class Producer:
                         pass
                     except OSError:
                         break  # the pipe is unusable: never spin on it
+                elif wait >= RECHECK_S:
+                    # A whole re-check without a release: nudge the consumer
+                    # (a restarted one never saw the announcements its
+                    # predecessor read; ConsumerCursor.announce).
+                    try:
+                        os.eventfd_write(self.wakeup_fd, 1)
+                    except OSError:
+                        pass
             # Nobody can release space any more (the session was destroyed):
             # discard mode from now on, without a system call per event.
             self.block_timeout = 0.0
@@ -662,8 +674,21 @@ class ConsumerCursor:
 
     # -- chunks ---------------------------------------------------------------------------
     def announce(self, count: int) -> None:
-        """Add what the eventfd said: ``count`` more sub-buffers were closed."""
+        """Add what the eventfd said: ``count`` more sub-buffers were closed.
+
+        On a blocking channel, a producer waiting for space has closed
+        exactly the sub-buffers below ``waiting // S + N - 2`` (the one it
+        is in), and it writes the eventfd, once per ``RECHECK_S`` it waits
+        in vain, after all its closes: that count replaces ours.  A
+        restarted consumer, whose predecessor read (and took with it) the
+        announcements of sub-buffers it did not release, catches up so, and
+        the extra eventfd writes are not counted as closes.  A hostile
+        ``waiting`` only misleads the reading of its own ring."""
         self.announced += count
+        if self.space_fd >= 0:
+            waiting = self.q[Q_WAITING]
+            if waiting:
+                self.announced = waiting // self._S + self._N - 2
 
     def next_chunk(self, limit: FlushLimit | None = None) -> Chunk | None:
         """The next chunk to write, or None when there is nothing (yet).
