@@ -561,11 +561,13 @@ u64 = st.one_of(
 @settings(max_examples=examples(300), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     pre=st.integers(0, 6),
-    writes=st.lists(st.tuples(st.sampled_from([OFF_HEAD, OFF_TS, OFF_DISCARDED] + [
+    writes=st.lists(st.tuples(st.sampled_from([OFF_HEAD, OFF_TS, OFF_DISCARDED, 8 * rb.Q_WAITING] + [
         slot_off(k, f) for k in range(N) for f in (SLOT_END, SLOT_TS, SLOT_DISCARDED)]), u64), max_size=12),
+    blocking=st.booleans(),
 )
-def test_hostile_control_page_only_raises_ringbuffercorrupt(pre: int, writes) -> None:
-    r = Ring()
+def test_hostile_control_page_only_raises_ringbuffercorrupt(pre: int, writes, blocking: bool) -> None:
+    # A blocking stream's cursor also reads the waiting word (announce, publish).
+    r = Ring(block_timeout=None if blocking else 0.0)
     try:
         # Some honest traffic first, so that the cursor has state.
         for _ in range(pre):
