@@ -490,7 +490,7 @@ class _Registry:
 
     def _stop(self, keys: list[str], timeout: float | None = None) -> None:
         """Disable these streams, then wait for writers already inside them
-        (at most ``timeout`` s per stream, sessiond's own wait: a writer of a
+        (at most ``timeout`` s in all, sessiond's own wait: a writer of a
         blocking channel may wait for space the consumer cannot give yet,
         and this thread must stay free to handle ``close``)."""
         for k in keys:
@@ -498,9 +498,11 @@ class _Registry:
             if s is not None:
                 s.enabled = set()
         self._apply()
+        deadline = None if timeout is None else time.monotonic() + timeout
         for k in keys:
             s = self.streams.get(k)
-            if s is not None and s.lock.acquire(timeout=-1 if timeout is None else timeout):
+            left = -1.0 if deadline is None else max(0.0, deadline - time.monotonic())
+            if s is not None and s.lock.acquire(timeout=left):
                 s.lock.release()
 
     def _apply(self) -> None:
