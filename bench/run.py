@@ -64,19 +64,20 @@ Figures (the variant is in the name):
 * ``relay_fsync_zstd1_...``, ``relayd_fsync_zstd1_...`` -- the same with every
   packet compressed with zstd level 1 beforehand (not timed): the relay
   decompresses.
-* ``blocking_{events_lost,mb_per_s,app_s,consumerd_cpu_s_per_gb}_{inf,discard}``
+* ``blocking_{events_lost,mb_per_s,app_s,consumerd_cpu_s_per_gb}_<side>``
   (and ``..._min``, ``..._max``) -- issue 11's lossless check: ``--events``
   demo:tick events (256-byte payload) at full speed into a tiny ring
   (``enable-channel c --subbuf-size 4k --num-subbuf 2``) streamed through a
   tracewire-relayd on loopback (zstd level 1), with ``--blocking-timeout
-  inf`` (``inf``: the app waits for room) and without (``discard``, the
-  default, for comparison).  ``events_lost``: emitted - ``babeltrace2``
+  inf`` (side ``inf``: the app waits for room) and without (``discard``, the
+  default, for comparison); sides ``inf_default_ring`` and
+  ``discard_default_ring``: the same with the default ring, 4 x 256 KiB.  ``events_lost``: emitted - ``babeltrace2``
   lines (0 expected for ``inf``); ``mb_per_s``: raw bytes the relay wrote /
   time from the app's start to ``tracewire stop`` returning; ``app_s``: the
   app's own "emitted N events in T s" (how much the waits slowed it);
   ``consumerd_cpu_s_per_gb``: utime+stime of the active consumerd over the
   run, per GB of raw trace.  Each run has its own relay, run directory and
-  sessiond; rounds interleaved (inf, discard, inf, ...), ``--repeat``
+  sessiond; rounds interleaved (the four sides, then again), ``--repeat``
   rounds; median, min, max.
 
 * ``vs_lttng_<figure>_<side>`` (and ``..._min``, ``..._max``) -- side by side
@@ -657,10 +658,12 @@ def bench_relay(compress: str, payload: int, events: int, repeat: int, want) -> 
 BLOCKING_RING = ("--subbuf-size", "4k", "--num-subbuf", "2")  # the tiny ring of issue 11's Done-means check
 
 
-def blocking_run(tag: str, blocking: str | None, payload: int, events: int, root: str = "/tmp") -> dict:
-    """One run through a loopback relay (zstd level 1) into the tiny ring,
-    with ``enable-channel --blocking-timeout BLOCKING`` (None: the default,
-    discard mode); its own relay, run directory and sessiond, killed after."""
+def blocking_run(tag: str, blocking: str | None, ring: tuple[str, ...], payload: int, events: int,
+                 root: str = "/tmp") -> dict:
+    """One run through a loopback relay (zstd level 1) into a channel of
+    geometry ``ring`` (enable-channel options), with ``--blocking-timeout
+    BLOCKING`` (None: the default, discard mode); its own relay, run
+    directory and sessiond, killed after."""
     work = tempfile.mkdtemp(prefix="twbb", dir=root)
     relay = d = None
     try:
@@ -669,7 +672,7 @@ def blocking_run(tag: str, blocking: str | None, payload: int, events: int, root
         d.cli("create", tag, "--url", f"tw://127.0.0.1:{relay.port}", "--compress", "zstd",
               "--compress-level", "1")
         extra = ("--blocking-timeout", blocking) if blocking is not None else ()
-        d.cli("enable-channel", "c", "-s", tag, *BLOCKING_RING, *extra)
+        d.cli("enable-channel", "c", "-s", tag, *ring, *extra)
         d.cli("enable-event", "demo:*", "-s", tag, "-c", "c")
         d.cli("start", tag)
         consumerd = _consumerd_pid(d)
@@ -689,14 +692,17 @@ def blocking_run(tag: str, blocking: str | None, payload: int, events: int, root
 
 def bench_blocking(events: int, repeat: int, want, payload: int = 256) -> None:
     """``blocking_*``: the tiny ring with ``--blocking-timeout inf`` against
-    the same ring in discard mode, rounds interleaved; median, min, max."""
-    sides = {"inf": "inf", "discard": None}
+    the same ring in discard mode, and the default ring (4 x 256 KiB) both
+    ways, rounds interleaved; median, min, max."""
+    default_ring = ("--subbuf-size", "256k", "--num-subbuf", "4")
+    sides = {"inf": ("inf", BLOCKING_RING), "discard": (None, BLOCKING_RING),
+             "inf_default_ring": ("inf", default_ring), "discard_default_ring": (None, default_ring)}
     if not any(want(f"blocking_{figure}_{side}") for figure in ("events_lost", "mb_per_s") for side in sides):
         return
     runs: dict[str, list[dict]] = {side: [] for side in sides}
     for i in range(repeat):
-        for side, value in sides.items():
-            runs[side].append(blocking_run(f"blk{side}{i}", value, payload, events))
+        for side, (value, ring) in sides.items():
+            runs[side].append(blocking_run(f"blk{i}{side.replace('_', '')}", value, ring, payload, events))
     for side, rs in runs.items():
         for key, figure, unit in (("lost", "events_lost", "events"), ("mbps", "mb_per_s", "MB/s"),
                                   ("app", "app_s", "s"), ("ccpu", "consumerd_cpu_s_per_gb", "s/GB")):
