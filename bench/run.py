@@ -71,6 +71,21 @@ Figures (the variant is in the name):
 * ``relay_fsync_zstd1_...``, ``relayd_fsync_zstd1_...`` -- the same with every
   packet compressed with zstd level 1 beforehand (not timed): the relay
   decompresses.
+* ``blocking_{events_lost,mb_per_s,app_s,consumerd_cpu_s_per_gb}_<side>``
+  (and ``..._min``, ``..._max``) -- issue 11's lossless check: ``--events``
+  demo:tick events (256-byte payload) at full speed into a tiny ring
+  (``enable-channel c --subbuf-size 4k --num-subbuf 2``) streamed through a
+  tracewire-relayd on loopback (zstd level 1), with ``--blocking-timeout
+  inf`` (side ``inf``: the app waits for room) and without (``discard``, the
+  default, for comparison); sides ``inf_default_ring`` and
+  ``discard_default_ring``: the same with the default ring, 4 x 256 KiB.  ``events_lost``: emitted - ``babeltrace2``
+  lines (0 expected for ``inf``); ``mb_per_s``: raw bytes the relay wrote /
+  time from the app's start to ``tracewire stop`` returning; ``app_s``: the
+  app's own "emitted N events in T s" (how much the waits slowed it);
+  ``consumerd_cpu_s_per_gb``: utime+stime of the active consumerd over the
+  run, per GB of raw trace.  Each run has its own relay, run directory and
+  sessiond; rounds interleaved (the four sides, then again), ``--repeat``
+  rounds; median, min, max.
 
 * ``vs_lttng_<figure>_<side>`` (and ``..._min``, ``..._max``) -- side by side
   with LTTng 2.13 (Debian's lttng-tools, liblttng-ust): the same workload
@@ -129,7 +144,7 @@ Usage: ``python bench/run.py [--repeat N] [--events N] [--only PREFIX]
 [--fsync-mb MB] [--fsync-dir DIR] [--python-calls N]``.  ``--only
 relay_fsync`` prints every figure of that benchmark, ``relayd_fsync_*``
 included; ``--only vs_lttng`` every ``vs_lttng_*`` and ``python_tracer_*``
-figure.  The daemons it starts are killed (by pid) before it exits.
+figure; ``--only blocking`` every ``blocking_*`` figure.  The daemons it starts are killed (by pid) before it exits.
 """
 
 from __future__ import annotations
@@ -723,6 +738,68 @@ def bench_relay(compress: str, payload: int, events: int, repeat: int, want) -> 
     }
     for key, name in names.items():
         emit(name, *values[key])
+
+
+# ----------------------------------------------------------------- blocking channels (--blocking-timeout)
+
+BLOCKING_RING = ("--subbuf-size", "4k", "--num-subbuf", "2")  # the tiny ring of issue 11's Done-means check
+
+
+def blocking_run(tag: str, blocking: str | None, ring: tuple[str, ...], payload: int, events: int,
+                 root: str = "/tmp") -> dict:
+    """One run through a loopback relay (zstd level 1) into a channel of
+    geometry ``ring`` (enable-channel options), with ``--blocking-timeout
+    BLOCKING`` (None: the default, discard mode); its own relay, run
+    directory and sessiond, killed after."""
+    work = tempfile.mkdtemp(prefix="twbb", dir=root)
+    relay = d = None
+    try:
+        relay = Relay(os.path.join(work, "relay"), os.path.join(work, "relayd.log"))
+        d = Daemons(root)
+        d.cli("create", tag, "--url", f"tw://127.0.0.1:{relay.port}", "--compress", "zstd",
+              "--compress-level", "1")
+        extra = ("--blocking-timeout", blocking) if blocking is not None else ()
+        d.cli("enable-channel", "c", "-s", tag, *ring, *extra)
+        d.cli("enable-event", "demo:*", "-s", tag, "-c", "c")
+        d.cli("start", tag)
+        consumerd = _consumerd_pid(d)
+        c0 = _cpu_s(consumerd)
+        t0 = time.perf_counter()
+        text = d.demo("--events", str(events), "--payload-bytes", str(payload))
+        d.cli("stop", tag)
+        t1 = time.perf_counter()
+        c1 = _cpu_s(consumerd)
+        read, _bt_discarded = _bt_count(relay.out)
+        raw = _stream_bytes(relay.out)
+        return {"mbps": raw / 1e6 / (t1 - t0), "lost": events - read, "app": _emitted(text),
+                "ccpu": (c1 - c0) / (raw / 1e9) if raw else 0.0}
+    finally:
+        _tear_down(None, d, relay, work)
+
+
+def bench_blocking(events: int, repeat: int, want, payload: int = 256) -> None:
+    """``blocking_*``: the tiny ring with ``--blocking-timeout inf`` against
+    the same ring in discard mode, and the default ring (4 x 256 KiB) both
+    ways, rounds interleaved; median, min, max."""
+    default_ring = ("--subbuf-size", "256k", "--num-subbuf", "4")
+    sides = {"inf": ("inf", BLOCKING_RING), "discard": (None, BLOCKING_RING),
+             "inf_default_ring": ("inf", default_ring), "discard_default_ring": (None, default_ring)}
+    if not any(want(f"blocking_{figure}_{side}") for figure in ("events_lost", "mb_per_s") for side in sides):
+        return
+    runs: dict[str, list[dict]] = {side: [] for side in sides}
+    for i in range(repeat):
+        for side, (value, ring) in sides.items():
+            runs[side].append(blocking_run(f"blk{i}{side.replace('_', '')}", value, ring, payload, events))
+    for side, rs in runs.items():
+        for key, figure, unit in (("lost", "events_lost", "events"), ("mbps", "mb_per_s", "MB/s"),
+                                  ("app", "app_s", "s"), ("ccpu", "consumerd_cpu_s_per_gb", "s/GB")):
+            name = f"blocking_{figure}_{side}"
+            values = [r[key] for r in rs if r[key] is not None]
+            if not want(name) or not values:
+                continue
+            emit(name, statistics.median(values), unit)
+            emit(f"{name}_min", min(values), unit)
+            emit(f"{name}_max", max(values), unit)
 
 
 # ----------------------------------------------------------------- the relay alone: --fsync against --no-fsync
@@ -1532,6 +1609,7 @@ def main() -> None:
     for compress in ("zstd", "none"):
         bench_relay(compress, 256, a.events, a.repeat, want)
     bench_relay("zstd", 0, a.events, a.repeat, want)
+    bench_blocking(a.events, a.repeat, want)
     # --only relay_fsync (or a shorter prefix of it) prints all of its
     # figures, relayd_fsync_cpu_* included.
     bench_relay_fsync(a.fsync_mb, a.fsync_dir, a.repeat, want, "relay_fsync".startswith(a.only))

@@ -355,14 +355,15 @@ class Consumerd:
             channel = validate_name(op.channel, "channel name")
             self.sessions[tr.session].sink.add_gone_stream(op.key, tr.trace_id, channel)
             return DoneReply()
-        if len(fds) != 2 or op.key in self.streams or op.key in self.quarantined:
+        if len(fds) not in (2, 3) or op.key in self.streams or op.key in self.quarantined:
             close_fds(fds)
-            if len(fds) != 2:
-                raise RequestError("add_stream needs a memfd and an eventfd")
+            if len(fds) not in (2, 3):
+                raise RequestError("add_stream needs a memfd and an eventfd (and a blocking channel's pipe)")
             return DoneReply()
-        memfd, efd = fds
+        memfd, efd = fds[0], fds[1]
+        space = fds[2] if len(fds) == 3 else -1  # a blocking channel's: wakes a waiting producer
         try:
-            st = self._open_stream(op, memfd, efd)
+            st = self._open_stream(op, memfd, efd, space)
         except RingBufferCorrupt as exc:
             os.close(efd)
             self._quarantine(op, str(exc))
@@ -397,9 +398,10 @@ class Consumerd:
         logger.error("stream %s given up: %s (%d broken streams in this consumerd)",
                      key, why, self.broken_streams)
 
-    def _open_stream(self, op: AddStreamOp, memfd: int, efd: int) -> StreamOut:
+    def _open_stream(self, op: AddStreamOp, memfd: int, efd: int, space: int = -1) -> StreamOut:
         """Map the ring (closing ``memfd``), open the stream's sink and put
-        the cursor where the sink resumes."""
+        the cursor where the sink resumes.  Owns ``space`` (-1: not a
+        blocking channel): the cursor keeps it, or it is closed."""
         try:
             tr = self._trace(op.trace_id)
             channel = validate_name(op.channel, "channel name")
@@ -407,7 +409,13 @@ class Consumerd:
                 spec = BufferSpec(op.subbuf_size, op.num_subbuf)
             except ValueError as exc:
                 raise RequestError(str(exc)) from None
-            cursor = ConsumerCursor(memfd, spec)
+            if space >= 0:
+                os.set_blocking(space, False)  # waking a producer never blocks consumerd
+            cursor = ConsumerCursor(memfd, spec, space)
+        except BaseException:
+            if space >= 0:
+                os.close(space)
+            raise
         finally:
             os.close(memfd)
         try:

@@ -62,7 +62,8 @@ class AppProtocol:
         self.consumers = consumers
         self._next_seq = 1
         self._refused: set[int] = set()  # uids whose refusal was logged
-        # Each connection costs a descriptor, and each of its streams two:
+        # Each connection costs a descriptor, and each of its streams two
+        # (three on a blocking channel):
         # connections beyond half the descriptor limit are refused, so that
         # root's sessions always have descriptors left.
         self.max_connections = max(16, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 2)
@@ -315,12 +316,25 @@ class AppProtocol:
         memfd = create_buffer(BufferSpec(ch.subbuf_size, ch.num_subbuf), time.monotonic_ns(), f"tw-{key}")
         efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         st = Stream(key, sess.name, ch_name, app.id, memfd, efd)
+        app_fds = [memfd, efd]
+        if ch.blocking_timeout_ms:
+            # A blocking channel: a pipe wakes the app waiting for space.
+            # consumerd (and sessiond, for a restarted one) hold the write
+            # end, the app only the read end: two open file descriptions,
+            # so the app cannot make the consumer's writes block.
+            space_r, st.space_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            app_fds.append(space_r)
         sess.streams[key] = st
-        await self.consumers.call(sess.owner_uid, self.reg.stream_op(sess, st), (memfd, efd))
-        app.link.post(
-            {"op": "stream", "key": key, "subbuf_size": ch.subbuf_size, "num_subbuf": ch.num_subbuf},
-            (memfd, efd),
-        )
+        try:
+            await self.consumers.call(sess.owner_uid, self.reg.stream_op(sess, st), st.fds)
+            app.link.post(
+                {"op": "stream", "key": key, "subbuf_size": ch.subbuf_size, "num_subbuf": ch.num_subbuf,
+                 "blocking_timeout_ms": ch.blocking_timeout_ms},
+                tuple(app_fds),
+            )
+        finally:
+            if len(app_fds) > 2:
+                os.close(app_fds[2])  # posted as a duplicate; sessiond keeps no read end
         return st
 
     # ------------------------------------------------------------ ask and wait

@@ -136,9 +136,11 @@ class Commands:
             if sess.state is not SessionState.CREATED:
                 raise UserError(f"channel {name!r} exists and the session has been started")
             ch.subbuf_size, ch.num_subbuf, ch.switch_timer_ms = req.subbuf_size, req.num_subbuf, req.switch_timer_ms
+            ch.blocking_timeout_ms = req.blocking_timeout_ms
         else:
             sess.channels[name] = Channel(name, len(sess.channels), req.subbuf_size, req.num_subbuf,
-                                          False, req.switch_timer_ms)
+                                          False, req.switch_timer_ms,
+                                          blocking_timeout_ms=req.blocking_timeout_ms)
         return {"session": sess.name, "channel": name}
 
     async def enable_event(self, req: EnableEventRequest, uid: int) -> Reply:
@@ -204,7 +206,8 @@ class Commands:
         sess.stop_pending = True
         config = self.reg.config
         slow = await self.apps.ask_and_wait(
-            sess, lambda keys, seq: {"op": "stop", "keys": keys, "seq": seq}, config.app_stop_timeout)
+            sess, lambda keys, seq: {"op": "stop", "keys": keys, "seq": seq, "timeout": config.app_stop_timeout},
+            config.app_stop_timeout)
         result = await self._flush(sess, timeout)
         if slow:
             result["warning"] = f"apps did not confirm the stop in time: {', '.join(a.label for a in slow)}"
@@ -292,6 +295,7 @@ def _describe(sess: Session) -> Reply:
                 "subbuf_size": ch.subbuf_size,
                 "num_subbuf": ch.num_subbuf,
                 "switch_timer_ms": ch.switch_timer_ms,
+                "blocking_timeout_ms": ch.blocking_timeout_ms,
                 "mode": "overwrite" if ch.overwrite else "discard",
                 "events": list(ch.patterns),
             }

@@ -82,6 +82,7 @@ class Channel:
     overwrite: bool = False
     switch_timer_ms: int = 0
     patterns: list[str] = field(default_factory=list)
+    blocking_timeout_ms: int = 0  # 0: discard mode; ops.BLOCK_FOREVER: wait for ever
 
     def matches(self, name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, p) for p in self.patterns)
@@ -98,13 +99,28 @@ class Stream:
     memfd: int
     eventfd: int
     ids: frozenset[int] = frozenset()
+    # A blocking channel's: the write end of the pipe that wakes the app
+    # waiting for space (consumerd gets a copy; kept for a restarted one).
+    space_w: int = -1
+
+    @property
+    def fds(self) -> tuple[int, ...]:
+        """What consumerd is given with the stream (none once freed)."""
+        if self.memfd < 0:
+            return ()
+        return (self.memfd, self.eventfd) + ((self.space_w,) if self.space_w >= 0 else ())
 
     def free_buffer(self) -> None:
-        """consumerd has everything the dead app wrote: free its ring buffer."""
+        """consumerd has everything the dead app wrote (or the session is
+        destroyed): free its ring buffer.  Closing the space pipe's write
+        end here, and consumerd's with its stream, ends the wait of an app
+        still blocked on the ring (end of file)."""
         if self.memfd >= 0:
             os.close(self.memfd)
             os.close(self.eventfd)
-        self.memfd = self.eventfd = -1
+        if self.space_w >= 0:
+            os.close(self.space_w)
+        self.memfd = self.eventfd = self.space_w = -1
 
 
 @dataclass
@@ -340,7 +356,7 @@ class Registry:
                 if st.memfd < 0:  # a dead app's buffer, written out and freed
                     out.append((self.stream_op(sess, st, replay=True), ()))
                     continue
-                out.append((self.stream_op(sess, st, replay=True), (os.dup(st.memfd), os.dup(st.eventfd))))
+                out.append((self.stream_op(sess, st, replay=True), tuple(os.dup(fd) for fd in st.fds)))
                 if st.app_id not in self.apps:
                     out.append((ProducerGoneOp(key=st.key), ()))
         return out

@@ -16,11 +16,13 @@ socketpair, and restarts it if it dies (:mod:`sessiond.consumers`); each
 consumerd is forked from a zygote that shares sessiond's imports
 (:mod:`sessiond.zygote`).  For every
 (session, channel, app) that records events sessiond creates the ring buffer
-memfd and its eventfd, keeps both open, and passes them to consumerd and to
-the app, in that order: consumerd must know a stream before the app can fill
-it.  Metadata is generated here (the app's tracepoint declarations are the
-source) and appended through consumerd before the app is told to enable the
-events it describes.  The state itself is :mod:`sessiond.model`.
+memfd and its eventfd (and, for a blocking channel, the pipe that wakes an
+app waiting for space: consumerd gets its write end, the app its read end),
+keeps them open, and passes them to consumerd and to the app, in that
+order: consumerd must know a stream before the app can fill it.  Metadata
+is generated here (the app's tracepoint declarations are the source) and
+appended through consumerd before the app is told to enable the events it
+describes.  The state itself is :mod:`sessiond.model`.
 """
 
 from __future__ import annotations

@@ -109,6 +109,31 @@ def test_bad_subbuf_size_is_refused(session: TW, size: str) -> None:
     assert "channel c" not in session.cli("list", "s1").stdout
 
 
+@pytest.mark.parametrize("value", ["-1", "soon", "1.5", "infinite", "", str(2**31 + 1)])
+def test_bad_blocking_timeout_is_refused(session: TW, value: str) -> None:
+    r = session.cli("enable-channel", "c", "--blocking-timeout", value, check=False)
+    assert_one_line_error(r, 2, "--blocking-timeout", "milliseconds", "'inf'")
+    assert "channel c" not in session.cli("list", "s1").stdout
+
+
+@pytest.mark.parametrize("value,shown", [
+    (None, "non-blocking"), ("0", "non-blocking"), ("250", "blocking (waits up to 250 ms)"),
+    ("inf", "blocking (waits for ever)"), ("INF", "blocking (waits for ever)"),
+])
+def test_list_shows_the_blocking_timeout(session: TW, value: str | None, shown: str) -> None:
+    extra = [] if value is None else ["--blocking-timeout", value]
+    session.cli("enable-channel", "c", *extra)
+    lines = [ln for ln in session.cli("list", "s1").stdout.splitlines() if "channel c:" in ln]
+    assert len(lines) == 1 and lines[0].endswith(shown), lines
+
+
+def test_blocking_timeout_help_explains_the_trade_off(tw: TW) -> None:
+    out = " ".join(tw.cli("enable-channel", "--help").stdout.split())
+    assert "--blocking-timeout MS|inf" in out
+    for words in ("instead of dropping", "slowed down", "0: never wait"):
+        assert words in out
+
+
 @pytest.mark.parametrize("args", [
     ["enable-channel", "c", "--subbuf-size", "3"],
     ["enable-channel", "c", "--num-subbuf", "1"],

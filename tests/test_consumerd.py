@@ -59,6 +59,7 @@ from tracewire.ops import (
 from tracewire.ringbuf import (
     Q_CONSUMED,
     Q_SLOTS,
+    Q_WAITING,
     SLOT_END,
     SLOT_TS,
     SLOT_WORDS,
@@ -347,6 +348,38 @@ async def test_too_many_descriptors_are_answered_with_an_error() -> None:
             close_all(fds)
             assert reply["ok"] is False and "out of file descriptors" in reply["error"], reply
             assert await c.call(HelloOp()) == HelloReply(os.getpid())
+
+
+async def test_blocking_stream_wakes_its_producer_and_lets_the_pipe_go(tmp_path: Path) -> None:
+    """A blocking channel's stream comes with a third descriptor, the space
+    pipe's write end: a release the producer waits for writes one byte to
+    it; once the stream is closed (its session removed), consumerd holds no
+    write end (the producer's read end sees end of file)."""
+    ring = Ring()
+    rd, wr = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        with trio.fail_after(DEADLINE):
+            async with consumerd() as c:
+                await c.ok(session_op(str(tmp_path)))
+                await c.ok(AddTraceOp(trace_id="t0", session=SESSION, path=TRACE_PATH, uuid=TRACE_UUID.hex))
+                await c.ok(MetadataOp(trace_id="t0", text=metadata_text()))
+                await c.ok(stream_op(), (ring.memfd, ring.efd, wr))
+                os.close(wr)  # consumerd holds its own
+                wr = -1
+                ring.producer.q[Q_WAITING] = SPEC.subbuf_size  # "I wait for sub-buffer 0's release"
+                ring.emit(150)  # closes sub-buffer 0: consumerd reads and releases it
+                await trio.lowlevel.wait_readable(rd)
+                assert os.read(rd, 4096).startswith(b"\1")
+                ring.producer.q[Q_WAITING] = 0
+                assert_nothing_lost(await c.ok(RemoveSessionOp(session=SESSION)))
+                assert os.read(rd, 4096) in (b"", b"\1")
+                assert os.read(rd, 4096) == b""  # end of file: no write end left
+    finally:
+        ring.close()
+        os.close(rd)
+        if wr >= 0:
+            os.close(wr)
+    assert read_seqs(tmp_path) == list(range(150))
 
 
 async def test_out_of_descriptors_is_answered_with_an_error(tmp_path: Path) -> None:

@@ -4,10 +4,13 @@ one process, events written by hand, no daemons."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import itertools
 import os
 import random
+import select
 import struct
+import threading
 import time
 
 import pytest
@@ -65,20 +68,28 @@ class Ring:
     """A producer and a consumer on one fresh buffer, plus a byte log of what
     was written so that chunks can be checked byte for byte."""
 
-    def __init__(self, subbuf: int = S, num: int = N, start_ts: int = START_TS) -> None:
+    def __init__(self, subbuf: int = S, num: int = N, start_ts: int = START_TS,
+                 block_timeout: float | None = 0.0) -> None:
+        """A discard-mode ring, or (``block_timeout`` not 0) a blocking
+        channel's, with its space pipe (``space_r``: the producer's end)."""
         self.spec = BufferSpec(subbuf, num)
         self.fd = create_buffer(self.spec, start_ts)
         self.efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self.p = Producer(self.fd, self.efd)
-        self.c = ConsumerCursor(self.fd)
+        self.space_r = space_w = -1
+        if block_timeout != 0:
+            self.space_r, space_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.p = Producer(self.fd, self.efd, space_fd=self.space_r, block_timeout=block_timeout)
+        self.c = ConsumerCursor(self.fd, space_fd=space_w)
         self.ts = start_ts
         self.seq = 0
 
     def close(self) -> None:
         self.p.close()
-        self.c.close()
+        self.c.close()  # closes the space pipe's write end
         os.close(self.fd)
         os.close(self.efd)
+        if self.space_r >= 0:
+            os.close(self.space_r)
 
     def event_bytes(self, n: int) -> bytes:
         """n bytes that identify this event (its sequence number, repeated)."""
@@ -550,11 +561,13 @@ u64 = st.one_of(
 @settings(max_examples=examples(300), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     pre=st.integers(0, 6),
-    writes=st.lists(st.tuples(st.sampled_from([OFF_HEAD, OFF_TS, OFF_DISCARDED] + [
+    writes=st.lists(st.tuples(st.sampled_from([OFF_HEAD, OFF_TS, OFF_DISCARDED, 8 * rb.Q_WAITING] + [
         slot_off(k, f) for k in range(N) for f in (SLOT_END, SLOT_TS, SLOT_DISCARDED)]), u64), max_size=12),
+    blocking=st.booleans(),
 )
-def test_hostile_control_page_only_raises_ringbuffercorrupt(pre: int, writes) -> None:
-    r = Ring()
+def test_hostile_control_page_only_raises_ringbuffercorrupt(pre: int, writes, blocking: bool) -> None:
+    # A blocking stream's cursor also reads the waiting word (announce, publish).
+    r = Ring(block_timeout=None if blocking else 0.0)
     try:
         # Some honest traffic first, so that the cursor has state.
         for _ in range(pre):
@@ -768,4 +781,224 @@ def test_concurrent_producer_and_flushing_consumer_lose_nothing_unreported() -> 
         assert len(seqs) == 3000
     finally:
         os.close(rfd)
+        r.close()
+
+
+# -- blocking channels (--blocking-timeout) ------------------------------------------------
+OFF_WAITING = 8 * rb.Q_WAITING
+JOIN_S = 60  # a guard against a hung test, never a timing assert
+
+
+class SpyPoll:
+    """The producer's poller, counting the waits (a spin would count many)
+    and saying when the producer is about to sleep."""
+
+    def __init__(self, fd: int) -> None:
+        self.real = select.poll()
+        self.real.register(fd, select.POLLIN)
+        self.calls = 0
+        self.entered = threading.Event()
+
+    def poll(self, timeout_ms: float) -> list[tuple[int, int]]:
+        self.calls += 1
+        self.entered.set()
+        return self.real.poll(timeout_ms)
+
+
+def _full(r: Ring) -> None:
+    """Fill every sub-buffer: the next sub-buffer needs a release."""
+    for _ in range(N):
+        assert r.write(USABLE) is not None
+
+
+def _write_in_thread(r: Ring, n: int) -> tuple[threading.Thread, list[bytes | None]]:
+    out: list[bytes | None] = []
+    t = threading.Thread(target=lambda: out.append(r.write(n)), daemon=True)
+    t.start()
+    return t, out
+
+
+def test_blocked_producer_proceeds_when_the_consumer_releases(monkeypatch: pytest.MonkeyPatch) -> None:
+    # No periodic re-check to fall back on: only the consumer's wake-up can
+    # end this wait.
+    monkeypatch.setattr(rb, "RECHECK_S", 3600.0)
+    r = Ring(block_timeout=None)
+    try:
+        spy = r.p._poll = SpyPoll(r.space_r)
+        _full(r)
+        t, out = _write_in_thread(r, 100)
+        assert spy.entered.wait(JOIN_S), "the producer never waited"
+        assert U64.unpack_from(r.c.mm, OFF_WAITING)[0] == S  # it waits for sub-buffer 0's release
+        r.announce()
+        assert r.c.next_chunk() is not None
+        r.c.release()  # publishes consumed, and wakes the producer
+        t.join(JOIN_S)
+        assert not t.is_alive(), "the release did not wake the producer"
+        assert out[0] is not None
+        assert spy.calls == 1  # slept once, woken once: no spinning
+        assert r.p.discarded == 0
+        assert U64.unpack_from(r.c.mm, OFF_WAITING)[0] == 0
+        got = r.take(flush=True)
+        assert [len(d) for d, *_ in got] == [USABLE] * (N - 1) + [100]
+        assert got[-1][3] == 0
+    finally:
+        r.close()
+
+
+def test_finite_timeout_without_consumer_drops_and_counts() -> None:
+    r = Ring(block_timeout=0.01)
+    try:
+        _full(r)
+        assert r.write(100) is None
+        assert r.write(100) is None
+        assert r.p.discarded == 2
+        assert U64.unpack_from(r.c.mm, OFF_DISCARDED)[0] == 2
+        assert U64.unpack_from(r.c.mm, OFF_WAITING)[0] == 0  # nobody waits any more
+        got = r.take(flush=True)
+        assert got[-1][3] == 2  # the trace reports both
+        assert r.write(100) is not None  # room again: written, no wait needed
+    finally:
+        r.close()
+
+
+@pytest.mark.parametrize("blocking", [False, True])
+def test_non_blocking_channel_never_waits(blocking: bool) -> None:
+    # A producer without a space pipe, or with one and a timeout of 0.
+    r = Ring()
+    rd, wr = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if blocking:
+            r.p.close()
+            r.p = Producer(r.fd, r.efd, space_fd=rd, block_timeout=0)
+        _full(r)
+        for k in range(1, 4):
+            assert r.write(100) is None
+            assert r.p.discarded == k
+        assert r.p._poll is None  # never polled
+        assert U64.unpack_from(r.c.mm, OFF_WAITING)[0] == 0
+    finally:
+        r.close()
+        os.close(rd)
+        os.close(wr)
+
+
+def test_waiting_producer_nudges_a_restarted_consumer() -> None:
+    """consumerd died after reading the eventfd (the announcements of the
+    closed sub-buffers went with it): its successor learns of them from the
+    producer, which writes the eventfd when a re-check finds no room, and
+    from the waiting word, which says how many it closed."""
+    r = Ring(block_timeout=None)
+    try:
+        _full(r)
+        assert r.announce() == N - 1  # the consumer that dies took these
+        space_w = r.c.space_fd
+        r.c.space_fd = -1
+        r.c.close()
+        r.c = ConsumerCursor(r.fd, space_fd=space_w)  # the restarted one
+        t, out = _write_in_thread(r, 100)
+        ready, _, _ = select.select([r.efd], [], [], JOIN_S)  # the producer's nudge
+        assert ready, "the waiting producer never nudged the consumer"
+        r.announce()
+        assert r.c.announced == N - 1  # the closes, not the nudges
+        assert r.c.next_chunk() is not None
+        r.c.release()
+        t.join(JOIN_S)
+        assert not t.is_alive() and out[0] is not None
+        assert r.p.discarded == 0
+    finally:
+        r.close()
+
+
+def test_cancel_wait_ends_a_wait_for_ever() -> None:
+    r = Ring(block_timeout=None)
+    try:
+        spy = r.p._poll = SpyPoll(r.space_r)
+        _full(r)
+        t, out = _write_in_thread(r, 100)
+        assert spy.entered.wait(JOIN_S)
+        r.p.cancel_wait()  # the stream is being closed (from another thread, no lock)
+        t.join(JOIN_S)
+        assert not t.is_alive()
+        assert out == [None] and r.p.discarded == 1
+        assert r.write(100) is None  # cancelled for good: drops at once
+        assert r.p.discarded == 2
+    finally:
+        r.close()
+
+
+def test_wait_ends_when_nobody_holds_the_ring_any_more() -> None:
+    # Every write end closed (the session destroyed, its consumer gone):
+    # the pipe's end of file ends an endless wait; discard mode from then on.
+    r = Ring(block_timeout=None)
+    try:
+        _full(r)
+        os.close(r.c.space_fd)
+        r.c.space_fd = -1
+        assert r.write(100) is None
+        assert r.p.block_timeout == 0
+        assert r.write(100) is None
+        assert r.p.discarded == 2
+    finally:
+        r.close()
+
+
+@pytest.mark.parametrize("waiting,wakes", [(0, 0), (1, 3), (S, 3), (2 * S, 2), (2**64 - 1, 0)])
+def test_hostile_waiting_word_costs_one_byte_per_release_at_most(waiting: int, wakes: int) -> None:
+    r = Ring(block_timeout=None)
+    try:
+        _poke(r.p.mm, OFF_WAITING, waiting)  # the app may write anything there
+        for k in (1, 2, 3):
+            r.c.publish(k * S, START_TS + k)
+        r.c.publish(2 * S, START_TS)  # not forward: no release, no wake-up
+        pending = b""
+        with contextlib.suppress(BlockingIOError):
+            pending = os.read(r.space_r, 4096)
+        assert len(pending) == wakes
+    finally:
+        r.close()
+
+
+def test_consumer_never_blocks_on_a_full_space_pipe() -> None:
+    r = Ring(block_timeout=None)
+    try:
+        _poke(r.p.mm, OFF_WAITING, 1)
+        size = fcntl.fcntl(r.c.space_fd, fcntl.F_SETPIPE_SZ, 4096)
+        for k in range(1, size + 100):  # more releases than the pipe holds bytes
+            r.c.publish(k, START_TS)
+        assert len(os.read(r.space_r, 2 * size)) == size
+    finally:
+        r.close()
+
+
+def test_producer_waits_across_processes_and_loses_nothing() -> None:
+    """A producer process on a blocking channel (for ever) with a ring of
+    two sub-buffers, this process draining: every event arrives, none is
+    discarded."""
+    r = Ring(S, 2, start_ts=time.monotonic_ns(), block_timeout=None)
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            rng = random.Random(7)
+            for seq in range(3000):
+                n = rng.randrange(8, 600)
+                ts = time.monotonic_ns()
+                off = r.p.reserve(n, ts)
+                if off < 0:
+                    raise SystemExit(f"event {seq} dropped")
+                r.p.view[off : off + n] = struct.pack("<II", seq, n) + bytes([seq & 0xFF]) * (n - 8)
+                r.p.commit(n, ts)
+            code = 0
+        finally:
+            os._exit(code)
+    try:
+        got: list[tuple[bytes, int]] = []
+        while os.waitpid(pid, os.WNOHANG)[0] == 0:
+            got += _drain_as_consumerd(r, flush=False)
+            select.select([r.efd], [], [], 0.05)  # as consumerd: wait for the eventfd
+        got += _drain_as_consumerd(r)
+        seqs = _parse_events(b"".join(d for d, _ in got))
+        assert seqs == list(range(3000))
+        assert [disc for _, disc in got][-1] == 0
+    finally:
         r.close()

@@ -8,9 +8,10 @@ creates the process's ``_Registry``: if ``$TRACEWIRE_RUNDIR/apps.sock`` exists,
 a daemon thread (the *listener*) registers the app with sessiond, waits up to
 ``TRACEWIRE_REGISTER_TIMEOUT`` seconds (default 3) for the first answer so
 that events emitted right after start-up are not missed, and then keeps
-listening for commands: new streams (a ring buffer memfd and an eventfd, passed
-with SCM_RIGHTS), enable/disable, stop (quiesce) and close.  Without a sessiond
-the listener retries every ``TRACEWIRE_RETRY_S`` seconds, so apps started
+listening for commands: new streams (a ring buffer memfd and an eventfd, and for
+a blocking channel the read end of its space pipe, passed with SCM_RIGHTS),
+enable/disable, stop (quiesce) and close.  Without a sessiond the listener
+retries every ``TRACEWIRE_RETRY_S`` seconds, so apps started
 before sessiond are traced once it appears.
 
 The app hands its buffers only to a sessiond it trusts.  Before connecting,
@@ -588,7 +589,8 @@ class _Registry:
         elif op == "sync":  # everything sent before is applied
             self._send({"op": "stopped", "seq": msg.get("seq")})
         elif op == "stop":
-            self._stop([str(k) for k in msg["keys"]])
+            wait = msg.get("timeout")
+            self._stop([str(k) for k in msg["keys"]], float(wait) if isinstance(wait, int | float) else None)
             self._send({"op": "stopped", "seq": msg.get("seq")})
         elif op == "close":
             for k in msg["keys"]:
@@ -605,31 +607,42 @@ class _Registry:
             raise ValueError(f"unknown op {op!r}")
 
     def _add_stream(self, msg: dict[str, Any], fds: list[int]) -> None:
-        """Map a new stream's ring buffer (the memfd and eventfd in ``fds``)."""
+        """Map a new stream's ring buffer (the memfd and eventfd in ``fds``,
+        and a blocking channel's space pipe, read end, third)."""
         from tracewire.ringbuf import BufferSpec, Producer
 
-        if len(fds) != 2:
+        if len(fds) not in (2, 3):
             raise ValueError("stream message without its two fds")
-        memfd, efd = fds
+        memfd, efd = fds[0], fds[1]
+        space = fds[2] if len(fds) == 3 else -1
+        ms = int(msg.get("blocking_timeout_ms") or 0)
+        if space >= 0 and ms == 0:
+            os.close(space)
+            space = fds[2] = -1
         try:
             spec = BufferSpec(int(msg["subbuf_size"]), int(msg["num_subbuf"]))
-            prod = Producer(memfd, efd, spec)
+            # blocking_timeout_ms: 0 discard mode, < 0 wait for ever ('inf').
+            prod = Producer(memfd, efd, spec, space_fd=space, block_timeout=None if ms < 0 else ms / 1000)
         finally:
-            os.close(memfd)  # the mapping keeps the memory; efd stays open
+            os.close(memfd)  # the mapping keeps the memory; efd (and space) stay open
         self.streams[str(msg["key"])] = _StreamW(str(msg["key"]), prod)
 
-    def _stop(self, keys: list[str]) -> None:
-        """Disable these streams, then wait for writers already inside them."""
+    def _stop(self, keys: list[str], timeout: float | None = None) -> None:
+        """Disable these streams, then wait for writers already inside them
+        (at most ``timeout`` s in all, sessiond's own wait: a writer of a
+        blocking channel may wait for space the consumer cannot give yet,
+        and this thread must stay free to handle ``close``)."""
         for k in keys:
             s = self.streams.get(k)
             if s is not None:
                 s.enabled = set()
         self._apply()
+        deadline = None if timeout is None else time.monotonic() + timeout
         for k in keys:
             s = self.streams.get(k)
-            if s is not None:
-                with s.lock:
-                    pass
+            left = -1.0 if deadline is None else max(0.0, deadline - time.monotonic())
+            if s is not None and s.lock.acquire(timeout=left):
+                s.lock.release()
 
     def _apply(self) -> None:
         """Point every emitter at the streams that enable it."""
@@ -638,13 +651,20 @@ class _Registry:
                 tp.set_streams(tuple(s for s in self.streams.values() if tp.id in s.enabled))
 
     def _close_stream(self, s: _StreamW) -> None:
-        """Stop writing to a stream and unmap its buffer."""
+        """Stop writing to a stream and unmap its buffer.  A writer waiting
+        for space in it (a blocking channel) gives up within
+        ``ringbuf.RECHECK_S`` and drops its event."""
         s.enabled = set()
         self._apply()
+        waiting = s.producer
+        if waiting is not None:
+            waiting.cancel_wait()  # without the lock: its holder may be the one waiting
         with s.lock:
             p, s.producer = s.producer, None
         if p is not None:
             os.close(p.wakeup_fd)
+            if p.space_fd >= 0:
+                os.close(p.space_fd)
             s.mv = None
             try:
                 p.close()
@@ -659,8 +679,13 @@ class _Registry:
         self._apply()
 
     def hand_over(self) -> None:
-        """At exit: close every open sub-buffer so the consumer takes it now."""
+        """At exit: close every open sub-buffer so the consumer takes it now.
+        Another thread waiting for space (a blocking channel) gives up
+        first, dropping its event, so exit never waits for the consumer."""
         for s in list(self.streams.values()):
+            waiting = s.producer
+            if waiting is not None:
+                waiting.cancel_wait()
             with s.lock:
                 p, s.producer = s.producer, None
                 if p is not None and p.pos > p.sb_index * p._S:
@@ -719,8 +744,10 @@ def tracepoint(name: str, **fields: type) -> Callable[..., None]:
 
     Returns:
         A function taking the fields as arguments (by keyword or position).
-        It never raises and never blocks; while no session enables the event
-        it does nothing.
+        It never raises, and never blocks unless a channel enabling the event
+        has a blocking timeout (``enable-channel --blocking-timeout``: it then
+        waits up to that long for room in a full buffer); while no session
+        enables the event it does nothing.
 
     Raises:
         ValueError: a malformed name, an unsupported field type, or the name

@@ -70,6 +70,34 @@ class Size(_IntParam):
         return n
 
 
+class BlockingTimeout(_IntParam):
+    """``--blocking-timeout``: milliseconds (0: never block), or ``inf``
+    (``ops.BLOCK_FOREVER``)."""
+
+    name = "ms|inf"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int:
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().lower()
+        if text == "inf":
+            return ops.BLOCK_FOREVER
+        try:
+            n = int(text)
+        except ValueError:
+            n = -1
+        if not 0 <= n <= 2**31:
+            self.fail(f"{value!r} is not a timeout: give milliseconds (0 = never block) or 'inf'", param, ctx)
+        return n
+
+
+def _blocking_words(ms: int) -> str:
+    """A channel's blocking timeout as ``list`` shows it."""
+    if ms == ops.BLOCK_FOREVER:
+        return "blocking (waits for ever)"
+    return f"blocking (waits up to {ms} ms)" if ms else "non-blocking"
+
+
 class Client:
     """A synchronous client for sessiond's control socket."""
 
@@ -270,13 +298,20 @@ def create(ctx: click.Context, name: str, output: str | None, url: str | None, s
 @click.option("--overwrite", is_flag=True, help="Overwrite the oldest data when full (not available yet).")
 @click.option("--switch-timer", type=click.IntRange(0), default=0, show_default=True, metavar="MS",
               help="Hand over partly filled sub-buffers every MS milliseconds (0: off).")
+@click.option("--blocking-timeout", type=BlockingTimeout(), default="0", show_default=True, metavar="MS|inf",
+              help="When a ring buffer is full, the app's tracepoint call waits up to MS "
+                   "milliseconds ('inf': for ever) for the consumer to make room, instead of "
+                   "dropping the event at once. Lossless while the consumer keeps up on "
+                   "average, but the app is slowed down (or stopped, with 'inf') whenever it "
+                   "does not. 0: never wait; full buffers discard, and count.")
 @click.pass_context
 def enable_channel(ctx: click.Context, name: str, session: str | None, subbuf_size: int,
-                   num_subbuf: int, overwrite: bool, switch_timer: int) -> None:
+                   num_subbuf: int, overwrite: bool, switch_timer: int, blocking_timeout: int) -> None:
     """Create channel NAME (a set of ring buffers) in a session."""
     r = _client(ctx).request(_make(
         ops.EnableChannelRequest, session=session, channel=name, subbuf_size=subbuf_size,
         num_subbuf=num_subbuf, overwrite=overwrite, switch_timer_ms=switch_timer,
+        blocking_timeout_ms=blocking_timeout,
     ))
     click.echo(f"Channel {r['channel']} enabled in session {r['session']}")
 
@@ -368,7 +403,8 @@ def list_(ctx: click.Context, session: str | None) -> None:
             for ch in s["channels"]:
                 click.echo(f"  channel {ch['name']}: {ch['mode']}, {ch['num_subbuf']} x "
                            f"{ops.human_size(ch['subbuf_size'])}, switch timer "
-                           f"{ch['switch_timer_ms'] or 'off'}{' ms' if ch['switch_timer_ms'] else ''}")
+                           f"{ch['switch_timer_ms'] or 'off'}{' ms' if ch['switch_timer_ms'] else ''}, "
+                           f"{_blocking_words(ch.get('blocking_timeout_ms', 0))}")
                 for ev in ch["events"]:
                     click.echo(f"    event {ev}")
 

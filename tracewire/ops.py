@@ -37,7 +37,7 @@ from typing import Any, ClassVar, TypeVar, Union
 
 __all__ = [
     "DEFAULT_CHANNEL", "DEFAULT_COMPRESS_LEVEL", "DEFAULT_NUM_SUBBUF", "DEFAULT_SPOOL_SIZE",
-    "DEFAULT_SUBBUF_SIZE", "DEFAULT_FLUSH_TIMEOUT", "DEFAULT_REMOVE_TIMEOUT", "MIN_SPOOL_SIZE",
+    "DEFAULT_SUBBUF_SIZE", "DEFAULT_FLUSH_TIMEOUT", "BLOCK_FOREVER", "DEFAULT_REMOVE_TIMEOUT", "MIN_SPOOL_SIZE",
     "MAX_STRING", "REPLY_TO", "Compression", "RelayState", "MessageError", "human_size",
     "Request", "PingRequest", "CreateRequest", "EnableChannelRequest", "EnableEventRequest",
     "StartRequest", "StopRequest", "DestroyRequest", "ListRequest", "StatusRequest",
@@ -56,6 +56,7 @@ MIN_SPOOL_SIZE = 1024 * 1024
 DEFAULT_COMPRESS_LEVEL = 1
 DEFAULT_FLUSH_TIMEOUT = 120.0
 DEFAULT_REMOVE_TIMEOUT = 30.0
+BLOCK_FOREVER = -1  # blocking_timeout_ms: an app waits for space for ever ('inf')
 MAX_STRING = 4096  # any string field but metadata text
 MAX_LIST = 100_000  # entries in a list field
 _INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
@@ -160,10 +161,15 @@ class EnableChannelRequest(Request):
     num_subbuf: int = DEFAULT_NUM_SUBBUF
     overwrite: bool = False
     switch_timer_ms: int = 0
+    # How long an app waits for space in a full ring before it drops the
+    # event: 0 never (discard mode, the default), BLOCK_FOREVER for ever.
+    blocking_timeout_ms: int = 0
 
     def __post_init__(self) -> None:
         _require(self.subbuf_size > 0 and self.num_subbuf > 0, "sub-buffer size and count must be positive")
         _require(0 <= self.switch_timer_ms <= 2**31, "switch timer must be >= 0 ms")
+        _require(self.blocking_timeout_ms == BLOCK_FOREVER or 0 <= self.blocking_timeout_ms <= 2**31,
+                 "blocking timeout must be >= 0 ms, or 'inf'")
 
 
 @dataclass(frozen=True, slots=True)
@@ -300,9 +306,11 @@ class MetadataOp(Op):
 
 @dataclass(frozen=True, slots=True)
 class AddStreamOp(Op):
-    """A stream's ring buffer (memfd, eventfd) is passed beside this message;
-    ``gone`` (a replayed stream whose app exited and whose ring was freed)
-    comes without descriptors."""
+    """A stream's ring buffer (memfd, eventfd) is passed beside this message,
+    and for a blocking channel a third descriptor: the write end of the
+    pipe that wakes a producer waiting for space; ``gone`` (a replayed
+    stream whose app exited and whose ring was freed) comes without
+    descriptors."""
 
     KIND: ClassVar[str] = "add_stream"
     key: str

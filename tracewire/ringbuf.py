@@ -20,7 +20,7 @@ Control page (little-endian), fields and their single writer:
 offset type       writer      meaning
 ====== ========== =========== =============================================
 0      u32        sessiond    magic ``RB_MAGIC``
-4      u32        sessiond    layout version (2)
+4      u32        sessiond    layout version (3)
 8      u32        sessiond    sub-buffer size S
 12     u32        sessiond    number of sub-buffers N
 16     u64        producer    ts: the latest timestamp the producer handed
@@ -31,7 +31,9 @@ offset type       writer      meaning
 40     u64        consumer    consumed: everything below it has been read
 48     u64        sessiond    stream start timestamp
 56     u64        consumer    timestamp_end of the last released chunk
-64+24k u64 x 3    producer    slot k, for the sub-buffer that last closed
+64     u64        producer    waiting: 0, or the ``consumed`` position a
+                              producer of a blocking channel waits for
+72+24k u64 x 3    producer    slot k, for the sub-buffer that last closed
                               in slot k: (ts_end, discarded, virtual end);
                               end all-ones = never closed
 ====== ========== =========== =============================================
@@ -45,6 +47,26 @@ drop), a snapshot of ``discarded``, then ``end`` -- and signals the eventfd
 once, as lttng-ust writes ``timestamp_end`` and ``events_discarded`` into a
 sub-buffer's header when it switches out of it.  After every event the
 producer publishes ``ts``, then ``head``.
+
+Blocking channels (``--blocking-timeout``): when the next sub-buffer is not
+consumed yet, a producer given a *space fd* (the read end of a pipe whose
+write end the consumer holds) and a timeout waits instead of dropping: it
+stores the position it needs in ``waiting``, re-reads ``consumed`` (a release
+between its first read and that store is not missed), and sleeps in
+``poll()`` on the pipe -- never longer than ``RECHECK_S`` at a time, after
+which it re-reads ``consumed`` anyway -- until the space is released, the
+timeout expires (the event is then dropped and counted as in discard mode) or
+``cancel_wait`` is called (the stream is being closed).  A re-check that
+finds no room also writes the eventfd (at most once per ``RECHECK_S``): a
+consumer that lost the announcements of closed sub-buffers (its predecessor
+read them and died) is woken, and ``ConsumerCursor.announce`` takes the
+number of closes from ``waiting`` rather than from the eventfd.  The consumer, after
+it stores a new ``consumed``, writes one byte to the pipe only when
+``waiting`` is non-zero and at or below it: a non-blocking channel's consumer
+costs one comparison more per release, and a hostile ``waiting`` costs at
+most one needless byte per release (the write end is non-blocking and
+consumer-owned, so the app cannot make it block).  See docs/design.md,
+"Blocking channels".
 
 Consumer (``ConsumerCursor``): reads closed sub-buffers in order, but never
 more than the eventfd has announced (see docs/design.md for why that is the
@@ -67,7 +89,9 @@ from __future__ import annotations
 import fcntl
 import mmap
 import os
+import select
 import struct
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -87,7 +111,7 @@ __all__ = [
 ]
 
 RB_MAGIC = 0x54575242  # "TWRB"
-RB_VERSION = 2
+RB_VERSION = 3
 PACKET_HEADER_SIZE = 84
 MIN_SUBBUF_SIZE = 4096
 MAX_SUBBUF_SIZE = 64 * 1024 * 1024
@@ -108,11 +132,17 @@ Q_DISCARDED = 4  # producer: events discarded so far
 Q_CONSUMED = 5  # consumer
 Q_START = 6  # sessiond: stream start timestamp
 Q_CONSUMED_TS = 7  # consumer: timestamp_end of the last chunk released
-Q_SLOTS = 8  # slot k: q[8+3k] = ts_end, q[9+3k] = discarded (both stored first), q[10+3k] = end
+Q_WAITING = 8  # producer: 0, or the consumed position a blocked producer waits for
+Q_SLOTS = 9  # slot k: q[9+3k] = ts_end, q[10+3k] = discarded (both stored first), q[11+3k] = end
 SLOT_WORDS = 3
 SLOT_TS, SLOT_DISCARDED, SLOT_END = 0, 1, 2
 OFF_SLOTS = 8 * Q_SLOTS
 NEVER = 0xFFFFFFFFFFFFFFFF
+# A blocked producer re-reads ``consumed`` at least this often (seconds),
+# woken or not: the bound on a missed wake-up (a consumer that died, or a
+# store and a load the CPU reordered: docs/design.md) and on how long a
+# cancelled wait takes to notice.
+RECHECK_S = 0.1
 # The size never changes, and no other seal can be added (F_SEAL_FUTURE_WRITE
 # would make a restarted consumer's mapping fail).
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
@@ -264,6 +294,12 @@ class Producer:
     ``commit(size, ts)``.  ``reserve`` returns -1 when the event must be
     dropped (already counted).
 
+    A blocking channel's producer (``space_fd`` >= 0 and ``block_timeout``
+    not 0) waits, in ``reserve``, for the consumer to release the next
+    sub-buffer instead of dropping the event at once: at most
+    ``block_timeout`` seconds per event (None: for ever), or until
+    ``cancel_wait``.
+
     Attributes:
         last_ts: timestamp of the last event written, the reference of the
             next compact event header.
@@ -275,9 +311,25 @@ class Producer:
     __slots__ = (
         "mm", "view", "q", "spec", "wakeup_fd", "pos", "sb_end", "sb_index",
         "last_ts", "high_ts", "discarded", "_S", "_N", "_ctrl", "_released_upto", "base",
+        "space_fd", "block_timeout", "cancelled", "_poll",
     )
 
-    def __init__(self, fd: int, wakeup_fd: int, spec: BufferSpec | None = None) -> None:
+    def __init__(self, fd: int, wakeup_fd: int, spec: BufferSpec | None = None,
+                 space_fd: int = -1, block_timeout: float | None = 0.0) -> None:
+        """Map the ring buffer ``fd`` (of geometry ``spec``, if given).
+
+        Args:
+            fd: the ring buffer's memfd (the caller may close it after).
+            wakeup_fd: the eventfd that announces closed sub-buffers.
+            spec: the geometry the channel declares, if known.
+            space_fd: a blocking channel's space pipe (read end; the caller
+                closes it after ``close``), or -1.
+            block_timeout: how long one event may wait for space, in
+                seconds: 0 never (discard mode), None for ever.
+
+        Raises:
+            RingBufferCorrupt: bad magic/version/geometry or size.
+        """
         self.mm, self.spec = map_buffer(fd, spec)
         self.view = memoryview(self.mm)
         self.q = self.view.cast("Q")
@@ -300,6 +352,10 @@ class Producer:
         self.high_ts = self.q[Q_TS]
         self.discarded = self.q[Q_DISCARDED]
         self._released_upto = 0
+        self.space_fd = space_fd
+        self.block_timeout = block_timeout if space_fd >= 0 else 0.0
+        self.cancelled = False
+        self._poll: select.poll | None = None
 
     def reserve(self, size: int, ts: int | None = None) -> int:
         """Find room for ``size`` event bytes.
@@ -336,7 +392,7 @@ class Producer:
         need = (nxt - self._N + 1) * S  # sub-buffer nxt-N must be fully consumed
         if need > self._released_upto:
             self._released_upto = self.q[Q_CONSUMED]
-            if need > self._released_upto:
+            if need > self._released_upto and (self.block_timeout == 0 or not self._wait_room(need)):
                 self.drop(1, ts)
                 return -1
         self.close_current(ts)
@@ -345,6 +401,71 @@ class Producer:
         self.sb_end = self.pos + S - PACKET_HEADER_SIZE
         self.base = self._ctrl + (nxt % self._N - nxt) * S
         return self.base + self.pos
+
+    def _wait_room(self, need: int) -> bool:
+        """Wait until ``consumed`` reaches ``need`` (a blocking channel).
+
+        Publishes ``need`` in the ``waiting`` word, then re-reads
+        ``consumed``: a consumer that released before it saw the word is
+        seen here, one that releases after it writes the space pipe.  Sleeps
+        in ``poll()`` between checks, never longer than ``RECHECK_S``, so
+        a missed wake-up or a ``cancel_wait`` costs at most that.
+
+        Args:
+            need: the ``consumed`` position the next sub-buffer needs.
+
+        Returns:
+            True once there is room; False when the timeout expired, the
+            wait was cancelled, or the pipe reached its end (every write
+            end closed: the session is gone) -- the caller drops the event.
+        """
+        q = self.q
+        timeout = self.block_timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        poller = self._poll
+        if poller is None:
+            poller = self._poll = select.poll()
+            poller.register(self.space_fd, select.POLLIN)
+        try:
+            while True:
+                q[Q_WAITING] = need
+                consumed = q[Q_CONSUMED]
+                if consumed >= need:
+                    self._released_upto = consumed
+                    return True
+                wait = RECHECK_S
+                if deadline is not None:
+                    wait = min(wait, deadline - time.monotonic())
+                if wait <= 0 or self.cancelled:
+                    return False
+                if poller.poll(wait * 1000 + 1):  # ms, rounded up: no zero-timeout spin
+                    try:
+                        if not os.read(self.space_fd, 4096):  # the wake-ups so far: re-check
+                            break  # end of file: no consumer nor sessiond holds the ring
+                    except (BlockingIOError, InterruptedError):
+                        pass
+                    except OSError:
+                        break  # the pipe is unusable: never spin on it
+                elif wait >= RECHECK_S:
+                    # A whole re-check without a release: nudge the consumer
+                    # (a restarted one never saw the announcements its
+                    # predecessor read; ConsumerCursor.announce).
+                    try:
+                        os.eventfd_write(self.wakeup_fd, 1)
+                    except OSError:
+                        pass
+            # Nobody can release space any more (the session was destroyed):
+            # discard mode from now on, without a system call per event.
+            self.block_timeout = 0.0
+            return False
+        finally:
+            q[Q_WAITING] = 0
+
+    def cancel_wait(self) -> None:
+        """End a wait for space (now or later) within ``RECHECK_S``: the
+        stream is being closed.  Callable from any thread, without the
+        stream's lock; events that would wait are dropped from then on."""
+        self.cancelled = True
 
     def close_current(self, ts: int | None = None) -> None:
         """Close the current sub-buffer at ``pos`` and wake the consumer.
@@ -444,10 +565,15 @@ class ConsumerCursor:
             stream file's last packet).
         deferred: release space to the producer only through ``publish``.
         announced: closed sub-buffers the eventfd has announced, in total.
+        space_fd: a blocking channel's space pipe (write end, non-blocking;
+            the cursor owns it and closes it in ``close``), or -1.
     """
 
-    def __init__(self, fd: int, spec: BufferSpec | None = None) -> None:
+    def __init__(self, fd: int, spec: BufferSpec | None = None, space_fd: int = -1) -> None:
         """Map the ring buffer ``fd`` (of geometry ``spec``, if given).
+
+        ``space_fd`` (a blocking channel's) is the cursor's once this
+        returns; if it raises, it is still the caller's.
 
         Raises:
             RingBufferCorrupt: bad magic/version/geometry or size, or a memfd
@@ -479,6 +605,7 @@ class ConsumerCursor:
         self._flush: FlushLimit | None = None  # the last flush_limit() result
         self._started = False  # a chunk has been returned
         self._fresh = self.consumed == 0  # no earlier consumer released anything
+        self.space_fd = space_fd
 
     # -- reading the control page -------------------------------------------------------
     def _slot(self, j: int) -> tuple[int, int, int] | None:
@@ -547,8 +674,21 @@ class ConsumerCursor:
 
     # -- chunks ---------------------------------------------------------------------------
     def announce(self, count: int) -> None:
-        """Add what the eventfd said: ``count`` more sub-buffers were closed."""
+        """Add what the eventfd said: ``count`` more sub-buffers were closed.
+
+        On a blocking channel, a producer waiting for space has closed
+        exactly the sub-buffers below ``waiting // S + N - 2`` (the one it
+        is in), and it writes the eventfd, once per ``RECHECK_S`` it waits
+        in vain, after all its closes: that count replaces ours.  A
+        restarted consumer, whose predecessor read (and took with it) the
+        announcements of sub-buffers it did not release, catches up so, and
+        the extra eventfd writes are not counted as closes.  A hostile
+        ``waiting`` only misleads the reading of its own ring."""
         self.announced += count
+        if self.space_fd >= 0:
+            waiting = self.q[Q_WAITING]
+            if waiting:
+                self.announced = waiting // self._S + self._N - 2
 
     def next_chunk(self, limit: FlushLimit | None = None) -> Chunk | None:
         """The next chunk to write, or None when there is nothing (yet).
@@ -658,11 +798,23 @@ class ConsumerCursor:
         return self.consumed
 
     def publish(self, pos: int, ts: int) -> None:
-        """Give the space below ``pos`` back to the producer (never backwards)."""
+        """Give the space below ``pos`` back to the producer (never backwards),
+        and wake a blocked producer waiting for it (a blocking channel).
+
+        The ``waiting`` word is the producer's: whatever it holds costs at
+        most one byte written to a non-blocking pipe per call, whose
+        failure (full, closed) is ignored; this never blocks."""
         q = self.q
         if pos > q[Q_CONSUMED]:
             q[Q_CONSUMED_TS] = ts
             q[Q_CONSUMED] = pos
+            if self.space_fd >= 0:
+                waiting = q[Q_WAITING]
+                if waiting and waiting <= pos:
+                    try:
+                        os.write(self.space_fd, b"\1")
+                    except OSError:
+                        pass  # full (the app is not reading) or no reader: nobody to wake
 
     def skip_to(self, pos: int, ts: int) -> None:
         """Resume reading at ``pos`` (a restarted consumer that had already
@@ -716,7 +868,10 @@ class ConsumerCursor:
         return self.q[Q_TS]
 
     def close(self) -> None:
-        """Unmap the buffer."""
+        """Unmap the buffer and close ``space_fd``."""
+        if self.space_fd >= 0:
+            os.close(self.space_fd)
+            self.space_fd = -1
         self.q.release()
         self.view.release()
         self.mm.close()
