@@ -121,12 +121,14 @@ AuthKeys = dict[str, tuple[bytes, tuple[str, ...]]]
 
 MIN_SECRET_CHARS = keyfile.MIN_SECRET_CHARS
 ANY_HOST = keyfile.ANY_HOST
-_RECEIVE_SIZE = 256 * 1024
+_RECEIVE_SIZE = 256 * 1024  # TLS: bytes asked for per receive
 _DIR_MODE = 0o750
 _FILE_MODE = 0o640
 # Packets of one connection written in one worker-thread call at most (raw
-# bytes): bounds what a connection holds decompressed.
-_MAX_BATCH_BYTES = 8 * 1024 * 1024
+# bytes, and packets): bounds what a connection holds decompressed, and how
+# long it keeps the event loop between two checkpoints.
+_MAX_BATCH_BYTES = 1024 * 1024
+_MAX_BATCH_PACKETS = 64
 _T = TypeVar("_T")
 
 
@@ -266,7 +268,7 @@ class _Write:
     """A checked packet waiting in a connection's batch."""
 
     st: _OpenStream
-    raw: bytes
+    raw: Buffer  # the packet, decoded (for Codec.NONE: the received payload itself)
     msg: Packet
     ctf_stream_id: int
 
@@ -470,6 +472,9 @@ class _ConsumerConnection:
             max_sessions=cfg.max_sessions,
             max_metadata_size=cfg.max_metadata_size,
         )
+        # Plain TCP: bytes are received straight into the protocol core's
+        # buffers (recv_into); TLS goes through receive_some.
+        self.sock = stream.socket if isinstance(stream, trio.SocketStream) else None
         self.send_lock = trio.Lock()
         self.io_lock = trio.Lock()  # held while a worker thread writes this connection's files
         self.hostname: str | None = None
@@ -560,9 +565,43 @@ class _ConsumerConnection:
                 pass
 
     async def _receive(self) -> None:
-        """Reads some bytes (b"" at EOF) into the protocol core."""
-        data = await self.stream.receive_some(_RECEIVE_SIZE)
-        self.conn.receive_data(data)
+        """Reads some bytes (b"" at EOF) into the protocol core; on plain TCP
+        straight into its buffer (a large payload's own).
+
+        Raises:
+            trio.BrokenResourceError: the peer or the network broke the connection.
+        """
+        if self.sock is None:
+            data = await self.stream.receive_some(_RECEIVE_SIZE)
+            self.conn.receive_data(data)
+            return
+        buf = self.conn.receive_buffer()
+        try:
+            n = await self.sock.recv_into(buf)
+        except OSError as exc:
+            raise trio.BrokenResourceError(f"receive failed: {_strerror(exc)}") from exc
+        self.conn.received(n)
+
+    def _receive_nowait(self) -> bool:
+        """Reads the bytes already there, if any, without waiting (plain TCP only).
+
+        Returns:
+            Whether bytes (or EOF) came.
+
+        Raises:
+            trio.BrokenResourceError: the peer or the network broke the connection.
+        """
+        if self.sock is None:
+            return False
+        buf = self.conn.receive_buffer()
+        try:
+            n = os.readv(self.sock.fileno(), [buf])  # the socket is non-blocking
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            raise trio.BrokenResourceError(f"receive failed: {_strerror(exc)}") from exc
+        self.conn.received(n)
+        return True
 
     async def _next_message(self) -> Event:
         while (event := self.conn.next_event()) is None:
@@ -656,6 +695,11 @@ class _ConsumerConnection:
                     logger.warning("%s: peer sent error %d: %r", self, event.code, event.text)
                     return
                 await self._dispatch(event)
+            # More bytes already there join the batch: one worker-thread call
+            # (and one Ack per stream) per batch, not per receive.
+            if self.batch and not self.got_bye and len(self.batch) < _MAX_BATCH_PACKETS \
+                    and self.batch_bytes < _MAX_BATCH_BYTES and self._receive_nowait():
+                continue
             await self._write_batch()
             if self.got_bye:
                 await self._settle()
@@ -855,12 +899,16 @@ class _ConsumerConnection:
             raise RemoteProtocolError(
                 ErrorCode.PROTOCOL, f"stream {msg.stream_id}: packet seq {msg.seq}, expected {st.expect}"
             )
-        decode = partial(decompress_packet, msg.data, msg.codec, msg.raw_len, self.config.max_raw_packet)
-        if msg.codec is Codec.ZSTD and msg.raw_len > self.config.inline_decompress_max:
-            raw = await trio.to_thread.run_sync(decode, limiter=self.server.decompress_limiter)
-            st = self._stream(msg.stream_id)  # it may have been taken over meanwhile
+        raw: Buffer
+        if msg.codec is Codec.NONE and msg.raw_len <= self.config.max_raw_packet:
+            raw = msg.data  # the core checked its length is raw_len
         else:
-            raw = decode()
+            decode = partial(decompress_packet, msg.data, msg.codec, msg.raw_len, self.config.max_raw_packet)
+            if msg.codec is Codec.ZSTD and msg.raw_len > self.config.inline_decompress_max:
+                raw = await trio.to_thread.run_sync(decode, limiter=self.server.decompress_limiter)
+                st = self._stream(msg.stream_id)  # it may have been taken over meanwhile
+            else:
+                raw = decode()
         ctf_stream_id = _check_packet(raw, msg)
         if st.ctf_stream_id is None:
             st.ctf_stream_id = ctf_stream_id
@@ -910,7 +958,7 @@ def _write_packets(batch: list[_Write], index: bool) -> dict[_OpenStream, OSErro
             continue
         m = w.msg
         try:
-            file.append([w.raw], m.ts_begin, m.ts_end, m.events_discarded, stream_id=w.ctf_stream_id)
+            file.append([memoryview(w.raw)], m.ts_begin, m.ts_end, m.events_discarded, stream_id=w.ctf_stream_id)
         except OSError as exc:
             failed[st] = exc
     if index:
@@ -994,7 +1042,7 @@ def _write_metadata(fd: int, offset: int, data: Buffer, sync: bool) -> str | Non
     return None
 
 
-def _check_packet(raw: bytes, msg: Packet) -> int:
+def _check_packet(raw: Buffer, msg: Packet) -> int:
     """Checks a decoded packet's CTF header against itself and `msg`.
 
     Returns:

@@ -980,7 +980,7 @@ def _as_enum(enum_cls: type[enum.IntEnum], value: object) -> Any:
     return value
 
 
-def _build(mtype: MessageType, fields: dict[object, object], payload: bytes | None) -> Message:
+def _build(mtype: MessageType, fields: dict[object, object], payload: bytes | bytearray | None) -> Message:
     """Turns a decoded header map (and payload) into a message.
 
     Raises:
@@ -1046,10 +1046,26 @@ def _build(mtype: MessageType, fields: dict[object, object], payload: bytes | No
 class FrameDecoder:
     """Turns received bytes into messages; knows frames, not connection state.
 
+    Bytes come in one of two ways: ``receive_data(data)`` (copies `data`), or
+    the zero-copy pair ``receive_buffer()`` / ``received(n)``: the caller
+    reads from its socket straight into the buffer it is given (``recv_into``)
+    and says how many bytes came.  Once a frame's header announces a payload
+    of at least DIRECT_PAYLOAD_MIN bytes, that buffer is the payload itself
+    (one bytearray of exactly payload_len bytes, allocated after the length
+    was checked against max_payload_size), so the payload's bytes are written
+    once, by the kernel, and the message's `data` is that bytearray.  Both
+    ways can be mixed.
+
     Args:
         max_header_size: largest CBOR header accepted, in bytes.
         max_payload_size: largest payload accepted, in bytes.
     """
+
+    # Payloads at least this large are received straight into their own buffer.
+    DIRECT_PAYLOAD_MIN: ClassVar[int] = 64 * 1024
+    # Bytes asked for at most between payloads (headers, small frames): what
+    # it brings of a following large payload is copied into that payload's buffer.
+    READ_SIZE: ClassVar[int] = 64 * 1024
 
     def __init__(
         self,
@@ -1065,11 +1081,15 @@ class FrameDecoder:
         self._error: RemoteProtocolError | None = None
         self._lengths: tuple[int, int] | None = None  # fixed header consumed
         self._pending: tuple[MessageType, dict[object, object]] | None = None  # CBOR consumed
+        self._payload: bytearray | None = None  # a large pending payload, being filled
+        self._filled = 0  # bytes of _payload received
+        self._scratch: bytearray | None = None  # receive_buffer() between payloads
+        self._lent: memoryview | None = None  # the view receive_buffer() handed out
 
     @property
     def buffered(self) -> int:
         """Received bytes not yet consumed by a returned event."""
-        return len(self._buf) - self._pos
+        return len(self._buf) - self._pos + self._filled
 
     def receive_data(self, data: Buffer) -> None:
         """Buffers received bytes; parsing happens in next_event.
@@ -1085,10 +1105,62 @@ class FrameDecoder:
             raise self._refusal()
         if data and self._eof:
             raise LocalProtocolError(ErrorCode.BAD_STATE, "receive_data() called with data after EOF")
-        if data:
-            self._buf += data
-        else:
+        if not data:
             self._eof = True
+            return
+        payload = self._payload
+        if payload is not None:
+            with memoryview(data) as view, view.cast("B") as raw:
+                n = min(len(payload) - self._filled, len(raw))
+                payload[self._filled : self._filled + n] = raw[:n]
+                self._filled += n
+                if n < len(raw):
+                    self._buf += raw[n:]
+            return
+        self._buf += data
+
+    def receive_buffer(self) -> memoryview:
+        """A writable buffer for the next bytes from the peer: receive into it
+        (``sock.recv_into``), then call received() with the count.  Valid
+        until that call; ask again after each next_event() that returned None.
+
+        Raises:
+            RemoteProtocolError: if an earlier error put the decoder in ERROR.
+            LocalProtocolError: (BAD_STATE) after EOF.
+        """
+        if self._error is not None:
+            raise self._refusal()
+        if self._eof:
+            raise LocalProtocolError(ErrorCode.BAD_STATE, "receive_buffer() called after EOF")
+        if self._payload is not None:
+            view = memoryview(self._payload)[self._filled :]
+        else:
+            if self._scratch is None:
+                self._scratch = bytearray(self.READ_SIZE)
+            view = memoryview(self._scratch)
+        self._lent = view
+        return view
+
+    def received(self, n: int) -> None:
+        """Commits the first `n` bytes of the last receive_buffer() (0: EOF).
+
+        Raises:
+            RemoteProtocolError: if an earlier error put the decoder in ERROR.
+            LocalProtocolError: (BAD_STATE) without a buffer lent, or if `n`
+                is not within it.
+        """
+        if self._error is not None:
+            raise self._refusal()
+        view, self._lent = self._lent, None
+        if view is None or not 0 <= n <= len(view):
+            raise LocalProtocolError(ErrorCode.BAD_STATE, f"received({n}) without a buffer of that size lent")
+        with view:
+            if n == 0:
+                self._eof = True
+            elif self._payload is not None and view.obj is self._payload:
+                self._filled += n
+            else:
+                self._buf += view[:n]
 
     def next_event(self) -> Message | ConnectionClosed | None:
         """Parses the next message out of the buffered bytes.
@@ -1107,6 +1179,7 @@ class FrameDecoder:
             return self._next()
         except RemoteProtocolError as exc:
             self._error = exc
+            self._payload = None
             raise
 
     def _refusal(self) -> RemoteProtocolError:
@@ -1126,14 +1199,17 @@ class FrameDecoder:
         start = self._pos
         with memoryview(self._buf)[start : start + n] as view:
             out = bytes(view)
-        self._pos = start + n
+        self._consume(n)
+        return out
+
+    def _consume(self, n: int) -> None:
+        self._pos += n
         if self._pos == len(self._buf):
             self._buf.clear()
             self._pos = 0
         elif self._pos > _COMPACT_THRESHOLD and 2 * self._pos > len(self._buf):
             del self._buf[: self._pos]
             self._pos = 0
-        return out
 
     def _next(self) -> Message | ConnectionClosed | None:
         if self._lengths is None:
@@ -1155,7 +1231,7 @@ class FrameDecoder:
                 raise RemoteProtocolError(
                     ErrorCode.FRAME_TOO_LARGE, f"payload_len {payload_len} over the limit {self.max_payload_size}"
                 )
-            self._take(FRAME_HEADER.size)
+            self._consume(FRAME_HEADER.size)
             self._lengths = (header_len, payload_len)
         header_len, payload_len = self._lengths
         if self._pending is None:
@@ -1172,12 +1248,29 @@ class FrameDecoder:
                     )
                 return _build(mtype, fields, None)
             self._pending = (mtype, fields)
-        if self.buffered < payload_len:
-            self._need(payload_len)
-            return None
+            if payload_len >= self.DIRECT_PAYLOAD_MIN:
+                # Its own buffer, filled with what is here already (at most
+                # one READ_SIZE); the rest is received straight into it.
+                self._payload = bytearray(payload_len)
+                n = min(len(self._buf) - self._pos, payload_len)
+                with memoryview(self._buf) as buf:
+                    self._payload[:n] = buf[self._pos : self._pos + n]
+                self._filled = n
+                self._consume(n)
+        payload: bytes | bytearray
+        if self._payload is not None:
+            if self._filled < payload_len:
+                self._need(payload_len)
+                return None
+            payload, self._payload, self._filled = self._payload, None, 0
+        else:
+            if self.buffered < payload_len:
+                self._need(payload_len)
+                return None
+            payload = self._take(payload_len)
         mtype, fields = self._pending
         self._lengths = self._pending = None
-        return _build(mtype, fields, self._take(payload_len))
+        return _build(mtype, fields, payload)
 
 
 # --------------------------------------------------------------------------
@@ -1514,6 +1607,29 @@ class Connection:
         if self.state is ConnState.ERROR:
             raise self._refusal()
         self._decoder.receive_data(data)
+
+    def receive_buffer(self) -> memoryview:
+        """A writable buffer to receive the next bytes from the peer into,
+        without a copy (see FrameDecoder); commit them with received().
+
+        Raises:
+            RemoteProtocolError: if the connection is in ERROR.
+            LocalProtocolError: (BAD_STATE) after EOF.
+        """
+        if self.state is ConnState.ERROR:
+            raise self._refusal()
+        return self._decoder.receive_buffer()
+
+    def received(self, n: int) -> None:
+        """Commits `n` bytes received into the last receive_buffer() (0: EOF).
+
+        Raises:
+            RemoteProtocolError: if the connection is in ERROR.
+            LocalProtocolError: (BAD_STATE) if no buffer of that size was lent.
+        """
+        if self.state is ConnState.ERROR:
+            raise self._refusal()
+        self._decoder.received(n)
 
     def _refusal(self) -> RemoteProtocolError:
         code = self.error.code if self.error is not None else ErrorCode.INTERNAL
