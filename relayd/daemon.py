@@ -129,6 +129,8 @@ _FILE_MODE = 0o640
 # long it keeps the event loop between two checkpoints.
 _MAX_BATCH_BYTES = 1024 * 1024
 _MAX_BATCH_PACKETS = 64
+# Received payload buffers a connection keeps for the next packets.
+_POOL_BYTES = 1024 * 1024
 _T = TypeVar("_T")
 
 
@@ -471,6 +473,7 @@ class _ConsumerConnection:
             max_streams=cfg.max_streams,
             max_sessions=cfg.max_sessions,
             max_metadata_size=cfg.max_metadata_size,
+            pool_bytes=_POOL_BYTES,
         )
         # Plain TCP: bytes are received straight into the protocol core's
         # buffers (recv_into); TLS goes through receive_some.
@@ -764,6 +767,8 @@ class _ConsumerConnection:
         index = not self.config.fsync  # fsync mode: index entries only after the data is durable
         async with self.io_lock:
             failed = await self.server.run_io(partial(_write_packets, batch, index))
+        for w in batch:
+            self.conn.recycle(w.msg.data)
         streams = [st for st in {id(w.st): w.st for w in batch}.values() if st.file is not None]
         for st in streams:
             self.to_ack[st.decl.stream_id] = st

@@ -1056,9 +1056,14 @@ class FrameDecoder:
     once, by the kernel, and the message's `data` is that bytearray.  Both
     ways can be mixed.
 
+    A caller done with such a payload may hand it back (recycle()): a later
+    payload of the same size is received into it, which spares allocating
+    and zeroing fresh memory per packet.  At most `pool_bytes` are kept.
+
     Args:
         max_header_size: largest CBOR header accepted, in bytes.
         max_payload_size: largest payload accepted, in bytes.
+        pool_bytes: payload buffers kept for reuse, in bytes (0: none).
     """
 
     # Payloads at least this large are received straight into their own buffer.
@@ -1072,9 +1077,12 @@ class FrameDecoder:
         *,
         max_header_size: int = DEFAULT_MAX_HEADER_SIZE,
         max_payload_size: int = DEFAULT_MAX_PAYLOAD_SIZE,
+        pool_bytes: int = 0,
     ) -> None:
         self.max_header_size = max_header_size
         self.max_payload_size = max_payload_size
+        self.pool_bytes = pool_bytes
+        self._pool: list[bytearray] = []  # recycled payload buffers
         self._buf = bytearray()
         self._pos = 0  # bytes of _buf already consumed
         self._eof = False
@@ -1161,6 +1169,23 @@ class FrameDecoder:
                 self._filled += n
             else:
                 self._buf += view[:n]
+
+    def recycle(self, data: Buffer) -> None:
+        """Hands back a message's `data` the caller no longer uses (nor any
+        view of it): a later payload of the same size may be received into
+        it.  Anything but a payload buffer of this decoder's size range is
+        ignored, as is what does not fit in `pool_bytes`."""
+        if type(data) is bytearray and len(data) >= self.DIRECT_PAYLOAD_MIN \
+                and sum(map(len, self._pool)) + len(data) <= self.pool_bytes:
+            self._pool.append(data)
+
+    def _new_payload(self, size: int) -> bytearray:
+        for i, buf in enumerate(self._pool):
+            if len(buf) == size:
+                return self._pool.pop(i)
+        if self._pool:
+            self._pool.pop(0)  # sizes changed: let the oldest go
+        return bytearray(size)
 
     def next_event(self) -> Message | ConnectionClosed | None:
         """Parses the next message out of the buffered bytes.
@@ -1251,7 +1276,7 @@ class FrameDecoder:
             if payload_len >= self.DIRECT_PAYLOAD_MIN:
                 # Its own buffer, filled with what is here already (at most
                 # one READ_SIZE); the rest is received straight into it.
-                self._payload = bytearray(payload_len)
+                self._payload = self._new_payload(payload_len)
                 n = min(len(self._buf) - self._pos, payload_len)
                 with memoryview(self._buf) as buf:
                     self._payload[:n] = buf[self._pos : self._pos + n]
@@ -1485,6 +1510,7 @@ class Connection:
         max_streams: open streams allowed on this connection.
         max_sessions: open sessions allowed on this connection.
         max_metadata_size: largest metadata offset + length accepted.
+        pool_bytes: received payload buffers kept for reuse (see recycle).
 
     Raises:
         ValueError: if require_auth is set for the CONSUMER role.
@@ -1500,6 +1526,7 @@ class Connection:
         max_streams: int = DEFAULT_MAX_STREAMS,
         max_sessions: int = DEFAULT_MAX_SESSIONS,
         max_metadata_size: int = DEFAULT_MAX_METADATA_SIZE,
+        pool_bytes: int = 0,
     ) -> None:
         if require_auth and our_role is not Role.RELAY:
             raise ValueError("require_auth is a relay setting")
@@ -1509,7 +1536,9 @@ class Connection:
         self.max_header_size = max_header_size
         self.max_payload_size = max_payload_size
         self.error: ProtocolError | None = None
-        self._decoder = FrameDecoder(max_header_size=max_header_size, max_payload_size=max_payload_size)
+        self._decoder = FrameDecoder(
+            max_header_size=max_header_size, max_payload_size=max_payload_size, pool_bytes=pool_bytes
+        )
         self._machine = _ConnectionState(
             max_streams=max_streams, max_sessions=max_sessions, max_metadata_size=max_metadata_size
         )
@@ -1630,6 +1659,11 @@ class Connection:
         if self.state is ConnState.ERROR:
             raise self._refusal()
         self._decoder.received(n)
+
+    def recycle(self, data: Buffer) -> None:
+        """Hands back a received message's `data` once nothing uses it any
+        more (see FrameDecoder.recycle)."""
+        self._decoder.recycle(data)
 
     def _refusal(self) -> RemoteProtocolError:
         code = self.error.code if self.error is not None else ErrorCode.INTERNAL
