@@ -488,7 +488,7 @@ class _ConsumerConnection:
         self.batch_bytes = 0
         self.to_ack: dict[int, _OpenStream] = {}  # streams written to (or resent to) since the last acks
         self.unsynced: dict[int, _OpenStream] = {}  # fsync mode: written, not durable yet
-        self.sync_due: float | None = None  # fsync mode: when the unsynced ones are synced at the latest
+        self.sync_due: float | None = None  # fsync mode: when the batch and the unsynced are synced at the latest
         self.retries: dict[int, Retry] = {}  # Retry messages to send with the next acks
         self.got_bye = False
 
@@ -703,7 +703,10 @@ class _ConsumerConnection:
             if self.batch and not self.got_bye and len(self.batch) < _MAX_BATCH_PACKETS \
                     and self.batch_bytes < _MAX_BATCH_BYTES and self._receive_nowait():
                 continue
-            await self._write_batch()
+            # fsync mode: nothing is acknowledged before the sync anyway, so
+            # the batch grows until it is full or the sync is due (_acknowledge).
+            if not self.config.fsync or self.got_bye:
+                await self._write_batch()
             if self.got_bye:
                 await self._settle()
                 await self._send(Bye())
@@ -802,7 +805,9 @@ class _ConsumerConnection:
         """Sends an Ack per stream that got packets, then the Retries; in fsync
         mode only for what an fdatasync covers (synced now when `sync` is set
         or the window is over)."""
-        if self.config.fsync and self.unsynced and (sync or trio.current_time() >= (self.sync_due or 0)):
+        if self.config.fsync and (self.unsynced or self.batch) \
+                and (sync or trio.current_time() >= (self.sync_due or 0)):
+            await self._write_batch()
             streams, self.unsynced, self.sync_due = list(self.unsynced.values()), {}, None
             async with self.io_lock:
                 failed = await self.server.run_io(partial(_sync_streams, streams, self.config.fdatasync))
@@ -925,6 +930,8 @@ class _ConsumerConnection:
         self.batch.append(_Write(st, raw, msg, ctf_stream_id))
         st.expect += 1
         self.batch_bytes += len(raw)
+        if self.config.fsync and self.sync_due is None:
+            self.sync_due = trio.current_time() + self.config.fsync_interval
         if self.batch_bytes >= _MAX_BATCH_BYTES:
             await self._write_batch()
 
