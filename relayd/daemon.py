@@ -55,6 +55,7 @@ import errno
 import logging
 import os
 import secrets
+import socket
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -131,6 +132,9 @@ _MAX_BATCH_BYTES = 1024 * 1024
 _MAX_BATCH_PACKETS = 64
 # Received payload buffers a connection keeps for the next packets.
 _POOL_BYTES = 1024 * 1024
+# Largest receive low-water mark (SO_RCVLOWAT) set while a frame's payload
+# is coming: the task wakes once per this many bytes, not per TCP segment.
+_MAX_LOWAT = 1024 * 1024
 _T = TypeVar("_T")
 
 
@@ -478,6 +482,7 @@ class _ConsumerConnection:
         # Plain TCP: bytes are received straight into the protocol core's
         # buffers (recv_into); TLS goes through receive_some.
         self.sock = stream.socket if isinstance(stream, trio.SocketStream) else None
+        self.lowat = 1  # the socket's SO_RCVLOWAT
         self.send_lock = trio.Lock()
         self.io_lock = trio.Lock()  # held while a worker thread writes this connection's files
         self.hostname: str | None = None
@@ -578,12 +583,17 @@ class _ConsumerConnection:
             data = await self.stream.receive_some(_RECEIVE_SIZE)
             self.conn.receive_data(data)
             return
-        buf = self.conn.receive_buffer()
-        try:
-            n = await self.sock.recv_into(buf)
-        except OSError as exc:
-            raise trio.BrokenResourceError(f"receive failed: {_strerror(exc)}") from exc
-        self.conn.received(n)
+        # Wake up only once the rest of the frame part we wait for is there
+        # (or EOF, an error, a shrinking window: the kernel's own exceptions);
+        # if it is there already, epoll says so at once.
+        lowat = min(self.conn.bytes_needed, _MAX_LOWAT)
+        if lowat != self.lowat:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, lowat)
+            self.lowat = lowat
+        while True:
+            await trio.lowlevel.wait_readable(self.sock)
+            if self._receive_nowait():
+                return
 
     def _receive_nowait(self) -> bool:
         """Reads the bytes already there, if any, without waiting (plain TCP only).
@@ -698,14 +708,14 @@ class _ConsumerConnection:
                     logger.warning("%s: peer sent error %d: %r", self, event.code, event.text)
                     return
                 await self._dispatch(event)
-            # More bytes already there join the batch: one worker-thread call
-            # (and one Ack per stream) per batch, not per receive.
-            if self.batch and not self.got_bye and len(self.batch) < _MAX_BATCH_PACKETS \
-                    and self.batch_bytes < _MAX_BATCH_BYTES and self._receive_nowait():
-                continue
             # fsync mode: nothing is acknowledged before the sync anyway, so
             # the batch grows until it is full or the sync is due (_acknowledge).
+            # Otherwise more bytes already there join the batch: one
+            # worker-thread call (and one Ack per stream) per batch, not per receive.
             if not self.config.fsync or self.got_bye:
+                if self.batch and not self.got_bye and len(self.batch) < _MAX_BATCH_PACKETS \
+                        and self.batch_bytes < _MAX_BATCH_BYTES and self._receive_nowait():
+                    continue
                 await self._write_batch()
             if self.got_bye:
                 await self._settle()

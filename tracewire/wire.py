@@ -1099,6 +1099,22 @@ class FrameDecoder:
         """Received bytes not yet consumed by a returned event."""
         return len(self._buf) - self._pos + self._filled
 
+    @property
+    def bytes_needed(self) -> int:
+        """How many more bytes next_event needs, at least, to make progress
+        (the rest of the part of a frame it waits for; 1 if it would not
+        wait).  A socket's receive low-water mark can be set to it."""
+        have = len(self._buf) - self._pos
+        if self._lengths is None:
+            want = FRAME_HEADER.size
+        elif self._pending is None:
+            want = self._lengths[0]
+        elif self._payload is not None:
+            have, want = self._filled, len(self._payload)
+        else:
+            want = self._lengths[1]
+        return max(1, want - have)
+
     def receive_data(self, data: Buffer) -> None:
         """Buffers received bytes; parsing happens in next_event.
 
@@ -1664,6 +1680,11 @@ class Connection:
         """Hands back a received message's `data` once nothing uses it any
         more (see FrameDecoder.recycle)."""
         self._decoder.recycle(data)
+
+    @property
+    def bytes_needed(self) -> int:
+        """At least how many more bytes the next event needs (see FrameDecoder)."""
+        return self._decoder.bytes_needed
 
     def _refusal(self) -> RemoteProtocolError:
         code = self.error.code if self.error is not None else ErrorCode.INTERNAL
