@@ -131,7 +131,7 @@ _FILE_MODE = 0o640
 _MAX_BATCH_BYTES = 1024 * 1024
 _MAX_BATCH_PACKETS = 64
 # Received payload buffers a connection keeps for the next packets.
-_POOL_BYTES = 1024 * 1024
+_POOL_BYTES = 512 * 1024
 # Largest receive low-water mark (SO_RCVLOWAT) set while a frame's payload
 # is coming: the task wakes once per this many bytes, not per TCP segment.
 _MAX_LOWAT = 1024 * 1024
@@ -771,25 +771,32 @@ class _ConsumerConnection:
         await self._write_batch()
         await self._acknowledge(sync=True)
 
-    async def _write_batch(self) -> None:
-        """Writes the batched packets in a worker thread; a stream whose write
-        fails with an error that can heal is cut back and asked to resend."""
-        if not self.batch:
+    async def _write_batch(self, *, sync: bool = False) -> None:
+        """Writes the batched packets in a worker thread; with `sync` (fsync
+        mode) the same call then makes every stream written since the last
+        sync durable.  A stream whose write or sync fails with an error that
+        can heal is cut back and asked to resend."""
+        if not self.batch and not (sync and self.unsynced):
             return
         batch, self.batch, self.batch_bytes = self.batch, [], 0
         index = not self.config.fsync  # fsync mode: index entries only after the data is durable
+        to_sync: list[_OpenStream] | None = None
+        if sync:
+            to_sync, self.unsynced, self.sync_due = list(self.unsynced.values()), {}, None
         async with self.io_lock:
-            failed = await self.server.run_io(partial(_write_packets, batch, index))
+            failed, sync_failed = await self.server.run_io(
+                partial(_write_packets, batch, index, to_sync, self.config.fdatasync))
         for w in batch:
             self.conn.recycle(w.msg.data)
         streams = [st for st in {id(w.st): w.st for w in batch}.values() if st.file is not None]
         for st in streams:
             self.to_ack[st.decl.stream_id] = st
-            if self.config.fsync:
+            if self.config.fsync and not sync:
                 self.unsynced[st.decl.stream_id] = st
-        if self.config.fsync and streams and self.sync_due is None:
+        if self.config.fsync and not sync and streams and self.sync_due is None:
             self.sync_due = trio.current_time() + self.config.fsync_interval
         self._failed(failed)
+        self._failed(sync_failed)
         if self.server.faults:
             for st in streams:
                 if st not in failed:
@@ -817,11 +824,7 @@ class _ConsumerConnection:
         or the window is over)."""
         if self.config.fsync and (self.unsynced or self.batch) \
                 and (sync or trio.current_time() >= (self.sync_due or 0)):
-            await self._write_batch()
-            streams, self.unsynced, self.sync_due = list(self.unsynced.values()), {}, None
-            async with self.io_lock:
-                failed = await self.server.run_io(partial(_sync_streams, streams, self.config.fdatasync))
-            self._failed(failed)
+            await self._write_batch(sync=True)
         pending, self.to_ack = self.to_ack, {}
         for stream_id, st in pending.items():
             if st.file is None:
@@ -963,15 +966,21 @@ def _makedirs(output: str, directory: str) -> None:
             pass
 
 
-def _write_packets(batch: list[_Write], index: bool) -> dict[_OpenStream, OSError]:
+def _write_packets(
+    batch: list[_Write], index: bool, sync: list[_OpenStream] | None = None,
+    fdatasync: Callable[[int], None] = os.fdatasync,
+) -> tuple[dict[_OpenStream, OSError], dict[_OpenStream, OSError]]:
     """Appends each packet to its stream file, then (unless `index` is
     False) writes the index entries.  A stream whose append fails keeps the
     packets before (StreamFile cuts the failed one) and skips the rest of the
     batch; one whose index write fails is rolled back to its last indexed
-    packet.
+    packet.  Then, when `sync` is given (fsync mode), the streams of `sync`
+    and of the batch are made durable (_sync_streams): one worker-thread
+    call for both.
 
     Returns:
-        {stream: the error} for the streams that failed.
+        ({stream: the error} for the streams whose write failed, the same
+        for those whose sync failed).
     """
     failed: dict[_OpenStream, OSError] = {}
     for w in batch:
@@ -993,7 +1002,11 @@ def _write_packets(batch: list[_Write], index: bool) -> dict[_OpenStream, OSErro
             except OSError as exc:
                 failed.setdefault(st, exc)
                 _rollback(file)
-    return failed
+    if sync is None:
+        return failed, {}
+    streams = {id(st): st for st in sync}
+    streams.update((id(w.st), w.st) for w in batch)
+    return failed, _sync_streams(list(streams.values()), fdatasync)
 
 
 def _sync_streams(streams: list[_OpenStream], fdatasync: Callable[[int], None]) -> dict[_OpenStream, OSError]:
