@@ -23,11 +23,27 @@ AuthKeyError.
 #   handshake   bounded by handshake_timeout: [TLS handshake], Hello,
 #               [Challenge / Auth when auth keys are configured], Welcome.
 #               Nothing touches the disk before Welcome is sent.
-#   serve       repeat: decode and handle every frame available; then
-#               flush the index of every stream written to and send one Ack
-#               per stream that got packets (acks cover only what is written
-#               to the stream file *and* its index); then receive more bytes,
-#               bounded by idle_timeout.
+#   serve       repeat: decode and handle every frame available; write
+#               the batch of checked packets in one worker-thread call and
+#               send one Ack per stream that got packets (acks cover only
+#               what is written to the stream file *and* its index; in fsync
+#               mode only what is synced); then receive more bytes, bounded
+#               by idle_timeout.  Without fsync, bytes already readable are
+#               decoded into the same batch first (up to _MAX_BATCH_BYTES or
+#               _MAX_BATCH_PACKETS); in fsync mode nothing is acknowledged
+#               before the sync anyway, so the batch waits until it is full
+#               or the sync is due, and is then written and synced in one
+#               worker-thread call.
+#
+# Receiving (plain TCP).  Bytes go straight from the socket into the wire
+# core's buffers (Connection.receive_buffer, os.readv on the non-blocking
+# socket): a packet's payload lands, in one copy by the kernel, in the
+# bytearray that is then written to the stream file, and the buffer is
+# recycled once written.  Before waiting, the socket's SO_RCVLOWAT is set to
+# what the frame part being received still needs (Connection.bytes_needed,
+# at most _MAX_LOWAT), so the task wakes once per payload instead of once per
+# TCP segment; the kernel still wakes it on EOF, an error, or a receive
+# window about to close.  TLS goes through SSLStream.receive_some.
 #   teardown    whatever the reason (EOF, Bye, protocol error, timeout,
 #               cancellation): close every stream file this connection owns
 #               (StreamFile.close flushes the index) and every metadata fd.

@@ -21,6 +21,20 @@ module. docs/protocol.md describes the exact bytes on the wire.
 # for, and the CBOR header is decoded and checked as soon as it is in, before
 # a (possibly 16 MiB) payload is waited for.
 #
+# Receiving.  The decoder takes bytes either copied in (receive_data) or
+# received in place: receive_buffer() lends a writable view, the caller's
+# socket fills it (recv_into), received(n) commits.  Between payloads that
+# view is a small scratch buffer (READ_SIZE) whose bytes are appended to the
+# frame buffer; once a header announces a payload of DIRECT_PAYLOAD_MIN
+# bytes or more, the view is a bytearray of exactly payload_len bytes (the
+# length was checked against max_payload_size first), which becomes the
+# message's `data`: the payload's bytes are copied once, by the kernel.  A
+# caller done with such a buffer may recycle() it for a later payload of the
+# same size (at most pool_bytes kept), which spares allocating and zeroing
+# fresh memory per packet.  bytes_needed says how much more the frame part
+# being waited for needs, so that the caller can set its socket's receive
+# low-water mark and be woken once per payload rather than per segment.
+#
 # Messages.  Each message is a frozen, slotted dataclass that validates its
 # own fields in __post_init__ and raises LocalProtocolError.  The decoder
 # builds messages through the same constructors, so one set of checks guards
