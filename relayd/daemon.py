@@ -147,7 +147,7 @@ _FILE_MODE = 0o640
 _MAX_BATCH_BYTES = 1024 * 1024
 _MAX_BATCH_PACKETS = 64
 # Received payload buffers a connection keeps for the next packets.
-_POOL_BYTES = 512 * 1024
+_POOL_BYTES = 1024 * 1024  # as much as one batch holds, so that a steady stream reuses every buffer
 # Largest receive low-water mark (SO_RCVLOWAT) set while a frame's payload
 # is coming: the task wakes once per this many bytes, not per TCP segment.
 _MAX_LOWAT = 1024 * 1024
