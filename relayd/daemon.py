@@ -118,6 +118,7 @@ from tracewire.wire import (
     StreamStateRequest,
     Welcome,
     decompress_packet,
+    new_decompressor,
     validate_name,
     validate_trace_path,
     verify_auth_mac,
@@ -499,6 +500,7 @@ class _ConsumerConnection:
         # buffers (recv_into); TLS goes through receive_some.
         self.sock = stream.socket if isinstance(stream, trio.SocketStream) else None
         self.lowat = 1  # the socket's SO_RCVLOWAT
+        self.decompressor = new_decompressor(cfg.max_raw_packet)  # packets decompressed in the event loop
         self.send_lock = trio.Lock()
         self.io_lock = trio.Lock()  # held while a worker thread writes this connection's files
         self.hostname: str | None = None
@@ -938,16 +940,12 @@ class _ConsumerConnection:
             raise RemoteProtocolError(
                 ErrorCode.PROTOCOL, f"stream {msg.stream_id}: packet seq {msg.seq}, expected {st.expect}"
             )
-        raw: Buffer
-        if msg.codec is Codec.NONE and msg.raw_len <= self.config.max_raw_packet:
-            raw = msg.data  # the core checked its length is raw_len
-        else:
-            decode = partial(decompress_packet, msg.data, msg.codec, msg.raw_len, self.config.max_raw_packet)
-            if msg.codec is Codec.ZSTD and msg.raw_len > self.config.inline_decompress_max:
-                raw = await trio.to_thread.run_sync(decode, limiter=self.server.decompress_limiter)
-                st = self._stream(msg.stream_id)  # it may have been taken over meanwhile
-            else:
-                raw = decode()
+        decode = partial(decompress_packet, msg.data, msg.codec, msg.raw_len, self.config.max_raw_packet)
+        if msg.codec is Codec.ZSTD and msg.raw_len > self.config.inline_decompress_max:
+            raw = await trio.to_thread.run_sync(decode, limiter=self.server.decompress_limiter)
+            st = self._stream(msg.stream_id)  # it may have been taken over meanwhile
+        else:  # in the event loop, with the connection's own decompressor
+            raw = decode(decompressor=self.decompressor)
         ctf_stream_id = _check_packet(raw, msg)
         if st.ctf_stream_id is None:
             st.ctf_stream_id = ctf_stream_id

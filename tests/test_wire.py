@@ -936,6 +936,16 @@ def test_zstd_roundtrip() -> None:
     assert decompress_packet(memoryview(raw), Codec.NONE, len(raw), len(raw)) == raw
 
 
+def test_reused_decompressor_survives_bad_frames() -> None:
+    d = wire.new_decompressor(1 << 20)
+    good = compress_packet(bytes(range(256)) * 8)
+    for bad in (good[:-4], good + b"junk", good * 2, b"\x28\xb5\x2f\xfd" + bytes(20)):
+        with pytest.raises(RemoteProtocolError) as info:
+            decompress_packet(bad, Codec.ZSTD, 2048, 1 << 20, decompressor=d)
+        assert info.value.code is ErrorCode.DECOMPRESS
+        assert decompress_packet(good, Codec.ZSTD, 2048, 1 << 20, decompressor=d) == bytes(range(256)) * 8
+
+
 def test_zstd_bomb_rejected_without_decompressing() -> None:
     bomb = _zstd_header(4 << 30) + _rle_block(131072, False) * 1000 + _rle_block(0, True)
     start = time.perf_counter()
@@ -967,9 +977,9 @@ def test_zstd_frame_lying_about_its_size() -> None:
             id="unknown-size",
         ),
         pytest.param(compress_packet(b"x" * 100), 99, "declares 100 bytes, raw_len 99", id="raw-len-mismatch"),
-        pytest.param(compress_packet(b"x" * 100) + b"junk", 100, "4 bytes after the zstd frame", id="trailing"),
-        pytest.param(compress_packet(b"x" * 100) * 2, 100, "bytes after the zstd frame", id="two-frames"),
-        pytest.param(compress_packet(bytes(range(256)))[:-4], 256, "truncated zstd frame", id="truncated"),
+        pytest.param(compress_packet(b"x" * 100) + b"junk", 100, "4 bytes of unused data", id="trailing"),
+        pytest.param(compress_packet(b"x" * 100) * 2, 100, "bad zstd data: .*unused data", id="two-frames"),
+        pytest.param(compress_packet(bytes(range(256)))[:-4], 256, "bad zstd data: .*full frame", id="truncated"),
     ],
 )
 def test_zstd_bad_data(data: bytes, raw_len: int, match: str) -> None:

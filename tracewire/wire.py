@@ -139,6 +139,7 @@ __all__ = [
     "encode",
     "encode_parts",
     "new_compressor",
+    "new_decompressor",
     "validate_name",
     "validate_trace_path",
     "verify_auth_mac",
@@ -1812,7 +1813,16 @@ def compress_packet(
     return compressor.compress(data)
 
 
-def decompress_packet(data: Buffer, codec: Codec, raw_len: int, max_raw: int) -> bytes:
+def new_decompressor(max_raw: int) -> zstandard.ZstdDecompressor:
+    """Returns a decompressor for decompress_packet, its window bounded by
+    `max_raw`.  Not thread-safe: keep one per task or thread."""
+    return zstandard.ZstdDecompressor(max_window_size=1 << max(10, (max_raw - 1).bit_length()))
+
+
+def decompress_packet(
+    data: Buffer, codec: Codec, raw_len: int, max_raw: int, *,
+    decompressor: zstandard.ZstdDecompressor | None = None,
+) -> Buffer:
     """Decodes a Packet's data, never producing more than `max_raw` bytes.
 
     For ZSTD the payload must be exactly one frame declaring its content
@@ -1824,9 +1834,11 @@ def decompress_packet(data: Buffer, codec: Codec, raw_len: int, max_raw: int) ->
         codec: Packet.codec.
         raw_len: Packet.raw_len.
         max_raw: largest packet the caller accepts.
+        decompressor: from new_decompressor(max_raw), reused across calls
+            (never shared between threads); created per call when None.
 
     Returns:
-        The raw packet, raw_len bytes.
+        The raw packet, raw_len bytes (for NONE: `data` itself, no copy).
 
     Raises:
         RemoteProtocolError: (DECOMPRESS) on bad zstd data, a missing or
@@ -1838,7 +1850,7 @@ def decompress_packet(data: Buffer, codec: Codec, raw_len: int, max_raw: int) ->
         if len(data) != raw_len:
             raise RemoteProtocolError(
                 ErrorCode.DECOMPRESS, f"uncompressed packet has {len(data)} bytes, raw_len {raw_len}")
-        return bytes(data)
+        return data
     if codec is not Codec.ZSTD:
         raise RemoteProtocolError(ErrorCode.DECOMPRESS, f"unknown codec {codec!r}")
     try:
@@ -1849,18 +1861,15 @@ def decompress_packet(data: Buffer, codec: Codec, raw_len: int, max_raw: int) ->
         raise RemoteProtocolError(ErrorCode.DECOMPRESS, "zstd frame does not declare its content size")
     if declared != raw_len:
         raise RemoteProtocolError(ErrorCode.DECOMPRESS, f"zstd frame declares {declared} bytes, raw_len {raw_len}")
-    # libzstd refuses to produce more than the declared size, which is now
-    # <= max_raw; the window limit also bounds the decoder's own buffers.
-    window = 1 << max(10, (max_raw - 1).bit_length())
+    # libzstd writes into a buffer of the declared size, which is now
+    # <= max_raw, and fails on a frame that would need more, ends early, or
+    # is followed by any byte; the window limit bounds its own buffers.
+    if decompressor is None:
+        decompressor = new_decompressor(max_raw)
     try:
-        dobj = zstandard.ZstdDecompressor(max_window_size=window).decompressobj()
-        out = dobj.decompress(data)
+        out = decompressor.decompress(data, allow_extra_data=False)
     except zstandard.ZstdError as exc:
         raise RemoteProtocolError(ErrorCode.DECOMPRESS, f"bad zstd data: {exc}") from exc
-    if not dobj.eof:
-        raise RemoteProtocolError(ErrorCode.DECOMPRESS, "truncated zstd frame")
-    if dobj.unused_data:
-        raise RemoteProtocolError(ErrorCode.DECOMPRESS, f"{len(dobj.unused_data)} bytes after the zstd frame")
     if len(out) != raw_len:
         raise RemoteProtocolError(ErrorCode.DECOMPRESS, f"zstd frame gave {len(out)} bytes, raw_len {raw_len}")
     return out
