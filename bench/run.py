@@ -65,6 +65,25 @@ Figures (the variant is in the name):
   packet compressed with zstd level 1 beforehand (not timed): the relay
   decompresses.
 
+* ``fanin_*`` -- one tracewire-relayd (its defaults: ``--fsync``) on loopback
+  and ``--fanin-targets`` (64) targets, each its own run directory with its
+  own sessiond and consumerd (``--compress none``), all streaming a
+  tracewire-demo run at once (``--fanin-events`` (10,000) demo:tick events,
+  256-byte payload, 2,000 events/s, ``TRACEWIRE_REGISTER_TIMEOUT=120``);
+  then every trace is read back with tracewire.ctf.  One run, on tmpfs
+  (/dev/shm).  ``fanin_traces_complete``: traces holding every seq
+  0..N-1 exactly once (of 64); ``fanin_events_discarded``: what the traces
+  report as discarded; ``fanin_connections``: connections the relay
+  welcomed (64 unless a consumer reconnected); ``fanin_relayd_rss_idle_mib``
+  / ``..._peak_mib``: the relay's RSS (smaps_rollup) once listening, and
+  its peak over the run sampled every 0.25 s, in MiB;
+  ``fanin_relayd_rss_mib_per_connection``: (peak - idle) / connections;
+  ``fanin_relayd_cpu_s_per_gb``: the relay's utime+stime from just before
+  the apps start to every ``stop`` having returned, per GB of stream files
+  written; ``fanin_seconds``: that time.  Measured 2026-12-02 (load average
+  about 8 from other jobs): 64 of 64 complete, 0 discarded, 31.0 MiB idle,
+  106 MiB peak, 1.16 MiB per connection (main: 0.33), 4.4 s/GB (main: 5.7),
+  27 s of streaming after about 40 s of setting up the 64 targets.
 * ``vs_lttng_<figure>_<side>`` (and ``..._min``, ``..._max``) -- side by side
   with LTTng 2.13 (Debian's lttng-tools, liblttng-ust): the same workload
   (``--events`` demo:tick events, int64 seq and a 256-byte string) streamed
@@ -111,7 +130,8 @@ Figures (the variant is in the name):
   untimed, ``--repeat`` rounds interleaved, median.
 
 Usage: ``python bench/run.py [--repeat N] [--events N] [--only PREFIX]
-[--fsync-mb MB] [--fsync-dir DIR] [--python-calls N]``.  ``--only
+[--fsync-mb MB] [--fsync-dir DIR] [--fanin-targets N] [--fanin-events N]
+[--python-calls N]``.  ``--only
 relay_fsync`` prints every figure of that benchmark, ``relayd_fsync_*``
 included; ``--only vs_lttng`` every ``vs_lttng_*`` and ``python_tracer_*``
 figure.  The daemons it starts are killed (by pid) before it exits.
