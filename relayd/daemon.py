@@ -752,6 +752,11 @@ class _ConsumerConnection:
                 await self._receive()
                 return
             await self._acknowledge(sync=True)
+        if self.config.fsync:
+            # Everything is synced and acknowledged: a connection that goes
+            # quiet now keeps no buffers (a busy one gets new ones, a few per
+            # sync interval).
+            self.conn.release_buffers()
         with trio.fail_at(deadline):
             await self._receive()
 

@@ -1233,6 +1233,22 @@ def test_recycled_buffer_is_reused_within_the_pool_limit() -> None:
     assert decoder.next_event() == packet(seq=3, data=BIG)
 
 
+def test_release_buffers_forgets_the_pool() -> None:
+    decoder = SmallDirect(pool_bytes=1 << 20)
+    (first,) = decode_chunks([encode(packet(data=BIG))], decoder)
+    assert isinstance(first, Packet)
+    decoder.recycle(first.data)
+    decoder.release_buffers()
+    head, payload = encode_parts(packet(seq=1, data=BIG))
+    decoder.receive_data(head)
+    assert decoder.next_event() is None
+    buf = decoder.receive_buffer()
+    assert buf.obj is not first.data
+    buf[:] = payload
+    decoder.received(len(payload))
+    assert decoder.next_event() == packet(seq=1, data=BIG)
+
+
 def test_received_misuse_is_a_local_error() -> None:
     decoder = FrameDecoder()
     with pytest.raises(LocalProtocolError, match="without a buffer") as info:

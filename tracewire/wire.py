@@ -1210,6 +1210,13 @@ class FrameDecoder:
                 and sum(map(len, self._pool)) + len(data) <= self.pool_bytes:
             self._pool.append(data)
 
+    def release_buffers(self) -> None:
+        """Lets go of the recycled payload buffers and the scratch buffer (an
+        idle connection's memory); they are allocated again when needed."""
+        self._pool.clear()
+        if self._lent is None:
+            self._scratch = None
+
     def _new_payload(self, size: int) -> bytearray:
         for i, buf in enumerate(self._pool):
             if len(buf) == size:
@@ -1700,6 +1707,10 @@ class Connection:
     def bytes_needed(self) -> int:
         """At least how many more bytes the next event needs (see FrameDecoder)."""
         return self._decoder.bytes_needed
+
+    def release_buffers(self) -> None:
+        """Frees the receive buffers kept for reuse (see FrameDecoder)."""
+        self._decoder.release_buffers()
 
     def _refusal(self) -> RemoteProtocolError:
         code = self.error.code if self.error is not None else ErrorCode.INTERNAL
