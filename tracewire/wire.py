@@ -1211,11 +1211,9 @@ class FrameDecoder:
             self._pool.append(data)
 
     def release_buffers(self) -> None:
-        """Lets go of the recycled payload buffers and the scratch buffer (an
-        idle connection's memory); they are allocated again when needed."""
+        """Lets go of the recycled payload buffers (an idle connection's
+        memory); payloads get new ones until some are recycled again."""
         self._pool.clear()
-        if self._lent is None:
-            self._scratch = None
 
     def _new_payload(self, size: int) -> bytearray:
         for i, buf in enumerate(self._pool):
