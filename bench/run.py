@@ -81,9 +81,10 @@ Figures (the variant is in the name):
   ``fanin_relayd_cpu_s_per_gb``: the relay's utime+stime from just before
   the apps start to every ``stop`` having returned, per GB of stream files
   written; ``fanin_seconds``: that time.  Measured 2026-12-02 (load average
-  about 8 from other jobs): 64 of 64 complete, 0 discarded, 31.0 MiB idle,
-  106 MiB peak, 1.16 MiB per connection (main: 0.33), 4.4 s/GB (main: 5.7),
-  27 s of streaming after about 40 s of setting up the 64 targets.
+  3-8 from other jobs, two rounds): 64 of 64 complete, 0 discarded, 31 MiB
+  idle, 49-59 MiB peak, 0.28-0.44 MiB per connection (main: 0.15-0.16),
+  6.1-6.7 s/GB (main: 6.6-7.1), 11-12 s of streaming after 26-29 s of
+  setting up the 64 targets.
 * ``vs_lttng_<figure>_<side>`` (and ``..._min``, ``..._max``) -- side by side
   with LTTng 2.13 (Debian's lttng-tools, liblttng-ust): the same workload
   (``--events`` demo:tick events, int64 seq and a 256-byte string) streamed
