@@ -1126,6 +1126,7 @@ class SmallDirect(FrameDecoder):
 
     DIRECT_PAYLOAD_MIN = 16
     READ_SIZE = 40
+    PAYLOAD_START = 32  # BIG's buffer doubles 7 times
 
 
 def receive_into(decoder: FrameDecoder, data: bytes, chunk: int) -> list[Event]:
@@ -1146,6 +1147,21 @@ def receive_into(decoder: FrameDecoder, data: bytes, chunk: int) -> list[Event]:
 
 
 BIG = bytes(range(256)) * 9  # 2304 bytes
+
+
+def fill(decoder: FrameDecoder, data: bytes) -> list[object]:
+    """Receives `data` through receive_buffer()/received(), as much as each
+    buffer takes; returns the objects whose buffers were lent."""
+    owners: list[object] = []
+    pos = 0
+    while pos < len(data):
+        buf = decoder.receive_buffer()
+        owners.append(buf.obj)
+        n = min(len(buf), len(data) - pos)
+        buf[:n] = data[pos : pos + n]
+        decoder.received(n)
+        pos += n
+    return owners
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 40, 1000, 100_000])
@@ -1192,6 +1208,35 @@ def test_receive_data_and_receive_buffer_mix() -> None:
         while (event := decoder.next_event()) is not None:
             out.append(event)
     assert pos == len(data) and out == msgs
+
+
+def test_announced_payload_is_not_allocated_before_it_arrives() -> None:
+    decoder = FrameDecoder()
+    head = encode_parts(packet(data=bytes(8 << 20)))[0]
+    decoder.receive_data(head)
+    assert decoder.next_event() is None
+    assert decoder.bytes_needed == 8 << 20
+    buf = decoder.receive_buffer()
+    assert len(buf) == FrameDecoder.PAYLOAD_START  # not 8 MiB
+    buf[:10] = bytes(10)
+    decoder.received(10)
+    assert len(decoder.receive_buffer()) == FrameDecoder.PAYLOAD_START - 10
+
+
+def test_buffer_lent_and_not_filled_can_be_asked_again() -> None:
+    decoder = SmallDirect()
+    head, payload = encode_parts(packet(data=BIG))
+    decoder.receive_data(head)
+    assert decoder.next_event() is None
+    stale = decoder.receive_buffer()  # a receive that would block: never filled
+    buf = decoder.receive_buffer()
+    with pytest.raises(ValueError):
+        stale[:1] = b"x"  # released: it cannot write behind the decoder's back
+    n = len(buf)
+    buf[:] = payload[:n]
+    decoder.received(n)
+    fill(decoder, payload[n:])  # the buffer grows
+    assert decoder.next_event() == packet(data=BIG)
 
 
 def test_bytes_needed_follows_the_frame() -> None:
@@ -1242,10 +1287,7 @@ def test_release_buffers_forgets_the_pool() -> None:
     head, payload = encode_parts(packet(seq=1, data=BIG))
     decoder.receive_data(head)
     assert decoder.next_event() is None
-    buf = decoder.receive_buffer()
-    assert buf.obj is not first.data
-    buf[:] = payload
-    decoder.received(len(payload))
+    assert all(o is not first.data for o in fill(decoder, payload))
     assert decoder.next_event() == packet(seq=1, data=BIG)
 
 

@@ -26,9 +26,11 @@ module. docs/protocol.md describes the exact bytes on the wire.
 # socket fills it (recv_into), received(n) commits.  Between payloads that
 # view is a small scratch buffer (READ_SIZE) whose bytes are appended to the
 # frame buffer; once a header announces a payload of DIRECT_PAYLOAD_MIN
-# bytes or more, the view is a bytearray of exactly payload_len bytes (the
-# length was checked against max_payload_size first), which becomes the
-# message's `data`: the payload's bytes are copied once, by the kernel.  A
+# bytes or more, the view is the free part of a bytearray that becomes the
+# message's `data` (payload_len bytes once complete; the length was checked
+# against max_payload_size first, and the buffer starts at PAYLOAD_START
+# and doubles as it fills, so memory follows what the peer really sent):
+# the payload's bytes are copied once, by the kernel.  A
 # caller done with such a buffer may recycle() it for a later payload of the
 # same size (at most pool_bytes kept), which spares allocating and zeroing
 # fresh memory per packet.  bytes_needed says how much more the frame part
@@ -1066,10 +1068,11 @@ class FrameDecoder:
     reads from its socket straight into the buffer it is given (``recv_into``)
     and says how many bytes came.  Once a frame's header announces a payload
     of at least DIRECT_PAYLOAD_MIN bytes, that buffer is the payload itself
-    (one bytearray of exactly payload_len bytes, allocated after the length
-    was checked against max_payload_size), so the payload's bytes are written
-    once, by the kernel, and the message's `data` is that bytearray.  Both
-    ways can be mixed.
+    (one bytearray, payload_len bytes once complete; it starts at
+    PAYLOAD_START bytes and doubles as bytes fill it, so a peer announcing a
+    large payload and sending little makes the decoder hold little), so the
+    payload's bytes are written once, by the kernel, and the message's
+    `data` is that bytearray.  Both ways can be mixed.
 
     A caller done with such a payload may hand it back (recycle()): a later
     payload of the same size is received into it, which spares allocating
@@ -1086,6 +1089,10 @@ class FrameDecoder:
     # Bytes asked for at most between payloads (headers, small frames): what
     # it brings of a following large payload is copied into that payload's buffer.
     READ_SIZE: ClassVar[int] = 64 * 1024
+    # A payload's buffer starts this large (or at the payload's size) and
+    # doubles as bytes fill it: announcing a 16 MiB payload and sending a
+    # few bytes does not make the decoder hold 16 MiB.
+    PAYLOAD_START: ClassVar[int] = 256 * 1024
 
     def __init__(
         self,
@@ -1105,6 +1112,7 @@ class FrameDecoder:
         self._lengths: tuple[int, int] | None = None  # fixed header consumed
         self._pending: tuple[MessageType, dict[object, object]] | None = None  # CBOR consumed
         self._payload: bytearray | None = None  # a large pending payload, being filled
+        self._target = 0  # its size (_payload grows up to it)
         self._filled = 0  # bytes of _payload received
         self._scratch: bytearray | None = None  # receive_buffer() between payloads
         self._lent: memoryview | None = None  # the view receive_buffer() handed out
@@ -1125,7 +1133,7 @@ class FrameDecoder:
         elif self._pending is None:
             want = self._lengths[0]
         elif self._payload is not None:
-            have, want = self._filled, len(self._payload)
+            have, want = self._filled, self._target
         else:
             want = self._lengths[1]
         return max(1, want - have)
@@ -1147,16 +1155,34 @@ class FrameDecoder:
         if not data:
             self._eof = True
             return
-        payload = self._payload
-        if payload is not None:
+        if self._payload is not None:
             with memoryview(data) as view, view.cast("B") as raw:
-                n = min(len(payload) - self._filled, len(raw))
-                payload[self._filled : self._filled + n] = raw[:n]
-                self._filled += n
+                n = self._fill(raw)
                 if n < len(raw):
                     self._buf += raw[n:]
             return
         self._buf += data
+
+    def _grow(self) -> None:
+        """Makes room in a full payload buffer: it doubles, up to _target."""
+        payload = self._payload
+        assert payload is not None
+        if self._filled == len(payload) < self._target:
+            payload += bytes(min(self._target, 2 * len(payload)) - len(payload))
+
+    def _fill(self, raw: memoryview) -> int:
+        """Copies the start of `raw` into the pending payload; returns how many
+        bytes it took (up to the payload's end)."""
+        payload = self._payload
+        assert payload is not None
+        taken = 0
+        while taken < len(raw) and self._filled < self._target:
+            self._grow()
+            n = min(len(payload) - self._filled, len(raw) - taken)
+            payload[self._filled : self._filled + n] = raw[taken : taken + n]
+            self._filled += n
+            taken += n
+        return taken
 
     def receive_buffer(self) -> memoryview:
         """A writable buffer for the next bytes from the peer: receive into it
@@ -1171,7 +1197,11 @@ class FrameDecoder:
             raise self._refusal()
         if self._eof:
             raise LocalProtocolError(ErrorCode.BAD_STATE, "receive_buffer() called after EOF")
+        if self._lent is not None:
+            self._lent.release()  # lent before and never filled (a receive that would block)
+            self._lent = None
         if self._payload is not None:
+            self._grow()
             view = memoryview(self._payload)[self._filled :]
         else:
             if self._scratch is None:
@@ -1221,7 +1251,7 @@ class FrameDecoder:
                 return self._pool.pop(i)
         if self._pool:
             self._pool.pop(0)  # sizes changed: let the oldest go
-        return bytearray(size)
+        return bytearray(min(size, self.PAYLOAD_START))
 
     def next_event(self) -> Message | ConnectionClosed | None:
         """Parses the next message out of the buffered bytes.
@@ -1312,11 +1342,9 @@ class FrameDecoder:
             if payload_len >= self.DIRECT_PAYLOAD_MIN:
                 # Its own buffer, filled with what is here already (at most
                 # one READ_SIZE); the rest is received straight into it.
-                self._payload = self._new_payload(payload_len)
-                n = min(len(self._buf) - self._pos, payload_len)
-                with memoryview(self._buf) as buf:
-                    self._payload[:n] = buf[self._pos : self._pos + n]
-                self._filled = n
+                self._payload, self._target, self._filled = self._new_payload(payload_len), payload_len, 0
+                with memoryview(self._buf) as buf, buf[self._pos :] as rest:
+                    n = self._fill(rest)
                 self._consume(n)
         payload: bytes | bytearray
         if self._payload is not None:
