@@ -87,6 +87,26 @@ Figures (the variant is in the name):
   sessiond; rounds interleaved (the four sides, then again), ``--repeat``
   rounds; median, min, max.
 
+* ``fanin_*`` -- one tracewire-relayd (its defaults: ``--fsync``) on loopback
+  and ``--fanin-targets`` (64) targets, each its own run directory with its
+  own sessiond and consumerd (``--compress none``), all streaming a
+  tracewire-demo run at once (``--fanin-events`` (10,000) demo:tick events,
+  256-byte payload, 2,000 events/s, ``TRACEWIRE_REGISTER_TIMEOUT=120``);
+  then every trace is read back with tracewire.ctf.  One run, on tmpfs
+  (/dev/shm).  ``fanin_traces_complete``: traces holding every seq
+  0..N-1 exactly once (of 64); ``fanin_events_discarded``: what the traces
+  report as discarded; ``fanin_connections``: connections the relay
+  welcomed (64 unless a consumer reconnected); ``fanin_relayd_rss_idle_mib``
+  / ``..._peak_mib``: the relay's RSS (smaps_rollup) once listening, and
+  its peak over the run sampled every 0.25 s, in MiB;
+  ``fanin_relayd_rss_mib_per_connection``: (peak - idle) / connections;
+  ``fanin_relayd_cpu_s_per_gb``: the relay's utime+stime from just before
+  the apps start to every ``stop`` having returned, per GB of stream files
+  written; ``fanin_seconds``: that time.  Measured 2026-12-02 (load average
+  3-8 from other jobs, two rounds): 64 of 64 complete, 0 discarded, 31 MiB
+  idle, 49-59 MiB peak, 0.28-0.44 MiB per connection (main: 0.15-0.16),
+  6.1-6.7 s/GB (main: 6.6-7.1), 11-12 s of streaming after 26-29 s of
+  setting up the 64 targets.
 * ``vs_lttng_<figure>_<side>`` (and ``..._min``, ``..._max``) -- side by side
   with LTTng 2.13 (Debian's lttng-tools, liblttng-ust): the same workload
   (``--events`` demo:tick events, int64 seq and a 256-byte string) streamed
@@ -141,7 +161,8 @@ Figures (the variant is in the name):
   untimed, ``--repeat`` rounds interleaved, median.
 
 Usage: ``python bench/run.py [--repeat N] [--events N] [--only PREFIX]
-[--fsync-mb MB] [--fsync-dir DIR] [--python-calls N]``.  ``--only
+[--fsync-mb MB] [--fsync-dir DIR] [--fanin-targets N] [--fanin-events N]
+[--python-calls N]``.  ``--only
 relay_fsync`` prints every figure of that benchmark, ``relayd_fsync_*``
 included; ``--only vs_lttng`` every ``vs_lttng_*`` and ``python_tracer_*``
 figure; ``--only blocking`` every ``blocking_*`` figure.  The daemons it starts are killed (by pid) before it exits.
@@ -1076,6 +1097,140 @@ def bench_relay_fsync(megabytes: int, root: str, repeat: int, want, everything: 
             emit(name, {"": statistics.median, "_min": min, "_max": max}[stat](values), unit)
 
 
+# ----------------------------------------------------------------- many targets into one relay
+
+FANIN_TARGETS = 64
+FANIN_EVENTS = 10_000  # demo:tick events per target
+FANIN_RATE = 2_000  # events per second per target: every buffer drains long before it fills
+FANIN_SETUP_WORKERS = 8  # targets set up (sessiond started, session created) at once
+
+
+def _fanin_complete(out: str, tag: str, events: int) -> tuple[bool, int]:
+    """Whether the trace(s) of session ``tag`` under the relay's ``out`` hold
+    every demo:tick seq 0..events-1 exactly once (read with tracewire.ctf),
+    and how many events the trace reports as discarded."""
+    import glob
+
+    from tracewire import ctf
+
+    dirs = glob.glob(os.path.join(out, "*", f"{tag}-*"))
+    seen = bytearray(events)
+    extra = discarded = 0
+    for d in dirs:
+        for item in ctf.read_trace(d):
+            if isinstance(item, ctf.Discarded):
+                discarded += item.count
+            elif item.name == "demo:tick":
+                seq = item.fields.get("seq")
+                if isinstance(seq, int) and 0 <= seq < events and not seen[seq]:
+                    seen[seq] = 1
+                else:
+                    extra += 1
+    ok = len(dirs) == 1 and extra == 0 and all(seen)
+    if not ok:
+        missing = [i for i in range(events) if not seen[i]]
+        print(f"bench: fanin: {tag}: {len(dirs)} trace dir(s), {extra} duplicate/foreign events, {len(missing)} "
+              f"seqs missing (first {missing[:3]}, last {missing[-3:]})", file=sys.stderr)
+    return ok, discarded
+
+
+def bench_fanin(targets: int, events: int, want, root: str = "/dev/shm") -> None:
+    """One tracewire-relayd (its defaults: --fsync) on loopback, ``targets``
+    targets each with its own run directory (sessiond, consumerd) streaming
+    a tracewire-demo run at once (``--compress none``); then every trace is
+    read back.  One run, everything on tmpfs."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tracewire import ops
+    from tracewire.cli import Client
+
+    names = ("fanin_traces_complete", "fanin_events_discarded", "fanin_connections", "fanin_relayd_rss_idle_mib",
+             "fanin_relayd_rss_peak_mib", "fanin_relayd_rss_mib_per_connection", "fanin_relayd_cpu_s_per_gb",
+             "fanin_seconds")
+    if not any(want(n) for n in names):
+        return
+    work = tempfile.mkdtemp(prefix="twfan", dir=root)
+    log = os.path.join(work, "relayd.log")
+    relay = mem = None
+    targets_d: list[Daemons] = []
+    mib = 1e6 / 2**20  # _MemPeak counts MB
+    try:
+        relay = Relay(os.path.join(work, "relay"), log)
+        idle = _memory_mb(relay.pid)[1] * mib
+        url = f"tw://127.0.0.1:{relay.port}"
+        targets_d = [Daemons(root) for _ in range(targets)]
+
+        def set_up(i: int) -> None:
+            # What `tracewire create/enable-event/start` do, without a CLI process each.
+            c, tag = Client(targets_d[i].rundir), f"fan{i}"
+            c.ensure_daemon()
+            c.request(ops.CreateRequest(tag, url=url, compress=ops.Compression.NONE))
+            c.request(ops.EnableEventRequest("demo:*", session=tag))
+            c.request(ops.StartRequest(session=tag))
+            targets_d[i]._note()
+
+        t_setup = time.perf_counter()
+        with ThreadPoolExecutor(FANIN_SETUP_WORKERS) as pool:
+            list(pool.map(set_up, range(targets)))
+        print(f"bench: fanin: {targets} targets set up in {time.perf_counter() - t_setup:.1f} s", file=sys.stderr)
+        relay_pid = relay.pid
+        mem = _MemPeak(lambda: [relay_pid])
+        r0 = _cpu_s(relay.pid)
+        t0 = time.perf_counter()
+        # 64 apps registering at once can take longer than the tracer's
+        # default 3 s wait, and what an app emits before it is registered is
+        # not traced (not even counted as discarded).
+        apps = [subprocess.Popen([os.path.join(BIN_DIR, "tracewire-demo"), "--events", str(events), "--rate",
+                                  str(FANIN_RATE), "--payload-bytes", "256"], env=app_env, stdin=subprocess.DEVNULL,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                for app_env in (dict(d.env, TRACEWIRE_REGISTER_TIMEOUT="120") for d in targets_d)]
+        errors = [p.communicate(timeout=600)[1] for p in apps]
+        failed = [e for p, e in zip(apps, errors) if p.returncode != 0]
+        if failed:
+            raise RuntimeError(f"{len(failed)} tracewire-demo runs failed: {failed[0].decode(errors='replace')[-300:]}")
+
+        def stop(i: int) -> None:
+            Client(targets_d[i].rundir).request(ops.StopRequest(session=f"fan{i}"), timeout=300)
+
+        with ThreadPoolExecutor(FANIN_SETUP_WORKERS) as pool:
+            list(pool.map(stop, range(targets)))
+        t1 = time.perf_counter()
+        r1 = _cpu_s(relay.pid)
+        peak = mem.finish()[1] * mib
+        raw = _stream_bytes(relay.out)
+        results = [_fanin_complete(relay.out, f"fan{i}", events) for i in range(targets)]
+        with open(log, errors="replace") as f:
+            text = f.read()
+        connections = text.count(": welcome (")
+        for line in [ln for ln in text.splitlines() if " WARNING " in ln or " ERROR " in ln][1:6]:
+            print(f"bench: fanin: relayd.log: {line}", file=sys.stderr)  # the first is the no-auth notice
+        values = {
+            "fanin_traces_complete": (sum(ok for ok, _ in results), f"of {targets}"),
+            "fanin_events_discarded": (sum(n for _, n in results), "events"),
+            "fanin_connections": (connections, "connections"),
+            "fanin_relayd_rss_idle_mib": (idle, "MiB"),
+            "fanin_relayd_rss_peak_mib": (peak, "MiB"),
+            "fanin_relayd_rss_mib_per_connection": ((peak - idle) / max(connections, 1), "MiB"),
+            "fanin_relayd_cpu_s_per_gb": ((r1 - r0) / (raw / 1e9), "s/GB"),
+            "fanin_seconds": (t1 - t0, "s"),
+        }
+        for name in names:
+            if want(name):
+                emit(name, *values[name])
+    except Exception:
+        with open(log, errors="replace") as f:
+            print("bench: relayd.log:", *f.read().strip().splitlines()[-5:], sep="\n  ", file=sys.stderr)
+        raise
+    finally:
+        if mem is not None:
+            mem.finish()
+        with ThreadPoolExecutor(FANIN_SETUP_WORKERS) as pool:
+            list(pool.map(Daemons.close, targets_d))
+        if relay is not None:
+            relay.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+
 # ----------------------------------------------------------------- side by side with LTTng
 
 LTTNG_DEBS = ("lttng-tools", "liblttng-ust-dev", "python3-lttngust", "gcc", "libc6-dev", "babeltrace2")
@@ -1588,6 +1743,10 @@ def main() -> None:
     ap.add_argument("--fsync-dir", default="/var/tmp",
                     help="relay_fsync: the relay writes under this directory; a real disk, not tmpfs "
                          "(default /var/tmp)")
+    ap.add_argument("--fanin-targets", type=int, default=FANIN_TARGETS,
+                    help=f"fanin: targets streaming into one relay at once (default {FANIN_TARGETS})")
+    ap.add_argument("--fanin-events", type=int, default=FANIN_EVENTS,
+                    help=f"fanin: demo:tick events per target (default {FANIN_EVENTS:,})")
     ap.add_argument("--python-calls", type=int, default=200_000,
                     help="python_tracer: timed calls per round (default 200,000)")
     a = ap.parse_args()
@@ -1613,6 +1772,7 @@ def main() -> None:
     # --only relay_fsync (or a shorter prefix of it) prints all of its
     # figures, relayd_fsync_cpu_* included.
     bench_relay_fsync(a.fsync_mb, a.fsync_dir, a.repeat, want, "relay_fsync".startswith(a.only))
+    bench_fanin(a.fanin_targets, a.fanin_events, want)
     # --only vs_lttng (or a prefix of it) also runs the python_tracer_* figures.
     bench_vs_lttng(a.events, a.repeat, want)
     bench_python_tracer(a.python_calls, a.repeat, want, VS_PREFIX.startswith(a.only))

@@ -23,11 +23,27 @@ AuthKeyError.
 #   handshake   bounded by handshake_timeout: [TLS handshake], Hello,
 #               [Challenge / Auth when auth keys are configured], Welcome.
 #               Nothing touches the disk before Welcome is sent.
-#   serve       repeat: decode and handle every frame available; then
-#               flush the index of every stream written to and send one Ack
-#               per stream that got packets (acks cover only what is written
-#               to the stream file *and* its index); then receive more bytes,
-#               bounded by idle_timeout.
+#   serve       repeat: decode and handle every frame available; write
+#               the batch of checked packets in one worker-thread call and
+#               send one Ack per stream that got packets (acks cover only
+#               what is written to the stream file *and* its index; in fsync
+#               mode only what is synced); then receive more bytes, bounded
+#               by idle_timeout.  Without fsync, bytes already readable are
+#               decoded into the same batch first (up to _MAX_BATCH_BYTES or
+#               _MAX_BATCH_PACKETS); in fsync mode nothing is acknowledged
+#               before the sync anyway, so the batch waits until it is full
+#               or the sync is due, and is then written and synced in one
+#               worker-thread call.
+#
+# Receiving (plain TCP).  Bytes go straight from the socket into the wire
+# core's buffers (Connection.receive_buffer, os.readv on the non-blocking
+# socket): a packet's payload lands, in one copy by the kernel, in the
+# bytearray that is then written to the stream file, and the buffer is
+# recycled once written.  Before waiting, the socket's SO_RCVLOWAT is set to
+# what the frame part being received still needs (Connection.bytes_needed,
+# at most _MAX_LOWAT), so the task wakes once per payload instead of once per
+# TCP segment; the kernel still wakes it on EOF, an error, or a receive
+# window about to close.  TLS goes through SSLStream.receive_some.
 #   teardown    whatever the reason (EOF, Bye, protocol error, timeout,
 #               cancellation): close every stream file this connection owns
 #               (StreamFile.close flushes the index) and every metadata fd.
@@ -55,6 +71,7 @@ import errno
 import logging
 import os
 import secrets
+import socket
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -101,6 +118,7 @@ from tracewire.wire import (
     StreamStateRequest,
     Welcome,
     decompress_packet,
+    new_decompressor,
     validate_name,
     validate_trace_path,
     verify_auth_mac,
@@ -121,12 +139,19 @@ AuthKeys = dict[str, tuple[bytes, tuple[str, ...]]]
 
 MIN_SECRET_CHARS = keyfile.MIN_SECRET_CHARS
 ANY_HOST = keyfile.ANY_HOST
-_RECEIVE_SIZE = 256 * 1024
+_RECEIVE_SIZE = 256 * 1024  # TLS: bytes asked for per receive
 _DIR_MODE = 0o750
 _FILE_MODE = 0o640
 # Packets of one connection written in one worker-thread call at most (raw
-# bytes): bounds what a connection holds decompressed.
-_MAX_BATCH_BYTES = 8 * 1024 * 1024
+# bytes, and packets): bounds what a connection holds decompressed, and how
+# long it keeps the event loop between two checkpoints.
+_MAX_BATCH_BYTES = 1024 * 1024
+_MAX_BATCH_PACKETS = 64
+# Received payload buffers a connection keeps for the next packets.
+_POOL_BYTES = 1024 * 1024  # as much as one batch holds, so that a steady stream reuses every buffer
+# Largest receive low-water mark (SO_RCVLOWAT) set while a frame's payload
+# is coming: the task wakes once per this many bytes, not per TCP segment.
+_MAX_LOWAT = 1024 * 1024
 _T = TypeVar("_T")
 
 
@@ -266,7 +291,7 @@ class _Write:
     """A checked packet waiting in a connection's batch."""
 
     st: _OpenStream
-    raw: bytes
+    raw: Buffer  # the packet, decoded (for Codec.NONE: the received payload itself)
     msg: Packet
     ctf_stream_id: int
 
@@ -469,7 +494,13 @@ class _ConsumerConnection:
             max_streams=cfg.max_streams,
             max_sessions=cfg.max_sessions,
             max_metadata_size=cfg.max_metadata_size,
+            pool_bytes=_POOL_BYTES,
         )
+        # Plain TCP: bytes are received straight into the protocol core's
+        # buffers (recv_into); TLS goes through receive_some.
+        self.sock = stream.socket if isinstance(stream, trio.SocketStream) else None
+        self.lowat = 1  # the socket's SO_RCVLOWAT
+        self.decompressor = new_decompressor(cfg.max_raw_packet)  # packets decompressed in the event loop
         self.send_lock = trio.Lock()
         self.io_lock = trio.Lock()  # held while a worker thread writes this connection's files
         self.hostname: str | None = None
@@ -480,7 +511,7 @@ class _ConsumerConnection:
         self.batch_bytes = 0
         self.to_ack: dict[int, _OpenStream] = {}  # streams written to (or resent to) since the last acks
         self.unsynced: dict[int, _OpenStream] = {}  # fsync mode: written, not durable yet
-        self.sync_due: float | None = None  # fsync mode: when the unsynced ones are synced at the latest
+        self.sync_due: float | None = None  # fsync mode: when the batch and the unsynced are synced at the latest
         self.retries: dict[int, Retry] = {}  # Retry messages to send with the next acks
         self.got_bye = False
 
@@ -560,9 +591,48 @@ class _ConsumerConnection:
                 pass
 
     async def _receive(self) -> None:
-        """Reads some bytes (b"" at EOF) into the protocol core."""
-        data = await self.stream.receive_some(_RECEIVE_SIZE)
-        self.conn.receive_data(data)
+        """Reads some bytes (b"" at EOF) into the protocol core; on plain TCP
+        straight into its buffer (a large payload's own).
+
+        Raises:
+            trio.BrokenResourceError: the peer or the network broke the connection.
+        """
+        if self.sock is None:
+            data = await self.stream.receive_some(_RECEIVE_SIZE)
+            self.conn.receive_data(data)
+            return
+        # Wake up only once the rest of the frame part we wait for is there
+        # (or EOF, an error, a shrinking window: the kernel's own exceptions);
+        # if it is there already, epoll says so at once.
+        lowat = min(self.conn.bytes_needed, _MAX_LOWAT)
+        if lowat != self.lowat:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, lowat)
+            self.lowat = lowat
+        while True:
+            await trio.lowlevel.wait_readable(self.sock)
+            if self._receive_nowait():
+                return
+
+    def _receive_nowait(self) -> bool:
+        """Reads the bytes already there, if any, without waiting (plain TCP only).
+
+        Returns:
+            Whether bytes (or EOF) came.
+
+        Raises:
+            trio.BrokenResourceError: the peer or the network broke the connection.
+        """
+        if self.sock is None:
+            return False
+        buf = self.conn.receive_buffer()
+        try:
+            n = os.readv(self.sock.fileno(), [buf])  # the socket is non-blocking
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            raise trio.BrokenResourceError(f"receive failed: {_strerror(exc)}") from exc
+        self.conn.received(n)
+        return True
 
     async def _next_message(self) -> Event:
         while (event := self.conn.next_event()) is None:
@@ -656,7 +726,15 @@ class _ConsumerConnection:
                     logger.warning("%s: peer sent error %d: %r", self, event.code, event.text)
                     return
                 await self._dispatch(event)
-            await self._write_batch()
+            # fsync mode: nothing is acknowledged before the sync anyway, so
+            # the batch grows until it is full or the sync is due (_acknowledge).
+            # Otherwise more bytes already there join the batch: one
+            # worker-thread call (and one Ack per stream) per batch, not per receive.
+            if not self.config.fsync or self.got_bye:
+                if self.batch and not self.got_bye and len(self.batch) < _MAX_BATCH_PACKETS \
+                        and self.batch_bytes < _MAX_BATCH_BYTES and self._receive_nowait():
+                    continue
+                await self._write_batch()
             if self.got_bye:
                 await self._settle()
                 await self._send(Bye())
@@ -674,6 +752,11 @@ class _ConsumerConnection:
                 await self._receive()
                 return
             await self._acknowledge(sync=True)
+        if self.config.fsync:
+            # Everything is synced and acknowledged: a connection that goes
+            # quiet now keeps no buffers (a busy one gets new ones, a few per
+            # sync interval).
+            self.conn.release_buffers()
         with trio.fail_at(deadline):
             await self._receive()
 
@@ -711,23 +794,32 @@ class _ConsumerConnection:
         await self._write_batch()
         await self._acknowledge(sync=True)
 
-    async def _write_batch(self) -> None:
-        """Writes the batched packets in a worker thread; a stream whose write
-        fails with an error that can heal is cut back and asked to resend."""
-        if not self.batch:
+    async def _write_batch(self, *, sync: bool = False) -> None:
+        """Writes the batched packets in a worker thread; with `sync` (fsync
+        mode) the same call then makes every stream written since the last
+        sync durable.  A stream whose write or sync fails with an error that
+        can heal is cut back and asked to resend."""
+        if not self.batch and not (sync and self.unsynced):
             return
         batch, self.batch, self.batch_bytes = self.batch, [], 0
         index = not self.config.fsync  # fsync mode: index entries only after the data is durable
+        to_sync: list[_OpenStream] | None = None
+        if sync:
+            to_sync, self.unsynced, self.sync_due = list(self.unsynced.values()), {}, None
         async with self.io_lock:
-            failed = await self.server.run_io(partial(_write_packets, batch, index))
+            failed, sync_failed = await self.server.run_io(
+                partial(_write_packets, batch, index, to_sync, self.config.fdatasync))
+        for w in batch:
+            self.conn.recycle(w.msg.data)
         streams = [st for st in {id(w.st): w.st for w in batch}.values() if st.file is not None]
         for st in streams:
             self.to_ack[st.decl.stream_id] = st
-            if self.config.fsync:
+            if self.config.fsync and not sync:
                 self.unsynced[st.decl.stream_id] = st
-        if self.config.fsync and streams and self.sync_due is None:
+        if self.config.fsync and not sync and streams and self.sync_due is None:
             self.sync_due = trio.current_time() + self.config.fsync_interval
         self._failed(failed)
+        self._failed(sync_failed)
         if self.server.faults:
             for st in streams:
                 if st not in failed:
@@ -753,11 +845,9 @@ class _ConsumerConnection:
         """Sends an Ack per stream that got packets, then the Retries; in fsync
         mode only for what an fdatasync covers (synced now when `sync` is set
         or the window is over)."""
-        if self.config.fsync and self.unsynced and (sync or trio.current_time() >= (self.sync_due or 0)):
-            streams, self.unsynced, self.sync_due = list(self.unsynced.values()), {}, None
-            async with self.io_lock:
-                failed = await self.server.run_io(partial(_sync_streams, streams, self.config.fdatasync))
-            self._failed(failed)
+        if self.config.fsync and (self.unsynced or self.batch) \
+                and (sync or trio.current_time() >= (self.sync_due or 0)):
+            await self._write_batch(sync=True)
         pending, self.to_ack = self.to_ack, {}
         for stream_id, st in pending.items():
             if st.file is None:
@@ -859,8 +949,8 @@ class _ConsumerConnection:
         if msg.codec is Codec.ZSTD and msg.raw_len > self.config.inline_decompress_max:
             raw = await trio.to_thread.run_sync(decode, limiter=self.server.decompress_limiter)
             st = self._stream(msg.stream_id)  # it may have been taken over meanwhile
-        else:
-            raw = decode()
+        else:  # in the event loop, with the connection's own decompressor
+            raw = decode(decompressor=self.decompressor)
         ctf_stream_id = _check_packet(raw, msg)
         if st.ctf_stream_id is None:
             st.ctf_stream_id = ctf_stream_id
@@ -872,6 +962,8 @@ class _ConsumerConnection:
         self.batch.append(_Write(st, raw, msg, ctf_stream_id))
         st.expect += 1
         self.batch_bytes += len(raw)
+        if self.config.fsync and self.sync_due is None:
+            self.sync_due = trio.current_time() + self.config.fsync_interval
         if self.batch_bytes >= _MAX_BATCH_BYTES:
             await self._write_batch()
 
@@ -893,15 +985,21 @@ def _makedirs(output: str, directory: str) -> None:
             pass
 
 
-def _write_packets(batch: list[_Write], index: bool) -> dict[_OpenStream, OSError]:
+def _write_packets(
+    batch: list[_Write], index: bool, sync: list[_OpenStream] | None = None,
+    fdatasync: Callable[[int], None] = os.fdatasync,
+) -> tuple[dict[_OpenStream, OSError], dict[_OpenStream, OSError]]:
     """Appends each packet to its stream file, then (unless `index` is
     False) writes the index entries.  A stream whose append fails keeps the
     packets before (StreamFile cuts the failed one) and skips the rest of the
     batch; one whose index write fails is rolled back to its last indexed
-    packet.
+    packet.  Then, when `sync` is given (fsync mode), the streams of `sync`
+    and of the batch are made durable (_sync_streams): one worker-thread
+    call for both.
 
     Returns:
-        {stream: the error} for the streams that failed.
+        ({stream: the error} for the streams whose write failed, the same
+        for those whose sync failed).
     """
     failed: dict[_OpenStream, OSError] = {}
     for w in batch:
@@ -910,7 +1008,7 @@ def _write_packets(batch: list[_Write], index: bool) -> dict[_OpenStream, OSErro
             continue
         m = w.msg
         try:
-            file.append([w.raw], m.ts_begin, m.ts_end, m.events_discarded, stream_id=w.ctf_stream_id)
+            file.append([memoryview(w.raw)], m.ts_begin, m.ts_end, m.events_discarded, stream_id=w.ctf_stream_id)
         except OSError as exc:
             failed[st] = exc
     if index:
@@ -923,7 +1021,11 @@ def _write_packets(batch: list[_Write], index: bool) -> dict[_OpenStream, OSErro
             except OSError as exc:
                 failed.setdefault(st, exc)
                 _rollback(file)
-    return failed
+    if sync is None:
+        return failed, {}
+    streams = {id(st): st for st in sync}
+    streams.update((id(w.st), w.st) for w in batch)
+    return failed, _sync_streams(list(streams.values()), fdatasync)
 
 
 def _sync_streams(streams: list[_OpenStream], fdatasync: Callable[[int], None]) -> dict[_OpenStream, OSError]:
@@ -994,7 +1096,7 @@ def _write_metadata(fd: int, offset: int, data: Buffer, sync: bool) -> str | Non
     return None
 
 
-def _check_packet(raw: bytes, msg: Packet) -> int:
+def _check_packet(raw: Buffer, msg: Packet) -> int:
     """Checks a decoded packet's CTF header against itself and `msg`.
 
     Returns:

@@ -24,6 +24,7 @@ import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 
 import cbor2
@@ -283,6 +284,24 @@ async def test_trace_written_acked_and_readable(tmp_path: Path) -> None:
         assert len(lines) == 8 * EVENTS_PER_PACKET
         assert "seq = 39" in lines[-1]
         assert len(lines[-1]) > 30_000
+
+
+@pytest.mark.parametrize("fsync", [False, True])
+async def test_many_targets_at_once(tmp_path: Path, fsync: bool) -> None:
+    """32 consumers at once, with packets over 64 KiB (received straight into
+    their own buffers, which are then reused): every trace is complete."""
+    with trio.fail_after(TIMEOUT):
+        out = tmp_path / "out"
+        traces = [Trace(f"host-{i}", pad=14_000) for i in range(32)]  # ~70 kB packets
+        synced: list[int] = []
+        async with running_relay(out, fsync=fsync, fsync_interval=0.01, fdatasync=synced.append) as port:
+            async with trio.open_nursery() as nursery:
+                for t in traces:
+                    nursery.start_soon(partial(send_trace, port, t, range(6), pause=0.001))
+        for t in traces:
+            assert event_seqs(t.trace_dir(out)) == expected_seqs(range(6))
+            assert (t.trace_dir(out) / "channel0_0").read_bytes() == b"".join(t.packet(n) for n in range(6))
+        assert bool(synced) == fsync
 
 
 async def test_two_hosts_at_once(tmp_path: Path) -> None:

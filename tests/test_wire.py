@@ -936,6 +936,16 @@ def test_zstd_roundtrip() -> None:
     assert decompress_packet(memoryview(raw), Codec.NONE, len(raw), len(raw)) == raw
 
 
+def test_reused_decompressor_survives_bad_frames() -> None:
+    d = wire.new_decompressor(1 << 20)
+    good = compress_packet(bytes(range(256)) * 8)
+    for bad in (good[:-4], good + b"junk", good * 2, b"\x28\xb5\x2f\xfd" + bytes(20)):
+        with pytest.raises(RemoteProtocolError) as info:
+            decompress_packet(bad, Codec.ZSTD, 2048, 1 << 20, decompressor=d)
+        assert info.value.code is ErrorCode.DECOMPRESS
+        assert decompress_packet(good, Codec.ZSTD, 2048, 1 << 20, decompressor=d) == bytes(range(256)) * 8
+
+
 def test_zstd_bomb_rejected_without_decompressing() -> None:
     bomb = _zstd_header(4 << 30) + _rle_block(131072, False) * 1000 + _rle_block(0, True)
     start = time.perf_counter()
@@ -967,9 +977,9 @@ def test_zstd_frame_lying_about_its_size() -> None:
             id="unknown-size",
         ),
         pytest.param(compress_packet(b"x" * 100), 99, "declares 100 bytes, raw_len 99", id="raw-len-mismatch"),
-        pytest.param(compress_packet(b"x" * 100) + b"junk", 100, "4 bytes after the zstd frame", id="trailing"),
-        pytest.param(compress_packet(b"x" * 100) * 2, 100, "bytes after the zstd frame", id="two-frames"),
-        pytest.param(compress_packet(bytes(range(256)))[:-4], 256, "truncated zstd frame", id="truncated"),
+        pytest.param(compress_packet(b"x" * 100) + b"junk", 100, "4 bytes of unused data", id="trailing"),
+        pytest.param(compress_packet(b"x" * 100) * 2, 100, "bad zstd data: .*unused data", id="two-frames"),
+        pytest.param(compress_packet(bytes(range(256)))[:-4], 256, "bad zstd data: .*full frame", id="truncated"),
     ],
 )
 def test_zstd_bad_data(data: bytes, raw_len: int, match: str) -> None:
@@ -1103,6 +1113,259 @@ def test_random_messages_through_a_relay_only_raise_protocol_errors(msgs: list[M
             pass
     except RemoteProtocolError as exc:
         assert relay.state is ConnState.ERROR and exc.code in ErrorCode
+
+
+# --------------------------------------------------------------------------
+# Zero-copy receive path (receive_buffer / received / recycle)
+# --------------------------------------------------------------------------
+
+
+class SmallDirect(FrameDecoder):
+    """Payloads of 16 bytes or more take the direct path (the real threshold
+    is 64 KiB), so that small frames exercise it."""
+
+    DIRECT_PAYLOAD_MIN = 16
+    READ_SIZE = 40
+    PAYLOAD_START = 32  # BIG's buffer doubles 7 times
+
+
+def receive_into(decoder: FrameDecoder, data: bytes, chunk: int) -> list[Event]:
+    """Feeds `data` through receive_buffer()/received(), at most `chunk`
+    bytes per receive, as a socket would, then EOF."""
+    out: list[Event] = []
+    pos = 0
+    while True:
+        while (event := decoder.next_event()) is not None:
+            out.append(event)
+            if isinstance(event, ConnectionClosed):
+                return out
+        buf = decoder.receive_buffer()
+        n = min(len(buf), chunk, len(data) - pos)
+        buf[:n] = data[pos : pos + n]
+        decoder.received(n)
+        pos += n
+
+
+BIG = bytes(range(256)) * 9  # 2304 bytes
+
+
+def fill(decoder: FrameDecoder, data: bytes) -> list[object]:
+    """Receives `data` through receive_buffer()/received(), as much as each
+    buffer takes; returns the objects whose buffers were lent."""
+    owners: list[object] = []
+    pos = 0
+    while pos < len(data):
+        buf = decoder.receive_buffer()
+        owners.append(buf.obj)
+        n = min(len(buf), len(data) - pos)
+        buf[:n] = data[pos : pos + n]
+        decoder.received(n)
+        pos += n
+    return owners
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 40, 1000, 100_000])
+def test_receive_into_roundtrip(chunk: int) -> None:
+    msgs = [*SAMPLES, packet(data=BIG), packet(seq=1, data=BIG[:16]), Metadata(3, TRACE, 0, BIG), packet(seq=2)]
+    data = b"".join(encode(m) for m in msgs)
+    assert receive_into(SmallDirect(), data, chunk) == [*msgs, ConnectionClosed()]
+    assert receive_into(FrameDecoder(), data, chunk) == [*msgs, ConnectionClosed()]
+
+
+def test_large_payload_is_received_into_its_own_buffer() -> None:
+    msg = packet(data=bytes(FrameDecoder.DIRECT_PAYLOAD_MIN) + b"tail")
+    head, payload = encode_parts(msg)
+    decoder = FrameDecoder()
+    decoder.receive_data(head)
+    assert decoder.next_event() is None
+    assert decoder.bytes_needed == len(payload)
+    buf = decoder.receive_buffer()
+    assert len(buf) == len(payload)
+    target = buf.obj
+    buf[:] = payload
+    decoder.received(len(buf))
+    event = decoder.next_event()
+    assert event == msg
+    assert isinstance(event, Packet) and event.data is target  # no copy after the kernel's
+
+
+def test_receive_data_and_receive_buffer_mix() -> None:
+    msgs = [packet(data=BIG), packet(seq=1, data=BIG), Bye()]
+    data = b"".join(encode(m) for m in msgs)
+    decoder = SmallDirect()
+    out: list[Event] = []
+    pos = 0
+    for i, size in enumerate([5, 100, 1, 3000, 50, 10_000]):
+        if i % 2:
+            decoder.receive_data(data[pos : pos + size])
+            pos += len(data[pos : pos + size])
+        else:
+            buf = decoder.receive_buffer()
+            n = min(len(buf), size, len(data) - pos)
+            buf[:n] = data[pos : pos + n]
+            decoder.received(n)
+            pos += n
+        while (event := decoder.next_event()) is not None:
+            out.append(event)
+    assert pos == len(data) and out == msgs
+
+
+def test_announced_payload_is_not_allocated_before_it_arrives() -> None:
+    decoder = FrameDecoder()
+    head = encode_parts(packet(data=bytes(8 << 20)))[0]
+    decoder.receive_data(head)
+    assert decoder.next_event() is None
+    assert decoder.bytes_needed == 8 << 20
+    buf = decoder.receive_buffer()
+    assert len(buf) == FrameDecoder.PAYLOAD_START  # not 8 MiB
+    buf[:10] = bytes(10)
+    decoder.received(10)
+    assert len(decoder.receive_buffer()) == FrameDecoder.PAYLOAD_START - 10
+
+
+def test_buffer_lent_and_not_filled_can_be_asked_again() -> None:
+    decoder = SmallDirect()
+    head, payload = encode_parts(packet(data=BIG))
+    decoder.receive_data(head)
+    assert decoder.next_event() is None
+    stale = decoder.receive_buffer()  # a receive that would block: never filled
+    buf = decoder.receive_buffer()
+    with pytest.raises(ValueError):
+        stale[:1] = b"x"  # released: it cannot write behind the decoder's back
+    n = len(buf)
+    buf[:] = payload[:n]
+    decoder.received(n)
+    fill(decoder, payload[n:])  # the buffer grows
+    assert decoder.next_event() == packet(data=BIG)
+
+
+def test_bytes_needed_follows_the_frame() -> None:
+    head, payload = encode_parts(packet(data=BIG))
+    decoder = SmallDirect()
+    assert decoder.bytes_needed == FRAME_HEADER.size
+    decoder.receive_data(head[:5])
+    assert decoder.bytes_needed == FRAME_HEADER.size - 5
+    decoder.receive_data(head[5:14])
+    assert decoder.next_event() is None
+    assert decoder.bytes_needed == len(head) - 14  # the rest of the CBOR header
+    decoder.receive_data(head[14:] + payload[:100])
+    assert decoder.next_event() is None
+    assert decoder.bytes_needed == len(payload) - 100
+    decoder.receive_data(payload[100:])
+    assert decoder.bytes_needed == 1  # a whole frame is in: next_event will not wait
+    assert decoder.next_event() is not None
+    assert decoder.bytes_needed == FRAME_HEADER.size
+
+
+def test_recycled_buffer_is_reused_within_the_pool_limit() -> None:
+    decoder = SmallDirect(pool_bytes=2 * len(BIG))
+    data = b"".join(encode(packet(seq=i, data=BIG)) for i in range(3))
+    first, second, third = decode_chunks([data], decoder)
+    assert isinstance(first, Packet) and isinstance(second, Packet) and isinstance(third, Packet)
+    for m in (first, second, third):
+        decoder.recycle(m.data)  # the third one does not fit in the pool
+    decoder.recycle(b"x" * 100)  # not a payload buffer: ignored
+    decoder.recycle(bytearray(4))  # too small for the direct path: ignored
+    reuse = SmallDirect(pool_bytes=0)
+    reuse.recycle(bytearray(len(BIG)))  # no pool: ignored
+    head, payload = encode_parts(packet(seq=3, data=BIG))
+    decoder.receive_data(head)
+    assert decoder.next_event() is None
+    buf = decoder.receive_buffer()
+    assert buf.obj is first.data or buf.obj is second.data
+    buf[:] = payload
+    decoder.received(len(payload))
+    assert decoder.next_event() == packet(seq=3, data=BIG)
+
+
+def test_release_buffers_forgets_the_pool() -> None:
+    decoder = SmallDirect(pool_bytes=1 << 20)
+    (first,) = decode_chunks([encode(packet(data=BIG))], decoder)
+    assert isinstance(first, Packet)
+    decoder.recycle(first.data)
+    decoder.release_buffers()
+    head, payload = encode_parts(packet(seq=1, data=BIG))
+    decoder.receive_data(head)
+    assert decoder.next_event() is None
+    assert all(o is not first.data for o in fill(decoder, payload))
+    assert decoder.next_event() == packet(seq=1, data=BIG)
+
+
+def test_received_misuse_is_a_local_error() -> None:
+    decoder = FrameDecoder()
+    with pytest.raises(LocalProtocolError, match="without a buffer") as info:
+        decoder.received(1)
+    assert info.value.code is ErrorCode.BAD_STATE
+    buf = decoder.receive_buffer()
+    with pytest.raises(LocalProtocolError, match="without a buffer"):
+        decoder.received(len(buf) + 1)
+    decoder.receive_buffer()
+    decoder.received(0)  # EOF
+    with pytest.raises(LocalProtocolError, match="after EOF") as info:
+        decoder.receive_buffer()
+    assert info.value.code is ErrorCode.BAD_STATE
+    assert decoder.next_event() == ConnectionClosed()
+
+
+def test_receive_into_truncated_payload_then_eof() -> None:
+    data = encode(packet(data=BIG))[:-10]
+    with pytest.raises(RemoteProtocolError, match="closed mid-frame") as info:
+        receive_into(SmallDirect(), data, 500)
+    assert info.value.code is ErrorCode.PROTOCOL
+
+
+def test_oversized_payload_refused_before_any_buffer() -> None:
+    decoder = SmallDirect(max_payload_size=1000)
+    decoder.receive_data(FRAME_HEADER.pack(MAGIC, 10, 10**6))
+    with pytest.raises(RemoteProtocolError, match="payload_len") as info:
+        decoder.next_event()
+    assert info.value.code is ErrorCode.FRAME_TOO_LARGE
+    with pytest.raises(RemoteProtocolError, match="already failed"):
+        decoder.receive_buffer()
+
+
+def test_connection_receive_buffer_and_recycle() -> None:
+    relay = Connection(R, pool_bytes=1 << 20)
+    data = encode(Hello(1, "board-7"))
+    buf = relay.receive_buffer()
+    buf[: len(data)] = data
+    relay.received(len(data))
+    assert relay.next_event() == Hello(1, "board-7")
+    relay.send(Welcome(1))
+    relay.receive_data(encode(SessionDecl(1, "s", "20261129T101500", False)) + encode(StreamDecl(1, 1, TRACE, "c", 0)))
+    assert relay.next_event() is not None and relay.next_event() is not None
+    big = bytes(FrameDecoder.DIRECT_PAYLOAD_MIN)
+    head, payload = encode_parts(packet(data=big))
+    relay.receive_data(head)
+    assert relay.next_event() is None and relay.bytes_needed == len(payload)
+    buf = relay.receive_buffer()
+    buf[:] = payload
+    relay.received(len(payload))
+    event = relay.next_event()
+    assert isinstance(event, Packet) and event.data == big
+    relay.recycle(event.data)
+    relay.receive_data(b"garbage-garbage!")
+    with pytest.raises(RemoteProtocolError):
+        relay.next_event()
+    with pytest.raises(RemoteProtocolError, match="already failed"):
+        relay.receive_buffer()
+    with pytest.raises(RemoteProtocolError, match="already failed"):
+        relay.received(0)
+
+
+@given(st.binary(max_size=300), st.integers(1, 64))
+def test_random_bytes_through_receive_buffer_only_raise_remote_errors(data: bytes, chunk: int) -> None:
+    decoder = SmallDirect(max_header_size=1024, max_payload_size=1024)
+    try:
+        receive_into(decoder, data, chunk)
+    except RemoteProtocolError as exc:
+        assert isinstance(exc.code, ErrorCode)
+
+
+@given(st.lists(_messages, min_size=1, max_size=5), st.integers(1, 50))
+def test_random_messages_roundtrip_through_receive_buffer(msgs: list[Message], chunk: int) -> None:
+    data = b"".join(encode(m) for m in msgs)
+    assert receive_into(SmallDirect(), data, chunk) == [*msgs, ConnectionClosed()]
 
 
 # --------------------------------------------------------------------------

@@ -21,6 +21,22 @@ module. docs/protocol.md describes the exact bytes on the wire.
 # for, and the CBOR header is decoded and checked as soon as it is in, before
 # a (possibly 16 MiB) payload is waited for.
 #
+# Receiving.  The decoder takes bytes either copied in (receive_data) or
+# received in place: receive_buffer() lends a writable view, the caller's
+# socket fills it (recv_into), received(n) commits.  Between payloads that
+# view is a small scratch buffer (READ_SIZE) whose bytes are appended to the
+# frame buffer; once a header announces a payload of DIRECT_PAYLOAD_MIN
+# bytes or more, the view is the free part of a bytearray that becomes the
+# message's `data` (payload_len bytes once complete; the length was checked
+# against max_payload_size first, and the buffer starts at PAYLOAD_START
+# and doubles as it fills, so memory follows what the peer really sent):
+# the payload's bytes are copied once, by the kernel.  A
+# caller done with such a buffer may recycle() it for a later payload of the
+# same size (at most pool_bytes kept), which spares allocating and zeroing
+# fresh memory per packet.  bytes_needed says how much more the frame part
+# being waited for needs, so that the caller can set its socket's receive
+# low-water mark and be woken once per payload rather than per segment.
+#
 # Messages.  Each message is a frozen, slotted dataclass that validates its
 # own fields in __post_init__ and raises LocalProtocolError.  The decoder
 # builds messages through the same constructors, so one set of checks guards
@@ -126,6 +142,7 @@ __all__ = [
     "encode",
     "encode_parts",
     "new_compressor",
+    "new_decompressor",
     "validate_name",
     "validate_trace_path",
     "verify_auth_mac",
@@ -1007,7 +1024,7 @@ def _as_enum(enum_cls: type[enum.IntEnum], value: object) -> Any:
     return value
 
 
-def _build(mtype: MessageType, fields: dict[object, object], payload: bytes | None) -> Message:
+def _build(mtype: MessageType, fields: dict[object, object], payload: bytes | bytearray | None) -> Message:
     """Turns a decoded header map (and payload) into a message.
 
     Raises:
@@ -1073,30 +1090,80 @@ def _build(mtype: MessageType, fields: dict[object, object], payload: bytes | No
 class FrameDecoder:
     """Turns received bytes into messages; knows frames, not connection state.
 
+    Bytes come in one of two ways: ``receive_data(data)`` (copies `data`), or
+    the zero-copy pair ``receive_buffer()`` / ``received(n)``: the caller
+    reads from its socket straight into the buffer it is given (``recv_into``)
+    and says how many bytes came.  Once a frame's header announces a payload
+    of at least DIRECT_PAYLOAD_MIN bytes, that buffer is the payload itself
+    (one bytearray, payload_len bytes once complete; it starts at
+    PAYLOAD_START bytes and doubles as bytes fill it, so a peer announcing a
+    large payload and sending little makes the decoder hold little), so the
+    payload's bytes are written once, by the kernel, and the message's
+    `data` is that bytearray.  Both ways can be mixed.
+
+    A caller done with such a payload may hand it back (recycle()): a later
+    payload of the same size is received into it, which spares allocating
+    and zeroing fresh memory per packet.  At most `pool_bytes` are kept.
+
     Args:
         max_header_size: largest CBOR header accepted, in bytes.
         max_payload_size: largest payload accepted, in bytes.
+        pool_bytes: payload buffers kept for reuse, in bytes (0: none).
     """
+
+    # Payloads at least this large are received straight into their own buffer.
+    DIRECT_PAYLOAD_MIN: ClassVar[int] = 64 * 1024
+    # Bytes asked for at most between payloads (headers, small frames): what
+    # it brings of a following large payload is copied into that payload's buffer.
+    READ_SIZE: ClassVar[int] = 64 * 1024
+    # A payload's buffer starts this large (or at the payload's size) and
+    # doubles as bytes fill it: announcing a 16 MiB payload and sending a
+    # few bytes does not make the decoder hold 16 MiB.
+    PAYLOAD_START: ClassVar[int] = 256 * 1024
 
     def __init__(
         self,
         *,
         max_header_size: int = DEFAULT_MAX_HEADER_SIZE,
         max_payload_size: int = DEFAULT_MAX_PAYLOAD_SIZE,
+        pool_bytes: int = 0,
     ) -> None:
         self.max_header_size = max_header_size
         self.max_payload_size = max_payload_size
+        self.pool_bytes = pool_bytes
+        self._pool: list[bytearray] = []  # recycled payload buffers
         self._buf = bytearray()
         self._pos = 0  # bytes of _buf already consumed
         self._eof = False
         self._error: RemoteProtocolError | None = None
         self._lengths: tuple[int, int] | None = None  # fixed header consumed
         self._pending: tuple[MessageType, dict[object, object]] | None = None  # CBOR consumed
+        self._payload: bytearray | None = None  # a large pending payload, being filled
+        self._target = 0  # its size (_payload grows up to it)
+        self._filled = 0  # bytes of _payload received
+        self._scratch: bytearray | None = None  # receive_buffer() between payloads
+        self._lent: memoryview | None = None  # the view receive_buffer() handed out
 
     @property
     def buffered(self) -> int:
         """Received bytes not yet consumed by a returned event."""
-        return len(self._buf) - self._pos
+        return len(self._buf) - self._pos + self._filled
+
+    @property
+    def bytes_needed(self) -> int:
+        """How many more bytes next_event needs, at least, to make progress
+        (the rest of the part of a frame it waits for; 1 if it would not
+        wait).  A socket's receive low-water mark can be set to it."""
+        have = len(self._buf) - self._pos
+        if self._lengths is None:
+            want = FRAME_HEADER.size
+        elif self._pending is None:
+            want = self._lengths[0]
+        elif self._payload is not None:
+            have, want = self._filled, self._target
+        else:
+            want = self._lengths[1]
+        return max(1, want - have)
 
     def receive_data(self, data: Buffer) -> None:
         """Buffers received bytes; parsing happens in next_event.
@@ -1112,10 +1179,106 @@ class FrameDecoder:
             raise self._refusal()
         if data and self._eof:
             raise LocalProtocolError(ErrorCode.BAD_STATE, "receive_data() called with data after EOF")
-        if data:
-            self._buf += data
-        else:
+        if not data:
             self._eof = True
+            return
+        if self._payload is not None:
+            with memoryview(data) as view, view.cast("B") as raw:
+                n = self._fill(raw)
+                if n < len(raw):
+                    self._buf += raw[n:]
+            return
+        self._buf += data
+
+    def _grow(self) -> None:
+        """Makes room in a full payload buffer: it doubles, up to _target."""
+        payload = self._payload
+        assert payload is not None
+        if self._filled == len(payload) < self._target:
+            payload += bytes(min(self._target, 2 * len(payload)) - len(payload))
+
+    def _fill(self, raw: memoryview) -> int:
+        """Copies the start of `raw` into the pending payload; returns how many
+        bytes it took (up to the payload's end)."""
+        payload = self._payload
+        assert payload is not None
+        taken = 0
+        while taken < len(raw) and self._filled < self._target:
+            self._grow()
+            n = min(len(payload) - self._filled, len(raw) - taken)
+            payload[self._filled : self._filled + n] = raw[taken : taken + n]
+            self._filled += n
+            taken += n
+        return taken
+
+    def receive_buffer(self) -> memoryview:
+        """A writable buffer for the next bytes from the peer: receive into it
+        (``sock.recv_into``), then call received() with the count.  Valid
+        until that call; ask again after each next_event() that returned None.
+
+        Raises:
+            RemoteProtocolError: if an earlier error put the decoder in ERROR.
+            LocalProtocolError: (BAD_STATE) after EOF.
+        """
+        if self._error is not None:
+            raise self._refusal()
+        if self._eof:
+            raise LocalProtocolError(ErrorCode.BAD_STATE, "receive_buffer() called after EOF")
+        if self._lent is not None:
+            self._lent.release()  # lent before and never filled (a receive that would block)
+            self._lent = None
+        if self._payload is not None:
+            self._grow()
+            view = memoryview(self._payload)[self._filled :]
+        else:
+            if self._scratch is None:
+                self._scratch = bytearray(self.READ_SIZE)
+            view = memoryview(self._scratch)
+        self._lent = view
+        return view
+
+    def received(self, n: int) -> None:
+        """Commits the first `n` bytes of the last receive_buffer() (0: EOF).
+
+        Raises:
+            RemoteProtocolError: if an earlier error put the decoder in ERROR.
+            LocalProtocolError: (BAD_STATE) without a buffer lent, or if `n`
+                is not within it.
+        """
+        if self._error is not None:
+            raise self._refusal()
+        view, self._lent = self._lent, None
+        if view is None or not 0 <= n <= len(view):
+            raise LocalProtocolError(ErrorCode.BAD_STATE, f"received({n}) without a buffer of that size lent")
+        with view:
+            if n == 0:
+                self._eof = True
+            elif self._payload is not None and view.obj is self._payload:
+                self._filled += n
+            else:
+                self._buf += view[:n]
+
+    def recycle(self, data: Buffer) -> None:
+        """Hands back a message's `data` the caller no longer uses (nor any
+        view of it): a later payload of the same size may be received into
+        it.  Anything but a payload buffer of this decoder's size range is
+        ignored, as is what does not fit in `pool_bytes`."""
+        if type(data) is bytearray and len(data) >= self.DIRECT_PAYLOAD_MIN \
+                and sum(map(len, self._pool)) + len(data) <= self.pool_bytes:
+            self._pool.append(data)
+
+    def release_buffers(self) -> None:
+        """Lets go of the recycled payload buffers (an idle connection's
+        memory); payloads get new ones until some are recycled again."""
+        self._pool.clear()
+
+    def _new_payload(self, size: int) -> bytearray:
+        for i, buf in enumerate(self._pool):
+            if len(buf) == size:
+                return self._pool.pop(i)
+        if self._pool:
+            self._pool.pop(0)  # sizes changed: let the oldest go
+        return bytearray(min(size, self.PAYLOAD_START))
 
     def next_event(self) -> Message | ConnectionClosed | None:
         """Parses the next message out of the buffered bytes.
@@ -1134,6 +1297,7 @@ class FrameDecoder:
             return self._next()
         except RemoteProtocolError as exc:
             self._error = exc
+            self._payload = None
             raise
 
     def _refusal(self) -> RemoteProtocolError:
@@ -1153,14 +1317,17 @@ class FrameDecoder:
         start = self._pos
         with memoryview(self._buf)[start : start + n] as view:
             out = bytes(view)
-        self._pos = start + n
+        self._consume(n)
+        return out
+
+    def _consume(self, n: int) -> None:
+        self._pos += n
         if self._pos == len(self._buf):
             self._buf.clear()
             self._pos = 0
         elif self._pos > _COMPACT_THRESHOLD and 2 * self._pos > len(self._buf):
             del self._buf[: self._pos]
             self._pos = 0
-        return out
 
     def _next(self) -> Message | ConnectionClosed | None:
         if self._lengths is None:
@@ -1182,7 +1349,7 @@ class FrameDecoder:
                 raise RemoteProtocolError(
                     ErrorCode.FRAME_TOO_LARGE, f"payload_len {payload_len} over the limit {self.max_payload_size}"
                 )
-            self._take(FRAME_HEADER.size)
+            self._consume(FRAME_HEADER.size)
             self._lengths = (header_len, payload_len)
         header_len, payload_len = self._lengths
         if self._pending is None:
@@ -1199,12 +1366,27 @@ class FrameDecoder:
                     )
                 return _build(mtype, fields, None)
             self._pending = (mtype, fields)
-        if self.buffered < payload_len:
-            self._need(payload_len)
-            return None
+            if payload_len >= self.DIRECT_PAYLOAD_MIN:
+                # Its own buffer, filled with what is here already (at most
+                # one READ_SIZE); the rest is received straight into it.
+                self._payload, self._target, self._filled = self._new_payload(payload_len), payload_len, 0
+                with memoryview(self._buf) as buf, buf[self._pos :] as rest:
+                    n = self._fill(rest)
+                self._consume(n)
+        payload: bytes | bytearray
+        if self._payload is not None:
+            if self._filled < payload_len:
+                self._need(payload_len)
+                return None
+            payload, self._payload, self._filled = self._payload, None, 0
+        else:
+            if self.buffered < payload_len:
+                self._need(payload_len)
+                return None
+            payload = self._take(payload_len)
         mtype, fields = self._pending
         self._lengths = self._pending = None
-        return _build(mtype, fields, self._take(payload_len))
+        return _build(mtype, fields, payload)
 
 
 # --------------------------------------------------------------------------
@@ -1419,6 +1601,7 @@ class Connection:
         max_streams: open streams allowed on this connection.
         max_sessions: open sessions allowed on this connection.
         max_metadata_size: largest metadata offset + length accepted.
+        pool_bytes: received payload buffers kept for reuse (see recycle).
 
     Raises:
         ValueError: if require_auth is set for the CONSUMER role.
@@ -1434,6 +1617,7 @@ class Connection:
         max_streams: int = DEFAULT_MAX_STREAMS,
         max_sessions: int = DEFAULT_MAX_SESSIONS,
         max_metadata_size: int = DEFAULT_MAX_METADATA_SIZE,
+        pool_bytes: int = 0,
     ) -> None:
         if require_auth and our_role is not Role.RELAY:
             raise ValueError("require_auth is a relay setting")
@@ -1443,7 +1627,9 @@ class Connection:
         self.max_header_size = max_header_size
         self.max_payload_size = max_payload_size
         self.error: ProtocolError | None = None
-        self._decoder = FrameDecoder(max_header_size=max_header_size, max_payload_size=max_payload_size)
+        self._decoder = FrameDecoder(
+            max_header_size=max_header_size, max_payload_size=max_payload_size, pool_bytes=pool_bytes
+        )
         self._machine = _ConnectionState(
             max_streams=max_streams, max_sessions=max_sessions, max_metadata_size=max_metadata_size
         )
@@ -1541,6 +1727,43 @@ class Connection:
         if self.state is ConnState.ERROR:
             raise self._refusal()
         self._decoder.receive_data(data)
+
+    def receive_buffer(self) -> memoryview:
+        """A writable buffer to receive the next bytes from the peer into,
+        without a copy (see FrameDecoder); commit them with received().
+
+        Raises:
+            RemoteProtocolError: if the connection is in ERROR.
+            LocalProtocolError: (BAD_STATE) after EOF.
+        """
+        if self.state is ConnState.ERROR:
+            raise self._refusal()
+        return self._decoder.receive_buffer()
+
+    def received(self, n: int) -> None:
+        """Commits `n` bytes received into the last receive_buffer() (0: EOF).
+
+        Raises:
+            RemoteProtocolError: if the connection is in ERROR.
+            LocalProtocolError: (BAD_STATE) if no buffer of that size was lent.
+        """
+        if self.state is ConnState.ERROR:
+            raise self._refusal()
+        self._decoder.received(n)
+
+    def recycle(self, data: Buffer) -> None:
+        """Hands back a received message's `data` once nothing uses it any
+        more (see FrameDecoder.recycle)."""
+        self._decoder.recycle(data)
+
+    @property
+    def bytes_needed(self) -> int:
+        """At least how many more bytes the next event needs (see FrameDecoder)."""
+        return self._decoder.bytes_needed
+
+    def release_buffers(self) -> None:
+        """Frees the receive buffers kept for reuse (see FrameDecoder)."""
+        self._decoder.release_buffers()
 
     def _refusal(self) -> RemoteProtocolError:
         code = self.error.code if self.error is not None else ErrorCode.INTERNAL
@@ -1654,7 +1877,16 @@ def compress_packet(
     return compressor.compress(data)
 
 
-def decompress_packet(data: Buffer, codec: Codec, raw_len: int, max_raw: int) -> bytes:
+def new_decompressor(max_raw: int) -> zstandard.ZstdDecompressor:
+    """Returns a decompressor for decompress_packet, its window bounded by
+    `max_raw`.  Not thread-safe: keep one per task or thread."""
+    return zstandard.ZstdDecompressor(max_window_size=1 << max(10, (max_raw - 1).bit_length()))
+
+
+def decompress_packet(
+    data: Buffer, codec: Codec, raw_len: int, max_raw: int, *,
+    decompressor: zstandard.ZstdDecompressor | None = None,
+) -> Buffer:
     """Decodes a Packet's data, never producing more than `max_raw` bytes.
 
     For ZSTD the payload must be exactly one frame declaring its content
@@ -1666,9 +1898,11 @@ def decompress_packet(data: Buffer, codec: Codec, raw_len: int, max_raw: int) ->
         codec: Packet.codec.
         raw_len: Packet.raw_len.
         max_raw: largest packet the caller accepts.
+        decompressor: from new_decompressor(max_raw), reused across calls
+            (never shared between threads); created per call when None.
 
     Returns:
-        The raw packet, raw_len bytes.
+        The raw packet, raw_len bytes (for NONE: `data` itself, no copy).
 
     Raises:
         RemoteProtocolError: (DECOMPRESS) on bad zstd data, a missing or
@@ -1680,7 +1914,7 @@ def decompress_packet(data: Buffer, codec: Codec, raw_len: int, max_raw: int) ->
         if len(data) != raw_len:
             raise RemoteProtocolError(
                 ErrorCode.DECOMPRESS, f"uncompressed packet has {len(data)} bytes, raw_len {raw_len}")
-        return bytes(data)
+        return data
     if codec is not Codec.ZSTD:
         raise RemoteProtocolError(ErrorCode.DECOMPRESS, f"unknown codec {codec!r}")
     try:
@@ -1691,18 +1925,15 @@ def decompress_packet(data: Buffer, codec: Codec, raw_len: int, max_raw: int) ->
         raise RemoteProtocolError(ErrorCode.DECOMPRESS, "zstd frame does not declare its content size")
     if declared != raw_len:
         raise RemoteProtocolError(ErrorCode.DECOMPRESS, f"zstd frame declares {declared} bytes, raw_len {raw_len}")
-    # libzstd refuses to produce more than the declared size, which is now
-    # <= max_raw; the window limit also bounds the decoder's own buffers.
-    window = 1 << max(10, (max_raw - 1).bit_length())
+    # libzstd writes into a buffer of the declared size, which is now
+    # <= max_raw, and fails on a frame that would need more, ends early, or
+    # is followed by any byte; the window limit bounds its own buffers.
+    if decompressor is None:
+        decompressor = new_decompressor(max_raw)
     try:
-        dobj = zstandard.ZstdDecompressor(max_window_size=window).decompressobj()
-        out = dobj.decompress(data)
+        out = decompressor.decompress(data, allow_extra_data=False)
     except zstandard.ZstdError as exc:
         raise RemoteProtocolError(ErrorCode.DECOMPRESS, f"bad zstd data: {exc}") from exc
-    if not dobj.eof:
-        raise RemoteProtocolError(ErrorCode.DECOMPRESS, "truncated zstd frame")
-    if dobj.unused_data:
-        raise RemoteProtocolError(ErrorCode.DECOMPRESS, f"{len(dobj.unused_data)} bytes after the zstd frame")
     if len(out) != raw_len:
         raise RemoteProtocolError(ErrorCode.DECOMPRESS, f"zstd frame gave {len(out)} bytes, raw_len {raw_len}")
     return out
