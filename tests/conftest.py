@@ -51,6 +51,15 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _comm(pid: int) -> str:
+    """The process's name (what ps and top show), "" once it is gone."""
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
 def _kill_wait(pids: list[int], sig: int, deadline: float) -> None:
     for pid in pids:
         try:

@@ -40,6 +40,7 @@ import pytest
 from tracewire import ctf
 from tracewire.topology import TOPOLOGY, Target, Topology
 
+from conftest import _comm
 from netns import NetnsError, Network, cleanup_stale, skip_unless_netns
 
 BT2 = shutil.which("babeltrace2")
@@ -98,14 +99,6 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
 
-
-def _comm(pid: int) -> str:
-    """The process's name (what ps and top show), "" once it is gone."""
-    try:
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
 
 
 def _cmdline(pid: int) -> str:

@@ -23,7 +23,7 @@ import pytest
 
 from tracewire import ctf, wire
 
-from conftest import TW, _alive, _children
+from conftest import TW, _alive, _children, _comm
 
 MALFORMED: list[Any] = [
     {"cmd": "create", "name": "x", "output": "/tmp/x", "compress_level": "abc"},
@@ -310,13 +310,6 @@ def test_a_relay_refusal_counts_what_is_lost(tw: TW) -> None:
 
 # ---------------------------------------------------------------- the zygote
 
-
-def _comm(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
 
 
 def _fds(pid: int) -> dict[int, str]:

@@ -23,7 +23,7 @@ import time
 
 import pytest
 
-from conftest import _alive, _children, _kill_wait
+from conftest import _alive, _children, _comm, _kill_wait
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create users and switch to them")
 
@@ -96,13 +96,6 @@ def _stop_sessiond(rundir: str) -> None:
     for sig in (signal.SIGTERM, signal.SIGKILL):
         _kill_wait([p for p in pids if _alive(p)], sig, time.monotonic() + 10)
 
-
-def _comm(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
 
 
 def _status(pid: int) -> dict[str, list[str]]:
