@@ -220,6 +220,23 @@ def consumerd_pid(tw: TW, timeout: float = 60.0, other_than: int | None = None) 
     pytest.fail(f"no single child of sessiond {sd} maps a ring buffer (children {kids})")
 
 
+def demo_with_consumerd_stopped(tw: TW, *args: str) -> None:
+    """Run ``tracewire-demo ARGS`` while the consumerd draining its ring is
+    stopped (SIGSTOP), so that a small ring overflows whatever the machine's
+    load (consumerd drains at real-time priority: at full speed alone it
+    may keep up).  The app prints a line per event and blocks once the
+    unread pipe is full, so its ring exists, and it cannot finish, before
+    consumerd is stopped."""
+    app = tw.demo_popen(*args, "--progress-every", "1")
+    paused = consumerd_pid(tw)
+    os.kill(paused, signal.SIGSTOP)
+    try:
+        _out, err = app.communicate(timeout=300)
+    finally:
+        os.kill(paused, signal.SIGCONT)
+    assert app.returncode == 0, err
+
+
 # ---------------------------------------------------------------- tests
 
 
