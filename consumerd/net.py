@@ -83,11 +83,10 @@ _COMPRESS_BATCH_BYTES = 4 * 1024 * 1024
 
 def _compress_all(cctx: Any, packets: list[list[wire.Buffer]]) -> list[bytes]:
     """Compresses each packet, given as its parts (the CTF header and a view
-    of the ring), in a worker thread: zstd releases the GIL.  The thread
-    gives up a real-time policy it inherited from consumerd's draining
-    thread: compression is bulk work, it must not preempt the traced apps."""
-    if os.sched_getscheduler(0) != os.SCHED_OTHER:
-        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+    of the ring), in a worker thread: zstd releases the GIL.  (The thread
+    inherits the draining thread's scheduling policy: a packet's ring space
+    goes back only once it is compressed and spooled, so compression is on
+    the drain's critical path.)"""
     return [cctx.compress(b"".join(parts)) for parts in packets]
 
 

@@ -72,6 +72,13 @@ class ConsumerHandle:
         self._standby: _Spawned | None = None
         self._seq = itertools.count(1)
 
+    def _rt_priority(self) -> int:
+        """The real-time priority of this owner's consumerd: root's sessions'
+        only.  Another user's consumerd runs at normal priority: a user who
+        traces at full speed must not get real-time CPU on a shared machine
+        (docs/security.md)."""
+        return self.config.consumer_rt_priority if self.uid == 0 else 0
+
     def _credentials(self) -> Credentials | None:
         if os.geteuid() != 0 or self.uid == os.geteuid():
             return None
@@ -152,7 +159,7 @@ class ConsumerHandle:
         """Start a consumerd process (it then waits for requests)."""
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            proc = await self.zygote.spawn(child.fileno(), self._credentials(), self.config.consumer_rt_priority)
+            proc = await self.zygote.spawn(child.fileno(), self._credentials(), self._rt_priority())
         except OSError as exc:
             self.failure = f"cannot start consumerd for uid {self.uid}: {exc}"
             logger.error("%s", self.failure)

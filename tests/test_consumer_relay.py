@@ -18,7 +18,6 @@ writes is read back with ctf.read_trace (and the index with ctf.read_index).
 from __future__ import annotations
 
 import errno
-import os
 import shutil
 import subprocess
 import uuid
@@ -872,27 +871,3 @@ async def test_reconnect_backoff_starts_again_after_a_working_connection(mock_cl
     gaps = [b - a for a, b in zip(relay.opened, relay.opened[1:])]
     assert gaps == pytest.approx([0.1, 0.2, 0.4, 0.1])
 
-
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to take a real-time priority")
-def test_compression_threads_give_up_the_real_time_priority() -> None:
-    """consumerd's draining thread may run SCHED_RR (sessiond's
-    --consumer-rt-priority); a compression thread it starts inherits the
-    policy and must give it up: bulk work must not preempt the traced apps."""
-    import threading
-
-    import zstandard
-
-    from consumerd.net import _compress_all
-
-    seen: list[int] = []
-
-    def worker() -> None:
-        os.sched_setscheduler(0, os.SCHED_RR, os.sched_param(1))
-        out = _compress_all(zstandard.ZstdCompressor(level=1), [[b"header", memoryview(b"x" * 1000)]])
-        assert zstandard.ZstdDecompressor().decompress(out[0]) == b"header" + b"x" * 1000
-        seen.append(os.sched_getscheduler(0))
-
-    t = threading.Thread(target=worker)
-    t.start()
-    t.join()
-    assert seen == [os.SCHED_OTHER]

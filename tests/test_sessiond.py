@@ -364,6 +364,21 @@ def test_a_forked_consumerd_holds_no_descriptor_of_sessiond_or_the_zygote(tw: TW
     assert len([e for e in ctf.read_trace(str(out_dir)) if isinstance(e, ctf.Event)]) == 1000
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="only a root sessiond may grant a real-time priority")
+def test_root_sessions_consumerd_drains_at_real_time_priority(tw: TW, out_dir) -> None:
+    """Root's consumerds (the active one and the warm spare) run SCHED_RR at
+    --consumer-rt-priority (default 1), so that a busy machine cannot delay
+    the drain until the ring buffers overflow."""
+    tw.cli("create", "s", "--output", str(out_dir))
+    tw.cli("enable-event", "demo:*")
+    tw.cli("start")
+    _sd, _zygotes, consumers = _family(tw, time.monotonic() + 30)
+    assert len(consumers) == 2, consumers
+    for c in consumers:
+        assert os.sched_getscheduler(c) == os.SCHED_RR, c
+        assert os.sched_getparam(c).sched_priority == 1, c
+
+
 def test_a_dead_zygote_is_replaced_and_consumerd_still_restarts(tw: TW, out_dir) -> None:
     """The zygote SIGKILLed: sessiond reaps it and starts another (by exec)
     at once.  Then the active consumerd SIGKILLed: the warm spare takes
