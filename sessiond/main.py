@@ -54,10 +54,11 @@ def run(config: SessiondConfig) -> int:
               "before reporting what is still kept, unless the stop gives its own --timeout "
               "[env TRACEWIRE_SESSIOND_STOP_TIMEOUT].")
 @click.option("--consumer-rt-priority", type=click.IntRange(0, 99), default=1, show_default=True,
-              help="Real-time priority (SCHED_RR) of each consumerd's draining thread, so that a busy "
-              "machine cannot delay the drain until the ring buffers overflow; 0: normal scheduling. "
-              "Granted only when sessiond may (root, or RLIMIT_RTPRIO); otherwise consumerd runs "
-              "normally [env TRACEWIRE_SESSIOND_CONSUMER_RT_PRIORITY].")
+              help="Real-time priority (SCHED_RR) of the consumerd of root's sessions (draining and "
+              "compressing), so that a busy machine cannot delay the drain until the ring buffers "
+              "overflow; 0: normal scheduling. Other users' consumerds always run at normal priority, "
+              "as does every consumerd when sessiond may not grant it (not root) "
+              "[env TRACEWIRE_SESSIOND_CONSUMER_RT_PRIORITY].")
 @click.option("--log-level", default="INFO", show_default=True, help="Python logging level.")
 def main(rundir: str | None, stop_timeout: float, consumer_rt_priority: int, log_level: str) -> None:
     """Session daemon: the registry of tracing sessions.

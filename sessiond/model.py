@@ -57,8 +57,8 @@ class SessiondConfig:
     max_declared_per_uid: int = 16 * 1024 * 1024  # summed over the uid's connected apps
     max_metadata_per_uid: int = 16 * 1024 * 1024  # compressed metadata kept for the uid's traces
     register_timeout: float = 10.0  # a connection must register within this
-    # consumerd's main thread runs SCHED_RR at this priority (0: normal
-    # scheduling) when sessiond may grant it (see docs/design.md, "Why
+    # The consumerd of root's sessions runs SCHED_RR at this priority (0:
+    # normal scheduling) when sessiond may grant it (see docs/design.md, "Why
     # consumerd runs at a real-time priority").
     consumer_rt_priority: int = 1
 

@@ -200,8 +200,9 @@ def _rt_priority(msg: dict[str, Any]) -> int:
 def _realtime(prio: int) -> None:
     """Run this thread (consumerd's main thread, which drains the rings)
     SCHED_RR at ``prio``, if the process may (root, RLIMIT_RTPRIO); if not,
-    it keeps normal scheduling.  Threads it starts inherit the policy:
-    consumerd's compression threads give it up (consumerd/net.py)."""
+    it keeps normal scheduling.  Threads it starts inherit the policy
+    (consumerd's compression threads: compression is on the drain's
+    critical path).  sessiond asks for it for root's sessions only."""
     if prio <= 0:
         return
     try:
