@@ -48,7 +48,6 @@ on its own, as in tests) the first one is started that way too.
 
 from __future__ import annotations
 
-import array
 import ctypes
 import gc
 import importlib
@@ -63,7 +62,7 @@ from typing import Any, NoReturn
 import trio
 
 from tracewire.control import ControlError, close_fds, dumps, loads
-from tracewire.seqpacket import SeqPacket
+from tracewire.seqpacket import SeqPacket, received_fds
 
 __all__ = ["Child", "Credentials", "ForkedZygote", "Zygote", "fork_zygote", "preload", "zygote_main"]
 
@@ -160,12 +159,7 @@ def serve_zygote(sock: socket.socket, rundir: str) -> int:
             continue
         except OSError:
             return 0
-        fds: list[int] = []
-        for level, kind, cdata in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                a = array.array("i")
-                a.frombytes(cdata[: len(cdata) - len(cdata) % a.itemsize])
-                fds.extend(a)
+        fds = received_fds(ancdata)
         if not data and not fds:
             return 0
         try:

@@ -478,9 +478,9 @@ def test_two_tracepoints_one_stream(rig: Rig) -> None:
     ]
 
 
-def test_threads_emitting_at_once_lose_and_corrupt_nothing(rig: Rig) -> None:
-    tp = rig.declare("test:mt", {"thread": int, "i": int, "tag": str})
-    nthreads, per = 4, 5000
+def _emit_from_threads(tp: _tracer.Tracepoint, nthreads: int, per: int) -> None:
+    """``nthreads`` threads, released at once, each emitting ``per`` events
+    (thread, i, tag "t<thread>-<i>") on ``tp``."""
     start = threading.Barrier(nthreads)
 
     def work(t: int) -> None:
@@ -493,17 +493,25 @@ def test_threads_emitting_at_once_lose_and_corrupt_nothing(rig: Rig) -> None:
         th.start()
     for th in threads:
         th.join(60)
-    assert rig.producer.discarded == 0
-    evs = _events(rig.read())
+
+
+def _check_threads_events(r: Rig, nthreads: int, per: int) -> None:
+    """``r``'s stream holds every event of ``_emit_from_threads``, each
+    whole, each thread's in order, timestamps not going back; none discarded."""
+    assert r.producer.discarded == 0
+    evs = _events(r.read())
     assert len(evs) == nthreads * per
-    seen: dict[int, list[int]] = {t: [] for t in range(nthreads)}
-    for e in evs:
-        assert e.fields["tag"] == f"t{e.fields['thread']}-{e.fields['i']}"
-        seen[e.fields["thread"]].append(e.fields["i"])
+    assert all(e.fields["tag"] == f"t{e.fields['thread']}-{e.fields['i']}" for e in evs)
     for t in range(nthreads):
-        assert seen[t] == list(range(per))
+        assert [e.fields["i"] for e in evs if e.fields["thread"] == t] == list(range(per))
     ts = [e.timestamp for e in evs]
     assert ts == sorted(ts)
+
+
+def test_threads_emitting_at_once_lose_and_corrupt_nothing(rig: Rig) -> None:
+    tp = rig.declare("test:mt", {"thread": int, "i": int, "tag": str})
+    _emit_from_threads(tp, 4, 5000)
+    _check_threads_events(rig, 4, 5000)
 
 
 # The one-pack fast path: a layout with at most one variable-size field, whose
@@ -623,28 +631,9 @@ def test_threads_emitting_into_several_streams_lose_and_corrupt_nothing(rig: Rig
     other = _second_rig(rig, tp)
     try:
         tp.set_streams((rig.stream, other.stream))
-        nthreads, per = 4, 3000
-        start = threading.Barrier(nthreads)
-
-        def work(t: int) -> None:
-            start.wait()
-            for i in range(per):
-                tp.emit(thread=t, i=i, tag=f"t{t}-{i}")
-
-        threads = [threading.Thread(target=work, args=(t,)) for t in range(nthreads)]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join(60)
+        _emit_from_threads(tp, 4, 3000)
         for r in (rig, other):
-            assert r.producer.discarded == 0
-            evs = _events(r.read())
-            assert len(evs) == nthreads * per
-            assert all(e.fields["tag"] == f"t{e.fields['thread']}-{e.fields['i']}" for e in evs)
-            for t in range(nthreads):
-                assert [e.fields["i"] for e in evs if e.fields["thread"] == t] == list(range(per))
-            ts = [e.timestamp for e in evs]
-            assert ts == sorted(ts)
+            _check_threads_events(r, 4, 3000)
     finally:
         tp.set_streams(())
         other.close()

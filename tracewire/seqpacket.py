@@ -15,9 +15,21 @@ import trio
 
 from tracewire.control import MAX_CONTROL_MESSAGE, ControlError, close_fds, dumps, loads
 
-__all__ = ["SeqPacket", "DescriptorsTruncated", "MAX_FDS"]
+__all__ = ["SeqPacket", "DescriptorsTruncated", "MAX_FDS", "received_fds"]
 
 MAX_FDS = 8
+
+
+def received_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    """The descriptors an SCM_RIGHTS message of ``recvmsg`` carried (a
+    trailing partial int ignored): the caller owns them."""
+    fds: list[int] = []
+    for level, kind, cdata in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            a = array.array("i")
+            a.frombytes(cdata[: len(cdata) - len(cdata) % a.itemsize])
+            fds.extend(a)
+    return fds
 
 
 class DescriptorsTruncated(ControlError):
@@ -68,12 +80,7 @@ class SeqPacket:
         data, ancdata, flags, _ = await self.sock.recvmsg(
             self.limit + 1, socket.CMSG_SPACE(MAX_FDS * 4)
         )
-        fds: list[int] = []
-        for level, kind, cdata in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                a = array.array("i")
-                a.frombytes(cdata[: len(cdata) - len(cdata) % a.itemsize])
-                fds.extend(a)
+        fds = received_fds(ancdata)
         if not data and not fds:
             return None
         try:
