@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -71,6 +72,17 @@ def test_tiny_ring_local(tw: TW, out_dir: Path, blocking: str | None) -> None:
     assert counts == (EVENTS, 0, 0)
 
 
+def _check_all_arrived(tw: TW, relay: Relay, stop: subprocess.CompletedProcess[str]) -> None:
+    """After ``stop``, the relay holds every demo event once, none discarded,
+    for babeltrace2 and for tracewire.ctf alike."""
+    assert "DISCARDED" not in stop.stdout + stop.stderr
+    assert status_discarded(tw) == 0
+    check_once(bt2_seqs(relay.output), EVENTS, "babeltrace2")
+    seqs, lost = ctf_seqs(relay.output)
+    assert lost == 0
+    check_once(seqs, EVENTS, "ctf.read_trace")
+
+
 @needs_bt2
 def test_tiny_ring_through_a_relay_loses_nothing(tw: TW) -> None:
     d = Path(short_tmpdir("twblk"))
@@ -79,13 +91,7 @@ def test_tiny_ring_through_a_relay_loses_nothing(tw: TW) -> None:
         tw.env["TRACEWIRE_HOSTNAME"] = "blockhost"
         _session(tw, "--url", relay.url, blocking="inf")
         tw.demo("--events", str(EVENTS))
-        stop = tw.cli("stop")
-        assert "DISCARDED" not in stop.stdout + stop.stderr
-        assert status_discarded(tw) == 0
-        check_once(bt2_seqs(relay.output), EVENTS, "babeltrace2")
-        seqs, lost = ctf_seqs(relay.output)
-        assert lost == 0
-        check_once(seqs, EVENTS, "ctf.read_trace")
+        _check_all_arrived(tw, relay, tw.cli("stop"))
     finally:
         relay.stop()
         shutil.rmtree(d, ignore_errors=True)
@@ -114,13 +120,7 @@ def test_consumerd_killed_while_the_app_waits_loses_nothing(tw: TW) -> None:
         os.kill(killed, signal.SIGKILL)
         _rest, err = app.communicate(timeout=300)
         assert app.returncode == 0, err
-        stop = tw.cli("stop", timeout=120)
-        assert "DISCARDED" not in stop.stdout + stop.stderr
-        assert status_discarded(tw) == 0
-        check_once(bt2_seqs(relay.output), EVENTS, "babeltrace2")
-        seqs, lost = ctf_seqs(relay.output)
-        assert lost == 0
-        check_once(seqs, EVENTS, "ctf.read_trace")
+        _check_all_arrived(tw, relay, tw.cli("stop", timeout=120))
     finally:
         relay.stop()
         shutil.rmtree(d, ignore_errors=True)
