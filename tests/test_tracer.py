@@ -4,6 +4,7 @@ into a real ring buffer, decoded back with tracewire.ctf."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -14,6 +15,7 @@ import textwrap
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 
 import pytest
 
@@ -562,16 +564,20 @@ def test_packer_cache_is_bounded(rig: Rig) -> None:
     assert rig.producer.discarded == 0
 
 
-def _second_rig(rig: Rig, tp: _tracer.Tracepoint) -> Rig:
+@contextlib.contextmanager
+def _second_rig(rig: Rig, tp: _tracer.Tracepoint) -> Iterator[Rig]:
+    """A second ring buffer for ``tp``; closing it disables ``tp``."""
     other = Rig(start_ts=rig.start_ts)
     other.tps.append(tp)
-    return other
+    try:
+        yield other
+    finally:
+        other.close()
 
 
 def test_one_and_several_streams_get_the_same_events(rig: Rig) -> None:
     tp = rig.declare("test:multi", {"k": int, "s": str})
-    other = _second_rig(rig, tp)
-    try:
+    with _second_rig(rig, tp) as other:
         sets = [(rig.stream,), (rig.stream, other.stream), (other.stream,), (), (other.stream, rig.stream)]
         for phase, streams in enumerate(sets):
             tp.set_streams(streams)
@@ -581,15 +587,11 @@ def test_one_and_several_streams_get_the_same_events(rig: Rig) -> None:
         assert got[0] == [0, 1, 2, 10, 11, 12, 40, 41, 42]
         assert got[1] == [10, 11, 12, 20, 21, 22, 40, 41, 42]
         assert rig.producer.discarded == other.producer.discarded == 0
-    finally:
-        tp.set_streams(())
-        other.close()
 
 
 def test_several_streams_get_byte_identical_events(rig: Rig) -> None:
     tp = rig.declare("test:same", {"k": int, "s": str, "b": bytes})
-    other = _second_rig(rig, tp)
-    try:
+    with _second_rig(rig, tp) as other:
         tp.set_streams((rig.stream, other.stream))
         rig.clock(tp, [v for t in range(1, 41) for v in (rig.start_ts + t, rig.start_ts + t)])  # one per stream
         for k in range(20):
@@ -597,9 +599,6 @@ def test_several_streams_get_byte_identical_events(rig: Rig) -> None:
             tp.emit(k=-k, s="x" * 300, b=b"")
         assert rig.drain() == other.drain()
         assert len(_events(rig.read())) == 40
-    finally:
-        tp.set_streams(())
-        other.close()
 
 
 def test_a_one_stream_body_left_running_writes_nowhere_once_streams_are_gone(rig: Rig) -> None:
@@ -614,26 +613,18 @@ def test_a_one_stream_body_left_running_writes_nowhere_once_streams_are_gone(rig
 
 def test_a_one_stream_body_left_running_keeps_its_stream_when_another_is_added(rig: Rig) -> None:
     tp = rig.declare("test:grow", {"k": int})
-    other = _second_rig(rig, tp)
-    try:
+    with _second_rig(rig, tp) as other:
         tp.set_streams((rig.stream, other.stream))
         tp.emit.__code__ = tp._one_code  # an emitter that entered the one-stream body just before the change
         tp.emit(k=1)
         assert [e.fields["k"] for e in _events(rig.read())] == [1]
         assert _events(other.read()) == []
-    finally:
-        tp.set_streams(())
-        other.close()
 
 
 def test_threads_emitting_into_several_streams_lose_and_corrupt_nothing(rig: Rig) -> None:
     tp = rig.declare("test:mt2", {"thread": int, "i": int, "tag": str})
-    other = _second_rig(rig, tp)
-    try:
+    with _second_rig(rig, tp) as other:
         tp.set_streams((rig.stream, other.stream))
         _emit_from_threads(tp, 4, 3000)
         for r in (rig, other):
             _check_threads_events(r, 4, 3000)
-    finally:
-        tp.set_streams(())
-        other.close()
