@@ -83,6 +83,12 @@ class Ring:
         self.ts = start_ts
         self.seq = 0
 
+    def __enter__(self) -> Ring:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def close(self) -> None:
         self.p.close()
         self.c.close()  # closes the space pipe's write end
@@ -567,8 +573,7 @@ u64 = st.one_of(
 )
 def test_hostile_control_page_only_raises_ringbuffercorrupt(pre: int, writes, blocking: bool) -> None:
     # A blocking stream's cursor also reads the waiting word (announce, publish).
-    r = Ring(block_timeout=None if blocking else 0.0)
-    try:
+    with Ring(block_timeout=None if blocking else 0.0) as r:
         # Some honest traffic first, so that the cursor has state.
         for _ in range(pre):
             r.write(1500)
@@ -579,8 +584,6 @@ def test_hostile_control_page_only_raises_ringbuffercorrupt(pre: int, writes, bl
             _exercise_cursor(r.c)
         except RingBufferCorrupt:
             pass
-    finally:
-        r.close()
 
 
 def test_discarded_going_backwards_is_corrupt(ring: Ring) -> None:
@@ -822,8 +825,7 @@ def test_blocked_producer_proceeds_when_the_consumer_releases(monkeypatch: pytes
     # No periodic re-check to fall back on: only the consumer's wake-up can
     # end this wait.
     monkeypatch.setattr(rb, "RECHECK_S", 3600.0)
-    r = Ring(block_timeout=None)
-    try:
+    with Ring(block_timeout=None) as r:
         spy = r.p._poll = SpyPoll(r.space_r)
         _full(r)
         t, out = _write_in_thread(r, 100)
@@ -841,13 +843,10 @@ def test_blocked_producer_proceeds_when_the_consumer_releases(monkeypatch: pytes
         got = r.take(flush=True)
         assert [len(d) for d, *_ in got] == [USABLE] * (N - 1) + [100]
         assert got[-1][3] == 0
-    finally:
-        r.close()
 
 
 def test_finite_timeout_without_consumer_drops_and_counts() -> None:
-    r = Ring(block_timeout=0.01)
-    try:
+    with Ring(block_timeout=0.01) as r:
         _full(r)
         assert r.write(100) is None
         assert r.write(100) is None
@@ -857,8 +856,6 @@ def test_finite_timeout_without_consumer_drops_and_counts() -> None:
         got = r.take(flush=True)
         assert got[-1][3] == 2  # the trace reports both
         assert r.write(100) is not None  # room again: written, no wait needed
-    finally:
-        r.close()
 
 
 @pytest.mark.parametrize("blocking", [False, True])
@@ -887,8 +884,7 @@ def test_waiting_producer_nudges_a_restarted_consumer() -> None:
     closed sub-buffers went with it): its successor learns of them from the
     producer, which writes the eventfd when a re-check finds no room, and
     from the waiting word, which says how many it closed."""
-    r = Ring(block_timeout=None)
-    try:
+    with Ring(block_timeout=None) as r:
         _full(r)
         assert r.announce() == N - 1  # the consumer that dies took these
         space_w = r.c.space_fd
@@ -905,13 +901,10 @@ def test_waiting_producer_nudges_a_restarted_consumer() -> None:
         t.join(JOIN_S)
         assert not t.is_alive() and out[0] is not None
         assert r.p.discarded == 0
-    finally:
-        r.close()
 
 
 def test_cancel_wait_ends_a_wait_for_ever() -> None:
-    r = Ring(block_timeout=None)
-    try:
+    with Ring(block_timeout=None) as r:
         spy = r.p._poll = SpyPoll(r.space_r)
         _full(r)
         t, out = _write_in_thread(r, 100)
@@ -922,15 +915,12 @@ def test_cancel_wait_ends_a_wait_for_ever() -> None:
         assert out == [None] and r.p.discarded == 1
         assert r.write(100) is None  # cancelled for good: drops at once
         assert r.p.discarded == 2
-    finally:
-        r.close()
 
 
 def test_wait_ends_when_nobody_holds_the_ring_any_more() -> None:
     # Every write end closed (the session destroyed, its consumer gone):
     # the pipe's end of file ends an endless wait; discard mode from then on.
-    r = Ring(block_timeout=None)
-    try:
+    with Ring(block_timeout=None) as r:
         _full(r)
         os.close(r.c.space_fd)
         r.c.space_fd = -1
@@ -938,14 +928,11 @@ def test_wait_ends_when_nobody_holds_the_ring_any_more() -> None:
         assert r.p.block_timeout == 0
         assert r.write(100) is None
         assert r.p.discarded == 2
-    finally:
-        r.close()
 
 
 @pytest.mark.parametrize("waiting,wakes", [(0, 0), (1, 3), (S, 3), (2 * S, 2), (2**64 - 1, 0)])
 def test_hostile_waiting_word_costs_one_byte_per_release_at_most(waiting: int, wakes: int) -> None:
-    r = Ring(block_timeout=None)
-    try:
+    with Ring(block_timeout=None) as r:
         _poke(r.p.mm, OFF_WAITING, waiting)  # the app may write anything there
         for k in (1, 2, 3):
             r.c.publish(k * S, START_TS + k)
@@ -954,20 +941,15 @@ def test_hostile_waiting_word_costs_one_byte_per_release_at_most(waiting: int, w
         with contextlib.suppress(BlockingIOError):
             pending = os.read(r.space_r, 4096)
         assert len(pending) == wakes
-    finally:
-        r.close()
 
 
 def test_consumer_never_blocks_on_a_full_space_pipe() -> None:
-    r = Ring(block_timeout=None)
-    try:
+    with Ring(block_timeout=None) as r:
         _poke(r.p.mm, OFF_WAITING, 1)
         size = fcntl.fcntl(r.c.space_fd, fcntl.F_SETPIPE_SZ, 4096)
         for k in range(1, size + 100):  # more releases than the pipe holds bytes
             r.c.publish(k, START_TS)
         assert len(os.read(r.space_r, 2 * size)) == size
-    finally:
-        r.close()
 
 
 def test_producer_waits_across_processes_and_loses_nothing() -> None:
