@@ -726,20 +726,20 @@ class _ConsumerConnection:
                     logger.warning("%s: peer sent error %d: %r", self, event.code, event.text)
                     return
                 await self._dispatch(event)
-            # fsync mode: nothing is acknowledged before the sync anyway, so
-            # the batch grows until it is full or the sync is due (_acknowledge).
-            # Otherwise more bytes already there join the batch: one
-            # worker-thread call (and one Ack per stream) per batch, not per receive.
-            if not self.config.fsync or self.got_bye:
-                if self.batch and not self.got_bye and len(self.batch) < _MAX_BATCH_PACKETS \
-                        and self.batch_bytes < _MAX_BATCH_BYTES and self._receive_nowait():
-                    continue
-                await self._write_batch()
             if self.got_bye:
                 await self._settle()
                 await self._send(Bye())
                 logger.info("%s: bye", self)
                 return
+            # fsync mode: nothing is acknowledged before the sync anyway, so
+            # the batch grows until it is full or the sync is due (_acknowledge).
+            # Otherwise more bytes already there join the batch: one
+            # worker-thread call (and one Ack per stream) per batch, not per receive.
+            if not self.config.fsync:
+                if self.batch and len(self.batch) < _MAX_BATCH_PACKETS \
+                        and self.batch_bytes < _MAX_BATCH_BYTES and self._receive_nowait():
+                    continue
+                await self._write_batch()
             await self._acknowledge(sync=False)
             await self._receive_more()
 
@@ -790,8 +790,10 @@ class _ConsumerConnection:
                 raise RemoteProtocolError(ErrorCode.BAD_STATE, f"unexpected {type(msg).__name__}")
 
     async def _settle(self) -> None:
-        """Writes the batch, makes it durable (fsync mode) and acknowledges it."""
-        await self._write_batch()
+        """Writes the batch, makes it durable (fsync mode) and acknowledges it
+        (fsync mode: written and synced in one worker-thread call, by _acknowledge)."""
+        if not self.config.fsync:
+            await self._write_batch()
         await self._acknowledge(sync=True)
 
     async def _write_batch(self, *, sync: bool = False) -> None:
