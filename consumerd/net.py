@@ -516,23 +516,15 @@ class NetSession:
                 return False
             p: _Pending = item[1]
             outbox.popleft()
-            st = p.stream
-            if not st.sendable(p):
+            if not p.stream.sendable(p):
                 continue
-            ref = p.ref
-            assert ref is not None
             try:
-                head = conn.send_parts(wire.Packet(
-                    st.wire_id, p.seq, p.codec, p.raw_len, p.ts_begin, p.ts_end, p.events_discarded,
-                    p.raw_len * 8, p.raw_len * 8, p.seq, wire.OutOfBand(ref.length),
-                ))[0]
+                head = self._start_sending(conn, p)
             except wire.ProtocolError:
                 outbox.appendleft(item)  # the sender meets the error, and the connection ends
                 return False
-            if st.flow is _Flow.PROBING:
-                st.probe_sent = True
-            st.wire_bytes += len(head) + ref.length
-            job = _FileSend(head, ref)
+            assert p.ref is not None
+            job = _FileSend(head, p.ref)
             try:
                 done = job.push(raw)
             except OSError:
@@ -790,34 +782,43 @@ class NetSession:
             n += len(part)
         return n
 
-    async def _send_packet(self, stream: trio.abc.Stream, conn: wire.Connection, p: _Pending) -> int:
-        """Send a saved packet; returns the bytes sent.  A spooled one goes
-        from the spool file to a TCP socket with ``os.sendfile`` (the kernel
-        hands the file's pages to the socket: no copy in Python); over TLS,
-        or another stream, it is read back first."""
-        ref = p.ref
-        payload: wire.Buffer
-        if p.data is not None:
-            payload = p.data
-        else:
-            assert ref is not None
-            payload = wire.OutOfBand(ref.length)
+    def _start_sending(self, conn: wire.Connection, p: _Pending) -> bytes:
+        """The frame head of saved packet ``p``, which goes out now (its
+        payload follows: ``p.data``, or the spool's bytes); counts the bytes
+        and marks a probe sent.
+
+        Raises:
+            wire.ProtocolError: the connection may not send it.
+        """
+        st = p.stream
+        payload = p.data if p.data is not None else wire.OutOfBand(p.size)
         head = conn.send_parts(wire.Packet(
-            p.stream.wire_id, p.seq, p.codec, p.raw_len, p.ts_begin, p.ts_end,
+            st.wire_id, p.seq, p.codec, p.raw_len, p.ts_begin, p.ts_end,
             p.events_discarded, p.raw_len * 8, p.raw_len * 8, p.seq, payload,
         ))[0]
-        if ref is None or p.data is not None:
+        if st.flow is _Flow.PROBING:
+            st.probe_sent = True  # the relay takes seq retry_seq once more, once
+        st.wire_bytes += len(head) + p.size
+        return bytes(head)
+
+    async def _send_packet(self, stream: trio.abc.Stream, conn: wire.Connection, p: _Pending) -> None:
+        """Send a saved packet.  A spooled one goes from the spool file to a
+        TCP socket with ``os.sendfile`` (the kernel hands the file's pages to
+        the socket: no copy in Python); over TLS, or another stream, it is
+        read back first."""
+        head = self._start_sending(conn, p)
+        if p.data is not None:
             await stream.send_all(head)
             if p.size:
-                await stream.send_all(payload)
-            return len(head) + p.size
+                await stream.send_all(p.data)
+            return
+        assert p.ref is not None
         if self._raw is not None:
-            await _FileSend(head, ref).finish(self._raw)
+            await _FileSend(head, p.ref).finish(self._raw)
         else:
             await stream.send_all(head)
-            if ref.length:
-                await stream.send_all(ref.read())
-        return len(head) + ref.length
+            if p.size:
+                await stream.send_all(p.ref.read())
 
     async def _handshake(self, stream: trio.abc.Stream, conn: wire.Connection) -> None:
         key_id = self.auth[0] if self.auth else None
@@ -905,10 +906,11 @@ class NetSession:
             if burst >= _SEND_BURST:
                 burst = 0
                 await trio.lowlevel.checkpoint()  # let the drain loops and the reader run
-            if self._partial is not None and self._raw is not None:
-                await self._partial.finish(self._raw)  # what _pump() began
+            if self._partial is not None:  # what _pump() began: before anything else
+                assert self._raw is not None
+                await self._partial.finish(self._raw)
                 self._partial = None
-            while not self._outbox:
+            while not self._outbox and self._partial is None:
                 if self._sync_wanted and self.by_wire_id and not self._compressing():
                     self._sync_wanted = False  # see wait_all_acked
                     await self._send(stream, conn, wire.StreamStateRequest(max(self.by_wire_id)))
@@ -920,13 +922,12 @@ class NetSession:
                         await self._send_wakeup.wait()
                 finally:
                     self._sender_idle = False
-                if self._partial is not None and self._raw is not None:
-                    await self._partial.finish(self._raw)
-                    self._partial = None
-                if idle.cancelled_caught and self.by_wire_id:
+                if idle.cancelled_caught and self.by_wire_id and self._partial is None:
                     # Nothing to send for a while: ask where a stream stands,
                     # so the relay's idle timeout never drops a quiet session.
                     await self._send(stream, conn, wire.StreamStateRequest(max(self.by_wire_id)))
+            if self._partial is not None:
+                continue  # a packet _pump() began while we waited: finished first, at the top
             item = self._outbox.popleft()
             kind = item[0]
             if kind == "stream":
@@ -940,9 +941,7 @@ class NetSession:
                 p: _Pending = item[1]
                 if not p.stream.sendable(p):  # acknowledged, or its stream is held
                     continue
-                if p.stream.flow is _Flow.PROBING:
-                    p.stream.probe_sent = True  # the relay takes seq retry_seq once more, once
-                p.stream.wire_bytes += await self._send_packet(stream, conn, p)
+                await self._send_packet(stream, conn, p)
                 burst += 1
             elif kind == "metadata":
                 _, tr, start, end = item
