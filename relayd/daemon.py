@@ -818,8 +818,10 @@ class _ConsumerConnection:
             self.to_ack[st.decl.stream_id] = st
             if self.config.fsync and not sync:
                 self.unsynced[st.decl.stream_id] = st
-        if self.config.fsync and not sync and streams and self.sync_due is None:
-            self.sync_due = trio.current_time() + self.config.fsync_interval
+        if not self.unsynced:
+            # Nothing left to sync (the batch's streams may all have been
+            # taken over meanwhile): no sync is due, or _receive_more would spin.
+            self.sync_due = None
         self._failed(failed)
         self._failed(sync_failed)
         if self.server.faults:
