@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import subprocess
 import time
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from test_local_e2e import bt2_python_counts, read_back, status_discarded, stream_files
-from test_relay_e2e import (
+from test_relay_e2e import (  # noqa: F401  (relayd: a fixture)
     Relay,
     bt2_seqs,
     check_once,
@@ -29,10 +28,11 @@ from test_relay_e2e import (
     ctf_seqs,
     demo_with_consumerd_stopped,
     needs_bt2,
+    relayd,
     socket_closed_port,
 )
 
-from conftest import TW, short_tmpdir
+from conftest import TW
 
 EVENTS = 50_000
 TINY = ["--subbuf-size", "4k", "--num-subbuf", "2"]
@@ -84,46 +84,36 @@ def _check_all_arrived(tw: TW, relay: Relay, stop: subprocess.CompletedProcess[s
 
 
 @needs_bt2
-def test_tiny_ring_through_a_relay_loses_nothing(tw: TW) -> None:
-    d = Path(short_tmpdir("twblk"))
-    relay = Relay(d / "out", d / "relayd.log").start()
-    try:
-        tw.env["TRACEWIRE_HOSTNAME"] = "blockhost"
-        _session(tw, "--url", relay.url, blocking="inf")
-        tw.demo("--events", str(EVENTS))
-        _check_all_arrived(tw, relay, tw.cli("stop"))
-    finally:
-        relay.stop()
-        shutil.rmtree(d, ignore_errors=True)
+def test_tiny_ring_through_a_relay_loses_nothing(tw: TW, relayd) -> None:  # noqa: F811
+    relay = relayd()
+    tw.env["TRACEWIRE_HOSTNAME"] = "blockhost"
+    _session(tw, "--url", relay.url, blocking="inf")
+    tw.demo("--events", str(EVENTS))
+    _check_all_arrived(tw, relay, tw.cli("stop"))
 
 
 @needs_bt2
-def test_consumerd_killed_while_the_app_waits_loses_nothing(tw: TW) -> None:
+def test_consumerd_killed_while_the_app_waits_loses_nothing(tw: TW, relayd) -> None:  # noqa: F811
     """SIGKILL consumerd while the app streams at full speed into the tiny
     ring with --blocking-timeout inf: the app waits for the consumerd
     sessiond starts in its place (given the pipe again), which drains the
     ring; every event arrives once, none discarded."""
-    d = Path(short_tmpdir("twblk"))
-    relay = Relay(d / "out", d / "relayd.log").start()
-    try:
-        tw.env["TRACEWIRE_HOSTNAME"] = "killhost"
-        _session(tw, "--url", relay.url, blocking="inf")
-        app = tw.demo_popen("--events", str(EVENTS), "--progress-every", "1000")
-        assert app.stdout is not None
-        for line in app.stdout:
-            m = re.fullmatch(r"emitted (\d+)\n", line)
-            if m and int(m.group(1)) >= EVENTS // 3:
-                break
-        else:
-            pytest.fail("the app ended before consumerd could be killed")
-        killed = consumerd_pid(tw)
-        os.kill(killed, signal.SIGKILL)
-        _rest, err = app.communicate(timeout=300)
-        assert app.returncode == 0, err
-        _check_all_arrived(tw, relay, tw.cli("stop", timeout=120))
-    finally:
-        relay.stop()
-        shutil.rmtree(d, ignore_errors=True)
+    relay = relayd()
+    tw.env["TRACEWIRE_HOSTNAME"] = "killhost"
+    _session(tw, "--url", relay.url, blocking="inf")
+    app = tw.demo_popen("--events", str(EVENTS), "--progress-every", "1000")
+    assert app.stdout is not None
+    for line in app.stdout:
+        m = re.fullmatch(r"emitted (\d+)\n", line)
+        if m and int(m.group(1)) >= EVENTS // 3:
+            break
+    else:
+        pytest.fail("the app ended before consumerd could be killed")
+    killed = consumerd_pid(tw)
+    os.kill(killed, signal.SIGKILL)
+    _rest, err = app.communicate(timeout=300)
+    assert app.returncode == 0, err
+    _check_all_arrived(tw, relay, tw.cli("stop", timeout=120))
 
 
 def _blocked_for_good(tw: TW, pid: int) -> bool:
