@@ -67,7 +67,7 @@ from typing import Any
 
 import trio
 
-from consumerd.spool import Spool, SpoolRecord, SpoolRef
+from consumerd.spool import Spool, SpoolRecord, SpoolRef, parts_size
 from tracewire import wire
 from tracewire.ops import DEFAULT_COMPRESS_LEVEL, DEFAULT_SPOOL_SIZE, RelayState
 from tracewire.url import RelayURL
@@ -88,10 +88,6 @@ def _compress_all(cctx: Any, packets: list[list[wire.Buffer]]) -> list[bytes]:
     goes back only once it is compressed and spooled, so compression is on
     the drain's critical path.)"""
     return [cctx.compress(b"".join(parts)) for parts in packets]
-
-
-def _size(parts: Sequence[wire.Buffer]) -> int:
-    return sum(p.nbytes if isinstance(p, memoryview) else len(p) for p in parts)
 
 
 # Packets sent back to back on a TCP socket before the sender yields to the
@@ -460,7 +456,7 @@ class NetSession:
         """
         st = self.streams[key]
         parts = [raw] if isinstance(raw, bytes | bytearray | memoryview) else list(raw)
-        size = _size(parts)
+        size = parts_size(parts)
         p = _Pending(next(self._order), st, seq, size, ts_begin, ts_end, discarded, parts, ring_end)
         st.unacked.append(p)
         st.packets += 1

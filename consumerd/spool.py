@@ -57,14 +57,13 @@ from dataclasses import dataclass
 
 from tracewire.wire import Buffer
 
-__all__ = ["Spool", "SpoolRecord", "SpoolRef"]
+__all__ = ["Spool", "SpoolRecord", "SpoolRef", "parts_size"]
 
 _SEG = struct.Struct("<IIQ")
 _SEG_MAGIC = 0x50535754  # "TWSP"
 _SEG_VERSION = 2
 _REC = struct.Struct("<IIQQQQQQII")
 MAX_RECORD_DATA = 256 * 1024 * 1024
-_LOAD_READ = 64 * 1024  # bytes read at a time while loading
 
 
 @dataclass(slots=True)
@@ -82,16 +81,21 @@ class SpoolRecord:
     ref: SpoolRef
 
 
+def parts_size(parts: Sequence[Buffer]) -> int:
+    """The bytes of ``parts`` (bytes-like objects) back to back."""
+    return sum(p.nbytes if isinstance(p, memoryview) else len(p) for p in parts)
+
+
 class _Segment:
     """One segment file of a stream: its open fd, generation, size (the end
-    of its last record), first and last seq (-1: empty) and name number."""
+    of its last record) and last seq (-1: empty)."""
 
-    __slots__ = ("path", "number", "fd", "gen", "size", "first_seq", "last_seq", "closed")
+    __slots__ = ("path", "fd", "gen", "size", "last_seq", "closed")
 
-    def __init__(self, path: str, number: int, fd: int, gen: int) -> None:
-        self.path, self.number, self.fd, self.gen = path, number, fd, gen
+    def __init__(self, path: str, fd: int, gen: int) -> None:
+        self.path, self.fd, self.gen = path, fd, gen
         self.size = _SEG.size
-        self.first_seq = self.last_seq = -1
+        self.last_seq = -1
         self.closed = False
 
     def start(self, gen: int) -> None:
@@ -101,7 +105,7 @@ class _Segment:
             OSError: the header could not be written.
         """
         os.pwrite(self.fd, _SEG.pack(_SEG_MAGIC, _SEG_VERSION, gen), 0)
-        self.gen, self.size, self.first_seq, self.last_seq = gen, _SEG.size, -1, -1
+        self.gen, self.size, self.last_seq = gen, _SEG.size, -1
 
     def close(self) -> None:
         if not self.closed:
@@ -174,7 +178,7 @@ class Spool:
         for number in numbers:
             path = os.path.join(self.directory, f"{key}.{number}")
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-            seg = _Segment(path, number, fd, 0)
+            seg = _Segment(path, fd, 0)
             try:
                 recs = self._read_segment(seg)
             except BaseException:
@@ -234,7 +238,7 @@ class Spool:
             off += _REC.size + n
         seg.size = off
         if out:
-            seg.first_seq, seg.last_seq = out[0].seq, out[-1].seq
+            seg.last_seq = out[-1].seq
         return out
 
     # ------------------------------------------------------------ writing
@@ -247,7 +251,7 @@ class Spool:
             OSError: the write failed (disk full): the record is not kept.
         """
         seg = self._writable(key)
-        n = sum(len(p) if not isinstance(p, memoryview) else p.nbytes for p in parts)
+        n = parts_size(parts)
         data_off = seg.size + _REC.size
         # The data first, then the header that makes it a record.
         written = os.pwritev(seg.fd, parts, data_off) if n else 0
@@ -259,8 +263,6 @@ class Spool:
             raise OSError(f"short write to spool {seg.path}")
         total = _REC.size + n
         seg.size += total
-        if seg.first_seq < 0:
-            seg.first_seq = seq
         seg.last_seq = seq
         self.size += total
         return SpoolRecord(seq, ts_begin, ts_end, events_discarded, ring_end, raw_len, codec,
@@ -283,7 +285,7 @@ class Spool:
             self._numbers[key] = number + 1
             path = os.path.join(self.directory, f"{key}.{number}")
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            seg = _Segment(path, number, fd, 0)
+            seg = _Segment(path, fd, 0)
             try:
                 seg.start(1)
             except BaseException:
