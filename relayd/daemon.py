@@ -826,7 +826,7 @@ class _ConsumerConnection:
         self._failed(sync_failed)
         if self.server.faults:
             for st in streams:
-                if st not in failed:
+                if st not in failed and st not in sync_failed:
                     self.server.written(st.path)
 
     def _failed(self, failed: Mapping[_OpenStream, OSError]) -> None:
