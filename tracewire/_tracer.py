@@ -301,21 +301,15 @@ class Tracepoint:
         self.id = tp_id
         self.name = name
         self.fields = fields
-        lead_fmt = "".join(_FIXED[t] for _, t in _lead(fields))
-        hdr_fmt = "<I" if tp_id <= _COMPACT_MAX_ID else "<IIQ"
-        # The fast path's struct format: header and every field; a variable
-        # field's part depends on its length (``_packer``).
-        self._fmt_head = hdr_fmt
-        self._fmt_var = ""
-        self._fmt_tail = ""
-        for _name, t in fields:
-            if t in _FIXED:
-                if self._fmt_var:
-                    self._fmt_tail += _FIXED[t]
-                else:
-                    self._fmt_head += _FIXED[t]
-            else:
-                self._fmt_var = t
+        lead = _lead(fields)
+        lead_fmt = "".join(_FIXED[t] for _, t in lead)
+        rest = fields[len(lead):]
+        # The fast path's struct format (at most one variable field): header
+        # and every field; the variable field's part depends on its length
+        # (``_packer``).
+        self._fmt_head = ("<I" if tp_id <= _COMPACT_MAX_ID else "<IIQ") + lead_fmt
+        self._fmt_var = rest[0][1] if rest else ""
+        self._fmt_tail = "".join(_FIXED[t] for _, t in rest[1:] if t in _FIXED)
         self._packers: dict[int, Callable[..., None]] = {}
         self._detached = _Detached()
         self.globals: dict[str, Any] = {
