@@ -667,11 +667,13 @@ def _zstd_own_cpu(out: str, level: int = 1) -> float:
 
 
 def relay_run(tag: str, compress: str, payload: int, events: int, count: bool, root: str = "/tmp",
-              memory: bool = False) -> dict:
+              memory: bool = False, channel: tuple[str, ...] | None = None) -> dict:
     """One streaming run on loopback, each with its own relay, run directory
     and sessiond (all killed after), under ``root``.  ``memory``: also the
     peak PSS and RSS of sessiond and its children (consumerd, the warm spare)
-    over the run, sampled every 0.25 s."""
+    over the run, sampled every 0.25 s.  ``channel``: the events go to a
+    channel ``c`` made with these enable-channel options (None: the default
+    channel)."""
     from tracewire.cli import Client
     from tracewire.ops import StatusRequest
 
@@ -683,7 +685,9 @@ def relay_run(tag: str, compress: str, payload: int, events: int, count: bool, r
         d = Daemons(root)
         level = ["--compress-level", "1"] if compress == "zstd" else []
         d.cli("create", tag, "--url", f"tw://127.0.0.1:{relay.port}", "--compress", compress, *level)
-        d.cli("enable-event", "demo:*", "-s", tag)
+        if channel is not None:
+            d.cli("enable-channel", "c", "-s", tag, *channel)
+        d.cli("enable-event", "demo:*", "-s", tag, *(("-c", "c") if channel is not None else ()))
         d.cli("start", tag)
         consumerd = _consumerd_pid(d)
         if memory:
@@ -768,34 +772,13 @@ BLOCKING_RING = ("--subbuf-size", "4k", "--num-subbuf", "2")  # the tiny ring of
 
 def blocking_run(tag: str, blocking: str | None, ring: tuple[str, ...], payload: int, events: int,
                  root: str = "/tmp") -> dict:
-    """One run through a loopback relay (zstd level 1) into a channel of
-    geometry ``ring`` (enable-channel options), with ``--blocking-timeout
-    BLOCKING`` (None: the default, discard mode); its own relay, run
-    directory and sessiond, killed after."""
-    work = tempfile.mkdtemp(prefix="twbb", dir=root)
-    relay = d = None
-    try:
-        relay = Relay(os.path.join(work, "relay"), os.path.join(work, "relayd.log"))
-        d = Daemons(root)
-        d.cli("create", tag, "--url", f"tw://127.0.0.1:{relay.port}", "--compress", "zstd",
-              "--compress-level", "1")
-        extra = ("--blocking-timeout", blocking) if blocking is not None else ()
-        d.cli("enable-channel", "c", "-s", tag, *ring, *extra)
-        d.cli("enable-event", "demo:*", "-s", tag, "-c", "c")
-        d.cli("start", tag)
-        consumerd = _consumerd_pid(d)
-        c0 = _cpu_s(consumerd)
-        t0 = time.perf_counter()
-        text = d.demo("--events", str(events), "--payload-bytes", str(payload))
-        d.cli("stop", tag)
-        t1 = time.perf_counter()
-        c1 = _cpu_s(consumerd)
-        read, _bt_discarded = _bt_count(relay.out)
-        raw = _stream_bytes(relay.out)
-        return {"mbps": raw / 1e6 / (t1 - t0), "lost": events - read, "app": _emitted(text),
-                "ccpu": (c1 - c0) / (raw / 1e9) if raw else 0.0}
-    finally:
-        _tear_down(None, d, relay, work)
+    """One ``relay_run`` (zstd level 1) into a channel of geometry ``ring``
+    (enable-channel options), with ``--blocking-timeout BLOCKING`` (None:
+    the default, discard mode)."""
+    extra = ("--blocking-timeout", blocking) if blocking is not None else ()
+    r = relay_run(tag, "zstd", payload, events, True, root, channel=(*ring, *extra))
+    return {"mbps": r["raw"] / 1e6 / r["seconds"], "lost": events - r["read"], "app": r["app"],
+            "ccpu": r["consumerd_cpu"] / (r["raw"] / 1e9) if r["raw"] else 0.0}
 
 
 def bench_blocking(events: int, repeat: int, want, payload: int = 256) -> None:
