@@ -33,9 +33,12 @@ offset type       writer      meaning
 56     u64        consumer    timestamp_end of the last released chunk
 64     u64        producer    waiting: 0, or the ``consumed`` position a
                               producer of a blocking channel waits for
-72+24k u64 x 3    producer    slot k, for the sub-buffer that last closed
-                              in slot k: (ts_end, discarded, virtual end);
-                              end all-ones = never closed
+72     u64        sessiond    flags: bit 0 = overwrite mode
+80+32k u64 x 4    producer    slot k, for the sub-buffer last opened in
+                              slot k: (ts_end, discarded, end, ts_begin);
+                              end = ``OPEN | j`` while sub-buffer j is
+                              written, its virtual end once it closed;
+                              all-ones = never used
 ====== ========== =========== =============================================
 
 Producer (``Producer.reserve``): an event that does not fit in the current
@@ -45,8 +48,21 @@ took the dropped event's timestamp (discard mode).  Closing writes the slot --
 ``ts_end`` (the time of the switch: the event that caused it, or the latest
 drop), a snapshot of ``discarded``, then ``end`` -- and signals the eventfd
 once, as lttng-ust writes ``timestamp_end`` and ``events_discarded`` into a
-sub-buffer's header when it switches out of it.  After every event the
-producer publishes ``ts``, then ``head``.
+sub-buffer's header when it switches out of it.  *Opening* the next
+sub-buffer j stores its ``ts_begin`` (the close's time), then ``end = OPEN |
+j``, before any byte of it is written: whoever copied the slot's previous
+sub-buffer (a snapshot) sees, when it reads ``end`` again, that the copy may
+be torn (``SnapshotReader``).  After every event the producer publishes
+``ts``, then ``head``.
+
+Overwrite channels (``flags`` bit 0, written by sessiond): the producer never
+waits for ``consumed`` -- it opens the next sub-buffer over whatever the slot
+held, so the ring always holds the newest ``N`` sub-buffers and the app never
+drops an event for want of room.  Nothing drains such a ring while tracing
+(they exist in snapshot sessions only); ``SnapshotReader`` copies it on
+demand, keeping only the sub-buffers whose slot still names the same
+sub-buffer after the copy.  Packet sequence numbers (sub-buffer number + 1)
+tell a reader how many older packets were overwritten.
 
 Blocking channels (``--blocking-timeout``): when the next sub-buffer is not
 consumed yet, a producer given a *space fd* (the read end of a pipe whose
@@ -108,10 +124,13 @@ __all__ = [
     "Chunk",
     "FlushLimit",
     "MemoryBarrier",
+    "SnapPacket",
+    "Snapshot",
+    "read_snapshot",
 ]
 
 RB_MAGIC = 0x54575242  # "TWRB"
-RB_VERSION = 3
+RB_VERSION = 4
 PACKET_HEADER_SIZE = 84
 MIN_SUBBUF_SIZE = 4096
 MAX_SUBBUF_SIZE = 64 * 1024 * 1024
@@ -126,6 +145,7 @@ MAX_NUM_SUBBUF = 1024
 # "<Q" is packed byte by byte besides.  The buffer never leaves the machine,
 # so native byte order is the right one.
 _HDR = struct.Struct("IIII")
+_FLAGS = struct.Struct("Q")
 Q_TS = 2  # producer: latest ts handed out (event or drop); stored *before* Q_HEAD / Q_DISCARDED
 Q_HEAD = 3  # producer: virtual end of the last whole event
 Q_DISCARDED = 4  # producer: events discarded so far
@@ -133,11 +153,15 @@ Q_CONSUMED = 5  # consumer
 Q_START = 6  # sessiond: stream start timestamp
 Q_CONSUMED_TS = 7  # consumer: timestamp_end of the last chunk released
 Q_WAITING = 8  # producer: 0, or the consumed position a blocked producer waits for
-Q_SLOTS = 9  # slot k: q[9+3k] = ts_end, q[10+3k] = discarded (both stored first), q[11+3k] = end
-SLOT_WORDS = 3
-SLOT_TS, SLOT_DISCARDED, SLOT_END = 0, 1, 2
+Q_FLAGS = 9  # sessiond: FLAG_OVERWRITE
+Q_SLOTS = 10  # slot k: q[10+4k] = ts_end, q[11+4k] = discarded (both stored first), q[12+4k] = end,
+#               q[13+4k] = ts_begin (stored before end = OPEN | j)
+SLOT_WORDS = 4
+SLOT_TS, SLOT_DISCARDED, SLOT_END, SLOT_BEGIN = 0, 1, 2, 3
 OFF_SLOTS = 8 * Q_SLOTS
 NEVER = 0xFFFFFFFFFFFFFFFF
+OPEN = 1 << 63  # slot end = OPEN | j: sub-buffer j is being written
+FLAG_OVERWRITE = 1
 # A blocked producer re-reads ``consumed`` at least this often (seconds),
 # woken or not: the bound on a missed wake-up (a consumer that died, or a
 # store and a load the CPU reordered: docs/design.md) and on how long a
@@ -162,6 +186,7 @@ class BufferSpec:
 
     subbuf_size: int
     num_subbuf: int
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         """Check the geometry (see the class docstring)."""
@@ -221,11 +246,16 @@ def create_buffer(spec: BufferSpec, start_ts: int, name: str = "tracewire-rb") -
             q[Q_TS] = start_ts
             q[Q_HEAD] = 0
             q[Q_START] = start_ts
+            q[Q_FLAGS] = FLAG_OVERWRITE if spec.overwrite else 0
             for k in range(spec.num_subbuf):
                 base = Q_SLOTS + SLOT_WORDS * k
                 q[base + SLOT_TS] = 0
                 q[base + SLOT_DISCARDED] = 0
                 q[base + SLOT_END] = NEVER
+                q[base + SLOT_BEGIN] = 0
+            # Sub-buffer 0 is open from the start.
+            q[Q_SLOTS + SLOT_BEGIN] = start_ts
+            q[Q_SLOTS + SLOT_END] = OPEN
             q.release()
     except BaseException:
         os.close(fd)
@@ -255,10 +285,11 @@ def map_buffer(fd: int, expected: BufferSpec | None = None) -> tuple[mmap.mmap, 
         if magic != RB_MAGIC or version != RB_VERSION:
             raise RingBufferCorrupt(f"bad ring buffer magic/version {magic:#x}/{version}")
         try:
-            spec = BufferSpec(s, n)
+            (flags,) = _FLAGS.unpack_from(m, 8 * Q_FLAGS)
+            spec = BufferSpec(s, n, bool(flags & FLAG_OVERWRITE))
         except ValueError as exc:
             raise RingBufferCorrupt(str(exc)) from None
-        if expected is not None and spec != expected:
+        if expected is not None and (s, n) != (expected.subbuf_size, expected.num_subbuf):
             raise RingBufferCorrupt(f"geometry {spec} differs from the declared {expected}")
         if spec.total_size != size:
             raise RingBufferCorrupt(f"size {size} does not match geometry {spec}")
@@ -351,7 +382,9 @@ class Producer:
         self.last_ts = self.q[Q_START]
         self.high_ts = self.q[Q_TS]
         self.discarded = self.q[Q_DISCARDED]
-        self._released_upto = 0
+        # An overwrite channel never waits for the consumer: the room check
+        # in _switch can never fail (no cost on the fast path).
+        self._released_upto = NEVER if self.spec.overwrite else 0
         self.space_fd = space_fd
         self.block_timeout = block_timeout if space_fd >= 0 else 0.0
         self.cancelled = False
@@ -396,6 +429,13 @@ class Producer:
                 self.drop(1, ts)
                 return -1
         self.close_current(ts)
+        # Open sub-buffer nxt: its begin time, then the mark that tells a
+        # snapshot copying the slot's previous sub-buffer that its copy may
+        # be torn -- both before the first byte of it is written.
+        k = Q_SLOTS + SLOT_WORDS * (nxt % self._N)
+        q = self.q
+        q[k + SLOT_BEGIN] = self.high_ts
+        q[k + SLOT_END] = OPEN | nxt
         self.sb_index = nxt
         self.pos = nxt * S
         self.sb_end = self.pos + S - PACKET_HEADER_SIZE
@@ -875,6 +915,168 @@ class ConsumerCursor:
         self.q.release()
         self.view.release()
         self.mm.close()
+
+
+class SnapPacket(NamedTuple):
+    """One sub-buffer copied out of a ring by ``read_snapshot``: its whole
+    events (a closed sub-buffer's, or the open one's up to ``head``)."""
+
+    subbuf: int  # the sub-buffer's number j; as a packet its seq is j + 1
+    data: bytes
+    ts_begin: int
+    ts_end: int
+    discarded: int
+
+
+class Snapshot(NamedTuple):
+    """What ``read_snapshot`` copied from one ring.
+
+    Attributes:
+        packets: the sub-buffers kept, oldest first, each a whole packet.
+        torn: sub-buffers overwritten while they were copied: left out.
+        skipped: older sub-buffers left out to stay within ``max_bytes``.
+        corrupt: why control values the layout forbids were ignored, or None.
+    """
+
+    packets: list[SnapPacket]
+    torn: int
+    skipped: int
+    corrupt: str | None
+
+
+def _slot_lap(end: int, k: int, S: int, N: int) -> tuple[int, bool] | None:
+    """(sub-buffer number, closed?) that slot ``k``'s end word names, or None
+    for a slot never used or a value the layout forbids."""
+    if end == NEVER:
+        return None
+    if end & OPEN:
+        j = end & ~OPEN
+        return (j, False) if j % N == k else None
+    j = end // S
+    if j % N != k or end - j * S > S - PACKET_HEADER_SIZE:
+        return None
+    return j, True
+
+
+def read_snapshot(view: memoryview, q: memoryview, spec: BufferSpec,
+                  barrier: Callable[[], None] | None = None, max_bytes: int | None = None) -> Snapshot:
+    """Copy the newest whole sub-buffers of a ring that a producer may be
+    writing right now, leaving out every copy it may have torn.
+
+    Reads nothing the consumer owns and writes nothing: a snapshot can run
+    beside a consumer, any number of times.  Steps (docs/design.md, "The
+    snapshot read"):
+
+    1. a consistent (ts, head, discarded) of the open sub-buffer, as a
+       flush takes it (``barrier`` between head and the counter);
+    2. every slot's ``end`` word: the sub-buffer each slot holds, closed
+       (its virtual end) or open (``OPEN | j``); the highest is the newest;
+    3. ``barrier``, then, newest first, each sub-buffer's control words and
+       bytes are copied -- a closed one whole, the open one up to ``head``
+       -- until ``max_bytes`` (packet headers included) is reached;
+    4. ``barrier`` once, then each copied slot's ``end`` word again: a slot
+       that now names a later sub-buffer was reopened (and maybe written)
+       during the copy, so that copy is dropped (``torn``), and so is every
+       older one (the producer reopens slots oldest first).  The producer
+       stores the mark before the first byte of the new sub-buffer, so a
+       copy that holds any such byte sees the mark on this second read.
+       (Each copy is also checked at once, without the barrier, only to
+       stop early.)
+
+    Every producer-written value is bounded before use: a hostile app can
+    spoil only its own snapshot, never make this read outside the ring.
+
+    Args:
+        view: the whole ring's mapping.
+        q: the same mapping cast to "Q".
+        spec: its geometry.
+        barrier: a ``MemoryBarrier`` (needed on weakly ordered CPUs).
+        max_bytes: keep at most this many packet bytes (None: no limit).
+    """
+    S, N = spec.subbuf_size, spec.num_subbuf
+    ctrl = spec.ctrl_size
+    fence = barrier if barrier is not None else (lambda: None)
+    corrupt: str | None = None
+    # 1. The open sub-buffer's limit.
+    limit: FlushLimit | None = None
+    for _ in range(16):
+        t1 = q[Q_TS]
+        head = q[Q_HEAD]
+        fence()
+        discarded = q[Q_DISCARDED]
+        if q[Q_TS] == t1:
+            limit = FlushLimit(head, t1, discarded)
+            break
+    # 2. What each slot holds.
+    base = [Q_SLOTS + SLOT_WORDS * k for k in range(N)]
+    ends = [q[b + SLOT_END] for b in base]
+    laps: dict[int, tuple[int, bool, int]] = {}  # j -> (k, closed, end word)
+    for k, end in enumerate(ends):
+        lap = _slot_lap(end, k, S, N)
+        if lap is None:
+            if end != NEVER:
+                corrupt = f"slot {k} holds {end:#x}"
+            continue
+        laps[lap[0]] = (k, lap[1], end)
+    if not laps:
+        return Snapshot([], 0, 0, corrupt)
+    newest = max(laps)
+    fence()
+    # 3. and 4. Copy, newest first, and check each copy; the producer
+    # reopens slots oldest first, so the first torn copy ends the run.
+    kept: list[SnapPacket] = []
+    used = skipped = torn = 0
+    for j in range(newest, max(newest - N, -1), -1):
+        got = laps.get(j)
+        if got is None:
+            continue
+        k, closed, end = got
+        b = base[k]
+        lo = j * S
+        if closed:
+            ts_end, disc = q[b + SLOT_TS], q[b + SLOT_DISCARDED]
+        elif limit is not None and limit.head // S == j and lo < limit.head <= lo + S - PACKET_HEADER_SIZE:
+            end, ts_end, disc = limit.head, limit.ts, limit.discarded
+        else:
+            continue  # the open sub-buffer holds no whole event (or head moved on)
+        begin = q[b + SLOT_BEGIN]
+        size = end - lo
+        if size <= 0:
+            continue
+        if max_bytes is not None and used + size + PACKET_HEADER_SIZE > max_bytes:
+            skipped = sum(1 for i in laps if i <= j)
+            break
+        off = ctrl + k * S
+        data = bytes(view[off : off + size])
+        lap = _slot_lap(q[b + SLOT_END], k, S, N)
+        if lap is None or lap[0] != j:
+            torn = sum(1 for i in laps if i <= j)  # reopened already: stop early
+            break
+        kept.append(SnapPacket(j, data, begin, ts_end, disc))
+        used += size + PACKET_HEADER_SIZE
+    # The definitive check, after one barrier for all the copies (on weakly
+    # ordered CPUs the barrier is membarrier(2), which can take milliseconds).
+    fence()
+    for i, pkt in enumerate(kept):
+        k = pkt.subbuf % N
+        lap = _slot_lap(q[base[k] + SLOT_END], k, S, N)
+        if lap is None or lap[0] != pkt.subbuf:
+            torn += len(kept) - i
+            del kept[i:]
+            break
+    kept.reverse()
+    # Times and counts must never go back (a hostile producer's would make
+    # a reader refuse the trace): keep the newest run where they do not.
+    first = len(kept) - 1
+    while first > 0:
+        a, b2 = kept[first - 1], kept[first]
+        if not (a.ts_begin <= a.ts_end <= b2.ts_begin and a.discarded <= b2.discarded):
+            corrupt = corrupt or f"sub-buffer {a.subbuf}: timestamps or counts go back"
+            break
+        first -= 1
+    if kept and kept[-1].ts_begin > kept[-1].ts_end:
+        return Snapshot([], torn, skipped, f"sub-buffer {kept[-1].subbuf} ends before it begins")
+    return Snapshot(kept[first:] if kept else [], torn, skipped, corrupt)
 
 
 # membarrier(2) commands; see docs/design.md, "Ordering on weakly ordered CPUs".
