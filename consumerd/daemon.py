@@ -54,6 +54,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from consumerd import snapshot
 from consumerd.sinks import SessionSink, SinkError, StreamSink, open_sink
 from tracewire import ctf
 from tracewire.control import ControlError, close_fds
@@ -74,6 +75,7 @@ from tracewire.ops import (
     RemoveSessionOp,
     Reply,
     SessionOp,
+    SnapshotOp,
     StatusOp,
     StreamsReply,
     StreamStats,
@@ -109,10 +111,12 @@ _REFUSALS = (RequestError, InvalidName, SinkError, OSError)
 
 @dataclass
 class SessionOut:
-    """A declared session and its sink."""
+    """A declared session and its sink (a snapshot session's holds nothing:
+    each snapshot opens its own)."""
 
     name: str
     sink: SessionSink
+    op: SessionOp
 
 
 @dataclass
@@ -123,6 +127,10 @@ class TraceOut:
     session: str
     directory: str  # where the sink put it, as add_trace answered
     uuid: bytes
+    path: str = ""  # below the session's sink
+    # The TSDL text so far, for snapshots (a few KiB per app; sessiond
+    # counts it against the app's uid).
+    metadata: bytearray = field(default_factory=bytearray)
 
 
 @dataclass
@@ -146,6 +154,7 @@ class StreamOut:
     gone: bool = False
     broken: str | None = None
     closed: bool = False
+    held: bool = False  # a snapshot session's: never drained, only read by snapshots
     done: trio.Event = field(default_factory=trio.Event)
     cancel: trio.CancelScope = field(default_factory=trio.CancelScope)
 
@@ -216,7 +225,7 @@ class Consumerd:
                 logger.info("sessiond closed the control socket; exiting")
                 return
             msg, fds = got
-            if msg.get("op") == FlushOp.KIND:
+            if msg.get("op") in (FlushOp.KIND, SnapshotOp.KIND):
                 # A stop barrier can wait minutes for a relay (a full disk):
                 # meanwhile status, new apps' streams and the owner's other
                 # sessions are answered (replies carry their request's seq).
@@ -273,6 +282,8 @@ class Consumerd:
                 return await self.op_remove_session(op)
             case StatusOp():
                 return StreamsReply(self._session_stats(self._streams_of(op.session), op.session))
+            case SnapshotOp():
+                return await snapshot.record(self, op, self._session(op.session).op)
         raise AssertionError(f"no handler for {type(op).__name__}")
 
     def _session(self, name: str) -> SessionOut:
@@ -303,8 +314,11 @@ class Consumerd:
         name = op.session
         if name in self.sessions:
             return DoneReply()
-        sink = open_sink(op, on_room=lambda: self._on_room(name), on_saved=self._on_saved)
-        self.sessions[name] = SessionOut(name, sink)
+        if op.snapshot:
+            sink: SessionSink = snapshot.HeldSink(op.sink)
+        else:
+            sink = open_sink(op, on_room=lambda: self._on_room(name), on_saved=self._on_saved)
+        self.sessions[name] = SessionOut(name, sink, op)
         self.nursery.start_soon(sink.run)
         return DoneReply()
 
@@ -330,13 +344,19 @@ class Consumerd:
             return TraceReply(known.directory)
         so = self._session(op.session)
         directory = so.sink.add_trace(op.trace_id, op.path)
-        self.traces[op.trace_id] = TraceOut(op.trace_id, so.name, directory, op.uuid_bytes)
+        self.traces[op.trace_id] = TraceOut(op.trace_id, so.name, directory, op.uuid_bytes, op.path)
         return TraceReply(directory)
 
     def op_metadata(self, op: MetadataOp) -> DoneReply:
-        """Add a piece of a trace's metadata (only what the sink lacks is written)."""
+        """Add a piece of a trace's metadata (only what the sink lacks is
+        written, and only what consumerd lacks is kept)."""
         tr = self._trace(op.trace_id)
-        self.sessions[tr.session].sink.add_metadata(tr.trace_id, op.text.encode(), op.offset)
+        text = op.text.encode()
+        held = len(tr.metadata)
+        if op.offset > held:
+            raise RequestError(f"metadata of {op.trace_id} at {op.offset} would leave a gap after {held} bytes")
+        self.sessions[tr.session].sink.add_metadata(tr.trace_id, text, op.offset)
+        tr.metadata += text[held - op.offset:]
         return DoneReply()
 
     def op_add_stream(self, op: AddStreamOp, fds: list[int]) -> DoneReply:
@@ -372,7 +392,11 @@ class Consumerd:
             os.close(efd)
             raise
         self.streams[op.key] = st
-        self.nursery.start_soon(self.stream_task, st)
+        if self.sessions[st.session].op.snapshot:
+            st.held = True  # never drained: no task waits for its eventfd
+            st.done.set()
+        else:
+            self.nursery.start_soon(self.stream_task, st)
         return DoneReply()
 
     def _quarantine(self, op: AddStreamOp, why: str) -> None:
@@ -439,6 +463,7 @@ class Consumerd:
         Raises:
             SinkError: the sink failed for good.
         """
+        streams = [st for st in streams if not st.held]
         if not streams:
             return
         sink = self.sessions[streams[0].session].sink
@@ -481,6 +506,8 @@ class Consumerd:
         st.gone = True
         if st.closed:  # broken (its descriptors are closed) or released already
             return ReleasedReply(True)
+        if st.held:  # a snapshot session keeps a dead app's ring for the next snapshots
+            return ReleasedReply(False)
         self.drain(st, flush=True)
         if st.blocked:  # a full sink: the rest waits in the ring; released later
             return ReleasedReply(False)
@@ -560,7 +587,7 @@ class Consumerd:
         descriptors and mapping released); consumerd and the other streams
         go on.
         """
-        if st.broken or st.closed:
+        if st.broken or st.closed or st.held:
             return
         st.blocked = False
         try:

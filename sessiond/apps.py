@@ -313,7 +313,8 @@ class AppProtocol:
     async def _new_stream(self, sess: Session, app: App, ch_name: str) -> Stream:
         key = _stream_key(sess, ch_name, app)
         ch = sess.channels[ch_name]
-        memfd = create_buffer(BufferSpec(ch.subbuf_size, ch.num_subbuf), time.monotonic_ns(), f"tw-{key}")
+        memfd = create_buffer(BufferSpec(ch.subbuf_size, ch.num_subbuf, ch.overwrite), time.monotonic_ns(),
+                              f"tw-{key}")
         efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         st = Stream(key, sess.name, ch_name, app.id, memfd, efd)
         app_fds = [memfd, efd]

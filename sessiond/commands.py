@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import time
+from datetime import datetime
 from typing import Any
 
 from sessiond.apps import AppProtocol
@@ -33,6 +34,9 @@ from tracewire.ops import (
     PingRequest,
     RemoveSessionOp,
     Request,
+    SnapshotOp,
+    SnapshotRecordRequest,
+    SnapshotReply,
     StartRequest,
     StatusOp,
     StatusRequest,
@@ -94,6 +98,8 @@ class Commands:
                     return await self.stop(self.reg.session_for(req.session, uid), req.timeout)
                 case DestroyRequest():
                     return await self.destroy(self.reg.session_for(req.session, uid))
+                case SnapshotRecordRequest():
+                    return await self.snapshot_record(req, uid)
         raise UserError(f"unknown command {req.KIND!r}")
 
     def create(self, req: CreateRequest, uid: int, gid: int) -> Reply:
@@ -114,7 +120,8 @@ class Commands:
         sess = Session(name, self.reg.next_session_id, uid, gid, output, url, now_stamp(),
                        compress=req.compress, compress_level=req.compress_level,
                        spool_size=req.spool_size, auth_key_file=req.auth_key_file or None,
-                       tls_ca=req.tls_ca or None, clock_offset_ns=time.time_ns() - time.monotonic_ns())
+                       tls_ca=req.tls_ca or None, clock_offset_ns=time.time_ns() - time.monotonic_ns(),
+                       snapshot=req.snapshot)
         self.reg.next_session_id += 1
         self.reg.sessions[name] = sess
         self.reg.current[uid] = name
@@ -129,17 +136,22 @@ class Commands:
             BufferSpec(req.subbuf_size, req.num_subbuf)
         except ValueError as exc:
             raise UserError(str(exc)) from None
-        if req.overwrite:
-            raise UserError("overwrite (flight-recorder) channels are not available in this build")
+        overwrite = req.overwrite or (sess.snapshot and not req.discard)
+        if overwrite and not sess.snapshot:
+            raise UserError("overwrite channels belong to snapshot sessions (tracewire create NAME --snapshot): "
+                            "a streaming session's consumer must read every sub-buffer before it is reused")
+        if overwrite and req.blocking_timeout_ms:
+            raise UserError("an overwrite channel never makes the app wait: use --discard with --blocking-timeout")
         ch = sess.channels.get(name)
         if ch is not None:
             if sess.state is not SessionState.CREATED:
                 raise UserError(f"channel {name!r} exists and the session has been started")
             ch.subbuf_size, ch.num_subbuf, ch.switch_timer_ms = req.subbuf_size, req.num_subbuf, req.switch_timer_ms
             ch.blocking_timeout_ms = req.blocking_timeout_ms
+            ch.overwrite = overwrite
         else:
             sess.channels[name] = Channel(name, len(sess.channels), req.subbuf_size, req.num_subbuf,
-                                          False, req.switch_timer_ms,
+                                          overwrite, req.switch_timer_ms,
                                           blocking_timeout_ms=req.blocking_timeout_ms)
         return {"session": sess.name, "channel": name}
 
@@ -151,7 +163,7 @@ class Commands:
             if chname not in sess.channels:
                 if sess.state is not SessionState.CREATED:
                     raise UserError(f"session {sess.name!r} has been started: channels can no longer be added")
-                sess.channels[chname] = Channel(chname, len(sess.channels))
+                sess.channels[chname] = Channel(chname, len(sess.channels), overwrite=sess.snapshot)
         ch = sess.channels.get(chname)
         if ch is None:
             raise UserError(f"no channel named {chname!r} in session {sess.name!r}")
@@ -249,6 +261,34 @@ class Commands:
         self.reg.remove(sess)
         return result
 
+    async def snapshot_record(self, req: SnapshotRecordRequest, uid: int) -> Reply:
+        """Write what the session's ring buffers hold now as a trace of its own,
+        in ``NAME-YYYYmmdd-HHMMSS-SEQ`` (LTTng's naming) below the session's
+        output, or below ``req.output`` / ``req.url``."""
+        sess = self.reg.session_for(req.session, uid)
+        if not sess.declared or not sess.streams:
+            raise UserError(f"session {sess.name!r} holds no ring buffer yet: start it, and trace an app")
+        name = _name(req.name or "snapshot-1", "snapshot name")
+        directory = f"{name}-{datetime.now():%Y%m%d-%H%M%S}-{sess.snapshots}"
+        sink: str | None = None
+        if req.url:
+            try:
+                sink = str(parse_url(req.url))
+            except ValueError as exc:
+                raise UserError(str(exc)) from None
+        elif req.output:
+            if not os.path.isabs(req.output):
+                raise UserError(f"--output {req.output!r} is not an absolute directory")
+            sink = req.output
+        sess.snapshots += 1
+        wait = self.reg.config.stop_timeout
+        reply = await self.consumers.call(
+            sess.owner_uid, SnapshotOp(session=sess.name, directory=directory, sink=sink,
+                                       max_size=req.max_size, timeout=wait), timeout=wait + 30)
+        if not isinstance(reply, SnapshotReply):
+            raise UserError("consumerd answered the snapshot without its figures")
+        return {"session": sess.name, **{k: v for k, v in encode(reply).items() if k != "ok"}}
+
     def list(self, req: ListRequest, uid: int) -> Reply:
         if req.session:
             visible = [self.reg.session_for(req.session, uid)]
@@ -289,6 +329,8 @@ def _describe(sess: Session) -> Reply:
         "error": sess.error,
         "stop_pending": sess.stop_pending,
         "stopping": sess.stopping,
+        "snapshot": sess.snapshot,
+        "snapshots": sess.snapshots,
         "channels": [
             {
                 "name": ch.name,

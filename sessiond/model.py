@@ -182,6 +182,8 @@ class Session:
     traces: dict[int, Trace] = field(default_factory=dict)  # by app id
     streams: dict[str, Stream] = field(default_factory=dict)
     clock_offset_ns: int = 0
+    snapshot: bool = False  # a flight-recorder session: rings are only read by snapshot record
+    snapshots: int = 0  # snapshot records so far (the SEQ of the next one's directory)
 
     @property
     def session_dir(self) -> str:
@@ -321,6 +323,7 @@ class Registry:
             compress=sess.compress, compress_level=sess.compress_level,
             auth_key_file=sess.auth_key_file, tls_ca=sess.tls_ca, live=False,
             spool_dir=self.spool_dir(sess) if sess.url else None, spool_size=sess.spool_size,
+            snapshot=sess.snapshot,
         )
 
     @staticmethod

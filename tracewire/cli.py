@@ -245,7 +245,10 @@ def cli(ctx: click.Context, rundir: str | None) -> None:
 @click.argument("name")
 @click.option("--output", "-o", type=click.Path(file_okay=False), help="Local trace directory.")
 @click.option("--url", "-U", help="Relay URL, tw://HOST[:PORT] or tws://HOST[:PORT].")
-@click.option("--snapshot", is_flag=True, help="Flight-recorder session (not available yet).")
+@click.option("--snapshot", is_flag=True,
+              help="Flight-recorder session: channels overwrite their oldest data by default and "
+                   "nothing is written while tracing; 'tracewire snapshot record' writes what the "
+                   "buffers hold (also the buffers of apps that exited or crashed).")
 @click.option("--live", is_flag=True, help="Serve live viewers through the relay (not available yet).")
 @click.option("--compress", type=click.Choice(["zstd", "none"]), default="zstd", show_default=True,
               help="Packet compression on the wire.")
@@ -271,8 +274,8 @@ def create(ctx: click.Context, name: str, output: str | None, url: str | None, s
     """
     if output and url:
         raise click.UsageError("give --output or --url, not both")
-    if snapshot or live:
-        raise CliError("snapshot and live sessions are not available yet")
+    if live:
+        raise CliError("live sessions are not available yet")
     if not url and not output:
         output = os.path.join(os.path.expanduser("~"), "tracewire-traces")
     if output:
@@ -283,9 +286,10 @@ def create(ctx: click.Context, name: str, output: str | None, url: str | None, s
         ops.CreateRequest, name=name, output=os.path.abspath(output) if output else None, url=url,
         compress=ops.Compression(compress), compress_level=compress_level, spool_size=spool_size,
         auth_key_file=os.path.abspath(auth_key_file) if auth_key_file else None,
-        tls_ca=os.path.abspath(tls_ca) if tls_ca else None,
+        tls_ca=os.path.abspath(tls_ca) if tls_ca else None, snapshot=snapshot,
     ))
-    click.echo(f"Session {r['session']} created; traces go to {r['sink']}")
+    what = "snapshots go" if snapshot else "traces go"
+    click.echo(f"Session {r['session']} created; {what} to {r['sink']}")
 
 
 @cli.command("enable-channel")
@@ -295,7 +299,13 @@ def create(ctx: click.Context, name: str, output: str | None, url: str | None, s
               show_default=f"{ops.DEFAULT_SUBBUF_SIZE // 1024}k", help="Sub-buffer size.")
 @click.option("--num-subbuf", type=click.IntRange(2, 1024), default=ops.DEFAULT_NUM_SUBBUF, show_default=True,
               help="Number of sub-buffers per stream.")
-@click.option("--overwrite", is_flag=True, help="Overwrite the oldest data when full (not available yet).")
+@click.option("--overwrite", is_flag=True,
+              help="When the ring is full, overwrite its oldest sub-buffer (the app never waits nor "
+                   "drops): a flight recorder, read by 'snapshot record'. The default in snapshot "
+                   "sessions, refused in others.")
+@click.option("--discard", is_flag=True,
+              help="When the ring is full, drop new events and count them (the default, except in "
+                   "snapshot sessions).")
 @click.option("--switch-timer", type=click.IntRange(0), default=0, show_default=True, metavar="MS",
               help="Hand over partly filled sub-buffers every MS milliseconds (0: off).")
 @click.option("--blocking-timeout", type=BlockingTimeout(), default="0", show_default=True, metavar="MS|inf",
@@ -306,11 +316,12 @@ def create(ctx: click.Context, name: str, output: str | None, url: str | None, s
                    "does not. 0: never wait; full buffers discard, and count.")
 @click.pass_context
 def enable_channel(ctx: click.Context, name: str, session: str | None, subbuf_size: int,
-                   num_subbuf: int, overwrite: bool, switch_timer: int, blocking_timeout: int) -> None:
+                   num_subbuf: int, overwrite: bool, discard: bool, switch_timer: int,
+                   blocking_timeout: int) -> None:
     """Create channel NAME (a set of ring buffers) in a session."""
     r = _client(ctx).request(_make(
         ops.EnableChannelRequest, session=session, channel=name, subbuf_size=subbuf_size,
-        num_subbuf=num_subbuf, overwrite=overwrite, switch_timer_ms=switch_timer,
+        num_subbuf=num_subbuf, overwrite=overwrite, discard=discard, switch_timer_ms=switch_timer,
         blocking_timeout_ms=blocking_timeout,
     ))
     click.echo(f"Channel {r['channel']} enabled in session {r['session']}")
@@ -476,16 +487,59 @@ def _relay_summary(streams: list[dict[str, Any]]) -> list[str]:
 
 @cli.group()
 def snapshot() -> None:
-    """Flight-recorder snapshots (not available yet)."""
+    """Flight-recorder snapshots: write what the ring buffers hold now.
+
+    \b
+      tracewire create fr --snapshot --output /var/traces
+      tracewire enable-channel big --subbuf-size 256k --num-subbuf 8
+      tracewire enable-event 'app:*' -c big && tracewire start
+      ...
+      tracewire snapshot record
+      babeltrace2 /var/traces/fr-*/snapshot-1-*
+    """
 
 
 @snapshot.command("record")
 @click.option("-s", "--session", help="Session (default: the current one).")
-@click.option("--output", "-o", type=click.Path(file_okay=False))
-@click.option("--url", "-U")
-def snapshot_record(session: str | None, output: str | None, url: str | None) -> None:
-    """Write a snapshot session's buffers (not available yet)."""
-    raise CliError("snapshot sessions are not available yet")
+@click.option("--name", "-n", help="Name of the snapshot directory: NAME-YYYYmmdd-HHMMSS-SEQ "
+                                   "(default: snapshot-1).")
+@click.option("--max-size", "-m", type=Size(power_of_two=False), default="0",
+              help="Keep at most SIZE bytes (the newest), shared equally by the streams (0: all).")
+@click.option("--output", "-o", type=click.Path(file_okay=False),
+              help="Write below this directory instead of the session's output.")
+@click.option("--url", "-U", help="Send to this relay (tw:// or tws://) instead of the session's output.")
+@click.pass_context
+def snapshot_record(ctx: click.Context, session: str | None, name: str | None, max_size: int,
+                    output: str | None, url: str | None) -> None:
+    """Write the session's ring buffers, as they are now, as a trace of its own.
+
+    Whole packets only: a sub-buffer that an app overwrites while it is
+    copied is left out and counted. Older packets the rings no longer hold
+    are reported as lost by babeltrace2.
+    """
+    if output and url:
+        raise click.UsageError("give --output or --url, not both")
+    if output:
+        _check_output_dir(output)
+    r = _client(ctx).request(_make(
+        ops.SnapshotRecordRequest, session=session, name=name, max_size=max_size,
+        output=os.path.abspath(output) if output else None, url=url,
+    ))
+    click.echo(f"Snapshot of session {r['session']} written to {r['path']}")
+    click.echo(f"  {r['streams']} streams, {r['packets']} packets, {ops.human_size(r['bytes'])}")
+    notes = []
+    if r["overwritten"]:
+        notes.append(f"{r['overwritten']} older sub-buffers already overwritten in the rings")
+    if r["events_discarded"]:
+        notes.append(f"{r['events_discarded']} events discarded by full rings")
+    if r["torn"]:
+        notes.append(f"{r['torn']} sub-buffers overwritten while copied, left out")
+    if r["skipped"]:
+        notes.append(f"{r['skipped']} older sub-buffers left out for --max-size")
+    if r["broken"]:
+        notes.append(f"{r['broken']} streams with corrupt ring control words (see the consumerd log)")
+    for note in notes:
+        click.echo(f"  {note}")
 
 
 @cli.command()

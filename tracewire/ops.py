@@ -41,10 +41,11 @@ __all__ = [
     "MAX_STRING", "REPLY_TO", "Compression", "RelayState", "MessageError", "human_size",
     "Request", "PingRequest", "CreateRequest", "EnableChannelRequest", "EnableEventRequest",
     "StartRequest", "StopRequest", "DestroyRequest", "ListRequest", "StatusRequest",
+    "SnapshotRecordRequest",
     "Op", "HelloOp", "SessionOp", "AddTraceOp", "MetadataOp", "AddStreamOp", "FlushOp",
-    "ProducerGoneOp", "RemoveSessionOp", "StatusOp",
+    "ProducerGoneOp", "RemoveSessionOp", "StatusOp", "SnapshotOp",
     "Reply", "DoneReply", "HelloReply", "TraceReply", "StreamStats", "StreamsReply",
-    "ReleasedReply", "ErrorReply",
+    "ReleasedReply", "SnapshotReply", "ErrorReply",
     "encode", "decode_request", "decode_op", "decode_reply", "short_repr",
 ]
 
@@ -146,6 +147,7 @@ class CreateRequest(Request):
     spool_size: int = DEFAULT_SPOOL_SIZE
     auth_key_file: str | None = None
     tls_ca: str | None = None
+    snapshot: bool = False  # a flight-recorder session: nothing is consumed while tracing
 
     def __post_init__(self) -> None:
         _require(1 <= self.compress_level <= 22, "--compress-level must be between 1 and 22")
@@ -160,6 +162,7 @@ class EnableChannelRequest(Request):
     subbuf_size: int = DEFAULT_SUBBUF_SIZE
     num_subbuf: int = DEFAULT_NUM_SUBBUF
     overwrite: bool = False
+    discard: bool = False  # both False: the session's default (overwrite in a snapshot session)
     switch_timer_ms: int = 0
     # How long an app waits for space in a full ring before it drops the
     # event: 0 never (discard mode, the default), BLOCK_FOREVER for ever.
@@ -170,6 +173,7 @@ class EnableChannelRequest(Request):
         _require(0 <= self.switch_timer_ms <= 2**31, "switch timer must be >= 0 ms")
         _require(self.blocking_timeout_ms == BLOCK_FOREVER or 0 <= self.blocking_timeout_ms <= 2**31,
                  "blocking timeout must be >= 0 ms, or 'inf'")
+        _require(not (self.overwrite and self.discard), "give --overwrite or --discard, not both")
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,6 +228,23 @@ class StatusRequest(_SessionRequest):
     KIND: ClassVar[str] = "status"
 
 
+@dataclass(frozen=True, slots=True)
+class SnapshotRecordRequest(_SessionRequest):
+    """``snapshot record``: the buffers' content as a trace of its own, in
+    ``NAME-YYYYmmdd-HHMMSS-SEQ`` below the session's output (or ``output``
+    / ``url``); ``max_size`` 0 = no limit."""
+
+    KIND: ClassVar[str] = "snapshot_record"
+    name: str | None = None
+    max_size: int = 0
+    output: str | None = None
+    url: str | None = None
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.max_size <= 2**48, "--max-size out of range")
+        _require(not (self.output and self.url), "give --output or --url, not both")
+
+
 # ------------------------------------------------------------- sessiond → consumerd
 @dataclass(frozen=True, slots=True)
 class Op:
@@ -256,6 +277,7 @@ class SessionOp(Op):
     live: bool = False
     spool_dir: str | None = None
     spool_size: int = DEFAULT_SPOOL_SIZE
+    snapshot: bool = False  # rings are only read by SnapshotOp; ``sink`` is where snapshots go
 
     def __post_init__(self) -> None:
         _require(1 <= self.compress_level <= 22, "compress_level must be between 1 and 22")
@@ -364,6 +386,26 @@ class StatusOp(Op):
     session: str
 
 
+@dataclass(frozen=True, slots=True)
+class SnapshotOp(Op):
+    """Copy every stream of the session out of its ring and write the copy as
+    the traces ``<directory>/<trace path>`` below ``sink`` (a directory or a
+    relay URL; None: the session's own), each stream keeping at most
+    ``max_size // streams`` bytes (0: no limit); wait at most ``timeout``
+    for a relay's acknowledgements."""
+
+    KIND: ClassVar[str] = "snapshot"
+    session: str
+    directory: str
+    sink: str | None = None
+    max_size: int = 0
+    timeout: float = DEFAULT_FLUSH_TIMEOUT
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.max_size <= 2**48, "max_size out of range")
+        _require(0 < self.timeout <= 10**6, "timeout out of range")
+
+
 # ------------------------------------------------------------- consumerd → sessiond
 @dataclass(frozen=True, slots=True)
 class Reply:
@@ -423,6 +465,25 @@ class ReleasedReply(Reply):
 
 
 @dataclass(frozen=True, slots=True)
+class SnapshotReply(Reply):
+    """What ``snapshot`` wrote: where, how much, and what it left out
+    (``torn``: sub-buffers overwritten while copied; ``skipped``: older ones
+    over ``max_size``; ``overwritten``: sub-buffers the ring no longer held,
+    as the packet sequence numbers report them; ``broken``: streams whose
+    control words were corrupt)."""
+
+    path: str
+    streams: int = 0
+    packets: int = 0
+    bytes: int = 0
+    events_discarded: int = 0
+    overwritten: int = 0
+    torn: int = 0
+    skipped: int = 0
+    broken: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class ErrorReply(Reply):
     """A refusal (``internal`` false: the request cannot be done) or an
     internal error (a bug, logged with its traceback by the receiver)."""
@@ -433,17 +494,18 @@ class ErrorReply(Reply):
 
 _REQUESTS: Mapping[str, type[Request]] = {
     c.KIND: c for c in (PingRequest, CreateRequest, EnableChannelRequest, EnableEventRequest,
-                        StartRequest, StopRequest, DestroyRequest, ListRequest, StatusRequest)
+                        StartRequest, StopRequest, DestroyRequest, ListRequest, StatusRequest,
+                        SnapshotRecordRequest)
 }
 _OPS: Mapping[str, type[Op]] = {
     c.KIND: c for c in (HelloOp, SessionOp, AddTraceOp, MetadataOp, AddStreamOp, FlushOp,
-                        ProducerGoneOp, RemoveSessionOp, StatusOp)
+                        ProducerGoneOp, RemoveSessionOp, StatusOp, SnapshotOp)
 }
 # What each operation answers when it succeeds.
 REPLY_TO: Mapping[type[Op], type[Reply]] = {
     HelloOp: HelloReply, SessionOp: DoneReply, AddTraceOp: TraceReply, MetadataOp: DoneReply,
     AddStreamOp: DoneReply, FlushOp: StreamsReply, ProducerGoneOp: ReleasedReply,
-    RemoveSessionOp: StreamsReply, StatusOp: StreamsReply,
+    RemoveSessionOp: StreamsReply, StatusOp: StreamsReply, SnapshotOp: SnapshotReply,
 }
 
 
