@@ -685,8 +685,8 @@ def _ring_unread(st: StreamOut) -> int:
     producer's head, as the producer last published it.  Exact while the
     app is stopped; a head the app wrote out of range counts as a full ring
     at most.  0 for a closed stream (its ring is no longer mapped)."""
-    if st.closed:
-        return 0
+    if st.closed or st.held:
+        return 0  # a snapshot session's ring is never read out: nothing is left behind
     cur = st.cursor
     size = cur.spec.subbuf_size
     head = cur.read_head()

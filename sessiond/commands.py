@@ -242,7 +242,7 @@ class Commands:
         finally:
             sess.stopping = False
         sess.stop_pending = False
-        return {"session": sess.name, "streams": _streams(reply)}
+        return {"session": sess.name, "streams": _streams(reply), "snapshot": sess.snapshot}
 
     async def destroy(self, sess: Session) -> Reply:
         result: Reply = {"session": sess.name}

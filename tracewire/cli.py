@@ -354,7 +354,10 @@ def _stop_summary(r: dict[str, Any]) -> None:
     raw = sum(s.get("raw_bytes", 0) for s in streams)
     discarded = sum(s.get("discarded", 0) for s in streams)
     msg = f"Tracing stopped for session {r['session']}: {packets} packets, {ops.human_size(raw)}"
-    if discarded:
+    if r.get("snapshot"):
+        msg = (f"Tracing stopped for session {r['session']}; its ring buffers are kept for "
+               f"'tracewire snapshot record'")
+    elif discarded:
         msg += f", {discarded} events DISCARDED (buffers full)"
     click.echo(msg)
     if r.get("warning"):
