@@ -137,10 +137,12 @@ class Commands:
                 raise UserError(f"channel {name!r} exists and the session has been started")
             ch.subbuf_size, ch.num_subbuf, ch.switch_timer_ms = req.subbuf_size, req.num_subbuf, req.switch_timer_ms
             ch.blocking_timeout_ms = req.blocking_timeout_ms
+            ch.tracefile_size, ch.tracefile_count = req.tracefile_size, req.tracefile_count
         else:
             sess.channels[name] = Channel(name, len(sess.channels), req.subbuf_size, req.num_subbuf,
                                           False, req.switch_timer_ms,
-                                          blocking_timeout_ms=req.blocking_timeout_ms)
+                                          blocking_timeout_ms=req.blocking_timeout_ms,
+                                          tracefile_size=req.tracefile_size, tracefile_count=req.tracefile_count)
         return {"session": sess.name, "channel": name}
 
     async def enable_event(self, req: EnableEventRequest, uid: int) -> Reply:
@@ -296,6 +298,8 @@ def _describe(sess: Session) -> Reply:
                 "num_subbuf": ch.num_subbuf,
                 "switch_timer_ms": ch.switch_timer_ms,
                 "blocking_timeout_ms": ch.blocking_timeout_ms,
+                "tracefile_size": ch.tracefile_size,
+                "tracefile_count": ch.tracefile_count,
                 "mode": "overwrite" if ch.overwrite else "discard",
                 "events": list(ch.patterns),
             }
