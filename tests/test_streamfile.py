@@ -8,10 +8,12 @@ import os
 from pathlib import Path
 
 import pytest
-from test_relayd import TICK, Trace
+import trio
+from test_relayd import CREATED, TICK, TIMEOUT, Client, Trace, event_seqs, packet_msg, running_relay
 
 from tracewire import ctf
 from tracewire.streamfile import StreamFile, StreamFiles
+from tracewire.wire import Metadata, SessionDecl, StreamDecl, Welcome
 
 
 class _Fixed(Trace):
@@ -26,7 +28,7 @@ class _Fixed(Trace):
 
 TRACE = _Fixed("h", pad=200)
 PACKET = len(TRACE.packet(0))
-assert PACKET == len(TRACE.packet(12345))
+assert len(TRACE.packet(12345)) == PACKET
 
 
 def _append(sf: StreamFiles | StreamFile, seqs: range) -> None:
@@ -38,7 +40,7 @@ def _files(d: Path) -> dict[str, int]:
     """{stream file name: size} (index files checked to match)."""
     out = {}
     for p in sorted(d.iterdir()):
-        if p.is_file():
+        if p.is_file() and p.name != "metadata":
             out[p.name] = p.stat().st_size
             entries = ctf.read_index((d / "index" / (p.name + ".idx")).read_bytes())
             end = 0
@@ -203,3 +205,41 @@ def test_bad_limits_are_refused(tmp_path: Path) -> None:
         StreamFiles(str(tmp_path), "c_0", 0)
     with pytest.raises(ValueError):
         StreamFiles(str(tmp_path), "c_0", 4096, count=-1)
+
+
+# -- through a relay (serve_relayd in-process, the wire client of test_relayd)
+
+async def _declare(c: Client, trace: Trace, size: int, count: int) -> None:
+    await c.send(SessionDecl(1, trace.session, CREATED, False))
+    await c.send(Metadata(1, trace.trace_path, 0, trace.metadata))
+    await c.send(StreamDecl(1, 1, trace.trace_path, trace.channel, 0, size, count))
+
+
+@pytest.mark.parametrize("fsync", [False, True])
+async def test_relay_resumes_and_drops_duplicates_across_files(tmp_path: Path, fsync: bool) -> None:
+    out = tmp_path / "out"
+    trace = _Fixed("host-a", pad=2000)
+    size = 3 * len(trace.packet(0))  # three packets a file
+    with trio.fail_after(TIMEOUT):
+        async with running_relay(out, fsync=fsync) as port:
+            c = await Client.connect(port)
+            assert isinstance(await c.handshake(trace.host), Welcome)
+            await _declare(c, trace, max(size, 4096), 2)
+            assert await c.stream_state(1) == 0
+            for n in range(8):
+                await c.send(packet_msg(1, n, trace.packet(n)))
+            await c.wait_ack(1, 7)
+            await c.aclose()  # dropped: a consumer that reconnects
+            c = await Client.connect(port)
+            assert isinstance(await c.handshake(trace.host), Welcome)
+            await _declare(c, trace, max(size, 4096), 2)
+            assert await c.stream_state(1) == 8  # continued from the newest file
+            for n in range(5, 11):  # 5..7 again: dropped
+                await c.send(packet_msg(1, n, trace.packet(n)))
+            await c.wait_ack(1, 10)
+            await c.bye()
+    td = trace.trace_dir(out)
+    files = _files(td)
+    assert sorted(files) == ["channel0_0_0", "channel0_0_1"]  # files 2 (6..8) and 3 (9, 10)
+    assert (_seqs(td / "channel0_0_0"), _seqs(td / "channel0_0_1")) == ([6, 7, 8], [9, 10])
+    assert sorted(event_seqs(td)) == sorted(list(range(6, 11)) * 4)  # 4 events a packet, numbered as it

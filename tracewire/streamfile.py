@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 from tracewire import ctf
 
-__all__ = ["Checkpoint", "StreamFile", "StreamFiles"]
+__all__ = ["Checkpoint", "StreamFile", "StreamFiles", "open_stream_files"]
 
 _MAX_FILE_DIGITS = 20  # a file number is a u64: longer suffixes are not ours
 
@@ -497,6 +497,24 @@ class StreamFiles:
         self._files.append(nxt)
         self._file, self._start = new, new.checkpoint()
         old.close()
+
+
+def open_stream_files(directory: str, name: str, size: int = 0, count: int = 0, mode: int = 0o640,
+                      flush_every: int | None = 64,
+                      sync: Callable[[int], None] | None = None) -> StreamFile | StreamFiles:
+    """Stream ``name`` of ``directory``: one StreamFile (``size`` 0, the
+    stream's file is ``name``), or StreamFiles of at most ``size`` bytes,
+    the newest ``count`` (0: all) kept.
+
+    Raises:
+        ValueError: a negative size or count, or a count without a size.
+        OSError: the files cannot be opened.
+    """
+    if size:
+        return StreamFiles(directory, name, size, count, mode, flush_every, sync)
+    if count:
+        raise ValueError(f"tracefile count {count} without a tracefile size")
+    return StreamFile(directory, name, mode, flush_every)
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
