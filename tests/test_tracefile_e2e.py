@@ -17,7 +17,6 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-import pytest
 from test_relay_e2e import BT2, bt2_seqs, needs_bt2, relayd, the_trace_dir  # noqa: F401 (relayd: a fixture)
 
 from tracewire import ctf
@@ -116,7 +115,7 @@ def test_local_stream_files_are_bounded_and_readable(tw: TW, out_dir: Path) -> N
 
 
 @needs_bt2
-def test_relay_stream_files_are_bounded_and_readable(tw: TW, relayd) -> None:
+def test_relay_stream_files_are_bounded_and_readable(tw: TW, relayd) -> None:  # noqa: F811
     relay = relayd()
     tw.env["TRACEWIRE_HOSTNAME"] = "tfhost"
     tw.cli("create", "tf", "--url", relay.url)
