@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from sessiond.apps import AppProtocol
@@ -131,6 +132,7 @@ class Commands:
             raise UserError(str(exc)) from None
         if req.overwrite:
             raise UserError("overwrite (flight-recorder) channels are not available in this build")
+        _check_file_names(sess.channels, name, req.tracefile_size)
         ch = sess.channels.get(name)
         if ch is not None:
             if sess.state is not SessionState.CREATED:
@@ -280,6 +282,25 @@ def _streams(reply: object) -> list[dict[str, Any]]:
     if not isinstance(reply, StreamsReply):
         raise UserError("consumerd answered without stream counters")
     return list(encode(reply)["streams"])
+
+
+def _check_file_names(channels: Mapping[str, Channel], name: str, tracefile_size: int) -> None:
+    """Channel ``name`` must not write another channel's stream files: with
+    --tracefile-size, channel ``c`` writes ``c_0_0``, the one file of a
+    channel ``c_0`` without it (and they would remove each other's files).
+
+    Raises:
+        UserError: the names collide.
+    """
+    clash = None
+    if tracefile_size and name + "_0" in channels and not channels[name + "_0"].tracefile_size:
+        clash = (name, name + "_0")
+    elif name.endswith("_0") and not tracefile_size and channels.get(name[:-2]) is not None \
+            and channels[name[:-2]].tracefile_size:
+        clash = (name[:-2], name)
+    if clash is not None:
+        raise UserError(f"channel {clash[1]!r} would write {clash[1]}_0, a file of channel {clash[0]!r} "
+                        f"(which has --tracefile-size): rename one of them")
 
 
 def _describe(sess: Session) -> Reply:

@@ -359,3 +359,15 @@ def test_tracefile_help(tw: TW) -> None:
     out = " ".join(tw.cli("enable-channel", "--help").stdout.split())
     for words in ("--tracefile-size SIZE", "--tracefile-count COUNT", "<channel>_<n>_<k>", "keep only the newest"):
         assert words in out
+
+
+@pytest.mark.parametrize("first,second", [
+    (["c", "--tracefile-size", "1M"], ["c_0"]),
+    (["c_0"], ["c", "--tracefile-size", "1M"]),
+])
+def test_channels_that_would_share_stream_files_are_refused(session: TW, first: list[str],
+                                                            second: list[str]) -> None:
+    session.cli("enable-channel", *first)
+    r = session.cli("enable-channel", *second, check=False)
+    assert_one_line_error(r, 1, "channel 'c_0' would write c_0_0, a file of channel 'c'")
+    session.cli("enable-channel", "c_1")  # no clash: c_1_0 is no file of c's
