@@ -56,6 +56,12 @@ AuthKeyError.
 # a time: a connection that declares a file another connection holds takes
 # it over (the old handle is closed first, so that its index is flushed);
 # the old connection is dropped if it touches that stream again.
+# A StreamDecl with file limits (tracefile_size / tracefile_count) gets a
+# StreamFiles instead: the same interface over files <channel>_<n>_<k>, a new
+# one started before a packet that would pass the size (in fsync mode the
+# file left is made durable first), the oldest removed past the count, the
+# newest continued (and recovered) on reopening; the registry key is then
+# the stream's base path <channel>_<n>.
 #
 # Trust.  The wire core validates frames, field types, names and the
 # connection state; this module adds what needs the file system or the
