@@ -4,11 +4,16 @@ temporary directory; packets come from tests/test_relayd.py's Trace."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 import trio
+from hypothesis import given
+from hypothesis import strategies as st
 from test_relayd import CREATED, TICK, TIMEOUT, Client, Trace, event_seqs, packet_msg, running_relay
 
 from tracewire import ctf
@@ -207,7 +212,43 @@ def test_bad_limits_are_refused(tmp_path: Path) -> None:
         StreamFiles(str(tmp_path), "c_0", 4096, count=-1)
 
 
+@given(
+    sizes=st.lists(st.integers(1, 3000), min_size=1, max_size=40),
+    limit=st.integers(1, 6000),
+    count=st.integers(0, 4),
+    reopen_at=st.integers(0, 40),
+)
+def test_any_packet_sizes_keep_the_bounds(sizes: list[int], limit: int, count: int, reopen_at: int) -> None:
+    """Whatever the packet sizes, size and count (and a reopen anywhere): at
+    most ``count`` files, each within ``limit`` unless it holds one packet,
+    every index covering its file, the newest packets kept in order."""
+    with tempfile.TemporaryDirectory() as d:
+        sf = StreamFiles(d, "c_0", limit, count)
+        for n, size in enumerate(sizes):
+            if n == reopen_at:
+                sf.close()
+                sf = StreamFiles(d, "c_0", limit, count)
+            assert sf.append([bytes(size)], 0, 0, 0, stream_id=0) == n
+        sf.close()
+        files = _files(Path(d))
+        if count:
+            assert len(files) <= count
+        else:
+            assert len(files) == len(set(files))
+        seqs = []
+        for name in sorted(files, key=lambda f: _seqs(Path(d) / f)[0]):
+            got = _seqs(Path(d) / name)
+            assert files[name] <= limit or len(got) == 1
+            seqs += got
+        assert seqs == list(range(len(sizes) - len(seqs), len(sizes)))
+
+
 # -- through a relay (serve_relayd in-process, the wire client of test_relayd)
+
+@contextlib.asynccontextmanager
+async def _same(port: int) -> AsyncIterator[int]:
+    yield port
+
 
 async def _declare(c: Client, trace: Trace, size: int, count: int) -> None:
     await c.send(SessionDecl(1, trace.session, CREATED, False))
@@ -216,7 +257,8 @@ async def _declare(c: Client, trace: Trace, size: int, count: int) -> None:
 
 
 @pytest.mark.parametrize("fsync", [False, True])
-async def test_relay_resumes_and_drops_duplicates_across_files(tmp_path: Path, fsync: bool) -> None:
+@pytest.mark.parametrize("restart", [False, True], ids=["reconnect", "relay-restart"])
+async def test_relay_resumes_and_drops_duplicates_across_files(tmp_path: Path, fsync: bool, restart: bool) -> None:
     out = tmp_path / "out"
     trace = _Fixed("host-a", pad=2000)
     size = 3 * len(trace.packet(0))  # three packets a file
@@ -229,15 +271,20 @@ async def test_relay_resumes_and_drops_duplicates_across_files(tmp_path: Path, f
             for n in range(8):
                 await c.send(packet_msg(1, n, trace.packet(n)))
             await c.wait_ack(1, 7)
-            await c.aclose()  # dropped: a consumer that reconnects
-            c = await Client.connect(port)
-            assert isinstance(await c.handshake(trace.host), Welcome)
-            await _declare(c, trace, max(size, 4096), 2)
-            assert await c.stream_state(1) == 8  # continued from the newest file
-            for n in range(5, 11):  # 5..7 again: dropped
-                await c.send(packet_msg(1, n, trace.packet(n)))
-            await c.wait_ack(1, 10)
-            await c.bye()
+            if restart:
+                await c.bye()
+            else:
+                await c.aclose()  # dropped: a consumer that reconnects
+            # relay-restart: a fresh relay (new state) on the files the first one left.
+            async with running_relay(out, fsync=fsync) if restart else _same(port) as port2:
+                c = await Client.connect(port2)
+                assert isinstance(await c.handshake(trace.host), Welcome)
+                await _declare(c, trace, max(size, 4096), 2)
+                assert await c.stream_state(1) == 8  # continued from the newest file
+                for n in range(5, 11):  # 5..7 again: dropped
+                    await c.send(packet_msg(1, n, trace.packet(n)))
+                await c.wait_ack(1, 10)
+                await c.bye()
     td = trace.trace_dir(out)
     files = _files(td)
     assert sorted(files) == ["channel0_0_0", "channel0_0_1"]  # files 2 (6..8) and 3 (9, 10)
