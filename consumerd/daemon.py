@@ -373,7 +373,8 @@ class Consumerd:
             # consumerd): only what its sink still holds is left to deliver.
             tr = self._trace(op.trace_id)
             channel = validate_name(op.channel, "channel name")
-            self.sessions[tr.session].sink.add_gone_stream(op.key, tr.trace_id, channel)
+            self.sessions[tr.session].sink.add_gone_stream(
+                op.key, tr.trace_id, channel, tracefile_size=op.tracefile_size, tracefile_count=op.tracefile_count)
             return DoneReply()
         if len(fds) not in (2, 3) or op.key in self.streams or op.key in self.quarantined:
             close_fds(fds)
@@ -409,7 +410,9 @@ class Consumerd:
         tr = self._trace(op.trace_id)
         if op.replay:
             try:
-                self.sessions[tr.session].sink.add_gone_stream(op.key, tr.trace_id, op.channel)
+                self.sessions[tr.session].sink.add_gone_stream(
+                    op.key, tr.trace_id, op.channel, tracefile_size=op.tracefile_size,
+                    tracefile_count=op.tracefile_count)
             except OSError as exc:
                 logger.error("stream %s: what its sink holds is lost: %s", op.key, exc)
         path = f"{tr.directory}/{op.channel}_0"
@@ -445,7 +448,8 @@ class Consumerd:
         try:
             os.set_blocking(efd, False)
             sink = self.sessions[tr.session].sink.open_stream(
-                op.key, tr.trace_id, channel, op.stream_class, op.replay)
+                op.key, tr.trace_id, channel, op.stream_class, op.replay,
+                tracefile_size=op.tracefile_size, tracefile_count=op.tracefile_count)
         except BaseException:
             cursor.close()
             raise

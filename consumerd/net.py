@@ -257,6 +257,8 @@ class _NetStream:
     trace_path: str
     channel: str
     index: int
+    tracefile_size: int | None = None  # the stream's file limits (StreamDecl), None: none
+    tracefile_count: int | None = None
     wire_id: int = -1  # id on the current connection
     base_seq: int | None = None  # the relay's next_seq when first declared
     unacked: collections.deque[_Pending] = field(default_factory=collections.deque)
@@ -400,15 +402,19 @@ class NetSession:
         if self._linked:
             self._queue(("metadata", tr, offset, len(tr.metadata)))
 
-    def add_stream(self, key: str, trace_id: str, channel: str, resume: bool = False) -> SpoolRecord | None:
+    def add_stream(self, key: str, trace_id: str, channel: str, resume: bool = False, *,
+                   tracefile_size: int = 0, tracefile_count: int = 0) -> SpoolRecord | None:
         """Add a stream.  A new stream starts at seq 0 at once.  A resumed one
         (a restarted consumerd) reloads its spool: the returned record (the
         last one spooled, or None) says where to resume reading the ring and
         the seq to continue from; with an empty spool it waits for the relay
-        to say where the stream stands."""
+        to say where the stream stands.  ``tracefile_size`` and
+        ``tracefile_count`` (0: none) are the stream's file limits, which
+        each StreamDecl carries to the relay."""
         if key in self.streams:
             return None
-        st = _NetStream(key, self.traces[trace_id].path, channel, 0)
+        st = _NetStream(key, self.traces[trace_id].path, channel, 0, tracefile_size=tracefile_size or None,
+                        tracefile_count=tracefile_count or None)
         last = None
         if not resume:
             st.base_seq = 0
@@ -850,7 +856,8 @@ class NetSession:
         for st in streams:
             st.wire_id = next(ids)
             self.by_wire_id[st.wire_id] = st
-            decl = wire.StreamDecl(st.wire_id, self.session_id, st.trace_path, st.channel, st.index)
+            decl = wire.StreamDecl(st.wire_id, self.session_id, st.trace_path, st.channel, st.index,
+                                       st.tracefile_size, st.tracefile_count)
             await self._send(stream, conn, decl)
             await self._send(stream, conn, wire.StreamStateRequest(st.wire_id))
         self._next_wire_id = ids
@@ -930,7 +937,8 @@ class NetSession:
                 st = item[1]
                 st.wire_id = next(self._next_wire_id)
                 self.by_wire_id[st.wire_id] = st
-                decl = wire.StreamDecl(st.wire_id, self.session_id, st.trace_path, st.channel, st.index)
+                decl = wire.StreamDecl(st.wire_id, self.session_id, st.trace_path, st.channel, st.index,
+                                       st.tracefile_size, st.tracefile_count)
                 await self._send(stream, conn, decl)
                 await self._send(stream, conn, wire.StreamStateRequest(st.wire_id))
             elif kind == "packet":

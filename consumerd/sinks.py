@@ -12,6 +12,8 @@ when the ring space may be reused, and whether there is room for more.
 
 * :class:`LocalSink` writes ``<trace>/<channel>_0`` and its LTTng index
   ``<trace>/index/<channel>_0.idx`` with :class:`~tracewire.streamfile.StreamFile`
+  (with ``--tracefile-size``: ``<channel>_0_<k>`` and their indexes, with
+  :class:`~tracewire.streamfile.StreamFiles`)
   (``os.writev`` of the header and the shared-memory view, no copy) and appends
   metadata to ``<trace>/metadata`` (opened for each append: no descriptor is
   kept per trace, nor per stream once it is closed).  A packet is written
@@ -56,7 +58,7 @@ from tracewire import wire
 from tracewire.names import InvalidName, validate_name
 from tracewire.ops import Compression, RelayState, SessionOp, StreamStats, human_size
 from tracewire.ringbuf import Chunk
-from tracewire.streamfile import StreamFile
+from tracewire.streamfile import StreamFile, StreamFiles, open_stream_files
 from tracewire.url import parse_url
 
 __all__ = [
@@ -171,18 +173,23 @@ class SessionSink(Protocol):
         ...
 
     def open_stream(self, key: str, trace_id: str, channel: str, stream_class: int,
-                    replay: bool) -> StreamSink:
+                    replay: bool, *, tracefile_size: int = 0, tracefile_count: int = 0) -> StreamSink:
         """Open stream ``key`` of a trace (``replay``: a restarted consumerd
-        reopens it, and it resumes where the sink stands).
+        reopens it, and it resumes where the sink stands).  With a
+        ``tracefile_size`` the stream goes into files of at most that many
+        bytes, of which the newest ``tracefile_count`` (0: all) are kept
+        (:class:`~tracewire.streamfile.StreamFiles`, here or on the relay).
 
         Raises:
             OSError: the stream's files cannot be opened.
         """
         ...
 
-    def add_gone_stream(self, key: str, trace_id: str, channel: str) -> None:
+    def add_gone_stream(self, key: str, trace_id: str, channel: str, *, tracefile_size: int = 0,
+                        tracefile_count: int = 0) -> None:
         """A replayed stream whose app exited and whose ring is freed: the
-        sink delivers what it still holds of it (a relay sink's spool)."""
+        sink delivers what it still holds of it (a relay sink's spool), into
+        files with the stream's limits."""
         ...
 
     async def wait_room(self) -> None:
@@ -260,9 +267,10 @@ class _LocalTrace:
 
 
 class LocalStream(StreamSink):
-    """``<trace>/<channel>_0`` and its index, continued after a restart."""
+    """``<trace>/<channel>_0`` and its index (or, with file limits, the files
+    ``<channel>_0_<k>``), continued after a restart."""
 
-    def __init__(self, file: StreamFile, stream_class: int) -> None:
+    def __init__(self, file: StreamFile | StreamFiles, stream_class: int) -> None:
         self.file = file
         self.stream_class = stream_class
         self.path = file.path
@@ -334,14 +342,15 @@ class LocalSink(SessionSink):
             os.close(fd)
 
     def open_stream(self, key: str, trace_id: str, channel: str, stream_class: int,
-                    replay: bool) -> StreamSink:
+                    replay: bool, *, tracefile_size: int = 0, tracefile_count: int = 0) -> StreamSink:
         # Reopening after a consumerd restart continues the same files.
-        sf = StreamFile(self._traces[trace_id].directory, f"{channel}_0")
+        sf = open_stream_files(self._traces[trace_id].directory, f"{channel}_0", tracefile_size, tracefile_count)
         if sf.recovered_bytes:
             logger.warning("%s: cut %d bytes of a partial packet", sf.path, sf.recovered_bytes)
         return LocalStream(sf, stream_class)
 
-    def add_gone_stream(self, key: str, trace_id: str, channel: str) -> None:
+    def add_gone_stream(self, key: str, trace_id: str, channel: str, *, tracefile_size: int = 0,
+                        tracefile_count: int = 0) -> None:
         return  # its file holds everything the app committed
 
     async def wait_room(self) -> None:
@@ -450,8 +459,9 @@ class RelaySink(SessionSink):
         self.net.add_metadata(trace_id, _unheld(text, held, offset))
 
     def open_stream(self, key: str, trace_id: str, channel: str, stream_class: int,
-                    replay: bool) -> StreamSink:
-        last = self.net.add_stream(key, trace_id, channel, resume=replay)
+                    replay: bool, *, tracefile_size: int = 0, tracefile_count: int = 0) -> StreamSink:
+        last = self.net.add_stream(key, trace_id, channel, resume=replay, tracefile_size=tracefile_size,
+                                   tracefile_count=tracefile_count)
         self._keys.append(key)
         if last is not None:
             resume = Resume(last.seq + 1, last.ring_end, last.ts_end)
@@ -462,8 +472,10 @@ class RelaySink(SessionSink):
         path = f"{self.net.url}/{self.net.traces[trace_id].path}/{channel}_0"
         return RelayStream(self.net, key, path, resume)
 
-    def add_gone_stream(self, key: str, trace_id: str, channel: str) -> None:
-        self.net.add_stream(key, trace_id, channel, resume=True)
+    def add_gone_stream(self, key: str, trace_id: str, channel: str, *, tracefile_size: int = 0,
+                        tracefile_count: int = 0) -> None:
+        self.net.add_stream(key, trace_id, channel, resume=True, tracefile_size=tracefile_size,
+                            tracefile_count=tracefile_count)
         self.net.finish_stream(key)  # its spool goes once acknowledged
 
     async def wait_room(self) -> None:

@@ -96,10 +96,11 @@ class HeldSink:
         return  # consumerd keeps each trace's metadata for the snapshots
 
     def open_stream(self, key: str, trace_id: str, channel: str, stream_class: int,
-                    replay: bool) -> StreamSink:
+                    replay: bool, *, tracefile_size: int = 0, tracefile_count: int = 0) -> StreamSink:
         return HeldStream(f"{self.sink.rstrip('/')} (ring of {key}, {channel})")
 
-    def add_gone_stream(self, key: str, trace_id: str, channel: str) -> None:
+    def add_gone_stream(self, key: str, trace_id: str, channel: str, *, tracefile_size: int = 0,
+                        tracefile_count: int = 0) -> None:
         return
 
     async def wait_room(self) -> None:

@@ -56,6 +56,12 @@ AuthKeyError.
 # a time: a connection that declares a file another connection holds takes
 # it over (the old handle is closed first, so that its index is flushed);
 # the old connection is dropped if it touches that stream again.
+# A StreamDecl with file limits (tracefile_size / tracefile_count) gets a
+# StreamFiles instead: the same interface over files <channel>_<n>_<k>, a new
+# one started before a packet that would pass the size (in fsync mode the
+# file left is made durable first), the oldest removed past the count, the
+# newest continued (and recovered) on reopening; the registry key is then
+# the stream's base path <channel>_<n>.
 #
 # Trust.  The wire core validates frames, field types, names and the
 # connection state; this module adds what needs the file system or the
@@ -81,7 +87,7 @@ from typing import TypeVar
 import trio
 
 from tracewire import ctf, keyfile, names
-from tracewire.streamfile import Checkpoint, StreamFile
+from tracewire.streamfile import Checkpoint, StreamFile, StreamFiles, open_stream_files
 from tracewire.url import format_hostport
 from tracewire.wire import (
     DEFAULT_MAX_METADATA_SIZE,
@@ -276,8 +282,8 @@ class _OpenStream:
     """A stream declared on one connection, and its file while it owns it."""
 
     decl: StreamDecl
-    path: str  # real path of the stream file: the registry key
-    file: StreamFile | None  # None once closed or taken over
+    path: str  # real path of the stream file (with file limits: its base name): the registry key
+    file: StreamFile | StreamFiles | None  # None once closed or taken over
     owner: _ConsumerConnection
     ctf_stream_id: int | None = None  # CTF stream class of its packets
     expect: int = 0  # next seq accepted: the file's next_seq plus the packets batched
@@ -433,7 +439,11 @@ class RelayServer:
                 if file is not None:
                     await self.run_io(partial(_close_file, file, old.durable if self.config.fsync else None))
         flush_every = None if self.config.fsync else 64
-        st.file = await self.run_io(partial(StreamFile, directory, name, mode=_FILE_MODE, flush_every=flush_every))
+        # With file limits, a file that is finished is made durable first in
+        # fsync mode (StreamFiles: a switch is a sync point).
+        st.file = await self.run_io(partial(
+            open_stream_files, directory, name, st.decl.tracefile_size or 0, st.decl.tracefile_count or 0,
+            mode=_FILE_MODE, flush_every=flush_every, sync=self.config.fdatasync if self.config.fsync else None))
         if self.config.fsync:
             # What an earlier relay left in the page cache is acknowledged
             # (StreamState) from now on: make it durable first.
@@ -1056,12 +1066,12 @@ def _sync_streams(streams: list[_OpenStream], fdatasync: Callable[[int], None]) 
     return failed
 
 
-def _sync_file(file: StreamFile, fdatasync: Callable[[int], None]) -> None:
+def _sync_file(file: StreamFile | StreamFiles, fdatasync: Callable[[int], None]) -> None:
     fdatasync(file.fd)
     fdatasync(file.ifd)
 
 
-def _close_file(file: StreamFile, durable: Checkpoint | None) -> None:
+def _close_file(file: StreamFile | StreamFiles, durable: Checkpoint | None) -> None:
     """Closes a stream file; in fsync mode (`durable` given) what was written
     after its last sync goes first: it was never acknowledged."""
     if durable is not None:
@@ -1069,7 +1079,7 @@ def _close_file(file: StreamFile, durable: Checkpoint | None) -> None:
     file.close()
 
 
-def _rollback(file: StreamFile, point: Checkpoint | None = None) -> None:
+def _rollback(file: StreamFile | StreamFiles, point: Checkpoint | None = None) -> None:
     try:
         file.rollback(point)
     except OSError:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
@@ -142,6 +143,7 @@ class Commands:
                             "a streaming session's consumer must read every sub-buffer before it is reused")
         if overwrite and req.blocking_timeout_ms:
             raise UserError("an overwrite channel never makes the app wait: use --discard with --blocking-timeout")
+        _check_file_names(sess.channels, name, req.tracefile_size)
         ch = sess.channels.get(name)
         if ch is not None:
             if sess.state is not SessionState.CREATED:
@@ -149,10 +151,12 @@ class Commands:
             ch.subbuf_size, ch.num_subbuf, ch.switch_timer_ms = req.subbuf_size, req.num_subbuf, req.switch_timer_ms
             ch.blocking_timeout_ms = req.blocking_timeout_ms
             ch.overwrite = overwrite
+            ch.tracefile_size, ch.tracefile_count = req.tracefile_size, req.tracefile_count
         else:
             sess.channels[name] = Channel(name, len(sess.channels), req.subbuf_size, req.num_subbuf,
                                           overwrite, req.switch_timer_ms,
-                                          blocking_timeout_ms=req.blocking_timeout_ms)
+                                          blocking_timeout_ms=req.blocking_timeout_ms,
+                                          tracefile_size=req.tracefile_size, tracefile_count=req.tracefile_count)
         return {"session": sess.name, "channel": name}
 
     async def enable_event(self, req: EnableEventRequest, uid: int) -> Reply:
@@ -320,6 +324,25 @@ def _streams(reply: object) -> list[dict[str, Any]]:
     return list(encode(reply)["streams"])
 
 
+def _check_file_names(channels: Mapping[str, Channel], name: str, tracefile_size: int) -> None:
+    """Channel ``name`` must not write another channel's stream files: with
+    --tracefile-size, channel ``c`` writes ``c_0_0``, the one file of a
+    channel ``c_0`` without it (and they would remove each other's files).
+
+    Raises:
+        UserError: the names collide.
+    """
+    clash = None
+    if tracefile_size and name + "_0" in channels and not channels[name + "_0"].tracefile_size:
+        clash = (name, name + "_0")
+    elif name.endswith("_0") and not tracefile_size and channels.get(name[:-2]) is not None \
+            and channels[name[:-2]].tracefile_size:
+        clash = (name[:-2], name)
+    if clash is not None:
+        raise UserError(f"channel {clash[1]!r} would write {clash[1]}_0, a file of channel {clash[0]!r} "
+                        f"(which has --tracefile-size): rename one of them")
+
+
 def _describe(sess: Session) -> Reply:
     return {
         "name": sess.name,
@@ -338,6 +361,8 @@ def _describe(sess: Session) -> Reply:
                 "num_subbuf": ch.num_subbuf,
                 "switch_timer_ms": ch.switch_timer_ms,
                 "blocking_timeout_ms": ch.blocking_timeout_ms,
+                "tracefile_size": ch.tracefile_size,
+                "tracefile_count": ch.tracefile_count,
                 "mode": "overwrite" if ch.overwrite else "discard",
                 "events": list(ch.patterns),
             }

@@ -83,6 +83,8 @@ class Channel:
     switch_timer_ms: int = 0
     patterns: list[str] = field(default_factory=list)
     blocking_timeout_ms: int = 0  # 0: discard mode; ops.BLOCK_FOREVER: wait for ever
+    tracefile_size: int = 0  # bytes per stream file (0: one file per stream)
+    tracefile_count: int = 0  # stream files kept (0: all)
 
     def matches(self, name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, p) for p in self.patterns)
@@ -337,6 +339,7 @@ class Registry:
             key=st.key, trace_id=sess.traces[st.app_id].trace_id, session=sess.name, channel=ch.name,
             stream_class=ch.index, subbuf_size=ch.subbuf_size, num_subbuf=ch.num_subbuf,
             switch_timer_ms=ch.switch_timer_ms, replay=replay, gone=replay and st.memfd < 0,
+            tracefile_size=ch.tracefile_size, tracefile_count=ch.tracefile_count,
         )
 
     def replay_ops(self, uid: int) -> list[tuple[Op, tuple[int, ...]]]:

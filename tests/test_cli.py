@@ -314,3 +314,60 @@ def test_cli_refuses_a_control_socket_served_by_another_user(tw: TW) -> None:
         f"Error: refusing the sessiond at {rundir}/control.sock: it runs as uid 65534, not as you or root"]
     out, _ = listener.communicate(timeout=30)
     assert out.strip() == "0"  # not one byte of the request reached it
+
+
+# -- --tracefile-size / --tracefile-count (LTTng's names and rules)
+
+@pytest.mark.parametrize("extra,shown", [
+    ([], "one file per stream"),
+    (["--tracefile-size", "1M"], "tracefile-size 1.0 MiB, tracefile-count unlimited"),
+    (["--tracefile-size", "1M", "--tracefile-count", "4"], "tracefile-size 1.0 MiB, tracefile-count 4"),
+    (["--subbuf-size", "64k", "--tracefile-size", "65536", "--tracefile-count", "1"],
+     "tracefile-size 64.0 KiB, tracefile-count 1"),
+    (["--tracefile-size", "300k", "--tracefile-count", "0"], "tracefile-size 300.0 KiB, tracefile-count unlimited"),
+])
+def test_list_shows_the_tracefile_limits(session: TW, extra: list[str], shown: str) -> None:
+    session.cli("enable-channel", "c", *extra)
+    lines = [ln for ln in session.cli("list", "s1").stdout.splitlines() if "channel c:" in ln]
+    assert len(lines) == 1 and f", {shown}, " in lines[0], lines
+
+
+@pytest.mark.parametrize("extra,fragments", [
+    (["--tracefile-count", "4"], ("--tracefile-count needs --tracefile-size",)),
+    (["--tracefile-size", "0", "--tracefile-count", "2"], ("--tracefile-count needs --tracefile-size",)),
+    (["--tracefile-size", "128k"], ("--tracefile-size 128.0 KiB is smaller than the sub-buffer size 256.0 KiB",)),
+    (["--subbuf-size", "64k", "--tracefile-size", "65535"], ("smaller than the sub-buffer size 64.0 KiB",)),
+])
+def test_bad_tracefile_limits_are_one_line(session: TW, extra: list[str], fragments: tuple[str, ...]) -> None:
+    r = session.cli("enable-channel", "c", *extra, check=False)
+    assert_one_line_error(r, 1, *fragments)
+    assert "channel c" not in session.cli("list", "s1").stdout
+
+
+@pytest.mark.parametrize("extra,option", [
+    (["--tracefile-size", "1X"], "--tracefile-size"),
+    (["--tracefile-size", "-1"], "--tracefile-size"),
+    (["--tracefile-count", "-1"], "--tracefile-count"),
+    (["--tracefile-count", "many"], "--tracefile-count"),
+])
+def test_unparsable_tracefile_limits_are_refused(session: TW, extra: list[str], option: str) -> None:
+    r = session.cli("enable-channel", "c", *extra, check=False)
+    assert_error_line(r, 2, option)
+
+
+def test_tracefile_help(tw: TW) -> None:
+    out = " ".join(tw.cli("enable-channel", "--help").stdout.split())
+    for words in ("--tracefile-size SIZE", "--tracefile-count COUNT", "<channel>_<n>_<k>", "keep only the newest"):
+        assert words in out
+
+
+@pytest.mark.parametrize("first,second", [
+    (["c", "--tracefile-size", "1M"], ["c_0"]),
+    (["c_0"], ["c", "--tracefile-size", "1M"]),
+])
+def test_channels_that_would_share_stream_files_are_refused(session: TW, first: list[str],
+                                                            second: list[str]) -> None:
+    session.cli("enable-channel", *first)
+    r = session.cli("enable-channel", *second, check=False)
+    assert_one_line_error(r, 1, "channel 'c_0' would write c_0_0, a file of channel 'c'")
+    session.cli("enable-channel", "c_1")  # no clash: c_1_0 is no file of c's

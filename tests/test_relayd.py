@@ -587,7 +587,8 @@ async def hostile_names(port: int, out: Path, gate: TimeGate) -> None:
     for path, channel in (("../../../../evil", "ch"), ("/tmp/evil", "ch"), ("a/../b", "ch"), ("a", "../ch")):
         c = await _established(port, "host-names")
         await c.send(SessionDecl(1, "s", CREATED, False))
-        await c.stream.send_all(raw_frame({"t": 6, "i": 1, "s": 1, "p": path, "ch": channel, "x": 0}))
+        decl = {"t": 6, "i": 1, "s": 1, "p": path, "ch": channel, "x": 0, "fs": None, "fc": None}
+        await c.stream.send_all(raw_frame(decl))
         await _expect_code(c, ErrorCode.BAD_NAME)
 
 

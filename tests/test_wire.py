@@ -104,6 +104,8 @@ SAMPLES: list[Message] = [
     Welcome(1, None),
     SessionDecl(3, "my session", "20261129T101500", True),
     StreamDecl(7, 3, TRACE, "channel0", 2),
+    StreamDecl(7, 3, TRACE, "channel0", 2, 1024 * 1024, 4),
+    StreamDecl(7, 3, TRACE, "channel0", 2, 2**63 - 1, None),
     Metadata(3, TRACE, 4096, b"/* CTF 1.8 */\n"),
     Metadata(3, TRACE, 0, b""),
     packet(),
@@ -300,6 +302,8 @@ def test_custom_limits() -> None:
 ACK: dict[str, object] = {"t": int(MessageType.ACK), "i": 1, "q": 2}
 HELLO: dict[str, object] = {"t": int(MessageType.HELLO), "v": 1, "h": "host", "k": None}
 SESSION: dict[str, object] = {"t": int(MessageType.SESSION_DECL), "s": 1, "nm": "s", "c": "20261129T101500", "l": False}
+STREAM: dict[str, object] = {"t": int(MessageType.STREAM_DECL), "i": 1, "s": 1, "p": "a", "ch": "c", "x": 0,
+                             "fs": 1 << 20, "fc": 4}
 
 
 def _with(base: Mapping[str, object], **changes: object) -> dict[str, object]:
@@ -356,7 +360,7 @@ _DROP = object()
             {"t": int(MessageType.AUTH), "m": "00" * 32}, ErrorCode.PROTOCOL, "Auth.mac must be bytes", id="mac-str"
         ),
         pytest.param(
-            {"t": int(MessageType.STREAM_DECL), "i": 1, "s": 1, "p": "/abs", "ch": "c", "x": 0},
+            {"t": int(MessageType.STREAM_DECL), "i": 1, "s": 1, "p": "/abs", "ch": "c", "x": 0, "fs": None, "fc": None},
             ErrorCode.BAD_NAME,
             "must be relative",
             id="abs-path",
@@ -368,6 +372,24 @@ _DROP = object()
             id="error-text",
         ),
         pytest.param({"t": 14, b"t": 1}, ErrorCode.PROTOCOL, "unexpected field", id="bytes-key"),
+        pytest.param(_with(STREAM, fs=_DROP), ErrorCode.PROTOCOL, "StreamDecl header lacks field 'fs'",
+                     id="fs-missing"),
+        pytest.param(_with(STREAM, fc=_DROP), ErrorCode.PROTOCOL, "StreamDecl header lacks field 'fc'",
+                     id="fc-missing"),
+        pytest.param(_with(STREAM, fs=4095), ErrorCode.PROTOCOL, r"tracefile_size must be in \[4096, ", id="fs-small"),
+        pytest.param(_with(STREAM, fs=0), ErrorCode.PROTOCOL, r"tracefile_size must be in \[4096, ", id="fs-zero"),
+        pytest.param(_with(STREAM, fs=-1), ErrorCode.PROTOCOL, "tracefile_size must be in", id="fs-negative"),
+        pytest.param(_with(STREAM, fs=2**63), ErrorCode.PROTOCOL, "tracefile_size must be in", id="fs-huge"),
+        pytest.param(_with(STREAM, fs=True), ErrorCode.PROTOCOL, "tracefile_size must be an int, got bool",
+                     id="fs-bool"),
+        pytest.param(_with(STREAM, fs="1M"), ErrorCode.PROTOCOL, "tracefile_size must be an int, got str", id="fs-str"),
+        pytest.param(_with(STREAM, fs=1.5e6), ErrorCode.PROTOCOL, "tracefile_size must be an int", id="fs-float"),
+        pytest.param(_with(STREAM, fc=0), ErrorCode.PROTOCOL, r"tracefile_count must be in \[1, ", id="fc-zero"),
+        pytest.param(_with(STREAM, fc=-5), ErrorCode.PROTOCOL, "tracefile_count must be in", id="fc-negative"),
+        pytest.param(_with(STREAM, fc=[4]), ErrorCode.PROTOCOL, "tracefile_count must be an int, got list",
+                     id="fc-list"),
+        pytest.param(_with(STREAM, fs=None), ErrorCode.PROTOCOL, "tracefile_count needs a tracefile_size",
+                     id="fc-without-fs"),
     ],
 )
 def test_bad_header_fields(header: object, code: ErrorCode, match: str) -> None:

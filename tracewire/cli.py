@@ -98,6 +98,13 @@ def _blocking_words(ms: int) -> str:
     return f"blocking (waits up to {ms} ms)" if ms else "non-blocking"
 
 
+def _tracefile_words(size: int, count: int) -> str:
+    """A channel's stream file limits as ``list`` shows them."""
+    if not size:
+        return "one file per stream"
+    return f"tracefile-size {ops.human_size(size)}, tracefile-count {count or 'unlimited'}"
+
+
 class Client:
     """A synchronous client for sessiond's control socket."""
 
@@ -314,15 +321,22 @@ def create(ctx: click.Context, name: str, output: str | None, url: str | None, s
                    "dropping the event at once. Lossless while the consumer keeps up on "
                    "average, but the app is slowed down (or stopped, with 'inf') whenever it "
                    "does not. 0: never wait; full buffers discard, and count.")
+@click.option("--tracefile-size", type=Size(power_of_two=False), default=0, show_default=True, metavar="SIZE",
+              help="Cut each stream into files of at most SIZE bytes (<channel>_<n>_<k>, each with its "
+                   "index; a file is larger only when one packet alone is). At least the sub-buffer "
+                   "size. 0: one file per stream.")
+@click.option("--tracefile-count", type=click.IntRange(0), default=0, show_default=True, metavar="COUNT",
+              help="With --tracefile-size: keep only the newest COUNT files of each stream, removing "
+                   "the oldest (its packets are then lost, and babeltrace2 reports the gap). 0: keep all.")
 @click.pass_context
 def enable_channel(ctx: click.Context, name: str, session: str | None, subbuf_size: int,
                    num_subbuf: int, overwrite: bool, discard: bool, switch_timer: int,
-                   blocking_timeout: int) -> None:
+                   blocking_timeout: int, tracefile_size: int, tracefile_count: int) -> None:
     """Create channel NAME (a set of ring buffers) in a session."""
     r = _client(ctx).request(_make(
         ops.EnableChannelRequest, session=session, channel=name, subbuf_size=subbuf_size,
         num_subbuf=num_subbuf, overwrite=overwrite, discard=discard, switch_timer_ms=switch_timer,
-        blocking_timeout_ms=blocking_timeout,
+        blocking_timeout_ms=blocking_timeout, tracefile_size=tracefile_size, tracefile_count=tracefile_count,
     ))
     click.echo(f"Channel {r['channel']} enabled in session {r['session']}")
 
@@ -418,6 +432,7 @@ def list_(ctx: click.Context, session: str | None) -> None:
                 click.echo(f"  channel {ch['name']}: {ch['mode']}, {ch['num_subbuf']} x "
                            f"{ops.human_size(ch['subbuf_size'])}, switch timer "
                            f"{ch['switch_timer_ms'] or 'off'}{' ms' if ch['switch_timer_ms'] else ''}, "
+                           f"{_tracefile_words(ch.get('tracefile_size', 0), ch.get('tracefile_count', 0))}, "
                            f"{_blocking_words(ch.get('blocking_timeout_ms', 0))}")
                 for ev in ch["events"]:
                     click.echo(f"    event {ev}")

@@ -123,6 +123,19 @@ def _require(cond: bool, why: str) -> None:
         raise MessageError(why)
 
 
+def _check_tracefile_limits(size: int, count: int, subbuf_size: int) -> None:
+    """``--tracefile-size`` / ``--tracefile-count``: a count needs a size
+    (as in LTTng), and a file must hold at least one whole sub-buffer (LTTng
+    rounds a smaller size up to the sub-buffer size, with a warning; we
+    refuse it, so that the bound a user reads in ``list`` is the one given)."""
+    _require(0 <= size < 2**63 and 0 <= count < 2**63, "--tracefile-size and --tracefile-count must be >= 0")
+    _require(size > 0 or count == 0,
+             "--tracefile-count needs --tracefile-size (a file count without a size limits nothing)")
+    _require(size == 0 or size >= subbuf_size,
+             f"--tracefile-size {human_size(size)} is smaller than the sub-buffer size "
+             f"{human_size(subbuf_size)}: a stream file holds at least one whole packet")
+
+
 # ---------------------------------------------------------------- CLI → sessiond
 @dataclass(frozen=True, slots=True)
 class Request:
@@ -167,6 +180,10 @@ class EnableChannelRequest(Request):
     # How long an app waits for space in a full ring before it drops the
     # event: 0 never (discard mode, the default), BLOCK_FOREVER for ever.
     blocking_timeout_ms: int = 0
+    # Per-stream file limits, LTTng's --tracefile-size / --tracefile-count
+    # (0: no limit): files of at most this many bytes, the newest kept.
+    tracefile_size: int = 0
+    tracefile_count: int = 0
 
     def __post_init__(self) -> None:
         _require(self.subbuf_size > 0 and self.num_subbuf > 0, "sub-buffer size and count must be positive")
@@ -174,6 +191,7 @@ class EnableChannelRequest(Request):
         _require(self.blocking_timeout_ms == BLOCK_FOREVER or 0 <= self.blocking_timeout_ms <= 2**31,
                  "blocking timeout must be >= 0 ms, or 'inf'")
         _require(not (self.overwrite and self.discard), "give --overwrite or --discard, not both")
+        _check_tracefile_limits(self.tracefile_size, self.tracefile_count, self.subbuf_size)
 
 
 @dataclass(frozen=True, slots=True)
@@ -345,10 +363,13 @@ class AddStreamOp(Op):
     switch_timer_ms: int = 0
     replay: bool = False
     gone: bool = False
+    tracefile_size: int = 0  # 0: one stream file
+    tracefile_count: int = 0  # 0: every file kept
 
     def __post_init__(self) -> None:
         _require(0 <= self.stream_class < 2**32, "stream_class out of range")
         _require(0 <= self.switch_timer_ms <= 2**31, "switch_timer_ms out of range")
+        _check_tracefile_limits(self.tracefile_size, self.tracefile_count, self.subbuf_size)
 
 
 @dataclass(frozen=True, slots=True)

@@ -91,6 +91,7 @@ __all__ = [
     "DEFAULT_MAX_PAYLOAD_SIZE",
     "DEFAULT_MAX_SESSIONS",
     "DEFAULT_MAX_STREAMS",
+    "MIN_TRACEFILE_SIZE",
     "FRAME_HEADER",
     "MAC_SIZE",
     "MAGIC",
@@ -159,6 +160,9 @@ DEFAULT_MAX_PAYLOAD_SIZE: Final = 16 * 1024 * 1024
 DEFAULT_MAX_STREAMS: Final = 16384  # open streams per connection
 DEFAULT_MAX_SESSIONS: Final = 256  # open sessions per connection
 DEFAULT_MAX_METADATA_SIZE: Final = 16 * 1024 * 1024  # per trace_path
+# StreamDecl.tracefile_size: the smallest sub-buffer, so that a peer cannot
+# ask for a file per tiny packet.
+MIN_TRACEFILE_SIZE: Final = 4096
 
 NONCE_SIZE: Final = 32
 MAC_SIZE: Final = 32
@@ -576,6 +580,13 @@ class StreamDecl:
         trace_path: relative path below the session directory.
         channel: channel name.
         index: stream number within the channel (usually the CPU).
+        tracefile_size: None: one stream file, <channel>_<index>.  Else
+            (``enable-channel --tracefile-size``) files
+            <channel>_<index>_<k> of at most this many bytes each (a
+            bigger packet alone excepted), >= MIN_TRACEFILE_SIZE.
+        tracefile_count: None: every file is kept.  Else
+            (``--tracefile-count``) only the newest this many, >= 1; only
+            with a tracefile_size.
     """
 
     stream_id: int
@@ -583,6 +594,8 @@ class StreamDecl:
     trace_path: str
     channel: str
     index: int
+    tracefile_size: int | None = None
+    tracefile_count: int | None = None
     msg_type: ClassVar[MessageType] = MessageType.STREAM_DECL
 
     def __post_init__(self) -> None:
@@ -591,6 +604,12 @@ class StreamDecl:
         _check_path(self.trace_path, "StreamDecl.trace_path")
         _check_name(self.channel, "StreamDecl.channel", MAX_CHANNEL_NAME_BYTES)
         _check_int(self.index, "StreamDecl.index")
+        if self.tracefile_size is not None:
+            _check_int(self.tracefile_size, "StreamDecl.tracefile_size", MIN_TRACEFILE_SIZE)
+        if self.tracefile_count is not None:
+            _check_int(self.tracefile_count, "StreamDecl.tracefile_count", 1)
+            if self.tracefile_size is None:
+                _fail(ErrorCode.PROTOCOL, "StreamDecl.tracefile_count needs a tracefile_size")
 
 
 @dataclass(frozen=True, slots=True)
@@ -847,6 +866,8 @@ def _header_map(msg: Message) -> tuple[dict[str, object], Buffer | None]:
                 "p": msg.trace_path,
                 "ch": msg.channel,
                 "x": msg.index,
+                "fs": msg.tracefile_size,
+                "fc": msg.tracefile_count,
             }, None
         case Metadata():
             return {"s": msg.session_id, "p": msg.trace_path, "o": msg.offset}, msg.data
@@ -1046,7 +1067,7 @@ def _build(mtype: MessageType, fields: dict[object, object], payload: bytes | by
             case MessageType.SESSION_DECL:
                 msg = SessionDecl(f("s"), f("nm"), f("c"), f("l"))
             case MessageType.STREAM_DECL:
-                msg = StreamDecl(f("i"), f("s"), f("p"), f("ch"), f("x"))
+                msg = StreamDecl(f("i"), f("s"), f("p"), f("ch"), f("x"), f("fs"), f("fc"))
             case MessageType.METADATA:
                 assert payload is not None
                 msg = Metadata(f("s"), f("p"), f("o"), payload)
