@@ -106,7 +106,7 @@ class RequestError(Exception):
 
 # Errors that refuse one request; any other exception is a bug.  A corrupt
 # ring is not one: its stream is quarantined, the request carried out.
-_REFUSALS = (RequestError, InvalidName, SinkError, OSError)
+_REFUSALS = (RequestError, snapshot.RequestError, InvalidName, SinkError, OSError)
 
 
 @dataclass

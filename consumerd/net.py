@@ -232,6 +232,7 @@ class _Pending:
     data: bytes | None = None  # the encoded bytes in memory (no spool)
     size: int = 0  # encoded bytes, once saved
     codec: wire.Codec = wire.Codec.NONE
+    packet_seq_num: int = -1  # the CTF header's, when it is not ``seq`` (a snapshot's)
 
     @property
     def saved(self) -> bool:
@@ -451,10 +452,12 @@ class NetSession:
             self.spool.remove(st.key)
 
     def submit(self, key: str, raw: wire.Buffer | Sequence[wire.Buffer], seq: int, ts_begin: int,
-               ts_end: int, discarded: int, ring_end: int = 0) -> None:
+               ts_end: int, discarded: int, ring_end: int = 0, packet_seq_num: int = -1) -> None:
         """Take one whole CTF packet of stream ``key``: ``raw``, or its parts
         back to back (the CTF header and a view of the ring, which must stay
-        valid until ``on_saved`` says the packet is saved).
+        valid until ``on_saved`` says the packet is saved).  The header's
+        ``packet_seq_num`` is ``seq`` unless given (a snapshot's are the
+        sub-buffer numbers; ``seq`` must count 0, 1, 2... on the wire).
 
         Uncompressed, the packet is saved at once (written to the spool, or
         copied, without one); compressed, once the compressor is through.
@@ -463,7 +466,8 @@ class NetSession:
         st = self.streams[key]
         parts = [raw] if isinstance(raw, bytes | bytearray | memoryview) else list(raw)
         size = parts_size(parts)
-        p = _Pending(next(self._order), st, seq, size, ts_begin, ts_end, discarded, parts, ring_end)
+        p = _Pending(next(self._order), st, seq, size, ts_begin, ts_end, discarded, parts, ring_end,
+                     packet_seq_num=packet_seq_num)
         st.unacked.append(p)
         st.packets += 1
         st.raw_bytes += size
@@ -796,7 +800,8 @@ class NetSession:
         payload = p.data if p.data is not None else wire.OutOfBand(p.size)
         head = conn.send_parts(wire.Packet(
             st.wire_id, p.seq, p.codec, p.raw_len, p.ts_begin, p.ts_end,
-            p.events_discarded, p.raw_len * 8, p.raw_len * 8, p.seq, payload,
+            p.events_discarded, p.raw_len * 8, p.raw_len * 8, p.seq if p.packet_seq_num < 0 else p.packet_seq_num,
+            payload,
         ))[0]
         if st.flow is _Flow.PROBING:
             st.probe_sent = True  # the relay takes seq retry_seq once more, once

@@ -119,9 +119,10 @@ class StreamSink(Protocol):
         the data waits in the ring buffer, and ``on_room`` says when to go on)."""
         ...
 
-    def write(self, header: bytes, chunk: Chunk, seq: int) -> None:
+    def write(self, header: bytes, chunk: Chunk, seq: int, packet_seq_num: int = -1) -> None:
         """Take one packet: ``header`` then ``chunk.data`` (a view of the ring,
-        read before this returns).
+        read before this returns).  ``seq`` counts the stream's packets;
+        ``packet_seq_num`` is the header's when it differs (a snapshot's).
 
         Raises:
             OSError: the packet could not be written; the stream is broken.
@@ -283,7 +284,7 @@ class LocalStream(StreamSink):
     def has_room(self) -> bool:
         return True
 
-    def write(self, header: bytes, chunk: Chunk, seq: int) -> None:
+    def write(self, header: bytes, chunk: Chunk, seq: int, packet_seq_num: int = -1) -> None:
         self.file.append([header, chunk.data], chunk.ts_begin, chunk.ts_end,
                          chunk.events_discarded, self.stream_class)
 
@@ -384,11 +385,11 @@ class RelayStream(StreamSink):
     def has_room(self) -> bool:
         return self.net.has_room()
 
-    def write(self, header: bytes, chunk: Chunk, seq: int) -> None:
+    def write(self, header: bytes, chunk: Chunk, seq: int, packet_seq_num: int = -1) -> None:
         # The ring's view itself: it is written to the spool (or compressed)
         # from shared memory, and the ring space goes once it is saved.
         self.net.submit(self.key, [header, chunk.data], seq, chunk.ts_begin, chunk.ts_end,
-                        chunk.events_discarded, chunk.end)
+                        chunk.events_discarded, chunk.end, packet_seq_num)
 
     def flush(self) -> None:
         return  # the compressor and the sender run on their own

@@ -44,6 +44,10 @@ from tracewire.ringbuf import PACKET_HEADER_SIZE, Q_START, Chunk, MemoryBarrier,
 if TYPE_CHECKING:
     from consumerd.daemon import Consumerd, StreamOut
 
+
+class RequestError(Exception):
+    """A snapshot that cannot be taken (consumerd answers with its text)."""
+
 __all__ = ["HeldSink", "HeldStream", "record"]
 
 logger = logging.getLogger(__name__)
@@ -65,7 +69,7 @@ class HeldStream:
     def has_room(self) -> bool:
         return False  # never drained: what the app writes stays in the ring
 
-    def write(self, header: bytes, chunk: Chunk, seq: int) -> None:
+    def write(self, header: bytes, chunk: Chunk, seq: int, packet_seq_num: int = -1) -> None:
         raise AssertionError("a snapshot session's stream is never drained")
 
     def flush(self) -> None:
@@ -133,11 +137,14 @@ async def record(cd: Consumerd, op: SnapshotOp, base: SessionOp) -> SnapshotRepl
     streams = [st for st in cd.streams.values() if st.session == op.session and not st.closed]
     budget = op.max_size // len(streams) if op.max_size and streams else None
     copies = [(st, *_copy(st, budget, cd.barrier)) for st in streams]
+    if not any(snap.packets for _st, snap, _start in copies):
+        raise RequestError(f"no event in the ring buffers of session {op.session!r}: no snapshot written")
     sink_url = op.sink or base.sink
     sink = open_sink(dataclasses.replace(base, sink=sink_url, spool_dir=None, snapshot=False),
                      on_room=_nothing, on_saved=_ignore_saved)
     where = f"{sink_url.rstrip('/')}/{op.directory}"
     reply = SnapshotReply(path=where)
+    failed: BaseException | None = None
     async with trio.open_nursery() as nursery:
         nursery.start_soon(sink.run)
         try:
@@ -145,10 +152,14 @@ async def record(cd: Consumerd, op: SnapshotOp, base: SessionOp) -> SnapshotRepl
                 reply = await _write(cd, op, sink, copies, reply)
                 await sink.wait_durable()
         except trio.TooSlowError:
-            raise SinkError(f"{where}: not acknowledged after {op.timeout:g} s") from None
+            failed = SinkError(f"{where}: not acknowledged after {op.timeout:g} s")
+        except (SinkError, OSError) as exc:
+            failed = exc  # raised out of the nursery, not as a group
         finally:
             sink.close()
             nursery.cancel_scope.cancel()
+    if failed is not None:
+        raise failed
     return reply
 
 
@@ -173,14 +184,17 @@ async def _write(cd: Consumerd, op: SnapshotOp, sink: SessionSink,
         out = sink.open_stream(st.key, tr.trace_id, st.channel, st.stream_class, False)
         streams += 1
         first = snap.packets[0]
+        n = 0  # the sink's count of the stream's packets (0, 1, 2...)
         if first.subbuf > 0 or first.discarded > 0:
             # Seq 0 with a count of 0: a reader counts what came before.
             ts = min(start, first.ts_begin)
-            await _put(sink, out, tr.uuid, st.stream_class, b"", ts, ts, 0, 0)
+            await _put(sink, out, tr.uuid, st.stream_class, b"", ts, ts, 0, n, 0)
+            n += 1
         overwritten += first.subbuf
         for pkt in snap.packets:
             await _put(sink, out, tr.uuid, st.stream_class, pkt.data, pkt.ts_begin, pkt.ts_end,
-                       pkt.discarded, pkt.subbuf + 1)
+                       pkt.discarded, n, pkt.subbuf + 1)
+            n += 1
             size += len(pkt.data) + PACKET_HEADER_SIZE
         packets += len(snap.packets)
         discarded += snap.packets[-1].discarded
@@ -191,12 +205,13 @@ async def _write(cd: Consumerd, op: SnapshotOp, sink: SessionSink,
 
 
 async def _put(sink: SessionSink, out: StreamSink, uuid: bytes, stream_class: int, data: bytes,
-               ts_begin: int, ts_end: int, discarded: int, seq: int) -> None:
-    """One packet into stream ``out``, waiting for room in the sink."""
+               ts_begin: int, ts_end: int, discarded: int, n: int, packet_seq_num: int) -> None:
+    """Packet ``n`` of stream ``out``, waiting for room in the sink."""
     while not out.has_room():
         await sink.wait_room()
-    header = ctf.pack_packet_header(uuid, stream_class, 0, ts_begin, ts_end, len(data), seq, discarded)
-    out.write(header, Chunk(memoryview(data), ts_begin, ts_end, discarded, 0), seq)
+    header = ctf.pack_packet_header(uuid, stream_class, 0, ts_begin, ts_end, len(data), packet_seq_num,
+                                    discarded)
+    out.write(header, Chunk(memoryview(data), ts_begin, ts_end, discarded, 0), n, packet_seq_num)
 
 
 def _nothing() -> None:

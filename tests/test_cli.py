@@ -239,9 +239,16 @@ def test_view_of_a_directory_without_trace(tw: TW, out_dir) -> None:
     assert_one_line_error(r, 1)
 
 
-def test_snapshot_and_rotate_not_available(tw: TW) -> None:
+def test_snapshot_errors_are_one_line(tw: TW, out_dir) -> None:
+    tw.cli("create", "s1", "--output", str(out_dir))
     r = tw.cli("snapshot", "record", check=False)
-    assert_one_line_error(r, 1, "not available")
+    assert_one_line_error(r, 1, "no ring buffer yet")
+    r = tw.cli("snapshot", "record", "-s", "nope", check=False)
+    assert_one_line_error(r, 1, "nope")
+    r = tw.cli("snapshot", "record", "--max-size", "lots", check=False)
+    assert_error_line(r, 2, "lots")
+    r = tw.cli("enable-channel", "c", "--overwrite", "--discard", check=False)
+    assert_one_line_error(r, 1, "not both")
     r = tw.cli("rotate", check=False)
     assert_one_line_error(r, 1, "not available")
 

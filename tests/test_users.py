@@ -173,7 +173,7 @@ def test_user_session_is_private_and_files_belong_to_the_user(world):
 def test_cross_user_control_is_denied_and_changes_nothing(world):
     py, env = world["python"], world["env"]
     for verb in (["stop", "rootsess"], ["destroy", "rootsess"], ["start", "rootsess"],
-                 ["list", "rootsess"], ["status", "rootsess"]):
+                 ["list", "rootsess"], ["status", "rootsess"], ["snapshot", "record", "-s", "rootsess"]):
         r = _run(py, env, USER_IN_GROUP, *verb, check=False)
         assert r.returncode != 0
         assert "permission denied" in r.stderr, (verb, r.stderr)
