@@ -510,7 +510,7 @@ class Consumerd:
         st.gone = True
         if st.closed:  # broken (its descriptors are closed) or released already
             return ReleasedReply(True)
-        if st.held:  # a snapshot session keeps a dead app's ring for the next snapshots
+        if st.held and not op.release:  # a snapshot session keeps a dead app's ring for the next snapshots
             return ReleasedReply(False)
         self.drain(st, flush=True)
         if st.blocked:  # a full sink: the rest waits in the ring; released later

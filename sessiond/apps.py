@@ -61,6 +61,7 @@ class AppProtocol:
         self.reg = registry
         self.consumers = consumers
         self._next_seq = 1
+        self._deaths = 0  # apps gone so far whose rings a snapshot session kept
         self._refused: set[int] = set()  # uids whose refusal was logged
         # Each connection costs a descriptor, and each of its streams two
         # (three on a blocking channel):
@@ -229,13 +230,37 @@ class AppProtocol:
         with trio.CancelScope(shield=True):
             for sess in list(self.reg.sessions.values()):
                 for st in [st for st in sess.streams.values() if st.app_id == app.id and st.memfd >= 0]:
-                    try:
-                        reply = await self.consumers.call(sess.owner_uid, ProducerGoneOp(key=st.key))
-                    except (UserError, trio.TooSlowError, trio.BrokenResourceError, OSError):
-                        continue
-                    if isinstance(reply, ReleasedReply) and reply.released:
+                    if await self._producer_gone(sess, st):
                         st.free_buffer()
+                    elif sess.snapshot:
+                        self._deaths += 1
+                        st.dead = self._deaths
+                if sess.snapshot:
+                    await self._keep_last_dead(sess)
             logger.info("app %s gone", app.label)
+
+    async def _producer_gone(self, sess: Session, st: Stream, release: bool = False) -> bool:
+        """Tell consumerd; whether the ring may be freed now."""
+        try:
+            reply = await self.consumers.call(sess.owner_uid, ProducerGoneOp(key=st.key, release=release))
+        except (UserError, trio.TooSlowError, trio.BrokenResourceError, OSError):
+            return False
+        return isinstance(reply, ReleasedReply) and reply.released
+
+    async def _keep_last_dead(self, sess: Session) -> None:
+        """A snapshot session keeps the rings of its last ``snapshot_keep_dead``
+        dead apps: the memory they hold is bounded by that many apps' rings."""
+        dead: dict[int, list[Stream]] = {}
+        for st in sess.streams.values():
+            if st.dead and st.memfd >= 0:
+                dead.setdefault(st.app_id, []).append(st)
+        by_age = sorted(dead.values(), key=lambda sts: max(s.dead for s in sts))
+        for streams in by_age[:max(0, len(by_age) - self.reg.config.snapshot_keep_dead)]:
+            for st in streams:
+                if await self._producer_gone(sess, st, release=True):
+                    st.free_buffer()
+                    logger.info("session %s: ring %s of a dead app freed (--snapshot-keep-dead %d)",
+                                sess.name, st.key, self.reg.config.snapshot_keep_dead)
 
     # ------------------------------------------------------------ buffer hand-out
     async def setup_everywhere(self, app: App) -> None:

@@ -302,7 +302,7 @@ class Commands:
 
     async def status(self, sess: Session) -> Reply:
         reply = await self.consumers.call(sess.owner_uid, StatusOp(session=sess.name))
-        return {"session": _describe(sess), "streams": _streams(reply)}
+        return {"session": _describe(sess, self.reg.config.snapshot_keep_dead), "streams": _streams(reply)}
 
 
 def _lost(reply: object) -> str | None:
@@ -343,8 +343,14 @@ def _check_file_names(channels: Mapping[str, Channel], name: str, tracefile_size
                         f"(which has --tracefile-size): rename one of them")
 
 
-def _describe(sess: Session) -> Reply:
+def _describe(sess: Session, keep_dead: int = 0) -> Reply:
+    held = [st for st in sess.streams.values() if st.memfd >= 0]
     return {
+        "rings": len(held),
+        "ring_bytes": sum(sess.channels[st.channel].subbuf_size * sess.channels[st.channel].num_subbuf
+                          for st in held),
+        "dead_rings": sum(1 for st in held if st.dead),
+        "keep_dead": keep_dead,
         "name": sess.name,
         "state": sess.state.value,
         "sink": sess.sink(),

@@ -59,8 +59,14 @@ def run(config: SessiondConfig) -> int:
               "overflow; 0: normal scheduling. Other users' consumerds always run at normal priority, "
               "as does every consumerd when sessiond may not grant it (not root) "
               "[env TRACEWIRE_SESSIOND_CONSUMER_RT_PRIORITY].")
+@click.option("--snapshot-keep-dead", type=click.IntRange(0, 100000), default=16, show_default=True,
+              metavar="N",
+              help="A snapshot session keeps the ring buffers of the last N apps that exited or "
+              "crashed (for 'tracewire snapshot record'); older ones are freed "
+              "[env TRACEWIRE_SESSIOND_SNAPSHOT_KEEP_DEAD].")
 @click.option("--log-level", default="INFO", show_default=True, help="Python logging level.")
-def main(rundir: str | None, stop_timeout: float, consumer_rt_priority: int, log_level: str) -> None:
+def main(rundir: str | None, stop_timeout: float, consumer_rt_priority: int, snapshot_keep_dead: int,
+         log_level: str) -> None:
     """Session daemon: the registry of tracing sessions.
 
     It owns the ring buffers, spawns consumerd and answers the tracewire CLI
@@ -71,4 +77,5 @@ def main(rundir: str | None, stop_timeout: float, consumer_rt_priority: int, log
         format="%(asctime)s sessiond %(levelname)s %(name)s: %(message)s",
     )
     sys.exit(run(SessiondConfig(rundir=rundir or default_rundir(), stop_timeout=stop_timeout,
-                                consumer_rt_priority=consumer_rt_priority)))
+                                consumer_rt_priority=consumer_rt_priority,
+                                snapshot_keep_dead=snapshot_keep_dead)))

@@ -61,6 +61,8 @@ class SessiondConfig:
     # normal scheduling) when sessiond may grant it (see docs/design.md, "Why
     # consumerd runs at a real-time priority").
     consumer_rt_priority: int = 1
+    # A snapshot session keeps the rings of this many apps that are gone.
+    snapshot_keep_dead: int = 16
 
 
 class UserError(Exception):
@@ -104,6 +106,9 @@ class Stream:
     # A blocking channel's: the write end of the pipe that wakes the app
     # waiting for space (consumerd gets a copy; kept for a restarted one).
     space_w: int = -1
+    # A snapshot session's stream whose app is gone: when (the order of
+    # deaths) its ring was kept for the snapshots; 0 while the app lives.
+    dead: int = 0
 
     @property
     def fds(self) -> tuple[int, ...]:

@@ -100,7 +100,8 @@ def test_buffer_of_an_app_killed_by_sigkill_is_in_the_next_snapshot(tw: TW, out_
     prog.proc.send_signal(signal.SIGKILL)
     prog.finish()
     reported = prog.values[-1]  # printed after those events were committed
-    assert "producer gone" in tw.cli("status").stdout
+    status = tw.cli("status").stdout
+    assert "producer gone" in status and "1 of them of apps that are gone" in status, status
     snap, _ = record(tw)
     seqs, _ = read_back(snap)
     contiguous(seqs)
@@ -122,6 +123,18 @@ def test_ten_snapshots_while_an_app_writes_at_full_speed(tw: TW, out_dir: Path) 
         seqs, _ = read_back(snap)
         contiguous(seqs)  # whole packets only: nothing torn
         assert bt2(snap)[0] == len(seqs)
+
+
+def test_only_the_last_dead_apps_rings_are_kept(tw: TW, out_dir: Path) -> None:
+    tw.env["TRACEWIRE_SESSIOND_SNAPSHOT_KEEP_DEAD"] = "2"
+    flight_recorder(tw, out_dir, "--subbuf-size", "16k", "--num-subbuf", "4")
+    for _ in range(3):
+        tw.demo("--events", "1000")
+    status = tw.cli("status").stdout
+    assert "2 ring buffers held (128.0 KiB)" in status and "2 of them of apps that are gone" in status, status
+    snap, text = record(tw)
+    assert "2 streams" in text
+    assert len(list(snap.glob("ust/pid/*"))) == 2
 
 
 def test_max_size_keeps_the_newest_data_that_fits(tw: TW, out_dir: Path) -> None:

@@ -452,6 +452,13 @@ def status(ctx: click.Context, session: str | None) -> None:
         click.echo("  stopping: a stop is waiting for the sink to take the rest")
     elif s.get("stop_pending"):
         click.echo("  the last stop did not complete: 'tracewire stop' waits for the rest again")
+    if s.get("snapshot"):
+        line = (f"  flight recorder: {s['rings']} ring buffers held ({ops.human_size(s['ring_bytes'])}), "
+                f"{s['snapshots']} snapshots recorded")
+        if s.get("dead_rings"):
+            line += (f"; {s['dead_rings']} of them of apps that are gone, kept for 'snapshot record' "
+                     f"(the last {s['keep_dead']} dead apps' are kept)")
+        click.echo(line)
     streams = r["streams"]
     if not streams:
         click.echo("  no streams yet (no traced app has emitted an enabled event)")

@@ -387,8 +387,12 @@ class FlushOp(Op):
 
 @dataclass(frozen=True, slots=True)
 class ProducerGoneOp(Op):
+    """The stream's app is gone.  A snapshot session's ring is kept (for the
+    next snapshots) unless ``release``: sessiond frees it then."""
+
     KIND: ClassVar[str] = "producer_gone"
     key: str
+    release: bool = False
 
 
 @dataclass(frozen=True, slots=True)
