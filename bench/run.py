@@ -12,6 +12,21 @@ Figures (the variant is in the name):
 * ``tracer_enabled_ns_per_event_real_daemons_payload{0,256}`` -- the same,
   measured by tracewire-demo itself (its "emitted N events in T s" line)
   while the real sessiond/consumerd write the trace to disk.  Best of N.
+* ``tracer_enabled_ns_per_event_overwrite_payload{0,256}`` -- the same
+  emitter into an overwrite ring (256 KiB x 4, ``BufferSpec(..., True)``)
+  that nothing consumes: it laps the ring for ever.
+  ``tracer_overwrite_to_discard_ratio_payload{0,256}`` (``..._min``,
+  ``..._max``): overwrite / forked-consumer discard, rounds interleaved,
+  median over ``--repeat`` rounds (issue 12's target: no more than 1).
+* ``snapshot_record_ms`` (``..._min``, ``..._max``) -- ``tracewire snapshot
+  record`` (the CLI, start to exit, its own start-up included) of a snapshot
+  session with one 32 MiB flight recorder (``--subbuf-size 1M --num-subbuf
+  32``, overwrite) while tracewire-demo writes 256-byte events into it at
+  full speed, output on /dev/shm; 5 records per round once the ring is full,
+  ``--repeat`` rounds, each with its own sessiond; median, min, max.
+  ``snapshot_record_mib``: what one record wrote (median);
+  ``snapshot_record_torn_subbufs``: sub-buffers the app overwrote while they
+  were copied (left out), summed over every record.
 * ``tracer_disabled_ns_per_call_raw`` / ``..._net`` -- a disabled emitter
   (``tracepoint()`` with no sessiond), per call, before and after subtracting
   an empty ``for`` loop over the same range.  Best of N.
@@ -197,18 +212,23 @@ def emit(name: str, value: float, unit: str, digits: int = 3) -> None:
 # ----------------------------------------------------------------- tracer, in process
 
 
-def bench_enabled_forked_consumer(payload: int, events: int, repeat: int) -> None:
+def bench_enabled_forked_consumer(payload: int, events: int, repeat: int) -> float:
+    """The discard-mode figure; returns it."""
+    return _bench_enabled(payload, events, repeat, overwrite=False)
+
+
+def _bench_enabled(payload: int, events: int, repeat: int, overwrite: bool) -> float:
     from tracewire import _tracer
     from tracewire.ringbuf import BufferSpec, ConsumerCursor, Producer, create_buffer
 
     best = float("inf")
     dropped = 0
     for _ in range(repeat):
-        spec = BufferSpec(256 * 1024, 4)
+        spec = BufferSpec(256 * 1024, 4, overwrite)
         fd = create_buffer(spec, time.monotonic_ns())
         efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         stop_r, stop_w = os.pipe()
-        pid = os.fork()
+        pid = os.fork() if not overwrite else -1  # an overwrite ring has no consumer
         if pid == 0:  # the consumer: announce and release, as consumerd does
             code = 1
             try:
@@ -242,7 +262,10 @@ def bench_enabled_forked_consumer(payload: int, events: int, repeat: int) -> Non
         t1 = time.perf_counter_ns()
         tp.set_streams(())
         os.close(stop_w)
-        os.waitpid(pid, 0)
+        if pid > 0:
+            os.waitpid(pid, 0)
+        else:
+            os.close(stop_r)
         if (t1 - t0) / events < best:
             best = (t1 - t0) / events
             dropped = prod.discarded
@@ -250,8 +273,80 @@ def bench_enabled_forked_consumer(payload: int, events: int, repeat: int) -> Non
         prod.close()
         os.close(fd)
         os.close(efd)
-    emit(f"tracer_enabled_ns_per_event_forked_consumer_payload{payload}", best, "ns/event")
-    emit(f"tracer_enabled_ns_per_event_forked_consumer_payload{payload}_dropped", dropped, "events")
+    kind = "overwrite" if overwrite else "forked_consumer"
+    emit(f"tracer_enabled_ns_per_event_{kind}_payload{payload}", best, "ns/event")
+    emit(f"tracer_enabled_ns_per_event_{kind}_payload{payload}_dropped", dropped, "events")
+    return best
+
+
+def bench_overwrite_tracer(payload: int, events: int, repeat: int) -> None:
+    """The tracer into an overwrite ring (nothing consumes it: it laps) and
+    into a discard ring drained by a forked consumer, rounds interleaved."""
+    ratios = []
+    for _ in range(repeat):
+        discard = _bench_enabled(payload, events, 1, overwrite=False)
+        over = _bench_enabled(payload, events, 1, overwrite=True)
+        ratios.append(over / discard)
+    ratios.sort()
+    emit(f"tracer_overwrite_to_discard_ratio_payload{payload}", ratios[len(ratios) // 2], "ratio")
+    emit(f"tracer_overwrite_to_discard_ratio_payload{payload}_min", ratios[0], "ratio")
+    emit(f"tracer_overwrite_to_discard_ratio_payload{payload}_max", ratios[-1], "ratio")
+
+
+def _snapshot_mib(text: str) -> float:
+    """The MiB a ``snapshot record`` says it wrote."""
+    m = re.search(r"packets, ([\d.]+) (B|KiB|MiB|GiB)", text)
+    if m is None:
+        raise RuntimeError(f"snapshot record said: {text.strip()}")
+    return float(m.group(1)) * {"B": 2**-20, "KiB": 2**-10, "MiB": 1, "GiB": 1024}[m.group(2)]
+
+
+def bench_snapshot(repeat: int, records: int = 5) -> None:
+    """``snapshot record`` of a 32 MiB flight recorder (one stream: 32 x 1 MiB,
+    overwrite) while tracewire-demo writes into it at full speed: the time
+    the CLI takes, start to exit (CLI start-up included), and what it wrote."""
+    times: list[float] = []
+    sizes: list[float] = []
+    torn = 0
+    for run in range(repeat):
+        d = Daemons()
+        out = tempfile.mkdtemp(prefix="twbs", dir="/dev/shm")
+        app = None
+        try:
+            name = f"snap{run}"
+            d.cli("create", name, "--snapshot", "--output", out)
+            d.cli("enable-channel", "big", "-s", name, "--subbuf-size", "1M", "--num-subbuf", "32")
+            d.cli("enable-event", "demo:*", "-s", name, "-c", "big")
+            d.cli("start", name)
+            app = subprocess.Popen([os.path.join(BIN_DIR, "tracewire-demo"), "--events", str(10**10),
+                                    "--payload-bytes", "256"], env=d.env, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+            # Fill the ring once (32 MiB at the tracer's speed takes well under 10 s).
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                text = d.cli("snapshot", "record", "-s", name)
+                if _snapshot_mib(text) >= 31:
+                    break
+            for _ in range(records):
+                t0 = time.perf_counter()
+                text = d.cli("snapshot", "record", "-s", name)
+                times.append((time.perf_counter() - t0) * 1000)
+                sizes.append(_snapshot_mib(text))
+                m = re.search(r"(\d+) sub-buffers overwritten while copied", text)
+                torn += int(m.group(1)) if m else 0
+                shutil.rmtree(out, ignore_errors=True)
+                os.makedirs(out, exist_ok=True)
+        finally:
+            if app is not None:
+                _terminate(app, app.pid)
+            d.close()
+            shutil.rmtree(out, ignore_errors=True)
+    times.sort()
+    emit("snapshot_record_ms", times[len(times) // 2], "ms")
+    emit("snapshot_record_ms_min", times[0], "ms")
+    emit("snapshot_record_ms_max", times[-1], "ms")
+    emit("snapshot_record_mib", sorted(sizes)[len(sizes) // 2], "MiB")
+    emit("snapshot_record_torn_subbufs", torn, "sub-buffers")
 
 
 def bench_disabled(calls: int, repeat: int) -> None:
@@ -1743,6 +1838,10 @@ def main() -> None:
     for payload in (0, 256):
         if want("tracer_enabled"):
             bench_enabled_forked_consumer(payload, a.tracer_events, a.repeat)
+        if want("tracer_overwrite"):
+            bench_overwrite_tracer(payload, a.tracer_events, a.repeat)
+    if want("snapshot_record"):
+        bench_snapshot(a.repeat)
     for payload in (0, 256):
         if want("local_pipeline") or want("tracer_enabled_ns_per_event_real"):
             bench_pipeline(payload, a.events, a.repeat)
