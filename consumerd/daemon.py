@@ -39,6 +39,11 @@ does not run consumerd out of descriptors.  If it is out of them anyway,
 a request whose descriptors the kernel had to cut off (``MSG_CTRUNC``) is
 answered with an error, never left without an answer.
 
+A *snapshot session*'s streams are *held*: mapped, never drained (no task
+waits for their eventfd; flushes skip them; a dead app's ring is kept), and
+read only by ``snapshot`` requests (consumerd/snapshot.py), which any
+session may get.  consumerd keeps each trace's metadata text for them.
+
 This module knows no sink type: what a sink does with a packet, a trace's
 metadata or a flush is the sink's (consumerd/sinks.py).
 """

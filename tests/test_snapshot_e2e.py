@@ -8,6 +8,7 @@ Robust on a loaded 2-core machine: generous deadlines, no timing assertions.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import signal
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from test_local_e2e import Progress, read_back
-from test_relay_e2e import relayd  # noqa: F401 (a fixture)
+from test_relay_e2e import consumerd_pid, relayd  # noqa: F401 (a fixture)
 
 from conftest import TW
 
@@ -123,6 +124,17 @@ def test_ten_snapshots_while_an_app_writes_at_full_speed(tw: TW, out_dir: Path) 
         seqs, _ = read_back(snap)
         contiguous(seqs)  # whole packets only: nothing torn
         assert bt2(snap)[0] == len(seqs)
+
+
+def test_rings_survive_a_consumerd_crash(tw: TW, out_dir: Path) -> None:
+    flight_recorder(tw, out_dir, "--subbuf-size", "16k", "--num-subbuf", "4")
+    tw.demo("--events", "20000")
+    before, _ = record(tw)
+    os.kill(consumerd_pid(tw), signal.SIGKILL)
+    after, _ = record(tw)  # sessiond restarts consumerd and gives it the rings again
+    seqs = read_back(after)[0]
+    contiguous(seqs)
+    assert seqs == read_back(before)[0] and seqs[-1] == 19_999
 
 
 def test_only_the_last_dead_apps_rings_are_kept(tw: TW, out_dir: Path) -> None:
