@@ -20,7 +20,7 @@ Control page (little-endian), fields and their single writer:
 offset type       writer      meaning
 ====== ========== =========== =============================================
 0      u32        sessiond    magic ``RB_MAGIC``
-4      u32        sessiond    layout version (3)
+4      u32        sessiond    layout version (4)
 8      u32        sessiond    sub-buffer size S
 12     u32        sessiond    number of sub-buffers N
 16     u64        producer    ts: the latest timestamp the producer handed
