@@ -142,7 +142,10 @@ async def record(cd: Consumerd, op: SnapshotOp, base: SessionOp) -> SnapshotRepl
     sink_url = op.sink or base.sink
     sink = open_sink(dataclasses.replace(base, sink=sink_url, spool_dir=None, snapshot=False),
                      on_room=_nothing, on_saved=_ignore_saved)
-    where = f"{sink_url.rstrip('/')}/{op.directory}"
+    if "://" in sink_url:  # where the relay puts it: HOST/SESSION-CREATED/DIRECTORY
+        where = f"{sink_url.rstrip('/')}/{base.hostname}/{base.session}-{base.created}/{op.directory}"
+    else:
+        where = f"{sink_url.rstrip('/')}/{op.directory}"
     reply = SnapshotReply(path=where)
     failed: BaseException | None = None
     async with trio.open_nursery() as nursery:

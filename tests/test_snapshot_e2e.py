@@ -199,9 +199,9 @@ def test_snapshot_to_a_relay_lands_in_the_session_directory(tw: TW, relayd) -> N
     tw.cli("enable-event", "demo:*", "-c", "big")
     tw.cli("start")
     tw.demo("--events", "300000")
-    for _ in range(2):
-        record(tw)
+    paths = [record(tw)[0] for _ in range(2)]
     (session,) = (relay.output / "target1").iterdir()
+    assert [str(p).split("/target1/", 1)[1] for p in paths] == [f"{session.name}/{p.name}" for p in paths]
     assert session.name.startswith("fr-")
     snaps = sorted(session.glob("snapshot-1-*"), key=lambda p: p.name.rsplit("-", 1)[1])
     assert [s.name.rsplit("-", 1)[1] for s in snaps] == ["0", "1"]
