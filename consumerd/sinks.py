@@ -466,6 +466,8 @@ class RelayStream(StreamSink):
 
     def stats(self, counted: StreamStats) -> StreamStats:
         net = self.net
+        if self.key not in net.streams:
+            return counted  # a stream of an archived chunk: all of it was acknowledged
         s = net.stats(self.key)
         relay, why = net.relay_state(self.key)
         error = counted.error

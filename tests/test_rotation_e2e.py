@@ -63,7 +63,11 @@ def check_chunks(archives: Path, n: int, expect: int) -> None:
     chunks = sorted(archives.iterdir(), key=lambda p: int(ARCHIVE.fullmatch(p.name)[1]))  # type: ignore[index]
     assert [int(ARCHIVE.fullmatch(p.name)[1]) for p in chunks] == list(range(expect))  # type: ignore[index]
     union: list[int] = []
+    full = 0
     for chunk in chunks:
+        if not any(chunk.iterdir()):
+            continue  # nothing traced in it: a rotation after the app exited (a slow machine)
+        full += 1
         assert [p.name for p in chunk.iterdir()] == ["ust"], chunk
         seqs, lost = ctf_seqs(chunk)
         assert lost == 0, chunk
@@ -72,6 +76,7 @@ def check_chunks(archives: Path, n: int, expect: int) -> None:
         assert seqs == sorted(seqs), chunk  # one app, one stream: in order within the chunk
         union += seqs
     check_once(union, n, "the union of the chunks")
+    assert full >= min(expect, 3), f"only {full} of {expect} chunks hold events"
 
 
 def session_dir(out: Path) -> Path:
@@ -85,7 +90,7 @@ def test_rotate_local_output(tw: TW, out_dir: Path) -> None:
     tw.cli("create", "rot", "--output", str(out_dir))
     tw.cli("enable-event", "demo:*")
     tw.cli("start")
-    printed = rotate_while_emitting(tw, n, rotations, rate="40000")
+    printed = rotate_while_emitting(tw, n, rotations, rate="20000")
     sdir = session_dir(out_dir)
     assert [i for i, _ in printed] == list(range(rotations))
     for i, path in printed:
@@ -144,7 +149,7 @@ def test_rotation_by_size(tw: TW, out_dir: Path) -> None:
     n = 60_000
     tw.cli("create", "rs", "--output", str(out_dir))
     tw.cli("enable-event", "demo:*")
-    tw.cli("enable-rotation", "--size", "256k")
+    tw.cli("enable-rotation", "--size", "200k")
     tw.cli("start")
     demo = tw.demo_popen("--events", str(n), "--rate", "20000", "--progress-every", "1000")
     _out, err = demo.communicate(timeout=180)
@@ -154,7 +159,7 @@ def test_rotation_by_size(tw: TW, out_dir: Path) -> None:
     rotate(tw)
     sdir = session_dir(out_dir)
     archives = sorted((sdir / "archives").iterdir())
-    assert len(archives) >= 3, archives  # ~2 MiB of events in 256 KiB chunks
+    assert len(archives) >= 3, archives  # ~750 KiB of events in packets of 256 KiB at most
     check_chunks(sdir / "archives", n, len(archives))
 
 
@@ -166,7 +171,7 @@ def test_rotate_through_a_relay_restarted_between_rotations(tw: TW, relayd) -> N
     tw.cli("create", "rr", "--url", relay.url)
     tw.cli("enable-event", "demo:*")
     tw.cli("start")
-    demo = tw.demo_popen("--events", str(n), "--rate", "40000", "--progress-every", str(_step(n, rotations)))
+    demo = tw.demo_popen("--events", str(n), "--rate", "20000", "--progress-every", str(_step(n, rotations)))
     assert demo.stdout is not None
     printed = []
     for line in demo.stdout:
