@@ -14,11 +14,14 @@ import re
 from pathlib import Path
 
 import pytest
+import test_relay_e2e
+from test_relay_e2e import BT2, Relay, bt2_seqs, check_once, ctf_seqs
 
 from tracewire import ctf
 
 from conftest import TW
-from test_relay_e2e import BT2, Relay, bt2_seqs, check_once, ctf_seqs, relayd  # noqa: F401
+
+relayd = test_relay_e2e.relayd  # the fixture
 
 needs_bt2 = pytest.mark.skipif(BT2 is None, reason="babeltrace2 is not installed")
 
@@ -190,7 +193,7 @@ def test_rotate_through_a_relay_restarted_between_rotations(tw: TW, relayd) -> N
     sessions = list((relay.output / "rothost").iterdir())
     assert len(sessions) == 1
     sdir = sessions[0]
-    for i, path in printed:
+    for _i, path in printed:
         assert path.startswith(f"rothost/{sdir.name}/archives/"), path
         assert (relay.output / path).is_dir()
     check_chunks(sdir / "archives", n, rotations + 1)
