@@ -242,12 +242,13 @@ def test_view_of_a_directory_without_trace(tw: TW, out_dir) -> None:
 def test_snapshot_and_rotate_not_available(tw: TW) -> None:
     r = tw.cli("snapshot", "record", check=False)
     assert_one_line_error(r, 1, "not available")
-    r = tw.cli("rotate", check=False)
-    assert_one_line_error(r, 1, "not available")
+    r = tw.cli("rotate", check=False)  # available now: no daemon to ask here
+    assert_one_line_error(r, 3, "no tracewire-sessiond")
 
 
 CLI_COMMANDS = [[], ["create"], ["enable-channel"], ["enable-event"], ["start"], ["stop"], ["destroy"],
-                ["list"], ["status"], ["snapshot"], ["snapshot", "record"], ["rotate"], ["view"]]
+                ["list"], ["status"], ["snapshot"], ["snapshot", "record"], ["rotate"], ["view"],
+                ["enable-rotation"], ["disable-rotation"]]
 
 
 @pytest.mark.parametrize("cmd", CLI_COMMANDS, ids=lambda c: " ".join(c) or "tracewire")
@@ -314,3 +315,21 @@ def test_cli_refuses_a_control_socket_served_by_another_user(tw: TW) -> None:
         f"Error: refusing the sessiond at {rundir}/control.sock: it runs as uid 65534, not as you or root"]
     out, _ = listener.communicate(timeout=30)
     assert out.strip() == "0"  # not one byte of the request reached it
+
+
+@pytest.mark.parametrize(("text", "ms"), [("500ms", 500), ("30s", 30_000), ("10m", 600_000), ("1h", 3_600_000),
+                                          ("25000", 25), ("1.5s", 1500), (" 10M ", 600_000)])
+def test_rotation_timer_periods(text: str, ms: int) -> None:
+    from tracewire.cli import Period
+
+    assert Period().convert(text, None, None) == ms
+
+
+@pytest.mark.parametrize("text", ["", "ms", "10 parsecs", "-5s", "0s", "10d", "nan"])
+def test_rotation_timer_refuses_what_is_not_a_period(text: str) -> None:
+    import click
+
+    from tracewire.cli import Period
+
+    with pytest.raises(click.BadParameter):
+        Period().convert(text, None, None)
