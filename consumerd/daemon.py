@@ -529,8 +529,13 @@ class Consumerd:
         alive = {st.trace.trace_id for st in live}
         # The next chunk gets the traces still written to, and those of apps
         # whose streams are not added yet; a dead app's trace stays behind.
-        traces = [tid for tid, tr in self.traces.items()
-                  if tr.session == so.name and (tid in alive or tid not in used)]
+        session_traces = [tid for tid, tr in self.traces.items() if tr.session == so.name]
+        traces = [tid for tid in session_traces if tid in alive or tid not in used]
+        if not traces:
+            # Nothing is traced now: the next chunk gets the traces of this
+            # one (their metadata, no stream), so that even a chunk in which
+            # nothing happens is a trace babeltrace2 opens.
+            traces = session_traces
         for st in live:
             try:
                 st.sink.close()
