@@ -871,3 +871,54 @@ async def test_reconnect_backoff_starts_again_after_a_working_connection(mock_cl
     gaps = [b - a for a, b in zip(relay.opened, relay.opened[1:])]
     assert gaps == pytest.approx([0.1, 0.2, 0.4, 0.1])
 
+
+
+async def test_a_chunk_is_archived_once_across_a_relay_restart_during_the_rotation(tmp_path: Path) -> None:
+    """A rotation at the NetSession's level (what RelaySink does): the old
+    chunk's last packets are submitted while the relay is down, the next
+    chunk's stream starts at once; once the relay is back the old chunk is
+    acknowledged, dropped and moved by ChunkClose, and each chunk holds its
+    own events exactly once."""
+    out = tmp_path / "relay"
+    old, new = make_packets(20, 300), make_packets(10, 300, first_event=20 * 300)
+    archive = "archives/20260102T030405+0000-20260102T030500+0000-0"
+    with trio.fail_after(DEADLINE):
+        async with trio.open_nursery() as relays:
+            first = trio.CancelScope()
+
+            async def relay(scope: trio.CancelScope, port: int, task_status=trio.TASK_STATUS_IGNORED) -> None:
+                with scope:
+                    await serve_relayd(RelaydConfig(output=str(out), listen_host="127.0.0.1", listen_port=port),
+                                       task_status=task_status)
+
+            listeners = await relays.start(relay, first, 0)
+            port = listeners[0].socket.getsockname()[1]
+            net = new_session(Opener(port))
+            async with running(net):
+                declare(net)
+                submit_all(net, old[:10])
+                await net.wait_all_acked()
+                first.cancel()  # the relay stops
+                submit_all(net, old[10:])  # the old chunk's last packets, not acknowledged yet
+                net.add_trace("t0~c1", "active-chunk-1/" + TRACE_PATH)  # the switch
+                net.add_metadata("t0~c1", metadata_text())
+                net.add_stream("s0~c1", "t0~c1", "channel0")
+                submit_all(net, new, key="s0~c1")
+                while net.last_failure is None:
+                    await trio.sleep(0.02)
+                second = trio.CancelScope()
+                async with trio.open_nursery() as rot:
+                    async def close() -> None:
+                        await net.wait_acked(["s0"])
+                        net.drop_stream("s0")
+                        net.drop_trace("t0")
+                        await net.close_chunk("ust", f"{archive}/ust")
+                    rot.start_soon(close)
+                    await relays.start(relay, second, port)  # the relay comes back
+                await net.wait_all_acked()
+                assert sorted(net.streams) == ["s0~c1"] and sorted(net.traces) == ["t0~c1"]
+            second.cancel()
+    sdir = out / HOST / f"{SESSION}-{CREATED}"
+    assert sorted(p.name for p in sdir.iterdir()) == ["active-chunk-1", "archives"]
+    assert read_seqs(sdir / archive) == list(range(20 * 300))
+    assert read_seqs(sdir / "active-chunk-1") == list(range(20 * 300, 30 * 300))
