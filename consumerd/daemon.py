@@ -510,7 +510,13 @@ class Consumerd:
                     if not any(st.blocked and not st.closed and not st.broken for st in streams):
                         break
                     await so.sink.wait_room()
-                self._switch_chunk(so, op.chunk + 1)
+                if op.last:
+                    for st in self._streams_of(so.name):
+                        self.drain(st, flush=True)
+                        self._release(st)  # its files closed: the chunk is complete
+                    so.chunk = op.chunk + 1
+                else:
+                    self._switch_chunk(so, op.chunk + 1)
             # else: switched already by a rotation that timed out: close it now.
             path = await so.sink.close_chunk(op.chunk, archive)
         if cs.cancelled_caught:

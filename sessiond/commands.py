@@ -263,6 +263,14 @@ class Commands:
         if sess.state is SessionState.STARTED:
             result = await self._stop(sess)
         await self.apps.close_streams(sess)
+        if sess.declared and sess.chunk > 0 and not sess.rotated_while_stopped and not sess.stop_pending:
+            # A session that was rotated ends with its last chunk archived
+            # too (as LTTng's destroy does): every chunk is then in archives/.
+            try:
+                result["archive"] = (await self.rotate(sess, last=True))["path"]
+            except (UserError, trio.TooSlowError) as exc:
+                why = f"the last trace chunk stays in {sess.sink()}/active-chunk-{sess.chunk}: {exc}"
+                result["warning"] = f"{result['warning']}; {why}" if result.get("warning") else why
         if sess.declared:
             # After a stop that timed out the user has waited already: a
             # short last chance, then what is left is counted as lost.
@@ -275,10 +283,11 @@ class Commands:
         self.reg.remove(sess)
         return result
 
-    async def rotate(self, sess: Session) -> Reply:
+    async def rotate(self, sess: Session, last: bool = False) -> Reply:
         """Archive the session's current trace chunk; tracing goes on in the
-        next one.  A started session rotates at any time; a stopped one
-        once (its last chunk), as with LTTng.
+        next one (``last``: none, the session is being destroyed).  A
+        started session rotates at any time; a stopped one once (its last
+        chunk), as with LTTng.
 
         Raises:
             UserError: nothing to rotate, or consumerd could not complete it
@@ -293,7 +302,7 @@ class Commands:
         end = chunk_stamp()
         archive = f"{sess.chunk_begin}-{end}-{sess.chunk}"
         reply = await self.consumers.call(
-            sess.owner_uid, RotateOp(session=sess.name, chunk=sess.chunk, archive=archive, timeout=wait),
+            sess.owner_uid, RotateOp(session=sess.name, chunk=sess.chunk, archive=archive, timeout=wait, last=last),
             timeout=wait + 30)
         if not isinstance(reply, RotatedReply):
             raise UserError("consumerd answered the rotation without a path")

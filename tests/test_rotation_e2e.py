@@ -115,6 +115,14 @@ def test_rotate_local_output(tw: TW, out_dir: Path) -> None:
     tw.cli("stop")
     seqs, _ = ctf_seqs(sdir / f"active-chunk-{rotations + 1}")
     check_once(seqs, 1000, "the chunk after the restart")
+    # Destroying a rotated session archives its last chunk too.
+    out = tw.cli("destroy").stdout
+    assert f"last trace chunk archived at {sdir}/archives/" in out, out
+    assert sorted(p.name for p in sdir.iterdir()) == ["archives"]
+    last = max((sdir / "archives").iterdir(), key=lambda p: int(ARCHIVE.fullmatch(p.name)[1]))  # type: ignore[index]
+    assert last.name.endswith(f"-{rotations + 1}")
+    seqs, _ = ctf_seqs(last)
+    check_once(seqs, 1000, "the last chunk, archived by destroy")
 
 
 def test_rotate_refusals(tw: TW, out_dir: Path) -> None:
@@ -187,7 +195,10 @@ def test_rotate_through_a_relay_restarted_between_rotations(tw: TW, relayd) -> N
     while len(printed) < rotations:
         printed.append(rotate(tw))
     tw.cli("stop")
-    printed.append(rotate(tw))
+    out = tw.cli("destroy").stdout  # archives the last chunk on the relay too
+    m = re.search(r"last trace chunk archived at (\S+)", out)
+    assert m, out
+    printed.append((rotations, m[1]))
     sessions = list((relay.output / "rothost").iterdir())
     assert len(sessions) == 1
     sdir = sessions[0]
@@ -195,9 +206,7 @@ def test_rotate_through_a_relay_restarted_between_rotations(tw: TW, relayd) -> N
         assert path.startswith(f"rothost/{sdir.name}/archives/"), path
         assert (relay.output / path).is_dir()
     check_chunks(sdir / "archives", n, rotations + 1)
-    # Nothing else: no chunk left behind (the one after the last rotation is empty).
-    assert {p.name for p in sdir.iterdir()} <= {"active-chunk-11", "archives"}
-    assert all(p.stat().st_size == 0 for p in sdir.rglob("active-chunk-11/**/channel0_0"))
+    assert sorted(p.name for p in sdir.iterdir()) == ["archives"]  # no chunk left behind
 
 
 def test_chunk_of_the_project_reader_is_a_whole_trace(tw: TW, out_dir: Path) -> None:

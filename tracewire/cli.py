@@ -424,12 +424,15 @@ def stop(ctx: click.Context, session: str | None, timeout: float | None) -> None
 @click.argument("session", required=False)
 @click.pass_context
 def destroy(ctx: click.Context, session: str | None) -> None:
-    """Destroy SESSION (stopping it first when needed)."""
+    """Destroy SESSION (stopping it first when needed).  A session that was
+    rotated has its last trace chunk archived too, as the others."""
     r = _client(ctx).request(ops.DestroyRequest(session=session), timeout=None)
     if "streams" in r:
         _stop_summary(r)  # prints the warning too
     elif r.get("warning"):
         click.echo(f"Warning: {r['warning']}", err=True)
+    if r.get("archive"):
+        click.echo(f"Session {r['session']}: last trace chunk archived at {r['archive']}")
     click.echo(f"Session {r['session']} destroyed")
 
 

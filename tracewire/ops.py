@@ -412,6 +412,9 @@ class RotateOp(Op):
     chunk: int
     archive: str
     timeout: float = DEFAULT_FLUSH_TIMEOUT
+    # The session is being destroyed (its apps stopped): its streams are
+    # closed instead of switched, no next chunk is begun.
+    last: bool = False
 
     def __post_init__(self) -> None:
         _require(0 <= self.chunk < 2**32 - 1, "chunk out of range")
