@@ -620,6 +620,8 @@ class RelaySink(SessionSink):
             for key in keys:
                 self.net.drop_stream(key)
                 self._owner.pop(key, None)
+            dropped = set(keys)
+            self._keys = [k for k in self._keys if k not in dropped]
             for net_tid in old.traces.values():
                 self.net.drop_trace(net_tid)
             parts = _chunk_parts(old.paths.values())
