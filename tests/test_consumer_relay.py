@@ -17,6 +17,7 @@ writes is read back with ctf.read_trace (and the index with ctf.read_index).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import shutil
 import subprocess
@@ -922,3 +923,49 @@ async def test_a_chunk_is_archived_once_across_a_relay_restart_during_the_rotati
     assert sorted(p.name for p in sdir.iterdir()) == ["active-chunk-1", "archives"]
     assert read_seqs(sdir / archive) == list(range(20 * 300))
     assert read_seqs(sdir / "active-chunk-1") == list(range(20 * 300, 30 * 300))
+
+
+async def test_an_older_relay_gets_protocol_1_and_a_rotation_through_it_fails_with_one_line(
+        mock_clock: MockClock) -> None:
+    """A relay that knows only protocol 1 refuses Hello(2) with
+    Error(VERSION): the session connects again saying 1, streams as before,
+    and a ChunkClose is refused locally with a clear text, the session
+    itself unharmed."""
+    mock_clock.autojump_threshold = 0
+    hellos: list[int] = []
+
+    async def old_relay(stream: trio.abc.Stream) -> None:
+        conn = wire.Connection(wire.Role.RELAY)
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            while True:
+                conn.receive_data(await stream.receive_some(65536))
+                while (msg := conn.next_event()) is not None:
+                    match msg:
+                        case wire.ConnectionClosed():
+                            return
+                        case wire.Hello() if msg.version != 1:
+                            hellos.append(msg.version)
+                            await stream.send_all(conn.send(wire.Error(wire.ErrorCode.VERSION, "unsupported")))
+                            await stream.aclose()
+                            return
+                        case wire.Hello():
+                            hellos.append(msg.version)
+                            await stream.send_all(conn.send(wire.Welcome(1, None)))
+                        case wire.StreamStateRequest():
+                            await stream.send_all(conn.send(wire.StreamState(msg.stream_id, 0)))
+
+    async with trio.open_nursery() as nursery:
+        async def opener() -> trio.abc.Stream:
+            ours, theirs = memory_stream_pair()
+            nursery.start_soon(old_relay, theirs)
+            return ours
+
+        net = new_session(opener, compress=False)
+        async with running(net):
+            declare(net)
+            await connected(net)
+            assert hellos == [2, 1] and net.error is None
+            with pytest.raises(SinkError, match="speaks protocol 1: it cannot archive trace chunks"):
+                await net.close_chunk("ust", "archives/a-b-0/ust")
+            assert net.error is None and net.connected
+        nursery.cancel_scope.cancel()
