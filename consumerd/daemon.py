@@ -44,6 +44,17 @@ waits for their eventfd; flushes skip them; a dead app's ring is kept), and
 read only by ``snapshot`` requests (consumerd/snapshot.py), which any
 session may get.  consumerd keeps each trace's metadata text for them.
 
+Rotation (``rotate``): every stream of the session is drained to its last
+whole event (waiting for room in the sink, as the stop barrier does), then,
+with no checkpoint in between, each stream's sink is closed and reopened in
+the next trace chunk (``SessionSink.begin_chunk``: new files, a copy of the
+metadata, ``packet_seq_num`` from 0).  A packet is written to exactly one
+chunk: the ones taken before the switch to the old, every later one to the
+new.  Then ``SessionSink.close_chunk`` waits until the old chunk is complete
+in the sink (a relay acknowledged all of it) and moves it to
+``archives/<begin>-<end>-<index>/``.  A rotation whose switch is done but
+whose close timed out is completed by the next ``rotate`` of the same chunk.
+
 This module knows no sink type: what a sink does with a packet, a trace's
 metadata or a flush is the sink's (consumerd/sinks.py).
 """
@@ -79,6 +90,8 @@ from tracewire.ops import (
     ReleasedReply,
     RemoveSessionOp,
     Reply,
+    RotatedReply,
+    RotateOp,
     SessionOp,
     SnapshotOp,
     StatusOp,
@@ -122,6 +135,7 @@ class SessionOut:
     name: str
     sink: SessionSink
     op: SessionOp
+    chunk: int = 0  # the trace chunk the streams write to
 
 
 @dataclass
@@ -156,10 +170,13 @@ class StreamOut:
     blocked: bool = False  # the sink is full: data waits in the ring
     packets: int = 0
     raw_bytes: int = 0
+    chunk_bytes: int = 0  # raw bytes written to the current trace chunk
     gone: bool = False
     broken: str | None = None
     closed: bool = False
     held: bool = False  # a snapshot session's: never drained, only read by snapshots
+    tracefile_size: int = 0  # the channel's stream file limits (kept for the next trace chunk)
+    tracefile_count: int = 0
     done: trio.Event = field(default_factory=trio.Event)
     cancel: trio.CancelScope = field(default_factory=trio.CancelScope)
 
@@ -230,7 +247,7 @@ class Consumerd:
                 logger.info("sessiond closed the control socket; exiting")
                 return
             msg, fds = got
-            if msg.get("op") in (FlushOp.KIND, SnapshotOp.KIND):
+            if msg.get("op") in (FlushOp.KIND, SnapshotOp.KIND, RotateOp.KIND):
                 # A stop barrier can wait minutes for a relay (a full disk):
                 # meanwhile status, new apps' streams and the owner's other
                 # sessions are answered (replies carry their request's seq).
@@ -281,6 +298,8 @@ class Consumerd:
                 return self.op_add_stream(op, fds)
             case FlushOp():
                 return await self.op_flush(op)
+            case RotateOp():
+                return await self.op_rotate(op)
             case ProducerGoneOp():
                 return await self.op_producer_gone(op)
             case RemoveSessionOp():
@@ -323,7 +342,7 @@ class Consumerd:
             sink: SessionSink = snapshot.HeldSink(op.sink)
         else:
             sink = open_sink(op, on_room=lambda: self._on_room(name), on_saved=self._on_saved)
-        self.sessions[name] = SessionOut(name, sink, op)
+        self.sessions[name] = SessionOut(name, sink, op, op.chunk)
         self.nursery.start_soon(sink.run)
         return DoneReply()
 
@@ -462,6 +481,7 @@ class Consumerd:
         return StreamOut(
             op.key, tr.session, tr, channel, op.stream_class, cursor, efd, sink, op.switch_timer_ms,
             next_seq=sink.resume.next_seq or 0, seq_known=sink.resume.next_seq is not None,
+            tracefile_size=op.tracefile_size, tracefile_count=op.tracefile_count,
         )
 
     async def _flush_streams(self, streams: list[StreamOut]) -> None:
@@ -501,6 +521,82 @@ class Consumerd:
             unread = sum(_ring_unread(st) for st in streams)
             raise RequestError(sink.timeout_message([st.key for st in streams], op.timeout, unread))
         return StreamsReply(self._session_stats(streams, op.session))
+
+    async def op_rotate(self, op: RotateOp) -> RotatedReply:
+        """Close trace chunk ``op.chunk`` as ``archives/<op.archive>`` and go
+        on in the next one (see the module docstring).
+
+        Raises:
+            RequestError: not done in ``op.timeout``, or the session is in
+                another chunk.
+            SinkError: the sink failed for good.
+        """
+        so = self._session(op.session)
+        archive = validate_name(op.archive, "archive name")
+        if so.chunk not in (op.chunk, op.chunk + 1):
+            raise RequestError(f"session {so.name!r} writes trace chunk {so.chunk}, not {op.chunk}")
+        with trio.move_on_after(op.timeout) as cs:
+            if so.chunk == op.chunk:
+                # Drain what the rings hold now, waiting for room; the
+                # switch itself drains the last events again, then no
+                # checkpoint comes before every stream writes to the next chunk.
+                while True:
+                    streams = self._streams_of(so.name)
+                    for st in streams:
+                        self.drain(st, flush=True)
+                    if not any(st.blocked and not st.closed and not st.broken for st in streams):
+                        break
+                    await so.sink.wait_room()
+                if op.last:
+                    for st in self._streams_of(so.name):
+                        self.drain(st, flush=True)
+                        self._release(st)  # its files closed: the chunk is complete
+                    so.chunk = op.chunk + 1
+                else:
+                    self._switch_chunk(so, op.chunk + 1)
+            # else: switched already by a rotation that timed out: close it now.
+            path = await so.sink.close_chunk(op.chunk, archive)
+        if cs.cancelled_caught:
+            raise RequestError(f"trace chunk {op.chunk} of session {so.name!r} not complete in the sink after "
+                               f"{op.timeout:g} s; the next 'tracewire rotate' completes it")
+        return RotatedReply(path)
+
+    def _switch_chunk(self, so: SessionOut, chunk: int) -> None:
+        """Every stream of ``so`` from now on writes to trace chunk ``chunk``
+        (no checkpoint here: nothing is drained meanwhile)."""
+        streams = self._streams_of(so.name)
+        for st in streams:
+            self.drain(st, flush=True)
+        live = [st for st in streams if not st.closed]
+        used = {st.trace.trace_id for st in streams}
+        alive = {st.trace.trace_id for st in live}
+        # The next chunk gets the traces still written to, and those of apps
+        # whose streams are not added yet; a dead app's trace stays behind.
+        session_traces = [tid for tid, tr in self.traces.items() if tr.session == so.name]
+        traces = [tid for tid in session_traces if tid in alive or tid not in used]
+        if not traces:
+            # Nothing is traced now: the next chunk gets the traces of this
+            # one (their metadata, no stream), so that even a chunk in which
+            # nothing happens is a trace babeltrace2 opens.
+            traces = session_traces
+        for st in live:
+            try:
+                st.sink.close()
+            except OSError as exc:
+                logger.error("stream %s: closing its files in chunk %d failed: %s", st.key, so.chunk, exc)
+        so.sink.begin_chunk(chunk, traces)
+        so.chunk = chunk
+        for st in live:
+            try:
+                st.sink = so.sink.open_stream(st.key, st.trace.trace_id, st.channel, st.stream_class, False,
+                                              tracefile_size=st.tracefile_size,
+                                              tracefile_count=st.tracefile_count)
+            except OSError as exc:
+                st.broken = f"cannot open its files in trace chunk {chunk}: {exc}"
+                self._count_broken(st.key, st.broken)
+                self._release(st)  # closing the old sink again only logs
+                continue
+            st.next_seq, st.seq_known, st.chunk_bytes = 0, True, 0
 
     async def op_producer_gone(self, op: ProducerGoneOp) -> ReleasedReply:
         """The app exited or died: write (or spool) what it committed, then
@@ -552,6 +648,7 @@ class Consumerd:
             key=st.key, path=st.sink.path, channel=st.channel, packets=st.packets,
             raw_bytes=st.raw_bytes, wire_bytes=st.raw_bytes, discarded=st.cursor.last_discarded,
             unacked=0, producer="gone" if st.gone else "alive", error=st.broken, ring_unread=_ring_unread(st),
+            chunk_bytes=st.chunk_bytes,
         )
         return st.sink.stats(counted)
 
@@ -657,6 +754,7 @@ class Consumerd:
         st.sink.write(header, chunk, seq)
         st.packets += 1
         st.raw_bytes += len(header) + n
+        st.chunk_bytes += len(header) + n
         st.next_seq = seq + 1
 
     async def close_stream(self, st: StreamOut) -> None:

@@ -47,6 +47,17 @@ acknowledgements free room (``on_room`` is called then).  The stop barrier
 waits for ``wait_all_acked()``: it completes on the relay's acknowledgement,
 not on a timer.
 
+Trace chunks (rotation): a chunk's streams are streams of their own (new
+keys, new wire ids, new files on the relay).  Once every packet of a closed
+chunk is acknowledged (``wait_acked``), its streams and traces are dropped
+(``drop_stream``, ``drop_trace``: closed on the wire, never declared again),
+then ``close_chunk`` sends ``ChunkClose`` and waits for ``ChunkClosed``; a
+ChunkClose not answered when the connection breaks is sent again after the
+next declaration (the relay does it at most once).  ChunkClose needs
+protocol 2: the session says Hello with version 2, and falls back to 1 for a
+relay that refuses it (a rotation through such a relay then fails with one
+line).
+
 consumerd/sinks.py's ``RelaySink`` puts a NetSession and its spool
 (consumerd/spool.py) behind the sink interface the daemon uses.
 """
@@ -136,6 +147,10 @@ class _FileSend:
 class SinkError(Exception):
     """A sink that cannot be used: the relay refused the session (or a bad
     relay URL, directory or key file, see consumerd/sinks.py)."""
+
+
+class _VersionRefused(SinkError):
+    """The relay does not speak our protocol version (it is older)."""
 
 
 class RelayUnavailable(Exception):
@@ -371,6 +386,10 @@ class NetSession:
         self._next_wire_id: Iterator[int] = itertools.count()
         self._changed = trio.Event()
         self._cancel = trio.CancelScope()
+        self._version = wire.PROTOCOL_VERSION  # what Hello says (1 after a refusal of 2)
+        self._conn_version = 0  # what the current connection speaks
+        # Chunk moves asked of the relay, by target: (source, done, failure).
+        self._chunk_closes: dict[str, tuple[str, trio.Event, list[str]]] = {}
 
     # ------------------------------------------------------------ producer side
     def has_room(self) -> bool:
@@ -567,6 +586,64 @@ class NetSession:
                 return
             await self._changed.wait()
 
+    async def wait_acked(self, keys: Sequence[str]) -> None:
+        """Return once every packet of streams ``keys`` is acknowledged.
+
+        Raises:
+            SinkError: the relay refused the session.
+        """
+        self._sync_wanted = True
+        self._send_wakeup.set()
+        while True:
+            if self.error:
+                raise SinkError(self.error)
+            if not any(self.streams[k].unacked for k in keys if k in self.streams):
+                return
+            await self._changed.wait()
+
+    def drop_stream(self, key: str) -> None:
+        """Forget stream ``key`` (all of it acknowledged: a closed chunk's):
+        closed on the wire, never declared again, its spool gone."""
+        st = self.streams.pop(key, None)
+        if st is None:
+            return
+        self.unacked_bytes -= sum(p.held_bytes() for p in st.unacked)
+        self._purge(st)
+        if self.by_wire_id.get(st.wire_id) is st:
+            del self.by_wire_id[st.wire_id]
+            if self._linked:
+                self._queue(("stream_close", st.wire_id))
+        if self.spool is not None:
+            self.spool.remove(key)
+
+    def drop_trace(self, trace_id: str) -> None:
+        """Forget a trace (a closed chunk's): its metadata is not sent again."""
+        self.traces.pop(trace_id, None)
+
+    async def close_chunk(self, source: str, target: str) -> None:
+        """Ask the relay to move the chunk directory ``source`` to ``target``
+        (below the session's directory) and wait until it says it did.
+
+        Raises:
+            SinkError: the relay refused the session, or cannot move chunks
+                (protocol 1).
+        """
+        wire.validate_trace_path(source)
+        wire.validate_trace_path(target)
+        done, failure = trio.Event(), list[str]()
+        self._chunk_closes[target] = (source, done, failure)
+        if self._linked:
+            self._queue(("chunk_close", source, target))
+        try:
+            while not done.is_set():
+                if self.error:
+                    raise SinkError(self.error)
+                await self._changed.wait()
+        finally:
+            self._chunk_closes.pop(target, None)
+        if failure:
+            raise SinkError(failure[0])
+
     def stats(self, key: str) -> dict[str, int]:
         """Stream ``key``'s packets, raw and wire bytes, and unacked packets
         (and the bytes they take)."""
@@ -668,6 +745,17 @@ class NetSession:
                     return
                 except BaseExceptionGroup as group:
                     raise _leaf(group) from None
+            except _VersionRefused as exc:
+                if self._version > 1:
+                    logger.warning("session %s: relay %s does not speak protocol %d (%s); using protocol 1 "
+                                   "(no rotation through it)", self.name, self.url, self._version, exc)
+                    self._version = 1
+                    continue
+                self.error = str(exc)
+                self._outbox.clear()
+                logger.error("session %s: relay %s refused: %s", self.name, self.url, exc)
+                self._notify()
+                return
             except SinkError as exc:
                 self.error = str(exc)
                 self._outbox.clear()
@@ -723,6 +811,7 @@ class NetSession:
         with trio.fail_after(self.connect_timeout):
             stream = await self._opener()
         conn = wire.Connection(wire.Role.CONSUMER)
+        self._conn_version = 0
         if isinstance(stream, trio.SocketStream):
             self._raw = socket.socket(fileno=os.dup(stream.socket.fileno()))
             self._raw.setblocking(False)
@@ -773,6 +862,8 @@ class NetSession:
                         code = str(ev.code)
                     if ev.code in wire.TRANSIENT_ERRORS:
                         raise RelayUnavailable(f"{code}: {_shown(ev.text)}")
+                    if ev.code == wire.ErrorCode.VERSION:
+                        raise _VersionRefused(f"relay refused ({code}): {_shown(ev.text)}")
                     raise SinkError(f"relay refused ({code}): {_shown(ev.text)}")
                 if isinstance(ev, wire.ConnectionClosed):
                     raise trio.BrokenResourceError("relay closed the connection")
@@ -830,7 +921,7 @@ class NetSession:
     async def _handshake(self, stream: trio.abc.Stream, conn: wire.Connection) -> None:
         key_id = self.auth[0] if self.auth else None
         with trio.fail_after(self.connect_timeout):
-            await self._send(stream, conn, wire.Hello(wire.PROTOCOL_VERSION, self.hostname, key_id))
+            await self._send(stream, conn, wire.Hello(self._version, self.hostname, key_id))
             ev = await self._recv(stream, conn)
             if isinstance(ev, wire.Challenge):
                 if self.auth is None:
@@ -840,6 +931,7 @@ class NetSession:
                 ev = await self._recv(stream, conn)
             if not isinstance(ev, wire.Welcome):
                 raise SinkError(f"unexpected {type(ev).__name__} in the handshake")
+            self._conn_version = ev.server_version
 
     async def _declare_all(self, stream: trio.abc.Stream, conn: wire.Connection) -> None:
         """(Re)declare everything and resume every stream where the relay stands.
@@ -888,7 +980,8 @@ class NetSession:
         # after the traces and streams added meanwhile: every packet of an
         # open stream, the probe of a probing one, nothing of a held one.
         # Packets still being compressed follow through the compressor.
-        added = [item for item in self._outbox if item[0] != "packet"]
+        added = [item for item in self._outbox if item[0] not in ("packet", "chunk_close", "stream_close")]
+        added += [("chunk_close", src, target) for target, (src, _done, _failure) in self._chunk_closes.items()]
         pending = sorted(
             (p for st in self.streams.values() for p in st.unacked if p.saved and st.sendable(p)),
             key=lambda p: p.order,
@@ -956,10 +1049,30 @@ class NetSession:
                 _, tr, start, end = item
                 chunk = wire.Metadata(self.session_id, tr.path, start, bytes(tr.metadata[start:end]))
                 await self._send(stream, conn, chunk)
+            elif kind == "stream_close":
+                if item[1] in conn.streams:
+                    await self._send(stream, conn, wire.StreamClose(item[1]))
+            elif kind == "chunk_close":
+                _, source, target = item
+                if self._conn_version < wire.CHUNKS_VERSION:
+                    pending = self._chunk_closes.get(target)
+                    if pending is not None:
+                        pending[2].append(f"relay {self.url} speaks protocol {self._conn_version}: it cannot "
+                                          "archive trace chunks (upgrade it to rotate through it)")
+                        pending[1].set()
+                        self._notify()
+                    continue
+                await self._send(stream, conn, wire.ChunkClose(self.session_id, source, target))
 
     async def _reader(self, stream: trio.abc.Stream, conn: wire.Connection) -> None:
         while True:
             ev = await self._recv(stream, conn)
+            if isinstance(ev, wire.ChunkClosed):
+                pending = self._chunk_closes.get(ev.target)
+                if pending is not None:
+                    pending[1].set()
+                    self._notify()
+                continue
             st = self.by_wire_id.get(getattr(ev, "stream_id", -1))
             if st is None:
                 continue

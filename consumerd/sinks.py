@@ -37,6 +37,16 @@ relay reports once connected (``next_seq`` is None until then, see
 ``StreamSink.first_seq``).  Metadata is replayed whole; each sink skips the
 prefix it already holds.
 
+Trace chunks (rotation): a session sink writes its traces below the current
+chunk's directory (``ops.chunk_prefix``: the session directory for chunk 0,
+``active-chunk-<n>/`` after).  ``begin_chunk`` starts the next chunk (each
+trace still in use again, with its whole metadata); streams opened from then
+on write there.  ``close_chunk`` waits until the old chunk is complete (a
+relay sink: every packet of it acknowledged, its streams and traces
+forgotten), then moves its top directory (``ust``) to
+``archives/<begin>-<end>-<index>/`` -- a relay sink asks the relay to
+(``wire.ChunkClose``), again after a reconnect until the relay confirms.
+
 Adding a sink (a snapshot sink, a rotating one) is a new pair of classes and
 one line in :func:`open_sink`; the daemon does not change.
 """
@@ -46,8 +56,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import trio
@@ -56,7 +66,7 @@ from consumerd.net import NetSession, SinkError, read_key_file
 from consumerd.spool import Spool
 from tracewire import wire
 from tracewire.names import InvalidName, validate_name
-from tracewire.ops import Compression, RelayState, SessionOp, StreamStats, human_size
+from tracewire.ops import Compression, RelayState, SessionOp, StreamStats, chunk_prefix, human_size
 from tracewire.ringbuf import Chunk
 from tracewire.streamfile import StreamFile, StreamFiles, open_stream_files
 from tracewire.url import parse_url
@@ -216,6 +226,27 @@ class SessionSink(Protocol):
         sub-buffers the flush left unread in the streams' rings)."""
         ...
 
+    def begin_chunk(self, chunk: int, traces: Iterable[str]) -> None:
+        """Streams opened from now on write to trace chunk ``chunk``, where
+        ``traces`` (ids) are opened again with their metadata; close the
+        streams of the current chunk first.
+
+        Raises:
+            OSError: a trace of the new chunk cannot be created.
+        """
+        ...
+
+    async def close_chunk(self, chunk: int, archive: str) -> str:
+        """Wait until trace chunk ``chunk`` (no longer written to) is complete
+        in the sink, then move it to ``archives/<archive>``; returns where it
+        is (again, harmlessly, for a chunk moved already).
+
+        Raises:
+            OSError: the chunk cannot be moved.
+            SinkError: the sink failed for good.
+        """
+        ...
+
     def close(self) -> None:
         """Stop the sink and release its files: the session is removed (a
         relay sink deletes its spool).  Close the streams first."""
@@ -232,7 +263,7 @@ def open_sink(op: SessionOp, on_room: OnRoom, on_saved: OnSaved) -> SessionSink:
     """
     if "://" in op.sink:
         return RelaySink.open(op, on_room, on_saved)
-    return LocalSink(op.sink)
+    return LocalSink(op.sink, op.chunk)
 
 
 def _safe_join(base: str, rel: str) -> str:
@@ -265,6 +296,7 @@ class _LocalTrace:
     directory: str
     metadata_path: str
     metadata_bytes: int
+    path: str = ""  # below the chunk's directory
 
 
 class LocalStream(StreamSink):
@@ -298,18 +330,34 @@ class LocalStream(StreamSink):
         self.file.close()
 
 
+def _chunk_dir(root: str, chunk: int) -> str:
+    """The directory of trace chunk ``chunk`` of the session at ``root``."""
+    prefix = chunk_prefix(chunk)
+    return os.path.join(root, prefix.rstrip("/")) if prefix else root
+
+
+def _chunk_parts(paths: Iterable[str]) -> list[str]:
+    """The top directories of a chunk's trace paths (``ust``, as sessiond
+    names them): what is moved when it is archived."""
+    return sorted({p.split("/")[0] for p in paths} | {"ust"})
+
+
 class LocalSink(SessionSink):
-    """A session written below a local directory.
+    """A session written below a local directory (``chunk``: the trace
+    chunk written now, see :func:`tracewire.ops.chunk_prefix`).
 
     Raises:
         SinkError: ``directory`` is not absolute.
     """
 
-    def __init__(self, directory: str) -> None:
+    def __init__(self, directory: str, chunk: int = 0) -> None:
         if not os.path.isabs(directory):
             raise SinkError(f"sink {directory!r} is not an absolute directory")
-        self.directory = directory
+        self.root = directory
+        self.chunk = chunk
+        self.directory = _chunk_dir(directory, chunk)
         self._traces: dict[str, _LocalTrace] = {}
+        self._closing: dict[int, list[str]] = {}  # chunk -> its top directories, until archived
 
     async def run(self) -> None:
         return  # a packet is written when write() returns
@@ -324,11 +372,13 @@ class LocalSink(SessionSink):
             held = os.fstat(mfd).st_size
         finally:
             os.close(mfd)
-        self._traces[trace_id] = _LocalTrace(directory, mpath, held)
+        self._traces[trace_id] = _LocalTrace(directory, mpath, held, path)
         return directory
 
     def add_metadata(self, trace_id: str, text: bytes, offset: int) -> None:
-        tr = self._traces[trace_id]
+        tr = self._traces.get(trace_id)
+        if tr is None:
+            return  # a dead app's trace, left in an archived chunk
         data = _unheld(text, tr.metadata_bytes, offset)
         if not data:
             return
@@ -364,6 +414,36 @@ class LocalSink(SessionSink):
         return (f"{self.directory}: {len(keys)} streams not written after {timeout:g} s "
                 f"({ring_unread} sub-buffers unread in the ring buffers)")
 
+    def begin_chunk(self, chunk: int, traces: Iterable[str]) -> None:
+        old = self._traces
+        self._closing[self.chunk] = _chunk_parts(tr.path for tr in old.values())
+        self.chunk, self.directory, self._traces = chunk, _chunk_dir(self.root, chunk), {}
+        for tid in traces:
+            tr = old.get(tid)
+            if tr is None:
+                continue
+            with open(tr.metadata_path, "rb") as f:
+                text = f.read()
+            self.add_trace(tid, tr.path)
+            self.add_metadata(tid, text, 0)
+
+    async def close_chunk(self, chunk: int, archive: str) -> str:
+        await trio.lowlevel.checkpoint()  # its packets were written when write() returned
+        parts = self._closing.pop(chunk, ["ust"])
+        source = _chunk_dir(self.root, chunk)
+        target = os.path.join(self.root, "archives", archive)
+        os.makedirs(target, exist_ok=True)
+        for part in parts:
+            src, dst = os.path.join(source, part), os.path.join(target, part)
+            if os.path.lexists(src) and not os.path.lexists(dst):
+                os.rename(src, dst)
+        if source != self.root:
+            try:
+                os.rmdir(source)
+            except OSError:
+                pass  # not empty: something else was put there
+        return target
+
     def close(self) -> None:
         self._traces.clear()  # no descriptor is kept open
 
@@ -396,6 +476,8 @@ class RelayStream(StreamSink):
 
     def stats(self, counted: StreamStats) -> StreamStats:
         net = self.net
+        if self.key not in net.streams:
+            return counted  # a stream of an archived chunk: all of it was acknowledged
         s = net.stats(self.key)
         relay, why = net.relay_state(self.key)
         error = counted.error
@@ -414,13 +496,39 @@ class RelayStream(StreamSink):
         self.net.finish_stream(self.key)
 
 
-class RelaySink(SessionSink):
-    """A session streamed to a relay (see consumerd/net.py), with its spool."""
+@dataclass(slots=True)
+class _RelayChunk:
+    """A trace chunk of a relay sink: its streams and traces as the
+    NetSession knows them (their ids carry the chunk after the first), and
+    their paths below the chunk."""
 
-    def __init__(self, sink: str, net: NetSession) -> None:
+    keys: dict[str, str] = field(default_factory=dict)  # stream key -> NetSession key
+    traces: dict[str, str] = field(default_factory=dict)  # trace id -> NetSession trace id
+    paths: dict[str, str] = field(default_factory=dict)  # trace id -> path below the chunk
+
+
+class RelaySink(SessionSink):
+    """A session streamed to a relay (see consumerd/net.py), with its spool.
+
+    In trace chunk ``chunk`` > 0 a stream (and its spool) and a trace are
+    known to the NetSession as ``<id>~c<chunk>``: each chunk's stream is a
+    stream of its own on the wire, with its own file on the relay."""
+
+    def __init__(self, sink: str, net: NetSession, chunk: int = 0) -> None:
         self.sink = sink
         self.net = net
         self._keys: list[str] = []  # streams opened here: their spool goes with the session
+        self.chunk = chunk
+        self._current = _RelayChunk()
+        self._closing: dict[int, _RelayChunk] = {}  # switched away from, not archived yet
+        self._owner: dict[str, str] = {}  # NetSession key -> stream key (for on_saved)
+
+    def _net_id(self, ident: str) -> str:
+        return ident if self.chunk == 0 else f"{ident}~c{self.chunk}"
+
+    def saved(self, on_saved: OnSaved) -> OnSaved:
+        """``on_saved`` for the NetSession: its keys told back as the streams'."""
+        return lambda key, pos, ts: on_saved(self._owner.get(key, key), pos, ts)
 
     @classmethod
     def open(cls, op: SessionOp, on_room: OnRoom, on_saved: OnSaved) -> RelaySink:
@@ -442,28 +550,47 @@ class RelaySink(SessionSink):
             auth=auth, ca_file=op.tls_ca or None, live=op.live, on_room=on_room,
             spool=spool, on_saved=on_saved, max_unacked_bytes=op.spool_size,
         )
-        return cls(op.sink, net)
+        sink = cls(op.sink, net, op.chunk)
+        net.on_saved = sink.saved(on_saved)
+        return sink
 
     async def run(self) -> None:
         await self.net.run()
 
     def add_trace(self, trace_id: str, path: str) -> str:
+        full = chunk_prefix(self.chunk) + path
+        net_tid = self._net_id(trace_id)
         try:
-            self.net.add_trace(trace_id, path)
+            self.net.add_trace(net_tid, full)
         except wire.ProtocolError as exc:
             raise InvalidName(exc.message) from None
-        return f"{self.sink}/{path}"
+        self._current.traces[trace_id] = net_tid
+        self._current.paths[trace_id] = path
+        return f"{self.sink}/{full}"
 
     def add_metadata(self, trace_id: str, text: bytes, offset: int) -> None:
+        net_tid = self._current.traces.get(trace_id)
+        if net_tid is None:
+            return  # a dead app's trace, left in an archived chunk
         # A restarted consumerd's relay session starts empty: it holds nothing.
-        held = len(self.net.traces[trace_id].metadata)
-        self.net.add_metadata(trace_id, _unheld(text, held, offset))
+        held = len(self.net.traces[net_tid].metadata)
+        self.net.add_metadata(net_tid, _unheld(text, held, offset))
+
+    def _stream_key(self, key: str) -> str:
+        """Stream ``key``'s NetSession key in the current chunk."""
+        net_key = self._net_id(key)
+        self._current.keys[key] = net_key
+        self._owner[net_key] = key
+        self._keys.append(net_key)
+        return net_key
 
     def open_stream(self, key: str, trace_id: str, channel: str, stream_class: int,
                     replay: bool, *, tracefile_size: int = 0, tracefile_count: int = 0) -> StreamSink:
+        net_tid = self._current.traces[trace_id]
+        trace_id = net_tid
+        key = self._stream_key(key)
         last = self.net.add_stream(key, trace_id, channel, resume=replay, tracefile_size=tracefile_size,
                                    tracefile_count=tracefile_count)
-        self._keys.append(key)
         if last is not None:
             resume = Resume(last.seq + 1, last.ring_end, last.ts_end)
         elif replay:
@@ -475,9 +602,48 @@ class RelaySink(SessionSink):
 
     def add_gone_stream(self, key: str, trace_id: str, channel: str, *, tracefile_size: int = 0,
                         tracefile_count: int = 0) -> None:
-        self.net.add_stream(key, trace_id, channel, resume=True, tracefile_size=tracefile_size,
+        net_tid = self._current.traces[trace_id]
+        key = self._stream_key(key)
+        self.net.add_stream(key, net_tid, channel, resume=True, tracefile_size=tracefile_size,
                             tracefile_count=tracefile_count)
         self.net.finish_stream(key)  # its spool goes once acknowledged
+
+    def begin_chunk(self, chunk: int, traces: Iterable[str]) -> None:
+        old = self._current
+        self._closing[self.chunk] = old
+        self.chunk, self._current = chunk, _RelayChunk()
+        for tid in traces:
+            old_tid = old.traces.get(tid)
+            if old_tid is None:
+                continue
+            self.add_trace(tid, old.paths[tid])
+            self.net.add_metadata(self._current.traces[tid], bytes(self.net.traces[old_tid].metadata))
+
+    async def close_chunk(self, chunk: int, archive: str) -> str:
+        old = self._closing.get(chunk)
+        if old is not None:
+            # Every packet of the chunk acknowledged: its streams and traces
+            # are forgotten (a reconnect no longer declares them), then the
+            # relay moves the chunk.
+            keys = list(old.keys.values())
+            try:
+                await self.net.wait_acked(keys)
+            except SinkError:
+                raise self._failed() from None
+            for key in keys:
+                self.net.drop_stream(key)
+                self._owner.pop(key, None)
+            dropped = set(keys)
+            self._keys = [k for k in self._keys if k not in dropped]
+            for net_tid in old.traces.values():
+                self.net.drop_trace(net_tid)
+            parts = _chunk_parts(old.paths.values())
+        else:
+            parts = ["ust"]
+        for part in parts:
+            await self.net.close_chunk(chunk_prefix(chunk) + part, f"archives/{archive}/{part}")
+        self._closing.pop(chunk, None)
+        return f"{self.net.hostname}/{self.net.name}-{self.net.created}/archives/{archive}"
 
     async def wait_room(self) -> None:
         if self.net.error:

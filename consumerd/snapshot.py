@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
 import trio
@@ -106,6 +106,12 @@ class HeldSink:
     def add_gone_stream(self, key: str, trace_id: str, channel: str, *, tracefile_size: int = 0,
                         tracefile_count: int = 0) -> None:
         return
+
+    def begin_chunk(self, chunk: int, traces: Iterable[str]) -> None:
+        raise SinkError("a snapshot session writes no trace to rotate")
+
+    async def close_chunk(self, chunk: int, archive: str) -> str:
+        raise SinkError("a snapshot session writes no trace to rotate")
 
     async def wait_room(self) -> None:
         await trio.lowlevel.checkpoint()

@@ -101,6 +101,8 @@ from tracewire.wire import (
     Buffer,
     Bye,
     Challenge,
+    ChunkClose,
+    ChunkClosed,
     Codec,
     Connection,
     ConnectionClosed,
@@ -796,6 +798,8 @@ class _ConsumerConnection:
                 await self._close_stream(msg.stream_id)
             case SessionClose():
                 await self._close_session(msg.session_id)
+            case ChunkClose():
+                await self._close_chunk(msg)
             case _:  # the core lets nothing else through in this state
                 raise RemoteProtocolError(ErrorCode.BAD_STATE, f"unexpected {type(msg).__name__}")
 
@@ -934,6 +938,33 @@ class _ConsumerConnection:
         for path in [p for p in self.metadata_fds if p.startswith(prefix)]:
             os.close(self.metadata_fds.pop(path))
 
+    async def _close_chunk(self, msg: ChunkClose) -> None:
+        """Moves a complete trace chunk of the session (a rotation) to its
+        archive directory, then says so.  Every stream file and metadata file
+        of this connection below it is closed first; a source already moved
+        (a ChunkClose resent after a reconnect) is no error."""
+        session_dir = self.sessions[msg.session_id]  # the core checked the id is open
+        rel = os.path.relpath(session_dir, self.server.output)
+        source = self.server.safe_path(rel, validate_trace_path(msg.source))
+        target = self.server.safe_path(rel, validate_trace_path(msg.target))
+        for path, what in ((source, "source"), (target, "target")):
+            if not path.startswith(session_dir + os.sep):
+                raise RemoteProtocolError(ErrorCode.BAD_NAME, f"ChunkClose {what} leaves its session")
+        if source == target or target.startswith(source + os.sep) or source.startswith(target + os.sep):
+            raise RemoteProtocolError(ErrorCode.PROTOCOL, f"ChunkClose {msg.source!r} -> {msg.target!r} overlaps")
+        prefix = source + os.sep
+        for path, st in list(self.server.owners.items()):
+            if path.startswith(prefix):
+                async with st.owner.io_lock:
+                    await self.server.release_stream(st)
+        for path in [p for p in self.metadata_fds if p.startswith(prefix)]:
+            os.close(self.metadata_fds.pop(path))
+        problem = await self._io(partial(_move_chunk, self.server.output, session_dir, source, target), target)
+        if problem is not None:
+            raise RemoteProtocolError(ErrorCode.PROTOCOL, f"ChunkClose: {problem}")
+        logger.info("%s: chunk %s archived as %s", self, msg.source, msg.target)
+        await self._send(ChunkClosed(msg.session_id, msg.target))
+
     async def _on_metadata(self, msg: Metadata) -> None:
         directory = await self._trace_dir(msg.session_id, msg.trace_path)
         path = os.path.join(directory, "metadata")
@@ -997,6 +1028,28 @@ def _makedirs(output: str, directory: str) -> None:
             os.mkdir(d, _DIR_MODE)
         except FileExistsError:
             pass
+
+
+def _move_chunk(output: str, session_dir: str, source: str, target: str) -> str | None:
+    """Moves the chunk directory `source` to `target` (creating its
+    parents), then removes the parents of `source` left empty, up to the
+    session directory.  Returns a problem in words, or None when done (or
+    done before: `source` is gone)."""
+    if not os.path.lexists(source):
+        _makedirs(output, target)  # moved already, or a chunk without data
+        return None
+    if os.path.lexists(target):
+        return f"{os.path.relpath(target, session_dir)} exists already"
+    _makedirs(output, os.path.dirname(target))
+    os.rename(source, target)
+    d = os.path.dirname(source)
+    while d.startswith(session_dir + os.sep):
+        try:
+            os.rmdir(d)
+        except OSError:
+            break
+        d = os.path.dirname(d)
+    return None
 
 
 def _write_packets(

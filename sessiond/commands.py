@@ -1,5 +1,5 @@
 """The CLI's commands: create, enable-channel, enable-event, start, stop,
-destroy, list, status.
+destroy, list, status, rotate, enable-rotation, disable-rotation.
 
 :meth:`Commands.run` takes one decoded request (``tracewire.ops``), checks
 who may do it, and answers with the JSON-ready reply.  One command that
@@ -10,31 +10,46 @@ stream of the session down to the last whole event and answers once it is
 written (or acknowledged by the relay).  The barrier gives up after the
 request's timeout (default ``--stop-timeout``): the session stays stopped,
 and a later ``stop`` runs the flush again until one completes.
+
+``rotate`` archives the session's current trace chunk: consumerd drains
+every stream to its last whole event, switches each to the next chunk's
+files and answers once the closed chunk is complete in the sink (moved to
+``archives/<begin>-<end>-<index>/``).  A rotation schedule
+(``enable-rotation``) is run by :meth:`Commands.rotation_loop`, one task
+for every session of this sessiond, taking the same turn as a CLI request.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
+import trio
+
 from sessiond.apps import AppProtocol
 from sessiond.consumers import ConsumerPool
-from sessiond.model import Channel, Registry, Session, SessionState, UserError, now_stamp
+from sessiond.model import Channel, Registry, Session, SessionState, UserError, chunk_stamp, now_stamp
 from tracewire.names import MAX_SESSION_NAME, InvalidName, validate_name
 from tracewire.ops import (
     DEFAULT_CHANNEL,
     CreateRequest,
     DestroyRequest,
+    DisableRotationRequest,
     EnableChannelRequest,
     EnableEventRequest,
+    EnableRotationRequest,
     FlushOp,
     ListRequest,
     PingRequest,
     RemoveSessionOp,
     Request,
+    RotatedReply,
+    RotateOp,
+    RotateRequest,
     SnapshotOp,
     SnapshotRecordRequest,
     SnapshotReply,
@@ -50,6 +65,8 @@ from tracewire.ringbuf import BufferSpec
 from tracewire.url import parse_url
 
 __all__ = ["Commands"]
+
+logger = logging.getLogger(__name__)
 
 Reply = dict[str, Any]
 
@@ -101,6 +118,12 @@ class Commands:
                     return await self.destroy(self.reg.session_for(req.session, uid))
                 case SnapshotRecordRequest():
                     return await self.snapshot_record(req, uid)
+                case RotateRequest():
+                    return await self.rotate(self.reg.session_for(req.session, uid))
+                case EnableRotationRequest():
+                    return self.enable_rotation(self.reg.session_for(req.session, uid), req)
+                case DisableRotationRequest():
+                    return self.disable_rotation(self.reg.session_for(req.session, uid))
         raise UserError(f"unknown command {req.KIND!r}")
 
     def create(self, req: CreateRequest, uid: int, gid: int) -> Reply:
@@ -187,6 +210,9 @@ class Commands:
         await self._declare(sess)
         sess.state = SessionState.STARTED
         sess.stop_pending = False  # the next stop's flush covers what the last one left
+        sess.chunk_begin = sess.chunk_begin or chunk_stamp()
+        sess.rotated_while_stopped = False
+        self._schedule(sess)
         for app in list(self.reg.apps.values()):
             await self.apps.setup(sess, app)
         await self.apps.enable_existing(sess)
@@ -253,6 +279,14 @@ class Commands:
         if sess.state is SessionState.STARTED:
             result = await self._stop(sess)
         await self.apps.close_streams(sess)
+        if sess.declared and sess.chunk > 0 and not sess.rotated_while_stopped and not sess.stop_pending:
+            # A session that was rotated ends with its last chunk archived
+            # too (as LTTng's destroy does): every chunk is then in archives/.
+            try:
+                result["archive"] = (await self.rotate(sess, last=True))["path"]
+            except (UserError, trio.TooSlowError) as exc:
+                why = f"the last trace chunk stays in {sess.sink()}/active-chunk-{sess.chunk}: {exc}"
+                result["warning"] = f"{result['warning']}; {why}" if result.get("warning") else why
         if sess.declared:
             # After a stop that timed out the user has waited already: a
             # short last chance, then what is left is counted as lost.
@@ -292,6 +326,93 @@ class Commands:
         if not isinstance(reply, SnapshotReply):
             raise UserError("consumerd answered the snapshot without its figures")
         return {"session": sess.name, **{k: v for k, v in encode(reply).items() if k != "ok"}}
+    async def rotate(self, sess: Session, last: bool = False) -> Reply:
+        """Archive the session's current trace chunk; tracing goes on in the
+        next one (``last``: none, the session is being destroyed).  A
+        started session rotates at any time; a stopped one once (its last
+        chunk), as with LTTng.
+
+        Raises:
+            UserError: nothing to rotate, or consumerd could not complete it
+                in ``--stop-timeout`` (the chunk is then closed by the next
+                rotation).
+        """
+        if sess.snapshot:
+            raise UserError(f"session {sess.name!r} is a snapshot session: it writes no trace to rotate "
+                            f"('tracewire snapshot record' writes its buffers)")
+        if sess.state is SessionState.CREATED or not sess.declared:
+            raise UserError(f"session {sess.name!r} has not been started: it has no trace chunk to rotate")
+        if sess.state is SessionState.STOPPED and sess.rotated_while_stopped:
+            raise UserError(f"session {sess.name!r} is stopped and its last trace chunk is archived already")
+        wait = self.reg.config.stop_timeout
+        end = chunk_stamp()
+        archive = f"{sess.chunk_begin}-{end}-{sess.chunk}"
+        reply = await self.consumers.call(
+            sess.owner_uid, RotateOp(session=sess.name, chunk=sess.chunk, archive=archive, timeout=wait, last=last),
+            timeout=wait + 30)
+        if not isinstance(reply, RotatedReply):
+            raise UserError("consumerd answered the rotation without a path")
+        index = sess.chunk
+        sess.chunk += 1
+        sess.chunk_begin = end
+        sess.last_archive = reply.path
+        sess.rotated_while_stopped = sess.state is SessionState.STOPPED
+        self._schedule(sess)
+        return {"session": sess.name, "chunk": index, "path": reply.path}
+
+    def enable_rotation(self, sess: Session, req: EnableRotationRequest) -> Reply:
+        """Set the session's rotation schedule (a condition not given is kept)."""
+        if sess.snapshot:
+            raise UserError(f"session {sess.name!r} is a snapshot session: it writes no trace to rotate")
+        if req.timer_ms:
+            sess.rotation_timer_ms = req.timer_ms
+        if req.size:
+            sess.rotation_size = req.size
+        self._schedule(sess)
+        return {"session": sess.name, "rotation": _schedule_of(sess)}
+
+    def disable_rotation(self, sess: Session) -> Reply:
+        if not (sess.rotation_timer_ms or sess.rotation_size):
+            raise UserError(f"session {sess.name!r} has no rotation schedule")
+        sess.rotation_timer_ms = sess.rotation_size = 0
+        return {"session": sess.name}
+
+    @staticmethod
+    def _schedule(sess: Session) -> None:
+        """The next timed rotation: a timer's period after now."""
+        if sess.rotation_timer_ms:
+            sess.rotation_due = trio.current_time() + sess.rotation_timer_ms / 1000
+
+    async def rotation_loop(self) -> None:
+        """Rotate every started session whose schedule is due, until
+        cancelled: a timer every ``rotation_check_interval`` at the latest,
+        a size when consumerd says the current chunk holds that much.  A
+        rotation that fails is logged and shown by ``status`` (the session's
+        error); the next check tries again."""
+        while True:
+            await trio.sleep(self.reg.config.rotation_check_interval)
+            for sess in list(self.reg.sessions.values()):
+                if sess.state is not SessionState.STARTED or not (sess.rotation_timer_ms or sess.rotation_size):
+                    continue
+                try:
+                    if not await self._rotation_due(sess):
+                        continue
+                    async with self.reg.lock:
+                        if self.reg.sessions.get(sess.name) is sess and sess.state is SessionState.STARTED:
+                            await self.rotate(sess)
+                except (UserError, trio.TooSlowError) as exc:
+                    sess.error = f"automatic rotation failed: {exc}"
+                    logger.warning("session %s: %s", sess.name, sess.error)
+
+    async def _rotation_due(self, sess: Session) -> bool:
+        if sess.rotation_timer_ms and trio.current_time() >= sess.rotation_due:
+            return True
+        if not sess.rotation_size:
+            return False
+        reply = await self.consumers.call(sess.owner_uid, StatusOp(session=sess.name))
+        if not isinstance(reply, StreamsReply):
+            return False
+        return sum(s.chunk_bytes for s in reply.streams) >= sess.rotation_size
 
     def list(self, req: ListRequest, uid: int) -> Reply:
         if req.session:
@@ -343,6 +464,10 @@ def _check_file_names(channels: Mapping[str, Channel], name: str, tracefile_size
                         f"(which has --tracefile-size): rename one of them")
 
 
+def _schedule_of(sess: Session) -> Reply:
+    return {"timer_ms": sess.rotation_timer_ms, "size": sess.rotation_size}
+
+
 def _describe(sess: Session, keep_dead: int = 0) -> Reply:
     held = [st for st in sess.streams.values() if st.memfd >= 0]
     return {
@@ -360,6 +485,9 @@ def _describe(sess: Session, keep_dead: int = 0) -> Reply:
         "stopping": sess.stopping,
         "snapshot": sess.snapshot,
         "snapshots": sess.snapshots,
+        "rotation": _schedule_of(sess),
+        "chunks_archived": sess.chunk,
+        "last_archive": sess.last_archive,
         "channels": [
             {
                 "name": ch.name,

@@ -37,7 +37,7 @@ from tracewire.ops import (
 )
 
 __all__ = ["App", "AppLink", "Channel", "Outgoing", "Registry", "Session", "SessionState", "SessiondConfig", "Stream",
-           "Trace", "UserError", "now_stamp"]
+           "Trace", "UserError", "chunk_stamp", "now_stamp"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +63,9 @@ class SessiondConfig:
     consumer_rt_priority: int = 1
     # A snapshot session keeps the rings of this many apps that are gone.
     snapshot_keep_dead: int = 16
+    # How often the rotation schedules are checked (a timer's precision; the
+    # size of a chunk is asked of consumerd this often).
+    rotation_check_interval: float = 0.5
 
 
 class UserError(Exception):
@@ -191,6 +194,16 @@ class Session:
     clock_offset_ns: int = 0
     snapshot: bool = False  # a flight-recorder session: rings are only read by snapshot record
     snapshots: int = 0  # snapshot records so far (the SEQ of the next one's directory)
+    # Rotation: the current trace chunk (= chunks archived so far), when it
+    # began (chunk_stamp(); "" before the first start), the last archive's
+    # path, and the schedule (0: that condition is off).
+    chunk: int = 0
+    chunk_begin: str = ""
+    last_archive: str | None = None
+    rotated_while_stopped: bool = False  # a stopped session rotates once
+    rotation_timer_ms: int = 0
+    rotation_size: int = 0
+    rotation_due: float = 0.0  # trio time of the next timed rotation
 
     @property
     def session_dir(self) -> str:
@@ -276,6 +289,12 @@ def now_stamp() -> str:
     return datetime.now().strftime("%Y%m%dT%H%M%S")
 
 
+def chunk_stamp() -> str:
+    """Now, as the begin or end of a trace chunk's archive name: ISO 8601
+    basic format with the UTC offset, ``YYYYmmddTHHMMSS+HHMM``."""
+    return datetime.now().astimezone().strftime("%Y%m%dT%H%M%S%z")
+
+
 class Registry:
     """Every session and app of one sessiond, and the operations that
     describe them to consumerd."""
@@ -331,6 +350,7 @@ class Registry:
             auth_key_file=sess.auth_key_file, tls_ca=sess.tls_ca, live=False,
             spool_dir=self.spool_dir(sess) if sess.url else None, spool_size=sess.spool_size,
             snapshot=sess.snapshot,
+            chunk=sess.chunk,
         )
 
     @staticmethod

@@ -131,6 +131,7 @@ async def serve_sessiond(
             _restrict_control_socket(ctl_path)
             nursery.start_soon(partial(trio.serve_listeners, sd.handle_control, [trio.SocketListener(ctl)]))
             nursery.start_soon(_accept_apps, apps, sd.apps, nursery)
+            nursery.start_soon(sd.commands.rotation_loop)
             with open(pid_path, "w") as f:
                 f.write(f"{os.getpid()}\n")
             logger.info("sessiond ready in %s", config.rundir)

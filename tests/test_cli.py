@@ -250,11 +250,12 @@ def test_snapshot_errors_are_one_line(tw: TW, out_dir) -> None:
     r = tw.cli("enable-channel", "c", "--overwrite", "--discard", check=False)
     assert_one_line_error(r, 1, "not both")
     r = tw.cli("rotate", check=False)
-    assert_one_line_error(r, 1, "not available")
+    assert_one_line_error(r, 1, "has not been started")
 
 
 CLI_COMMANDS = [[], ["create"], ["enable-channel"], ["enable-event"], ["start"], ["stop"], ["destroy"],
-                ["list"], ["status"], ["snapshot"], ["snapshot", "record"], ["rotate"], ["view"]]
+                ["list"], ["status"], ["snapshot"], ["snapshot", "record"], ["rotate"], ["view"],
+                ["enable-rotation"], ["disable-rotation"]]
 
 
 @pytest.mark.parametrize("cmd", CLI_COMMANDS, ids=lambda c: " ".join(c) or "tracewire")
@@ -378,3 +379,21 @@ def test_channels_that_would_share_stream_files_are_refused(session: TW, first: 
     r = session.cli("enable-channel", *second, check=False)
     assert_one_line_error(r, 1, "channel 'c_0' would write c_0_0, a file of channel 'c'")
     session.cli("enable-channel", "c_1")  # no clash: c_1_0 is no file of c's
+
+
+@pytest.mark.parametrize(("text", "ms"), [("500ms", 500), ("30s", 30_000), ("10m", 600_000), ("1h", 3_600_000),
+                                          ("25000", 25), ("1.5s", 1500), (" 10M ", 600_000)])
+def test_rotation_timer_periods(text: str, ms: int) -> None:
+    from tracewire.cli import Period
+
+    assert Period().convert(text, None, None) == ms
+
+
+@pytest.mark.parametrize("text", ["", "ms", "10 parsecs", "-5s", "0s", "10d", "nan"])
+def test_rotation_timer_refuses_what_is_not_a_period(text: str) -> None:
+    import click
+
+    from tracewire.cli import Period
+
+    with pytest.raises(click.BadParameter):
+        Period().convert(text, None, None)

@@ -17,6 +17,7 @@ writes is read back with ctf.read_trace (and the index with ctf.read_index).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import shutil
 import subprocess
@@ -871,3 +872,100 @@ async def test_reconnect_backoff_starts_again_after_a_working_connection(mock_cl
     gaps = [b - a for a, b in zip(relay.opened, relay.opened[1:])]
     assert gaps == pytest.approx([0.1, 0.2, 0.4, 0.1])
 
+
+
+async def test_a_chunk_is_archived_once_across_a_relay_restart_during_the_rotation(tmp_path: Path) -> None:
+    """A rotation at the NetSession's level (what RelaySink does): the old
+    chunk's last packets are submitted while the relay is down, the next
+    chunk's stream starts at once; once the relay is back the old chunk is
+    acknowledged, dropped and moved by ChunkClose, and each chunk holds its
+    own events exactly once."""
+    out = tmp_path / "relay"
+    old, new = make_packets(20, 300), make_packets(10, 300, first_event=20 * 300)
+    archive = "archives/20260102T030405+0000-20260102T030500+0000-0"
+    with trio.fail_after(DEADLINE):
+        async with trio.open_nursery() as relays:
+            first = trio.CancelScope()
+
+            async def relay(scope: trio.CancelScope, port: int, task_status=trio.TASK_STATUS_IGNORED) -> None:
+                with scope:
+                    await serve_relayd(RelaydConfig(output=str(out), listen_host="127.0.0.1", listen_port=port),
+                                       task_status=task_status)
+
+            listeners = await relays.start(relay, first, 0)
+            port = listeners[0].socket.getsockname()[1]
+            net = new_session(Opener(port))
+            async with running(net):
+                declare(net)
+                submit_all(net, old[:10])
+                await net.wait_all_acked()
+                first.cancel()  # the relay stops
+                submit_all(net, old[10:])  # the old chunk's last packets, not acknowledged yet
+                net.add_trace("t0~c1", "active-chunk-1/" + TRACE_PATH)  # the switch
+                net.add_metadata("t0~c1", metadata_text())
+                net.add_stream("s0~c1", "t0~c1", "channel0")
+                submit_all(net, new, key="s0~c1")
+                while net.last_failure is None:
+                    await trio.sleep(0.02)
+                second = trio.CancelScope()
+                async with trio.open_nursery() as rot:
+                    async def close() -> None:
+                        await net.wait_acked(["s0"])
+                        net.drop_stream("s0")
+                        net.drop_trace("t0")
+                        await net.close_chunk("ust", f"{archive}/ust")
+                    rot.start_soon(close)
+                    await relays.start(relay, second, port)  # the relay comes back
+                await net.wait_all_acked()
+                assert sorted(net.streams) == ["s0~c1"] and sorted(net.traces) == ["t0~c1"]
+            second.cancel()
+    sdir = out / HOST / f"{SESSION}-{CREATED}"
+    assert sorted(p.name for p in sdir.iterdir()) == ["active-chunk-1", "archives"]
+    assert read_seqs(sdir / archive) == list(range(20 * 300))
+    assert read_seqs(sdir / "active-chunk-1") == list(range(20 * 300, 30 * 300))
+
+
+async def test_an_older_relay_gets_protocol_1_and_a_rotation_through_it_fails_with_one_line(
+        mock_clock: MockClock) -> None:
+    """A relay that knows only protocol 1 refuses Hello(2) with
+    Error(VERSION): the session connects again saying 1, streams as before,
+    and a ChunkClose is refused locally with a clear text, the session
+    itself unharmed."""
+    mock_clock.autojump_threshold = 0
+    hellos: list[int] = []
+
+    async def old_relay(stream: trio.abc.Stream) -> None:
+        conn = wire.Connection(wire.Role.RELAY)
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            while True:
+                conn.receive_data(await stream.receive_some(65536))
+                while (msg := conn.next_event()) is not None:
+                    match msg:
+                        case wire.ConnectionClosed():
+                            return
+                        case wire.Hello() if msg.version != 1:
+                            hellos.append(msg.version)
+                            await stream.send_all(conn.send(wire.Error(wire.ErrorCode.VERSION, "unsupported")))
+                            await stream.aclose()
+                            return
+                        case wire.Hello():
+                            hellos.append(msg.version)
+                            await stream.send_all(conn.send(wire.Welcome(1, None)))
+                        case wire.StreamStateRequest():
+                            await stream.send_all(conn.send(wire.StreamState(msg.stream_id, 0)))
+
+    async with trio.open_nursery() as nursery:
+        async def opener() -> trio.abc.Stream:
+            ours, theirs = memory_stream_pair()
+            nursery.start_soon(old_relay, theirs)
+            return ours
+
+        net = new_session(opener, compress=False)
+        async with running(net):
+            declare(net)
+            await connected(net)
+            assert hellos == [2, 1] and net.error is None
+            with pytest.raises(SinkError, match="speaks protocol 1: it cannot archive trace chunks"):
+                await net.close_chunk("ust", "archives/a-b-0/ust")
+            assert net.error is None and net.connected
+        nursery.cancel_scope.cancel()

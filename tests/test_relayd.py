@@ -781,3 +781,118 @@ def test_cli_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
             proc.wait()
         if proc.stderr is not None:
             proc.stderr.close()
+
+
+# --------------------------------------------------------------------------
+# Trace chunks (rotation)
+# --------------------------------------------------------------------------
+
+
+async def _chunk_client(port: int, t: Trace, version: int = 2) -> Client:
+    c = await Client.connect(port)
+    await c.send(Hello(version, t.host))
+    assert isinstance(await c.recv(), Welcome)
+    await c.send(SessionDecl(1, t.session, CREATED, False))
+    return c
+
+
+async def test_chunk_close_moves_the_chunk_once_even_when_resent_after_a_restart(tmp_path: Path) -> None:
+    with trio.fail_after(TIMEOUT):
+        out = tmp_path / "out"
+        t = Trace("host-a")
+        sdir = out / t.host / f"{t.session}-{CREATED}"
+        target = "archives/20261202T101500+0000-20261202T101600+0000-0/ust"
+        async with running_relay(out) as port:
+            c = await _chunk_client(port, t)
+            await c.send(Metadata(1, t.trace_path, 0, t.metadata))
+            await c.send(StreamDecl(1, 1, t.trace_path, t.channel, 0))
+            for n in range(3):
+                await c.send(packet_msg(1, n, t.packet(n)))
+            await c.wait_ack(1, 2)
+            # The stream is not closed first: the relay closes its files itself.
+            await c.send(wire.ChunkClose(1, "ust", target))
+            assert await c.recv_data() == wire.ChunkClosed(1, target)
+            # The next chunk goes on in its own directory, on the same connection.
+            nxt = "active-chunk-1/" + t.trace_path
+            await c.send(Metadata(1, nxt, 0, t.metadata))
+            await c.send(StreamDecl(2, 1, nxt, t.channel, 0))
+            assert await c.stream_state(2) == 0
+            await c.send(packet_msg(2, 0, t.packet(3)))
+            await c.wait_ack(2, 0)
+            await c.aclose()
+        async with running_relay(out) as port:  # restarted: the answer was lost, the consumer asks again
+            c = await _chunk_client(port, t)
+            await c.send(wire.ChunkClose(1, "ust", target))
+            assert await c.recv_data() == wire.ChunkClosed(1, target)
+            await c.bye()
+        assert sorted(os.listdir(sdir)) == ["active-chunk-1", "archives"]
+        assert event_seqs(sdir / target) == expected_seqs(range(3))
+        assert event_seqs(sdir / "active-chunk-1") == expected_seqs(range(3, 4))
+        if BABELTRACE2:
+            assert len(await babeltrace2_lines(sdir / target)) == 3 * EVENTS_PER_PACKET
+
+
+async def test_chunk_close_removes_the_emptied_chunk_directory(tmp_path: Path) -> None:
+    with trio.fail_after(TIMEOUT):
+        out = tmp_path / "out"
+        t = Trace("host-a")
+        sdir = out / t.host / f"{t.session}-{CREATED}"
+        async with running_relay(out) as port:
+            c = await _chunk_client(port, t)
+            path = "active-chunk-3/" + t.trace_path
+            await c.send(Metadata(1, path, 0, t.metadata))
+            await c.send(StreamDecl(1, 1, path, t.channel, 0))
+            await c.send(packet_msg(1, 0, t.packet(0)))
+            await c.wait_ack(1, 0)
+            await c.send(StreamClose(1))
+            await c.send(wire.ChunkClose(1, "active-chunk-3/ust", "archives/a-b-3/ust"))
+            assert await c.recv_data() == wire.ChunkClosed(1, "archives/a-b-3/ust")
+            await c.bye()
+        assert os.listdir(sdir) == ["archives"]
+        assert event_seqs(sdir / "archives" / "a-b-3") == expected_seqs(range(1))
+
+
+@pytest.mark.parametrize(("source", "target", "code", "match"), [
+    ("ust", "ust/inside", ErrorCode.PROTOCOL, "overlaps"),
+    ("archives/x", "archives", ErrorCode.PROTOCOL, "overlaps"),
+    ("ust", "ust", ErrorCode.PROTOCOL, "overlaps"),
+])
+async def test_chunk_close_refusals(tmp_path: Path, source: str, target: str, code: ErrorCode, match: str) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with running_relay(tmp_path / "out") as port:
+            c = await _chunk_client(port, Trace("host-a"))
+            await c.send(wire.ChunkClose(1, source, target))
+            err = await c.expect_error()
+            assert err.code == code and match in err.text, err
+
+
+async def test_chunk_close_onto_an_existing_archive_is_refused(tmp_path: Path) -> None:
+    with trio.fail_after(TIMEOUT):
+        out = tmp_path / "out"
+        t = Trace("host-a")
+        sdir = out / t.host / f"{t.session}-{CREATED}"
+        (sdir / "ust").mkdir(parents=True)
+        (sdir / "archives" / "a-b-0" / "ust").mkdir(parents=True)
+        async with running_relay(out) as port:
+            c = await _chunk_client(port, t)
+            await c.send(wire.ChunkClose(1, "ust", "archives/a-b-0/ust"))
+            err = await c.expect_error()
+            assert err.code == ErrorCode.PROTOCOL and "exists already" in err.text, err
+        assert (sdir / "ust").is_dir()  # nothing moved
+
+
+async def test_chunk_close_needs_protocol_2(tmp_path: Path) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with running_relay(tmp_path / "out") as port:
+            c = await _chunk_client(port, Trace("host-a"), version=1)
+            c.conn = Connection(Role.CONSUMER)  # a v1 peer that sends it anyway, bytes as they are
+            await c.stream.send_all(wire.encode(wire.ChunkClose(1, "ust", "archives/x/ust")))
+            raw = b""
+            with trio.move_on_after(TIMEOUT / 2):
+                while chunk := await c.stream.receive_some(65536):
+                    raw += chunk
+            await c.aclose()
+            d = wire.FrameDecoder()
+            d.receive_data(raw)
+            err = d.next_event()
+            assert isinstance(err, Error) and err.code == ErrorCode.BAD_STATE and "needs protocol 2" in err.text

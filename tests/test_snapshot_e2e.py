@@ -223,5 +223,8 @@ def test_channel_modes_and_refusals(tw: TW, out_dir: Path) -> None:
     tw.cli("enable-channel", "keep", "--discard")
     r = tw.cli("enable-channel", "wait", "--blocking-timeout", "10", check=False)
     assert r.returncode == 1 and "never makes the app wait" in r.stderr
+    for verb in (["rotate", "fr"], ["enable-rotation", "-s", "fr", "--timer", "10s"]):
+        r = tw.cli(*verb, check=False)
+        assert r.returncode == 1 and "snapshot session" in r.stderr
     listing = tw.cli("list", "fr").stdout
     assert re.search(r"channel ring: overwrite", listing) and re.search(r"channel keep: discard", listing)

@@ -168,3 +168,26 @@ def test_consumerd_killed_continues_the_newest_file(tw: TW, out_dir: Path, relay
     assert sd is not None and [c for c in _children(sd) if _alive(c) and c != killed]
     tw.cli("stop")
     check_bounded_and_readable(root, None, n)
+
+
+@needs_bt2
+def test_the_limits_hold_in_every_trace_chunk_after_a_rotation(tw: TW, out_dir: Path) -> None:
+    tw.cli("create", "tf", "--output", str(out_dir))
+    tw.cli(*CHANNEL)
+    tw.cli("enable-event", "demo:*", "-c", "channel0")
+    tw.cli("start")
+    tw.demo("--events", str(EVENTS), "--payload-bytes", str(PAYLOAD))
+    archive = Path(tw.cli("rotate").stdout.split()[-1])
+    tw.demo("--events", str(EVENTS), "--payload-bytes", str(PAYLOAD))
+    tw.cli("stop")
+    (session,) = [p for p in out_dir.iterdir() if p.name.startswith("tf-")]
+    chunks = [archive, *(p for p in session.iterdir() if p.name.startswith("active-chunk-"))]
+    assert len(chunks) == 2, chunks
+    for chunk in chunks:
+        # The chunk's trace with streams (a chunk begun when no app ran also
+        # holds the metadata of the app before, without a stream).
+        (td,) = [p.parent for p in chunk.rglob("metadata") if any(p.parent.glob("channel0_*"))]
+        files = _stream_files(td)
+        assert 1 <= len(files) <= COUNT, (chunk, files)
+        assert all((td / n).stat().st_size <= SIZE for n in files)
+        assert _bt2(td, tuple(files))[0] > 0

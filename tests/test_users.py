@@ -203,3 +203,28 @@ def test_root_session_does_not_trace_into_user_files_and_user_session_ignores_ot
     files = [f for d, _, fs in os.walk(out) for f in fs if f.startswith("channel0")]
     assert files == []
     _run(py, env, USER_IN_GROUP, "destroy", "usess2")
+
+
+def test_another_users_rotate_is_refused_and_changes_nothing(world):
+    """rotate, enable-rotation and disable-rotation go through sessiond's
+    ownership check: user 1 cannot rotate root's started session."""
+    py, env = world["python"], world["env"]
+    out = os.path.join(world["top"], "root-rot")
+    _run(py, env, None, "create", "rootrot", "--output", out)
+    _run(py, env, None, "enable-event", "demo:*", "-s", "rootrot")
+    _run(py, env, None, "start", "rootrot")
+    subprocess.run([py, "-m", "tracewire.demo", "--events", "1000"], env=env, check=True,
+                   capture_output=True, timeout=120)
+    for verb in (["rotate", "rootrot"], ["rotate", "-s", "rootrot"],
+                 ["enable-rotation", "-s", "rootrot", "--timer", "1s"], ["disable-rotation", "-s", "rootrot"]):
+        r = _run(py, env, USER_IN_GROUP, *verb, check=False)
+        assert r.returncode == 1, (verb, r.stderr)
+        assert "permission denied: session 'rootrot' belongs to another user" in r.stderr, (verb, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1
+    (sdir,) = os.listdir(out)
+    assert os.listdir(os.path.join(out, sdir)) == ["ust"]  # no chunk archived, none begun
+    assert "rotation:" not in _run(py, env, None, "list", "rootrot").stdout
+    # The owner can.
+    done = _run(py, env, None, "rotate", "rootrot").stdout
+    assert "trace chunk 0 archived at" in done, done
+    _run(py, env, None, "destroy", "rootrot")

@@ -23,6 +23,8 @@ from tracewire.wire import (
     Auth,
     Bye,
     Challenge,
+    ChunkClose,
+    ChunkClosed,
     Codec,
     Connection,
     ConnectionClosed,
@@ -118,6 +120,8 @@ SAMPLES: list[Message] = [
     Retry(7, 43, RetryReason.NO_SPACE, "No space left on device"),
     StreamClose(7),
     SessionClose(3),
+    ChunkClose(3, "ust", "archives/20261202T101500+0100-20261202T101600+0100-0/ust"),
+    ChunkClosed(3, "archives/x-0/ust"),
     Bye(),
     Error(ErrorCode.AUTH_FAILED, "bad MAC for key 'k1'"),
     Error(999, ""),
@@ -709,8 +713,8 @@ def test_challenge_needs_a_key_id() -> None:
 
 def test_version_checks() -> None:
     relay = Connection(R)
-    relay.receive_data(encode(Hello(2, "board-7")))
-    with pytest.raises(RemoteProtocolError, match=r"unsupported protocol version 2, supported: \[1\]") as info:
+    relay.receive_data(encode(Hello(3, "board-7")))
+    with pytest.raises(RemoteProtocolError, match=r"unsupported protocol version 3, supported: \[1, 2\]") as info:
         relay.next_event()
     assert info.value.code is ErrorCode.VERSION
     consumer = Connection(C)
@@ -1408,3 +1412,55 @@ def test_core_imports_no_io() -> None:
     assert imported, "parsed no imports at all?"
     assert not imported & FORBIDDEN_IMPORTS
     assert "cbor2" in imported and "zstandard" in imported
+
+
+# --------------------------------------------------------------------------
+# Trace chunks (rotation, protocol 2)
+# --------------------------------------------------------------------------
+
+
+def test_chunk_close_on_protocol_2() -> None:
+    p = ConnectionPair()
+    p.send(C, Hello(2, "board-7"))
+    p.send(R, Welcome(2))
+    p.send(C, SessionDecl(1, "s", "20261129T101500", False))
+    p.send(C, StreamDecl(10, 1, "active-chunk-1/" + TRACE, "channel0", 0))
+    p.send(C, StreamClose(10))
+    p.send(C, ChunkClose(1, "active-chunk-1", "archives/a-b-1"))
+    p.send(R, ChunkClosed(1, "archives/a-b-1"))
+    p.expect(ConnState.ESTABLISHED)
+
+
+def test_chunk_close_refused_on_protocol_1() -> None:
+    p = ConnectionPair().established()  # Hello(1)
+    with pytest.raises(LocalProtocolError, match="needs protocol 2") as info:
+        p.conn[C].send(ChunkClose(1, "ust", "archives/a-b-0/ust"))
+    assert info.value.code is ErrorCode.BAD_STATE
+    relay = Connection(R)
+    relay.receive_data(Connection(C).send(Hello(1, "h")))
+    assert relay.next_event() == Hello(1, "h")
+    relay.send(Welcome(1))
+    relay.receive_data(encode(SessionDecl(1, "s", "20261129T101500", False)) + encode(ChunkClose(1, "a", "b")))
+    relay.next_event()
+    with pytest.raises(RemoteProtocolError, match="needs protocol 2") as rinfo:
+        relay.next_event()
+    assert rinfo.value.code is ErrorCode.BAD_STATE
+
+
+def test_chunk_close_needs_an_open_session() -> None:
+    p = ConnectionPair()
+    p.send(C, Hello(2, "board-7"))
+    p.send(R, Welcome(2))
+    with pytest.raises(LocalProtocolError, match="not open") as info:
+        p.conn[C].send(ChunkClose(5, "ust", "archives/x/ust"))
+    assert info.value.code is ErrorCode.PROTOCOL
+
+
+@pytest.mark.parametrize("path", ["", "/abs", "a/../b", "a//b", "a\x00b"])
+def test_chunk_close_checks_its_paths(path: str) -> None:
+    with pytest.raises(LocalProtocolError):
+        ChunkClose(1, path, "archives/x")
+    with pytest.raises(LocalProtocolError):
+        ChunkClose(1, "ust", path)
+    with pytest.raises(LocalProtocolError):
+        ChunkClosed(1, path)

@@ -91,6 +91,55 @@ class BlockingTimeout(_IntParam):
         return n
 
 
+_TIMER_UNITS = {"us": 0.001, "ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000}
+
+
+class Period(_IntParam):
+    """A period like ``500ms``, ``30s``, ``10m`` or ``1h``, in milliseconds;
+    a bare number is microseconds, as with LTTng."""
+
+    name = "period"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int:
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().lower()
+        num = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+        unit = text[len(num):] or "us"
+        try:
+            ms = float(num) * _TIMER_UNITS[unit]
+        except (ValueError, KeyError):
+            self.fail(f"{value!r} is not a period (examples: 500ms, 30s, 10m, 1h)", param, ctx)
+        if not 1 <= ms <= 2**40:
+            self.fail(f"{value!r}: a period must be at least 1ms", param, ctx)
+        return round(ms)
+
+
+def _period_words(ms: int) -> str:
+    for unit, size in (("h", 3_600_000), ("m", 60_000), ("s", 1000)):
+        if ms % size == 0:
+            return f"{ms // size}{unit}"
+    return f"{ms}ms"
+
+
+def _rotation_words(s: dict[str, Any]) -> str | None:
+    """The session's rotation schedule and archived chunks, in one line
+    (None: no schedule and nothing archived)."""
+    sched = s.get("rotation") or {}
+    conds = []
+    if sched.get("timer_ms"):
+        conds.append(f"every {_period_words(sched['timer_ms'])}")
+    if sched.get("size"):
+        conds.append(f"at {ops.human_size(sched['size'])}")
+    n = s.get("chunks_archived", 0)
+    if not conds and not n:
+        return None
+    words = f"rotation: {' or '.join(conds) if conds else 'by hand'}, {n} chunks archived"
+    if s.get("last_archive"):
+        words += f" (last: {s['last_archive']})"
+    return words
+
+
 def _blocking_words(ms: int) -> str:
     """A channel's blocking timeout as ``list`` shows it."""
     if ms == ops.BLOCK_FOREVER:
@@ -403,12 +452,15 @@ def stop(ctx: click.Context, session: str | None, timeout: float | None) -> None
 @click.argument("session", required=False)
 @click.pass_context
 def destroy(ctx: click.Context, session: str | None) -> None:
-    """Destroy SESSION (stopping it first when needed)."""
+    """Destroy SESSION (stopping it first when needed).  A session that was
+    rotated has its last trace chunk archived too, as the others."""
     r = _client(ctx).request(ops.DestroyRequest(session=session), timeout=None)
     if "streams" in r:
         _stop_summary(r)  # prints the warning too
     elif r.get("warning"):
         click.echo(f"Warning: {r['warning']}", err=True)
+    if r.get("archive"):
+        click.echo(f"Session {r['session']}: last trace chunk archived at {r['archive']}")
     click.echo(f"Session {r['session']} destroyed")
 
 
@@ -427,6 +479,8 @@ def list_(ctx: click.Context, session: str | None) -> None:
         pending = (" (stopping: waiting for the sink)" if s.get("stopping")
                    else " (stop incomplete)" if s.get("stop_pending") else "")
         click.echo(f"{s['name']}{mark} [{s['state']}]{pending} -> {s['sink']}")
+        if (rot := _rotation_words(s)) is not None:
+            click.echo(f"  {rot}")
         if session or len(sessions) == 1:
             for ch in s["channels"]:
                 click.echo(f"  channel {ch['name']}: {ch['mode']}, {ch['num_subbuf']} x "
@@ -446,6 +500,8 @@ def status(ctx: click.Context, session: str | None) -> None:
     r = _client(ctx).request(ops.StatusRequest(session=session))
     s = r["session"]
     click.echo(f"{s['name']} [{s['state']}] -> {s['sink']}")
+    if (rot := _rotation_words(s)) is not None:
+        click.echo(f"  {rot}")
     if s.get("error"):
         click.echo(f"  ERROR: {s['error']}")
     if s.get("stopping"):
@@ -569,9 +625,50 @@ def snapshot_record(ctx: click.Context, session: str | None, name: str | None, m
 
 @cli.command()
 @click.argument("session", required=False)
-def rotate(session: str | None) -> None:
-    """Close the current trace chunk and start a new one (not available yet)."""
-    raise CliError("rotation is not available yet")
+@click.option("-s", "--session", "session_opt", metavar="SESSION", help="Session (default: the current one).")
+@click.pass_context
+def rotate(ctx: click.Context, session: str | None, session_opt: str | None) -> None:
+    """Archive the current trace chunk of SESSION (default: the current one)
+    and go on tracing into the next chunk.
+
+    Every event emitted before the command is in the archived chunk or an
+    earlier one, every later event in a later one; none is in two.  The
+    chunk is a complete trace of its own, moved to
+    SESSION_DIR/archives/BEGIN-END-INDEX/ (through a relay: once the relay
+    has all of it, below its output directory).  Prints its path.  A
+    stopped session can be rotated once (its last chunk).
+    """
+    if session and session_opt and session != session_opt:
+        raise CliError(f"two sessions given: {session!r} and {session_opt!r}")
+    r = _client(ctx).request(ops.RotateRequest(session=session or session_opt), timeout=None)
+    click.echo(f"Session {r['session']}: trace chunk {r['chunk']} archived at {r['path']}")
+
+
+@cli.command("enable-rotation")
+@click.option("-s", "--session", help="Session (default: the current one).")
+@click.option("--timer", type=Period(), default=None, metavar="PERIOD",
+              help="Rotate every PERIOD: 500ms, 30s, 10m, 1h (a bare number: microseconds).")
+@click.option("--size", type=Size(power_of_two=False), default=None, metavar="SIZE",
+              help="Rotate once the current chunk holds SIZE bytes: 4k, 256M, 1G.")
+@click.pass_context
+def enable_rotation(ctx: click.Context, session: str | None, timer: int | None, size: int | None) -> None:
+    """Rotate SESSION automatically, every --timer PERIOD and/or whenever
+    its current chunk reaches --size SIZE (checked about twice a second).
+    A condition not given is left as it was."""
+    if not timer and not size:
+        raise click.UsageError("give --timer PERIOD or --size SIZE (or both)")
+    req = _make(ops.EnableRotationRequest, session=session, timer_ms=timer or 0, size=size or 0)
+    r = _client(ctx).request(req)
+    click.echo(f"Session {r['session']}: {_rotation_words({'rotation': r['rotation']})}")
+
+
+@cli.command("disable-rotation")
+@click.option("-s", "--session", help="Session (default: the current one).")
+@click.pass_context
+def disable_rotation(ctx: click.Context, session: str | None) -> None:
+    """Remove SESSION's rotation schedule (rotate by hand still works)."""
+    r = _client(ctx).request(ops.DisableRotationRequest(session=session))
+    click.echo(f"Session {r['session']}: automatic rotation disabled")
 
 
 @cli.command()

@@ -41,11 +41,11 @@ __all__ = [
     "MAX_STRING", "REPLY_TO", "Compression", "RelayState", "MessageError", "human_size",
     "Request", "PingRequest", "CreateRequest", "EnableChannelRequest", "EnableEventRequest",
     "StartRequest", "StopRequest", "DestroyRequest", "ListRequest", "StatusRequest",
-    "SnapshotRecordRequest",
+    "SnapshotRecordRequest", "RotateRequest", "EnableRotationRequest", "DisableRotationRequest",
     "Op", "HelloOp", "SessionOp", "AddTraceOp", "MetadataOp", "AddStreamOp", "FlushOp",
-    "ProducerGoneOp", "RemoveSessionOp", "StatusOp", "SnapshotOp",
+    "ProducerGoneOp", "RemoveSessionOp", "StatusOp", "SnapshotOp", "RotateOp",
     "Reply", "DoneReply", "HelloReply", "TraceReply", "StreamStats", "StreamsReply",
-    "ReleasedReply", "SnapshotReply", "ErrorReply",
+    "ReleasedReply", "SnapshotReply", "ErrorReply", "RotatedReply", "chunk_prefix",
     "encode", "decode_request", "decode_op", "decode_reply", "short_repr",
 ]
 
@@ -263,6 +263,36 @@ class SnapshotRecordRequest(_SessionRequest):
         _require(not (self.output and self.url), "give --output or --url, not both")
 
 
+@dataclass(frozen=True, slots=True)
+class RotateRequest(_SessionRequest):
+    """Archive the session's current trace chunk now (``tracewire rotate``)."""
+
+    KIND: ClassVar[str] = "rotate"
+
+
+@dataclass(frozen=True, slots=True)
+class EnableRotationRequest(Request):
+    """Rotate automatically every ``timer_ms`` and/or once the current chunk
+    holds ``size`` bytes (0: that condition is not set; one must be)."""
+
+    KIND: ClassVar[str] = "enable_rotation"
+    session: str | None = None
+    timer_ms: int = 0
+    size: int = 0
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.timer_ms <= 2**40, "--timer out of range")
+        _require(0 <= self.size <= 2**60, "--size out of range")
+        _require(self.timer_ms > 0 or self.size > 0, "give --timer T or --size S (or both)")
+
+
+@dataclass(frozen=True, slots=True)
+class DisableRotationRequest(_SessionRequest):
+    """Remove the session's rotation schedule (both conditions)."""
+
+    KIND: ClassVar[str] = "disable_rotation"
+
+
 # ------------------------------------------------------------- sessiond → consumerd
 @dataclass(frozen=True, slots=True)
 class Op:
@@ -296,10 +326,14 @@ class SessionOp(Op):
     spool_dir: str | None = None
     spool_size: int = DEFAULT_SPOOL_SIZE
     snapshot: bool = False  # rings are only read by SnapshotOp; ``sink`` is where snapshots go
+    # The session's current trace chunk (0 until its first rotation): a
+    # restarted consumerd writes into it (see chunk_prefix).
+    chunk: int = 0
 
     def __post_init__(self) -> None:
         _require(1 <= self.compress_level <= 22, "compress_level must be between 1 and 22")
         _require(self.spool_size > 0, "spool_size must be positive")
+        _require(0 <= self.chunk < 2**32, "chunk out of range")
 
 
 @dataclass(frozen=True, slots=True)
@@ -431,6 +465,28 @@ class SnapshotOp(Op):
         _require(0 < self.timeout <= 10**6, "timeout out of range")
 
 
+@dataclass(frozen=True, slots=True)
+class RotateOp(Op):
+    """Close the session's current trace chunk (``chunk``) as
+    ``archives/<archive>`` and go on in chunk ``chunk + 1``: every stream is
+    drained to its last whole event and switched to the next chunk's files;
+    the reply comes once the closed chunk is complete in the sink (written,
+    or acknowledged by the relay and moved there), within ``timeout`` s."""
+
+    KIND: ClassVar[str] = "rotate"
+    session: str
+    chunk: int
+    archive: str
+    timeout: float = DEFAULT_FLUSH_TIMEOUT
+    # The session is being destroyed (its apps stopped): its streams are
+    # closed instead of switched, no next chunk is begun.
+    last: bool = False
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.chunk < 2**32 - 1, "chunk out of range")
+        _require(0 < self.timeout <= 10**6, "timeout out of range")
+
+
 # ------------------------------------------------------------- consumerd → sessiond
 @dataclass(frozen=True, slots=True)
 class Reply:
@@ -475,6 +531,8 @@ class StreamStats:
     # Sub-buffers of the ring holding events not read yet (each becomes a
     # packet): data left in the ring while the sink has no room.
     ring_unread: int = 0
+    # Raw bytes written to the session's current trace chunk (rotation by size).
+    chunk_bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -509,6 +567,14 @@ class SnapshotReply(Reply):
 
 
 @dataclass(frozen=True, slots=True)
+class RotatedReply(Reply):
+    """``rotate``: where the closed chunk is (a directory, or for a relay
+    its path below the relay's output directory)."""
+
+    path: str
+
+
+@dataclass(frozen=True, slots=True)
 class ErrorReply(Reply):
     """A refusal (``internal`` false: the request cannot be done) or an
     internal error (a bug, logged with its traceback by the receiver)."""
@@ -520,18 +586,29 @@ class ErrorReply(Reply):
 _REQUESTS: Mapping[str, type[Request]] = {
     c.KIND: c for c in (PingRequest, CreateRequest, EnableChannelRequest, EnableEventRequest,
                         StartRequest, StopRequest, DestroyRequest, ListRequest, StatusRequest,
-                        SnapshotRecordRequest)
+                        SnapshotRecordRequest, RotateRequest, EnableRotationRequest, DisableRotationRequest)
 }
 _OPS: Mapping[str, type[Op]] = {
     c.KIND: c for c in (HelloOp, SessionOp, AddTraceOp, MetadataOp, AddStreamOp, FlushOp,
-                        ProducerGoneOp, RemoveSessionOp, StatusOp, SnapshotOp)
+                        ProducerGoneOp, RemoveSessionOp, StatusOp, SnapshotOp, RotateOp)
 }
 # What each operation answers when it succeeds.
 REPLY_TO: Mapping[type[Op], type[Reply]] = {
     HelloOp: HelloReply, SessionOp: DoneReply, AddTraceOp: TraceReply, MetadataOp: DoneReply,
     AddStreamOp: DoneReply, FlushOp: StreamsReply, ProducerGoneOp: ReleasedReply,
     RemoveSessionOp: StreamsReply, StatusOp: StreamsReply, SnapshotOp: SnapshotReply,
+    RotateOp: RotatedReply,
 }
+
+
+def chunk_prefix(chunk: int) -> str:
+    """Where trace chunk ``chunk`` is written, relative to the session's
+    directory: the first (0) in the session directory itself, as a session
+    that never rotates has always been written; each later one in
+    ``active-chunk-<n>/`` until it is closed and moved to
+    ``archives/<begin>-<end>-<n>/``."""
+    return "" if chunk == 0 else f"active-chunk-{chunk}/"
+
 
 
 # ------------------------------------------------------------------- the codec

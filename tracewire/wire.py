@@ -86,6 +86,7 @@ import zstandard
 
 __all__ = [
     "AUTH_CONTEXT",
+    "CHUNKS_VERSION",
     "DEFAULT_MAX_HEADER_SIZE",
     "DEFAULT_MAX_METADATA_SIZE",
     "DEFAULT_MAX_PAYLOAD_SIZE",
@@ -110,6 +111,8 @@ __all__ = [
     "Buffer",
     "Bye",
     "Challenge",
+    "ChunkClose",
+    "ChunkClosed",
     "Codec",
     "ConnState",
     "Connection",
@@ -149,8 +152,10 @@ __all__ = [
     "verify_auth_mac",
 ]
 
-PROTOCOL_VERSION: Final = 1
-SUPPORTED_VERSIONS: Final = frozenset({1})
+PROTOCOL_VERSION: Final = 2
+SUPPORTED_VERSIONS: Final = frozenset({1, 2})
+# The first version with ChunkClose / ChunkClosed (session rotation).
+CHUNKS_VERSION: Final = 2
 
 MAGIC: Final = 0x54574952  # b"TWIR"
 FRAME_HEADER: Final = struct.Struct(">III")  # magic, header_len, payload_len
@@ -470,6 +475,8 @@ class MessageType(enum.IntEnum):
     BYE = 14
     ERROR = 15
     RETRY = 16
+    CHUNK_CLOSE = 17
+    CHUNK_CLOSED = 18
 
 
 class Codec(enum.IntEnum):
@@ -768,6 +775,41 @@ class SessionClose:
 
 
 @dataclass(frozen=True, slots=True)
+class ChunkClose:
+    """Consumer -> relay (protocol 2): a trace chunk of the session is
+    complete (every packet of it acknowledged, its streams closed): move the
+    directory `source` to `target`, both relative to the session directory,
+    creating target's parents, then remove the parents of `source` left
+    empty.  Idempotent: a `source` already gone (moved by an earlier
+    ChunkClose whose answer was lost) is no error.  Answered by ChunkClosed.
+    """
+
+    session_id: int
+    source: str
+    target: str
+    msg_type: ClassVar[MessageType] = MessageType.CHUNK_CLOSE
+
+    def __post_init__(self) -> None:
+        _check_int(self.session_id, "ChunkClose.session_id")
+        _check_path(self.source, "ChunkClose.source")
+        _check_path(self.target, "ChunkClose.target")
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkClosed:
+    """Relay -> consumer (protocol 2): the ChunkClose that named `target` is
+    done: the chunk is in place."""
+
+    session_id: int
+    target: str
+    msg_type: ClassVar[MessageType] = MessageType.CHUNK_CLOSED
+
+    def __post_init__(self) -> None:
+        _check_int(self.session_id, "ChunkClosed.session_id")
+        _check_path(self.target, "ChunkClosed.target")
+
+
+@dataclass(frozen=True, slots=True)
 class Bye:
     """Either side: I will send nothing more (but an Error)."""
 
@@ -808,6 +850,8 @@ Message: TypeAlias = (
     | StreamStateRequest
     | StreamState
     | Retry
+    | ChunkClose
+    | ChunkClosed
     | StreamClose
     | SessionClose
     | Bye
@@ -835,6 +879,8 @@ _CLASSES: Final[Mapping[MessageType, type]] = types.MappingProxyType(
             Bye,
             Error,
             Retry,
+            ChunkClose,
+            ChunkClosed,
         )
     }
 )
@@ -896,6 +942,10 @@ def _header_map(msg: Message) -> tuple[dict[str, object], Buffer | None]:
             return {"i": msg.stream_id}, None
         case SessionClose():
             return {"s": msg.session_id}, None
+        case ChunkClose():
+            return {"s": msg.session_id, "src": msg.source, "dst": msg.target}, None
+        case ChunkClosed():
+            return {"s": msg.session_id, "dst": msg.target}, None
         case Bye():
             return {}, None
         case Error():
@@ -1098,6 +1148,10 @@ def _build(mtype: MessageType, fields: dict[object, object], payload: bytes | by
                 msg = StreamClose(f("i"))
             case MessageType.SESSION_CLOSE:
                 msg = SessionClose(f("s"))
+            case MessageType.CHUNK_CLOSE:
+                msg = ChunkClose(f("s"), f("src"), f("dst"))
+            case MessageType.CHUNK_CLOSED:
+                msg = ChunkClosed(f("s"), f("dst"))
             case MessageType.BYE:
                 msg = Bye()
             case MessageType.ERROR:
@@ -1445,8 +1499,9 @@ _CONSUMER_DATA: Final = (
     _T.STREAM_STATE_REQUEST,
     _T.STREAM_CLOSE,
     _T.SESSION_CLOSE,
+    _T.CHUNK_CLOSE,
 )
-_RELAY_DATA: Final = (_T.ACK, _T.STREAM_STATE, _T.RETRY)
+_RELAY_DATA: Final = (_T.ACK, _T.STREAM_STATE, _T.RETRY, _T.CHUNK_CLOSED)
 _LIVE_STATES: Final = tuple(s for s in ConnState if s not in (_S.CLOSED, _S.ERROR))
 
 # (state, sender, message type) -> next state.  Anything else is an error.
@@ -1565,6 +1620,14 @@ class _ConnectionState:
             case SessionClose():
                 if msg.session_id not in self.sessions:
                     return ErrorCode.PROTOCOL, f"session {msg.session_id} is not open"
+            case ChunkClose() | ChunkClosed():
+                assert self.hello is not None
+                if self.hello.version < CHUNKS_VERSION:
+                    return ErrorCode.BAD_STATE, (
+                        f"{type(msg).__name__} needs protocol {CHUNKS_VERSION}, this connection speaks "
+                        f"{self.hello.version}")
+                if isinstance(msg, ChunkClose) and msg.session_id not in self.sessions:
+                    return ErrorCode.PROTOCOL, f"ChunkClose for session {msg.session_id}, which is not open"
             case Ack() | StreamState() | Retry():
                 # The stream may have been closed meanwhile; it must have existed.
                 if msg.stream_id > self.max_stream_id:
