@@ -573,6 +573,15 @@ class NetSession:
         Raises:
             SinkError: the relay refused the session.
         """
+        await self.wait_acked(None)
+
+    async def wait_acked(self, keys: Sequence[str] | None) -> None:
+        """Return once every packet of streams ``keys`` (None: of every
+        stream, those added meanwhile too) is acknowledged.
+
+        Raises:
+            SinkError: the relay refused the session.
+        """
         # Ask the relay where a stream stands once everything submitted is
         # sent: it answers only after writing (and, in fsync mode, syncing)
         # all that came before, so the acks come now rather than at the end
@@ -582,22 +591,8 @@ class NetSession:
         while True:
             if self.error:
                 raise SinkError(self.error)
-            if not any(st.unacked for st in self.streams.values()):
-                return
-            await self._changed.wait()
-
-    async def wait_acked(self, keys: Sequence[str]) -> None:
-        """Return once every packet of streams ``keys`` is acknowledged.
-
-        Raises:
-            SinkError: the relay refused the session.
-        """
-        self._sync_wanted = True
-        self._send_wakeup.set()
-        while True:
-            if self.error:
-                raise SinkError(self.error)
-            if not any(self.streams[k].unacked for k in keys if k in self.streams):
+            streams = self.streams.values() if keys is None else [self.streams[k] for k in keys if k in self.streams]
+            if not any(st.unacked for st in streams):
                 return
             await self._changed.wait()
 

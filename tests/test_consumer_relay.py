@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import shutil
 import subprocess
 import uuid
@@ -347,6 +348,15 @@ async def test_resume_after_connection_breaks_mid_stream(tmp_path: Path, compres
     check_trace(out, 60 * 400, 60)
 
 
+async def relay_in(out: Path, scope: trio.CancelScope, port: int,
+                   task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """A relay writing to ``out`` on ``port`` (0: any), until ``scope`` is
+    cancelled: a test stops it and starts another there, a relay restart."""
+    with scope:
+        await serve_relayd(RelaydConfig(output=str(out), listen_host="127.0.0.1", listen_port=port),
+                           task_status=task_status)
+
+
 async def test_resume_after_relay_restart(tmp_path: Path) -> None:
     """The relay goes away (its server cancelled: every connection closed)
     while packets are queued, and a new one comes back on the same port and
@@ -357,11 +367,7 @@ async def test_resume_after_relay_restart(tmp_path: Path) -> None:
     with trio.fail_after(DEADLINE):
         async with trio.open_nursery() as relays:
             first = trio.CancelScope()
-
-            async def relay(scope: trio.CancelScope, port: int, task_status=trio.TASK_STATUS_IGNORED) -> None:
-                with scope:
-                    await serve_relayd(RelaydConfig(output=str(out), listen_host="127.0.0.1", listen_port=port),
-                                       task_status=task_status)
+            relay = functools.partial(relay_in, out)
 
             listeners = await relays.start(relay, first, 0)
             port = listeners[0].socket.getsockname()[1]
@@ -886,11 +892,7 @@ async def test_a_chunk_is_archived_once_across_a_relay_restart_during_the_rotati
     with trio.fail_after(DEADLINE):
         async with trio.open_nursery() as relays:
             first = trio.CancelScope()
-
-            async def relay(scope: trio.CancelScope, port: int, task_status=trio.TASK_STATUS_IGNORED) -> None:
-                with scope:
-                    await serve_relayd(RelaydConfig(output=str(out), listen_host="127.0.0.1", listen_port=port),
-                                       task_status=task_status)
+            relay = functools.partial(relay_in, out)
 
             listeners = await relays.start(relay, first, 0)
             port = listeners[0].socket.getsockname()[1]
