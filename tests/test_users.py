@@ -228,3 +228,32 @@ def test_another_users_rotate_is_refused_and_changes_nothing(world):
     done = _run(py, env, None, "rotate", "rootrot").stdout
     assert "trace chunk 0 archived at" in done, done
     _run(py, env, None, "destroy", "rootrot")
+
+
+def test_a_members_snapshot_session_at_roots_sessiond(world):
+    """A tracing member's flight recorder at root's sessiond: the rings hold
+    only the member's apps, the snapshot's files are the member's, another
+    user's snapshot record of it is refused and changes nothing."""
+    py, env = world["python"], world["env"]
+    out = os.path.join(world["top"], "u1-snap")
+    os.makedirs(out)
+    os.chown(out, world["uid1"], -1)
+    _run(py, env, USER_IN_GROUP, "create", "usnap", "--snapshot", "--output", out)
+    _run(py, env, USER_IN_GROUP, "enable-event", "demo:*")
+    _run(py, env, USER_IN_GROUP, "start")
+    _demo(world, USER_IN_GROUP, 3000)
+    subprocess.run([py, "-m", "tracewire.demo", "--events", "500"], env=env, check=True,  # root's app: not in it
+                   capture_output=True, timeout=120)
+    r = _run(py, env, USER_OUTSIDE, "snapshot", "record", "-s", "usnap", check=False)
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1
+    assert os.listdir(out) == []  # nothing written for them (a snapshot session writes only snapshots)
+    text = _run(py, env, USER_IN_GROUP, "snapshot", "record").stdout
+    assert "1 streams" in text, text
+    (sdir,) = os.listdir(out)
+    (snap,) = os.listdir(os.path.join(out, sdir))
+    assert snap.endswith("-0")  # the refused record did not count
+    files = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(out, sdir, snap)) for f in fs]
+    assert any(f.endswith("channel0_0") for f in files), files
+    for f in files:
+        assert os.stat(f).st_uid == world["uid1"], f
+    _run(py, env, USER_IN_GROUP, "destroy", "usnap")
