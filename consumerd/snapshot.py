@@ -38,7 +38,7 @@ import trio
 
 from consumerd.sinks import Resume, SessionSink, SinkError, StreamSink, open_sink
 from tracewire import ctf
-from tracewire.ops import SessionOp, SnapshotOp, SnapshotReply, StreamStats
+from tracewire.ops import SessionOp, SnapshotOp, SnapshotReply, StreamStats, human_size
 from tracewire.ringbuf import PACKET_HEADER_SIZE, Q_START, Chunk, MemoryBarrier, Snapshot, read_snapshot
 
 if TYPE_CHECKING:
@@ -144,6 +144,9 @@ async def record(cd: Consumerd, op: SnapshotOp, base: SessionOp) -> SnapshotRepl
     budget = op.max_size // len(streams) if op.max_size and streams else None
     copies = [(st, *_copy(st, budget, cd.barrier)) for st in streams]
     if not any(snap.packets for _st, snap, _start in copies):
+        if budget is not None and any(snap.skipped for _st, snap, _start in copies):
+            raise RequestError(f"--max-size {human_size(op.max_size)} leaves {human_size(budget)} to each of the "
+                               f"{len(streams)} streams, less than one of their packets: no snapshot written")
         raise RequestError(f"no event in the ring buffers of session {op.session!r}: no snapshot written")
     sink_url = op.sink or base.sink
     sink = open_sink(dataclasses.replace(base, sink=sink_url, spool_dir=None, snapshot=False),

@@ -161,6 +161,8 @@ def test_max_size_keeps_the_newest_data_that_fits(tw: TW, out_dir: Path) -> None
     data = sum(f.stat().st_size for f in small.rglob("big_0*") if f.parent.name != "index")
     assert data <= 40 * 1024
     assert "left out for --max-size" in text
+    r = tw.cli("snapshot", "record", "--max-size", "1k", check=False)
+    assert r.returncode == 1 and "less than one of their packets" in r.stderr, r.stderr
 
 
 def test_snapshot_of_a_streaming_session_holds_what_its_buffers_hold(tw: TW, out_dir: Path) -> None:
