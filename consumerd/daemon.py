@@ -342,7 +342,7 @@ class Consumerd:
             sink: SessionSink = snapshot.HeldSink(op.sink)
         else:
             sink = open_sink(op, on_room=lambda: self._on_room(name), on_saved=self._on_saved)
-        self.sessions[name] = SessionOut(name, sink, op, op.chunk)
+        self.sessions[name] = SessionOut(name, sink, op, sink.chunk)
         self.nursery.start_soon(sink.run)
         return DoneReply()
 

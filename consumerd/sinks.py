@@ -56,6 +56,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -155,7 +156,14 @@ class StreamSink(Protocol):
 
 
 class SessionSink(Protocol):
-    """A session's sink: its traces, their metadata and their streams."""
+    """A session's sink: its traces, their metadata and their streams.
+
+    Attributes:
+        chunk: the trace chunk written now (a relay sink may resume a later
+            one than the session declared: ``RelaySink.open``).
+    """
+
+    chunk: int
 
     async def run(self) -> None:
         """The sink's background work, until ``close()``; returns at once for
@@ -496,6 +504,19 @@ class RelayStream(StreamSink):
         self.net.finish_stream(self.key)
 
 
+_SPOOLED_CHUNK = re.compile(r"~c(\d+)\.\d+")
+
+
+def _spooled_chunks(directory: str) -> set[int]:
+    """The trace chunks (> 0) of which the spool in ``directory`` holds
+    segment files (``<stream>~c<chunk>.<n>``)."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return set()
+    return {int(m.group(1)) for n in names if (m := _SPOOLED_CHUNK.search(n)) and m.end() == len(n)}
+
+
 @dataclass(slots=True)
 class _RelayChunk:
     """A trace chunk of a relay sink: its streams and traces as the
@@ -514,7 +535,7 @@ class RelaySink(SessionSink):
     known to the NetSession as ``<id>~c<chunk>``: each chunk's stream is a
     stream of its own on the wire, with its own file on the relay."""
 
-    def __init__(self, sink: str, net: NetSession, chunk: int = 0) -> None:
+    def __init__(self, sink: str, net: NetSession, chunk: int = 0, recover: Sequence[int] = ()) -> None:
         self.sink = sink
         self.net = net
         self._keys: list[str] = []  # streams opened here: their spool goes with the session
@@ -522,6 +543,10 @@ class RelaySink(SessionSink):
         self._current = _RelayChunk()
         self._closing: dict[int, _RelayChunk] = {}  # switched away from, not archived yet
         self._owner: dict[str, str] = {}  # NetSession key -> stream key (for on_saved)
+        # Chunks an earlier consumerd had switched away from but not archived
+        # (it died in the rotation): their spooled packets are sent again.
+        self._recover = list(recover)
+        self._paths: dict[str, str] = {}  # trace id -> path below a chunk (for _recover)
 
     def _net_id(self, ident: str) -> str:
         return ident if self.chunk == 0 else f"{ident}~c{self.chunk}"
@@ -550,7 +575,12 @@ class RelaySink(SessionSink):
             auth=auth, ca_file=op.tls_ca or None, live=op.live, on_room=on_room,
             spool=spool, on_saved=on_saved, max_unacked_bytes=op.spool_size,
         )
-        sink = cls(op.sink, net, op.chunk)
+        # An earlier consumerd that died in a rotation may have switched to
+        # a later chunk than sessiond knows (it had not answered): its spool
+        # says so.  Go on in that chunk, and send what is spooled of the ones
+        # before it again; sessiond's next rotate archives them.
+        chunk = max([op.chunk, *_spooled_chunks(op.spool_dir)]) if op.spool_dir else op.chunk
+        sink = cls(op.sink, net, chunk, range(op.chunk, chunk))
         net.on_saved = sink.saved(on_saved)
         return sink
 
@@ -566,6 +596,7 @@ class RelaySink(SessionSink):
             raise InvalidName(exc.message) from None
         self._current.traces[trace_id] = net_tid
         self._current.paths[trace_id] = path
+        self._paths[trace_id] = path
         return f"{self.sink}/{full}"
 
     def add_metadata(self, trace_id: str, text: bytes, offset: int) -> None:
@@ -598,15 +629,48 @@ class RelaySink(SessionSink):
         else:
             resume = Resume(0)
         path = f"{self.net.url}/{self.net.traces[trace_id].path}/{channel}_0"
+        if replay:
+            self._resend_recovered(self._owner[key], net_tid, channel, tracefile_size, tracefile_count)
         return RelayStream(self.net, key, path, resume)
 
     def add_gone_stream(self, key: str, trace_id: str, channel: str, *, tracefile_size: int = 0,
                         tracefile_count: int = 0) -> None:
         net_tid = self._current.traces[trace_id]
+        stream = key
         key = self._stream_key(key)
         self.net.add_stream(key, net_tid, channel, resume=True, tracefile_size=tracefile_size,
                             tracefile_count=tracefile_count)
         self.net.finish_stream(key)  # its spool goes once acknowledged
+        self._resend_recovered(stream, net_tid, channel, tracefile_size, tracefile_count)
+
+    def _resend_recovered(self, stream: str, net_tid: str, channel: str, tracefile_size: int,
+                          tracefile_count: int) -> None:
+        """What stream ``stream`` left spooled in the chunks being recovered
+        goes to the relay again, below those chunks (declared as in them,
+        with the trace's whole metadata), to be archived by the next rotate."""
+        spool = self.net.spool
+        trace_id = next((t for t, n in self._current.traces.items() if n == net_tid), None)
+        if spool is None or trace_id is None:
+            return
+        for c in self._recover:
+            old_key = stream if c == 0 else f"{stream}~c{c}"
+            if not spool.holds(old_key):
+                continue
+            old = self._closing.setdefault(c, _RelayChunk())
+            old_tid = trace_id if c == 0 else f"{trace_id}~c{c}"
+            if trace_id not in old.traces:
+                self.net.add_trace(old_tid, chunk_prefix(c) + self._paths[trace_id])
+                self.net.add_metadata(old_tid, bytes(self.net.traces[net_tid].metadata))
+                old.traces[trace_id] = old_tid
+                old.paths[trace_id] = self._paths[trace_id]
+            self.net.add_stream(old_key, old_tid, channel, resume=True, tracefile_size=tracefile_size,
+                                tracefile_count=tracefile_count)
+            self.net.finish_stream(old_key)
+            old.keys[stream] = old_key
+            self._owner[old_key] = stream
+            self._keys.append(old_key)
+            logger.warning("stream %s: sending again what an earlier consumerd spooled for trace chunk %d",
+                           stream, c)
 
     def begin_chunk(self, chunk: int, traces: Iterable[str]) -> None:
         old = self._current

@@ -89,6 +89,7 @@ class HeldSink:
 
     def __init__(self, sink: str) -> None:
         self.sink = sink
+        self.chunk = 0
 
     async def run(self) -> None:
         return

@@ -167,6 +167,12 @@ class Spool:
         return self.size < self.cap
 
     # ------------------------------------------------------------ loading
+    def holds(self, key: str) -> bool:
+        """Whether stream ``key`` has segment files (spooled packets, or
+        spares an earlier consumerd left)."""
+        prefix = key + "."
+        return any(n.startswith(prefix) and n[len(prefix):].isdigit() for n in os.listdir(self.directory))
+
     def load(self, key: str) -> list[SpoolRecord]:
         """Records left by an earlier consumerd for stream ``key``, in order."""
         prefix = key + "."

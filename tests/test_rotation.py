@@ -63,8 +63,10 @@ async def test_timer_schedule_rotates_every_period(tmp_path: Any, autojump_clock
         sess.state = SessionState.STOPPED
         await trio.sleep(30)
         assert len(fake.rotations) == 3
-        sess.state = SessionState.STARTED
+        # Disabled before the session is started again: a due timer left
+        # from the stopped period must not race the disable.
         await cmds.run(ops.DisableRotationRequest(), 1000, 1000)
+        sess.state = SessionState.STARTED
         await trio.sleep(30)
         assert len(fake.rotations) == 3
         n.cancel_scope.cancel()

@@ -241,3 +241,49 @@ def test_a_chunk_without_events_is_still_a_trace(tw: TW, out_dir: Path) -> None:
         assert [p.name for p in Path(path).rglob("metadata")], path
         assert bt2_seqs(Path(path)) == []
         assert ctf_seqs(Path(path)) == ([], 0)
+
+
+def test_consumerd_killed_in_a_relay_rotation_loses_nothing(tw: TW, relayd) -> None:
+    """The relay is down during a rotation: consumerd has switched to the next
+    chunk, the old chunk waits in the spool unacknowledged, and the rotation
+    times out (sessiond keeps its chunk count).  consumerd is then killed:
+    the restarted one finds in the spool that the switch happened, goes on in
+    the new chunk and sends both chunks' spooled packets again; the next
+    rotate archives the old chunk.  Every seq ends in exactly one chunk."""
+    import os
+    import signal
+
+    from test_relay_e2e import consumerd_pid
+
+    relay: Relay = relayd()
+    n = 120_000
+    tw.env["TRACEWIRE_HOSTNAME"] = "crashhost"
+    tw.env["TRACEWIRE_SESSIOND_STOP_TIMEOUT"] = "2"  # how long rotate waits for the relay
+    tw.cli("create", "rc", "--url", relay.url)
+    tw.cli("enable-event", "demo:*")
+    tw.cli("start")
+    demo = tw.demo_popen("--events", str(n), "--rate", "20000", "--progress-every", "10000")
+    assert demo.stdout is not None
+    step = 0
+    for line in demo.stdout:
+        if not re.fullmatch(r"emitted (\d+)\n", line):
+            continue
+        step += 1
+        if step == 1:
+            assert rotate(tw)[0] == 0
+        elif step == 3:
+            relay.stop()
+            r = tw.cli("rotate", check=False)  # switches to chunk 2, cannot archive chunk 1
+            assert r.returncode == 1 and "next 'tracewire rotate' completes it" in r.stderr, r.stderr
+            os.kill(consumerd_pid(tw), signal.SIGKILL)  # chunk 1 and chunk 2 packets are in its spool
+            relay.start(port=relay.port)
+        elif step == 6:
+            assert rotate(tw)[0] == 1  # the restarted consumerd archives chunk 1
+    _out, err = demo.communicate(timeout=180)
+    assert demo.returncode == 0, err
+    tw.cli("stop")
+    out = tw.cli("destroy").stdout
+    assert "last trace chunk archived at" in out, out
+    (sdir,) = (relay.output / "crashhost").iterdir()
+    assert sorted(p.name for p in sdir.iterdir()) == ["archives"]
+    check_chunks(sdir / "archives", n, 3)
