@@ -55,12 +55,14 @@ import math
 import os
 import resource
 import socket
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
 
 from consumerd import snapshot
-from consumerd.sinks import SessionSink, SinkError, StreamSink, open_sink
+from consumerd.sinks import RelaySink, SessionSink, SinkError, StreamSink, open_sink
 from tracewire import ctf
 from tracewire.control import ControlError, close_fds
 from tracewire.names import InvalidName, validate_name
@@ -103,6 +105,12 @@ class ConsumerdConfig:
 
     control_fd: int
     force_barrier: bool = False
+    # The tracer's clock (live sessions' idle beacons read it).
+    clock: Callable[[], int] = time.monotonic_ns
+
+
+# Seconds a removed live session waits for its SessionClose to be sent.
+_LIVE_END_TIMEOUT = 2.0
 
 
 class RequestError(Exception):
@@ -160,6 +168,7 @@ class StreamOut:
     broken: str | None = None
     closed: bool = False
     held: bool = False  # a snapshot session's: never drained, only read by snapshots
+    live: bool = False  # a live session's: an idle timer tick writes a beacon (an empty packet)
     done: trio.Event = field(default_factory=trio.Event)
     cancel: trio.CancelScope = field(default_factory=trio.CancelScope)
 
@@ -462,6 +471,7 @@ class Consumerd:
         return StreamOut(
             op.key, tr.session, tr, channel, op.stream_class, cursor, efd, sink, op.switch_timer_ms,
             next_seq=sink.resume.next_seq or 0, seq_known=sink.resume.next_seq is not None,
+            live=self.sessions[tr.session].op.live and op.switch_timer_ms > 0,
         )
 
     async def _flush_streams(self, streams: list[StreamOut]) -> None:
@@ -541,6 +551,10 @@ class Consumerd:
                 del self.quarantined[key]
             for tid in [tid for tid, tr in self.traces.items() if tr.session == op.session]:
                 del self.traces[tid]
+            if so is not None and so.op.live and isinstance(so.sink, RelaySink):
+                # The relay's live viewers end once told (after every StreamClose).
+                with trio.move_on_after(_LIVE_END_TIMEOUT):
+                    await so.sink.net.finish_session()
             if so is not None:
                 so.sink.close()
                 del self.sessions[op.session]
@@ -633,6 +647,7 @@ class Consumerd:
                 st.blocked = True  # until the sink knows where the stream stands
                 return
             st.next_seq, st.seq_known = first, True
+        wrote = False
         while True:
             if not st.sink.has_room():
                 st.blocked = True  # the rest waits in the ring buffer
@@ -642,9 +657,30 @@ class Consumerd:
                 break
             self.write_packet(st, chunk)
             cur.release()
+            wrote = True
         if limit is not None and cur.discarded_pending() > 0:
             self.write_packet(st, cur.empty_chunk(limit[1]))
             cur.release()
+        elif limit is not None and st.live and not wrote and cur.consumed >= limit[0]:
+            self._beacon(st, limit[1])
+
+    def _beacon(self, st: StreamOut, producer_ts: int) -> None:
+        """A live stream with nothing new at a timer tick: an empty packet
+        whose end says how far the stream's time has come, so that a live
+        viewer merging streams by time can go on with the others (LTTng's
+        "inactive stream" beacon, carried in-band: it rides the same
+        ordered, acknowledged path as the packets, so it never overtakes one).
+
+        Its time is the clock one timer period ago (and never before the
+        stream's last packet or the producer's last timestamp): an event
+        still being written by a thread preempted between reading the clock
+        and publishing the event is older than now, but not by a whole
+        period (see docs/design.md, "Live viewing")."""
+        ts = max(st.cursor.last_ts, producer_ts, self.config.clock() - st.switch_timer_ms * 1_000_000)
+        if ts <= st.cursor.last_ts:
+            return  # no time gained (a clock that did not move): nothing to say
+        self.write_packet(st, st.cursor.empty_chunk(ts))
+        st.cursor.release()
 
     def write_packet(self, st: StreamOut, chunk: Chunk) -> None:
         """One chunk as one CTF packet (the next seq) into the stream's sink."""

@@ -268,6 +268,7 @@ class _NetStream:
     wire_bytes: int = 0
     acked_seq: int = -1
     finished: bool = False  # no more packets (its app exited, or it broke)
+    close_queued: bool = False  # live: its StreamClose is queued on the current connection
     # After a Retry: the packet the relay must take first, why it did not,
     # when the held stream probes, the next hold's length, and whether the
     # probe went out on the current connection.
@@ -357,6 +358,7 @@ class NetSession:
         self._to_compress: collections.deque[_Pending] = collections.deque()
         self._compress_wakeup = trio.Event()
         # ("stream", _NetStream) | ("packet", _Pending) | ("metadata", _Trace, start, end)
+        # | ("close", _NetStream) | ("end",)  (live sessions)
         self._outbox: collections.deque[tuple[Any, ...]] = collections.deque()
         self._send_wakeup = trio.Event()
         self._sync_wanted = False  # a flush waits: ask where a stream stands once all is sent
@@ -371,6 +373,8 @@ class NetSession:
         self._next_wire_id: Iterator[int] = itertools.count()
         self._changed = trio.Event()
         self._cancel = trio.CancelScope()
+        # Live sessions: set once the SessionClose of finish_session() is sent.
+        self._ended = trio.Event()
 
     # ------------------------------------------------------------ producer side
     def has_room(self) -> bool:
@@ -445,6 +449,26 @@ class NetSession:
         if st is not None:
             st.finished = True
             self._forget_if_done(st)
+            self._close_if_done(st)
+
+    def _close_if_done(self, st: _NetStream) -> None:
+        """Live sessions: a finished stream the relay holds whole gets a
+        StreamClose, so that live viewers hang it up instead of waiting for
+        its time to advance (docs/protocol.md, "Live viewing")."""
+        if self.live and self._linked and st.finished and not st.unacked and not st.close_queued \
+                and st.wire_id in self.by_wire_id:
+            st.close_queued = True
+            self._queue(("close", st))
+
+    async def finish_session(self) -> None:
+        """Live sessions: tell the relay the session is over (SessionClose,
+        after everything queued), so that its live viewers end.  Returns
+        once sent; the caller bounds the wait (and cancels run() after)."""
+        if not self.live:
+            return
+        if self._linked:
+            self._queue(("end",))
+        await self._ended.wait()
 
     def _forget_if_done(self, st: _NetStream) -> None:
         """Delete a finished stream's spool once nothing of it is unacknowledged."""
@@ -879,6 +903,8 @@ class NetSession:
                     self._retry(self.by_wire_id[ev.stream_id], ev)
         for st in streams:
             st.probe_sent = False
+            st.close_queued = False
+            self._close_if_done(st)
             if st.flow is not _Flow.OPEN and st.unacked:
                 # The relay has just said where the stream stands: the probe
                 # is the first packet it lacks (there is no rewind to make on
@@ -956,6 +982,14 @@ class NetSession:
                 _, tr, start, end = item
                 chunk = wire.Metadata(self.session_id, tr.path, start, bytes(tr.metadata[start:end]))
                 await self._send(stream, conn, chunk)
+            elif kind == "close":
+                done: _NetStream = item[1]
+                if self.by_wire_id.get(done.wire_id) is done and not done.unacked:
+                    del self.by_wire_id[done.wire_id]
+                    await self._send(stream, conn, wire.StreamClose(done.wire_id))
+            elif kind == "end":
+                await self._send(stream, conn, wire.SessionClose(self.session_id))
+                self._ended.set()
 
     async def _reader(self, stream: trio.abc.Stream, conn: wire.Connection) -> None:
         while True:
@@ -988,6 +1022,7 @@ class NetSession:
         if self.spool is not None:
             self.spool.acknowledged(st.key, seq)
             self._forget_if_done(st)
+        self._close_if_done(st)
         if freed:
             had_room = self.has_room()
             self.unacked_bytes -= freed

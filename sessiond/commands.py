@@ -118,11 +118,15 @@ class Commands:
             output = os.path.abspath(output)
         else:
             raise UserError("give an output directory or a relay URL")
+        if req.live_timer_us and not url:
+            raise UserError("a live session streams to a relay: give --url (live viewers attach to the relay)")
+        if req.live_timer_us and req.snapshot:
+            raise UserError("a session is either live or a snapshot session, not both")
         sess = Session(name, self.reg.next_session_id, uid, gid, output, url, now_stamp(),
                        compress=req.compress, compress_level=req.compress_level,
                        spool_size=req.spool_size, auth_key_file=req.auth_key_file or None,
                        tls_ca=req.tls_ca or None, clock_offset_ns=time.time_ns() - time.monotonic_ns(),
-                       snapshot=req.snapshot)
+                       snapshot=req.snapshot, live_timer_us=req.live_timer_us)
         self.reg.next_session_id += 1
         self.reg.sessions[name] = sess
         self.reg.current[uid] = name
@@ -360,12 +364,13 @@ def _describe(sess: Session, keep_dead: int = 0) -> Reply:
         "stopping": sess.stopping,
         "snapshot": sess.snapshot,
         "snapshots": sess.snapshots,
+        "live_timer_us": sess.live_timer_us,
         "channels": [
             {
                 "name": ch.name,
                 "subbuf_size": ch.subbuf_size,
                 "num_subbuf": ch.num_subbuf,
-                "switch_timer_ms": ch.switch_timer_ms,
+                "switch_timer_ms": sess.switch_timer_ms(ch),
                 "blocking_timeout_ms": ch.blocking_timeout_ms,
                 "tracefile_size": ch.tracefile_size,
                 "tracefile_count": ch.tracefile_count,

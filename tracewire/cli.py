@@ -256,7 +256,11 @@ def cli(ctx: click.Context, rundir: str | None) -> None:
               help="Flight-recorder session: channels overwrite their oldest data by default and "
                    "nothing is written while tracing; 'tracewire snapshot record' writes what the "
                    "buffers hold (also the buffers of apps that exited or crashed).")
-@click.option("--live", is_flag=True, help="Serve live viewers through the relay (not available yet).")
+@click.option("--live", "live_timer_us", is_flag=False, flag_value=ops.DEFAULT_LIVE_TIMER_US, default=0,
+              type=click.IntRange(0, ops.MAX_LIVE_TIMER_US), metavar="[US]",
+              help="Live session (needs --url): the relay serves it to live viewers (babeltrace2 -i "
+                   "lttng-live, 'tracewire view --follow') while it runs; every stream hands over what it "
+                   f"holds at least every US microseconds [default US: {ops.DEFAULT_LIVE_TIMER_US}].")
 @click.option("--compress", type=click.Choice(["zstd", "none"]), default="zstd", show_default=True,
               help="Packet compression on the wire.")
 @click.option("--compress-level", type=click.IntRange(1, 22), default=ops.DEFAULT_COMPRESS_LEVEL,
@@ -273,7 +277,7 @@ def cli(ctx: click.Context, rundir: str | None) -> None:
                    "[env TRACEWIRE_TLS_CA].")
 @click.pass_context
 def create(ctx: click.Context, name: str, output: str | None, url: str | None, snapshot: bool,
-           live: bool, compress: str, compress_level: int, auth_key_file: str | None,
+           live_timer_us: int, compress: str, compress_level: int, auth_key_file: str | None,
            spool_size: int, tls_ca: str | None) -> None:
     """Create session NAME and make it the current one.
 
@@ -281,8 +285,12 @@ def create(ctx: click.Context, name: str, output: str | None, url: str | None, s
     """
     if output and url:
         raise click.UsageError("give --output or --url, not both")
-    if live:
-        raise CliError("live sessions are not available yet")
+    if 0 < live_timer_us < ops.MIN_LIVE_TIMER_US:
+        raise click.BadParameter(f"at least {ops.MIN_LIVE_TIMER_US} microseconds", param_hint="--live")
+    if live_timer_us and not url:
+        raise click.UsageError("--live needs --url: live viewers attach to the relay")
+    if live_timer_us and snapshot:
+        raise click.UsageError("give --live or --snapshot, not both")
     if not url and not output:
         output = os.path.join(os.path.expanduser("~"), "tracewire-traces")
     if output:
@@ -294,6 +302,7 @@ def create(ctx: click.Context, name: str, output: str | None, url: str | None, s
         compress=ops.Compression(compress), compress_level=compress_level, spool_size=spool_size,
         auth_key_file=os.path.abspath(auth_key_file) if auth_key_file else None,
         tls_ca=os.path.abspath(tls_ca) if tls_ca else None, snapshot=snapshot,
+        live_timer_us=live_timer_us,
     ))
     what = "snapshots go" if snapshot else "traces go"
     click.echo(f"Session {r['session']} created; {what} to {r['sink']}")
