@@ -20,6 +20,7 @@ from relayd.daemon import (
     parse_auth_keys,
     serve_relayd,
 )
+from relayd.live import LiveConfig
 from tracewire import wire
 from tracewire.url import format_hostport
 
@@ -73,7 +74,9 @@ async def _serve(config: RelaydConfig) -> None:
             listeners = await nursery.start(serve_relayd, config)
             where = ", ".join(str(Address(*lst.socket.getsockname()[:2])) for lst in listeners)
             tls = " (TLS)" if config.tls is not None else ""
-            print(f"{PROG} listening on {where}{tls}, writing to {config.output}", file=sys.stderr, flush=True)
+            live = ", ".join(str(Address(*lst.socket.getsockname()[:2])) for lst in listeners.live)
+            live = f", live viewers on {live}" if live else ""
+            print(f"{PROG} listening on {where}{tls}{live}, writing to {config.output}", file=sys.stderr, flush=True)
             async for signum in signals:
                 logger.info("%s: shutting down", signal.Signals(signum).name)
                 nursery.cancel_scope.cancel()
@@ -127,8 +130,17 @@ def _tls_context(cert: str, key: str) -> ssl.SSLContext:
               help="Directory the traces are written under.")
 @click.option("--listen", type=AddressType(), default="0.0.0.0:6342", show_default=True,
               help="Address consumers connect to.")
-@click.option("--live-listen", type=AddressType(), default="0.0.0.0:6344", show_default=True,
-              help="Address for live viewers (not implemented yet).")
+@click.option("--live-listen", type=AddressType(), default="127.0.0.1:6344", show_default=True,
+              help="Address for live viewers (babeltrace2 -i lttng-live, tracewire view --follow). The live "
+                   "protocol has no authentication: see docs/security.md before binding another address.")
+@click.option("--live-max-viewers", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Live viewer connections at once; more are closed at once.")
+@click.option("--live-idle-timeout", type=click.FloatRange(min=0, min_open=True), default=600.0,
+              show_default=True, help="Drop a live viewer that sends no request for this many seconds.")
+@click.option("--live-send-timeout", type=click.FloatRange(min=0, min_open=True), default=30.0,
+              show_default=True, help="Drop a live viewer that does not take a reply within this many seconds.")
+@click.option("--live-max-request", type=click.IntRange(min=64, max=1024 * 1024), default=4096,
+              show_default=True, help="Bytes of a live viewer's requests buffered unanswered at most.")
 @click.option("--auth-keys", type=click.Path(dir_okay=False), default=None,
               help="Key file: one 'KEY_ID SECRET HOST...' per line; without it anyone may write.")
 @click.option("--tls-cert", type=click.Path(dir_okay=False), default=None,
@@ -160,6 +172,10 @@ def main(
     output: str,
     listen: Address,
     live_listen: Address,
+    live_max_viewers: int,
+    live_idle_timeout: float,
+    live_send_timeout: float,
+    live_max_request: int,
     auth_keys: str | None,
     tls_cert: str | None,
     tls_key: str | None,
@@ -190,7 +206,6 @@ def main(
         click.echo(f"{PROG}: cannot load TLS certificate/key: {exc}", err=True)
         sys.exit(STARTUP_FAILURE)
     _raise_fd_limit()
-    logger.info("live viewers are not implemented yet: --live-listen %s is ignored", live_listen)
     config = RelaydConfig(
         output=output,
         listen_host=listen.host,
@@ -206,5 +221,8 @@ def main(
         tls=tls,
         fsync=fsync,
         fsync_interval=fsync_interval,
+        live=LiveConfig(listen_host=live_listen.host, listen_port=live_listen.port, max_viewers=live_max_viewers,
+                        idle_timeout=live_idle_timeout, send_timeout=live_send_timeout,
+                        max_request=live_max_request),
     )
     sys.exit(run(config))
