@@ -27,10 +27,10 @@ class LiveViewer:
     def __init__(self, argv: list[str], env: dict[str, str] | None = None, stderr_path: str | None = None) -> None:
         master, slave = pty.openpty()
         tty.setraw(slave)  # no "\r\n", no echo
-        self._err = open(stderr_path or os.devnull, "wb")
         try:
-            self.proc = subprocess.Popen(argv, stdout=slave, stderr=self._err, stdin=subprocess.DEVNULL, env=env,
-                                         start_new_session=True)
+            with open(stderr_path or os.devnull, "wb") as err:
+                self.proc = subprocess.Popen(argv, stdout=slave, stderr=err, stdin=subprocess.DEVNULL, env=env,
+                                             start_new_session=True)
         finally:
             os.close(slave)
         self._master = master
@@ -104,7 +104,6 @@ class LiveViewer:
             self.proc.kill()
             self.proc.wait(timeout=10)
         self._thread.join(timeout=10)
-        self._err.close()
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import pytest
 import trustme
+from liveview import LiveViewer, percentile
 
 from conftest import BIN_DIR, TW, short_tmpdir
-from liveview import LiveViewer, percentile
 
 RELAYD = os.path.join(BIN_DIR, "tracewire-relayd")
 BT2 = shutil.which("babeltrace2")
@@ -294,3 +294,43 @@ def test_hostile_viewers_do_not_disturb_a_streaming_session(tw, live_relay, view
     assert lines == offline(relay.out)
     seqs = sorted(int(m) for m in re.findall(r"seq = (\d+)", "\n".join(lines)))
     assert seqs == sorted(list(range(1000)) + list(range(n)))
+
+
+def test_tracewire_view_follow_prints_what_babeltrace2_and_an_offline_view_print(tw, live_relay, viewers):
+    relay = live_relay()
+    live_session(tw, relay)
+    a = tw.demo_popen("--events", "3000", "--rate", "1000", "--progress-every", "1000")
+    assert a.stdout is not None
+    assert a.stdout.readline().startswith("emitted 1000")
+    url = relay.session_url("s1")
+    ours = viewers([sys.executable, "-m", "tracewire", "view", "--follow", url], env=tw.env)
+    theirs = viewers(bt_live(url))
+    assert ours.wait_for(is_tick, 1, timeout=60), ours.text_lines()[-5:]
+    printed_during_run = a.poll() is None
+    b = tw.demo_popen("--events", "500")  # a second app, after attach
+    a.communicate(timeout=120)
+    b.communicate(timeout=120)
+    assert printed_during_run, "tracewire view --follow printed nothing while the app was running"
+    tw.cli("destroy")
+    assert ours.wait(timeout=60) == 0
+    assert theirs.wait(timeout=60) == 0
+    lines = [line for line in ours.text_lines() if line]
+    assert sum(map(is_tick, lines)) == 3500
+    assert lines == tw.cli("view", str(relay.out)).stdout.splitlines()
+    # The same events as babeltrace2 (whose lines are formatted its own way).
+    bt = [line for line in theirs.text_lines() if line]
+    assert [re.search(r"seq = (\d+)", x)[1] for x in lines] == [re.search(r"seq = (\d+)", x)[1] for x in bt]
+
+
+def test_view_follow_refuses_clearly(tw, live_relay):
+    relay = live_relay()
+    r = tw.cli("view", "--follow", relay.session_url("nosuch"), check=False)
+    assert r.returncode == 1 and "no live session 'nosuch' of host 'tgt1'" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    r = tw.cli("view", "--follow", "http://x/y", check=False)
+    assert r.returncode == 1 and "is not net://RELAY[:PORT]/host/HOST/SESSION" in r.stderr, r.stderr
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = tw.cli("view", "--follow", f"net://127.0.0.1:{port}/host/h/s", check=False)
+    assert r.returncode == 1 and "cannot reach the relay's live port" in r.stderr, r.stderr

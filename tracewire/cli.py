@@ -584,11 +584,23 @@ def rotate(session: str | None) -> None:
 
 
 @cli.command()
-@click.argument("path", type=click.Path(exists=True))
+@click.argument("path")
 @click.option("--limit", "-n", type=click.IntRange(0), default=None, help="Print at most N events.")
-def view(path: str, limit: int | None) -> None:
-    """Print the events of the trace(s) under PATH, one per line."""
+@click.option("--follow", "-f", is_flag=True,
+              help="PATH is a live session, net://RELAY[:6344]/host/HOST/SESSION: print its events as the "
+                   "relay gets them, until the session is destroyed.")
+def view(path: str, limit: int | None, follow: bool) -> None:
+    """Print the events of the trace(s) under PATH, one per line.
+
+    With --follow, PATH is a live session on a relay's live port.
+    """
     from tracewire import ctf
+
+    if follow:
+        _follow(path, limit)
+        return
+    if not os.path.exists(path):
+        raise click.BadParameter(f"{path!r} does not exist", param_hint="PATH")
 
     if os.path.isdir(path) and not any("metadata" in files for _, _, files in os.walk(path)):
         raise CliError(f"no CTF trace under {path} (no 'metadata' file found)")
@@ -607,6 +619,36 @@ def view(path: str, limit: int | None) -> None:
     except BrokenPipeError:
         sys.stderr.close()
         return
+
+
+class _Enough(Exception):
+    """--limit reached."""
+
+
+def _follow(url: str, limit: int | None) -> None:
+    from tracewire import ctf
+    from tracewire.follow import FollowError, follow, parse_live_url
+
+    prev: list[ctf.Event | ctf.Discarded] = []
+    n = 0
+
+    def emit(item: ctf.Event | ctf.Discarded) -> None:
+        nonlocal n
+        if limit is not None and n >= limit:
+            raise _Enough
+        click.echo(ctf.format_event(item, prev[-1] if prev else None))
+        if isinstance(item, ctf.Event):
+            prev[:] = [item]
+        n += 1
+
+    try:
+        follow(parse_live_url(url), emit)
+    except _Enough:
+        return
+    except FollowError as exc:
+        raise CliError(str(exc)) from None
+    except BrokenPipeError:
+        sys.stderr.close()
 
 
 def main() -> None:
