@@ -427,7 +427,8 @@ class _Viewer:
 
     async def _next_request(self) -> Request | Closed:
         while (req := self.decoder.next_event()) is None:
-            self.decoder.receive_data(await self.stream.receive_some(_RECEIVE_SIZE))
+            room = min(_RECEIVE_SIZE, self.config.max_request - self.decoder.buffered)
+            self.decoder.receive_data(await self.stream.receive_some(max(1, room)))
         return req
 
     async def _answer(self, req: Request) -> Reply:
