@@ -435,7 +435,8 @@ def list_(ctx: click.Context, session: str | None) -> None:
         mark = " (current)" if s["name"] == r.get("current") else ""
         pending = (" (stopping: waiting for the sink)" if s.get("stopping")
                    else " (stop incomplete)" if s.get("stop_pending") else "")
-        click.echo(f"{s['name']}{mark} [{s['state']}]{pending} -> {s['sink']}")
+        live = f" (live, timer {s['live_timer_us']} us)" if s.get("live_timer_us") else ""
+        click.echo(f"{s['name']}{mark} [{s['state']}]{pending} -> {s['sink']}{live}")
         if session or len(sessions) == 1:
             for ch in s["channels"]:
                 click.echo(f"  channel {ch['name']}: {ch['mode']}, {ch['num_subbuf']} x "
