@@ -111,6 +111,8 @@ class ConsumerdConfig:
 
 # Seconds a removed live session waits for its SessionClose to be sent.
 _LIVE_END_TIMEOUT = 2.0
+# A live stream's idle beacon is at least this far behind the clock.
+_BEACON_MIN_MARGIN_MS = 100
 
 
 class RequestError(Exception):
@@ -671,12 +673,14 @@ class Consumerd:
         "inactive stream" beacon, carried in-band: it rides the same
         ordered, acknowledged path as the packets, so it never overtakes one).
 
-        Its time is the clock one timer period ago (and never before the
-        stream's last packet or the producer's last timestamp): an event
-        still being written by a thread preempted between reading the clock
-        and publishing the event is older than now, but not by a whole
-        period (see docs/design.md, "Live viewing")."""
-        ts = max(st.cursor.last_ts, producer_ts, self.config.clock() - st.switch_timer_ms * 1_000_000)
+        Its time is the clock one timer period ago, at least
+        _BEACON_MIN_MARGIN_MS (and never before the stream's last packet or
+        the producer's last timestamp): an event still being written by a
+        thread preempted between reading the clock and publishing the event
+        is older than now, but not by that much (see docs/design.md, "Live
+        viewing", for what happens if it is)."""
+        margin = max(st.switch_timer_ms, _BEACON_MIN_MARGIN_MS) * 1_000_000
+        ts = max(st.cursor.last_ts, producer_ts, self.config.clock() - margin)
         if ts <= st.cursor.last_ts:
             return  # no time gained (a clock that did not move): nothing to say
         self.write_packet(st, st.cursor.empty_chunk(ts))

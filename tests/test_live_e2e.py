@@ -209,6 +209,9 @@ def test_app_starting_after_attach_appears_and_an_idle_app_does_not_stall_the_ot
     assert v.wait_for(is_tick, 1001, timeout=60), v.text_lines()[-5:]
     assert a.poll() is None, "A sent its second event before B's events were printed: no ordering shown"
     a.communicate(timeout=120)
+    # B exited long ago: its stream was closed (StreamClose), so A's last
+    # event is printed before the session ends, not held back by B's time.
+    assert v.wait_for(is_tick, 1002, timeout=60), v.text_lines()[-5:]
     tw.cli("destroy")
     assert v.wait(timeout=60) == 0
     lines = [line for line in v.text_lines() if line]
