@@ -859,11 +859,12 @@ def _live_viewer_lines(argv: list[str], lines: list[tuple[int, bytes]]) -> subpr
     return proc
 
 
-def live_run(root: str = "/tmp") -> list[float]:
-    """One live session on loopback (its own relay and sessiond) at LIVE_RATE
-    events/s for LIVE_SECONDS, followed by babeltrace2 -i lttng-live from
-    before the app starts; returns, per event, the milliseconds from its
-    timestamp to the moment babeltrace2's line reached us."""
+def live_run(root: str = "/tmp", extra: tuple[str, ...] = ()) -> list[float]:
+    """One live session on loopback (its own relay, with its default flags
+    plus ``extra``, and sessiond) at LIVE_RATE events/s for LIVE_SECONDS,
+    followed by babeltrace2 -i lttng-live from before the app starts;
+    returns, per event, the milliseconds from its timestamp to the moment
+    babeltrace2's line reached us."""
     bt = shutil.which("babeltrace2")
     if bt is None:
         raise RuntimeError("babeltrace2 is not installed")
@@ -871,7 +872,7 @@ def live_run(root: str = "/tmp") -> list[float]:
     relay = d = None
     proc = None
     try:
-        relay = Relay(os.path.join(work, "relay"), os.path.join(work, "relayd.log"), ("--no-fsync",))
+        relay = Relay(os.path.join(work, "relay"), os.path.join(work, "relayd.log"), extra)
         d = Daemons(root)
         d.env["TRACEWIRE_HOSTNAME"] = "bench"
         d.cli("create", "lv", "--live", "--url", f"tw://127.0.0.1:{relay.port}")
@@ -905,16 +906,19 @@ def live_run(root: str = "/tmp") -> list[float]:
 
 def bench_live(repeat: int) -> None:
     """live_latency_ms_p50/p95: event timestamp -> babeltrace2 -i lttng-live
-    printing it, default live timer, 1,000 events/s; the median over the runs
-    of each run's percentile (and the runs' spread)."""
-    p50s, p95s = [], []
+    printing it, default live timer, 1,000 events/s, the relay with its
+    defaults (--fsync); _no_fsync: with --no-fsync.  The median over the
+    runs of each run's percentile (the runs on stderr); rounds interleaved."""
+    runs: dict[str, list[list[float]]] = {"": [], "_no_fsync": []}
     for _ in range(repeat):
-        lat = sorted(live_run())
-        p50s.append(lat[len(lat) // 2])
-        p95s.append(lat[min(len(lat) - 1, int(len(lat) * 0.95))])
-    for name, vals in (("live_latency_ms_p50", p50s), ("live_latency_ms_p95", p95s)):
-        emit(name, statistics.median(vals), "ms", 1)
-        print(f"# {name}: runs {', '.join(f'{v:.1f}' for v in vals)}", file=sys.stderr)
+        for suffix, extra in (("", ()), ("_no_fsync", ("--no-fsync",))):
+            runs[suffix].append(sorted(live_run(extra=extra)))
+    for suffix, lats in runs.items():
+        for q in (50, 95):
+            vals = [lat[min(len(lat) - 1, len(lat) * q // 100)] for lat in lats]
+            name = f"live_latency_ms_p{q}{suffix}"
+            emit(name, statistics.median(vals), "ms", 1)
+            print(f"# {name}: runs {', '.join(f'{v:.1f}' for v in vals)}", file=sys.stderr)
 
 
 def bench_relay(compress: str, payload: int, events: int, repeat: int, want) -> None:
