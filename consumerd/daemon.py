@@ -22,7 +22,10 @@ for a sink with ``deferred_release``, once the sink says the packet is saved.
 A sink without room leaves the data in the ring until it calls ``on_room``.
 A switch timer, a ``flush`` request (the stop barrier) and a
 ``producer_gone`` notice (the app exited or died) also take the open
-sub-buffer up to the last whole event.
+sub-buffer up to the last whole event.  In a live session (``SessionOp.live``;
+its streams' switch timer is the live timer at most) a timer tick that finds
+nothing new writes an empty *beacon* packet instead, whose end time says how
+far the stream's time has come (``_beacon``; docs/design.md, "Live viewing").
 
 Apps are untrusted: each can write its own ring.  A stream whose ring cannot
 be mapped (a bad magic or geometry, a memfd the app could shrink) is

@@ -47,6 +47,11 @@ acknowledgements free room (``on_room`` is called then).  The stop barrier
 waits for ``wait_all_acked()``: it completes on the relay's acknowledgement,
 not on a timer.
 
+A live session (``live``) also tells the relay when a stream is over (a
+StreamClose once a finished stream is wholly acknowledged) and when the
+session is (a SessionClose, ``finish_session()``, before the connection
+closes), so that the relay's live viewers end by themselves.
+
 consumerd/sinks.py's ``RelaySink`` puts a NetSession and its spool
 (consumerd/spool.py) behind the sink interface the daemon uses.
 """

@@ -63,6 +63,13 @@ AuthKeyError.
 # newest continued (and recovered) on reopening; the registry key is then
 # the stream's base path <channel>_<n>.
 #
+# Live viewers.  RelayServer.live is a LiveRegistry (relayd/live.py): a
+# SessionDecl with `live`, its streams, metadata writes, the index entries
+# each batch (or sync) put on disk, StreamClose and SessionClose update it
+# with synchronous O(1) calls; serve_live (started by serve_relayd when
+# RelaydConfig.live is set) serves viewers from it and from the files.
+# Nothing on this side ever waits for a viewer.
+#
 # Trust.  The wire core validates frames, field types, names and the
 # connection state; this module adds what needs the file system or the
 # packet bytes: auth, host permissions, the realpath check that keeps every
