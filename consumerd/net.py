@@ -469,10 +469,9 @@ class NetSession:
         """Live sessions: tell the relay the session is over (SessionClose,
         after everything queued), so that its live viewers end.  Returns
         once sent; the caller bounds the wait (and cancels run() after)."""
-        if not self.live:
-            return
-        if self._linked:
-            self._queue(("end",))
+        if not self.live or not self._linked:
+            return  # not connected: the relay's viewers end when it says so
+        self._queue(("end",))
         await self._ended.wait()
 
     def _forget_if_done(self, st: _NetStream) -> None:

@@ -140,7 +140,9 @@ async def record(cd: Consumerd, op: SnapshotOp, base: SessionOp) -> SnapshotRepl
     if not any(snap.packets for _st, snap, _start in copies):
         raise RequestError(f"no event in the ring buffers of session {op.session!r}: no snapshot written")
     sink_url = op.sink or base.sink
-    sink = open_sink(dataclasses.replace(base, sink=sink_url, spool_dir=None, snapshot=False),
+    # A snapshot is not live, even of a live session: its own connection
+    # declares the session without `live`, so live viewers never see it.
+    sink = open_sink(dataclasses.replace(base, sink=sink_url, spool_dir=None, snapshot=False, live=False),
                      on_room=_nothing, on_saved=_ignore_saved)
     where = f"{sink_url.rstrip('/')}/{op.directory}"
     reply = SnapshotReply(path=where)

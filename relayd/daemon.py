@@ -528,6 +528,7 @@ class _ConsumerConnection:
         self.io_lock = trio.Lock()  # held while a worker thread writes this connection's files
         self.hostname: str | None = None
         self.sessions: dict[int, str] = {}  # session id -> real session directory
+        self.live: set[int] = set()  # ids of the sessions declared live on this connection
         self.streams: dict[int, _OpenStream] = {}  # stream id -> stream
         self.metadata_fds: dict[str, int] = {}  # real metadata path -> fd
         self.batch: list[_Write] = []  # checked packets not written yet
@@ -916,6 +917,7 @@ class _ConsumerConnection:
         await self._io(partial(_makedirs, self.server.output, directory), directory)
         self.sessions[msg.session_id] = directory
         if msg.live:
+            self.live.add(msg.session_id)
             self.server.live.session_declared(self.hostname, name, directory)
         logger.info("%s: session %d -> %s%s", self, msg.session_id, directory, " (live)" if msg.live else "")
 
@@ -941,7 +943,7 @@ class _ConsumerConnection:
         assert st.file is not None
         logger.info("%s: stream %d -> %s (next seq %d)", self, msg.stream_id, path, st.file.next_seq)
         session_dir = self.sessions[msg.session_id]
-        if self.server.live.is_live(session_dir):
+        if msg.session_id in self.live:
             if isinstance(st.file, StreamFile):
                 self.server.live.stream_declared(session_dir, directory, rel, name, path,
                                                  st.file.index_path, _index_entries(st.file))
@@ -952,7 +954,8 @@ class _ConsumerConnection:
         st = self.streams.pop(stream_id)
         async with self.io_lock:
             await self.server.release_stream(st)
-        self.server.live.stream_closed(st.path)
+        if st.decl.session_id in self.live:
+            self.server.live.stream_closed(st.path)
 
     async def _close_session(self, session_id: int) -> None:
         for stream_id in [i for i, st in self.streams.items() if st.decl.session_id == session_id]:
@@ -961,7 +964,9 @@ class _ConsumerConnection:
         prefix = session_dir + os.sep
         for path in [p for p in self.metadata_fds if p.startswith(prefix)]:
             os.close(self.metadata_fds.pop(path))
-        self.server.live.session_closed(session_dir)
+        if session_id in self.live:
+            self.live.discard(session_id)
+            self.server.live.session_closed(session_dir)
 
     async def _on_metadata(self, msg: Metadata) -> None:
         directory = await self._trace_dir(msg.session_id, msg.trace_path)
@@ -974,8 +979,10 @@ class _ConsumerConnection:
         problem = await self._io(partial(_write_metadata, fd, msg.offset, msg.data, self.config.fsync), path)
         if problem is not None:
             raise RemoteProtocolError(ErrorCode.PROTOCOL, f"metadata at offset {msg.offset}: {problem} ({path})")
-        self.server.live.metadata_written(self.sessions[msg.session_id], directory,
-                                          os.path.relpath(directory, self.server.output), msg.offset + len(msg.data))
+        if msg.session_id in self.live:
+            self.server.live.metadata_written(self.sessions[msg.session_id], directory,
+                                              os.path.relpath(directory, self.server.output),
+                                              msg.offset + len(msg.data))
 
     async def _on_packet(self, msg: Packet) -> None:
         st = self._stream(msg.stream_id)

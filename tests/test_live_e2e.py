@@ -337,3 +337,24 @@ def test_view_follow_refuses_clearly(tw, live_relay):
         port = s.getsockname()[1]
     r = tw.cli("view", "--follow", f"net://127.0.0.1:{port}/host/h/s", check=False)
     assert r.returncode == 1 and "cannot reach the relay's live port" in r.stderr, r.stderr
+
+
+def test_a_snapshot_of_a_live_session_is_not_shown_live(tw, live_relay, viewers):
+    relay = live_relay()
+    live_session(tw, relay)
+    app = tw.demo_popen("--events", "3000", "--rate", "1000", "--progress-every", "1000")
+    assert app.stdout is not None
+    assert app.stdout.readline().startswith("emitted 1000")
+    tw.cli("snapshot", "record")  # what the rings hold now, as a trace of its own
+    app.communicate(timeout=120)
+    v = viewers(bt_live(relay.session_url("s1")))
+    assert v.wait_for(is_tick, 3000, timeout=60), v.text_lines()[-5:]
+    tw.cli("destroy")
+    assert v.wait(timeout=60) == 0
+    (snap,) = relay.out.rglob("snapshot-1-*")
+    assert sum(map(is_tick, offline(snap))) > 0
+    # The session's own trace only (read apart: babeltrace2 merges the
+    # snapshot's copy, which has the same trace UUID, into the same streams).
+    (own,) = (p for p in (snap.parent / "ust" / "pid").iterdir())
+    assert [line for line in v.text_lines() if line] == offline(own)
+    assert sum(map(is_tick, v.text_lines())) == 3000
