@@ -204,6 +204,7 @@ class LiveSession:
     traces: dict[str, LiveTrace] = field(default_factory=dict)  # by directory
     ended: bool = False
     viewers: int = 0
+    version: int = 0  # grows when a stream may be announced: a new one, a trace's first metadata
 
     def stream_count(self) -> int:
         return sum(len(tr.streams) for tr in self.traces.values())
@@ -250,6 +251,7 @@ class LiveRegistry:
             self._streams[path] = st
             self.by_id[st.stream_id] = st
             tr.streams.append(st)
+            sess.version += 1
         st.indexed = max(st.indexed, indexed)
         st.closed = False
 
@@ -259,6 +261,8 @@ class LiveRegistry:
         if sess is None:
             return
         tr = self._trace(sess, trace_dir, rel)
+        if not tr.metadata_size and size:
+            sess.version += 1
         tr.metadata_size = max(tr.metadata_size, size)
 
     def indexed(self, path: str, entries: int) -> None:
@@ -393,6 +397,7 @@ class _Viewer:
         self.attached: dict[int, LiveSession] = {}
         self.positions: dict[int, _Position] = {}  # data streams announced, by id
         self.metadata_sent: dict[int, int] = {}  # metadata streams announced: bytes sent, by trace id
+        self.seen: dict[int, int] = {}  # session id -> its version when last announced to this viewer
 
     def __str__(self) -> str:
         return self.name
@@ -502,14 +507,15 @@ class _Viewer:
         return StatusReply(DetachStatus.OK, Cmd.DETACH_SESSION)
 
     def _pending(self, sess: LiveSession) -> bool:
-        """Whether ``sess`` has a stream this viewer was not told about."""
-        return any(st.stream_id not in self.positions for tr in sess.traces.values()
-                   if tr.metadata_size and tr.streams for st in tr.streams)
+        """Whether ``sess`` may have a stream this viewer was not told about
+        (O(1): asked on every index)."""
+        return self.seen.get(sess.session_id) != sess.version
 
     def _announce(self, sess: LiveSession) -> tuple[StreamInfo, ...]:
         """The streams of ``sess`` not announced yet: those of traces that
         have metadata, each trace's metadata stream first."""
         out: list[StreamInfo] = []
+        self.seen[sess.session_id] = sess.version
         for tr in sess.traces.values():
             if not tr.metadata_size or not tr.streams:
                 continue

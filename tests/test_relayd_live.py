@@ -210,8 +210,21 @@ async def test_a_session_followed_from_attach_to_hangup(nursery, net, target):
         assert (await v.ask(GetPacket(999, 0, 1))).status is PacketStatus.ERROR
         assert (await v.ask(AttachSession(999))).status == AttachStatus.UNKNOWN
         assert (await v.ask(AttachSession(info.session_id))).status == AttachStatus.ALREADY
+        # A second stream (another CPU, another app): flagged on the next OK index.
+        other = StreamFile(target.trace_dir, "channel0_1", flush_every=None)
+        try:
+            target.reg.stream_declared(target.session_dir, target.trace_dir, target.rel, "channel0_1", other.path,
+                                       other.index_path, 0)
+            target.packet(300, 400)
+            r = await v.ask(GetNextIndex(data.stream_id))
+            assert r.status is IndexStatus.OK and r.flags == IndexFlag.NEW_STREAM
+            new = await v.ask(GetNewStreams(info.session_id))
+            assert new.status == NewStreamsStatus.OK and [s.channel for s in new.streams] == ["channel0_1"]
+            assert await v.ask(GetNextIndex(new.streams[0].stream_id)) == IndexReply(IndexStatus.RETRY)
+        finally:
+            other.close()
         # The target destroys the session: everything was read, so hang up.
-        target.packet(300, 400)
+        target.packet(400, 500)
         target.reg.session_closed(target.session_dir)
         assert (await v.ask(GetNextIndex(data.stream_id))).status is IndexStatus.OK
         assert (await v.ask(GetNextIndex(data.stream_id))).status is IndexStatus.HUP
