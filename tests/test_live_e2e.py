@@ -291,7 +291,7 @@ def test_hostile_viewers_do_not_disturb_a_streaming_session(tw, live_relay, view
     tw.cli("destroy")
     assert good.wait(timeout=300) == 0
     log = relay.log.read_text(errors="replace")
-    assert len(re.findall(r"viewer#\d+ \S+: dropped: (?:bad-|timed out)", log)) >= 5, log[-3000:]
+    assert len(re.findall(r"viewer#\d+ \S+: dropped: bad-", log)) == 4, log[-3000:]  # the junk, at once
     lines = [line for line in good.text_lines() if line]
     assert sum(map(is_tick, lines)) == n + 1000
     assert lines == offline(relay.out)
