@@ -141,8 +141,8 @@ from tracewire.wire import (
 __all__ = [
     "AuthKeyError",
     "AuthKeys",
-    "RelaydConfig",
     "Listeners",
+    "RelaydConfig",
     "RelaydStartupError",
     "parse_auth_keys",
     "serve_relayd",
