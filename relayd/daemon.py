@@ -1245,16 +1245,20 @@ async def serve_relayd(
     if config.auth_keys is None:
         logger.warning("no auth keys: the relay on %s accepts and writes traces from anyone who can connect", addresses)
     logger.info("listening on %s%s, writing to %s", addresses, " (TLS)" if config.tls else "", output)
+    live: list[trio.SocketListener] = []
+    if config.live is not None:
+        try:
+            live = await trio.open_tcp_listeners(config.live.listen_port, host=config.live.listen_host)
+        except OSError as exc:
+            for listener in listeners:
+                await listener.aclose()
+            where = format_hostport(config.live.listen_host, config.live.listen_port)
+            raise RelaydStartupError(f"cannot listen for live viewers on {where}: {exc.strerror or exc}") from exc
+        logger.info("live viewers on %s (no authentication in the live protocol)",
+                    ", ".join(_format_address(lst.socket.getsockname()) for lst in live))
     async with trio.open_nursery() as nursery:
-        live: list[trio.SocketListener] = []
         if config.live is not None:
-            try:
-                live = await nursery.start(serve_live, config.live, server.live)
-            except OSError as exc:
-                where = format_hostport(config.live.listen_host, config.live.listen_port)
-                raise RelaydStartupError(f"cannot listen for live viewers on {where}: {exc.strerror or exc}") from exc
-            logger.info("live viewers on %s (no authentication in the live protocol)",
-                        ", ".join(_format_address(lst.socket.getsockname()) for lst in live))
+            await nursery.start(partial(serve_live, config.live, server.live, listeners=live))
         await nursery.start(trio.serve_listeners, server.handle, served)
         task_status.started(Listeners(listeners, live))
 

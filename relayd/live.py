@@ -597,20 +597,23 @@ def _pread(path: str, offset: int, length: int) -> bytes:
 
 
 async def serve_live(
-    config: LiveConfig, registry: LiveRegistry,
-    *, task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+    config: LiveConfig, registry: LiveRegistry, *, listeners: list[trio.SocketListener] | None = None,
+    task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serves live viewers until cancelled.
 
     Args:
         config: the live port's configuration.
         registry: what the relay's ingest path has made readable.
+        listeners: already bound listeners to serve (None: bind
+            config.listen_host / listen_port here).
         task_status: receives the bound listeners once listening.
 
     Raises:
         OSError: before task_status.started, if the address cannot be bound.
     """
-    listeners = await trio.open_tcp_listeners(config.listen_port, host=config.listen_host)
+    if listeners is None:
+        listeners = await trio.open_tcp_listeners(config.listen_port, host=config.listen_host)
     server = LiveServer(config, registry)
     async with trio.open_nursery() as nursery:
         await nursery.start(trio.serve_listeners, server.handle, listeners)

@@ -51,14 +51,22 @@ else:
 
 
 class AddressType(_AddressParam):
-    """HOST:PORT, [IPv6]:PORT; PORT 0 picks a free port."""
+    """HOST:PORT, [IPv6]:PORT; PORT 0 picks a free port.  With ``off_ok``,
+    "off" is also accepted (None: no such port)."""
 
     name = "HOST:PORT"
+
+    def __init__(self, off_ok: bool = False) -> None:
+        self.off_ok = off_ok
+        if off_ok:
+            self.name = "HOST:PORT|off"
 
     def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> Address:
         if isinstance(value, Address):
             return value
         text = str(value)
+        if self.off_ok and text == "off":
+            return None  # type: ignore[return-value]  # click passes it on as the option's value
         host, sep, port = text.rpartition(":")
         if host.startswith("[") and host.endswith("]"):
             host = host[1:-1]
@@ -130,9 +138,10 @@ def _tls_context(cert: str, key: str) -> ssl.SSLContext:
               help="Directory the traces are written under.")
 @click.option("--listen", type=AddressType(), default="0.0.0.0:6342", show_default=True,
               help="Address consumers connect to.")
-@click.option("--live-listen", type=AddressType(), default="127.0.0.1:6344", show_default=True,
-              help="Address for live viewers (babeltrace2 -i lttng-live, tracewire view --follow). The live "
-                   "protocol has no authentication: see docs/security.md before binding another address.")
+@click.option("--live-listen", type=AddressType(off_ok=True), default="127.0.0.1:6344", show_default=True,
+              help="Address for live viewers (babeltrace2 -i lttng-live, tracewire view --follow), or 'off'. "
+                   "The live protocol has no authentication: see docs/security.md before binding another "
+                   "address.")
 @click.option("--live-max-viewers", type=click.IntRange(min=1), default=256, show_default=True,
               help="Live viewer connections at once; more are closed at once.")
 @click.option("--live-idle-timeout", type=click.FloatRange(min=0, min_open=True), default=600.0,
@@ -171,7 +180,7 @@ def _tls_context(cert: str, key: str) -> ssl.SSLContext:
 def main(
     output: str,
     listen: Address,
-    live_listen: Address,
+    live_listen: Address | None,
     live_max_viewers: int,
     live_idle_timeout: float,
     live_send_timeout: float,
@@ -221,8 +230,8 @@ def main(
         tls=tls,
         fsync=fsync,
         fsync_interval=fsync_interval,
-        live=LiveConfig(listen_host=live_listen.host, listen_port=live_listen.port, max_viewers=live_max_viewers,
-                        idle_timeout=live_idle_timeout, send_timeout=live_send_timeout,
-                        max_request=live_max_request),
+        live=None if live_listen is None else LiveConfig(
+            listen_host=live_listen.host, listen_port=live_listen.port, max_viewers=live_max_viewers,
+            idle_timeout=live_idle_timeout, send_timeout=live_send_timeout, max_request=live_max_request),
     )
     sys.exit(run(config))
