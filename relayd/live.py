@@ -57,6 +57,7 @@ Public API: LiveConfig, LiveRegistry, serve_live.
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import logging
 import os
@@ -136,6 +137,8 @@ class LiveConfig:
         io_threads: worker threads reading files for viewers, relay-wide.
         live_timer_us: the timer LIST_SESSIONS reports (the relay is not
             told a session's own; babeltrace2 only needs it non-zero).
+        allow: networks viewers may connect from (a connection from
+            elsewhere is closed at once); empty: any that reaches the port.
     """
 
     listen_host: str = "127.0.0.1"
@@ -147,6 +150,7 @@ class LiveConfig:
     max_packet_read: int = 4 * 1024 * 1024
     io_threads: int = 4
     live_timer_us: int = DEFAULT_LIVE_TIMER_US
+    allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
     def __post_init__(self) -> None:
         if not 0 <= self.listen_port <= 65535:
@@ -359,9 +363,25 @@ class LiveServer:
     async def run_io(self, fn: Callable[[], _T]) -> _T:
         return await trio.to_thread.run_sync(fn, limiter=self.limiter)
 
+    def allowed(self, stream: trio.SocketStream) -> bool:
+        """Whether the peer's address is in ``allow`` (or there is none)."""
+        if not self.config.allow:
+            return True
+        try:
+            addr = ipaddress.ip_address(stream.socket.getpeername()[0])
+        except (OSError, ValueError, IndexError):
+            return False
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        return any(addr in net for net in self.config.allow)
+
     async def handle(self, stream: trio.SocketStream) -> None:
         """Serves one viewer connection; never raises but Cancelled."""
         conn_id = next(self._conn_ids)
+        if not self.allowed(stream):
+            logger.warning("viewer#%d %s: refused: not in --live-allow", conn_id, _peer(stream))
+            await stream.aclose()
+            return
         if self.viewers >= self.config.max_viewers:
             logger.warning("viewer#%d %s: refused: %d viewers connected (--live-max-viewers)",
                            conn_id, _peer(stream), self.viewers)

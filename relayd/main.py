@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import resource
 import signal
@@ -142,6 +143,9 @@ def _tls_context(cert: str, key: str) -> ssl.SSLContext:
               help="Address for live viewers (babeltrace2 -i lttng-live, tracewire view --follow), or 'off'. "
                    "The live protocol has no authentication: see docs/security.md before binding another "
                    "address.")
+@click.option("--live-allow", "live_allow", multiple=True, metavar="NETWORK",
+              help="Accept live viewers only from this network (e.g. 192.0.2.0/24, 2001:db8::/32, 10.1.2.3); "
+                   "repeatable. Default: anyone who reaches --live-listen.")
 @click.option("--live-max-viewers", type=click.IntRange(min=1), default=256, show_default=True,
               help="Live viewer connections at once; more are closed at once.")
 @click.option("--live-idle-timeout", type=click.FloatRange(min=0, min_open=True), default=600.0,
@@ -181,6 +185,7 @@ def main(
     output: str,
     listen: Address,
     live_listen: Address | None,
+    live_allow: tuple[str, ...],
     live_max_viewers: int,
     live_idle_timeout: float,
     live_send_timeout: float,
@@ -214,6 +219,10 @@ def main(
     except (OSError, ssl.SSLError) as exc:
         click.echo(f"{PROG}: cannot load TLS certificate/key: {exc}", err=True)
         sys.exit(STARTUP_FAILURE)
+    try:
+        allow = tuple(ipaddress.ip_network(n, strict=False) for n in live_allow)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--live-allow") from None
     _raise_fd_limit()
     config = RelaydConfig(
         output=output,
@@ -232,6 +241,7 @@ def main(
         fsync_interval=fsync_interval,
         live=None if live_listen is None else LiveConfig(
             listen_host=live_listen.host, listen_port=live_listen.port, max_viewers=live_max_viewers,
-            idle_timeout=live_idle_timeout, send_timeout=live_send_timeout, max_request=live_max_request),
+            idle_timeout=live_idle_timeout, send_timeout=live_send_timeout, max_request=live_max_request,
+            allow=allow),
     )
     sys.exit(run(config))

@@ -342,3 +342,31 @@ def test_relayd_live_port_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert "Traceback" not in r.output
     r = runner.invoke(relayd_main, ["--output", str(tmp_path), "--live-listen", "of"])
     assert r.exit_code == 2 and "HOST:PORT" in r.output
+
+
+async def test_live_allow_keeps_other_networks_out(nursery, net, target):
+    import ipaddress
+
+    target.metadata(META_1)
+    with trio.fail_after(30):
+        closed = await _serve(nursery, target.reg, allow=(ipaddress.ip_network("192.0.2.0/24"),))
+        s = await net.connect(closed)
+        await s.send_all(encode_request(Connect()))
+        assert await _closed(s)
+        open_ = await _serve(nursery, target.reg, allow=(ipaddress.ip_network("192.0.2.0/24"),
+                                                         ipaddress.ip_network("127.0.0.0/8")))
+        v = await net.viewer(open_)
+        assert len((await v.ask(ListSessions())).sessions) == 1
+
+
+def test_live_allow_flag_is_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import logging
+
+    from click.testing import CliRunner
+
+    from relayd.main import main as relayd_main
+
+    monkeypatch.setattr(logging, "basicConfig", lambda **kw: None)
+
+    r = CliRunner().invoke(relayd_main, ["--output", str(tmp_path), "--live-allow", "10.0.0.0/33"])
+    assert r.exit_code == 2 and "--live-allow" in r.output and "Traceback" not in r.output
