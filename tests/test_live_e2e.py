@@ -26,6 +26,8 @@ import pytest
 import trustme
 from liveview import LiveViewer, percentile
 
+from tracewire import ctf
+
 from conftest import BIN_DIR, TW, short_tmpdir
 
 RELAYD = os.path.join(BIN_DIR, "tracewire-relayd")
@@ -358,3 +360,26 @@ def test_a_snapshot_of_a_live_session_is_not_shown_live(tw, live_relay, viewers)
     (own,) = (p for p in (snap.parent / "ust" / "pid").iterdir())
     assert [line for line in v.text_lines() if line] == offline(own)
     assert sum(map(is_tick, v.text_lines())) == 3000
+
+
+def test_packets_larger_than_one_read_are_followed(tw, live_relay, viewers):
+    """8 MiB sub-buffers filled at full speed: packets larger than what one
+    GET_PACKET serves (4 MiB), read in pieces by both viewers."""
+    relay = live_relay()
+    tw.env["TRACEWIRE_HOSTNAME"] = HOST
+    tw.cli("create", "s1", "--live", "--url", f"tw://127.0.0.1:{relay.port}")
+    tw.cli("enable-channel", "big", "--subbuf-size", "8M", "--num-subbuf", "2")
+    tw.cli("enable-event", "demo:*", "-c", "big")
+    tw.cli("start")
+    tw.demo("--events", "100000", "--payload-bytes", "256")
+    url = relay.session_url("s1")
+    ours = viewers([sys.executable, "-m", "tracewire", "view", "--follow", url], env=tw.env)
+    theirs = viewers(bt_live(url))
+    assert ours.wait_for(is_tick, 100_000, timeout=300), ours.text_lines()[-3:]
+    assert theirs.wait_for(is_tick, 100_000, timeout=300), theirs.text_lines()[-3:]
+    tw.cli("destroy")
+    assert ours.wait(timeout=60) == 0 and theirs.wait(timeout=60) == 0
+    sizes = [e.packet_size // 8 for idx in relay.out.rglob("*.idx") for e in ctf.read_index(idx.read_bytes())]
+    assert max(sizes) > 4 * 1024 * 1024, sizes
+    assert [line for line in theirs.text_lines() if line] == offline(relay.out)
+    assert [line for line in ours.text_lines() if line] == tw.cli("view", str(relay.out)).stdout.splitlines()

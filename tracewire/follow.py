@@ -77,7 +77,8 @@ __all__ = ["DEFAULT_LIVE_PORT", "FollowError", "LiveURL", "follow", "parse_live_
 DEFAULT_LIVE_PORT = 6344
 _CTF_PREFIX = "/* CTF 1.8 */\n"
 _URL = re.compile(r"^net://(?P<host>\[[^\]]+\]|[^/:\[\]]+)(?::(?P<port>\d{1,5}))?/host/(?P<target>[^/]+)/(?P<session>[^/]+)/?$")
-_MAX_PACKET = 64 * 1024 * 1024
+_MAX_PACKET = 64 * 1024 * 1024  # the largest sub-buffer, so the largest packet
+_CHUNK = 1024 * 1024  # bytes asked per GET_PACKET
 
 
 class FollowError(Exception):
@@ -129,7 +130,8 @@ class _Stream:
 class _Client:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.decoder = ReplyDecoder(max_data=_MAX_PACKET)
+        # A relay's replies are bounded before their bytes are awaited.
+        self.decoder = ReplyDecoder(max_sessions=10_000, max_streams=16_384, max_data=_MAX_PACKET)
 
     def ask(self, req: Request) -> Reply:
         self.decoder.expect(req.command)
@@ -220,12 +222,19 @@ class _Follower:
         if r.flags & IndexFlag.NEW_METADATA or st.trace.meta is None:
             self.metadata(st.trace)
         assert st.trace.meta is not None
-        p = self.client.ask(GetPacket(st.stream_id, r.offset, r.packet_size // 8))
-        assert isinstance(p, PacketReply)
-        if p.status is not PacketStatus.OK:
-            raise FollowError(f"the relay refused a packet of stream {st.name}")
+        size = r.packet_size // 8
+        if size > _MAX_PACKET:
+            raise FollowError(f"a packet of stream {st.name} is {size} bytes, more than {_MAX_PACKET}")
+        data = bytearray()
+        while len(data) < size:  # in pieces: a relay serves at most a few MiB at once
+            n = min(_CHUNK, size - len(data))
+            p = self.client.ask(GetPacket(st.stream_id, r.offset + len(data), n))
+            assert isinstance(p, PacketReply)
+            if p.status is not PacketStatus.OK or len(p.data) != n:
+                raise FollowError(f"the relay refused a packet of stream {st.name}")
+            data += p.data
         try:
-            items, st.prev_discarded = ctf.read_packet(p.data, st.trace.meta, st.name, st.prev_discarded)
+            items, st.prev_discarded = ctf.read_packet(bytes(data), st.trace.meta, st.name, st.prev_discarded)
         except ctf.CTFError as exc:
             raise FollowError(str(exc)) from None
         st.queue.extend(items)
