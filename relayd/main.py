@@ -47,33 +47,37 @@ class Address:
 
 if TYPE_CHECKING:  # generic in click >= 8.2 only: subscript it for mypy alone
     _AddressParam = click.ParamType[Address, Any]
+    _OptionalAddressParam = click.ParamType[Address | None, Any]
 else:
-    _AddressParam = click.ParamType
+    _AddressParam = _OptionalAddressParam = click.ParamType
 
 
 class AddressType(_AddressParam):
-    """HOST:PORT, [IPv6]:PORT; PORT 0 picks a free port.  With ``off_ok``,
-    "off" is also accepted (None: no such port)."""
+    """HOST:PORT, [IPv6]:PORT; PORT 0 picks a free port."""
 
     name = "HOST:PORT"
-
-    def __init__(self, off_ok: bool = False) -> None:
-        self.off_ok = off_ok
-        if off_ok:
-            self.name = "HOST:PORT|off"
 
     def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> Address:
         if isinstance(value, Address):
             return value
         text = str(value)
-        if self.off_ok and text == "off":
-            return None  # type: ignore[return-value]  # click passes it on as the option's value
         host, sep, port = text.rpartition(":")
         if host.startswith("[") and host.endswith("]"):
             host = host[1:-1]
         if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
             self.fail(f"{text!r} is not HOST:PORT (e.g. 0.0.0.0:6342, [::]:6342)", param, ctx)
         return Address(host, int(port))
+
+
+class AddressOrOffType(_OptionalAddressParam):
+    """HOST:PORT as AddressType, or "off" (None: no such port)."""
+
+    name = "HOST:PORT|off"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> Address | None:
+        if value is None or str(value) == "off":
+            return None
+        return AddressType().convert(value, param, ctx)
 
 
 async def _serve(config: RelaydConfig) -> None:
@@ -139,7 +143,7 @@ def _tls_context(cert: str, key: str) -> ssl.SSLContext:
               help="Directory the traces are written under.")
 @click.option("--listen", type=AddressType(), default="0.0.0.0:6342", show_default=True,
               help="Address consumers connect to.")
-@click.option("--live-listen", type=AddressType(off_ok=True), default="127.0.0.1:6344", show_default=True,
+@click.option("--live-listen", type=AddressOrOffType(), default="127.0.0.1:6344", show_default=True,
               help="Address for live viewers (babeltrace2 -i lttng-live, tracewire view --follow), or 'off'. "
                    "The live protocol has no authentication: see docs/security.md before binding another "
                    "address.")
