@@ -579,6 +579,9 @@ class _ConsumerConnection:
         """Closes every file of the connection (unacknowledged packets of a
         batch are not written: the consumer resends them)."""
         self.batch.clear()
+        for session_id in self.live:  # still open: the target may come back, or not
+            self.server.live.session_released(self.sessions[session_id], trio.current_time())
+        self.live.clear()
         async with self.io_lock:
             for st in self.streams.values():
                 try:
@@ -916,7 +919,7 @@ class _ConsumerConnection:
         directory = self.server.safe_path(self.hostname, f"{name}-{msg.created}")
         await self._io(partial(_makedirs, self.server.output, directory), directory)
         self.sessions[msg.session_id] = directory
-        if msg.live:
+        if msg.live and msg.session_id not in self.live:
             self.live.add(msg.session_id)
             self.server.live.session_declared(self.hostname, name, directory)
         logger.info("%s: session %d -> %s%s", self, msg.session_id, directory, " (live)" if msg.live else "")

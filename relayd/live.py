@@ -135,6 +135,9 @@ class LiveConfig:
         max_request: bytes of requests buffered unanswered at most.
         max_packet_read: largest GET_PACKET length served.
         io_threads: worker threads reading files for viewers, relay-wide.
+        orphan_timeout: a live session whose target has had no connection
+            to the relay for this many seconds (and never closed it) is
+            ended for its viewers.
         live_timer_us: the timer LIST_SESSIONS reports (the relay is not
             told a session's own; babeltrace2 only needs it non-zero).
         allow: networks viewers may connect from (a connection from
@@ -149,13 +152,14 @@ class LiveConfig:
     max_request: int = 4096
     max_packet_read: int = 4 * 1024 * 1024
     io_threads: int = 4
+    orphan_timeout: float = 60.0
     live_timer_us: int = DEFAULT_LIVE_TIMER_US
     allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
     def __post_init__(self) -> None:
         if not 0 <= self.listen_port <= 65535:
             raise ValueError(f"listen_port {self.listen_port} not in 0..65535")
-        for name in ("idle_timeout", "send_timeout"):
+        for name in ("idle_timeout", "send_timeout", "orphan_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
         for name in ("max_viewers", "max_packet_read", "io_threads", "live_timer_us"):
@@ -208,6 +212,8 @@ class LiveSession:
     traces: dict[str, LiveTrace] = field(default_factory=dict)  # by directory
     ended: bool = False
     viewers: int = 0
+    holders: int = 0  # consumer connections that declared it and did not close it
+    orphan_since: float | None = None  # when its last such connection ended without SessionClose
     version: int = 0  # grows when a stream may be announced: a new one, a trace's first metadata
 
     def stream_count(self) -> int:
@@ -231,13 +237,41 @@ class LiveRegistry:
 
     # -- ingest side -------------------------------------------------------------
     def session_declared(self, hostname: str, name: str, directory: str) -> None:
-        """A live session was declared (again, after a reconnect: the same one)."""
+        """A live session was declared on a connection (again, after a
+        reconnect: the same one, unless viewers were told it had ended)."""
         sess = self._by_dir.get(directory)
-        if sess is None:
+        if sess is None or sess.ended:
+            if sess is not None:  # its viewers were told it ended: a new one for new viewers
+                self._unlink(sess)
+                if sess.viewers == 0:
+                    self._forget(sess)
             sess = LiveSession(next(self._ids), hostname, name, directory)
             self.sessions[sess.session_id] = sess
             self._by_dir[directory] = sess
-        sess.ended = False
+        sess.holders += 1
+        sess.orphan_since = None
+
+    def session_released(self, session_dir: str, now: float) -> None:
+        """A connection that declared the session ended without closing it
+        (a network failure, a target that died...)."""
+        sess = self._by_dir.get(session_dir)
+        if sess is None or sess.ended:
+            return
+        sess.holders = max(0, sess.holders - 1)
+        if sess.holders == 0:
+            sess.orphan_since = now
+
+    def end_orphans(self, now: float, grace: float) -> None:
+        """Ends the sessions no connection has held for ``grace`` seconds:
+        their target is taken as gone, and their viewers end once they have
+        read everything."""
+        for sess in list(self.sessions.values()):
+            since = sess.orphan_since
+            if since is not None and now - since >= grace:
+                logger.info("live session %s/%s: no target connection for %g s: ended for viewers",
+                            sess.hostname, sess.name, now - since)
+                sess.orphan_since = None
+                self.session_closed(sess.directory)
 
     def is_live(self, session_dir: str) -> bool:
         return session_dir in self._by_dir
@@ -311,15 +345,24 @@ class LiveRegistry:
         if sess.viewers == 0 and sess.ended:
             self._forget(sess)
 
+    def _unlink(self, sess: LiveSession) -> None:
+        """Ingest no longer finds ``sess`` (its viewers still read it)."""
+        if self._by_dir.get(sess.directory) is sess:
+            del self._by_dir[sess.directory]
+        for tr in sess.traces.values():
+            if self._traces.get(tr.directory) is tr:
+                del self._traces[tr.directory]
+            for st in tr.streams:
+                if self._streams.get(st.path) is st:
+                    del self._streams[st.path]
+
     def _forget(self, sess: LiveSession) -> None:
         if self.sessions.pop(sess.session_id, None) is None:
             return
-        del self._by_dir[sess.directory]
+        self._unlink(sess)
         for tr in sess.traces.values():
-            self._traces.pop(tr.directory, None)
             self.by_id.pop(tr.trace_id, None)
             for st in tr.streams:
-                self._streams.pop(st.path, None)
                 self.by_id.pop(st.stream_id, None)
 
 
@@ -430,6 +473,7 @@ class _Viewer:
                 if isinstance(req, Closed):
                     logger.info("%s: closed", self)
                     return
+                self.registry.end_orphans(trio.current_time(), self.config.orphan_timeout)
                 reply = await self._answer(req)
                 with trio.fail_after(self.config.send_timeout):
                     await self.stream.send_all(encode_reply(reply))

@@ -156,6 +156,10 @@ def _tls_context(cert: str, key: str) -> ssl.SSLContext:
               show_default=True, help="Drop a live viewer that sends no request for this many seconds.")
 @click.option("--live-send-timeout", type=click.FloatRange(min=0, min_open=True), default=30.0,
               show_default=True, help="Drop a live viewer that does not take a reply within this many seconds.")
+@click.option("--live-orphan-timeout", type=click.FloatRange(min=0, min_open=True), default=60.0,
+              show_default=True, help="End a live session for its viewers once its target has had no "
+                                      "connection to the relay for this many seconds without closing it "
+                                      "(the target died, or its network did).")
 @click.option("--live-max-request", type=click.IntRange(min=64, max=1024 * 1024), default=4096,
               show_default=True, help="Bytes of a live viewer's requests buffered unanswered at most.")
 @click.option("--auth-keys", type=click.Path(dir_okay=False), default=None,
@@ -193,6 +197,7 @@ def main(
     live_max_viewers: int,
     live_idle_timeout: float,
     live_send_timeout: float,
+    live_orphan_timeout: float,
     live_max_request: int,
     auth_keys: str | None,
     tls_cert: str | None,
@@ -246,6 +251,6 @@ def main(
         live=None if live_listen is None else LiveConfig(
             listen_host=live_listen.host, listen_port=live_listen.port, max_viewers=live_max_viewers,
             idle_timeout=live_idle_timeout, send_timeout=live_send_timeout, max_request=live_max_request,
-            allow=allow),
+            orphan_timeout=live_orphan_timeout, allow=allow),
     )
     sys.exit(run(config))

@@ -15,6 +15,7 @@ import filecmp
 import os
 import re
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -30,7 +31,7 @@ from liveview import LiveViewer, percentile
 
 from tracewire import ctf
 
-from conftest import BIN_DIR, TW, short_tmpdir
+from conftest import BIN_DIR, TW, _children, short_tmpdir
 
 RELAYD = os.path.join(BIN_DIR, "tracewire-relayd")
 BT2 = shutil.which("babeltrace2")
@@ -411,3 +412,21 @@ def test_packets_larger_than_one_read_are_followed(tw, live_relay, viewers):
     assert max(sizes) > 4 * 1024 * 1024, sizes
     assert [line for line in theirs.text_lines() if line] == offline(relay.out)
     assert [line for line in ours.text_lines() if line] == tw.cli("view", str(relay.out)).stdout.splitlines()
+
+
+def test_viewers_end_when_the_target_vanishes(tw, live_relay, viewers):
+    """sessiond and consumerd killed (SIGKILL: no SessionClose): once the
+    target has been away for --live-orphan-timeout, the viewer ends by itself
+    with everything the relay got."""
+    relay = live_relay("--live-orphan-timeout", "1")
+    live_session(tw, relay)
+    tw.demo("--events", "100")
+    v = viewers(bt_live(relay.session_url("s1")))
+    assert v.wait_for(is_tick, 100, timeout=60), v.text_lines()[-5:]
+    sessiond = tw.sessiond_pid()
+    assert sessiond is not None
+    pids = [sessiond, *_children(sessiond)]
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    assert v.wait(timeout=60) == 0
+    assert [line for line in v.text_lines() if line] == offline(relay.out)

@@ -370,3 +370,31 @@ def test_live_allow_flag_is_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
     r = CliRunner().invoke(relayd_main, ["--output", str(tmp_path), "--live-allow", "10.0.0.0/33"])
     assert r.exit_code == 2 and "--live-allow" in r.output and "Traceback" not in r.output
+
+
+def test_a_session_whose_target_vanished_ends_after_the_grace(target):
+    reg = target.reg
+    target.metadata(META_1)
+    target.stream()
+    (sess,) = reg.sessions.values()
+    reg.attach(sess)
+    reg.session_released(target.session_dir, 100.0)  # its connection broke
+    reg.end_orphans(159.0, 60.0)
+    assert not sess.ended
+    # A reconnect within the grace keeps it going.
+    reg.session_declared("tgt1", "s1", target.session_dir)
+    reg.end_orphans(1000.0, 60.0)
+    assert not sess.ended and list(reg.sessions.values()) == [sess]
+    reg.session_released(target.session_dir, 1000.0)
+    reg.end_orphans(1060.0, 60.0)
+    assert sess.ended and all(st.closed for tr in sess.traces.values() for st in tr.streams)
+    # The target comes back later: a new session for new viewers; the old
+    # one stays readable by its viewer until it detaches.
+    reg.session_declared("tgt1", "s1", target.session_dir)
+    target.stream()
+    new = [s for s in reg.sessions.values() if s is not sess]
+    assert len(new) == 1 and not new[0].ended and new[0].session_id != sess.session_id
+    assert sess.session_id in reg.sessions
+    assert all(st.stream_id in reg.by_id for st in sess.traces[target.trace_dir].streams)
+    reg.detach(sess)
+    assert list(reg.sessions.values()) == new
