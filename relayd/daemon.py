@@ -65,8 +65,9 @@ AuthKeyError.
 #
 # Live viewers.  RelayServer.live is a LiveRegistry (relayd/live.py): a
 # SessionDecl with `live`, its streams, metadata writes, the index entries
-# each batch (or sync) put on disk, StreamClose and SessionClose update it
-# with synchronous O(1) calls; serve_live (started by serve_relayd when
+# each batch (or sync) put on disk, StreamClose and SessionClose, and the end
+# of a connection that held a live session, update it with synchronous O(1)
+# calls; serve_live (started by serve_relayd when
 # RelaydConfig.live is set) serves viewers from it and from the files.
 # Nothing on this side ever waits for a viewer.
 #

@@ -53,7 +53,10 @@ Public API: LiveConfig, LiveRegistry, serve_live.
 #     stream was announced, so the viewer ends by itself.
 #
 # A session closed (the target destroyed it) stays in the registry while a
-# viewer is attached, and goes with its last viewer.
+# viewer is attached, and goes with its last viewer.  A session that no
+# consumer connection has held for orphan_timeout (its target died or was cut
+# off) is closed the same way, checked at each viewer request; a target that
+# declares it again later gets a new live session (new ids) for new viewers.
 
 from __future__ import annotations
 
