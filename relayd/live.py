@@ -133,6 +133,9 @@ class LiveConfig:
         max_viewers: viewer connections at once; more are closed at once.
         idle_timeout: a viewer that sends no request for this many seconds
             is dropped.
+        connect_timeout: a connection that has not sent CONNECT within this
+            many seconds is dropped (so idle connections cannot hold the
+            max_viewers places for long); the relay's --handshake-timeout.
         send_timeout: a viewer that does not take a reply within this many
             seconds is dropped.
         max_request: bytes of requests buffered unanswered at most.
@@ -151,6 +154,7 @@ class LiveConfig:
     listen_port: int = 6344
     max_viewers: int = 256
     idle_timeout: float = 600.0
+    connect_timeout: float = 10.0
     send_timeout: float = 30.0
     max_request: int = 4096
     max_packet_read: int = 4 * 1024 * 1024
@@ -162,7 +166,7 @@ class LiveConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.listen_port <= 65535:
             raise ValueError(f"listen_port {self.listen_port} not in 0..65535")
-        for name in ("idle_timeout", "send_timeout", "orphan_timeout"):
+        for name in ("idle_timeout", "connect_timeout", "send_timeout", "orphan_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
         for name in ("max_viewers", "max_packet_read", "io_threads", "live_timer_us"):
@@ -471,7 +475,8 @@ class _Viewer:
     async def run(self) -> None:
         try:
             while True:
-                with trio.fail_after(self.config.idle_timeout):
+                wait = self.config.idle_timeout if self.connected else self.config.connect_timeout
+                with trio.fail_after(wait):
                     req = await self._next_request()
                 if isinstance(req, Closed):
                     logger.info("%s: closed", self)

@@ -168,7 +168,7 @@ def _tls_context(cert: str, key: str) -> ssl.SSLContext:
               help="Serve TLS with this certificate (PEM).")
 @click.option("--tls-key", type=click.Path(dir_okay=False), default=None, help="Private key of --tls-cert (PEM).")
 @click.option("--handshake-timeout", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
-              help="Seconds a consumer has to complete the handshake.")
+              help="Seconds a consumer has to complete the handshake (and a live viewer to send CONNECT).")
 @click.option("--idle-timeout", type=click.FloatRange(min=0, min_open=True), default=300.0, show_default=True,
               help="Drop a connection silent for this many seconds.")
 @click.option("--max-frame", type=click.IntRange(min=4096), default=wire.DEFAULT_MAX_PAYLOAD_SIZE,
@@ -250,7 +250,8 @@ def main(
         fsync_interval=fsync_interval,
         live=None if live_listen is None else LiveConfig(
             listen_host=live_listen.host, listen_port=live_listen.port, max_viewers=live_max_viewers,
-            idle_timeout=live_idle_timeout, send_timeout=live_send_timeout, max_request=live_max_request,
+            idle_timeout=live_idle_timeout, connect_timeout=handshake_timeout, send_timeout=live_send_timeout,
+            max_request=live_max_request,
             orphan_timeout=live_orphan_timeout, allow=allow),
     )
     sys.exit(run(config))

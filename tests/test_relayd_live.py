@@ -279,17 +279,20 @@ async def test_junk_closes_that_connection_only(nursery, net, target, junk):
 
 
 async def test_viewer_limits(nursery, net, target, autojump_clock):
-    port = await _serve(nursery, target.reg, max_viewers=2, idle_timeout=60, send_timeout=5)
+    port = await _serve(nursery, target.reg, max_viewers=2, idle_timeout=60, connect_timeout=5, send_timeout=5)
     with trio.fail_after(300):
         a = await net.viewer(port)
         b = await net.viewer(port, connect=False)
         c = await net.connect(port)  # one too many
         assert await _closed(c)
         assert isinstance(await a.ask(ListSessions()), SessionsReply)
-        # Idle past the timeout: dropped; its place is free again.
+        # No CONNECT within connect_timeout: dropped; its place is free again.
+        t0 = trio.current_time()
         assert await _closed(b.stream)
-        await trio.sleep(61)
+        assert 5 <= trio.current_time() - t0 < 60
+        # Connected, then idle past idle_timeout: dropped.
         assert await _closed(a.stream)
+        assert trio.current_time() - t0 >= 60
         d = await net.viewer(port)
         assert isinstance(await d.ask(ListSessions()), SessionsReply)
 
