@@ -241,6 +241,7 @@ class LiveRegistry:
         self._traces: dict[str, LiveTrace] = {}  # by directory
         self._streams: dict[str, LiveStream] = {}  # by data file path
         self.by_id: dict[int, LiveStream | LiveTrace] = {}  # viewer stream ids
+        self._orphans: list[LiveSession] = []  # held by no connection (orphan_since set)
 
     # -- ingest side -------------------------------------------------------------
     def session_declared(self, hostname: str, name: str, directory: str) -> None:
@@ -256,7 +257,9 @@ class LiveRegistry:
             self.sessions[sess.session_id] = sess
             self._by_dir[directory] = sess
         sess.holders += 1
-        sess.orphan_since = None
+        if sess.orphan_since is not None:
+            sess.orphan_since = None
+            self._orphans.remove(sess)
 
     def session_released(self, session_dir: str, now: float) -> None:
         """A connection that declared the session ended without closing it
@@ -265,20 +268,25 @@ class LiveRegistry:
         if sess is None or sess.ended:
             return
         sess.holders = max(0, sess.holders - 1)
-        if sess.holders == 0:
+        if sess.holders == 0 and sess.orphan_since is None:
             sess.orphan_since = now
+            self._orphans.append(sess)
 
     def end_orphans(self, now: float, grace: float) -> None:
         """Ends the sessions no connection has held for ``grace`` seconds:
         their target is taken as gone, and their viewers end once they have
         read everything."""
-        for sess in list(self.sessions.values()):
+        while self._orphans:  # oldest first
+            sess = self._orphans[0]
             since = sess.orphan_since
-            if since is not None and now - since >= grace:
-                logger.info("live session %s/%s: no target connection for %g s: ended for viewers",
-                            sess.hostname, sess.name, now - since)
-                sess.orphan_since = None
-                self.session_closed(sess.directory)
+            assert since is not None
+            if now - since < grace:
+                return
+            del self._orphans[0]
+            sess.orphan_since = None
+            logger.info("live session %s/%s: no target connection for %g s: ended for viewers",
+                        sess.hostname, sess.name, now - since)
+            self.session_closed(sess.directory)
 
     def is_live(self, session_dir: str) -> bool:
         return session_dir in self._by_dir
@@ -328,6 +336,9 @@ class LiveRegistry:
         if sess is None:
             return
         sess.ended = True
+        if sess.orphan_since is not None:
+            sess.orphan_since = None
+            self._orphans.remove(sess)
         for tr in sess.traces.values():
             for st in tr.streams:
                 st.closed = True
