@@ -686,9 +686,10 @@ class Relay:
         deadline = time.monotonic() + 15
         while True:
             with open(log, errors="replace") as f:
-                m = re.search(r"listening on 127\.0\.0\.1:(\d+)", f.read())
+                m = re.search(r"listening on 127\.0\.0\.1:(\d+).*live viewers on 127\.0\.0\.1:(\d+)", f.read())
             if m:
                 self.port = int(m.group(1))
+                self.live_port = int(m.group(2))
                 return
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 with open(log, errors="replace") as f:
@@ -822,6 +823,102 @@ def relay_run(tag: str, compress: str, payload: int, events: int, count: bool, r
         return res
     finally:
         _tear_down(mem, d, relay, work)
+
+
+LIVE_RATE = 1000  # events/s: the issue's load
+LIVE_SECONDS = 10
+
+
+def _live_viewer_lines(argv: list[str], lines: list[tuple[int, bytes]]) -> subprocess.Popen:
+    """Starts babeltrace2 on a pseudo-terminal (so it prints line by line) and
+    a thread appending (arrival time_ns, line) to ``lines``."""
+    import pty
+    import threading
+    import tty
+
+    master, slave = pty.openpty()
+    tty.setraw(slave)
+    proc = subprocess.Popen(argv, stdout=slave, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    os.close(slave)
+
+    def read() -> None:
+        tail = b""
+        while True:
+            try:
+                chunk = os.read(master, 1 << 16)
+            except OSError:
+                break
+            if not chunk:
+                break
+            now = time.time_ns()
+            *done, tail = (tail + chunk).split(b"\n")
+            lines.extend((now, x) for x in done)
+        os.close(master)
+
+    threading.Thread(target=read, daemon=True).start()
+    return proc
+
+
+def live_run(root: str = "/tmp", extra: tuple[str, ...] = ()) -> list[float]:
+    """One live session on loopback (its own relay, with its default flags
+    plus ``extra``, and sessiond) at LIVE_RATE events/s for LIVE_SECONDS,
+    followed by babeltrace2 -i lttng-live from before the app starts;
+    returns, per event, the milliseconds from its timestamp to the moment
+    babeltrace2's line reached us."""
+    bt = shutil.which("babeltrace2")
+    if bt is None:
+        raise RuntimeError("babeltrace2 is not installed")
+    work = tempfile.mkdtemp(prefix="twbl", dir=root)
+    relay = d = None
+    proc = None
+    try:
+        relay = Relay(os.path.join(work, "relay"), os.path.join(work, "relayd.log"), extra)
+        d = Daemons(root)
+        d.env["TRACEWIRE_HOSTNAME"] = "bench"
+        d.cli("create", "lv", "--live", "--url", f"tw://127.0.0.1:{relay.port}")
+        d.cli("enable-event", "demo:*", "-s", "lv")
+        d.cli("start", "lv")
+        d.demo("--events", "1")  # the session and a stream exist on the relay: attachable
+        lines: list[tuple[int, bytes]] = []
+        proc = _live_viewer_lines(
+            [bt, "-i", "lttng-live", f"net://127.0.0.1:{relay.live_port}/host/bench/lv", "--clock-seconds"], lines)
+        deadline = time.monotonic() + 60
+        while not lines and time.monotonic() < deadline:
+            time.sleep(0.05)  # the first event printed: the viewer follows
+        d.demo("--events", str(LIVE_RATE * LIVE_SECONDS), "--rate", str(LIVE_RATE))
+        d.cli("destroy", "lv")
+        proc.wait(timeout=120)
+        stamp = re.compile(rb"^\[(\d+)\.(\d{9})\]")
+        lat = []
+        for arrived, line in lines[1:]:  # the first event waited for the viewer
+            m = stamp.match(line)
+            if m:
+                lat.append((arrived - (int(m[1]) * 1_000_000_000 + int(m[2]))) / 1e6)
+        if len(lat) != LIVE_RATE * LIVE_SECONDS:
+            raise RuntimeError(f"babeltrace2 printed {len(lat)} of {LIVE_RATE * LIVE_SECONDS} events")
+        return lat
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        _tear_down(None, d, relay, work)
+
+
+def bench_live(repeat: int) -> None:
+    """live_latency_ms_p50/p95: event timestamp -> babeltrace2 -i lttng-live
+    printing it, default live timer, 1,000 events/s, the relay with its
+    defaults (--fsync); _no_fsync: with --no-fsync.  The median over the
+    runs of each run's percentile (the runs on stderr); rounds interleaved."""
+    runs: dict[str, list[list[float]]] = {"": [], "_no_fsync": []}
+    for _ in range(repeat):
+        for suffix, extra in (("", ()), ("_no_fsync", ("--no-fsync",))):
+            runs[suffix].append(sorted(live_run(extra=extra)))
+    for suffix, lats in runs.items():
+        for q in (50, 95):
+            vals = [lat[min(len(lat) - 1, len(lat) * q // 100)] for lat in lats]
+            name = f"live_latency_ms_p{q}{suffix}"
+            emit(name, statistics.median(vals), "ms", 1)
+            print(f"# {name}: runs {', '.join(f'{v:.1f}' for v in vals)}", file=sys.stderr)
 
 
 def bench_relay(compress: str, payload: int, events: int, repeat: int, want) -> None:
@@ -1851,6 +1948,8 @@ def main() -> None:
         bench_relay(compress, 256, a.events, a.repeat, want)
     bench_relay("zstd", 0, a.events, a.repeat, want)
     bench_blocking(a.events, a.repeat, want)
+    if want("live_latency"):
+        bench_live(a.repeat)
     # --only relay_fsync (or a shorter prefix of it) prints all of its
     # figures, relayd_fsync_cpu_* included.
     bench_relay_fsync(a.fsync_mb, a.fsync_dir, a.repeat, want, "relay_fsync".startswith(a.only))

@@ -22,7 +22,10 @@ for a sink with ``deferred_release``, once the sink says the packet is saved.
 A sink without room leaves the data in the ring until it calls ``on_room``.
 A switch timer, a ``flush`` request (the stop barrier) and a
 ``producer_gone`` notice (the app exited or died) also take the open
-sub-buffer up to the last whole event.
+sub-buffer up to the last whole event.  In a live session (``SessionOp.live``;
+its streams' switch timer is the live timer at most) a timer tick that finds
+nothing new writes an empty *beacon* packet instead, whose end time says how
+far the stream's time has come (``_beacon``; docs/design.md, "Live viewing").
 
 Apps are untrusted: each can write its own ring.  A stream whose ring cannot
 be mapped (a bad magic or geometry, a memfd the app could shrink) is
@@ -66,12 +69,14 @@ import math
 import os
 import resource
 import socket
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
 
 from consumerd import snapshot
-from consumerd.sinks import SessionSink, SinkError, StreamSink, open_sink
+from consumerd.sinks import RelaySink, SessionSink, SinkError, StreamSink, open_sink
 from tracewire import ctf
 from tracewire.control import ControlError, close_fds
 from tracewire.names import InvalidName, validate_name
@@ -116,6 +121,14 @@ class ConsumerdConfig:
 
     control_fd: int
     force_barrier: bool = False
+    # The tracer's clock (live sessions' idle beacons read it).
+    clock: Callable[[], int] = time.monotonic_ns
+
+
+# Seconds a removed live session waits for its SessionClose to be sent.
+_LIVE_END_TIMEOUT = 2.0
+# A live stream's idle beacon is at least this far behind the clock.
+_BEACON_MIN_MARGIN_MS = 100
 
 
 class RequestError(Exception):
@@ -177,6 +190,7 @@ class StreamOut:
     held: bool = False  # a snapshot session's: never drained, only read by snapshots
     tracefile_size: int = 0  # the channel's stream file limits (kept for the next trace chunk)
     tracefile_count: int = 0
+    live: bool = False  # a live session's: an idle timer tick writes a beacon (an empty packet)
     done: trio.Event = field(default_factory=trio.Event)
     cancel: trio.CancelScope = field(default_factory=trio.CancelScope)
 
@@ -482,6 +496,7 @@ class Consumerd:
             op.key, tr.session, tr, channel, op.stream_class, cursor, efd, sink, op.switch_timer_ms,
             next_seq=sink.resume.next_seq or 0, seq_known=sink.resume.next_seq is not None,
             tracefile_size=op.tracefile_size, tracefile_count=op.tracefile_count,
+            live=self.sessions[tr.session].op.live and op.switch_timer_ms > 0,
         )
 
     async def _flush_streams(self, streams: list[StreamOut]) -> None:
@@ -637,6 +652,10 @@ class Consumerd:
                 del self.quarantined[key]
             for tid in [tid for tid, tr in self.traces.items() if tr.session == op.session]:
                 del self.traces[tid]
+            if so is not None and so.op.live and isinstance(so.sink, RelaySink):
+                # The relay's live viewers end once told (after every StreamClose).
+                with trio.move_on_after(_LIVE_END_TIMEOUT):
+                    await so.sink.net.finish_session()
             if so is not None:
                 so.sink.close()
                 del self.sessions[op.session]
@@ -730,6 +749,7 @@ class Consumerd:
                 st.blocked = True  # until the sink knows where the stream stands
                 return
             st.next_seq, st.seq_known = first, True
+        wrote = False
         while True:
             if not st.sink.has_room():
                 st.blocked = True  # the rest waits in the ring buffer
@@ -739,9 +759,32 @@ class Consumerd:
                 break
             self.write_packet(st, chunk)
             cur.release()
+            wrote = True
         if limit is not None and cur.discarded_pending() > 0:
             self.write_packet(st, cur.empty_chunk(limit[1]))
             cur.release()
+        elif limit is not None and st.live and not wrote and cur.consumed >= limit[0]:
+            self._beacon(st, limit[1])
+
+    def _beacon(self, st: StreamOut, producer_ts: int) -> None:
+        """A live stream with nothing new at a timer tick: an empty packet
+        whose end says how far the stream's time has come, so that a live
+        viewer merging streams by time can go on with the others (LTTng's
+        "inactive stream" beacon, carried in-band: it rides the same
+        ordered, acknowledged path as the packets, so it never overtakes one).
+
+        Its time is the clock one timer period ago, at least
+        _BEACON_MIN_MARGIN_MS (and never before the stream's last packet or
+        the producer's last timestamp): an event still being written by a
+        thread preempted between reading the clock and publishing the event
+        is older than now, but not by that much (see docs/design.md, "Live
+        viewing", for what happens if it is)."""
+        margin = max(st.switch_timer_ms, _BEACON_MIN_MARGIN_MS) * 1_000_000
+        ts = max(st.cursor.last_ts, producer_ts, self.config.clock() - margin)
+        if ts <= st.cursor.last_ts:
+            return  # no time gained (a clock that did not move): nothing to say
+        self.write_packet(st, st.cursor.empty_chunk(ts))
+        st.cursor.release()
 
     def write_packet(self, st: StreamOut, chunk: Chunk) -> None:
         """One chunk as one CTF packet (the next seq) into the stream's sink."""

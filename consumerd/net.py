@@ -58,6 +58,11 @@ protocol 2: the session says Hello with version 2, and falls back to 1 for a
 relay that refuses it (a rotation through such a relay then fails with one
 line).
 
+A live session (``live``) also tells the relay when a stream is over (a
+StreamClose once a finished stream is wholly acknowledged) and when the
+session is (a SessionClose, ``finish_session()``, before the connection
+closes), so that the relay's live viewers end by themselves.
+
 consumerd/sinks.py's ``RelaySink`` puts a NetSession and its spool
 (consumerd/spool.py) behind the sink interface the daemon uses.
 """
@@ -283,6 +288,7 @@ class _NetStream:
     wire_bytes: int = 0
     acked_seq: int = -1
     finished: bool = False  # no more packets (its app exited, or it broke)
+    close_queued: bool = False  # live: its StreamClose is queued on the current connection
     # After a Retry: the packet the relay must take first, why it did not,
     # when the held stream probes, the next hold's length, and whether the
     # probe went out on the current connection.
@@ -372,6 +378,7 @@ class NetSession:
         self._to_compress: collections.deque[_Pending] = collections.deque()
         self._compress_wakeup = trio.Event()
         # ("stream", _NetStream) | ("packet", _Pending) | ("metadata", _Trace, start, end)
+        # | ("close", _NetStream) | ("end",)  (live sessions)
         self._outbox: collections.deque[tuple[Any, ...]] = collections.deque()
         self._send_wakeup = trio.Event()
         self._sync_wanted = False  # a flush waits: ask where a stream stands once all is sent
@@ -390,6 +397,8 @@ class NetSession:
         self._conn_version = 0  # what the current connection speaks
         # Chunk moves asked of the relay, by target: (source, done, failure).
         self._chunk_closes: dict[str, tuple[str, trio.Event, list[str]]] = {}
+        # Live sessions: set once the SessionClose of finish_session() is sent.
+        self._ended = trio.Event()
 
     # ------------------------------------------------------------ producer side
     def has_room(self) -> bool:
@@ -464,6 +473,25 @@ class NetSession:
         if st is not None:
             st.finished = True
             self._forget_if_done(st)
+            self._close_if_done(st)
+
+    def _close_if_done(self, st: _NetStream) -> None:
+        """Live sessions: a finished stream the relay holds whole gets a
+        StreamClose, so that live viewers hang it up instead of waiting for
+        its time to advance (docs/protocol.md, "Live viewing")."""
+        if self.live and self._linked and st.finished and not st.unacked and not st.close_queued \
+                and st.wire_id in self.by_wire_id:
+            st.close_queued = True
+            self._queue(("close", st))
+
+    async def finish_session(self) -> None:
+        """Live sessions: tell the relay the session is over (SessionClose,
+        after everything queued), so that its live viewers end.  Returns
+        once sent; the caller bounds the wait (and cancels run() after)."""
+        if not self.live or not self._linked:
+            return  # not connected: the relay's viewers end when it says so
+        self._queue(("end",))
+        await self._ended.wait()
 
     def _forget_if_done(self, st: _NetStream) -> None:
         """Delete a finished stream's spool once nothing of it is unacknowledged."""
@@ -966,6 +994,8 @@ class NetSession:
                     self._retry(self.by_wire_id[ev.stream_id], ev)
         for st in streams:
             st.probe_sent = False
+            st.close_queued = False
+            self._close_if_done(st)
             if st.flow is not _Flow.OPEN and st.unacked:
                 # The relay has just said where the stream stands: the probe
                 # is the first packet it lacks (there is no rewind to make on
@@ -1058,6 +1088,14 @@ class NetSession:
                         self._notify()
                     continue
                 await self._send(stream, conn, wire.ChunkClose(self.session_id, source, target))
+            elif kind == "close":
+                done: _NetStream = item[1]
+                if self.by_wire_id.get(done.wire_id) is done and not done.unacked:
+                    del self.by_wire_id[done.wire_id]
+                    await self._send(stream, conn, wire.StreamClose(done.wire_id))
+            elif kind == "end":
+                await self._send(stream, conn, wire.SessionClose(self.session_id))
+                self._ended.set()
 
     async def _reader(self, stream: trio.abc.Stream, conn: wire.Connection) -> None:
         while True:
@@ -1096,6 +1134,7 @@ class NetSession:
         if self.spool is not None:
             self.spool.acknowledged(st.key, seq)
             self._forget_if_done(st)
+        self._close_if_done(st)
         if freed:
             had_room = self.has_room()
             self.unacked_bytes -= freed

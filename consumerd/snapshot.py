@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import uuid as uuidlib
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
@@ -150,7 +151,9 @@ async def record(cd: Consumerd, op: SnapshotOp, base: SessionOp) -> SnapshotRepl
                                f"{len(streams)} streams, less than one of their packets: no snapshot written")
         raise RequestError(f"no event in the ring buffers of session {op.session!r}: no snapshot written")
     sink_url = op.sink or base.sink
-    sink = open_sink(dataclasses.replace(base, sink=sink_url, spool_dir=None, snapshot=False),
+    # A snapshot is not live, even of a live session: its own connection
+    # declares the session without `live`, so live viewers never see it.
+    sink = open_sink(dataclasses.replace(base, sink=sink_url, spool_dir=None, snapshot=False, live=False),
                      on_room=_nothing, on_saved=_ignore_saved)
     if "://" in sink_url:  # where the relay puts it: HOST/SESSION-CREATED/DIRECTORY
         where = f"{sink_url.rstrip('/')}/{base.hostname}/{base.session}-{base.created}/{op.directory}"
@@ -179,7 +182,7 @@ async def record(cd: Consumerd, op: SnapshotOp, base: SessionOp) -> SnapshotRepl
 async def _write(cd: Consumerd, op: SnapshotOp, sink: SessionSink,
                  copies: list[tuple[StreamOut, Snapshot, int]], reply: SnapshotReply) -> SnapshotReply:
     """Write the copies below ``op.directory``; returns ``reply`` with the figures."""
-    opened: set[str] = set()
+    uuids: dict[str, bytes] = {}  # trace id -> the snapshot trace's own uuid
     streams = packets = size = discarded = overwritten = torn = skipped = broken = 0
     for st, snap, start in copies:
         tr = st.trace
@@ -190,10 +193,14 @@ async def _write(cd: Consumerd, op: SnapshotOp, sink: SessionSink,
             logger.warning("snapshot of stream %s: %s", st.key, snap.corrupt)
         if not snap.packets:
             continue
-        if tr.trace_id not in opened:
+        uuid = uuids.get(tr.trace_id)
+        if uuid is None:
+            # A trace of its own, with its own uuid: a reader given both the
+            # session's trace and a snapshot of it (one directory holds both)
+            # would otherwise merge them as one trace, whose times overlap.
+            uuid = uuids[tr.trace_id] = uuidlib.uuid4().bytes
             sink.add_trace(tr.trace_id, f"{op.directory}/{tr.path}")
-            sink.add_metadata(tr.trace_id, bytes(tr.metadata), 0)
-            opened.add(tr.trace_id)
+            sink.add_metadata(tr.trace_id, _with_uuid(bytes(tr.metadata), tr.uuid, uuid), 0)
         out = sink.open_stream(st.key, tr.trace_id, st.channel, st.stream_class, False)
         streams += 1
         first = snap.packets[0]
@@ -201,11 +208,11 @@ async def _write(cd: Consumerd, op: SnapshotOp, sink: SessionSink,
         if first.subbuf > 0 or first.discarded > 0:
             # Seq 0 with a count of 0: a reader counts what came before.
             ts = min(start, first.ts_begin)
-            await _put(sink, out, tr.uuid, st.stream_class, b"", ts, ts, 0, n, 0)
+            await _put(sink, out, uuid, st.stream_class, b"", ts, ts, 0, n, 0)
             n += 1
         overwritten += first.subbuf
         for pkt in snap.packets:
-            await _put(sink, out, tr.uuid, st.stream_class, pkt.data, pkt.ts_begin, pkt.ts_end,
+            await _put(sink, out, uuid, st.stream_class, pkt.data, pkt.ts_begin, pkt.ts_end,
                        pkt.discarded, n, pkt.subbuf + 1)
             n += 1
             size += len(pkt.data) + PACKET_HEADER_SIZE
@@ -215,6 +222,13 @@ async def _write(cd: Consumerd, op: SnapshotOp, sink: SessionSink,
         out.close()
     return dataclasses.replace(reply, streams=streams, packets=packets, bytes=size, events_discarded=discarded,
                                overwritten=overwritten, torn=torn, skipped=skipped, broken=broken)
+
+
+def _with_uuid(metadata: bytes, old: bytes, new: bytes) -> bytes:
+    """``metadata`` with the trace block's uuid ``old`` replaced by ``new``
+    (the clock's uuid, another one, stays)."""
+    return metadata.replace(f'uuid = "{uuidlib.UUID(bytes=old)}";'.encode(),
+                            f'uuid = "{uuidlib.UUID(bytes=new)}";'.encode(), 1)
 
 
 async def _put(sink: SessionSink, out: StreamSink, uuid: bytes, stream_class: int, data: bytes,

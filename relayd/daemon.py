@@ -63,6 +63,14 @@ AuthKeyError.
 # newest continued (and recovered) on reopening; the registry key is then
 # the stream's base path <channel>_<n>.
 #
+# Live viewers.  RelayServer.live is a LiveRegistry (relayd/live.py): a
+# SessionDecl with `live`, its streams, metadata writes, the index entries
+# each batch (or sync) put on disk, StreamClose and SessionClose, and the end
+# of a connection that held a live session, update it with synchronous O(1)
+# calls; serve_live (started by serve_relayd when
+# RelaydConfig.live is set) serves viewers from it and from the files.
+# Nothing on this side ever waits for a viewer.
+#
 # Trust.  The wire core validates frames, field types, names and the
 # connection state; this module adds what needs the file system or the
 # packet bytes: auth, host permissions, the realpath check that keeps every
@@ -86,6 +94,7 @@ from typing import TypeVar
 
 import trio
 
+from relayd.live import LiveConfig, LiveRegistry, serve_live
 from tracewire import ctf, keyfile, names
 from tracewire.streamfile import Checkpoint, StreamFile, StreamFiles, open_stream_files
 from tracewire.url import format_hostport
@@ -135,6 +144,7 @@ from tracewire.wire import (
 __all__ = [
     "AuthKeyError",
     "AuthKeys",
+    "Listeners",
     "RelaydConfig",
     "RelaydStartupError",
     "parse_auth_keys",
@@ -209,6 +219,8 @@ class RelaydConfig:
             wait, at most, for the fdatasync that covers them (one per stream
             per interval, whatever the packet rate).
         fdatasync: the call that makes a file durable (tests observe it).
+        live: serve live viewers (relayd/live.py) with this configuration;
+            None: no live port.
     """
 
     output: str
@@ -230,6 +242,7 @@ class RelaydConfig:
     fsync: bool = False
     fsync_interval: float = 0.1
     fdatasync: Callable[[int], None] = field(default=os.fdatasync, repr=False, compare=False)
+    live: LiveConfig | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.listen_port <= 65535:
@@ -365,6 +378,7 @@ class RelayServer:
         self.faults: dict[RetryReason, _Fault] = {}  # write failures not cleared yet
         self.retries_sent = 0  # Retry messages and Error(RETRY), relay-wide
         self._next_conn_id = 0
+        self.live = LiveRegistry()  # what live viewers may read (relayd/live.py)
 
     def new_conn_id(self) -> int:
         """Returns a number naming a connection in the logs."""
@@ -517,6 +531,7 @@ class _ConsumerConnection:
         self.io_lock = trio.Lock()  # held while a worker thread writes this connection's files
         self.hostname: str | None = None
         self.sessions: dict[int, str] = {}  # session id -> real session directory
+        self.live: set[int] = set()  # ids of the sessions declared live on this connection
         self.streams: dict[int, _OpenStream] = {}  # stream id -> stream
         self.metadata_fds: dict[str, int] = {}  # real metadata path -> fd
         self.batch: list[_Write] = []  # checked packets not written yet
@@ -567,6 +582,9 @@ class _ConsumerConnection:
         """Closes every file of the connection (unacknowledged packets of a
         batch are not written: the consumer resends them)."""
         self.batch.clear()
+        for session_id in self.live:  # still open: the target may come back, or not
+            self.server.live.session_released(self.sessions[session_id], trio.current_time())
+        self.live.clear()
         async with self.io_lock:
             for st in self.streams.values():
                 try:
@@ -828,6 +846,10 @@ class _ConsumerConnection:
         for w in batch:
             self.conn.recycle(w.msg.data)
         streams = [st for st in {id(w.st): w.st for w in batch}.values() if st.file is not None]
+        if self.server.live.sessions:
+            for st in streams + (to_sync or []):
+                if isinstance(st.file, StreamFile):
+                    self.server.live.indexed(st.path, _index_entries(st.file))
         for st in streams:
             self.to_ack[st.decl.stream_id] = st
             if self.config.fsync and not sync:
@@ -902,7 +924,10 @@ class _ConsumerConnection:
         directory = self.server.safe_path(self.hostname, f"{name}-{msg.created}")
         await self._io(partial(_makedirs, self.server.output, directory), directory)
         self.sessions[msg.session_id] = directory
-        logger.info("%s: session %d -> %s", self, msg.session_id, directory)
+        if msg.live and msg.session_id not in self.live:
+            self.live.add(msg.session_id)
+            self.server.live.session_declared(self.hostname, name, directory)
+        logger.info("%s: session %d -> %s%s", self, msg.session_id, directory, " (live)" if msg.live else "")
 
     async def _trace_dir(self, session_id: int, trace_path: str) -> str:
         session_dir = self.sessions[session_id]  # the core checked the id is open
@@ -925,18 +950,31 @@ class _ConsumerConnection:
         self.streams[msg.stream_id] = st
         assert st.file is not None
         logger.info("%s: stream %d -> %s (next seq %d)", self, msg.stream_id, path, st.file.next_seq)
+        session_dir = self.sessions[msg.session_id]
+        if msg.session_id in self.live:
+            if isinstance(st.file, StreamFile):
+                self.server.live.stream_declared(session_dir, directory, rel, name, path,
+                                                 st.file.index_path, _index_entries(st.file))
+            else:
+                logger.warning("%s: stream %s has file limits: live viewers do not see it", self, path)
 
     async def _close_stream(self, stream_id: int) -> None:
         st = self.streams.pop(stream_id)
         async with self.io_lock:
             await self.server.release_stream(st)
+        if st.decl.session_id in self.live:
+            self.server.live.stream_closed(st.path)
 
     async def _close_session(self, session_id: int) -> None:
         for stream_id in [i for i, st in self.streams.items() if st.decl.session_id == session_id]:
             await self._close_stream(stream_id)
-        prefix = self.sessions.pop(session_id) + os.sep
+        session_dir = self.sessions.pop(session_id)
+        prefix = session_dir + os.sep
         for path in [p for p in self.metadata_fds if p.startswith(prefix)]:
             os.close(self.metadata_fds.pop(path))
+        if session_id in self.live:
+            self.live.discard(session_id)
+            self.server.live.session_closed(session_dir)
 
     async def _close_chunk(self, msg: ChunkClose) -> None:
         """Moves a complete trace chunk of the session (a rotation) to its
@@ -976,6 +1014,10 @@ class _ConsumerConnection:
         problem = await self._io(partial(_write_metadata, fd, msg.offset, msg.data, self.config.fsync), path)
         if problem is not None:
             raise RemoteProtocolError(ErrorCode.PROTOCOL, f"metadata at offset {msg.offset}: {problem} ({path})")
+        if msg.session_id in self.live:
+            self.server.live.metadata_written(self.sessions[msg.session_id], directory,
+                                              os.path.relpath(directory, self.server.output),
+                                              msg.offset + len(msg.data))
 
     async def _on_packet(self, msg: Packet) -> None:
         st = self._stream(msg.stream_id)
@@ -1014,6 +1056,11 @@ class _ConsumerConnection:
 
 
 # -- file-system work, run in worker threads ---------------------------------
+
+
+def _index_entries(file: StreamFile) -> int:
+    """Index entries of ``file`` on disk: the packets a live viewer may read."""
+    return (file.checkpoint().index_size - len(ctf.INDEX_HEADER)) // ctf.INDEX_ENTRY_SIZE
 
 
 def _makedirs(output: str, directory: str) -> None:
@@ -1213,17 +1260,26 @@ def _prepare_output(path: str) -> str:
     return real
 
 
+class Listeners(list[trio.SocketListener]):
+    """The consumer port's bound listeners; ``live`` holds the live port's
+    (empty without one)."""
+
+    def __init__(self, listeners: list[trio.SocketListener], live: list[trio.SocketListener]) -> None:
+        super().__init__(listeners)
+        self.live = live
+
+
 async def serve_relayd(
-    config: RelaydConfig, *, task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED
+    config: RelaydConfig, *, task_status: trio.TaskStatus[Listeners] = trio.TASK_STATUS_IGNORED
 ) -> None:
     """Runs the relay until cancelled.
 
     Args:
         config: the configuration.
-        task_status: receives the list of bound trio.SocketListener (the TCP
+        task_status: receives the bound trio.SocketListener (the TCP
             listeners, also when serving TLS) once the relay is listening;
             `listeners[0].socket.getsockname()[1]` is the port when
-            listen_port is 0.
+            listen_port is 0; `listeners.live` are the live port's.
 
     Raises:
         RelaydStartupError: before task_status.started, if the output
@@ -1246,9 +1302,22 @@ async def serve_relayd(
     if config.auth_keys is None:
         logger.warning("no auth keys: the relay on %s accepts and writes traces from anyone who can connect", addresses)
     logger.info("listening on %s%s, writing to %s", addresses, " (TLS)" if config.tls else "", output)
+    live: list[trio.SocketListener] = []
+    if config.live is not None:
+        try:
+            live = await trio.open_tcp_listeners(config.live.listen_port, host=config.live.listen_host)
+        except OSError as exc:
+            for listener in listeners:
+                await listener.aclose()
+            where = format_hostport(config.live.listen_host, config.live.listen_port)
+            raise RelaydStartupError(f"cannot listen for live viewers on {where}: {exc.strerror or exc}") from exc
+        logger.info("live viewers on %s (no authentication in the live protocol)",
+                    ", ".join(_format_address(lst.socket.getsockname()) for lst in live))
     async with trio.open_nursery() as nursery:
+        if config.live is not None:
+            await nursery.start(partial(serve_live, config.live, server.live, listeners=live))
         await nursery.start(trio.serve_listeners, server.handle, served)
-        task_status.started(listeners)
+        task_status.started(Listeners(listeners, live))
 
 
 def _format_address(sockname: tuple[object, ...]) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import resource
 import signal
@@ -20,6 +21,7 @@ from relayd.daemon import (
     parse_auth_keys,
     serve_relayd,
 )
+from relayd.live import LiveConfig
 from tracewire import wire
 from tracewire.url import format_hostport
 
@@ -45,8 +47,9 @@ class Address:
 
 if TYPE_CHECKING:  # generic in click >= 8.2 only: subscript it for mypy alone
     _AddressParam = click.ParamType[Address, Any]
+    _OptionalAddressParam = click.ParamType[Address | None, Any]
 else:
-    _AddressParam = click.ParamType
+    _AddressParam = _OptionalAddressParam = click.ParamType
 
 
 class AddressType(_AddressParam):
@@ -66,6 +69,17 @@ class AddressType(_AddressParam):
         return Address(host, int(port))
 
 
+class AddressOrOffType(_OptionalAddressParam):
+    """HOST:PORT as AddressType, or "off" (None: no such port)."""
+
+    name = "HOST:PORT|off"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> Address | None:
+        if value is None or str(value) == "off":
+            return None
+        return AddressType().convert(value, param, ctx)
+
+
 async def _serve(config: RelaydConfig) -> None:
     """Runs serve_relayd until SIGTERM or SIGINT."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -73,7 +87,9 @@ async def _serve(config: RelaydConfig) -> None:
             listeners = await nursery.start(serve_relayd, config)
             where = ", ".join(str(Address(*lst.socket.getsockname()[:2])) for lst in listeners)
             tls = " (TLS)" if config.tls is not None else ""
-            print(f"{PROG} listening on {where}{tls}, writing to {config.output}", file=sys.stderr, flush=True)
+            live = ", ".join(str(Address(*lst.socket.getsockname()[:2])) for lst in listeners.live)
+            live = f", live viewers on {live}" if live else ""
+            print(f"{PROG} listening on {where}{tls}{live}, writing to {config.output}", file=sys.stderr, flush=True)
             async for signum in signals:
                 logger.info("%s: shutting down", signal.Signals(signum).name)
                 nursery.cancel_scope.cancel()
@@ -127,15 +143,32 @@ def _tls_context(cert: str, key: str) -> ssl.SSLContext:
               help="Directory the traces are written under.")
 @click.option("--listen", type=AddressType(), default="0.0.0.0:6342", show_default=True,
               help="Address consumers connect to.")
-@click.option("--live-listen", type=AddressType(), default="0.0.0.0:6344", show_default=True,
-              help="Address for live viewers (not implemented yet).")
+@click.option("--live-listen", type=AddressOrOffType(), default="127.0.0.1:6344", show_default=True,
+              help="Address for live viewers (babeltrace2 -i lttng-live, tracewire view --follow), or 'off'. "
+                   "The live protocol has no authentication: see docs/security.md before binding another "
+                   "address.")
+@click.option("--live-allow", "live_allow", multiple=True, metavar="NETWORK",
+              help="Accept live viewers only from this network (e.g. 192.0.2.0/24, 2001:db8::/32, 10.1.2.3); "
+                   "repeatable. Default: anyone who reaches --live-listen.")
+@click.option("--live-max-viewers", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Live viewer connections at once; more are closed at once.")
+@click.option("--live-idle-timeout", type=click.FloatRange(min=0, min_open=True), default=600.0,
+              show_default=True, help="Drop a live viewer that sends no request for this many seconds.")
+@click.option("--live-send-timeout", type=click.FloatRange(min=0, min_open=True), default=30.0,
+              show_default=True, help="Drop a live viewer that does not take a reply within this many seconds.")
+@click.option("--live-orphan-timeout", type=click.FloatRange(min=0, min_open=True), default=60.0,
+              show_default=True, help="End a live session for its viewers once its target has had no "
+                                      "connection to the relay for this many seconds without closing it "
+                                      "(the target died, or its network did).")
+@click.option("--live-max-request", type=click.IntRange(min=64, max=1024 * 1024), default=4096,
+              show_default=True, help="Bytes of a live viewer's requests buffered unanswered at most.")
 @click.option("--auth-keys", type=click.Path(dir_okay=False), default=None,
               help="Key file: one 'KEY_ID SECRET HOST...' per line; without it anyone may write.")
 @click.option("--tls-cert", type=click.Path(dir_okay=False), default=None,
               help="Serve TLS with this certificate (PEM).")
 @click.option("--tls-key", type=click.Path(dir_okay=False), default=None, help="Private key of --tls-cert (PEM).")
 @click.option("--handshake-timeout", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
-              help="Seconds a consumer has to complete the handshake.")
+              help="Seconds a consumer has to complete the handshake (and a live viewer to send CONNECT).")
 @click.option("--idle-timeout", type=click.FloatRange(min=0, min_open=True), default=300.0, show_default=True,
               help="Drop a connection silent for this many seconds.")
 @click.option("--max-frame", type=click.IntRange(min=4096), default=wire.DEFAULT_MAX_PAYLOAD_SIZE,
@@ -159,7 +192,13 @@ def _tls_context(cert: str, key: str) -> ssl.SSLContext:
 def main(
     output: str,
     listen: Address,
-    live_listen: Address,
+    live_listen: Address | None,
+    live_allow: tuple[str, ...],
+    live_max_viewers: int,
+    live_idle_timeout: float,
+    live_send_timeout: float,
+    live_orphan_timeout: float,
+    live_max_request: int,
     auth_keys: str | None,
     tls_cert: str | None,
     tls_key: str | None,
@@ -189,8 +228,11 @@ def main(
     except (OSError, ssl.SSLError) as exc:
         click.echo(f"{PROG}: cannot load TLS certificate/key: {exc}", err=True)
         sys.exit(STARTUP_FAILURE)
+    try:
+        allow = tuple(ipaddress.ip_network(n, strict=False) for n in live_allow)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--live-allow") from None
     _raise_fd_limit()
-    logger.info("live viewers are not implemented yet: --live-listen %s is ignored", live_listen)
     config = RelaydConfig(
         output=output,
         listen_host=listen.host,
@@ -206,5 +248,10 @@ def main(
         tls=tls,
         fsync=fsync,
         fsync_interval=fsync_interval,
+        live=None if live_listen is None else LiveConfig(
+            listen_host=live_listen.host, listen_port=live_listen.port, max_viewers=live_max_viewers,
+            idle_timeout=live_idle_timeout, connect_timeout=handshake_timeout, send_timeout=live_send_timeout,
+            max_request=live_max_request,
+            orphan_timeout=live_orphan_timeout, allow=allow),
     )
     sys.exit(run(config))

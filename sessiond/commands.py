@@ -141,11 +141,15 @@ class Commands:
             output = os.path.abspath(output)
         else:
             raise UserError("give an output directory or a relay URL")
+        if req.live_timer_us and not url:
+            raise UserError("a live session streams to a relay: give --url (live viewers attach to the relay)")
+        if req.live_timer_us and req.snapshot:
+            raise UserError("a session is either live or a snapshot session, not both")
         sess = Session(name, self.reg.next_session_id, uid, gid, output, url, now_stamp(),
                        compress=req.compress, compress_level=req.compress_level,
                        spool_size=req.spool_size, auth_key_file=req.auth_key_file or None,
                        tls_ca=req.tls_ca or None, clock_offset_ns=time.time_ns() - time.monotonic_ns(),
-                       snapshot=req.snapshot)
+                       snapshot=req.snapshot, live_timer_us=req.live_timer_us)
         self.reg.next_session_id += 1
         self.reg.sessions[name] = sess
         self.reg.current[uid] = name
@@ -340,6 +344,9 @@ class Commands:
         if sess.snapshot:
             raise UserError(f"session {sess.name!r} is a snapshot session: it writes no trace to rotate "
                             f"('tracewire snapshot record' writes its buffers)")
+        if sess.live_timer_us:
+            raise UserError(f"session {sess.name!r} is a live session: its viewers follow one trace, "
+                            f"which is not rotated (as with LTTng)")
         if sess.state is SessionState.CREATED or not sess.declared:
             raise UserError(f"session {sess.name!r} has not been started: it has no trace chunk to rotate")
         if sess.state is SessionState.STOPPED and sess.rotated_while_stopped:
@@ -364,6 +371,9 @@ class Commands:
         """Set the session's rotation schedule (a condition not given is kept)."""
         if sess.snapshot:
             raise UserError(f"session {sess.name!r} is a snapshot session: it writes no trace to rotate")
+        if sess.live_timer_us:
+            raise UserError(f"session {sess.name!r} is a live session: its viewers follow one trace, "
+                            f"which is not rotated (as with LTTng)")
         if req.timer_ms:
             sess.rotation_timer_ms = req.timer_ms
         if req.size:
@@ -488,12 +498,13 @@ def _describe(sess: Session, keep_dead: int = 0) -> Reply:
         "rotation": _schedule_of(sess),
         "chunks_archived": sess.chunk,
         "last_archive": sess.last_archive,
+        "live_timer_us": sess.live_timer_us,
         "channels": [
             {
                 "name": ch.name,
                 "subbuf_size": ch.subbuf_size,
                 "num_subbuf": ch.num_subbuf,
-                "switch_timer_ms": ch.switch_timer_ms,
+                "switch_timer_ms": sess.switch_timer_ms(ch),
                 "blocking_timeout_ms": ch.blocking_timeout_ms,
                 "tracefile_size": ch.tracefile_size,
                 "tracefile_count": ch.tracefile_count,

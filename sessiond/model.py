@@ -204,6 +204,15 @@ class Session:
     rotation_timer_ms: int = 0
     rotation_size: int = 0
     rotation_due: float = 0.0  # trio time of the next timed rotation
+    live_timer_us: int = 0  # a live session's timer (0: not live)
+
+    def switch_timer_ms(self, ch: Channel) -> int:
+        """The switch timer ``ch``'s streams run with: a live session's
+        channels hand over at least every live timer period."""
+        if not self.live_timer_us:
+            return ch.switch_timer_ms
+        live_ms = max(1, self.live_timer_us // 1000)
+        return live_ms if ch.switch_timer_ms == 0 else min(ch.switch_timer_ms, live_ms)
 
     @property
     def session_dir(self) -> str:
@@ -347,7 +356,7 @@ class Registry:
             session=sess.name, session_id=sess.id, created=sess.created, sink=sess.sink(),
             hostname=self.hostname, uid=sess.owner_uid, gid=sess.owner_gid,
             compress=sess.compress, compress_level=sess.compress_level,
-            auth_key_file=sess.auth_key_file, tls_ca=sess.tls_ca, live=False,
+            auth_key_file=sess.auth_key_file, tls_ca=sess.tls_ca, live=sess.live_timer_us > 0,
             spool_dir=self.spool_dir(sess) if sess.url else None, spool_size=sess.spool_size,
             snapshot=sess.snapshot,
             chunk=sess.chunk,
@@ -363,7 +372,7 @@ class Registry:
         return AddStreamOp(
             key=st.key, trace_id=sess.traces[st.app_id].trace_id, session=sess.name, channel=ch.name,
             stream_class=ch.index, subbuf_size=ch.subbuf_size, num_subbuf=ch.num_subbuf,
-            switch_timer_ms=ch.switch_timer_ms, replay=replay, gone=replay and st.memfd < 0,
+            switch_timer_ms=sess.switch_timer_ms(ch), replay=replay, gone=replay and st.memfd < 0,
             tracefile_size=ch.tracefile_size, tracefile_count=ch.tracefile_count,
         )
 

@@ -397,3 +397,31 @@ def test_rotation_timer_refuses_what_is_not_a_period(text: str) -> None:
 
     with pytest.raises(click.BadParameter):
         Period().convert(text, None, None)
+
+
+@pytest.mark.parametrize(("args", "code", "fragments"), [
+    (["--live"], 2, ("--live needs --url",)),
+    (["--live", "--output", "/tmp/x"], 2, ("--live needs --url",)),
+    (["--live", "--snapshot", "--url", "tw://127.0.0.1:1"], 2, ("--live or --snapshot",)),
+    (["--live=5", "--url", "tw://127.0.0.1:1"], 2, ("at least 10000 microseconds",)),
+    (["--live=99999999999", "--url", "tw://127.0.0.1:1"], 2, ("--live",)),
+])
+def test_bad_live_sessions_are_one_line(tw: TW, args: list[str], code: int, fragments: tuple[str, ...]) -> None:
+    r = tw.cli("create", "s1", *args, check=False)
+    assert_one_line_error(r, code, *fragments)
+
+
+def test_a_live_session_runs_its_channels_on_the_live_timer(tw: TW) -> None:
+    tw.cli("create", "s1", "--live", "--url", "tw://127.0.0.1:1")
+    tw.cli("enable-channel", "fast", "--switch-timer", "20")
+    tw.cli("enable-channel", "slow", "--switch-timer", "5000")
+    tw.cli("enable-event", "demo:*")
+    out = tw.cli("list", "s1").stdout
+    assert "(live, timer 100000 us)" in out, out
+    assert "channel fast: discard, 4 x 256.0 KiB, switch timer 20 ms" in out, out
+    assert "channel slow: discard, 4 x 256.0 KiB, switch timer 100 ms" in out, out  # at most the live timer
+    assert "channel channel0: discard, 4 x 256.0 KiB, switch timer 100 ms" in out, out
+    tw.cli("create", "s2", "--live=250000", "--url", "tw://127.0.0.1:1")
+    assert "(live, timer 250000 us)" in tw.cli("list", "s2").stdout
+    for verb in (["enable-rotation", "-s", "s2", "--timer", "10s"], ["rotate", "s2"]):
+        assert_one_line_error(tw.cli(*verb, check=False), 1, "is a live session")

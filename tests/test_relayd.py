@@ -756,7 +756,8 @@ def test_cli_startup_failures_exit_3(tmp_path: Path, monkeypatch: pytest.MonkeyP
 def test_cli_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
     out = tmp_path / "out"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "relayd", "--output", str(out), "--listen", "127.0.0.1:0", "--log-level", "warning"],
+        [sys.executable, "-m", "relayd", "--output", str(out), "--listen", "127.0.0.1:0", "--live-listen", "off",
+         "--log-level", "warning"],
         stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
     )
     try:

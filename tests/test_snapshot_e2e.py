@@ -185,9 +185,16 @@ def test_snapshot_of_a_streaming_session_holds_what_its_buffers_hold(tw: TW, out
     assert bt2(snap)[0] == len(seqs)
     tw.cli("stop")
     (session,) = [p for p in out_dir.iterdir() if p.name.startswith("fr-")]
-    streamed, discarded = read_back(session)
+    streamed, discarded = read_back(session / "ust")
     # The snapshot took nothing from the stream.
     assert streamed == list(range(len(streamed))) and discarded == 0 and streamed[-1] >= seqs[-1]
+    # The snapshot is a trace of its own (its own uuid): babeltrace2 reads a
+    # directory holding both, the events of each once.
+    both = out_dir / "both"
+    both.mkdir()
+    shutil.copytree(session / "ust", both / "streamed")
+    shutil.copytree(snap, both / "snapshot")
+    assert bt2(both)[0] == len(streamed) + len(seqs)
     # Once the app is gone its buffers are freed (a streaming session): nothing left to snapshot.
     r = tw.cli("snapshot", "record", check=False)
     assert r.returncode == 1 and "no event" in r.stderr

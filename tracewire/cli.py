@@ -305,7 +305,11 @@ def cli(ctx: click.Context, rundir: str | None) -> None:
               help="Flight-recorder session: channels overwrite their oldest data by default and "
                    "nothing is written while tracing; 'tracewire snapshot record' writes what the "
                    "buffers hold (also the buffers of apps that exited or crashed).")
-@click.option("--live", is_flag=True, help="Serve live viewers through the relay (not available yet).")
+@click.option("--live", "live_timer_us", is_flag=False, flag_value=ops.DEFAULT_LIVE_TIMER_US, default=0,
+              type=click.IntRange(0, ops.MAX_LIVE_TIMER_US), metavar="[US]",
+              help="Live session (needs --url): the relay serves it to live viewers (babeltrace2 -i "
+                   "lttng-live, 'tracewire view --follow') while it runs; every stream hands over what it "
+                   f"holds at least every US microseconds [default US: {ops.DEFAULT_LIVE_TIMER_US}].")
 @click.option("--compress", type=click.Choice(["zstd", "none"]), default="zstd", show_default=True,
               help="Packet compression on the wire.")
 @click.option("--compress-level", type=click.IntRange(1, 22), default=ops.DEFAULT_COMPRESS_LEVEL,
@@ -322,7 +326,7 @@ def cli(ctx: click.Context, rundir: str | None) -> None:
                    "[env TRACEWIRE_TLS_CA].")
 @click.pass_context
 def create(ctx: click.Context, name: str, output: str | None, url: str | None, snapshot: bool,
-           live: bool, compress: str, compress_level: int, auth_key_file: str | None,
+           live_timer_us: int, compress: str, compress_level: int, auth_key_file: str | None,
            spool_size: int, tls_ca: str | None) -> None:
     """Create session NAME and make it the current one.
 
@@ -330,8 +334,12 @@ def create(ctx: click.Context, name: str, output: str | None, url: str | None, s
     """
     if output and url:
         raise click.UsageError("give --output or --url, not both")
-    if live:
-        raise CliError("live sessions are not available yet")
+    if 0 < live_timer_us < ops.MIN_LIVE_TIMER_US:
+        raise click.BadParameter(f"at least {ops.MIN_LIVE_TIMER_US} microseconds", param_hint="--live")
+    if live_timer_us and not url:
+        raise click.UsageError("--live needs --url: live viewers attach to the relay")
+    if live_timer_us and snapshot:
+        raise click.UsageError("give --live or --snapshot, not both")
     if not url and not output:
         output = os.path.join(os.path.expanduser("~"), "tracewire-traces")
     if output:
@@ -343,6 +351,7 @@ def create(ctx: click.Context, name: str, output: str | None, url: str | None, s
         compress=ops.Compression(compress), compress_level=compress_level, spool_size=spool_size,
         auth_key_file=os.path.abspath(auth_key_file) if auth_key_file else None,
         tls_ca=os.path.abspath(tls_ca) if tls_ca else None, snapshot=snapshot,
+        live_timer_us=live_timer_us,
     ))
     what = "snapshots go" if snapshot else "traces go"
     click.echo(f"Session {r['session']} created; {what} to {r['sink']}")
@@ -478,7 +487,8 @@ def list_(ctx: click.Context, session: str | None) -> None:
         mark = " (current)" if s["name"] == r.get("current") else ""
         pending = (" (stopping: waiting for the sink)" if s.get("stopping")
                    else " (stop incomplete)" if s.get("stop_pending") else "")
-        click.echo(f"{s['name']}{mark} [{s['state']}]{pending} -> {s['sink']}")
+        live = f" (live, timer {s['live_timer_us']} us)" if s.get("live_timer_us") else ""
+        click.echo(f"{s['name']}{mark} [{s['state']}]{pending} -> {s['sink']}{live}")
         if (rot := _rotation_words(s)) is not None:
             click.echo(f"  {rot}")
         if session or len(sessions) == 1:
@@ -672,11 +682,23 @@ def disable_rotation(ctx: click.Context, session: str | None) -> None:
 
 
 @cli.command()
-@click.argument("path", type=click.Path(exists=True))
+@click.argument("path")
 @click.option("--limit", "-n", type=click.IntRange(0), default=None, help="Print at most N events.")
-def view(path: str, limit: int | None) -> None:
-    """Print the events of the trace(s) under PATH, one per line."""
+@click.option("--follow", "-f", is_flag=True,
+              help="PATH is a live session, net://RELAY[:6344]/host/HOST/SESSION: print its events as the "
+                   "relay gets them, until the session is destroyed.")
+def view(path: str, limit: int | None, follow: bool) -> None:
+    """Print the events of the trace(s) under PATH, one per line.
+
+    With --follow, PATH is a live session on a relay's live port.
+    """
     from tracewire import ctf
+
+    if follow:
+        _follow(path, limit)
+        return
+    if not os.path.exists(path):
+        raise click.BadParameter(f"{path!r} does not exist", param_hint="PATH")
 
     if os.path.isdir(path) and not any("metadata" in files for _, _, files in os.walk(path)):
         raise CliError(f"no CTF trace under {path} (no 'metadata' file found)")
@@ -695,6 +717,36 @@ def view(path: str, limit: int | None) -> None:
     except BrokenPipeError:
         sys.stderr.close()
         return
+
+
+class _Enough(Exception):
+    """--limit reached."""
+
+
+def _follow(url: str, limit: int | None) -> None:
+    from tracewire import ctf
+    from tracewire.follow import FollowError, follow, parse_live_url
+
+    prev: list[ctf.Event | ctf.Discarded] = []
+    n = 0
+
+    def emit(item: ctf.Event | ctf.Discarded) -> None:
+        nonlocal n
+        if limit is not None and n >= limit:
+            raise _Enough
+        click.echo(ctf.format_event(item, prev[-1] if prev else None))
+        if isinstance(item, ctf.Event):
+            prev[:] = [item]
+        n += 1
+
+    try:
+        follow(parse_live_url(url), emit)
+    except _Enough:
+        return
+    except FollowError as exc:
+        raise CliError(str(exc)) from None
+    except BrokenPipeError:
+        sys.stderr.close()
 
 
 def main() -> None:

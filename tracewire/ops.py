@@ -149,6 +149,13 @@ class PingRequest(Request):
     KIND: ClassVar[str] = "ping"
 
 
+# A live session's timer: every stream hands over what it holds (or, idle,
+# an empty packet saying how far its time has come) at least this often.
+DEFAULT_LIVE_TIMER_US = 100_000
+MIN_LIVE_TIMER_US = 10_000
+MAX_LIVE_TIMER_US = 60_000_000
+
+
 @dataclass(frozen=True, slots=True)
 class CreateRequest(Request):
     KIND: ClassVar[str] = "create"
@@ -161,10 +168,13 @@ class CreateRequest(Request):
     auth_key_file: str | None = None
     tls_ca: str | None = None
     snapshot: bool = False  # a flight-recorder session: nothing is consumed while tracing
+    live_timer_us: int = 0  # a live session's timer (0: not live); see docs/design.md, "Live viewing"
 
     def __post_init__(self) -> None:
         _require(1 <= self.compress_level <= 22, "--compress-level must be between 1 and 22")
         _require(MIN_SPOOL_SIZE <= self.spool_size <= 2**48, "--spool-size must be at least 1M")
+        _require(self.live_timer_us == 0 or MIN_LIVE_TIMER_US <= self.live_timer_us <= MAX_LIVE_TIMER_US,
+                 f"--live must be between {MIN_LIVE_TIMER_US} and {MAX_LIVE_TIMER_US} microseconds")
 
 
 @dataclass(frozen=True, slots=True)

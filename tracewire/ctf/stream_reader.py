@@ -47,6 +47,7 @@ __all__ = [
     "decode_event",
     "item_time",
     "read_index",
+    "read_packet",
     "read_stream",
     "read_trace",
     "rebuild_timestamp",
@@ -314,6 +315,36 @@ def read_stream(
         yield from _StreamDecoder(source, path, meta, max_packet_size).items()
 
 
+def read_packet(
+    packet: bytes, meta: TraceMeta, stream: str, prev_discarded: int | None = None,
+    *, max_packet_size: int = MAX_PACKET_SIZE,
+) -> tuple[list[Event | Discarded], int]:
+    """Decode one whole packet (a live viewer's GET_PACKET reply), with the
+    checks of :func:`read_stream`.
+
+    Args:
+        packet: The packet's bytes (exactly one packet).
+        meta: The trace's metadata.
+        stream: The stream's name (the items' ``stream``).
+        prev_discarded: The events_discarded counter of the stream's previous
+            packet (None for its first).
+        max_packet_size: Refuse packets larger than this many bytes.
+
+    Returns:
+        (the packet's items, its events_discarded counter).
+
+    Raises:
+        CTFError: The packet fails a check, or is not exactly one packet.
+    """
+    dec = _StreamDecoder(io.BytesIO(packet), stream, meta, max_packet_size)
+    dec.prev_discarded = prev_discarded
+    items = list(dec.items())
+    h = dec.last_header
+    if h is None or h.packet_size // 8 != len(packet):
+        raise CTFError("not exactly one packet", code=CTFErrorCode.BAD_SIZE, path=stream, offset=0)
+    return items, h.events_discarded
+
+
 class _StreamDecoder:
     """Decodes one stream file; holds what one packet says about the next."""
 
@@ -325,6 +356,7 @@ class _StreamDecoder:
         self.max_packet_size = max_packet_size
         self.stream_id: int | None = None  # stream class of the first packet
         self.prev_discarded: int | None = None
+        self.last_header: PacketHeader | None = None
 
     def _bad(self, reason: str, offset: int, code: CTFErrorCode) -> CTFError:
         return CTFError(reason, code=code, path=self.path, offset=offset)
@@ -383,6 +415,7 @@ class _StreamDecoder:
             raise exc.at(self.path, pos) from None
         if self.stream_id is None:
             self.stream_id = h.stream_id
+        self.last_header = h
         if self.prev_discarded is not None and h.events_discarded < self.prev_discarded:
             raise self._bad(
                 f"events_discarded went back from {self.prev_discarded} to {h.events_discarded}",
