@@ -1,6 +1,7 @@
 """Test support: a live viewer subprocess (babeltrace2 -i lttng-live, or
 `tracewire view --follow`) whose output is read through a pseudo-terminal,
-so that it is line-buffered, with the wall-clock time each line arrived.
+so that it is line-buffered, with the wall-clock time each line arrived;
+and ``Viewer``, a viewer in the test's own trio loop, one request at a time.
 
 A reader thread collects the lines; nothing here sleeps for a fixed time: the
 waits poll a condition up to a generous deadline.
@@ -16,6 +17,10 @@ import threading
 import time
 import tty
 from collections.abc import Callable
+
+import trio
+
+from tracewire.live import ReplyDecoder, Request, encode_request
 
 # babeltrace2 --clock-seconds: "[1764690992.123456789] ..."
 _TS = re.compile(r"^\[(\d+)\.(\d{9})\]")
@@ -110,3 +115,18 @@ def percentile(values: list[float], q: float) -> float:
     """The q-quantile (0..1) of ``values``, nearest rank."""
     s = sorted(values)
     return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
+
+
+class Viewer:
+    """A live viewer connection in a test's trio loop: one request, its reply."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.dec = ReplyDecoder()
+
+    async def ask(self, req: Request):
+        self.dec.expect(req.command)
+        await self.stream.send_all(encode_request(req))
+        while (r := self.dec.next_event()) is None:
+            self.dec.receive_data(await self.stream.receive_some(1 << 16))
+        return r

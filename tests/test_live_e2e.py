@@ -28,59 +28,29 @@ from pathlib import Path
 import pytest
 import trustme
 from liveview import LiveViewer, percentile
+from test_security_e2e import Relay
 
 from tracewire import ctf
 
-from conftest import BIN_DIR, TW, _children, short_tmpdir
+from conftest import TW, _children, short_tmpdir
 
-RELAYD = os.path.join(BIN_DIR, "tracewire-relayd")
 BT2 = shutil.which("babeltrace2")
 pytestmark = pytest.mark.skipif(BT2 is None, reason="babeltrace2 is not installed")
 HOST = "tgt1"
 
 
-class LiveRelay:
-    """A tracewire-relayd with its live port on loopback (both ports free ones)."""
+class LiveRelay(Relay):
+    """A tracewire-relayd with its live port on loopback (both ports free
+    ones), acknowledging without fsync."""
 
     def __init__(self, *extra: str) -> None:
-        self.dir = Path(short_tmpdir("twlv"))
-        self.out = self.dir / "out"
-        self.log = self.dir / "relayd.log"
-        with open(self.log, "wb") as err:
-            self.proc = subprocess.Popen(
-                [RELAYD, "--output", str(self.out), "--listen", "127.0.0.1:0", "--live-listen", "127.0.0.1:0",
-                 "--no-fsync", *extra],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True,
-            )
-        deadline = time.monotonic() + 60
-        pattern = re.compile(r"listening on 127\.0\.0\.1:(\d+)(?: \(TLS\))?, live viewers on 127\.0\.0\.1:(\d+)")
-        while time.monotonic() < deadline:
-            m = pattern.search(self.log.read_text(errors="replace"))
-            if m:
-                self.port, self.live_port = int(m[1]), int(m[2])
-                return
-            assert self.proc.poll() is None, self.log.read_text()
-            time.sleep(0.05)
-        pytest.fail("relay did not start")
+        super().__init__("--no-fsync", *extra)
+        m = re.search(r"live viewers on 127\.0\.0\.1:(\d+)", self.log.read_text(errors="replace"))
+        assert m, self.log.read_text()
+        self.live_port = int(m[1])
 
     def session_url(self, session: str, host: str = HOST) -> str:
         return f"net://127.0.0.1:{self.live_port}/host/{host}/{session}"
-
-    def rss_kib(self) -> int:
-        with open(f"/proc/{self.proc.pid}/status") as f:
-            m = re.search(r"VmRSS:\s+(\d+)", f.read())
-        assert m is not None
-        return int(m[1])
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 @pytest.fixture

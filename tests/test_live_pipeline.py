@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import trio
+from liveview import Viewer
 from test_consumerd import CREATED, HOST, SESSION, SPEC, TRACE_PATH, TRACE_UUID, Client, Ring, metadata_text
 
 from consumerd.daemon import ConsumerdConfig, serve_consumerd
@@ -28,9 +29,6 @@ from tracewire.live import (
     IndexStatus,
     ListSessions,
     NewStreamsStatus,
-    ReplyDecoder,
-    Request,
-    encode_request,
 )
 from tracewire.ops import AddStreamOp, AddTraceOp, MetadataOp, ProducerGoneOp, RemoveSessionOp, SessionOp
 from tracewire.seqpacket import SeqPacket
@@ -62,19 +60,6 @@ async def pipeline(tmp_path: Path, clock: FakeClock) -> AsyncIterator[tuple[Clie
         finally:
             conn.close()
             nursery.cancel_scope.cancel()
-
-
-class Viewer:
-    def __init__(self, stream: trio.SocketStream) -> None:
-        self.stream = stream
-        self.dec = ReplyDecoder()
-
-    async def ask(self, req: Request):
-        self.dec.expect(req.command)
-        await self.stream.send_all(encode_request(req))
-        while (r := self.dec.next_event()) is None:
-            self.dec.receive_data(await self.stream.receive_some(1 << 16))
-        return r
 
 
 def index_entries(root: Path) -> list[ctf.IndexEntry]:

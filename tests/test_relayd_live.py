@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from liveview import Viewer
 
 from relayd.live import LiveConfig, LiveRegistry, complete_metadata, serve_live
 from tracewire import ctf
@@ -34,8 +35,6 @@ from tracewire.live import (
     NewStreamsStatus,
     PacketReply,
     PacketStatus,
-    ReplyDecoder,
-    Request,
     SessionsReply,
     StatusReply,
     StreamsReply,
@@ -90,19 +89,6 @@ def target(tmp_path):
     t = Target(tmp_path, LiveRegistry())
     yield t
     t.close()
-
-
-class Viewer:
-    def __init__(self, stream: trio.SocketStream) -> None:
-        self.stream = stream
-        self.dec = ReplyDecoder()
-
-    async def ask(self, req: Request):
-        self.dec.expect(req.command)
-        await self.stream.send_all(encode_request(req))
-        while (r := self.dec.next_event()) is None:
-            self.dec.receive_data(await self.stream.receive_some(1 << 16))
-        return r
 
 
 async def _serve(nursery, reg, **kw):
