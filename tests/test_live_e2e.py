@@ -113,17 +113,17 @@ def report_latency(v: LiveViewer, what: str, since_ns: int) -> None:
           f"p95 {percentile(lat, 0.95):.0f} ms", file=sys.stderr)
 
 
-@pytest.mark.parametrize("compress", ["zstd", "none"])
+@pytest.mark.parametrize("compress", ["zstd"])  # the relay holds the packets decompressed: one codec is enough
 def test_babeltrace2_follows_a_live_session_and_ends_after_destroy(tw, live_relay, viewers, compress):
     relay = live_relay()
     live_session(tw, relay, "s1", "--compress", compress)
-    # 8 s of events: babeltrace2 has time to attach and print while they come,
+    # 6 s of events: babeltrace2 has time to attach and print while they come,
     # even on a busy machine.
-    app = tw.demo_popen("--events", "8000", "--rate", "1000", "--progress-every", "1000")
+    app = tw.demo_popen("--events", "6000", "--rate", "1000", "--progress-every", "1000")
     assert app.stdout is not None
     assert app.stdout.readline().startswith("emitted 1000")  # the stream exists on the relay soon
     v = viewers(bt_live(relay.session_url("s1")))
-    # Events are printed while the app still runs (it emits for 7 more seconds).
+    # Events are printed while the app still runs (it emits for 5 more seconds).
     assert v.wait_for(is_tick, 1, timeout=60), v.text_lines()[-5:]
     first_print = time.time_ns()
     printed_during_run = app.poll() is None
@@ -134,7 +134,7 @@ def test_babeltrace2_follows_a_live_session_and_ends_after_destroy(tw, live_rela
     assert v.wait(timeout=60) == 0  # ends by itself
     lines = [line for line in v.text_lines() if line]
     assert lines == offline(relay.out)
-    assert sum(map(is_tick, lines)) == 8000
+    assert sum(map(is_tick, lines)) == 6000
     report_latency(v, f"live {compress}", first_print)
 
 
@@ -172,9 +172,8 @@ def test_listing_shows_every_live_session_with_its_host(tw, make_tw, live_relay)
 def test_app_starting_after_attach_appears_and_an_idle_app_does_not_stall_the_others(tw, live_relay, viewers):
     relay = live_relay()
     live_session(tw, relay)
-    # App A: one event now, the next 20 s later (idle in between: long
-    # enough for B's events to be printed meanwhile on a busy machine).
-    a = tw.demo_popen("--events", "2", "--rate", "0.05", "--progress-every", "1")
+    # App A: one event now, the next 10 s later (idle in between).
+    a = tw.demo_popen("--events", "2", "--rate", "0.1", "--progress-every", "1")
     assert a.stdout is not None
     assert a.stdout.readline().startswith("emitted 1")
     v = viewers(bt_live(relay.session_url("s1")))
@@ -373,12 +372,12 @@ def test_packets_larger_than_one_read_are_followed(tw, live_relay, viewers):
     tw.cli("enable-channel", "big", "--subbuf-size", "8M", "--num-subbuf", "2")
     tw.cli("enable-event", "demo:*", "-c", "big")
     tw.cli("start")
-    tw.demo("--events", "100000", "--payload-bytes", "256")
+    tw.demo("--events", "40000", "--payload-bytes", "256")  # 10 MB: a first packet of 8 MiB
     url = relay.session_url("s1")
     ours = viewers([sys.executable, "-m", "tracewire", "view", "--follow", url], env=tw.env)
     theirs = viewers(bt_live(url))
-    assert ours.wait_for(is_tick, 100_000, timeout=300), ours.text_lines()[-3:]
-    assert theirs.wait_for(is_tick, 100_000, timeout=300), theirs.text_lines()[-3:]
+    assert ours.wait_for(is_tick, 40_000, timeout=300), ours.text_lines()[-3:]
+    assert theirs.wait_for(is_tick, 40_000, timeout=300), theirs.text_lines()[-3:]
     tw.cli("destroy")
     assert ours.wait(timeout=60) == 0 and theirs.wait(timeout=60) == 0
     sizes = [e.packet_size // 8 for idx in relay.out.rglob("*.idx") for e in ctf.read_index(idx.read_bytes())]
