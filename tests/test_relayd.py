@@ -758,7 +758,9 @@ def test_cli_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "relayd", "--output", str(out), "--listen", "127.0.0.1:0", "--live-listen", "off",
          "--log-level", "warning"],
-        stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+        # Unbuffered: select() must see every line still to read (a buffered
+        # reader could hold "listening on" behind the warning it read first).
+        stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, bufsize=0,
     )
     try:
         assert proc.stderr is not None
@@ -766,7 +768,7 @@ def test_cli_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
         while "listening on" not in line:
             ready, _, _ = select.select([proc.stderr], [], [], TIMEOUT)
             assert ready, "relayd did not start"
-            line = proc.stderr.readline()
+            line = proc.stderr.readline().decode()
             assert line, "relayd exited early"
         assert f", writing to {out}" in line
         port = int(line.split("listening on 127.0.0.1:")[1].split(",")[0])
@@ -774,7 +776,7 @@ def test_cli_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
         trio.run(lambda: send_trace(port, t, range(3)))
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(TIMEOUT) == 0
-        assert "Traceback" not in proc.stderr.read()
+        assert b"Traceback" not in proc.stderr.read()
         assert event_seqs(out) == expected_seqs(range(3))
     finally:
         if proc.poll() is None:

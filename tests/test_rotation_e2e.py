@@ -90,7 +90,7 @@ def session_dir(out: Path) -> Path:
 
 @needs_bt2
 def test_rotate_local_output(tw: TW, out_dir: Path) -> None:
-    n, rotations = 150_000, 10
+    n, rotations = 80_000, 10
     tw.cli("create", "rot", "--output", str(out_dir))
     tw.cli("enable-event", "demo:*")
     tw.cli("start")
@@ -190,7 +190,7 @@ def test_rotation_by_size(tw: TW, out_dir: Path) -> None:
 @needs_bt2
 def test_rotate_through_a_relay_restarted_between_rotations(tw: TW, relayd) -> None:
     relay: Relay = relayd()
-    n, rotations = 150_000, 10
+    n, rotations = 80_000, 10
     tw.env["TRACEWIRE_HOSTNAME"] = "rothost"
     tw.cli("create", "rr", "--url", relay.url)
     tw.cli("enable-event", "demo:*")

@@ -83,7 +83,7 @@ def main(events: int, rate: float | None, payload_bytes: int, payload_kind: str,
             if progress_every and (seq % progress_every == 0 or seq == events):
                 out.write(f"emitted {seq}\n")
                 out.flush()
-            if rate:
+            if rate and seq < events:  # no wait after the last event
                 delay = t0 + seq / rate - time.monotonic()
                 if delay > 0:
                     time.sleep(delay)
