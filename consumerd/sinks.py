@@ -618,9 +618,9 @@ class RelaySink(SessionSink):
     def open_stream(self, key: str, trace_id: str, channel: str, stream_class: int,
                     replay: bool, *, tracefile_size: int = 0, tracefile_count: int = 0) -> StreamSink:
         net_tid = self._current.traces[trace_id]
-        trace_id = net_tid
+        stream = key
         key = self._stream_key(key)
-        last = self.net.add_stream(key, trace_id, channel, resume=replay, tracefile_size=tracefile_size,
+        last = self.net.add_stream(key, net_tid, channel, resume=replay, tracefile_size=tracefile_size,
                                    tracefile_count=tracefile_count)
         if last is not None:
             resume = Resume(last.seq + 1, last.ring_end, last.ts_end)
@@ -628,9 +628,9 @@ class RelaySink(SessionSink):
             resume = Resume(None)  # the relay says where the stream stands
         else:
             resume = Resume(0)
-        path = f"{self.net.url}/{self.net.traces[trace_id].path}/{channel}_0"
+        path = f"{self.net.url}/{self.net.traces[net_tid].path}/{channel}_0"
         if replay:
-            self._resend_recovered(self._owner[key], net_tid, channel, tracefile_size, tracefile_count)
+            self._resend_recovered(stream, trace_id, channel, tracefile_size, tracefile_count)
         return RelayStream(self.net, key, path, resume)
 
     def add_gone_stream(self, key: str, trace_id: str, channel: str, *, tracefile_size: int = 0,
@@ -641,17 +641,17 @@ class RelaySink(SessionSink):
         self.net.add_stream(key, net_tid, channel, resume=True, tracefile_size=tracefile_size,
                             tracefile_count=tracefile_count)
         self.net.finish_stream(key)  # its spool goes once acknowledged
-        self._resend_recovered(stream, net_tid, channel, tracefile_size, tracefile_count)
+        self._resend_recovered(stream, trace_id, channel, tracefile_size, tracefile_count)
 
-    def _resend_recovered(self, stream: str, net_tid: str, channel: str, tracefile_size: int,
+    def _resend_recovered(self, stream: str, trace_id: str, channel: str, tracefile_size: int,
                           tracefile_count: int) -> None:
         """What stream ``stream`` left spooled in the chunks being recovered
         goes to the relay again, below those chunks (declared as in them,
         with the trace's whole metadata), to be archived by the next rotate."""
         spool = self.net.spool
-        trace_id = next((t for t, n in self._current.traces.items() if n == net_tid), None)
-        if spool is None or trace_id is None:
+        if spool is None:
             return
+        net_tid = self._current.traces[trace_id]
         for c in self._recover:
             old_key = stream if c == 0 else f"{stream}~c{c}"
             if not spool.holds(old_key):
