@@ -78,9 +78,7 @@ import trio
 from consumerd import snapshot
 from consumerd.sinks import RelaySink, SessionSink, SinkError, StreamSink, open_sink
 from tracewire import ctf
-from tracewire.control import ControlError, close_fds
-from tracewire.names import InvalidName, validate_name
-from tracewire.ops import (
+from tracewire.consumer_ops import (
     AddStreamOp,
     AddTraceOp,
     DoneReply,
@@ -88,7 +86,6 @@ from tracewire.ops import (
     FlushOp,
     HelloOp,
     HelloReply,
-    MessageError,
     MetadataOp,
     Op,
     ProducerGoneOp,
@@ -104,8 +101,10 @@ from tracewire.ops import (
     StreamStats,
     TraceReply,
     decode_op,
-    encode,
 )
+from tracewire.control import ControlError, close_fds
+from tracewire.names import InvalidName, validate_name
+from tracewire.ops import MessageError, encode
 from tracewire.ringbuf import BufferSpec, Chunk, ConsumerCursor, MemoryBarrier, RingBufferCorrupt
 from tracewire.seqpacket import DescriptorsTruncated, SeqPacket
 

@@ -66,8 +66,9 @@ import trio
 from consumerd.net import NetSession, SinkError, read_key_file
 from consumerd.spool import Spool
 from tracewire import wire
+from tracewire.consumer_ops import SessionOp, StreamStats
 from tracewire.names import InvalidName, validate_name
-from tracewire.ops import Compression, RelayState, SessionOp, StreamStats, chunk_prefix, human_size
+from tracewire.ops import Compression, RelayState, chunk_prefix, human_size
 from tracewire.ringbuf import Chunk
 from tracewire.streamfile import StreamFile, StreamFiles, open_stream_files
 from tracewire.url import parse_url

@@ -39,7 +39,8 @@ import trio
 
 from consumerd.sinks import Resume, SessionSink, SinkError, StreamSink, open_sink
 from tracewire import ctf
-from tracewire.ops import SessionOp, SnapshotOp, SnapshotReply, StreamStats, human_size
+from tracewire.consumer_ops import SessionOp, SnapshotOp, SnapshotReply, StreamStats
+from tracewire.ops import human_size
 from tracewire.ringbuf import PACKET_HEADER_SIZE, Q_START, Chunk, MemoryBarrier, Snapshot, read_snapshot
 
 if TYPE_CHECKING:

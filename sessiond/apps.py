@@ -39,9 +39,10 @@ from sessiond.model import (
     now_stamp,
 )
 from tracewire import ctf
+from tracewire.consumer_ops import ProducerGoneOp, ReleasedReply
 from tracewire.control import ControlError, close_fds
 from tracewire.names import InvalidName, validate_name
-from tracewire.ops import ProducerGoneOp, ReleasedReply, short_repr
+from tracewire.ops import short_repr
 from tracewire.peercred import peer_credentials
 from tracewire.ringbuf import BufferSpec, create_buffer
 from tracewire.seqpacket import SeqPacket

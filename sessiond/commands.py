@@ -33,6 +33,16 @@ import trio
 from sessiond.apps import AppProtocol
 from sessiond.consumers import ConsumerPool
 from sessiond.model import Channel, Registry, Session, SessionState, UserError, chunk_stamp, now_stamp
+from tracewire.consumer_ops import (
+    FlushOp,
+    RemoveSessionOp,
+    RotatedReply,
+    RotateOp,
+    SnapshotOp,
+    SnapshotReply,
+    StatusOp,
+    StreamsReply,
+)
 from tracewire.names import MAX_SESSION_NAME, InvalidName, validate_name
 from tracewire.ops import (
     DEFAULT_CHANNEL,
@@ -42,22 +52,14 @@ from tracewire.ops import (
     EnableChannelRequest,
     EnableEventRequest,
     EnableRotationRequest,
-    FlushOp,
     ListRequest,
     PingRequest,
-    RemoveSessionOp,
     Request,
-    RotatedReply,
-    RotateOp,
     RotateRequest,
-    SnapshotOp,
     SnapshotRecordRequest,
-    SnapshotReply,
     StartRequest,
-    StatusOp,
     StatusRequest,
     StopRequest,
-    StreamsReply,
     encode,
     human_size,
 )

@@ -20,8 +20,9 @@ import trio
 
 from sessiond.model import SessiondConfig, UserError
 from sessiond.zygote import Child, Credentials, Zygote
+from tracewire.consumer_ops import ErrorReply, HelloOp, Op, Reply, decode_reply
 from tracewire.control import close_fds
-from tracewire.ops import ErrorReply, HelloOp, MessageError, Op, Reply, decode_reply, encode
+from tracewire.ops import MessageError, encode
 from tracewire.seqpacket import SeqPacket
 
 __all__ = ["ConsumerHandle", "ConsumerPool", "ReplayFn"]

@@ -22,19 +22,9 @@ from typing import Any
 import trio
 
 from tracewire import ctf
+from tracewire.consumer_ops import AddStreamOp, AddTraceOp, MetadataOp, Op, ProducerGoneOp, SessionOp
 from tracewire.control import close_fds
-from tracewire.ops import (
-    DEFAULT_NUM_SUBBUF,
-    DEFAULT_SPOOL_SIZE,
-    DEFAULT_SUBBUF_SIZE,
-    AddStreamOp,
-    AddTraceOp,
-    Compression,
-    MetadataOp,
-    Op,
-    ProducerGoneOp,
-    SessionOp,
-)
+from tracewire.ops import DEFAULT_NUM_SUBBUF, DEFAULT_SPOOL_SIZE, DEFAULT_SUBBUF_SIZE, Compression
 
 __all__ = ["App", "AppLink", "Channel", "Outgoing", "Registry", "Session", "SessionState", "SessiondConfig", "Stream",
            "Trace", "UserError", "chunk_stamp", "now_stamp"]

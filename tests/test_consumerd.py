@@ -33,8 +33,7 @@ import trio
 from consumerd.daemon import Consumerd, ConsumerdConfig, serve_consumerd
 from relayd.daemon import RelaydConfig, serve_relayd
 from tracewire import ctf
-from tracewire.ctf import EventDecl, TraceInfo
-from tracewire.ops import (
+from tracewire.consumer_ops import (
     AddStreamOp,
     AddTraceOp,
     DoneReply,
@@ -54,8 +53,9 @@ from tracewire.ops import (
     StreamStats,
     TraceReply,
     decode_reply,
-    encode,
 )
+from tracewire.ctf import EventDecl, TraceInfo
+from tracewire.ops import encode
 from tracewire.ringbuf import (
     Q_CONSUMED,
     Q_SLOTS,

@@ -20,6 +20,7 @@ from consumerd.daemon import ConsumerdConfig, serve_consumerd
 from relayd.daemon import RelaydConfig, serve_relayd
 from relayd.live import LiveConfig
 from tracewire import ctf
+from tracewire.consumer_ops import AddStreamOp, AddTraceOp, MetadataOp, ProducerGoneOp, RemoveSessionOp, SessionOp
 from tracewire.live import (
     AttachSession,
     Connect,
@@ -30,7 +31,6 @@ from tracewire.live import (
     ListSessions,
     NewStreamsStatus,
 )
-from tracewire.ops import AddStreamOp, AddTraceOp, MetadataOp, ProducerGoneOp, RemoveSessionOp, SessionOp
 from tracewire.seqpacket import SeqPacket
 
 DEADLINE = 60.0

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tracewire import ops
+from tracewire import consumer_ops, ops
 
 from fuzzing import examples
 
@@ -26,16 +26,16 @@ REQUESTS: list[ops.Request] = [
     ops.StartRequest(), ops.StopRequest(session="x"), ops.StopRequest(timeout=2.5), ops.DestroyRequest(session="x"),
     ops.ListRequest(), ops.StatusRequest(session="s"),
 ]
-OPS: list[ops.Op] = [
-    ops.HelloOp(),
-    ops.SessionOp(session="s", session_id=1, created="20260101T000000", sink="/tmp/t", hostname="h",
+OPS: list[consumer_ops.Op] = [
+    consumer_ops.HelloOp(),
+    consumer_ops.SessionOp(session="s", session_id=1, created="20260101T000000", sink="/tmp/t", hostname="h",
                   uid=1000, gid=1000, spool_dir="/run/tw/spool/s"),
-    ops.AddTraceOp(trace_id="1-42", session="s", path="ust/pid/app-42-x", uuid="00" * 16),
-    ops.MetadataOp(trace_id="1-42", text="/* CTF 1.8 */\n" * 100, offset=4096),
-    ops.AddStreamOp(key="1-c-42", trace_id="1-42", session="s", channel="c", stream_class=0,
+    consumer_ops.AddTraceOp(trace_id="1-42", session="s", path="ust/pid/app-42-x", uuid="00" * 16),
+    consumer_ops.MetadataOp(trace_id="1-42", text="/* CTF 1.8 */\n" * 100, offset=4096),
+    consumer_ops.AddStreamOp(key="1-c-42", trace_id="1-42", session="s", channel="c", stream_class=0,
                     subbuf_size=4096, num_subbuf=2, replay=True, gone=True),
-    ops.FlushOp(session="s", timeout=3.5), ops.ProducerGoneOp(key="k"),
-    ops.RemoveSessionOp(session="s"), ops.StatusOp(session="s"),
+    consumer_ops.FlushOp(session="s", timeout=3.5), consumer_ops.ProducerGoneOp(key="k"),
+    consumer_ops.RemoveSessionOp(session="s"), consumer_ops.StatusOp(session="s"),
 ]
 
 
@@ -50,21 +50,21 @@ def test_request_round_trip(req: ops.Request) -> None:
 
 
 @pytest.mark.parametrize("op", OPS, ids=lambda o: type(o).__name__)
-def test_op_round_trip(op: ops.Op) -> None:
-    assert ops.decode_op(_wire(ops.encode(op, seq=7))) == op
+def test_op_round_trip(op: consumer_ops.Op) -> None:
+    assert consumer_ops.decode_op(_wire(ops.encode(op, seq=7))) == op
 
 
 def test_reply_round_trip() -> None:
-    reply = ops.StreamsReply((ops.StreamStats("k", "/p", "c", packets=3, error="relay: x"),
-                              ops.StreamStats("k2", "/p2", "c", unacked=123, unacked_bytes=4_718_592,
+    reply = consumer_ops.StreamsReply((consumer_ops.StreamStats("k", "/p", "c", packets=3, error="relay: x"),
+                              consumer_ops.StreamStats("k2", "/p2", "c", unacked=123, unacked_bytes=4_718_592,
                                               relay=ops.RelayState.FULL, relay_why="No space left on device",
                                               ring_unread=2)))
-    assert ops.decode_reply(ops.FlushOp, _wire(ops.encode(reply, seq=1))) == reply
+    assert consumer_ops.decode_reply(consumer_ops.FlushOp, _wire(ops.encode(reply, seq=1))) == reply
     assert ops.encode(reply)["streams"][1]["relay"] == "full"
-    err = ops.ErrorReply("no such session", internal=True)
-    assert ops.decode_reply(ops.StatusOp, _wire(ops.encode(err, seq=1))) == err
-    assert ops.decode_reply(ops.ProducerGoneOp, {"ok": True, "seq": 2, "released": False}) == \
-        ops.ReleasedReply(False)
+    err = consumer_ops.ErrorReply("no such session", internal=True)
+    assert consumer_ops.decode_reply(consumer_ops.StatusOp, _wire(ops.encode(err, seq=1))) == err
+    assert consumer_ops.decode_reply(consumer_ops.ProducerGoneOp, {"ok": True, "seq": 2, "released": False}) == \
+        consumer_ops.ReleasedReply(False)
 
 
 def test_defaults_fill_missing_and_null_fields() -> None:
@@ -120,20 +120,21 @@ def test_bad_requests_are_one_line_errors(raw: dict[str, Any], match: str) -> No
     ({"op": "add_stream", "key": "k"}, "missing field"),
     ({"op": "add_stream", "key": "k", "trace_id": "t", "session": "s", "channel": "c", "stream_class": 0,
       "subbuf_size": 4096, "num_subbuf": 4, "tracefile_count": 2}, "--tracefile-count needs --tracefile-size"),
-    ({"op": "metadata", "trace_id": "t", "text": "x" * (ops.MetadataOp.MAX_CHARS + 1)}, "'text' must be a string"),
+    ({"op": "metadata", "trace_id": "t", "text": "x" * (consumer_ops.MetadataOp.MAX_CHARS + 1)},
+     "'text' must be a string"),
     ({"op": "metadata", "trace_id": "t", "text": "x", "offset": -1}, "offset must be >= 0"),
     ({"op": "op_hello"}, "unknown operation"),
 ])
 def test_bad_ops_are_message_errors(raw: dict[str, Any], match: str) -> None:
     with pytest.raises(ops.MessageError, match=match):
-        ops.decode_op(raw)
+        consumer_ops.decode_op(raw)
 
 
 def test_bad_reply_shape_is_a_message_error() -> None:
     with pytest.raises(ops.MessageError, match="'streams' must be a list"):
-        ops.decode_reply(ops.StatusOp, {"ok": True, "seq": 1, "streams": 3})
+        consumer_ops.decode_reply(consumer_ops.StatusOp, {"ok": True, "seq": 1, "streams": 3})
     with pytest.raises(ops.MessageError, match="missing field"):
-        ops.decode_reply(ops.ProducerGoneOp, {"ok": True, "seq": 1})
+        consumer_ops.decode_reply(consumer_ops.ProducerGoneOp, {"ok": True, "seq": 1})
 
 
 def test_every_message_class_is_frozen() -> None:
@@ -167,10 +168,10 @@ def test_any_request_decodes_or_is_a_message_error(kind: str, fields: dict[str, 
        fields=st.dictionaries(_field_names, _json, max_size=8))
 def test_any_op_decodes_or_is_a_message_error(kind: str, fields: dict[str, Any]) -> None:
     try:
-        op = ops.decode_op({"op": kind, **fields})
+        op = consumer_ops.decode_op({"op": kind, **fields})
     except ops.MessageError:
         return
-    assert ops.decode_op(_wire(ops.encode(op, seq=1))) == op
+    assert consumer_ops.decode_op(_wire(ops.encode(op, seq=1))) == op
 
 
 def test_relay_state_words() -> None:

@@ -13,7 +13,7 @@ from trio.testing import MockClock
 
 from sessiond.commands import Commands
 from sessiond.model import Registry, Session, SessiondConfig, SessionState, UserError
-from tracewire import ops
+from tracewire import consumer_ops, ops
 
 
 class FakeConsumers:
@@ -21,21 +21,23 @@ class FakeConsumers:
     answered; StatusOp answers with ``chunk_bytes`` (reset by a rotation)."""
 
     def __init__(self) -> None:
-        self.rotations: list[ops.RotateOp] = []
+        self.rotations: list[consumer_ops.RotateOp] = []
         self.chunk_bytes = 0
         self.fail: str | None = None
 
-    async def call(self, uid: int, op: ops.Op, fds: tuple[int, ...] = (), timeout: float | None = None) -> ops.Reply:
+    async def call(self, uid: int, op: consumer_ops.Op, fds: tuple[int, ...] = (),
+                   timeout: float | None = None) -> consumer_ops.Reply:
         await trio.lowlevel.checkpoint()
         match op:
-            case ops.RotateOp():
+            case consumer_ops.RotateOp():
                 if self.fail:
                     raise UserError(self.fail)
                 self.rotations.append(op)
                 self.chunk_bytes = 0
-                return ops.RotatedReply(f"/out/s-x/archives/{op.archive}")
-            case ops.StatusOp():
-                return ops.StreamsReply((ops.StreamStats("k", "p", "c", chunk_bytes=self.chunk_bytes),))
+                return consumer_ops.RotatedReply(f"/out/s-x/archives/{op.archive}")
+            case consumer_ops.StatusOp():
+                stats = consumer_ops.StreamStats("k", "p", "c", chunk_bytes=self.chunk_bytes)
+                return consumer_ops.StreamsReply((stats,))
         raise AssertionError(op)
 
 
@@ -134,10 +136,12 @@ def test_requests_round_trip(msg: ops.Request) -> None:
 
 
 def test_rotate_op_and_reply_round_trip() -> None:
-    op = ops.RotateOp(session="s", chunk=3, archive="a-b-3", timeout=5.0, last=True)
-    assert ops.decode_op(ops.encode(op, 7)) == op
-    assert ops.decode_reply(ops.RotateOp, ops.encode(ops.RotatedReply("/x"), 7)) == ops.RotatedReply("/x")
-    assert ops.decode_op(ops.encode(ops.SessionOp("s", 1, "c", "/d", "h", 0, 0, chunk=4), 1)).chunk == 4
+    op = consumer_ops.RotateOp(session="s", chunk=3, archive="a-b-3", timeout=5.0, last=True)
+    assert consumer_ops.decode_op(ops.encode(op, 7)) == op
+    rotated = consumer_ops.RotatedReply("/x")
+    assert consumer_ops.decode_reply(consumer_ops.RotateOp, ops.encode(rotated, 7)) == rotated
+    session = consumer_ops.SessionOp("s", 1, "c", "/d", "h", 0, 0, chunk=4)
+    assert consumer_ops.decode_op(ops.encode(session, 1)).chunk == 4
 
 
 @pytest.mark.parametrize(("fields", "why"), [

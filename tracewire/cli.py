@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
 import sys
 import time
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -207,6 +206,8 @@ class Client:
 
     def ensure_daemon(self) -> None:
         """Start a sessiond for this run directory unless one answers."""
+        import subprocess  # only here: ~3 ms of every other command's start-up
+
         try:
             self.request(ops.PingRequest(), timeout=5)
             return
