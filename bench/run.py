@@ -388,7 +388,8 @@ class Daemons:
         self.pids: set[int] = set()
 
     def cli(self, *args: str, timeout: float = 300) -> str:
-        r = subprocess.run([sys.executable, "-m", "tracewire", *args], env=self.env, capture_output=True,
+        # The console script, as users type it (``-m`` would add runpy's imports).
+        r = subprocess.run([os.path.join(BIN_DIR, "tracewire"), *args], env=self.env, capture_output=True,
                            text=True, timeout=timeout, stdin=subprocess.DEVNULL)
         self._note()
         if r.returncode != 0:
