@@ -42,7 +42,7 @@ __all__ = [
     "Request", "PingRequest", "CreateRequest", "EnableChannelRequest", "EnableEventRequest",
     "StartRequest", "StopRequest", "DestroyRequest", "ListRequest", "StatusRequest",
     "SnapshotRecordRequest", "RotateRequest", "EnableRotationRequest", "DisableRotationRequest",
-    "Op", "HelloOp", "SessionOp", "AddTraceOp", "MetadataOp", "AddStreamOp", "FlushOp",
+    "ListAppsRequest", "Op", "HelloOp", "SessionOp", "AddTraceOp", "MetadataOp", "AddStreamOp", "FlushOp",
     "ProducerGoneOp", "RemoveSessionOp", "StatusOp", "SnapshotOp", "RotateOp",
     "Reply", "DoneReply", "HelloReply", "TraceReply", "StreamStats", "StreamsReply",
     "ReleasedReply", "SnapshotReply", "ErrorReply", "RotatedReply", "chunk_prefix",
@@ -303,6 +303,14 @@ class DisableRotationRequest(_SessionRequest):
     KIND: ClassVar[str] = "disable_rotation"
 
 
+@dataclass(frozen=True, slots=True)
+class ListAppsRequest(Request):
+    """``list --apps``: the registered apps and the tracepoints each has
+    declared (a non-root user: their own apps only)."""
+
+    KIND: ClassVar[str] = "list_apps"
+
+
 # ------------------------------------------------------------- sessiond → consumerd
 @dataclass(frozen=True, slots=True)
 class Op:
@@ -543,6 +551,9 @@ class StreamStats:
     ring_unread: int = 0
     # Raw bytes written to the session's current trace chunk (rotation by size).
     chunk_bytes: int = 0
+    # Whole events the producer says it wrote (its ring's ``events`` word):
+    # for ``status`` and its events/s only, never trusted for anything else.
+    events: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -596,7 +607,8 @@ class ErrorReply(Reply):
 _REQUESTS: Mapping[str, type[Request]] = {
     c.KIND: c for c in (PingRequest, CreateRequest, EnableChannelRequest, EnableEventRequest,
                         StartRequest, StopRequest, DestroyRequest, ListRequest, StatusRequest,
-                        SnapshotRecordRequest, RotateRequest, EnableRotationRequest, DisableRotationRequest)
+                        SnapshotRecordRequest, RotateRequest, EnableRotationRequest, DisableRotationRequest,
+                        ListAppsRequest)
 }
 _OPS: Mapping[str, type[Op]] = {
     c.KIND: c for c in (HelloOp, SessionOp, AddTraceOp, MetadataOp, AddStreamOp, FlushOp,
