@@ -574,7 +574,7 @@ def _list_apps(client: Client, as_json: bool) -> None:
 @click.argument("session", required=False)
 @click.option("--watch", "-w", is_flag=True,
               help="Refresh until Ctrl-C (or until the session is destroyed): per stream, events/s, "
-                   "MB/s raw and on the wire (MB = 10^6 bytes), discarded events/s, the backlog "
+                   "bytes/s raw and on the wire (kB, MB: 10^3, 10^6 bytes), discarded events/s, the backlog "
                    "(packets not acknowledged by the relay, sub-buffers unread in the ring) and the "
                    "producer; and the session's totals.  On a terminal the table is redrawn in "
                    "place; otherwise one block of lines per refresh, each with its UTC time.")

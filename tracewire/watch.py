@@ -45,7 +45,6 @@ COUNTERS: tuple[tuple[str, str], ...] = (
     ("discarded", "discarded_per_s"),
 )
 _LEVELS = ("unacked", "unacked_bytes", "ring_unread")
-_MB = 1_000_000
 # ANSI: cursor to the top left, clear to the end of the screen; hide and show the cursor.
 HOME_CLEAR = "\x1b[H\x1b[J"
 HIDE_CURSOR = "\x1b[?25l"
@@ -112,8 +111,18 @@ def compute(prev: Sample | None, cur: Sample) -> Refresh:
 
 
 # ------------------------------------------------------------------ rendering
-def _rate(value: float | None, scale: float = 1.0, digits: int = 1) -> str:
-    return "-" if value is None else f"{value / scale:.{digits}f}"
+def _rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def _bytes_rate(value: float | None) -> str:
+    """Bytes per second in SI units (``4.1 kB/s``, ``12.3 MB/s``)."""
+    if value is None:
+        return "-"
+    for unit, scale in (("GB/s", 1e9), ("MB/s", 1e6), ("kB/s", 1e3)):
+        if value >= scale:
+            return f"{value / scale:.1f} {unit}"
+    return f"{value:.0f} B/s"
 
 
 def _printable(text: Any) -> str:
@@ -131,19 +140,19 @@ def _head(r: Refresh) -> str:
 
 
 def _totals_words(t: Mapping[str, Any]) -> str:
-    return (f"{_rate(t['events_per_s'])} events/s, raw {_rate(t['raw_bytes_per_s'], _MB, 2)} MB/s, "
-            f"wire {_rate(t['wire_bytes_per_s'], _MB, 2)} MB/s, {_rate(t['discarded_per_s'])} discarded/s; "
+    return (f"{_rate(t['events_per_s'])} events/s, raw {_bytes_rate(t['raw_bytes_per_s'])}, "
+            f"wire {_bytes_rate(t['wire_bytes_per_s'])}, {_rate(t['discarded_per_s'])} discarded/s; "
             f"backlog {t['unacked']} packets unacked, {t['ring_unread']} sub-buffers unread; "
             f"{t['events']} events, {t['discarded']} discarded")
 
 
-_COLUMNS = (("EVENTS/S", 10), ("RAW MB/S", 9), ("WIRE MB/S", 9), ("DISC/S", 8), ("UNACKED", 7),
+_COLUMNS = (("EVENTS/S", 10), ("RAW", 10), ("WIRE", 10), ("DISC/S", 8), ("UNACKED", 7),
             ("UNREAD", 6), ("PRODUCER", 8))
 
 
 def _row_cells(st: Mapping[str, Any]) -> list[str]:
     producer = "ERROR" if st.get("error") else str(st.get("producer"))
-    return [_rate(st["events_per_s"]), _rate(st["raw_bytes_per_s"], _MB, 2), _rate(st["wire_bytes_per_s"], _MB, 2),
+    return [_rate(st["events_per_s"]), _bytes_rate(st["raw_bytes_per_s"]), _bytes_rate(st["wire_bytes_per_s"]),
             _rate(st["discarded_per_s"]), str(st["unacked"]), str(st["ring_unread"]), _printable(producer)]
 
 
@@ -175,7 +184,7 @@ def render_lines(r: Refresh) -> list[str]:
     lines = [f"{_when(r.wall)} {_head(r)}: {_totals_words(r.totals)}"]
     for st in r.streams:
         line = (f"  {_printable(st['path'])}: {_rate(st['events_per_s'])} events/s, "
-                f"raw {_rate(st['raw_bytes_per_s'], _MB, 2)} MB/s, wire {_rate(st['wire_bytes_per_s'], _MB, 2)} MB/s, "
+                f"raw {_bytes_rate(st['raw_bytes_per_s'])}, wire {_bytes_rate(st['wire_bytes_per_s'])}, "
                 f"{_rate(st['discarded_per_s'])} discarded/s, {st['unacked']} unacked, "
                 f"{st['ring_unread']} sub-buffers unread, producer {_printable(st['producer'])}")
         if st.get("error"):
@@ -221,7 +230,8 @@ def watch(ask: Callable[[], Mapping[str, Any]], write: Callable[[str], None], in
     n = 0
     next_at = clock()
     while refreshes is None or n < refreshes:
-        cur = Sample(clock(), datetime.now(UTC), ask())
+        reply = ask()
+        cur = Sample(clock(), datetime.now(UTC), reply)  # when the answer came
         r = compute(prev, cur)
         if mode == "json":
             write(render_json(r) + "\n")
