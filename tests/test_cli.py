@@ -81,7 +81,7 @@ def test_no_sessiond_with_missing_rundir(make_tw) -> None:
 
 def test_unknown_session(session: TW) -> None:
     for args in (["start", "nosuch"], ["stop", "nosuch"], ["status", "nosuch"], ["list", "nosuch"],
-                 ["destroy", "nosuch"], ["enable-event", "demo:*", "-s", "nosuch"],
+                 ["status", "nosuch", "--watch"], ["destroy", "nosuch"], ["enable-event", "demo:*", "-s", "nosuch"],
                  ["enable-channel", "c", "-s", "nosuch"]):
         r = session.cli(*args, check=False)
         assert_one_line_error(r, 1, "no session named 'nosuch'")

@@ -643,18 +643,19 @@ def _watch(client: Client, session: str | None, interval: float, as_json: bool) 
     from tracewire import watch
 
     name = session
+    seen = False  # a session that never answered was not destroyed: its error is the error
     tty = not as_json and sys.stdout.isatty()
 
     def ask() -> dict[str, Any]:
-        nonlocal name
+        nonlocal name, seen
         try:
             r = client.request(ops.StatusRequest(session=name))
         except CliError as exc:
             # sessiond's words for a session that is not there (Registry.session_for).
-            if name is not None and str(exc.message).startswith("no session named"):
+            if seen and str(exc.message).startswith("no session named"):
                 raise watch.SessionGone(name) from None
             raise
-        name = r["session"]["name"]  # follow this session, even if the current one changes
+        name, seen = r["session"]["name"], True  # follow this session, even if the current one changes
         return r
 
     def write(text: str) -> None:
