@@ -66,6 +66,7 @@ def test_table_fits_the_terminal_and_names_what_it_leaves_out() -> None:
     lines = w.render_table(w.compute(prev, cur), width=80, height=12)
     assert len(lines) <= 12 and all(len(line) <= 80 for line in lines)
     assert "1500.0" in lines[4] and "2.5 MB/s" in lines[4]
+    assert lines[4].endswith("/x/x") and "..." in lines[4]  # the path is cut at its start
     assert "more streams" in lines[-1]
     empty = w.render_table(w.compute(None, sample(0.0)), 80, 24)
     assert any("no streams yet" in line for line in empty)

@@ -156,17 +156,24 @@ def _row_cells(st: Mapping[str, Any]) -> list[str]:
             _rate(st["discarded_per_s"]), str(st["unacked"]), str(st["ring_unread"]), _printable(producer)]
 
 
+def _tail(text: str, room: int) -> str:
+    """``text`` in ``room`` characters, cut at the start (a stream path's
+    end names the app and the channel)."""
+    return text if len(text) <= room else "..." + text[len(text) - room + 3:]
+
+
 def render_table(r: Refresh, width: int = 120, height: int = 40) -> list[str]:
     """The screen of one refresh (stdout is a terminal): a header, the
-    session's totals, one row per stream (the stream's path last, so a
-    narrow terminal cuts the path, not the figures), every line at most
+    session's totals, one row per stream (the stream's path last, cut at
+    its start to fit), every line at most
     ``width`` characters and at most ``height`` lines."""
     every = "" if r.interval is None else f", every {r.interval:.1f} s"
     lines = [f"{_head(r)}   {_when(r.wall)}{every}   (Ctrl-C ends)",
              f"total: {_totals_words(r.totals)}", ""]
     lines.append(" ".join(f"{name:>{w}}" for name, w in _COLUMNS) + " STREAM")
+    room_for_path = max(12, width - sum(w + 1 for _n, w in _COLUMNS))
     rows = [" ".join(f"{cell:>{w}}" for cell, (_n, w) in zip(_row_cells(st), _COLUMNS, strict=True))
-            + f" {_printable(st['path'])}" for st in r.streams]
+            + f" {_tail(_printable(st['path']), room_for_path)}" for st in r.streams]
     if not rows:
         rows = ["(no streams yet: no traced app has emitted an enabled event)"]
     room = max(1, height - len(lines) - 1)
