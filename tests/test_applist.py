@@ -3,6 +3,7 @@ bounds that keep a hostile app's declarations from breaking the listing."""
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
@@ -21,12 +22,16 @@ def app(app_id: int, pid: int, uid: int, tps: list[ctf.EventDecl], procname: str
 TICK = ctf.EventDecl("demo:tick", 0, (("seq", ctf.FieldType.INT), ("msg", ctf.FieldType.STR)))
 
 
+@functools.cache
+def _hostile_declarations() -> tuple[ctf.EventDecl, ...]:
+    fields = tuple((f"f{'x' * 200}{k}", ctf.FieldType.BYTES) for k in range(4))
+    return tuple(ctf.EventDecl(f"evil:{'e' * 240}{i:05d}", i, fields) for i in range(4096))
+
+
 def hostile(app_id: int, pid: int, uid: int) -> App:
     """The most sessiond takes from one app: 4096 tracepoints of 255-character
-    names, each with fields of long names."""
-    fields = tuple((f"f{'x' * 200}{k}", ctf.FieldType.BYTES) for k in range(4))
-    tps = [ctf.EventDecl(f"evil:{'e' * 240}{i:05d}", i, fields) for i in range(4096)]
-    return app(app_id, pid, uid, tps, procname="évil" * 60)
+    names, each with fields of long names (the declarations are made once)."""
+    return app(app_id, pid, uid, list(_hostile_declarations()), procname="évil" * 60)
 
 
 def size(answer: dict[str, Any]) -> int:
