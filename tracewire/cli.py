@@ -596,6 +596,8 @@ def status(ctx: click.Context, session: str | None, watch: bool, interval: float
     if watch:
         _watch(_client(ctx), session, interval, as_json)
         return
+    if ctx.get_parameter_source("interval") is not click.core.ParameterSource.DEFAULT:
+        raise click.UsageError("--interval is for --watch")
     r = _client(ctx).request(ops.StatusRequest(session=session))
     if as_json:
         _print_json(r)
