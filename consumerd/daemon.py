@@ -183,6 +183,7 @@ class StreamOut:
     packets: int = 0
     raw_bytes: int = 0
     chunk_bytes: int = 0  # raw bytes written to the current trace chunk
+    events: int = 0  # the ring's ``events`` word as last read (kept once the ring is unmapped)
     gone: bool = False
     broken: str | None = None
     closed: bool = False
@@ -662,11 +663,13 @@ class Consumerd:
 
     def _stats(self, st: StreamOut) -> StreamStats:
         """The stream's counters, as its sink reports them."""
+        if not st.closed:
+            st.events = st.cursor.read_events()
         counted = StreamStats(
             key=st.key, path=st.sink.path, channel=st.channel, packets=st.packets,
             raw_bytes=st.raw_bytes, wire_bytes=st.raw_bytes, discarded=st.cursor.last_discarded,
             unacked=0, producer="gone" if st.gone else "alive", error=st.broken, ring_unread=_ring_unread(st),
-            chunk_bytes=st.chunk_bytes,
+            chunk_bytes=st.chunk_bytes, events=st.events,
         )
         return st.sink.stats(counted)
 
@@ -822,6 +825,7 @@ class Consumerd:
             logger.error("stream %s: closing its files failed: %s", st.key, exc)
         finally:
             os.close(st.eventfd)
+            st.events = st.cursor.read_events()  # what status shows from now on
             try:
                 st.cursor.close()
             except BufferError:  # a chunk view is still alive: unmapped when it goes

@@ -1,10 +1,11 @@
 """The CLI's commands: create, enable-channel, enable-event, start, stop,
-destroy, list, status, rotate, enable-rotation, disable-rotation.
+destroy, list, list --apps, status, rotate, enable-rotation, disable-rotation.
 
 :meth:`Commands.run` takes one decoded request (``tracewire.ops``), checks
 who may do it, and answers with the JSON-ready reply.  One command that
-changes something runs at a time (the registry's lock); ``list``, ``status``
-and ``ping`` only read, and answer at once.  ``stop`` is the barrier: apps disable the
+changes something runs at a time (the registry's lock); ``list``, ``list
+--apps`` (``sessiond.applist``), ``status`` and ``ping`` only read, and
+answer at once.  ``stop`` is the barrier: apps disable the
 session's events and wait for writers in flight; then consumerd flushes every
 stream of the session down to the last whole event and answers once it is
 written (or acknowledged by the relay).  The barrier gives up after the
@@ -30,6 +31,7 @@ from typing import Any
 
 import trio
 
+from sessiond.applist import describe_apps
 from sessiond.apps import AppProtocol
 from sessiond.consumers import ConsumerPool
 from sessiond.model import Channel, Registry, Session, SessionState, UserError, chunk_stamp, now_stamp
@@ -52,6 +54,7 @@ from tracewire.ops import (
     EnableChannelRequest,
     EnableEventRequest,
     EnableRotationRequest,
+    ListAppsRequest,
     ListRequest,
     PingRequest,
     Request,
@@ -104,6 +107,9 @@ class Commands:
                 return self.list(req, uid)
             case StatusRequest():
                 return await self.status(self.reg.session_for(req.session, uid))
+            case ListAppsRequest():
+                # Root sees every app, anyone else their own (as for sessions).
+                return describe_apps(self.reg.apps.values(), uid)
         async with self.reg.lock:
             match req:
                 case CreateRequest():

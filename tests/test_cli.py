@@ -81,7 +81,7 @@ def test_no_sessiond_with_missing_rundir(make_tw) -> None:
 
 def test_unknown_session(session: TW) -> None:
     for args in (["start", "nosuch"], ["stop", "nosuch"], ["status", "nosuch"], ["list", "nosuch"],
-                 ["destroy", "nosuch"], ["enable-event", "demo:*", "-s", "nosuch"],
+                 ["status", "nosuch", "--watch"], ["destroy", "nosuch"], ["enable-event", "demo:*", "-s", "nosuch"],
                  ["enable-channel", "c", "-s", "nosuch"]):
         r = session.cli(*args, check=False)
         assert_one_line_error(r, 1, "no session named 'nosuch'")
@@ -141,7 +141,11 @@ def test_blocking_timeout_help_explains_the_trade_off(tw: TW) -> None:
     ["stop", "--timeout", "0"],
     ["stop", "--timeout", "soon"],
     ["stop", "--timeout"],
-], ids=["subbuf-size-3", "num-subbuf-1", "view-missing", "stop-timeout-0", "stop-timeout-word", "stop-timeout-none"])
+    ["status", "--interval", "2"],
+    ["status", "--watch", "--interval", "0.01"],
+    ["list", "s1", "--apps"],
+], ids=["subbuf-size-3", "num-subbuf-1", "view-missing", "stop-timeout-0", "stop-timeout-word", "stop-timeout-none",
+        "interval-without-watch", "interval-too-short", "apps-and-session"])
 def test_usage_errors_are_one_line(session: TW, args: list[str]) -> None:
     r = session.cli(*args, check=False)
     assert_one_line_error(r, 2)

@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 
 CORE = Path(__file__).resolve().parent.parent / "tracewire"
-NO_IO = ["wire", "live", "ctf", "control", "names", "url", "streamfile", "ringbuf", "rundir", "topology", "keyfile"]
+NO_IO = ["wire", "live", "ctf", "control", "names", "url", "streamfile", "ringbuf", "rundir", "topology", "keyfile",
+         "watch"]
 NO_CLOCK = ["wire", "live", "ctf", "control", "names", "url", "streamfile", "rundir", "topology", "keyfile"]
 # Importable without the third-party dependencies (cbor2, zstandard...).
-STDLIB_ONLY = ["ctf", "live", "keyfile", "url"]
+STDLIB_ONLY = ["ctf", "live", "keyfile", "url", "watch"]
 
 
 def _files(modules: list[str]) -> list[str]:

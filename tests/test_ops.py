@@ -24,7 +24,7 @@ REQUESTS: list[ops.Request] = [
     ops.EnableChannelRequest(session="s", channel="big", subbuf_size=4096, num_subbuf=2, switch_timer_ms=100),
     ops.EnableEventRequest(pattern="demo:*", session=None, channel="c"),
     ops.StartRequest(), ops.StopRequest(session="x"), ops.StopRequest(timeout=2.5), ops.DestroyRequest(session="x"),
-    ops.ListRequest(), ops.StatusRequest(session="s"),
+    ops.ListRequest(), ops.StatusRequest(session="s"), ops.ListAppsRequest(),
 ]
 OPS: list[consumer_ops.Op] = [
     consumer_ops.HelloOp(),
@@ -55,7 +55,8 @@ def test_op_round_trip(op: consumer_ops.Op) -> None:
 
 
 def test_reply_round_trip() -> None:
-    reply = consumer_ops.StreamsReply((consumer_ops.StreamStats("k", "/p", "c", packets=3, error="relay: x"),
+    reply = consumer_ops.StreamsReply((consumer_ops.StreamStats("k", "/p", "c", packets=3, error="relay: x",
+                                                                events=2**64 - 1),
                               consumer_ops.StreamStats("k2", "/p2", "c", unacked=123, unacked_bytes=4_718_592,
                                               relay=ops.RelayState.FULL, relay_why="No space left on device",
                                               ring_unread=2)))

@@ -984,3 +984,16 @@ def test_producer_waits_across_processes_and_loses_nothing() -> None:
         assert [disc for _, disc in got][-1] == 0
     finally:
         r.close()
+
+
+@pytest.mark.parametrize("num", [2, 4, 125, 126, 1024])
+def test_events_word_is_the_control_areas_last_and_counts_commits(num: int) -> None:
+    """``commit`` counts each event in the ``events`` word, which is the
+    control area's last word (past every slot, whatever the geometry); a
+    dropped event is not counted."""
+    spec = BufferSpec(S, num)
+    assert rb.OFF_SLOTS + SLOT_BYTES * num <= 8 * spec.q_events < spec.ctrl_size
+    with Ring(num=2) as r:
+        written = sum(r.write(1000) is not None for _ in range(12))  # 2 sub-buffers of 4 events: the rest drop
+        assert written == 8 and r.p.discarded == 4
+        assert r.c.read_events() == r.p.events == written

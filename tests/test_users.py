@@ -257,3 +257,36 @@ def test_a_members_snapshot_session_at_roots_sessiond(world):
     for f in files:
         assert os.stat(f).st_uid == world["uid1"], f
     _run(py, env, USER_IN_GROUP, "destroy", "usnap")
+
+
+def test_list_apps_shows_a_user_their_own_apps_and_root_all(world):
+    """``list --apps`` at root's sessiond: a tracing member sees their app and
+    its declaration, not root's app; root sees both."""
+    import json
+
+    py, env = world["python"], world["env"]
+    user = USER_IN_GROUP
+    argv = [py, "-m", "tracewire.demo", "--events", "6000", "--rate", "100"]  # about a minute, killed below
+    theirs = subprocess.Popen(["setpriv", f"--reuid={user}", f"--regid={pwd.getpwnam(user).pw_gid}",
+                               "--init-groups", "--", *argv], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    roots = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            doc = json.loads(_run(py, env, None, "list", "--apps", "--json").stdout)
+            declared = {a["pid"] for a in doc["apps"] if a["tracepoints"]}
+            if {theirs.pid, roots.pid} <= declared:
+                break
+            assert time.monotonic() < deadline, doc
+            time.sleep(0.05)
+        mine = json.loads(_run(py, env, user, "list", "--apps", "--json").stdout)["apps"]
+        assert [a["pid"] for a in mine] == [theirs.pid]
+        assert mine[0]["user"] == user and mine[0]["uid"] == world["uid1"]
+        text = _run(py, env, user, "list", "--apps").stdout
+        assert f"(pid {theirs.pid}, user {user}," in text and "demo:tick (seq: int64, msg: string)" in text
+        assert f"pid {roots.pid}," not in text
+    finally:
+        for p in (theirs, roots):
+            p.kill()
+            p.wait(timeout=30)

@@ -241,6 +241,8 @@ def _gen_write(fields: list[tuple[str, str]], tp_id: int, skip: str) -> list[str
         "_p.pos = _end",
         "_p.last_ts = _ts",
         f"_q = _p.q; _q[{_Q_TS}] = _ts; _q[{_Q_HEAD}] = _end",
+        # The ``events`` word (ringbuf: status' events/s), after head.
+        "_q[_p.qev] = _p.events = _p.events + 1",
     ]
 
 

@@ -7,6 +7,7 @@ answers.  Every failure is one line on stderr and a non-zero exit.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sys
@@ -474,12 +475,38 @@ def destroy(ctx: click.Context, session: str | None) -> None:
     click.echo(f"Session {r['session']} destroyed")
 
 
+def _print_json(reply: dict[str, Any]) -> None:
+    """sessiond's answer as one JSON document (without its ``ok``)."""
+    click.echo(json.dumps({k: v for k, v in reply.items() if k != "ok"}, indent=2, sort_keys=True))
+
+
 @cli.command("list")
 @click.argument("session", required=False)
+@click.option("--apps", "-u", is_flag=True,
+              help="List the registered (traced) apps instead: pid, process name, user, and the "
+                   "tracepoints each has declared with their fields, to write enable-event patterns "
+                   "from (like 'lttng list -u').  A user sees their own apps; root sees all.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document (keys: see README).")
 @click.pass_context
-def list_(ctx: click.Context, session: str | None) -> None:
-    """List sessions, or one session's channels and events."""
+def list_(ctx: click.Context, session: str | None, apps: bool, as_json: bool) -> None:
+    """List sessions, or one session's channels and events; or, with
+    --apps, what can be traced.
+
+    \b
+      tracewire list                 # sessions
+      tracewire list s1              # one session's channels and events
+      tracewire list --apps          # apps and their tracepoints
+      tracewire list --apps --json   # the same, for scripts
+    """
+    if apps:
+        if session:
+            raise click.UsageError("--apps lists apps, not a session: give SESSION or --apps")
+        _list_apps(_client(ctx), as_json)
+        return
     r = _client(ctx).request(ops.ListRequest(session=session))
+    if as_json:
+        _print_json(r)
+        return
     sessions = r["sessions"]
     if not sessions:
         click.echo("No sessions.")
@@ -503,12 +530,79 @@ def list_(ctx: click.Context, session: str | None) -> None:
                     click.echo(f"    event {ev}")
 
 
+def _user_name(uid: int) -> str:
+    """``uid``'s login name, or the number when it has none."""
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except (KeyError, OverflowError):
+        return str(uid)
+
+
+def _printable(text: Any) -> str:
+    """An app's own words (its process name), with nothing a terminal acts on."""
+    return "".join(c if c.isprintable() else "?" for c in str(text))
+
+
+def _list_apps(client: Client, as_json: bool) -> None:
+    r = client.request(ops.ListAppsRequest())
+    apps = r.get("apps", [])
+    names: dict[int, str] = {}
+    for app in apps:
+        app["user"] = names.setdefault(app["uid"], _user_name(app["uid"]))
+    if as_json:
+        _print_json(r)
+        return
+    if not apps:
+        click.echo("No registered apps (a traced app registers when it starts, with a sessiond running).")
+    for app in apps:
+        click.echo(f"{_printable(app['procname'])} (pid {app['pid']}, user {_printable(app['user'])}, "
+                   f"uid {app['uid']}), registered {app['registered']}:")
+        if not app["tracepoints"] and not app["tracepoints_omitted"]:
+            click.echo("  no tracepoints declared yet")
+        for tp in app["tracepoints"]:
+            fields = ", ".join(f"{f['name']}: {f['type']}" for f in tp["fields"])
+            click.echo(f"  {tp['name']} ({fields})")
+        if app["tracepoints_omitted"]:
+            click.echo(f"  ... and {app['tracepoints_omitted']} more tracepoints, left out to keep the "
+                       "answer small (the app declares too much)")
+    if r.get("apps_omitted"):
+        click.echo(f"... and {r['apps_omitted']} more apps, left out to keep the answer small")
+
+
 @cli.command()
 @click.argument("session", required=False)
+@click.option("--watch", "-w", is_flag=True,
+              help="Refresh until Ctrl-C (or until the session is destroyed): per stream, events/s, "
+                   "bytes/s raw and on the wire (kB, MB: 10^3, 10^6 bytes), discarded events/s, the backlog "
+                   "(packets not acknowledged by the relay, sub-buffers unread in the ring) and the "
+                   "producer; and the session's totals.  On a terminal the table is redrawn in "
+                   "place; otherwise one block of lines per refresh, each with its UTC time.")
+@click.option("--interval", "-i", type=click.FloatRange(0.1, 3600), default=1.0, show_default=True,
+              metavar="SECONDS", help="--watch: seconds between refreshes.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON document (keys: see README); with --watch, one JSON object "
+                   "per line per refresh, with the rates.")
 @click.pass_context
-def status(ctx: click.Context, session: str | None) -> None:
-    """Per stream: packets, bytes raw / on the wire, discarded, unacknowledged."""
+def status(ctx: click.Context, session: str | None, watch: bool, interval: float, as_json: bool) -> None:
+    """Per stream: events, packets, bytes raw / on the wire, discarded,
+    unacknowledged.
+
+    \b
+      tracewire status                  # the current session, once
+      tracewire status s1 --watch       # live rates, until Ctrl-C
+      tracewire status --watch --json   # one JSON line per second
+    """
+    if watch:
+        _watch(_client(ctx), session, interval, as_json)
+        return
+    if ctx.get_parameter_source("interval") is not click.core.ParameterSource.DEFAULT:
+        raise click.UsageError("--interval is for --watch")
     r = _client(ctx).request(ops.StatusRequest(session=session))
+    if as_json:
+        _print_json(r)
+        return
     s = r["session"]
     click.echo(f"{s['name']} [{s['state']}] -> {s['sink']}")
     if (rot := _rotation_words(s)) is not None:
@@ -533,7 +627,8 @@ def status(ctx: click.Context, session: str | None) -> None:
         click.echo(f"  {line}")
     for st in streams:
         ratio = st["raw_bytes"] / st["wire_bytes"] if st.get("wire_bytes") else 1.0
-        line = (f"  {st['path']}: {st['packets']} packets, raw {ops.human_size(st['raw_bytes'])}, "
+        line = (f"  {st['path']}: {st.get('events', 0)} events, {st['packets']} packets, "
+                f"raw {ops.human_size(st['raw_bytes'])}, "
                 f"wire {ops.human_size(st['wire_bytes'])} (x{ratio:.2f}), discarded {st['discarded']}, "
                 f"unacked {st['unacked']}, producer {st['producer']}")
         if st.get("error"):
@@ -541,6 +636,54 @@ def status(ctx: click.Context, session: str | None) -> None:
         elif st.get("relay"):
             line += f", {_relay_words(st['relay'], None)}"
         click.echo(line)
+
+
+def _watch(client: Client, session: str | None, interval: float, as_json: bool) -> None:
+    """``status --watch``: see tracewire.watch.  Ctrl-C ends it with exit 0;
+    the session being destroyed, with one line (exit 0)."""
+    import shutil
+
+    from tracewire import watch
+
+    name = session
+    seen = False  # a session that never answered was not destroyed: its error is the error
+    tty = not as_json and sys.stdout.isatty()
+
+    def ask() -> dict[str, Any]:
+        nonlocal name, seen
+        try:
+            r = client.request(ops.StatusRequest(session=name))
+        except CliError as exc:
+            # sessiond's words for a session that is not there (Registry.session_for).
+            if seen and str(exc.message).startswith("no session named"):
+                raise watch.SessionGone(name) from None
+            raise
+        name, seen = r["session"]["name"], True  # follow this session, even if the current one changes
+        return r
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    def size() -> tuple[int, int]:
+        cols, rows = shutil.get_terminal_size()
+        return cols, rows
+
+    if tty:
+        write(watch.HIDE_CURSOR + "\x1b[2J")
+    try:
+        watch.watch(ask, write, interval, "json" if as_json else "table" if tty else "lines", size)
+    except watch.SessionGone as gone:
+        if tty:
+            write(watch.HOME_CLEAR)
+        click.echo(f"Session {gone} was destroyed; nothing more to watch.")
+    except KeyboardInterrupt:
+        pass  # Ctrl-C: the way to end a watch
+    except BrokenPipeError:
+        sys.stderr.close()  # the reader went away (| head): nothing to say
+    finally:
+        if tty:
+            write(watch.SHOW_CURSOR)
 
 
 def _relay_words(state: str, why: str | None) -> str:

@@ -281,6 +281,9 @@ class StreamStats:
     ring_unread: int = 0
     # Raw bytes written to the session's current trace chunk (rotation by size).
     chunk_bytes: int = 0
+    # Whole events the producer says it wrote (its ring's ``events`` word):
+    # for ``status`` and its events/s only, never trusted for anything else.
+    events: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -47,7 +47,7 @@ __all__ = [
     "Request", "PingRequest", "CreateRequest", "EnableChannelRequest", "EnableEventRequest",
     "StartRequest", "StopRequest", "DestroyRequest", "ListRequest", "StatusRequest",
     "SnapshotRecordRequest", "RotateRequest", "EnableRotationRequest", "DisableRotationRequest",
-    "chunk_prefix", "encode", "decode_request", "short_repr",
+    "ListAppsRequest", "chunk_prefix", "encode", "decode_request", "short_repr",
 ]
 
 DEFAULT_CHANNEL = "channel0"
@@ -305,10 +305,19 @@ class DisableRotationRequest(_SessionRequest):
     KIND: ClassVar[str] = "disable_rotation"
 
 
+@dataclass(frozen=True, slots=True)
+class ListAppsRequest(Request):
+    """``list --apps``: the registered apps and the tracepoints each has
+    declared (a non-root user: their own apps only)."""
+
+    KIND: ClassVar[str] = "list_apps"
+
+
 _REQUESTS: Mapping[str, type[Request]] = {
     c.KIND: c for c in (PingRequest, CreateRequest, EnableChannelRequest, EnableEventRequest,
                         StartRequest, StopRequest, DestroyRequest, ListRequest, StatusRequest,
-                        SnapshotRecordRequest, RotateRequest, EnableRotationRequest, DisableRotationRequest)
+                        SnapshotRecordRequest, RotateRequest, EnableRotationRequest, DisableRotationRequest,
+                        ListAppsRequest)
 }
 def chunk_prefix(chunk: int) -> str:
     """Where trace chunk ``chunk`` is written, relative to the session's

@@ -39,7 +39,16 @@ offset type       writer      meaning
                               end = ``OPEN | j`` while sub-buffer j is
                               written, its virtual end once it closed;
                               all-ones = never used
+C-8    u64        producer    events: whole events written so far
+                              (free-running; C = the control area's size,
+                              so this word follows the slots)
 ====== ========== =========== =============================================
+
+The ``events`` word is only ever shown (``tracewire status``: events and
+events/s); nothing reads it to decide anything, so a value the app made up
+misleads only its own user's statistics.  Slots end 16 bytes past a
+multiple of 32 and the control area is whole pages, so the last word of
+the control area is always free for it.
 
 Producer (``Producer.reserve``): an event that does not fit in the current
 sub-buffer *closes* it and moves on to the next one, if the consumer has
@@ -208,6 +217,12 @@ class BufferSpec:
         return (OFF_SLOTS + 8 * SLOT_WORDS * self.num_subbuf + 4095) & ~4095
 
     @property
+    def q_events(self) -> int:
+        """Index, in the control words, of the producer's ``events`` word
+        (the last word of the control area)."""
+        return self.ctrl_size // 8 - 1
+
+    @property
     def total_size(self) -> int:
         """Bytes of the whole memfd."""
         return self.ctrl_size + self.subbuf_size * self.num_subbuf
@@ -342,7 +357,7 @@ class Producer:
     __slots__ = (
         "mm", "view", "q", "spec", "wakeup_fd", "pos", "sb_end", "sb_index",
         "last_ts", "high_ts", "discarded", "_S", "_N", "_ctrl", "_released_upto", "base",
-        "space_fd", "block_timeout", "cancelled", "_poll",
+        "space_fd", "block_timeout", "cancelled", "_poll", "events", "qev",
     )
 
     def __init__(self, fd: int, wakeup_fd: int, spec: BufferSpec | None = None,
@@ -382,6 +397,9 @@ class Producer:
         self.last_ts = self.q[Q_START]
         self.high_ts = self.q[Q_TS]
         self.discarded = self.q[Q_DISCARDED]
+        # Whole events written (the ``events`` word), resumed like head.
+        self.qev = sp.q_events
+        self.events = self.q[self.qev]
         # An overwrite channel never waits for the consumer: the room check
         # in _switch can never fail (no cost on the fast path).
         self._released_upto = NEVER if self.spec.overwrite else 0
@@ -542,6 +560,8 @@ class Producer:
         self.last_ts = ts
         self.q[Q_TS] = ts
         self.q[Q_HEAD] = self.pos
+        self.events += 1
+        self.q[self.qev] = self.events
 
     def drop(self, count: int = 1, ts: int | None = None) -> None:
         """Count ``count`` events as discarded.
@@ -900,6 +920,11 @@ class ConsumerCursor:
     def read_head(self) -> int:
         """``head`` as the producer last published it."""
         return self.q[Q_HEAD]
+
+    def read_events(self) -> int:
+        """The producer's ``events`` word: whole events written so far, as
+        the producer says (for display only: an app may write anything)."""
+        return self.q[self.spec.q_events]
 
     def read_ts(self) -> int:
         """The producer's last timestamp; read it *after* ``read_head`` (and
