@@ -233,10 +233,6 @@ class AppProtocol:
         self.reg.apps.pop(app.id, None)
         for ev in app.stop_waiters.values():
             ev.set()
-        suffix = f"-{app.id}"
-        for sess in self.reg.sessions.values():
-            for key in [k for k in sess.refused if k.endswith(suffix)]:
-                del sess.refused[key]
         with trio.CancelScope(shield=True):
             for sess in list(self.reg.sessions.values()):
                 for st in [st for st in sess.streams.values() if st.app_id == app.id and st.memfd >= 0]:
@@ -314,8 +310,7 @@ class AppProtocol:
                     # Not created: the app's events of this channel are not
                     # traced; status shows it, the log says it once.
                     if key not in sess.refused:
-                        sess.refused[key] = f"channel {ch_name} of {app.label}: {why}"
-                        sess.refused_total += 1
+                        sess.refuse(key, f"channel {ch_name} of {app.label}: {why}")
                         logger.warning("session %s: ring buffer of channel %s for app %s not created, its "
                                        "events are not traced: %s", sess.name, ch_name, app.label, why)
                     continue

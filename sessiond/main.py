@@ -67,6 +67,7 @@ def run(config: SessiondConfig) -> int:
               "crashed (for 'tracewire snapshot record'); older ones are freed "
               "[env TRACEWIRE_SESSIOND_SNAPSHOT_KEEP_DEAD].")
 @click.option("--limits", "limits_file", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+              envvar="TRACEWIRE_SESSIOND_LIMITS",
               help="Per-user limits (TOML): sessions, channels, buffer bytes (rings and relay spools) and "
               "apps, in a [default] table and [user.NAME] / [group.NAME] tables, sizes as \"64M\". "
               "Without it every user but root has generous built-in limits; root is unlimited unless "

@@ -566,8 +566,11 @@ def _buffer_lines(s: dict[str, Any], limits: dict[str, Any] | None) -> list[str]
             return f"{text(used)} of {'unlimited' if limit is None else text(limit)}"
         out.append(f"user {limits['user']}: buffers {of('buffers', True)} ({limits['buffers']['source']}), "
                    f"sessions {of('sessions')}, channels {of('channels')}, apps {of('apps')}")
+    if s.get("refused_total"):
+        out.append(f"NOT TRACED: {s['refused_total']} ring buffers were not created (over the buffers limit); "
+                   "those apps' events of those channels are not recorded. The last ones:")
     for refused in s.get("refused_streams", []):
-        out.append(f"NOT TRACED (ring buffer not created): {refused['why']}")
+        out.append(f"  {refused['why']}")
     return out
 
 
