@@ -14,7 +14,6 @@ import re
 import subprocess
 
 import pytest
-
 from test_users import USER_IN_GROUP, _demo, _ensure_user, _run, _stop_sessiond, world  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create users and switch to them")
@@ -38,8 +37,8 @@ def limited(world):  # noqa: F811 (the imported fixture)
     _stop_sessiond(rundir)
 
 
-def _user_dir(world, name: str, user: str) -> str:
-    out = os.path.join(world["top"], name)
+def _user_dir(env_world: dict, name: str, user: str) -> str:
+    out = os.path.join(env_world["top"], name)
     os.makedirs(out)
     subprocess.run(["chown", user, out], check=True)
     return out
