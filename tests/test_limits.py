@@ -3,6 +3,9 @@ without I/O: a registry built by hand, checked against a policy."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from sessiond import accounting
@@ -237,3 +240,17 @@ def test_status_describes_usage_against_limits(tmp_path):
                             "source": f"[user.{ALICE}] in {tmp_path / 'limits.toml'}"}
     assert d["sessions"] == {"used": 1, "limit": BUILTIN.sessions, "source": "built-in default"}
     assert d["apps"]["used"] == 3 and d["channels"]["used"] == 1
+
+
+def test_sessiond_refuses_a_bad_limits_file_at_start_up_with_one_line(tmp_path):
+    """The file is read before anything starts: exit 3 (start-up failure),
+    one line naming the file and line, no traceback, nothing left running."""
+    bad = tmp_path / "limits.toml"
+    bad.write_text('[default]\nsessions = 4\n\n[user.root]\nbuffers = "lots"\n')
+    r = subprocess.run([sys.executable, "-m", "sessiond", "--rundir", str(tmp_path / "run"), "--limits", str(bad)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 3
+    assert r.stderr.strip().splitlines() == [
+        f"tracewire-sessiond: {bad}, line 5: buffers in [user.root]: 'lots' is not a size "
+        "(examples: 1048576, \"512K\", \"64M\", \"unlimited\")"], r.stderr
+    assert not (tmp_path / "run" / "control.sock").exists()
