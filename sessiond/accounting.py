@@ -17,9 +17,14 @@ A session's buffer bytes (:func:`session_buffers`) are:
   ``enable-channel`` is refused when that ring would not fit; the first
   app's ring of the channel takes the reservation's place;
 * ``spool``: a relay session's spool, what its consumerd may keep on this
-  machine while the relay is away: the ``--spool-size`` cap, plus one packet
-  (a sub-buffer and its 64-byte record header) per stream, since consumerd
-  checks the cap before it reads a packet, not after.
+  machine (for a root sessiond, on the tmpfs of ``/run``: memory) while the
+  relay is away or slow: the ``--spool-size`` cap on the segments in use,
+  plus, per stream, what consumerd/spool.py keeps outside it: the segment
+  being written (its acknowledged records stay until it is full, and a
+  recycled file's older records past them), ``keep_free`` spare segments,
+  each at most a segment and a packet, and the packet written after the
+  cap was last checked.  :data:`SPOOL_SEGMENT` and :data:`SPOOL_KEEP_FREE`
+  are consumerd's (tests/test_limits.py checks it).
 
 An app's registration creates a ring per matching channel of each started
 session (``AppProtocol.setup``): :func:`ring_refusal` is asked first, and
@@ -36,9 +41,12 @@ from sessiond.limits import UserLimits, format_size
 from sessiond.model import Channel, Registry, Session, UserError
 
 __all__ = ["Buffers", "Usage", "channel_refusal", "check_channel", "check_create", "describe_limits",
-           "ring_charge", "ring_refusal", "session_buffers", "usage_of"]
+           "ring_charge", "ring_refusal", "session_buffers", "spool_per_stream", "usage_of"]
 
 SPOOL_RECORD = 64  # the spool's per-packet record header (consumerd/spool.py)
+SPOOL_SEGMENT = 1024 * 1024  # consumerd's Spool(segment_size=)
+SPOOL_KEEP_FREE = 2  # consumerd's Spool(keep_free=)
+SPOOL_FILE_HEADER = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,10 +84,17 @@ def ring_size(ch: Channel) -> int:
     return ch.subbuf_size * ch.num_subbuf
 
 
+def spool_per_stream(ch: Channel) -> int:
+    """What a relay session's spool may hold for one stream of ``ch``
+    outside its cap (see the module docstring)."""
+    packet = ch.subbuf_size + SPOOL_RECORD
+    return (SPOOL_KEEP_FREE + 1) * (SPOOL_SEGMENT + packet + SPOOL_FILE_HEADER) + packet
+
+
 def ring_charge(sess: Session, ch: Channel) -> int:
-    """What one more stream of ``ch`` costs: its ring, and the packet its
-    spool may hold past the cap."""
-    return ring_size(ch) + (ch.subbuf_size + SPOOL_RECORD if _spooled(sess) else 0)
+    """What one more stream of ``ch`` costs: its ring, and what its spool
+    may hold outside the cap."""
+    return ring_size(ch) + (spool_per_stream(ch) if _spooled(sess) else 0)
 
 
 def session_buffers(sess: Session) -> Buffers:
@@ -89,8 +104,8 @@ def session_buffers(sess: Session) -> Buffers:
     reserved = sum(ring_size(ch) for ch in sess.channels.values() if ch.name not in with_ring)
     spool = 0
     if _spooled(sess):
-        spool = sess.spool_size + sum(sess.channels[st.channel].subbuf_size + SPOOL_RECORD for st in held)
-        spool += sum(ch.subbuf_size + SPOOL_RECORD for ch in sess.channels.values() if ch.name not in with_ring)
+        spool = sess.spool_size + sum(spool_per_stream(sess.channels[st.channel]) for st in held)
+        spool += sum(spool_per_stream(ch) for ch in sess.channels.values() if ch.name not in with_ring)
     return Buffers(rings, reserved, spool)
 
 

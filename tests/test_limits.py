@@ -164,11 +164,14 @@ def test_buffers_of_a_local_and_a_relay_session(tmp_path):
     assert accounting.session_buffers(local) == accounting.Buffers(2 * MiB, 128 * 1024, 0)
     relay = _session(reg, "r", ALICE, url="tcp://relay:5342")
     relay.channels["a"] = Channel("a", 0, 256 * 1024, 4)
-    # The spool: its cap, and one packet (sub-buffer and record) per stream past it.
-    assert accounting.session_buffers(relay).spool == 2 * MiB + 256 * 1024 + 64
+    # The spool: its cap, and per stream what consumerd keeps outside it
+    # (the segment being written, two spares, a packet past the cap).
+    per_stream = 3 * (MiB + 256 * 1024 + 64 + 16) + 256 * 1024 + 64
+    assert accounting.spool_per_stream(relay.channels["a"]) == per_stream
+    assert accounting.session_buffers(relay).spool == 2 * MiB + per_stream
     _ring(relay, "a", 1)
     _ring(relay, "a", 2)
-    assert accounting.session_buffers(relay) == accounting.Buffers(2 * MiB, 0, 2 * MiB + 2 * (256 * 1024 + 64))
+    assert accounting.session_buffers(relay) == accounting.Buffers(2 * MiB, 0, 2 * MiB + 2 * per_stream)
     assert accounting.usage_of(reg, ALICE).buffers == (
         accounting.session_buffers(local).total + accounting.session_buffers(relay).total)
     assert accounting.usage_of(reg, BOB).buffers == 0
@@ -254,3 +257,14 @@ def test_sessiond_refuses_a_bad_limits_file_at_start_up_with_one_line(tmp_path):
         f"tracewire-sessiond: {bad}, line 5: buffers in [user.root]: 'lots' is not a size "
         "(examples: 1048576, \"512K\", \"64M\", \"unlimited\")"], r.stderr
     assert not (tmp_path / "run" / "control.sock").exists()
+
+
+def test_the_spool_constants_are_consumerds():
+    import inspect
+
+    from consumerd.spool import _REC, _SEG, Spool
+
+    params = inspect.signature(Spool).parameters
+    assert params["segment_size"].default == accounting.SPOOL_SEGMENT
+    assert params["keep_free"].default == accounting.SPOOL_KEEP_FREE
+    assert _REC.size == accounting.SPOOL_RECORD and _SEG.size == accounting.SPOOL_FILE_HEADER
