@@ -174,11 +174,11 @@ class Commands:
             raise UserError("an overwrite channel never makes the app wait: use --discard with --blocking-timeout")
         _check_file_names(sess.channels, name, req.tracefile_size)
         ch = sess.channels.get(name)
+        if ch is not None and sess.state is not SessionState.CREATED:
+            raise UserError(f"channel {name!r} exists and the session has been started")
         accounting.check_channel(self.reg, sess, "enable-channel",
                                  Channel(name, 0, req.subbuf_size, req.num_subbuf, overwrite), ch)
         if ch is not None:
-            if sess.state is not SessionState.CREATED:
-                raise UserError(f"channel {name!r} exists and the session has been started")
             ch.subbuf_size, ch.num_subbuf, ch.switch_timer_ms = req.subbuf_size, req.num_subbuf, req.switch_timer_ms
             ch.blocking_timeout_ms = req.blocking_timeout_ms
             ch.overwrite = overwrite

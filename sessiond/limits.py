@@ -23,7 +23,9 @@ when the limit is needed), else ``[default]``'s, else the built-in default
 unless a ``[user.root]`` (or ``[user.0]``) table says otherwise: groups and
 ``[default]`` do not apply to root.
 
-The file is root's, but it is read as hostile-ish input: a size, key or
+A root sessiond refuses a file that is not root's or that group or others
+may write (whoever may write it may lift their own limits).  The file is
+root's, but it is still read as hostile-ish input: a size, key or
 table it does not know, a user or group that does not exist, and TOML
 errors are refused at start-up with one line naming the file and the line
 (:class:`LimitsFileError`).  Nothing here does I/O but reading the file and
@@ -36,7 +38,7 @@ import grp
 import os
 import pwd
 import re
-import tomllib
+import stat
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -167,11 +169,18 @@ class LimitsPolicy:
         Raises:
             LimitsFileError: unreadable, not TOML, or not a limits file.
         """
+        import tomllib  # only a sessiond given --limits needs it
+
         try:
             with open(path, "rb") as f:
+                st = os.fstat(f.fileno())
                 raw = f.read(MAX_FILE + 1)
         except OSError as exc:
             raise LimitsFileError(f"cannot read limits file {path}: {exc.strerror}") from None
+        if os.geteuid() == 0 and (st.st_uid != 0 or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)):
+            # Whoever may write it may lift their own limits.
+            raise LimitsFileError(f"{path}: must belong to root and be writable by root only "
+                                  f"(it is uid {st.st_uid}'s, mode {stat.S_IMODE(st.st_mode):04o})")
         if len(raw) > MAX_FILE:
             raise LimitsFileError(f"{path}: larger than {MAX_FILE} bytes: not a limits file")
         try:

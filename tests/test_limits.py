@@ -3,6 +3,7 @@ without I/O: a registry built by hand, checked against a policy."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -268,3 +269,18 @@ def test_the_spool_constants_are_consumerds():
     assert params["segment_size"].default == accounting.SPOOL_SEGMENT
     assert params["keep_free"].default == accounting.SPOOL_KEEP_FREE
     assert _REC.size == accounting.SPOOL_RECORD and _SEG.size == accounting.SPOOL_FILE_HEADER
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a root sessiond's check (run as root)")
+def test_root_refuses_a_limits_file_others_may_write(tmp_path):
+    path = tmp_path / "limits.toml"
+    path.write_text("[default]\nsessions = 4\n")
+    path.chmod(0o666)
+    with pytest.raises(LimitsFileError, match=r"writable by root only .*mode 0666"):
+        LimitsPolicy.load(str(path))
+    path.chmod(0o644)
+    os.chown(path, 1, -1)
+    with pytest.raises(LimitsFileError, match=r"must belong to root .*uid 1's"):
+        LimitsPolicy.load(str(path))
+    os.chown(path, 0, -1)
+    assert LimitsPolicy.load(str(path)).for_user(ALICE, GROUP).limits.sessions == 4
