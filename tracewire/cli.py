@@ -557,15 +557,18 @@ def _buffer_lines(s: dict[str, Any], limits: dict[str, Any] | None) -> list[str]
         line = (f"buffers: {ops.human_size(b['total'])} (rings {ops.human_size(b['rings'])}, reserved for "
                 f"channels without a ring yet {ops.human_size(b['reserved'])}")
         if b.get("spool"):
-            line += f", relay spool up to {ops.human_size(b['spool'])}"
+            line += f", spool up to {ops.human_size(b['spool'])}"
         out.append(line + ")")
     if isinstance(limits, dict):
         def of(key: str, size: bool = False) -> str:
             used, limit = limits[key]["used"], limits[key]["limit"]
             text = ops.human_size if size else str
-            return f"{text(used)} of {'unlimited' if limit is None else text(limit)}"
-        out.append(f"user {limits['user']}: buffers {of('buffers', True)} ({limits['buffers']['source']}), "
-                   f"sessions {of('sessions')}, channels {of('channels')}, apps {of('apps')}")
+            return f"{text(used)} (no limit)" if limit is None else f"{text(used)} of {text(limit)}"
+        buffers = of("buffers", True)
+        if limits["buffers"]["limit"] is not None:
+            buffers += f" ({limits['buffers']['source']})"
+        out.append(f"user {limits['user']}: buffers {buffers}, sessions {of('sessions')}, "
+                   f"channels {of('channels')}, apps {of('apps')}")
     if s.get("refused_total"):
         out.append(f"NOT TRACED: {s['refused_total']} ring buffers were not created (over the buffers limit); "
                    "those apps' events of those channels are not recorded. The last ones:")
