@@ -10,8 +10,10 @@ another member's session must not notice.  Needs root; skipped elsewhere.
 from __future__ import annotations
 
 import os
+import pwd
 import re
 import subprocess
+import time
 
 import pytest
 from test_users import USER_IN_GROUP, _demo, _ensure_user, _run, _stop_sessiond, world  # noqa: F401 (fixture)
@@ -29,12 +31,27 @@ def limited(world):  # noqa: F811 (the imported fixture)
     _stop_sessiond(rundir)
     path = os.path.join(world["top"], "limits.toml")
     with open(path, "w") as f:
-        f.write(f'[default]\nbuffers = "64M"\n\n[user.{USER_IN_GROUP}]\nbuffers = "2560K"\nsessions = 2\n')
+        f.write(f'[default]\nbuffers = "64M"\n\n[user.{USER_IN_GROUP}]\nbuffers = "2560K"\nsessions = 2\n'
+                f'apps = 1\n')
     env = dict(world["env"], TRACEWIRE_SESSIOND_LIMITS=path)
     world = dict(world, env=env, limits=path)
     _run(world["python"], env, None, "create", "rootsess", "--output", world["root_out"])  # starts sessiond
     yield world
     _stop_sessiond(rundir)
+
+
+def _read(path: str) -> str:
+    with open(path, errors="replace") as f:
+        return f.read()
+
+
+def _wait_for(cond, what: str, deadline: float = 60.0) -> None:
+    """Wait on a condition (no fixed sleeps), generously."""
+    end = time.monotonic() + deadline
+    while not cond():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
 
 
 def _user_dir(env_world: dict, name: str, user: str) -> str:
@@ -83,6 +100,23 @@ def test_a_member_over_their_buffers_limit_gets_one_line_and_others_are_untouche
     r = _run(py, env, USER_IN_GROUP, "create", "third", "--output", out, check=False)
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1
     assert f"user {USER_IN_GROUP} would have 3 sessions, over their limit of 2" in r.stderr, r.stderr
+
+    # The apps limit (1): while one app of the member is connected, a
+    # second one is refused at connection time (logged once, with the limit).
+    pw = pwd.getpwnam(USER_IN_GROUP)
+    first = subprocess.Popen(["setpriv", f"--reuid={USER_IN_GROUP}", f"--regid={pw.pw_gid}", "--init-groups",
+                              "--", py, "-m", "tracewire.demo", "--events", "1000000", "--rate", "10"],
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for(lambda: "apps 1 of 1" in _run(py, env, USER_IN_GROUP, "status").stdout,
+                  "the member's first app to register")
+        _demo(limited, USER_IN_GROUP, 10)
+        log = os.path.join(env["TRACEWIRE_RUNDIR"], "sessiond.log")
+        want = f"uid {pw.pw_uid} has 1 apps connected, its limit ([user.{USER_IN_GROUP}] in {path})"
+        _wait_for(lambda: want in _read(log), "sessiond to log the refused connection")
+    finally:
+        first.kill()
+        first.wait(30)
 
     # The other member's session went on: their app is traced, their limit is [default]'s.
     _demo(limited, OTHER_MEMBER, 300)
