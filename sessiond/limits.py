@@ -189,7 +189,7 @@ class LimitsPolicy:
         except UnicodeDecodeError:
             raise LimitsFileError(f"{path}: not UTF-8 text") from None
         except tomllib.TOMLDecodeError as exc:
-            raise LimitsFileError(f"{path}: {exc}") from None
+            raise LimitsFileError(f"{path}: {' '.join(str(exc).split())}") from None
         return cls.from_document(path, text, doc)
 
     @classmethod
@@ -200,6 +200,8 @@ class LimitsPolicy:
             LimitsFileError: not a limits file (one line: file, line, why).
         """
         def fail(table: str, key: str | None, why: str) -> LimitsFileError:
+            # Names come from the file: no control character reaches the line.
+            why = "".join(c if c.isprintable() else repr(c)[1:-1] for c in why)
             return LimitsFileError(f"{path}, line {_line_of(text, table, key)}: {why}")
 
         def table_of(table: str, body: object) -> Table:

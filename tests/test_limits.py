@@ -8,9 +8,11 @@ import subprocess
 import sys
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sessiond import accounting
-from sessiond.limits import BUILTIN, LimitsFileError, LimitsPolicy, format_size, parse_size
+from sessiond.limits import BUILTIN, KEYS, LimitsFileError, LimitsPolicy, format_size, parse_size
 from sessiond.model import Channel, Registry, Session, SessiondConfig, SessionState, Stream, UserError
 
 ALICE, BOB, GROUP = 12345, 12346, 4242
@@ -284,3 +286,39 @@ def test_root_refuses_a_limits_file_others_may_write(tmp_path):
         LimitsPolicy.load(str(path))
     os.chown(path, 0, -1)
     assert LimitsPolicy.load(str(path)).for_user(ALICE, GROUP).limits.sessions == 4
+
+
+_values = st.one_of(st.integers(-5, 2**62), st.text(max_size=12), st.booleans(), st.floats(allow_nan=False),
+                    st.lists(st.integers(), max_size=2), st.just("64M"), st.just("unlimited"))
+_tables = st.dictionaries(st.sampled_from([*KEYS, "other", ""]), _values, max_size=5)
+_docs = st.dictionaries(
+    st.sampled_from(["default", "user", "group", "x"]),
+    st.one_of(_tables, st.dictionaries(st.sampled_from(["root", "0", "12345", "nobody-tw", "4242"]),
+                                       st.one_of(_tables, _values), max_size=3), _values),
+    max_size=4)
+
+
+@settings(max_examples=100, deadline=None)
+@given(doc=_docs)
+def test_any_document_is_a_policy_or_one_line(doc):
+    """Whatever the (parsed) file holds: a policy whose limits are counts or
+    None, or one LimitsFileError line; nothing else is raised."""
+    try:
+        policy = LimitsPolicy.from_document("/etc/tw.toml", "", doc)
+    except LimitsFileError as exc:
+        assert "\n" not in str(exc) and str(exc).startswith("/etc/tw.toml, line ")
+        return
+    for uid in (0, ALICE):
+        lim = policy.for_user(uid, GROUP).limits
+        assert all(lim.get(k) is None or (isinstance(lim.get(k), int) and lim.get(k) >= 0) for k in KEYS)
+
+
+@settings(max_examples=100, deadline=None)
+@given(text=st.one_of(st.text(max_size=200), st.just('["a\\nb"]\nx = 1\n'), st.just('[user]\n"a\\nb" = {}\n')))
+def test_any_text_is_a_policy_or_one_line(tmp_path_factory, text):
+    path = tmp_path_factory.mktemp("lim") / "limits.toml"
+    path.write_text(text)
+    try:
+        LimitsPolicy.load(str(path))
+    except LimitsFileError as exc:
+        assert "\n" not in str(exc) and str(exc).startswith(str(path)), str(exc)
