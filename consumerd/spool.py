@@ -29,7 +29,13 @@ behind a relay that acknowledges every 0.1 s writes over its own spares,
 and a stream gone quiet, or past an outage, gives the space back within
 ``2 * trim_after`` seconds (``trim()``, which consumerd calls every
 ``trim_after`` seconds).  Spares hold disk (on tmpfs: memory) space, and
-go with their stream.
+go with their stream.  Beyond ``keep_free`` per stream, a spare is kept only
+while the segments in use and all spares fit in the cap, and a new segment
+file first deletes such extra spares (any stream's) that would take the
+spool past it: what the spool holds on disk then stays within the cap, plus
+``keep_free`` spares and the segment being written per stream, plus the
+packet written after the last check (sessiond's accounting charges exactly
+that to the session's owner, see sessiond/accounting.py).
 
 Layout: ``<dir>/<stream key>.<n>``.  A segment starts with a 16-byte header
 ``<IIQ`` (magic ``TWSP``, version, generation); each reuse of the file writes
@@ -84,6 +90,13 @@ class SpoolRecord:
 def parts_size(parts: Sequence[Buffer]) -> int:
     """The bytes of ``parts`` (bytes-like objects) back to back."""
     return sum(p.nbytes if isinstance(p, memoryview) else len(p) for p in parts)
+
+
+def _file_size(seg: _Segment) -> int:
+    try:
+        return os.fstat(seg.fd).st_size
+    except OSError:
+        return seg.size
 
 
 class _Segment:
@@ -280,6 +293,10 @@ class Spool:
         segs = self._segments.setdefault(key, [])
         if segs and segs[-1].size < self.segment_size:
             return segs[-1]
+        if segs and _file_size(segs[-1]) > segs[-1].size:
+            # A full segment written over a spare: the spare's older records
+            # past its end hold space for nothing.
+            os.ftruncate(segs[-1].fd, segs[-1].size)
         free = self._free.setdefault(key, [])
         if free:
             seg = free.pop()
@@ -287,6 +304,7 @@ class Spool:
                 os.ftruncate(seg.fd, self.segment_size)  # a huge packet's file: give the excess back
             self.size += seg.size
         else:
+            self._shed_extra_spares()
             number = self._numbers.get(key, 0)
             self._numbers[key] = number + 1
             path = os.path.join(self.directory, f"{key}.{number}")
@@ -339,7 +357,8 @@ class Spool:
         if in_use:
             self.size -= seg.size
         free = self._free.setdefault(key, [])
-        if len(free) < self._spares_wanted(key):
+        if len(free) < self._spares_wanted(key) and (
+                len(free) < self.keep_free or self.size + self.spare_bytes() + _file_size(seg) <= self.cap):
             try:
                 seg.start(seg.gen + 1)
                 free.append(seg)
@@ -347,6 +366,22 @@ class Spool:
             except OSError:
                 pass
         self._drop(seg)
+
+    def spare_bytes(self) -> int:
+        """What the spares hold on disk (their files, old records and all)."""
+        return sum(_file_size(seg) for free in self._free.values() for seg in free)
+
+    def _shed_extra_spares(self) -> None:
+        """Delete spares beyond each stream's ``keep_free``, oldest first,
+        while the segments in use and the spares exceed the cap."""
+        extra = [(key, seg) for key, free in self._free.items() for seg in free[:max(0, len(free) - self.keep_free)]]
+        total = self.size + self.spare_bytes()
+        for key, seg in extra:
+            if total <= self.cap:
+                return
+            total -= _file_size(seg)
+            self._free[key].remove(seg)
+            self._drop(seg)
 
     def remove(self, key: str) -> None:
         """Delete every segment of stream ``key`` (finished and acknowledged,

@@ -25,6 +25,7 @@ from typing import Any
 
 import trio
 
+from sessiond.accounting import ring_refusal
 from sessiond.consumers import ConsumerPool
 from sessiond.model import (
     App,
@@ -79,10 +80,15 @@ class AppProtocol:
         conn = SeqPacket(sock, limit=self.reg.config.app_message_limit)
         peer: _Peer | None = None
         try:
-            pid, uid, _gid = peer_credentials(sock)
+            pid, uid, gid = peer_credentials(sock)
             per_uid = self._per_uid_limit(uid)
             if self.reg.apps_of_uid[uid] >= per_uid:
                 self._refuse_once(uid, f"uid {uid} has {per_uid} apps connected, its limit")
+                return
+            user_limit = self.reg.config.limits.for_user(uid, gid)
+            if user_limit.limits.apps is not None and self.reg.apps_of_uid[uid] >= user_limit.limits.apps:
+                self._refuse_once(uid, f"uid {uid} has {user_limit.limits.apps} apps connected, its limit "
+                                  f"({user_limit.source('apps')})")
                 return
             if self.reg.apps_of_uid.total() >= self.max_connections:
                 self._refuse_once(uid, f"{self.max_connections} apps connected, half the descriptor limit")
@@ -297,7 +303,20 @@ class AppProtocol:
             await self._add_metadata(sess, tr, text)
             tr.declared = len(app.tracepoints)
         for ch_name, ids in wanted.items():
-            st = sess.streams.get(_stream_key(sess, ch_name, app)) or await self._new_stream(sess, app, ch_name)
+            key = _stream_key(sess, ch_name, app)
+            st = sess.streams.get(key)
+            if st is None:
+                why = ring_refusal(self.reg, sess, sess.channels[ch_name])
+                if why is not None:
+                    # Not created: the app's events of this channel are not
+                    # traced; status shows it, the log says it once.
+                    if key not in sess.refused:
+                        sess.refuse(key, f"channel {ch_name} of {app.label}: {why}")
+                        logger.warning("session %s: ring buffer of channel %s for app %s not created, its "
+                                       "events are not traced: %s", sess.name, ch_name, app.label, why)
+                    continue
+                sess.refused.pop(key, None)
+                st = await self._new_stream(sess, app, ch_name)
             if st.ids != ids:
                 st.ids = ids
                 app.link.post({"op": "enable", "key": st.key, "ids": sorted(ids)})

@@ -31,6 +31,7 @@ from typing import Any
 
 import trio
 
+from sessiond import accounting
 from sessiond.applist import describe_apps
 from sessiond.apps import AppProtocol
 from sessiond.consumers import ConsumerPool
@@ -153,6 +154,7 @@ class Commands:
             raise UserError("a live session streams to a relay: give --url (live viewers attach to the relay)")
         if req.live_timer_us and req.snapshot:
             raise UserError("a session is either live or a snapshot session, not both")
+        accounting.check_create(self.reg, uid, gid, req.spool_size if url and not req.snapshot else 0)
         sess = Session(name, self.reg.next_session_id, uid, gid, output, url, now_stamp(),
                        compress=req.compress, compress_level=req.compress_level,
                        spool_size=req.spool_size, auth_key_file=req.auth_key_file or None,
@@ -180,9 +182,11 @@ class Commands:
             raise UserError("an overwrite channel never makes the app wait: use --discard with --blocking-timeout")
         _check_file_names(sess.channels, name, req.tracefile_size)
         ch = sess.channels.get(name)
+        if ch is not None and sess.state is not SessionState.CREATED:
+            raise UserError(f"channel {name!r} exists and the session has been started")
+        accounting.check_channel(self.reg, sess, "enable-channel",
+                                 Channel(name, 0, req.subbuf_size, req.num_subbuf, overwrite), ch)
         if ch is not None:
-            if sess.state is not SessionState.CREATED:
-                raise UserError(f"channel {name!r} exists and the session has been started")
             ch.subbuf_size, ch.num_subbuf, ch.switch_timer_ms = req.subbuf_size, req.num_subbuf, req.switch_timer_ms
             ch.blocking_timeout_ms = req.blocking_timeout_ms
             ch.overwrite = overwrite
@@ -202,17 +206,21 @@ class Commands:
             if chname not in sess.channels:
                 if sess.state is not SessionState.CREATED:
                     raise UserError(f"session {sess.name!r} has been started: channels can no longer be added")
-                sess.channels[chname] = Channel(chname, len(sess.channels), overwrite=sess.snapshot)
+                new = Channel(chname, len(sess.channels), overwrite=sess.snapshot)
+                accounting.check_channel(self.reg, sess, "enable-event", new)
+                sess.channels[chname] = new
         ch = sess.channels.get(chname)
         if ch is None:
             raise UserError(f"no channel named {chname!r} in session {sess.name!r}")
         if req.pattern not in ch.patterns:
             ch.patterns.append(req.pattern)
+        refused = sess.refused_total
         if sess.state is SessionState.STARTED:
             for app in list(self.reg.apps.values()):
                 await self.apps.setup(sess, app)
             await self.apps.sync(sess)
-        return {"session": sess.name, "channel": ch.name, "pattern": req.pattern}
+        return {"session": sess.name, "channel": ch.name, "pattern": req.pattern,
+                **_refused_warning(sess, refused)}
 
     async def start(self, sess: Session) -> Reply:
         if sess.state is SessionState.STARTED:
@@ -225,11 +233,12 @@ class Commands:
         sess.chunk_begin = sess.chunk_begin or chunk_stamp()
         sess.rotated_while_stopped = False
         self._schedule(sess)
+        refused = sess.refused_total
         for app in list(self.reg.apps.values()):
             await self.apps.setup(sess, app)
         await self.apps.enable_existing(sess)
         await self.apps.sync(sess)
-        return {"session": sess.name}
+        return {"session": sess.name, **_refused_warning(sess, refused)}
 
     async def _declare(self, sess: Session) -> None:
         """Tell the owner's consumerd about the session (once)."""
@@ -441,7 +450,18 @@ class Commands:
 
     async def status(self, sess: Session) -> Reply:
         reply = await self.consumers.call(sess.owner_uid, StatusOp(session=sess.name))
-        return {"session": _describe(sess, self.reg.config.snapshot_keep_dead), "streams": _streams(reply)}
+        return {"session": _describe(sess, self.reg.config.snapshot_keep_dead), "streams": _streams(reply),
+                "limits": accounting.describe_limits(self.reg, sess.owner_uid, sess.owner_gid)}
+
+
+def _refused_warning(sess: Session, before: int) -> Reply:
+    """A warning for the reply when rings were refused since ``before``."""
+    n = sess.refused_total - before
+    if n <= 0:
+        return {}
+    why = next(reversed(sess.refused.values()), "over the buffers limit")
+    return {"warning": f"{n} ring buffers not created, their events are not traced: {why} "
+                       "(see 'tracewire status')"}
 
 
 def _lost(reply: object) -> str | None:
@@ -488,7 +508,12 @@ def _schedule_of(sess: Session) -> Reply:
 
 def _describe(sess: Session, keep_dead: int = 0) -> Reply:
     held = [st for st in sess.streams.values() if st.memfd >= 0]
+    buffers = accounting.session_buffers(sess)
     return {
+        "buffers": {"rings": buffers.rings, "reserved": buffers.reserved, "spool": buffers.spool,
+                    "total": buffers.total},
+        "refused_streams": [{"key": k, "why": w} for k, w in sess.refused.items()],
+        "refused_total": sess.refused_total,
         "rings": len(held),
         "ring_bytes": sum(sess.channels[st.channel].subbuf_size * sess.channels[st.channel].num_subbuf
                           for st in held),

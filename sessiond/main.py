@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 from functools import partial
@@ -11,6 +12,7 @@ import click
 import trio
 
 from sessiond import SessiondConfig, UserError, default_rundir, serve_sessiond
+from sessiond.limits import LimitsFileError, LimitsPolicy
 from sessiond.zygote import ForkedZygote, fork_zygote
 
 STARTUP_FAILURE = 3
@@ -64,9 +66,16 @@ def run(config: SessiondConfig) -> int:
               help="A snapshot session keeps the ring buffers of the last N apps that exited or "
               "crashed (for 'tracewire snapshot record'); older ones are freed "
               "[env TRACEWIRE_SESSIOND_SNAPSHOT_KEEP_DEAD].")
+@click.option("--limits", "limits_file", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+              envvar="TRACEWIRE_SESSIOND_LIMITS",
+              help="Per-user limits (TOML): sessions, channels, buffer bytes (rings and relay spools) and "
+              "apps, in a [default] table and [user.NAME] / [group.NAME] tables, sizes as \"64M\". "
+              "Without it every user but root has generous built-in limits; root is unlimited unless "
+              "a [user.root] table says otherwise. Read once, at start-up "
+              "[env TRACEWIRE_SESSIOND_LIMITS].")
 @click.option("--log-level", default="INFO", show_default=True, help="Python logging level.")
 def main(rundir: str | None, stop_timeout: float, consumer_rt_priority: int, snapshot_keep_dead: int,
-         log_level: str) -> None:
+         limits_file: str | None, log_level: str) -> None:
     """Session daemon: the registry of tracing sessions.
 
     It owns the ring buffers, spawns consumerd and answers the tracewire CLI
@@ -76,6 +85,13 @@ def main(rundir: str | None, stop_timeout: float, consumer_rt_priority: int, sna
         level=log_level.upper(), stream=sys.stderr,
         format="%(asctime)s sessiond %(levelname)s %(name)s: %(message)s",
     )
+    limits = LimitsPolicy()
+    if limits_file is not None:
+        try:
+            limits = LimitsPolicy.load(os.path.abspath(limits_file))
+        except LimitsFileError as exc:
+            print(f"tracewire-sessiond: {exc}", file=sys.stderr)
+            sys.exit(STARTUP_FAILURE)
     sys.exit(run(SessiondConfig(rundir=rundir or default_rundir(), stop_timeout=stop_timeout,
                                 consumer_rt_priority=consumer_rt_priority,
-                                snapshot_keep_dead=snapshot_keep_dead)))
+                                snapshot_keep_dead=snapshot_keep_dead, limits=limits)))

@@ -21,6 +21,7 @@ from typing import Any
 
 import trio
 
+from sessiond.limits import LimitsPolicy
 from tracewire import ctf
 from tracewire.consumer_ops import AddStreamOp, AddTraceOp, MetadataOp, Op, ProducerGoneOp, SessionOp
 from tracewire.control import close_fds
@@ -56,6 +57,8 @@ class SessiondConfig:
     # How often the rotation schedules are checked (a timer's precision; the
     # size of a chunk is asked of consumerd this often).
     rotation_check_interval: float = 0.5
+    # Per-user limits (--limits FILE; the built-in defaults without one).
+    limits: LimitsPolicy = field(default_factory=LimitsPolicy)
 
 
 class UserError(Exception):
@@ -195,6 +198,19 @@ class Session:
     rotation_size: int = 0
     rotation_due: float = 0.0  # trio time of the next timed rotation
     live_timer_us: int = 0  # a live session's timer (0: not live)
+    # Rings an app's registration did not get, over the owner's buffers
+    # limit: stream key -> why (the last MAX_REFUSED), and how many so far.
+    refused: dict[str, str] = field(default_factory=dict)
+    refused_total: int = 0
+
+    MAX_REFUSED = 32
+
+    def refuse(self, key: str, why: str) -> None:
+        """Remember that stream ``key`` was not created (status shows it)."""
+        self.refused[key] = why
+        self.refused_total += 1
+        while len(self.refused) > self.MAX_REFUSED:
+            del self.refused[next(iter(self.refused))]
 
     def switch_timer_ms(self, ch: Channel) -> int:
         """The switch timer ``ch``'s streams run with: a live session's

@@ -148,3 +148,35 @@ def test_cap_and_remove(tmp_path: Path) -> None:
     sp.remove("s0")
     assert segment_files(tmp_path) == []
     assert sp.size == 0
+
+
+def test_what_the_spool_holds_on_disk_stays_within_the_cap_and_the_per_stream_allowance(tmp_path: Path) -> None:
+    """An outage fills the spool from stream s0, the relay takes it all, then
+    a second outage fills it from s1: s0's spares beyond ``keep_free`` do
+    not stay on top of s1's segments (sessiond charges the session owner
+    the cap plus, per stream, the segment being written, ``keep_free``
+    spares and one packet; see sessiond/accounting.py)."""
+    from sessiond.accounting import SPOOL_FILE_HEADER, SPOOL_RECORD
+
+    cap, size, keep = 32 * SEG, 1000, 2
+    packet = size + SPOOL_RECORD
+    allowance = 2 * ((keep + 1) * (SEG + packet + SPOOL_FILE_HEADER) + packet)  # two streams
+    sp = Spool(str(tmp_path), cap, segment_size=SEG, keep_free=keep)
+
+    def on_disk() -> int:
+        return sum(p.stat().st_size for p in tmp_path.iterdir())
+
+    seq = {"s0": 0, "s1": 0}
+
+    def fill(key: str) -> None:
+        while sp.has_room():
+            put(sp, seq[key], size, key)
+            seq[key] += 1
+            assert on_disk() <= cap + allowance
+
+    fill("s0")
+    sp.acknowledged("s0", seq["s0"] - 1)
+    put(sp, seq["s0"], size, "s0")  # the stream goes on: its full segments are recycled
+    seq["s0"] += 1
+    fill("s1")
+    assert on_disk() <= cap + allowance

@@ -411,6 +411,8 @@ def enable_event(ctx: click.Context, pattern: str, session: str | None, channel:
     r = _client(ctx).request(_make(ops.EnableEventRequest, session=session, channel=channel,
                                    pattern=pattern))
     click.echo(f"Events {r['pattern']!r} enabled in channel {r['channel']} of session {r['session']}")
+    if r.get("warning"):
+        click.echo(f"Warning: {r['warning']}", err=True)
 
 
 @cli.command()
@@ -420,6 +422,8 @@ def start(ctx: click.Context, session: str | None) -> None:
     """Start recording in SESSION (default: the current one)."""
     r = _client(ctx).request(ops.StartRequest(session=session))
     click.echo(f"Tracing started for session {r['session']}")
+    if r.get("warning"):
+        click.echo(f"Warning: {r['warning']}", err=True)
 
 
 def _stop_summary(r: dict[str, Any]) -> None:
@@ -620,6 +624,8 @@ def status(ctx: click.Context, session: str | None, watch: bool, interval: float
             line += (f"; {s['dead_rings']} of them of apps that are gone, kept for 'snapshot record' "
                      f"(the last {s['keep_dead']} dead apps' are kept)")
         click.echo(line)
+    for line in _buffer_lines(s, r.get("limits")):
+        click.echo(f"  {line}")
     streams = r["streams"]
     if not streams:
         click.echo("  no streams yet (no traced app has emitted an enabled event)")
@@ -684,6 +690,35 @@ def _watch(client: Client, session: str | None, interval: float, as_json: bool) 
     finally:
         if tty:
             write(watch.SHOW_CURSOR)
+
+
+def _buffer_lines(s: dict[str, Any], limits: dict[str, Any] | None) -> list[str]:
+    """The memory the session's buffers take, its owner's total against their
+    limits, and the ring buffers not created (over the buffers limit)."""
+    out = []
+    b = s.get("buffers")
+    if isinstance(b, dict):
+        line = (f"buffers: {ops.human_size(b['total'])} (rings {ops.human_size(b['rings'])}, reserved for "
+                f"channels without a ring yet {ops.human_size(b['reserved'])}")
+        if b.get("spool"):
+            line += f", spool up to {ops.human_size(b['spool'])}"
+        out.append(line + ")")
+    if isinstance(limits, dict):
+        def of(key: str, size: bool = False) -> str:
+            used, limit = limits[key]["used"], limits[key]["limit"]
+            text = ops.human_size if size else str
+            return f"{text(used)} (no limit)" if limit is None else f"{text(used)} of {text(limit)}"
+        buffers = of("buffers", True)
+        if limits["buffers"]["limit"] is not None:
+            buffers += f" ({limits['buffers']['source']})"
+        out.append(f"user {limits['user']}: buffers {buffers}, sessions {of('sessions')}, "
+                   f"channels {of('channels')}, apps {of('apps')}")
+    if s.get("refused_total"):
+        out.append(f"NOT TRACED: {s['refused_total']} ring buffers were not created (over the buffers limit); "
+                   "those apps' events of those channels are not recorded. The last ones:")
+    for refused in s.get("refused_streams", []):
+        out.append(f"  {refused['why']}")
+    return out
 
 
 def _relay_words(state: str, why: str | None) -> str:
