@@ -33,6 +33,7 @@ import trio
 from sessiond.apps import AppProtocol
 from sessiond.consumers import ConsumerPool
 from sessiond.model import Channel, Registry, Session, SessionState, UserError, chunk_stamp, now_stamp
+from sessiond.saved import load_session, save_sessions
 from tracewire.names import MAX_SESSION_NAME, InvalidName, validate_name
 from tracewire.ops import (
     DEFAULT_CHANNEL,
@@ -44,12 +45,14 @@ from tracewire.ops import (
     EnableRotationRequest,
     FlushOp,
     ListRequest,
+    LoadRequest,
     PingRequest,
     RemoveSessionOp,
     Request,
     RotatedReply,
     RotateOp,
     RotateRequest,
+    SaveRequest,
     SnapshotOp,
     SnapshotRecordRequest,
     SnapshotReply,
@@ -62,6 +65,8 @@ from tracewire.ops import (
     human_size,
 )
 from tracewire.ringbuf import BufferSpec
+from tracewire.saved import SavedSessionError
+from tracewire.saved import parse as parse_saved
 from tracewire.url import parse_url
 
 __all__ = ["Commands"]
@@ -102,6 +107,8 @@ class Commands:
                 return self.list(req, uid)
             case StatusRequest():
                 return await self.status(self.reg.session_for(req.session, uid))
+            case SaveRequest():
+                return save_sessions(self.reg, req, uid)
         async with self.reg.lock:
             match req:
                 case CreateRequest():
@@ -124,6 +131,12 @@ class Commands:
                     return self.enable_rotation(self.reg.session_for(req.session, uid), req)
                 case DisableRotationRequest():
                     return self.disable_rotation(self.reg.session_for(req.session, uid))
+                case LoadRequest():
+                    try:
+                        saved = parse_saved(req.text)
+                    except SavedSessionError as exc:
+                        raise UserError(str(exc)) from None
+                    return await load_session(self, saved, uid, gid, req.force)
         raise UserError(f"unknown command {req.KIND!r}")
 
     def create(self, req: CreateRequest, uid: int, gid: int) -> Reply:
@@ -364,6 +377,7 @@ class Commands:
         sess.chunk_begin = end
         sess.last_archive = reply.path
         sess.rotated_while_stopped = sess.state is SessionState.STOPPED
+        self.reg.journal_changed(sess)
         self._schedule(sess)
         return {"session": sess.name, "chunk": index, "path": reply.path}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 from functools import partial
@@ -64,9 +65,14 @@ def run(config: SessiondConfig) -> int:
               help="A snapshot session keeps the ring buffers of the last N apps that exited or "
               "crashed (for 'tracewire snapshot record'); older ones are freed "
               "[env TRACEWIRE_SESSIOND_SNAPSHOT_KEEP_DEAD].")
+@click.option("--load", "load_dir", type=click.Path(file_okay=False, exists=True), default=None, metavar="DIR",
+              help="At start-up, load every saved session (*.json, written by 'tracewire save') in DIR, "
+              "for the file's owner: a user's sessiond takes only the user's files, root's takes root's and "
+              "those of 'tracing' members; a file others may write is refused.  A relay session that a "
+              "killed sessiond left spooled sends what its spool holds [env TRACEWIRE_SESSIOND_LOAD].")
 @click.option("--log-level", default="INFO", show_default=True, help="Python logging level.")
 def main(rundir: str | None, stop_timeout: float, consumer_rt_priority: int, snapshot_keep_dead: int,
-         log_level: str) -> None:
+         load_dir: str | None, log_level: str) -> None:
     """Session daemon: the registry of tracing sessions.
 
     It owns the ring buffers, spawns consumerd and answers the tracewire CLI
@@ -78,4 +84,5 @@ def main(rundir: str | None, stop_timeout: float, consumer_rt_priority: int, sna
     )
     sys.exit(run(SessiondConfig(rundir=rundir or default_rundir(), stop_timeout=stop_timeout,
                                 consumer_rt_priority=consumer_rt_priority,
-                                snapshot_keep_dead=snapshot_keep_dead)))
+                                snapshot_keep_dead=snapshot_keep_dead,
+                                load_dir=os.path.abspath(load_dir) if load_dir else None)))

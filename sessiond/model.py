@@ -17,7 +17,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -35,6 +35,9 @@ from tracewire.ops import (
     ProducerGoneOp,
     SessionOp,
 )
+
+if TYPE_CHECKING:
+    from sessiond.saved import ResumeJournal
 
 __all__ = ["App", "AppLink", "Channel", "Outgoing", "Registry", "Session", "SessionState", "SessiondConfig", "Stream",
            "Trace", "UserError", "chunk_stamp", "now_stamp"]
@@ -66,6 +69,8 @@ class SessiondConfig:
     # How often the rotation schedules are checked (a timer's precision; the
     # size of a chunk is asked of consumerd this often).
     rotation_check_interval: float = 0.5
+    # Saved sessions (*.json) loaded at start-up (sessiond/saved.py).
+    load_dir: str | None = None
 
 
 class UserError(Exception):
@@ -320,6 +325,15 @@ class Registry:
         self.metadata_of_uid: Counter[int] = Counter()  # compressed bytes kept in traces
         self.lock = trio.Lock()  # one control operation at a time
         self.hostname = config.hostname or os.environ.get("TRACEWIRE_HOSTNAME") or socket.gethostname()
+        # Where relay sessions' traces and streams are recorded for a new
+        # sessiond to resume their spool (sessiond/saved.py); None: nowhere.
+        self.journal: ResumeJournal | None = None
+
+    def journal_changed(self, sess: Session) -> None:
+        """``sess`` got a trace, a stream, metadata or a chunk: record it
+        (the journal's I/O is its own)."""
+        if self.journal is not None:
+            self.journal.write(sess)
 
     def session_for(self, name: str | None, uid: int) -> Session:
         """The session ``name`` (or ``uid``'s current one), if ``uid`` may use it.
@@ -343,6 +357,8 @@ class Registry:
         for tr in sess.traces.values():
             self.metadata_of_uid -= Counter({tr.uid: tr.kept})  # zero counts leave the table
         del self.sessions[sess.name]
+        if self.journal is not None:
+            self.journal.remove(sess)
         for u, n in list(self.current.items()):
             if n == sess.name:
                 del self.current[u]

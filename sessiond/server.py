@@ -40,6 +40,7 @@ from sessiond.apps import AppProtocol
 from sessiond.commands import Commands
 from sessiond.consumers import ConsumerPool
 from sessiond.model import Registry, SessiondConfig, UserError
+from sessiond.saved import ResumeJournal, load_directory
 from sessiond.zygote import ForkedZygote, Zygote
 from tracewire.control import ControlError, FrameReader, encode_frame
 from tracewire.ops import MessageError, decode_request
@@ -63,6 +64,7 @@ class Sessiond:
         self.consumers = ConsumerPool(config, nursery, self.registry.replay_ops, zygote)
         self.apps = AppProtocol(self.registry, self.consumers)
         self.commands = Commands(self.registry, self.consumers, self.apps)
+        self.registry.journal = ResumeJournal(config.rundir, config.max_metadata_per_uid)
 
     async def handle_control(self, stream: trio.SocketStream) -> None:
         """Answer one CLI request; nothing a client sends ends sessiond."""
@@ -122,6 +124,8 @@ async def serve_sessiond(
         async with trio.open_nursery() as nursery:
             sd = Sessiond(config, nursery, forks)
             nursery.start_soon(forks.supervise)
+            if config.load_dir:  # before apps register: a loaded started session traces them
+                await load_directory(sd.commands, config.load_dir)
             ctl = await _listen(ctl_path, socket.SOCK_STREAM, 64)
             apps = await _listen(app_path, socket.SOCK_SEQPACKET, 256)
             # Any local app may register with a root sessiond (a user's session

@@ -42,7 +42,7 @@ __all__ = [
     "Request", "PingRequest", "CreateRequest", "EnableChannelRequest", "EnableEventRequest",
     "StartRequest", "StopRequest", "DestroyRequest", "ListRequest", "StatusRequest",
     "SnapshotRecordRequest", "RotateRequest", "EnableRotationRequest", "DisableRotationRequest",
-    "Op", "HelloOp", "SessionOp", "AddTraceOp", "MetadataOp", "AddStreamOp", "FlushOp",
+    "SaveRequest", "LoadRequest", "Op", "HelloOp", "SessionOp", "AddTraceOp", "MetadataOp", "AddStreamOp", "FlushOp",
     "ProducerGoneOp", "RemoveSessionOp", "StatusOp", "SnapshotOp", "RotateOp",
     "Reply", "DoneReply", "HelloReply", "TraceReply", "StreamStats", "StreamsReply",
     "ReleasedReply", "SnapshotReply", "ErrorReply", "RotatedReply", "chunk_prefix",
@@ -301,6 +301,27 @@ class DisableRotationRequest(_SessionRequest):
     """Remove the session's rotation schedule (both conditions)."""
 
     KIND: ClassVar[str] = "disable_rotation"
+
+
+@dataclass(frozen=True, slots=True)
+class SaveRequest(Request):
+    """``tracewire save``: the definitions of session ``session`` (None: every
+    session the caller may see), as ``tracewire.saved`` objects."""
+
+    KIND: ClassVar[str] = "save"
+    session: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LoadRequest(Request):
+    """``tracewire load``: create a session from a saved session's text
+    (checked again by sessiond with ``tracewire.saved.parse``); ``force``
+    destroys a session of the same name first."""
+
+    KIND: ClassVar[str] = "load"
+    STRING_LIMITS: ClassVar[Mapping[str, int]] = types.MappingProxyType({"text": 256 * 1024})
+    text: str
+    force: bool = False
 
 
 # ------------------------------------------------------------- sessiond → consumerd
@@ -596,7 +617,8 @@ class ErrorReply(Reply):
 _REQUESTS: Mapping[str, type[Request]] = {
     c.KIND: c for c in (PingRequest, CreateRequest, EnableChannelRequest, EnableEventRequest,
                         StartRequest, StopRequest, DestroyRequest, ListRequest, StatusRequest,
-                        SnapshotRecordRequest, RotateRequest, EnableRotationRequest, DisableRotationRequest)
+                        SnapshotRecordRequest, RotateRequest, EnableRotationRequest, DisableRotationRequest,
+                        SaveRequest, LoadRequest)
 }
 _OPS: Mapping[str, type[Op]] = {
     c.KIND: c for c in (HelloOp, SessionOp, AddTraceOp, MetadataOp, AddStreamOp, FlushOp,
