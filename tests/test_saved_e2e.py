@@ -17,10 +17,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-from tracewire import ctf
-
-from conftest import BIN_DIR, TW, _alive, _children, short_tmpdir
 from test_relay_e2e import (  # noqa: F401 (relayd: a fixture)
     bt2_seqs,
     check_once,
@@ -28,6 +24,10 @@ from test_relay_e2e import (  # noqa: F401 (relayd: a fixture)
     needs_bt2,
     relayd,
 )
+
+from tracewire import ctf
+
+from conftest import BIN_DIR, TW, _alive, _children, short_tmpdir
 
 SESSIOND = os.path.join(BIN_DIR, "tracewire-sessiond")
 
@@ -149,7 +149,7 @@ def test_save_kill9_load_round_trip(tw: TW, out_dir: Path, sessiond_load) -> Non
 
 
 @needs_bt2
-def test_relay_session_killed_mid_outage_resumes_its_spool(tw: TW, relayd, sessiond_load) -> None:
+def test_relay_session_killed_mid_outage_resumes_its_spool(tw: TW, relayd, sessiond_load) -> None:  # noqa: F811
     """Relay stopped, the app emits, sessiond and consumerd SIGKILLed, relay
     restarted, sessiond restarted with --load: every spooled packet reaches
     the relay, every seq exactly once."""

@@ -313,6 +313,9 @@ def parse(text: str | bytes) -> SavedSession:
     live = f.integer("live_timer_us", 0, 0, ops.MAX_LIVE_TIMER_US)
     if mode == "live" and not live:
         live = ops.DEFAULT_LIVE_TIMER_US
+    if live and live < ops.MIN_LIVE_TIMER_US:
+        raise SavedSessionError(f"live_timer_us: must be an integer from {ops.MIN_LIVE_TIMER_US} to "
+                                f"{ops.MAX_LIVE_TIMER_US}, not {live}")
     if mode != "live" and live:
         raise SavedSessionError(f"live_timer_us: only a live session has one (mode is {mode!r})")
     if mode == "live" and url is None:
@@ -340,7 +343,7 @@ def parse(text: str | bytes) -> SavedSession:
     f.done()
     saved = SavedSession(name, created, output, url, compress, level, spool, key, ca, mode == "snapshot", live,
                          rot_timer, rot_size, started, channels)
-    _checked("sink", saved.create_request)
+    _checked("the session", saved.create_request)
     return saved
 
 
