@@ -22,8 +22,8 @@ relay session that has traces, a *resume journal*
 ``RUNDIR/resume/<name>-<created>.json`` (a directory of sessiond's own
 user, 0700): the owner, the session's stamp and trace chunk, each trace (its
 id, path, uuid, the app's uid and the metadata pieces sent so far, zlib as
-kept in memory) and each stream (its key, channel, app).  It is rewritten
-(to a temporary file, then renamed) whenever a trace, a stream or metadata
+kept in memory) and each stream (its key, channel, app).  It is appended to
+(JSON lines, :class:`ResumeJournal`) whenever a trace, a stream or metadata
 is added, or the session rotates, before the app is given the stream: any
 packet in the spool has its stream in the journal.  ``destroy`` deletes it.
 
@@ -132,14 +132,32 @@ class _Recovered:
         self.streams = streams
 
 
+class _Written:
+    """What this sessiond has appended to one journal."""
+
+    __slots__ = ("traces", "pieces", "streams", "chunk")
+
+    def __init__(self) -> None:
+        self.traces: set[str] = set()
+        self.pieces: dict[str, int] = {}  # trace id -> metadata pieces written
+        self.streams: set[str] = set()
+        self.chunk: tuple[int, str] = (0, "")
+
+
 class ResumeJournal:
     """``RUNDIR/resume/<name>-<created>.json`` for every relay session with
-    traces (see the module docstring)."""
+    traces (see the module docstring).
+
+    The file is JSON lines, appended to: a first line for the session, then
+    one per trace, metadata piece, stream and chunk change, so that a new
+    app costs one short append, not a rewrite of every app's metadata.
+    The first write of a sessiond to a journal rewrites it whole (a loaded
+    session's journal goes on from what the registry holds)."""
 
     def __init__(self, rundir: str, max_metadata: int) -> None:
         self.directory = os.path.join(rundir, "resume")
         self.max_bytes = max_metadata * 2 + 16 * 1024 * 1024  # base64 of the kept pieces, and the rest
-        self._written: dict[str, tuple[int, int, int, int]] = {}  # path -> what it said
+        self._written: dict[str, _Written] = {}
 
     def path(self, name: str, created: str) -> str:
         return os.path.join(self.directory, f"{name}-{created}.json")
@@ -149,34 +167,55 @@ class ResumeJournal:
         return bool(sess.url) and not sess.snapshot and bool(sess.traces)
 
     def write(self, sess: Session) -> None:
-        """Record ``sess``'s traces and streams (when they changed).  A
-        failure is logged: tracing goes on, without resume after a crash."""
+        """Record what ``sess`` got since the last write.  A failure is
+        logged: tracing goes on, without resume after a crash."""
         if not self.wanted(sess):
             return
         path = self.path(sess.name, sess.created)
-        mark = (len(sess.traces), len(sess.streams), sum(tr.size for tr in sess.traces.values()), sess.chunk)
-        if self._written.get(path) == mark:
+        done = self._written.get(path)
+        lines: list[dict[str, Any]] = []
+        if done is None:
+            done = _Written()
+            lines.append({"session": {"version": JOURNAL_VERSION, "name": sess.name, "created": sess.created,
+                                      "owner_uid": sess.owner_uid}})
+        for app_id, tr in sess.traces.items():
+            if tr.trace_id not in done.traces:
+                lines.append({"trace": {"app_id": app_id, "trace_id": tr.trace_id, "path": tr.path,
+                                        "uuid": tr.uuid.hex(), "uid": tr.uid}})
+            lines += [{"metadata": {"trace_id": tr.trace_id, "offset": off, "data": base64.b64encode(c).decode()}}
+                      for off, c in tr.pieces[done.pieces.get(tr.trace_id, 0):]]
+        lines += [{"stream": {"key": st.key, "channel": st.channel, "app_id": st.app_id}}
+                  for st in sess.streams.values() if st.key not in done.streams]
+        if (sess.chunk, sess.chunk_begin) != done.chunk:
+            lines.append({"chunk": {"chunk": sess.chunk, "begin": sess.chunk_begin}})
+        if not lines:
             return
-        obj = {
-            "version": JOURNAL_VERSION, "name": sess.name, "created": sess.created, "owner_uid": sess.owner_uid,
-            "chunk": sess.chunk, "chunk_begin": sess.chunk_begin,
-            "traces": [{"app_id": app_id, "trace_id": tr.trace_id, "path": tr.path, "uuid": tr.uuid.hex(),
-                        "uid": tr.uid,
-                        "metadata": [[off, base64.b64encode(c).decode()] for off, c in tr.pieces]}
-                       for app_id, tr in sess.traces.items()],
-            "streams": [{"key": st.key, "channel": st.channel, "app_id": st.app_id}
-                        for st in sess.streams.values()],
-        }
-        tmp = f"{path}.tmp"
+        text = "".join(json.dumps(line, separators=(",", ":")) + "\n" for line in lines).encode()
         try:
-            os.makedirs(self.directory, mode=0o700, exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                json.dump(obj, f, separators=(",", ":"))
-            os.replace(tmp, path)
-            self._written[path] = mark
+            if path not in self._written:
+                os.makedirs(self.directory, mode=0o700, exist_ok=True)
+                tmp = f"{path}.tmp"
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+                try:
+                    _write_all(fd, text)
+                finally:
+                    os.close(fd)
+                os.replace(tmp, path)
+            else:
+                fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
+                try:
+                    _write_all(fd, text)
+                finally:
+                    os.close(fd)
         except OSError as exc:
             logger.error("session %s: cannot write its resume journal %s: %s", sess.name, path, exc)
+            self._written.pop(path, None)  # the next write starts it again, whole
+            return
+        self._written[path] = done
+        done.traces.update(tr.trace_id for tr in sess.traces.values())
+        done.pieces.update((tr.trace_id, len(tr.pieces)) for tr in sess.traces.values())
+        done.streams.update(sess.streams)
+        done.chunk = (sess.chunk, sess.chunk_begin)
 
     def remove(self, sess: Session) -> None:
         path = self.path(sess.name, sess.created)
@@ -207,10 +246,74 @@ class ResumeJournal:
                 raise JournalError(f"{path} is not sessiond's own file of at most {self.max_bytes} bytes")
             data = f.read(self.max_bytes + 1)
         try:
-            obj = json.loads(data)
-            return _check_journal(obj, name, created)
-        except (ValueError, KeyError, TypeError, RecursionError, binascii.Error, zlib.error) as exc:
+            return _check_journal(fold_journal(data), name, created)
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError, binascii.Error,
+                zlib.error) as exc:
             raise JournalError(f"{path}: {exc}") from None
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def fold_journal(data: bytes) -> dict[str, Any]:
+    """A journal's lines as one object (what ``_check_journal`` checks).  A
+    last line cut short (a crash in the middle of an append) is left out.
+
+    Raises:
+        ValueError, KeyError, TypeError, AttributeError: not a journal.
+    """
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    obj: dict[str, Any] = {}
+    traces: dict[str, dict[str, Any]] = {}
+    for i, raw in enumerate(lines):
+        try:
+            line = json.loads(raw)
+        except ValueError:
+            if i == len(lines) - 1 and not data.endswith(b"\n"):
+                break
+            raise
+        if not isinstance(line, dict) or len(line) != 1:
+            raise ValueError(f"line {i + 1} is not one record")
+        ((kind, rec),) = line.items()
+        if not isinstance(rec, dict):
+            raise ValueError(f"line {i + 1} is not one record")
+        if i == 0:
+            if kind != "session":
+                raise ValueError("the first line is not the session's")
+            obj.update(rec, chunk=0, chunk_begin="", traces=[], streams=[])
+        elif kind == "trace":
+            if rec.get("trace_id") in traces:
+                raise ValueError(f"line {i + 1}: trace {rec.get('trace_id')!r} again")
+            t = dict(rec, metadata=[])
+            traces[rec["trace_id"]] = t
+            obj["traces"].append(t)
+        elif kind == "metadata":
+            traces[rec["trace_id"]]["metadata"].append([rec["offset"], rec["data"]])
+        elif kind == "stream":
+            obj["streams"].append(rec)
+        elif kind == "chunk":
+            obj["chunk"], obj["chunk_begin"] = rec["chunk"], rec["begin"]
+        else:
+            raise ValueError(f"line {i + 1}: unknown record {kind!r}")
+    if not obj:
+        raise ValueError("empty")
+    return obj
+
+
+def unfold_journal(obj: dict[str, Any]) -> bytes:
+    """The lines of a journal object (tests write edited journals with it)."""
+    lines: list[dict[str, Any]] = [{"session": {k: obj[k] for k in ("version", "name", "created", "owner_uid")}}]
+    for t in obj["traces"]:
+        lines.append({"trace": {k: v for k, v in t.items() if k != "metadata"}})
+        lines += [{"metadata": {"trace_id": t["trace_id"], "offset": off, "data": d}} for off, d in t["metadata"]]
+    lines += [{"stream": st} for st in obj["streams"]]
+    lines.append({"chunk": {"chunk": obj["chunk"], "begin": obj["chunk_begin"]}})
+    return "".join(json.dumps(line) + "\n" for line in lines).encode()
 
 
 def _int(v: object, low: int = 0, high: int = 2**62) -> int:

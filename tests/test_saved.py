@@ -217,9 +217,9 @@ def _journal_edit(tmp_path: Path, edit) -> str:
     sess = _session_with_traces()
     j.write(sess)
     path = Path(j.path("s1", sess.created))
-    obj = json.loads(path.read_text())
+    obj = sd_saved.fold_journal(path.read_bytes())
     edit(obj)
-    path.write_text(json.dumps(obj))
+    path.write_bytes(sd_saved.unfold_journal(obj))
     with pytest.raises(sd_saved.JournalError) as info:
         j.read("s1", sess.created)
     return str(info.value)
@@ -227,10 +227,11 @@ def _journal_edit(tmp_path: Path, edit) -> str:
 
 @pytest.mark.parametrize(("edit", "message"), [
     (lambda o: o.update(version=9), "not a resume journal"),
+    (lambda o: o["streams"].append(o["streams"][0]), "is not <session>-<channel>-<app>"),
     (lambda o: o.update(name="s2"), "another session's"),
     (lambda o: o["traces"][0].update(path="ust/../../etc"), "is not ust/pid/"),
     (lambda o: o["traces"][0].update(trace_id="3-5"), "is not <session>-<app>"),
-    (lambda o: o["traces"][1].update(app_id=4, trace_id="3-4"), "is not <session>-<app>"),
+    (lambda o: o["traces"][1].update(app_id=4, trace_id="3-4"), "again"),
     (lambda o: o["traces"][0].update(uuid="00"), "uuid"),
     (lambda o: o["traces"][0]["metadata"][1].__setitem__(0, 7), "gap"),
     (lambda o: o["traces"][0]["metadata"][0].__setitem__(1, "!!"), ""),
@@ -242,6 +243,41 @@ def _journal_edit(tmp_path: Path, edit) -> str:
 ])
 def test_journal_is_checked(tmp_path: Path, edit, message: str) -> None:
     assert message in _journal_edit(tmp_path, edit)
+
+
+def test_journal_is_appended_to(tmp_path: Path) -> None:
+    """A new trace, stream, metadata or chunk is one append; a last line cut
+    short (a crash mid-append) is left out; a bad line elsewhere is refused."""
+    j = sd_saved.ResumeJournal(str(tmp_path), 16 * 1024 * 1024)
+    sess = _session_with_traces()
+    j.write(sess)
+    path = Path(j.path("s1", sess.created))
+    size = path.stat().st_size
+    j.write(sess)
+    assert path.stat().st_size == size  # nothing new: nothing written
+    tr = Trace("3-12", "ust/pid/late-12-20261202T183009", uuid.uuid4().bytes, 1000)
+    tr.add_pieces("/* late */")
+    sess.traces[12] = tr
+    sess.streams["3-channel0-12"] = Stream("3-channel0-12", "s1", "channel0", 12, -1, -1)
+    sess.chunk = 3
+    j.write(sess)
+    lines = path.read_bytes()[size:].splitlines()
+    assert [next(iter(json.loads(ln))) for ln in lines] == ["trace", "metadata", "stream", "chunk"]
+    rec = j.read("s1", sess.created)
+    assert rec is not None and sorted(rec.traces) == [4, 9, 12] and rec.chunk == 3
+    assert [st.key for st in rec.streams] == list(sess.streams)
+    whole = path.read_bytes()
+    path.write_bytes(whole + b'{"stream": {"key": "3-chan')
+    rec = j.read("s1", sess.created)
+    assert rec is not None and len(rec.streams) == 3
+    path.write_bytes(whole.replace(b"\n", b"\nnot json\n", 1))
+    with pytest.raises(sd_saved.JournalError):
+        j.read("s1", sess.created)
+    # A new sessiond's first write rewrites the journal whole.
+    j2 = sd_saved.ResumeJournal(str(tmp_path), 16 * 1024 * 1024)
+    j2.write(sess)
+    assert path.read_bytes() != whole
+    assert sd_saved.fold_journal(path.read_bytes()) == sd_saved.fold_journal(whole)
 
 
 def test_journal_metadata_bomb_refused(tmp_path: Path) -> None:
