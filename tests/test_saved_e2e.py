@@ -188,3 +188,51 @@ def test_relay_session_killed_mid_outage_resumes_its_spool(tw: TW, relayd, sessi
         assert not list((Path(tw.rundir) / "resume").iterdir())
     finally:
         subprocess.run(["rm", "-rf", str(saved)], check=False)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to own files as other users")
+def test_root_load_dir_makes_each_session_for_its_file_owner(tw: TW, sessiond_load) -> None:
+    """Root's ``--load DIR``: a file makes a session for its owner (root, or
+    a 'tracing' member); a file of a user outside the group, one its group
+    may write, a symbolic link and a broken file are each one log line, and
+    the others still load."""
+    from test_users import USER_IN_GROUP, USER_OUTSIDE, _ensure_user
+
+    if subprocess.run(["getent", "group", "tracing"], capture_output=True).returncode != 0:
+        subprocess.run(["groupadd", "tracing"], check=True, timeout=30)
+    uid_in = _ensure_user(USER_IN_GROUP, "tracing")
+    uid_out = _ensure_user(USER_OUTSIDE, None)
+    d = Path(short_tmpdir("twsv"))
+    try:
+        d.chmod(0o755)
+
+        def put(name: str, uid: int, mode: int = 0o600) -> Path:
+            p = d / f"{name}.json"
+            p.write_text(json.dumps({"format": "tracewire-session", "version": 1, "name": name,
+                                     "sink": {"output": f"/tmp/{name}"},
+                                     "channels": [{"name": "channel0", "events": ["demo:*"]}]}))
+            os.chown(p, uid, -1)
+            p.chmod(mode)
+            return p
+
+        put("byroot", 0)
+        put("bymember", uid_in)
+        put("byoutsider", uid_out)
+        put("groupwritable", 0, 0o620)
+        (d / "link.json").symlink_to(put("target", 0).name)
+        (d / "broken.json").write_text('{"format": "tracewire-session", "version": 1, "name": "x", "sink": {}}')
+        (d / "broken.json").chmod(0o600)
+
+        sd = sessiond_load(tw, str(d))
+        log = Path(sd.log).read_text()  # type: ignore[attr-defined]
+        assert "session byroot loaded for uid 0" in log, log
+        assert f"session bymember loaded for uid {uid_in}" in log, log
+        assert "byoutsider.json: not loaded: its owner twtest2 is not in the 'tracing' group" in log, log
+        assert "groupwritable.json: not loaded: its group or others may write it" in log, log
+        assert "link.json: not loaded: cannot open it" in log, log
+        assert "broken.json: not loaded: sink: give either output" in log, log
+        names = tw.cli("list").stdout
+        assert all(n in names for n in ("byroot", "bymember", "target")), names
+        assert not any(n in names for n in ("byoutsider", "groupwritable", "broken")), names
+    finally:
+        subprocess.run(["rm", "-rf", str(d)], check=False)
