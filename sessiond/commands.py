@@ -33,7 +33,6 @@ import trio
 from sessiond.apps import AppProtocol
 from sessiond.consumers import ConsumerPool
 from sessiond.model import Channel, Registry, Session, SessionState, UserError, chunk_stamp, now_stamp
-from sessiond.saved import load_session, save_sessions
 from tracewire.names import MAX_SESSION_NAME, InvalidName, validate_name
 from tracewire.ops import (
     DEFAULT_CHANNEL,
@@ -65,8 +64,6 @@ from tracewire.ops import (
     human_size,
 )
 from tracewire.ringbuf import BufferSpec
-from tracewire.saved import SavedSessionError
-from tracewire.saved import parse as parse_saved
 from tracewire.url import parse_url
 
 __all__ = ["Commands"]
@@ -107,7 +104,9 @@ class Commands:
                 return self.list(req, uid)
             case StatusRequest():
                 return await self.status(self.reg.session_for(req.session, uid))
-            case SaveRequest():
+            case SaveRequest():  # saved sessions' code is imported by those who use them
+                from sessiond.saved import save_sessions
+
                 return save_sessions(self.reg, req, uid)
         async with self.reg.lock:
             match req:
@@ -132,8 +131,11 @@ class Commands:
                 case DisableRotationRequest():
                     return self.disable_rotation(self.reg.session_for(req.session, uid))
                 case LoadRequest():
+                    from sessiond.saved import load_session
+                    from tracewire.saved import SavedSessionError, parse
+
                     try:
-                        saved = parse_saved(req.text)
+                        saved = parse(req.text)
                     except SavedSessionError as exc:
                         raise UserError(str(exc)) from None
                     return await load_session(self, saved, uid, gid, req.force)

@@ -37,7 +37,7 @@ from tracewire.ops import (
 )
 
 if TYPE_CHECKING:
-    from sessiond.saved import ResumeJournal
+    from sessiond.resume import ResumeJournal
 
 __all__ = ["App", "AppLink", "Channel", "Outgoing", "Registry", "Session", "SessionState", "SessiondConfig", "Stream",
            "Trace", "UserError", "chunk_stamp", "now_stamp"]
@@ -326,14 +326,23 @@ class Registry:
         self.lock = trio.Lock()  # one control operation at a time
         self.hostname = config.hostname or os.environ.get("TRACEWIRE_HOSTNAME") or socket.gethostname()
         # Where relay sessions' traces and streams are recorded for a new
-        # sessiond to resume their spool (sessiond/saved.py); None: nowhere.
+        # sessiond to resume their spool (sessiond/resume.py); made when a
+        # relay session first needs it, so a sessiond without one does not
+        # import it.
         self.journal: ResumeJournal | None = None
+
+    def resume_journal(self) -> ResumeJournal:
+        if self.journal is None:
+            from sessiond.resume import ResumeJournal
+
+            self.journal = ResumeJournal(self.config.rundir, self.config.max_metadata_per_uid)
+        return self.journal
 
     def journal_changed(self, sess: Session) -> None:
         """``sess`` got a trace, a stream, metadata or a chunk: record it
-        (the journal's I/O is its own)."""
-        if self.journal is not None:
-            self.journal.write(sess)
+        when it is a relay session (the journal's I/O is its own)."""
+        if sess.url and not sess.snapshot:
+            self.resume_journal().write(sess)
 
     def session_for(self, name: str | None, uid: int) -> Session:
         """The session ``name`` (or ``uid``'s current one), if ``uid`` may use it.

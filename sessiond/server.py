@@ -40,7 +40,6 @@ from sessiond.apps import AppProtocol
 from sessiond.commands import Commands
 from sessiond.consumers import ConsumerPool
 from sessiond.model import Registry, SessiondConfig, UserError
-from sessiond.saved import ResumeJournal, load_directory
 from sessiond.zygote import ForkedZygote, Zygote
 from tracewire.control import ControlError, FrameReader, encode_frame
 from tracewire.ops import MessageError, decode_request
@@ -64,7 +63,6 @@ class Sessiond:
         self.consumers = ConsumerPool(config, nursery, self.registry.replay_ops, zygote)
         self.apps = AppProtocol(self.registry, self.consumers)
         self.commands = Commands(self.registry, self.consumers, self.apps)
-        self.registry.journal = ResumeJournal(config.rundir, config.max_metadata_per_uid)
 
     async def handle_control(self, stream: trio.SocketStream) -> None:
         """Answer one CLI request; nothing a client sends ends sessiond."""
@@ -125,6 +123,8 @@ async def serve_sessiond(
             sd = Sessiond(config, nursery, forks)
             nursery.start_soon(forks.supervise)
             if config.load_dir:  # before apps register: a loaded started session traces them
+                from sessiond.saved import load_directory
+
                 await load_directory(sd.commands, config.load_dir)
             ctl = await _listen(ctl_path, socket.SOCK_STREAM, 64)
             apps = await _listen(app_path, socket.SOCK_SEQPACKET, 256)

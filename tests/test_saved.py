@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as hs
 
+from sessiond import resume
 from sessiond import saved as sd_saved
 from sessiond.model import Session, SessionState, Stream, Trace, UserError
 from tracewire import ops
@@ -195,7 +196,7 @@ def _session_with_traces() -> Session:
 
 
 def test_journal_round_trip(tmp_path: Path) -> None:
-    j = sd_saved.ResumeJournal(str(tmp_path), 16 * 1024 * 1024)
+    j = resume.ResumeJournal(str(tmp_path), 16 * 1024 * 1024)
     sess = _session_with_traces()
     j.write(sess)
     path = Path(j.path("s1", sess.created))
@@ -213,14 +214,14 @@ def test_journal_round_trip(tmp_path: Path) -> None:
 
 
 def _journal_edit(tmp_path: Path, edit) -> str:
-    j = sd_saved.ResumeJournal(str(tmp_path), 16 * 1024 * 1024)
+    j = resume.ResumeJournal(str(tmp_path), 16 * 1024 * 1024)
     sess = _session_with_traces()
     j.write(sess)
     path = Path(j.path("s1", sess.created))
-    obj = sd_saved.fold_journal(path.read_bytes())
+    obj = resume.fold_journal(path.read_bytes())
     edit(obj)
-    path.write_bytes(sd_saved.unfold_journal(obj))
-    with pytest.raises(sd_saved.JournalError) as info:
+    path.write_bytes(resume.unfold_journal(obj))
+    with pytest.raises(resume.JournalError) as info:
         j.read("s1", sess.created)
     return str(info.value)
 
@@ -248,7 +249,7 @@ def test_journal_is_checked(tmp_path: Path, edit, message: str) -> None:
 def test_journal_is_appended_to(tmp_path: Path) -> None:
     """A new trace, stream, metadata or chunk is one append; a last line cut
     short (a crash mid-append) is left out; a bad line elsewhere is refused."""
-    j = sd_saved.ResumeJournal(str(tmp_path), 16 * 1024 * 1024)
+    j = resume.ResumeJournal(str(tmp_path), 16 * 1024 * 1024)
     sess = _session_with_traces()
     j.write(sess)
     path = Path(j.path("s1", sess.created))
@@ -271,13 +272,13 @@ def test_journal_is_appended_to(tmp_path: Path) -> None:
     rec = j.read("s1", sess.created)
     assert rec is not None and len(rec.streams) == 3
     path.write_bytes(whole.replace(b"\n", b"\nnot json\n", 1))
-    with pytest.raises(sd_saved.JournalError):
+    with pytest.raises(resume.JournalError):
         j.read("s1", sess.created)
     # A new sessiond's first write rewrites the journal whole.
-    j2 = sd_saved.ResumeJournal(str(tmp_path), 16 * 1024 * 1024)
+    j2 = resume.ResumeJournal(str(tmp_path), 16 * 1024 * 1024)
     j2.write(sess)
     assert path.read_bytes() != whole
-    assert sd_saved.fold_journal(path.read_bytes()) == sd_saved.fold_journal(whole)
+    assert resume.fold_journal(path.read_bytes()) == resume.fold_journal(whole)
 
 
 def test_journal_metadata_bomb_refused(tmp_path: Path) -> None:
