@@ -155,6 +155,10 @@ async def load_session(cmds: Commands, saved: fmt.SavedSession, uid: int, gid: i
         if recovered is not None and recovered.owner_uid != uid:
             warning = "what a sessiond left spooled is not resumed: it is another user's session"
             recovered = None
+    if recovered is not None:
+        # This session and every later one get ids above the recovered
+        # keys' (<session id>-<channel>-<app id>): no new stream takes one.
+        reg.next_session_id = max(reg.next_session_id, max(_old_session_ids(recovered), default=0) + 1)
     reply = cmds.create(saved.create_request(), uid, gid)
     sess = reg.sessions[saved.name]
     try:
@@ -187,6 +191,10 @@ async def load_session(cmds: Commands, saved: fmt.SavedSession, uid: int, gid: i
     return reply
 
 
+def _old_session_ids(rec: Recovered) -> set[int]:
+    return {int(tr.trace_id.split("-")[0]) for tr in rec.traces.values()}
+
+
 async def _recover(cmds: Commands, sess: Session, rec: Recovered) -> str | None:
     """Put the journal's traces and streams in ``sess`` as a dead app's, and
     declare them to consumerd; returns why not, when not."""
@@ -195,6 +203,12 @@ async def _recover(cmds: Commands, sess: Session, rec: Recovered) -> str | None:
     used_keys = {k for s in reg.sessions.values() for k in s.streams}
     if any(tr.trace_id in used_traces for tr in rec.traces.values()) or any(st.key in used_keys for st in rec.streams):
         return "its trace or stream ids are taken by another session"
+    # A session made before the load, with a recovered key's session id,
+    # could give an app already registered (an id below next_app_id) that
+    # very key: only a load before any app (--load at start-up) is sure.
+    clash = _old_session_ids(rec) & {s.id for s in reg.sessions.values() if s is not sess}
+    if clash and min(rec.traces, default=reg.next_app_id) < reg.next_app_id:
+        return f"session id {min(clash)} of its streams is another session's now (load it before apps register)"
     missing = sorted({st.channel for st in rec.streams} - set(sess.channels))
     if missing:
         return f"the saved session has no channel {missing[0]!r} (the spool has streams of it)"

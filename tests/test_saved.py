@@ -336,3 +336,102 @@ def test_load_file_refuses_links_and_special_files(tmp_path: Path) -> None:
     bad.chmod(0o600)
     with pytest.raises(UserError, match=r"^name: missing$"):
         sd_saved._read_file(str(bad))
+
+
+# ------------------------------------------------------------ load_session, without daemons
+class _Consumers:
+    """consumerd as the commands see it: every operation done at once."""
+
+    def __init__(self) -> None:
+        self.ops: list[ops.Op] = []
+
+    async def call(self, uid: int, op: ops.Op, fds: tuple[int, ...] = (), timeout: float | None = None):
+        self.ops.append(op)
+        if isinstance(op, ops.FlushOp | ops.RemoveSessionOp | ops.StatusOp):
+            return ops.StreamsReply(())
+        return ops.DoneReply()
+
+
+class _Apps:
+    async def setup(self, sess, app) -> None: ...
+    async def sync(self, sess) -> None: ...
+    async def enable_existing(self, sess) -> None: ...
+    async def close_streams(self, sess) -> None: ...
+    async def ask_and_wait(self, sess, make_msg, timeout):
+        return []
+
+
+def _commands(rundir: str):
+    from sessiond.commands import Commands
+    from sessiond.model import Registry, SessiondConfig
+
+    reg = Registry(SessiondConfig(rundir=rundir, hostname="h"))
+    consumers = _Consumers()
+    return Commands(reg, consumers, _Apps()), consumers  # type: ignore[arg-type]
+
+
+def _saved_relay(started: bool = True, channel: str = "channel0") -> fmt.SavedSession:
+    return fmt.SavedSession(name="s1", created="20261202T183000", url="tw://h:6342", started=started,
+                            channels=(fmt.SavedChannel(channel, events=("demo:*",)),))
+
+
+async def test_load_resumes_the_journal(tmp_path: Path) -> None:
+    journal = resume.ResumeJournal(str(tmp_path), 16 * 1024 * 1024)
+    old = _session_with_traces()
+    old.owner_uid = os.geteuid()
+    journal.write(old)
+    cmds, consumers = _commands(str(tmp_path))
+    reply = await sd_saved.load_session(cmds, _saved_relay(), os.geteuid(), os.getegid())
+    assert reply["resumed"] == {"traces": 2, "streams": 2} and reply["state"] == "started"
+    sess = cmds.reg.sessions["s1"]
+    # The same relay identity and chunk; new ids above the recovered ones.
+    assert (sess.created, sess.chunk, sess.chunk_begin) == ("20261202T183000", 2, "20261202T183500+0000")
+    assert sess.id > 3 and cmds.reg.next_app_id == 10
+    assert sorted(sess.streams) == ["3-channel0-4", "3-channel0-9"]
+    assert all(st.memfd < 0 for st in sess.streams.values())
+    kinds = [type(op).__name__ for op in consumers.ops]
+    assert kinds == ["SessionOp", "AddTraceOp", "MetadataOp", "MetadataOp", "MetadataOp",
+                     "AddTraceOp", "MetadataOp", "MetadataOp", "MetadataOp", "AddStreamOp", "AddStreamOp"]
+    streams = [op for op in consumers.ops if isinstance(op, ops.AddStreamOp)]
+    assert all(op.replay and op.gone for op in streams)
+    session_op = consumers.ops[0]
+    assert isinstance(session_op, ops.SessionOp) and session_op.spool_dir is not None
+    assert session_op.spool_dir.endswith("/spool/s1-20261202T183000") and session_op.chunk == 2
+    # destroy forgets the journal.
+    await cmds.destroy(sess)
+    assert journal.read("s1", "20261202T183000") is None
+
+
+@pytest.mark.parametrize(("setup", "warning"), [
+    ("other_user", "it is another user's session"),
+    ("missing_channel", "the saved session has no channel 'channel0'"),
+    ("big_spool", "more than the"),
+])
+async def test_load_does_not_resume(tmp_path: Path, setup: str, warning: str) -> None:
+    journal = resume.ResumeJournal(str(tmp_path), 16 * 1024 * 1024)
+    old = _session_with_traces()
+    old.owner_uid = os.geteuid() + 1 if setup == "other_user" else os.geteuid()
+    journal.write(old)
+    if setup == "big_spool":
+        spool = tmp_path / "spool" / "s1-20261202T183000"
+        spool.mkdir(parents=True)
+        with open(spool / "3-channel0-4.0", "wb") as f:
+            f.truncate(ops.DEFAULT_SPOOL_SIZE + 64 * 1024 * 1024)  # sparse: no disk taken
+    cmds, consumers = _commands(str(tmp_path))
+    saved = _saved_relay(channel="other" if setup == "missing_channel" else "channel0")
+    reply = await sd_saved.load_session(cmds, saved, os.geteuid(), os.getegid())
+    assert warning in reply["warning"] and "resumed" not in reply
+    assert not cmds.reg.sessions["s1"].traces
+    assert not any(isinstance(op, ops.AddStreamOp) for op in consumers.ops)
+    if setup == "other_user":  # nor its identity: a new trace directory
+        assert cmds.reg.sessions["s1"].created != "20261202T183000"
+
+
+async def test_load_refuses_a_taken_name_and_force_replaces(tmp_path: Path) -> None:
+    cmds, _ = _commands(str(tmp_path))
+    await sd_saved.load_session(cmds, _saved_relay(started=False), os.geteuid(), os.getegid())
+    with pytest.raises(UserError, match="already exists"):
+        await sd_saved.load_session(cmds, _saved_relay(started=False), os.geteuid(), os.getegid())
+    first = cmds.reg.sessions["s1"].id
+    await sd_saved.load_session(cmds, _saved_relay(started=False), os.geteuid(), os.getegid(), force=True)
+    assert cmds.reg.sessions["s1"].id != first
