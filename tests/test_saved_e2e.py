@@ -124,6 +124,14 @@ def test_save_kill9_load_round_trip(tw: TW, out_dir: Path, sessiond_load) -> Non
         assert "Session rt saved to" in out, out
         text = (saved / "rt.json").read_text()
         assert oct((saved / "rt.json").stat().st_mode & 0o777) == "0o600"
+        r = tw.cli("save", "rt", "--output", str(saved), check=False)
+        assert r.returncode == 1 and "exists (give --force to overwrite it)" in r.stderr, r.stderr
+        bad = saved / "bad.txt"
+        bad.write_text(text.replace('"output": "/', '"output": "'))
+        r = tw.cli("load", str(bad), check=False)
+        assert r.returncode == 1 and r.stderr.strip() == f"Error: {bad}: sink.output: must be an absolute path, " \
+            f"not {str(out_dir).lstrip('/')!r}", r.stderr
+        bad.unlink()
 
         kill9_sessiond(tw)
         sd = sessiond_load(tw, str(saved))
