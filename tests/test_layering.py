@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 
 CORE = Path(__file__).resolve().parent.parent / "tracewire"
-NO_IO = ["wire", "live", "ctf", "control", "names", "url", "streamfile", "ringbuf", "rundir", "topology", "keyfile"]
-NO_CLOCK = ["wire", "live", "ctf", "control", "names", "url", "streamfile", "rundir", "topology", "keyfile"]
+NO_IO = ["wire", "live", "ctf", "control", "names", "url", "streamfile", "ringbuf", "rundir", "topology", "keyfile",
+         "saved"]
+NO_CLOCK = ["wire", "live", "ctf", "control", "names", "url", "streamfile", "rundir", "topology", "keyfile",
+            "saved"]
 # Importable without the third-party dependencies (cbor2, zstandard...).
 STDLIB_ONLY = ["ctf", "live", "keyfile", "url"]
 
