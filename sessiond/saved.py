@@ -23,7 +23,7 @@ relay session that has traces, a *resume journal*
 user, 0700): the owner, the session's stamp and trace chunk, each trace (its
 id, path, uuid, the app's uid and the metadata pieces sent so far, zlib as
 kept in memory) and each stream (its key, channel, app).  It is appended to
-(JSON lines, :class:`ResumeJournal`) whenever a trace, a stream or metadata
+(JSON lines, ``sessiond.resume.ResumeJournal``) whenever a trace, a stream or metadata
 is added, or the session rotates, before the app is given the stream: any
 packet in the spool has its stream in the journal.  ``destroy`` deletes it.
 
@@ -34,8 +34,9 @@ registry as those of dead apps (streams without a ring) and are declared to
 consumerd as a restarted consumerd would be told them, so consumerd reloads
 each stream's spool, declares the traces and metadata to the relay, and
 sends what the relay lacks (it drops what it has).  App ids of the new
-sessiond start after the recovered ones, so no new stream takes a
-recovered stream's key (its spool files' name).
+sessiond, and the ids of sessions made from then on, start after the
+recovered ones, so no new stream takes a recovered stream's key
+(``<session id>-<channel>-<app id>``, its spool files' name).
 
 Bounds: the journal is read from sessiond's own directory but still
 checked like a user's file (size, counts, names, key forms); its metadata
