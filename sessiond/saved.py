@@ -76,6 +76,9 @@ __all__ = ["load_directory", "load_session", "save_sessions", "saved_of"]
 logger = logging.getLogger(__name__)
 
 MAX_SPOOL_FILES = 65536
+# How long a resuming load waits for the consumerd of a killed sessiond to
+# let go of the spool (it writes out what it can, then exits, within 10 s).
+SPOOL_FREE_TIMEOUT = 30.0
 MAX_LOAD_FILES = 1024  # saved sessions read from one --load directory
 
 
@@ -192,6 +195,23 @@ async def load_session(cmds: Commands, saved: fmt.SavedSession, uid: int, gid: i
     return reply
 
 
+async def _wait_spool_free(path: str, timeout: float) -> str | None:
+    """Wait until no consumerd holds the spool in ``path`` (the killed
+    sessiond's may still be writing out what it could read): two
+    consumerds must not recycle the same segment files.  Returns why not."""
+    from consumerd.spool import spool_in_use
+
+    with trio.move_on_after(timeout):
+        while True:
+            try:
+                if not spool_in_use(path):
+                    return None
+            except OSError as exc:
+                return f"cannot open {path}: {exc.strerror}"
+            await trio.sleep(0.1)
+    return f"a consumerd still uses {path} after {timeout:g} s"
+
+
 def _old_session_ids(rec: Recovered) -> set[int]:
     return {int(tr.trace_id.split("-")[0]) for tr in rec.traces.values()}
 
@@ -219,6 +239,9 @@ async def _recover(cmds: Commands, sess: Session, rec: Recovered) -> str | None:
         if reg.metadata_of_uid[uid] + mine > reg.config.max_metadata_per_uid:
             return f"uid {uid} would hold more than {reg.config.max_metadata_per_uid} bytes of trace metadata"
     problem = _spool_problem(reg.spool_dir(sess), _spool_bound(sess, len(rec.streams)))
+    if problem:
+        return problem
+    problem = await _wait_spool_free(reg.spool_dir(sess), SPOOL_FREE_TIMEOUT)
     if problem:
         return problem
     reg.next_app_id = max(reg.next_app_id, max(rec.traces, default=0) + 1)

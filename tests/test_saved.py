@@ -435,3 +435,26 @@ async def test_load_refuses_a_taken_name_and_force_replaces(tmp_path: Path) -> N
     first = cmds.reg.sessions["s1"].id
     await sd_saved.load_session(cmds, _saved_relay(started=False), os.geteuid(), os.getegid(), force=True)
     assert cmds.reg.sessions["s1"].id != first
+
+
+async def test_resume_waits_for_an_earlier_consumerd_to_let_go_of_the_spool(tmp_path: Path, autojump_clock) -> None:
+    import trio
+
+    from consumerd.spool import Spool, spool_in_use
+
+    d = tmp_path / "spool" / "s1-20261202T183000"
+    assert not spool_in_use(str(d))  # no directory: nobody's
+    held = Spool(str(d), 1 << 20)
+    assert spool_in_use(str(d))
+    assert "a consumerd still uses" in (await sd_saved._wait_spool_free(str(d), 5.0) or "")
+
+    async def let_go() -> None:
+        await trio.sleep(2)
+        held.close()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(let_go)
+        assert await sd_saved._wait_spool_free(str(d), 5.0) is None
+    assert not spool_in_use(str(d))
+    (tmp_path / "link").symlink_to(d)
+    assert "cannot open" in (await sd_saved._wait_spool_free(str(tmp_path / "link"), 5.0) or "")
