@@ -105,7 +105,8 @@ def save_sessions(reg: Registry, req: SaveRequest, uid: int) -> dict[str, Any]:
         chosen = [s for s in reg.sessions.values() if uid == 0 or s.owner_uid == uid]
         if not chosen:
             raise UserError("no session to save")
-    return {"sessions": [{"name": s.name, "text": fmt.dumps(saved_of(s))} for s in chosen]}
+    return {"sessions": [{"name": s.name, "owner_uid": s.owner_uid, "text": fmt.dumps(saved_of(s))}
+                         for s in chosen]}
 
 
 # ------------------------------------------------------------------ loading

@@ -458,3 +458,19 @@ async def test_resume_waits_for_an_earlier_consumerd_to_let_go_of_the_spool(tmp_
     assert not spool_in_use(str(d))
     (tmp_path / "link").symlink_to(d)
     assert "cannot open" in (await sd_saved._wait_spool_free(str(tmp_path / "link"), 5.0) or "")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a file to another user")
+def test_root_saves_a_users_session_as_that_users_file(tmp_path: Path) -> None:
+    """So that ``tracewire-sessiond --load`` makes it that user's again."""
+    from tracewire.cli import CliError, _write_saved
+
+    path = tmp_path / "us.json"
+    _write_saved(str(path), "{}", force=False, owner=4321)
+    st = path.stat()
+    assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (4321, 0o600)
+    with pytest.raises(CliError, match="exists"):
+        _write_saved(str(path), "{}", force=False, owner=4321)
+    _write_saved(str(path), "{}", force=True)
+    assert path.stat().st_uid == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["us.json"]  # no temporary file left

@@ -688,8 +688,10 @@ def _saved_dir() -> str:
     return os.path.join(home, ".tracewire", "sessions")
 
 
-def _write_saved(path: str, text: str, force: bool) -> None:
-    """Write a saved session to ``path`` (0600, whole or not at all)."""
+def _write_saved(path: str, text: str, force: bool, owner: int | None = None) -> None:
+    """Write a saved session to ``path`` (0600, whole or not at all).
+    Root saving another user's session gives the file to that user:
+    ``tracewire-sessiond --load`` makes a file's session for its owner."""
     if os.path.lexists(path) and not force:
         raise CliError(f"{path} exists (give --force to overwrite it)")
     tmp = f"{path}.{os.getpid()}.tmp"
@@ -697,6 +699,8 @@ def _write_saved(path: str, text: str, force: bool) -> None:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(text)
+            if owner and os.geteuid() == 0:
+                os.fchown(f.fileno(), owner, -1)
         os.replace(tmp, path)
     except OSError as exc:
         try:
@@ -739,8 +743,11 @@ def save(ctx: click.Context, session: str | None, all_: bool, output: str | None
             raise CliError(f"cannot create {target_dir}: {exc.strerror}") from None
     for s in saved:
         path = os.path.join(target_dir, f"{s['name']}.json") if target_dir is not None else str(output)
-        _write_saved(path, s["text"], force)
-        click.echo(f"Session {s['name']} saved to {path}")
+        owner = s.get("owner_uid")
+        _write_saved(path, s["text"], force, owner if isinstance(owner, int) else None)
+        mine = not owner or owner == os.geteuid()
+        click.echo(f"Session {s['name']} saved to {path}" + ("" if mine else f" (owned by uid {owner}, whose "
+                                                                            "session it is)"))
 
 
 @cli.command()
