@@ -166,6 +166,7 @@ async def load_session(cmds: Commands, saved: fmt.SavedSession, uid: int, gid: i
         reg.next_session_id = max(reg.next_session_id, max(_old_session_ids(recovered), default=0) + 1)
     reply = cmds.create(saved.create_request(), uid, gid)
     sess = reg.sessions[saved.name]
+    fresh = sess.created
     try:
         if recovered is not None:
             sess.created = saved.created  # the same relay directory, the same spool
@@ -178,7 +179,8 @@ async def load_session(cmds: Commands, saved: fmt.SavedSession, uid: int, gid: i
             cmds.enable_rotation(sess, rot)
         if recovered is not None:
             why = await _recover(cmds, sess, recovered)
-            if why:
+            if why:  # nothing was changed: a session of its own, as a new one
+                sess.created = fresh
                 warning = f"what a sessiond left spooled is not resumed: {why}"
             else:
                 reply["resumed"] = {"traces": len(recovered.traces), "streams": len(recovered.streams)}

@@ -423,8 +423,8 @@ async def test_load_does_not_resume(tmp_path: Path, setup: str, warning: str) ->
     assert warning in reply["warning"] and "resumed" not in reply
     assert not cmds.reg.sessions["s1"].traces
     assert not any(isinstance(op, ops.AddStreamOp) for op in consumers.ops)
-    if setup == "other_user":  # nor its identity: a new trace directory
-        assert cmds.reg.sessions["s1"].created != "20261202T183000"
+    # Nor its identity: a trace directory and a spool of its own.
+    assert cmds.reg.sessions["s1"].created != "20261202T183000"
 
 
 async def test_load_refuses_a_taken_name_and_force_replaces(tmp_path: Path) -> None:
