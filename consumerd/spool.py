@@ -54,6 +54,7 @@ trusted.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import struct
 import time
@@ -63,7 +64,7 @@ from dataclasses import dataclass
 
 from tracewire.wire import Buffer
 
-__all__ = ["Spool", "SpoolRecord", "SpoolRef", "parts_size"]
+__all__ = ["Spool", "SpoolRecord", "SpoolRef", "parts_size", "spool_in_use"]
 
 _SEG = struct.Struct("<IIQ")
 _SEG_MAGIC = 0x50535754  # "TWSP"
@@ -174,6 +175,9 @@ class Spool:
         self._free: dict[str, list[_Segment]] = {}  # spares, ready to be written over
         self._numbers: dict[str, int] = {}  # the next new segment's number
         os.makedirs(directory, mode=0o700, exist_ok=True)
+        # Held while this spool is in use (see spool_in_use): a new
+        # sessiond resuming the spool waits for an earlier consumerd to go.
+        self._lock_fd = _lock_directory(directory)
 
     def has_room(self) -> bool:
         """False once the spool holds its cap: stop reading the rings."""
@@ -409,3 +413,38 @@ class Spool:
                 for seg in segs:
                     seg.close()
             group.clear()
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+
+def _lock_directory(directory: str) -> int:
+    """An flock on ``directory``, held by the returned descriptor; -1 when
+    another process holds it (the spool is used all the same, as before)."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return -1
+    return fd
+
+
+def spool_in_use(directory: str) -> bool:
+    """Whether a live consumerd holds the spool in ``directory`` (a missing
+    directory is in nobody's use).
+
+    Raises:
+        OSError: ``directory`` cannot be opened (not a directory, a link).
+    """
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False

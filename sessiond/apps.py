@@ -319,6 +319,7 @@ class AppProtocol:
                 st = await self._new_stream(sess, app, ch_name)
             if st.ids != ids:
                 st.ids = ids
+                self.reg.journal_changed(sess)  # the metadata of what is enabled now
                 app.link.post({"op": "enable", "key": st.key, "ids": sorted(ids)})
 
     async def _new_trace(self, sess: Session, app: App) -> Trace:
@@ -373,6 +374,7 @@ class AppProtocol:
         sess.streams[key] = st
         try:
             await self.consumers.call(sess.owner_uid, self.reg.stream_op(sess, st), st.fds)
+            self.reg.journal_changed(sess)  # before the app may fill it (sessiond/saved.py)
             app.link.post(
                 {"op": "stream", "key": key, "subbuf_size": ch.subbuf_size, "num_subbuf": ch.num_subbuf,
                  "blocking_timeout_ms": ch.blocking_timeout_ms},

@@ -57,9 +57,11 @@ from tracewire.ops import (
     EnableRotationRequest,
     ListAppsRequest,
     ListRequest,
+    LoadRequest,
     PingRequest,
     Request,
     RotateRequest,
+    SaveRequest,
     SnapshotRecordRequest,
     StartRequest,
     StatusRequest,
@@ -111,6 +113,10 @@ class Commands:
             case ListAppsRequest():
                 # Root sees every app, anyone else their own (as for sessions).
                 return describe_apps(self.reg.apps.values(), uid)
+            case SaveRequest():  # saved sessions' code is imported by those who use them
+                from sessiond.saved import save_sessions
+
+                return save_sessions(self.reg, req, uid)
         async with self.reg.lock:
             match req:
                 case CreateRequest():
@@ -133,6 +139,15 @@ class Commands:
                     return self.enable_rotation(self.reg.session_for(req.session, uid), req)
                 case DisableRotationRequest():
                     return self.disable_rotation(self.reg.session_for(req.session, uid))
+                case LoadRequest():
+                    from sessiond.saved import load_session
+                    from tracewire.saved import SavedSessionError, parse
+
+                    try:
+                        saved = parse(req.text)
+                    except SavedSessionError as exc:
+                        raise UserError(str(exc)) from None
+                    return await load_session(self, saved, uid, gid, req.force)
         raise UserError(f"unknown command {req.KIND!r}")
 
     def create(self, req: CreateRequest, uid: int, gid: int) -> Reply:
@@ -381,6 +396,7 @@ class Commands:
         sess.chunk_begin = end
         sess.last_archive = reply.path
         sess.rotated_while_stopped = sess.state is SessionState.STOPPED
+        self.reg.journal_changed(sess)
         self._schedule(sess)
         return {"session": sess.name, "chunk": index, "path": reply.path}
 

@@ -73,9 +73,14 @@ def run(config: SessiondConfig) -> int:
               "Without it every user but root has generous built-in limits; root is unlimited unless "
               "a [user.root] table says otherwise. Read once, at start-up "
               "[env TRACEWIRE_SESSIOND_LIMITS].")
+@click.option("--load", "load_dir", type=click.Path(file_okay=False, exists=True), default=None, metavar="DIR",
+              help="At start-up, load every saved session (*.json, written by 'tracewire save') in DIR, "
+              "for the file's owner: a user's sessiond takes only the user's files, root's takes root's and "
+              "those of 'tracing' members; a file others may write is refused.  A relay session that a "
+              "killed sessiond left spooled sends what its spool holds [env TRACEWIRE_SESSIOND_LOAD].")
 @click.option("--log-level", default="INFO", show_default=True, help="Python logging level.")
 def main(rundir: str | None, stop_timeout: float, consumer_rt_priority: int, snapshot_keep_dead: int,
-         limits_file: str | None, log_level: str) -> None:
+         limits_file: str | None, load_dir: str | None, log_level: str) -> None:
     """Session daemon: the registry of tracing sessions.
 
     It owns the ring buffers, spawns consumerd and answers the tracewire CLI
@@ -94,4 +99,5 @@ def main(rundir: str | None, stop_timeout: float, consumer_rt_priority: int, sna
             sys.exit(STARTUP_FAILURE)
     sys.exit(run(SessiondConfig(rundir=rundir or default_rundir(), stop_timeout=stop_timeout,
                                 consumer_rt_priority=consumer_rt_priority,
-                                snapshot_keep_dead=snapshot_keep_dead, limits=limits)))
+                                snapshot_keep_dead=snapshot_keep_dead, limits=limits,
+                                load_dir=os.path.abspath(load_dir) if load_dir else None)))

@@ -17,7 +17,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -26,6 +26,9 @@ from tracewire import ctf
 from tracewire.consumer_ops import AddStreamOp, AddTraceOp, MetadataOp, Op, ProducerGoneOp, SessionOp
 from tracewire.control import close_fds
 from tracewire.ops import DEFAULT_NUM_SUBBUF, DEFAULT_SPOOL_SIZE, DEFAULT_SUBBUF_SIZE, Compression
+
+if TYPE_CHECKING:
+    from sessiond.resume import ResumeJournal
 
 __all__ = ["App", "AppLink", "Channel", "Outgoing", "Registry", "Session", "SessionState", "SessiondConfig", "Stream",
            "Trace", "UserError", "chunk_stamp", "now_stamp"]
@@ -59,6 +62,8 @@ class SessiondConfig:
     rotation_check_interval: float = 0.5
     # Per-user limits (--limits FILE; the built-in defaults without one).
     limits: LimitsPolicy = field(default_factory=LimitsPolicy)
+    # Saved sessions (*.json) loaded at start-up (sessiond/saved.py).
+    load_dir: str | None = None
 
 
 class UserError(Exception):
@@ -326,6 +331,24 @@ class Registry:
         self.metadata_of_uid: Counter[int] = Counter()  # compressed bytes kept in traces
         self.lock = trio.Lock()  # one control operation at a time
         self.hostname = config.hostname or os.environ.get("TRACEWIRE_HOSTNAME") or socket.gethostname()
+        # Where relay sessions' traces and streams are recorded for a new
+        # sessiond to resume their spool (sessiond/resume.py); made when a
+        # relay session first needs it, so a sessiond without one does not
+        # import it.
+        self.journal: ResumeJournal | None = None
+
+    def resume_journal(self) -> ResumeJournal:
+        if self.journal is None:
+            from sessiond.resume import ResumeJournal
+
+            self.journal = ResumeJournal(self.config.rundir, self.config.max_metadata_per_uid)
+        return self.journal
+
+    def journal_changed(self, sess: Session) -> None:
+        """``sess`` got a trace, a stream, metadata or a chunk: record it
+        when it is a relay session (the journal's I/O is its own)."""
+        if sess.url and not sess.snapshot:
+            self.resume_journal().write(sess)
 
     def session_for(self, name: str | None, uid: int) -> Session:
         """The session ``name`` (or ``uid``'s current one), if ``uid`` may use it.
@@ -349,6 +372,8 @@ class Registry:
         for tr in sess.traces.values():
             self.metadata_of_uid -= Counter({tr.uid: tr.kept})  # zero counts leave the table
         del self.sessions[sess.name]
+        if self.journal is not None:
+            self.journal.remove(sess)
         for u, n in list(self.current.items()):
             if n == sess.name:
                 del self.current[u]

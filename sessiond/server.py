@@ -122,6 +122,10 @@ async def serve_sessiond(
         async with trio.open_nursery() as nursery:
             sd = Sessiond(config, nursery, forks)
             nursery.start_soon(forks.supervise)
+            if config.load_dir:  # before apps register: a loaded started session traces them
+                from sessiond.saved import load_directory
+
+                await load_directory(sd.commands, config.load_dir)
             ctl = await _listen(ctl_path, socket.SOCK_STREAM, 64)
             apps = await _listen(app_path, socket.SOCK_SEQPACKET, 256)
             # Any local app may register with a root sessiond (a user's session

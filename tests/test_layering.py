@@ -13,8 +13,9 @@ import pytest
 
 CORE = Path(__file__).resolve().parent.parent / "tracewire"
 NO_IO = ["wire", "live", "ctf", "control", "names", "url", "streamfile", "ringbuf", "rundir", "topology", "keyfile",
-         "watch"]
-NO_CLOCK = ["wire", "live", "ctf", "control", "names", "url", "streamfile", "rundir", "topology", "keyfile"]
+         "watch", "saved"]
+NO_CLOCK = ["wire", "live", "ctf", "control", "names", "url", "streamfile", "rundir", "topology", "keyfile",
+            "saved"]
 # Importable without the third-party dependencies (cbor2, zstandard...).
 STDLIB_ONLY = ["ctf", "live", "keyfile", "url", "watch"]
 

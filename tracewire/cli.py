@@ -860,6 +860,116 @@ def disable_rotation(ctx: click.Context, session: str | None) -> None:
     click.echo(f"Session {r['session']}: automatic rotation disabled")
 
 
+def _saved_dir() -> str:
+    """Where ``save`` writes and ``load`` looks by default (LTTng's
+    ``$LTTNG_HOME/.lttng/sessions``)."""
+    home = os.environ.get("TRACEWIRE_HOME") or os.path.expanduser("~")
+    return os.path.join(home, ".tracewire", "sessions")
+
+
+def _write_saved(path: str, text: str, force: bool, owner: int | None = None) -> None:
+    """Write a saved session to ``path`` (0600, whole or not at all).
+    Root saving another user's session gives the file to that user:
+    ``tracewire-sessiond --load`` makes a file's session for its owner."""
+    if os.path.lexists(path) and not force:
+        raise CliError(f"{path} exists (give --force to overwrite it)")
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            if owner and os.geteuid() == 0:
+                os.fchown(f.fileno(), owner, -1)
+        os.replace(tmp, path)
+    except OSError as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise CliError(f"cannot write {path}: {exc.strerror}") from None
+
+
+@cli.command()
+@click.argument("session", required=False)
+@click.option("--all", "-a", "all_", is_flag=True, help="Save every session you may see (the default "
+              "without SESSION; root: every user's).")
+@click.option("--output", "-o", metavar="PATH",
+              help="The file to write (one session), or a directory to write NAME.json in "
+                   "[default: $TRACEWIRE_HOME/.tracewire/sessions, TRACEWIRE_HOME defaulting to $HOME].")
+@click.option("--force", "-f", is_flag=True, help="Overwrite a file that exists.")
+@click.pass_context
+def save(ctx: click.Context, session: str | None, all_: bool, output: str | None, force: bool) -> None:
+    """Save the definition of SESSION (without SESSION: of every session)
+    to a file that 'tracewire load' and 'tracewire-sessiond --load DIR'
+    read: its sink (the auth key by its file's path, never the secret),
+    mode, channels with their options, enabled events, rotation schedule and
+    whether it is started.  No trace data is saved.
+
+    A sessiond killed with a relay session's packets still spooled resumes
+    sending them when the session is loaded again (see docs/reliability.md).
+    """
+    if session and all_:
+        raise click.UsageError("give SESSION or --all, not both")
+    r = _client(ctx).request(ops.SaveRequest(session=session))
+    saved = r["sessions"]
+    target_dir = output if output is None or os.path.isdir(output) or len(saved) > 1 else None
+    if output is None:
+        target_dir = _saved_dir()
+    if target_dir is not None:
+        try:
+            os.makedirs(target_dir, mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise CliError(f"cannot create {target_dir}: {exc.strerror}") from None
+    for s in saved:
+        path = os.path.join(target_dir, f"{s['name']}.json") if target_dir is not None else str(output)
+        owner = s.get("owner_uid")
+        _write_saved(path, s["text"], force, owner if isinstance(owner, int) else None)
+        mine = not owner or owner == os.geteuid()
+        click.echo(f"Session {s['name']} saved to {path}" + ("" if mine else f" (owned by uid {owner}, whose "
+                                                                            "session it is)"))
+
+
+@cli.command()
+@click.argument("path", required=False)
+@click.option("--force", "-f", is_flag=True, help="Destroy a session of the same name first.")
+@click.pass_context
+def load(ctx: click.Context, path: str | None, force: bool) -> None:
+    """Create the session(s) saved in PATH: a file written by 'tracewire
+    save', or a directory (every *.json in it) [default: the directory
+    'save' writes to].  A session saved started is started again.
+    """
+    from tracewire import saved as fmt
+
+    path = path or _saved_dir()
+    if os.path.isdir(path):
+        files = sorted(os.path.join(path, n) for n in os.listdir(path) if n.endswith(".json"))
+        if not files:
+            raise CliError(f"no saved session (*.json) in {path}")
+    else:
+        files = [path]
+    texts = []
+    for f in files:
+        try:
+            with open(f, "rb") as fh:
+                data = fh.read(fmt.MAX_FILE + 1)
+            fmt.parse(data)
+        except OSError as exc:
+            raise CliError(f"cannot read {f}: {exc.strerror}") from None
+        except fmt.SavedSessionError as exc:
+            raise CliError(f"{f}: {exc}") from None
+        texts.append((f, data.decode()))
+    c = _client(ctx)
+    c.ensure_daemon()
+    for f, text in texts:
+        r = c.request(ops.LoadRequest(text=text, force=force), timeout=None)
+        words = f"Session {r['session']} loaded from {f} ({r['state']})"
+        if r.get("resumed"):
+            words += f"; resuming {r['resumed']['streams']} spooled streams"
+        click.echo(words)
+        if r.get("warning"):
+            click.echo(f"Warning: {r['warning']}", err=True)
+
+
 @cli.command()
 @click.argument("path")
 @click.option("--limit", "-n", type=click.IntRange(0), default=None, help="Print at most N events.")

@@ -47,7 +47,7 @@ __all__ = [
     "Request", "PingRequest", "CreateRequest", "EnableChannelRequest", "EnableEventRequest",
     "StartRequest", "StopRequest", "DestroyRequest", "ListRequest", "StatusRequest",
     "SnapshotRecordRequest", "RotateRequest", "EnableRotationRequest", "DisableRotationRequest",
-    "ListAppsRequest", "chunk_prefix", "encode", "decode_request", "short_repr",
+    "ListAppsRequest", "SaveRequest", "LoadRequest", "chunk_prefix", "encode", "decode_request", "short_repr",
 ]
 
 DEFAULT_CHANNEL = "channel0"
@@ -306,6 +306,27 @@ class DisableRotationRequest(_SessionRequest):
 
 
 @dataclass(frozen=True, slots=True)
+class SaveRequest(Request):
+    """``tracewire save``: the definitions of session ``session`` (None: every
+    session the caller may see), as ``tracewire.saved`` objects."""
+
+    KIND: ClassVar[str] = "save"
+    session: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LoadRequest(Request):
+    """``tracewire load``: create a session from a saved session's text
+    (checked again by sessiond with ``tracewire.saved.parse``); ``force``
+    destroys a session of the same name first."""
+
+    KIND: ClassVar[str] = "load"
+    STRING_LIMITS: ClassVar[Mapping[str, int]] = types.MappingProxyType({"text": 256 * 1024})
+    text: str
+    force: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class ListAppsRequest(Request):
     """``list --apps``: the registered apps and the tracepoints each has
     declared (a non-root user: their own apps only)."""
@@ -317,7 +338,7 @@ _REQUESTS: Mapping[str, type[Request]] = {
     c.KIND: c for c in (PingRequest, CreateRequest, EnableChannelRequest, EnableEventRequest,
                         StartRequest, StopRequest, DestroyRequest, ListRequest, StatusRequest,
                         SnapshotRecordRequest, RotateRequest, EnableRotationRequest, DisableRotationRequest,
-                        ListAppsRequest)
+                        ListAppsRequest, SaveRequest, LoadRequest)
 }
 def chunk_prefix(chunk: int) -> str:
     """Where trace chunk ``chunk`` is written, relative to the session's
