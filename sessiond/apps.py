@@ -218,6 +218,9 @@ class AppProtocol:
                               "of tracepoints over its apps")
                 return False
             app.tracepoints.append(decl)
+            level = _loglevel(tp)
+            if level is not None:
+                app.loglevels[decl.id] = level
             peer.declared += size
             self.reg.declared_of_uid[app.uid] += size
         return True
@@ -281,7 +284,7 @@ class AppProtocol:
             return  # a user traces their own apps only; root traces every app
         wanted: dict[str, frozenset[int]] = {}
         for ch in sess.channels.values():
-            ids = frozenset(tp.id for tp in app.tracepoints if ch.matches(tp.name))
+            ids = frozenset(tp.id for tp in app.tracepoints if ch.matches(tp.name, app.loglevels.get(tp.id)))
             if ids:
                 wanted[ch.name] = ids
         if not wanted and app.id not in sess.traces:
@@ -431,6 +434,17 @@ class _Peer:
 def _declared_size(decl: ctf.EventDecl) -> int:
     """What keeping a declaration costs, roughly, in bytes."""
     return 64 + len(decl.name) + sum(48 + len(name) for name, _type in decl.fields)
+
+
+def _loglevel(tp: Any) -> int | None:
+    """A log event's level (``tracewire.logging``), from a declaration
+    already checked by ``_declaration``; None for a plain tracepoint or a
+    level that is not an int in 0..2**31-1 (the event then matches only
+    patterns without a level)."""
+    level = tp.get("loglevel")
+    if isinstance(level, int) and not isinstance(level, bool) and 0 <= level < 2**31:
+        return level
+    return None
 
 
 def _declaration(app: App, tp: Any) -> ctf.EventDecl | None:

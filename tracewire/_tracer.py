@@ -61,7 +61,7 @@ if TYPE_CHECKING:  # the tracer imports ringbuf only when a stream arrives
 
     from tracewire.ringbuf import Producer
 
-__all__ = ["tracepoint", "Tracepoint"]
+__all__ = ["tracepoint", "Tracepoint", "log_event"]
 
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.:-")
 _TYPES = {int: "int", float: "float", str: "str", bytes: "bytes"}
@@ -296,11 +296,17 @@ class Tracepoint:
     ``_S1`` (the stream when there is exactly one; see ``set_streams`` for
     what it holds otherwise), the packers and the clock."""
 
-    def __init__(self, registry: _Registry | None, tp_id: int, name: str, fields: list[tuple[str, str]]) -> None:
+    def __init__(self, registry: _Registry | None, tp_id: int, name: str, fields: list[tuple[str, str]],
+                 loglevel: int | None = None) -> None:
         self.registry = registry
         self.id = tp_id
         self.name = name
         self.fields = fields
+        # A log event's level (``tracewire.logging``: a ``logging`` levelno);
+        # sessiond's ``--loglevel`` rules enable it or not.  None: a plain
+        # tracepoint.
+        self.loglevel = loglevel
+        self.enabled = False  # some stream records it (kept by set_streams)
         lead = _lead(fields)
         lead_fmt = "".join(_FIXED[t] for _, t in lead)
         rest = fields[len(lead):]
@@ -352,6 +358,7 @@ class Tracepoint:
         leaves ``_S1`` on a ``_Detached`` stand-in, so a body that reads it
         afterwards writes nowhere (the stop barrier relies on this)."""
         g = self.globals
+        self.enabled = bool(streams)
         if len(streams) == 1:
             g["_S1"] = streams[0]
             g["_streams"] = streams
@@ -395,6 +402,9 @@ class _Registry:
         self.lock = threading.RLock()
         self.tracepoints: list[Tracepoint] = []
         self.by_name: dict[str, Tracepoint] = {}
+        # Log events (``tracewire.logging``): several may share a name, one
+        # per (fields, level).
+        self.by_key: dict[tuple[str, tuple[tuple[str, str], ...], int], Tracepoint] = {}
         self.streams: dict[str, _StreamW] = {}
         self.sock: socket.socket | None = None  # the listener's socket to sessiond, when connected
         self.registered = threading.Event()
@@ -408,22 +418,33 @@ class _Registry:
         atexit.register(self.hand_over)
 
     # -- declarations (app threads) ------------------------------------------------
-    def declare(self, name: str, fields: list[tuple[str, str]]) -> Tracepoint:
+    def declare(self, name: str, fields: list[tuple[str, str]], loglevel: int | None = None) -> Tracepoint:
         """The tracepoint ``name``, declared now if new (and announced to
-        sessiond, waiting up to ``timeout`` for its answer).
+        sessiond, waiting up to ``timeout`` for its answer).  With a
+        ``loglevel``, a log event: one per (name, fields, level), so a name
+        may have several.
 
         Raises:
-            ValueError: declared before with other fields.
+            ValueError: declared before with other fields (without a loglevel).
         """
         with self.lock:
-            tp = self.by_name.get(name)
-            if tp is not None:
-                if tp.fields != fields:
-                    raise ValueError(f"tracepoint {name!r} already declared with other fields")
-                return tp
-            tp = Tracepoint(self, len(self.tracepoints), name, fields)
+            key = (name, tuple(fields), loglevel if loglevel is not None else 0)
+            if loglevel is None:
+                tp = self.by_name.get(name)
+                if tp is not None:
+                    if tp.fields != fields:
+                        raise ValueError(f"tracepoint {name!r} already declared with other fields")
+                    return tp
+            else:
+                tp = self.by_key.get(key)
+                if tp is not None:
+                    return tp
+            tp = Tracepoint(self, len(self.tracepoints), name, fields, loglevel)
             self.tracepoints.append(tp)
-            self.by_name[name] = tp
+            if loglevel is None:
+                self.by_name[name] = tp
+            else:
+                self.by_key[key] = tp
             if self.thread is None:
                 self._start_listener()
                 return tp
@@ -440,7 +461,10 @@ class _Registry:
     @staticmethod
     def _decl(tp: Tracepoint) -> dict[str, Any]:
         """A tracepoint as the register/tracepoints messages carry it."""
-        return {"id": tp.id, "name": tp.name, "fields": [list(f) for f in tp.fields]}
+        decl: dict[str, Any] = {"id": tp.id, "name": tp.name, "fields": [list(f) for f in tp.fields]}
+        if tp.loglevel is not None:
+            decl["loglevel"] = tp.loglevel
+        return decl
 
     def _start_listener(self) -> None:
         """Start the listener thread (called with ``lock`` held); if sessiond
@@ -763,3 +787,33 @@ def tracepoint(name: str, **fields: type) -> Callable[..., None]:
             raise ValueError(f"field {fname!r}: type must be int, float, str or bytes, got {ftype!r}")
         decl.append((fname, t))
     return _get_registry().declare(name, decl).emit
+
+
+def log_event(name: str, fields: list[tuple[str, str]], loglevel: int) -> Tracepoint:
+    """Declare a log event (``tracewire.logging``): like ``tracepoint`` but
+    one per (name, fields, level), with its level announced to sessiond,
+    which enables it when a ``--loglevel`` rule (or a plain pattern) says so.
+
+    Args:
+        name: ``provider:event``.
+        fields: (name, type) pairs, type one of int, float, str, bytes.
+        loglevel: the ``logging`` level number, 0 to 2**31 - 1.
+
+    Returns:
+        The Tracepoint (``emit`` emits; ``enabled`` says whether a session
+        records it).
+
+    Raises:
+        ValueError: a malformed name, field or level.
+    """
+    if not set(name) <= _NAME_CHARS or not 3 <= len(name) <= 255 or ":" not in name.strip(":"):
+        raise ValueError(f"log event name must look like 'provider:event', got {name!r}")
+    if not isinstance(loglevel, int) or not 0 <= loglevel < 2**31:
+        raise ValueError(f"log level must be 0 to 2**31-1, got {loglevel!r}")
+    import keyword
+
+    for fname, t in fields:
+        if (not fname.isidentifier() or fname.startswith("_") or keyword.iskeyword(fname)
+                or (t not in _FIXED and t not in ("str", "bytes"))):
+            raise ValueError(f"log event field {fname!r}: {t!r}")
+    return _get_registry().declare(name, list(fields), loglevel)
