@@ -32,10 +32,11 @@ encodes the strings before taking any lock, then, per stream, serialises
 writers with that stream's lock, takes the timestamp under the lock (so
 timestamps are ordered in the stream), writes the event straight into shared
 memory, and publishes ``ts`` then ``head``.  An event that fits the current
-sub-buffer, gets its usual header, and has at most one string/bytes field of
-at most ``_PACK_MAX_LEN`` bytes is written with a single ``pack_into``
-(header, every field, the string's NUL), using a ``Struct`` cached per length
-of that field; any other event takes the general path (header and leading
+sub-buffer, gets its usual header, and whose string/bytes fields are each at
+most ``_PACK_MAX_LEN`` bytes is written with a single ``pack_into`` (header,
+every field, the strings' NULs), using a ``Struct`` cached per length of
+that field (per tuple of lengths when there are several such fields, at
+most ``_PACK_MAX_MULTI`` of them); any other event takes the general path (header and leading
 fixed fields packed, the rest written field by field, switching sub-buffers
 when needed).  Any exception (a wrong field type, an out-of-range int) drops
 the event and counts it as discarded: the tracer never raises into the app.
@@ -102,6 +103,7 @@ class _Detached:
 _HDR_COMPACT = 4  # bytes of a compact event header
 _HDR_EXTENDED = 16  # bytes of an extended one
 _PACK_MAX_LEN = 256  # longest string/bytes field (encoded) packed with a cached per-length Struct
+_PACK_MAX_MULTI = 1024  # Structs cached per tracepoint with several variable fields (one per tuple of lengths)
 
 
 def _indent(depth: int, lines: list[str]) -> list[str]:
@@ -219,7 +221,22 @@ def _gen_write(fields: list[tuple[str, str]], tp_id: int, skip: str) -> list[str
     var = _variable(fields)
     lines = ["_ts = _mono()", "_pos = _p.pos"]
     if len(var) > 1:
-        lines += _gen_general(fields, tp_id, compact, skip)
+        # Several variable fields: one pack_into too, with a Struct cached
+        # per tuple of their lengths (a bounded cache, see _packer_multi).
+        hdr = _compact_header(tp_id) if compact else f"{_EXTENDED}, {tp_id}, _ts"
+        args = []
+        for n, t in fields:
+            args += [f"_k_{n}", f"_b_{n}"] if t == "bytes" else [f"_b_{n}"] if t == "str" else [n]
+        cond = ["_end <= _p.sb_end", "_pk is not None"]
+        if compact:
+            cond.append(f"_ts - _p.last_ts < {_TS27}")
+        lines += [
+            "_end = _pos + _n0",
+            f"if {' and '.join(cond)}:",
+            f"    _pk(_s.mv, _p.base + _pos, {', '.join([hdr] + args)})",
+            "else:",
+            *_indent(1, _gen_general(fields, tp_id, compact, skip)),
+        ]
     else:
         hdr = _compact_header(tp_id) if compact else f"{_EXTENDED}, {tp_id}, _ts"
         args = []
@@ -262,6 +279,9 @@ def _gen_source(fields: list[tuple[str, str]], tp_id: int, many: bool) -> str:
     prelude = _gen_encode(fields, _HDR_COMPACT if tp_id <= _COMPACT_MAX_ID else _HDR_EXTENDED)
     if len(var) == 1:
         prelude += [f"_pk = _PK.get(_k_{var[0]})", f"if _pk is None: _pk = _mkpk(_k_{var[0]})"]
+    elif var:
+        ks = "(" + "".join(f"_k_{n}, " for n in var) + ")"
+        prelude += [f"_pk = _PK.get({ks})", f"if _pk is None: _pk = _mkpkm({ks})"]
     locked = [
         "_l = _s.lock",
         "_l.acquire()",
@@ -316,7 +336,7 @@ class Tracepoint:
         self._fmt_head = ("<I" if tp_id <= _COMPACT_MAX_ID else "<IIQ") + lead_fmt
         self._fmt_var = rest[0][1] if rest else ""
         self._fmt_tail = "".join(_FIXED[t] for _, t in rest[1:] if t in _FIXED)
-        self._packers: dict[int, Callable[..., None]] = {}
+        self._packers: dict[Any, Callable[..., None]] = {}  # by length, or by tuple of lengths
         self._detached = _Detached()
         self.globals: dict[str, Any] = {
             "_streams": (),
@@ -327,6 +347,7 @@ class Tracepoint:
             "_PF": struct.Struct(self._fmt_head + self._fmt_tail).pack_into,
             "_PK": self._packers,
             "_mkpk": self._packer,
+            "_mkpkm": self._packer_multi,
             "_Pint": struct.Struct("<q").pack_into,
             "_Pfloat": struct.Struct("<d").pack_into,
             "_PI": struct.Struct("<I").pack_into,
@@ -381,6 +402,22 @@ class Tracepoint:
         var = f"{k + 1}s" if self._fmt_var == "str" else f"I{k}s"
         pk = struct.Struct(self._fmt_head + var + self._fmt_tail).pack_into
         self._packers[k] = pk
+        return pk
+
+    def _packer_multi(self, ks: tuple[int, ...]) -> Callable[..., None] | None:
+        """The fast path's ``pack_into`` for an event with several variable
+        fields of these encoded lengths (in field order), or None: one is
+        longer than ``_PACK_MAX_LEN``, or ``_PACK_MAX_MULTI`` are cached
+        already (the general path writes it).  Header and fields in order:
+        a str's ``{k+1}s`` pads its NUL, bytes get their u32 length first."""
+        if len(self._packers) >= _PACK_MAX_MULTI or not all(0 <= k <= _PACK_MAX_LEN for k in ks):
+            return None
+        fmt = ["<I" if self.id <= _COMPACT_MAX_ID else "<IIQ"]
+        lengths = iter(ks)
+        for _n, t in self.fields:
+            fmt.append(_FIXED[t] if t in _FIXED else f"{next(lengths) + 1}s" if t == "str" else f"I{next(lengths)}s")
+        pk = struct.Struct("".join(fmt)).pack_into
+        self._packers[ks] = pk
         return pk
 
     def _failed(self) -> None:
