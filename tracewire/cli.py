@@ -428,8 +428,10 @@ def enable_event(ctx: click.Context, pattern: str, session: str | None, channel:
         raise click.UsageError("give --loglevel or --loglevel-only, not both")
     level_text = loglevel if loglevel is not None else loglevel_only
     level = None if level_text is None else _parse_loglevel(level_text)
-    if python:
-        pattern = "python:" + pattern
+    if python:  # a logger's name as its events spell it (tracewire.logging.event_name), wildcards kept
+        import re
+
+        pattern = "python:" + re.sub(r"[^A-Za-z0-9_.:*?\[\]!-]", "_", pattern)
     r = _client(ctx).request(_make(ops.EnableEventRequest, session=session, channel=channel,
                                    pattern=pattern, loglevel=level, loglevel_only=loglevel_only is not None))
     where = "" if level is None else f" at {_loglevel_words(dict(level=level, only=loglevel_only is not None))[2:-1]}"
