@@ -292,7 +292,8 @@ class AppProtocol:
         tr = sess.traces.get(app.id) or await self._new_trace(sess, app)
         if tr.declared < len(app.tracepoints):
             text = "".join(
-                ctf.metadata_event(ctf.EventDecl(tp.name, tp.id, tp.fields, stream_id=ch.index))
+                ctf.metadata_event(ctf.EventDecl(tp.name, tp.id, tp.fields, stream_id=ch.index,
+                                                 loglevel=_ctf_loglevel(app.loglevels.get(tp.id))))
                 for tp in app.tracepoints[tr.declared:]
                 for ch in sess.channels_in_order()
             )
@@ -434,6 +435,18 @@ class _Peer:
 def _declared_size(decl: ctf.EventDecl) -> int:
     """What keeping a declaration costs, roughly, in bytes."""
     return 64 + len(decl.name) + sum(48 + len(name) for name, _type in decl.fields)
+
+
+def _ctf_loglevel(level: int | None) -> int:
+    """The CTF/LTTng log level (0 EMERG ... 14 DEBUG) the metadata gives a
+    log event of this ``logging`` level; a plain tracepoint keeps LTTng's
+    default, 13 (DEBUG_LINE)."""
+    if level is None:
+        return 13
+    for floor, ctf_level in ((50, 2), (40, 3), (30, 4), (20, 6)):  # CRIT, ERR, WARNING, INFO
+        if level >= floor:
+            return ctf_level
+    return 14  # DEBUG
 
 
 def _loglevel(tp: Any) -> int | None:

@@ -83,7 +83,8 @@ def test_event_names_are_tracepoint_names():
 
 @pytest.mark.parametrize("text, level", [
     ("WARNING", 30), ("warning", 30), ("warn", 30), ("Info", 20), ("CRITICAL", 50), ("5", 5), (" 40 ", 40),
-    ("NOTSET", 0), ("loud", None), ("-1", None), ("2147483648", None), ("", None),
+    ("NOTSET", 0), ("PYTHON_ERROR", 40), ("python_debug", 10), ("loud", None), ("-1", None),
+    ("2147483648", None), ("", None),
 ])
 def test_level_number(text: str, level: int | None):
     assert tl.level_number(text) == level
@@ -322,3 +323,7 @@ def test_logging_records_reach_babeltrace2_filtered_by_level(tw: TW, out_dir: Pa
     assert 'raw = [ [0] = 0x1, [1] = 0x2 ], user = "ann" }' in info[0]
     assert all('level = 40, levelname = "ERROR", msg = "other error' in x for x in other)
     assert "DEBUG" not in text and "CRITICAL" not in text
+    levels = subprocess.run([BT2, "--fields=loglevel", str(out_dir)], capture_output=True, text=True, timeout=120,
+                            check=True).stdout.splitlines()
+    assert sum("TRACE_ERR (3) python:other:" in x for x in levels) == n  # the metadata's level, LTTng's scale
+    assert sum("TRACE_WARNING (4) python:app.web:" in x for x in levels) == n

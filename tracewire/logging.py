@@ -82,9 +82,12 @@ _LEVEL_NAMES = {"CRITICAL": 50, "FATAL": 50, "ERROR": 40, "WARNING": 30, "WARN":
 
 def level_number(text: str) -> int | None:
     """A ``logging`` level from a name (``WARNING``, any case, also a level
-    registered with ``logging.addLevelName``) or a number; None if neither
-    (or a number outside 0..2**31-1)."""
+    registered with ``logging.addLevelName``; LTTng's ``PYTHON_WARNING``
+    spelling too) or a number; None if neither (or a number outside
+    0..2**31-1)."""
     t = text.strip()
+    if t.upper().startswith("PYTHON_"):
+        t = t[len("PYTHON_"):]
     if t.isdigit():
         n = int(t)
         return n if n < 2**31 else None
