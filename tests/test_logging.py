@@ -150,6 +150,17 @@ def test_channel_loglevel_rules():
     assert not ch.matches("python:other", 50)
 
 
+@pytest.mark.parametrize("decl, level", [
+    ({"loglevel": 30}, 30), ({"loglevel": 0}, 0), ({}, None), ({"loglevel": -1}, None), ({"loglevel": 2**31}, None),
+    ({"loglevel": True}, None), ({"loglevel": "30"}, None), ({"loglevel": 30.0}, None), ({"loglevel": [30]}, None),
+])
+def test_sessiond_takes_only_a_bounded_int_level_from_an_app(decl: dict[str, Any], level: int | None):
+    from sessiond.apps import _ctf_loglevel, _loglevel
+
+    assert _loglevel(decl) == level
+    assert _ctf_loglevel(level) == {30: 4, 0: 14, None: 13}[level]
+
+
 def test_cli_refuses_bad_levels_without_a_daemon(tmp_path):
     r = CliRunner().invoke(cli, ["--rundir", str(tmp_path), "enable-event", "--python", "app", "--loglevel", "loud"])
     assert r.exit_code == 2 and "'loud' is not a log level" in r.output and "Traceback" not in r.output
