@@ -220,6 +220,18 @@ def test_disabled_log_event_formats_nothing(declared, lone_logger):
     lg.info("%s", Loud())
     lg.info(Loud())
     assert declared[0].calls == [(20, "INFO", "x")]
+    read: list[int] = []
+
+    class Counted:
+        def __str__(self) -> str:
+            read.append(1)
+            return "c"
+
+    lg.info("y", extra={"o": Counted()})
+    assert len(declared) == 2 and declared[1].fields[3:] == [("o", "str")] and len(read) == 1
+    declared[1].enabled = False
+    lg.info("y", extra={"o": Counted()})  # not enabled: the value is not read
+    assert len(read) == 1 and declared[1].calls == [(20, "INFO", "y", "c")]
 
 
 def test_handler_level_and_max_events(declared, lone_logger):
@@ -231,6 +243,10 @@ def test_handler_level_and_max_events(declared, lone_logger):
     for i in range(5):
         lg.log(10 + i, "m")
     assert len(declared) == 2 and h.dropped == 3
+    for i in range(100):  # extras that differ every time, say: nothing more is declared or remembered
+        lg.info("m", extra={f"k{i}": i})
+    assert len(declared) == 2 and h.dropped == 103
+    assert sum(len(v) for v in h._plain.values()) + len(h._extra) == 2
 
 
 def test_other_handlers_see_what_they_always_saw(declared):

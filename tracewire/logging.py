@@ -206,7 +206,7 @@ class TracewireHandler(logging.Handler):
         self.dropped = 0
         self._declared = 0
         self._plain: dict[str, dict[int, _Route]] = {}  # logger name -> level -> route (no extras)
-        self._extra: dict[tuple[Any, ...], tuple[_Route, list[tuple[str, str]]]] = {}
+        self._extra: dict[tuple[Any, ...], _Route] = {}
 
     def _declare(self, name: str, level: int, fields: list[tuple[str, str]]) -> _Route:
         levelname = logging.getLevelName(level)
@@ -217,21 +217,34 @@ class TracewireHandler(logging.Handler):
         return _Route(_tracer.log_event(event_name(name), all_fields, level), levelname)
 
     def _plain_route(self, name: str, level: int) -> _Route:
-        levels = self._plain.get(name)
-        if levels is None:
-            levels = self._plain[name] = {}
-        route = levels.get(level)
-        if route is None:
-            route = levels[level] = self._declare(name, level, [])
-        return route
+        """The log event of (logger, level) without extras, declared on first
+        use (under the handler's lock: one declaration per kind).  Kinds
+        over ``max_events`` are not remembered, so the maps stay bounded."""
+        with self.lock:  # type: ignore[union-attr]
+            levels = self._plain.get(name)
+            route = levels.get(level) if levels is not None else None
+            if route is None:
+                route = self._declare(name, level, [])
+                if route.tp is not None:
+                    self._plain.setdefault(name, {})[level] = route
+            return route
 
     def _extra_route(self, name: str, level: int, extras: Mapping[str, Any]) -> tuple[_Route, list[Any]]:
-        key = (name, level, *sorted((str(k), _kind(v)) for k, v in extras.items()))
-        hit = self._extra.get(key)
-        fields, values = extra_fields(extras)
-        if hit is None:
-            hit = self._extra[key] = (self._declare(name, level, fields), fields)
-        return hit[0], values
+        """The log event of (logger, level, the extras' names and types), and
+        the extras to read the values from, in field order."""
+        keys = sorted(extras, key=str)[:MAX_EXTRA]
+        kinds = tuple(_kind(extras[k]) for k in keys)
+        key = (name, level, tuple(keys), kinds)
+        route = self._extra.get(key)
+        if route is None:
+            with self.lock:  # type: ignore[union-attr]
+                route = self._extra.get(key)
+                if route is None:
+                    fields, _values = extra_fields({k: extras[k] for k in keys})
+                    route = self._declare(name, level, fields)
+                    if route.tp is not None:
+                        self._extra[key] = route
+        return route, [(extras[k], t) for k, t in zip(keys, kinds, strict=True)]
 
     def emit(self, record: logging.LogRecord) -> None:
         """Record ``record`` if a session enables its log event."""
@@ -248,7 +261,7 @@ class TracewireHandler(logging.Handler):
             if not tp.enabled:
                 return
             msg = (self.formatter or _MESSAGE_ONLY).format(record)
-            tp.emit(record.levelno, record.levelname, msg[:MAX_MESSAGE], *values)
+            tp.emit(record.levelno, record.levelname, msg[:MAX_MESSAGE], *[_value(v, t) for v, t in values])
         except Exception:
             self.handleError(record)
 
@@ -283,7 +296,7 @@ class TracewireHandler(logging.Handler):
             return False
         if len(msg) > MAX_MESSAGE:
             msg = msg[:MAX_MESSAGE]
-        tp.emit(level, route.levelname, msg, *values)
+        tp.emit(level, route.levelname, msg, *[_value(v, t) for v, t in values])
         return True
 
 
