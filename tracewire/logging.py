@@ -240,7 +240,8 @@ class TracewireHandler(logging.Handler):
             with self.lock:  # type: ignore[union-attr]
                 route = self._extra.get(key)
                 if route is None:
-                    fields, _values = extra_fields({k: extras[k] for k in keys})
+                    taken: set[str] = set()
+                    fields = [(_field_name(str(k), taken), t) for k, t in zip(keys, kinds, strict=True)]
                     route = self._declare(name, level, fields)
                     if route.tp is not None:
                         self._extra[key] = route
