@@ -208,6 +208,17 @@ def test_fast_path_emits_level_message_and_extras(declared, lone_logger):
     assert h.dropped == 0
 
 
+def test_extras_in_any_order_share_a_log_event_and_a_huge_int_is_a_str(declared, lone_logger):
+    lg, _h = lone_logger
+    lg.info("a", extra={"n": 1, "u": "x"})
+    lg.info("b", extra={"u": "y", "n": 2})
+    lg.info("c", extra={"n": 2**70, "u": "z"})
+    lg.info("d", extra={"n": 3, "u": "w"})
+    assert [tp.fields[3:] for tp in declared] == [[("n", "int"), ("u", "str")], [("n", "str"), ("u", "str")]]
+    assert declared[0].calls == [(20, "INFO", "a", 1, "x"), (20, "INFO", "b", 2, "y"), (20, "INFO", "d", 3, "w")]
+    assert declared[1].calls == [(20, "INFO", "c", str(2**70), "z")]
+
+
 def test_disabled_log_event_formats_nothing(declared, lone_logger):
     lg, _h = lone_logger
 

@@ -207,6 +207,7 @@ class TracewireHandler(logging.Handler):
         self._declared = 0
         self._plain: dict[str, dict[int, _Route]] = {}  # logger name -> level -> route (no extras)
         self._extra: dict[tuple[Any, ...], _Route] = {}
+        self._plans: dict[tuple[Any, ...], tuple[_Route, list[tuple[Any, str]]]] = {}  # see _extra_cached
 
     def _declare(self, name: str, level: int, fields: list[tuple[str, str]]) -> _Route:
         levelname = logging.getLevelName(level)
@@ -228,6 +229,27 @@ class TracewireHandler(logging.Handler):
                 if route.tp is not None:
                     self._plain.setdefault(name, {})[level] = route
             return route
+
+    def _extra_cached(self, name: str, level: int, extras: Mapping[str, Any]) -> tuple[_Route, list[Any]]:
+        """``_extra_route``, remembered per (logger, level, the extras' keys in
+        their order and their classes): no sort, no type test per value, but
+        an int out of int64's range (stored as str) takes ``_extra_route``."""
+        ck = (name, level, tuple(extras), tuple(map(type, extras.values())))
+        hit = self._plans.get(ck)
+        if hit is None:
+            route, values = self._extra_route(name, level, extras)
+            if route.tp is not None and len(self._plans) < 4 * self.max_events:
+                self._plans[ck] = (route, [(k, t) for (_v, t), k in zip(values, sorted(extras, key=str),
+                                                                         strict=False)])
+            return route, values
+        route, plan = hit
+        values = []
+        for k, t in plan:
+            v = extras[k]
+            if t == "int" and not _INT64[0] <= v <= _INT64[1]:
+                return self._extra_route(name, level, extras)
+            values.append((v, t))
+        return route, values
 
     def _extra_route(self, name: str, level: int, extras: Mapping[str, Any]) -> tuple[_Route, list[Any]]:
         """The log event of (logger, level, the extras' names and types), and
@@ -273,7 +295,7 @@ class TracewireHandler(logging.Handler):
         if extra:
             if not _PLAIN_ATTRS.isdisjoint(extra):
                 return False
-            route, values = self._extra_route(name, level, extra)
+            route, values = self._extra_cached(name, level, extra)
         else:
             levels = self._plain.get(name)
             route = levels.get(level) if levels is not None else None  # type: ignore[assignment]
@@ -357,10 +379,13 @@ def _make_level_method(levelno: int, stock: Any, stock_log: Any) -> Any:
         except KeyError:
             if not self.isEnabledFor(levelno):
                 return
+        extra = None
         if kwargs:
-            kwargs["stacklevel"] = kwargs.get("stacklevel", 1) + 1
-            self._log(levelno, msg, args, **kwargs)
-            return
+            extra = kwargs.get("extra")
+            if len(kwargs) != 1 or extra is None:
+                kwargs["stacklevel"] = kwargs.get("stacklevel", 1) + 1
+                self._log(levelno, msg, args, **kwargs)
+                return
         # _bridge_of, inlined (this is the path every call takes).
         h = None
         c: logging.Logger | None = self
@@ -368,16 +393,20 @@ def _make_level_method(levelno: int, stock: Any, stock_log: Any) -> Any:
             hs = c.handlers
             if hs:
                 if h is not None or len(hs) != 1 or hs[0].__class__ is not TracewireHandler:
-                    stock_log(self, levelno, msg, args, None, None, False, 2)
+                    stock_log(self, levelno, msg, args, None, extra, False, 2)
                     return
                 h = hs[0]
             if not c.propagate:
                 break
             c = c.parent
         if h is None or self.filters or h.filters or h.formatter is not None:
-            stock_log(self, levelno, msg, args, None, None, False, 2)
+            stock_log(self, levelno, msg, args, None, extra, False, 2)
             return
         if levelno < h.level:
+            return
+        if extra is not None:
+            if not h._fast(self.name, levelno, msg, args, extra):
+                stock_log(self, levelno, msg, args, None, extra, False, 2)
             return
         levels = h._plain.get(self.name)
         route = levels.get(levelno) if levels is not None else None
@@ -397,7 +426,7 @@ def _make_level_method(levelno: int, stock: Any, stock_log: Any) -> Any:
                     fmt_args = args[0]
                 msg = msg % fmt_args
         except Exception:
-            stock_log(self, levelno, msg, args, None, None, False, 2)  # logging reports it its own way
+            stock_log(self, levelno, msg, args, None, extra, False, 2)  # logging reports it its own way
             return
         if len(msg) > MAX_MESSAGE:
             msg = msg[:MAX_MESSAGE]
