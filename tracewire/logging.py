@@ -21,7 +21,7 @@ channel when a pattern matches its name and the pattern's ``--loglevel``
 (that level or more severe) or ``--loglevel-only`` (exactly) admits its
 level.  So the level filter runs in the app with no code of its own: a
 record whose log event no session enables costs a dictionary lookup and a
-flag test, the message is not even formatted.  Declaring costs one message
+flag test, the message is not even formatted (nor the extras read).  Declaring costs one message
 to sessiond (the first record of each logger, level and extras' types, like
 any tracepoint's first declaration); at most ``max_events`` are declared per
 handler, the records of any further kind are counted in ``dropped`` and
@@ -38,8 +38,8 @@ leading digit or ``_``; ``extra_`` before ``level``, ``levelname`` and
 ``msg``; ``_`` after a Python keyword; a number after a repeat).
 
 ``TracewireHandler`` works as any handler does.  ``install()`` attaches one
-to the root logger and also replaces ``logging.Logger._log`` with a fast
-path: when, walking up from the logger like ``callHandlers`` does, the only
+to the root logger and also replaces ``Logger.debug``, ``info``,
+``warning``, ``error``, ``critical`` and ``_log`` with a fast path: when, walking up from the logger like ``callHandlers`` does, the only
 handler found is one plain ``TracewireHandler`` (no subclass, no filters, no
 formatter, no logger filters) and the call has no ``exc_info`` or
 ``stack_info``, the record is neither located (``findCaller``) nor built
@@ -48,7 +48,11 @@ tracepoint.  In every other case the stock ``_log`` runs, so other handlers,
 filters and formatters see exactly what they always saw.  What the fast
 path drops is what no consumer would read: the caller's file and line, the
 thread and process names, the wall-clock time (the event has the tracer's
-timestamp).  ``uninstall()`` puts the stock method back.
+timestamp).  When the stock ``_log`` runs from a replaced method,
+``stacklevel`` is raised so that ``findCaller`` still names the app's
+caller.  ``uninstall()`` puts the stock methods back.  A record with extras
+is typed once per (logger, level, keys in their order, their classes): the
+plan is remembered, bounded like the log events.
 """
 
 from __future__ import annotations
