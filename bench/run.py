@@ -175,6 +175,17 @@ Figures (the variant is in the name):
   costs).  ``--python-calls`` (200,000) timed calls per round after 1,000
   untimed, ``--repeat`` rounds interleaved, median.
 
+* ``logging_bridge_ns_per_record``, ``lttng_python_agent_ns_per_record``,
+  ``logging_nullhandler_ns_per_record`` -- CPU ns per
+  ``logger.info('request %d %s', i, 'path')`` under Debian's /usr/bin/python3,
+  from one run, rounds interleaved: through ``tracewire.logging.install()``
+  with a session enabling ``python:bench``, through LTTng's Python agent
+  (``lttng enable-event --python bench``), into a ``logging.NullHandler``
+  (the root logger at NOTSET in all three).
+  ``logging_bridge_disabled_ns_per_record``: the bridge with a sessiond whose
+  session does not enable the event; ``logging_bridge_ratio``: bridge / agent.
+  Medians; the spread (min-max) of each is printed on stderr.
+
 Usage: ``python bench/run.py [--repeat N] [--events N] [--only PREFIX]
 [--fsync-mb MB] [--fsync-dir DIR] [--fanin-targets N] [--fanin-events N]
 [--python-calls N]``.  ``--only
@@ -1894,6 +1905,108 @@ def bench_python_tracer(calls: int, repeat: int, want, everything: bool, root: s
             emit(name, med[k], "ns/event")
 
 
+_PY_LOGGING_BRIDGE = r"""
+import logging, sys, time
+n, mode = int(sys.argv[1]), sys.argv[2]
+logging.getLogger().setLevel(logging.NOTSET)  # as lttngust sets it: every record reaches the handlers
+if mode == "nullhandler":
+    logging.getLogger().addHandler(logging.NullHandler())
+else:  # "bridge" (a session enables python:bench) or "bridge_off" (none does)
+    import tracewire.logging
+    tracewire.logging.install()
+logger = logging.getLogger("bench")
+for i in range(1000):  # the first records declare the log event: sessiond enables it (or not)
+    logger.info("request %d %s", i, "path")
+t0 = time.process_time_ns()
+for i in range(n):
+    logger.info("request %d %s", i, "path")
+t1 = time.process_time_ns()
+print((t1 - t0) / n)
+"""
+
+
+def bench_logging_bridge(calls: int, repeat: int, want, everything: bool, root: str = VS_ROOT) -> None:
+    """CPU ns per ``logger.info('request %d %s', i, 'path')`` under Debian's
+    /usr/bin/python3, one loop per process, rounds interleaved: through
+    ``tracewire.logging.install()`` with a session enabling ``python:bench``
+    (``logging_bridge``), through LTTng's Python agent with ``lttng
+    enable-event --python bench`` (``lttng_python_agent``), into a
+    ``logging.NullHandler`` (``logging_nullhandler``), and through the bridge
+    with no session enabling the event (``logging_bridge_disabled``).  Median
+    printed; the spread (min-max) goes to stderr."""
+    figures = {"logging_bridge_ns_per_record": "bridge", "lttng_python_agent_ns_per_record": "lttng",
+               "logging_nullhandler_ns_per_record": "nullhandler",
+               "logging_bridge_disabled_ns_per_record": "bridge_off",
+               "logging_bridge_ratio": "ratio"}
+    figures = {n: k for n, k in figures.items() if everything or want(n)}
+    if not figures or not lttng_setup():
+        return
+    if not os.path.exists(SYSTEM_PYTHON):
+        print(f"bench: logging_bridge skipped: no {SYSTEM_PYTHON}", file=sys.stderr)
+        return
+    shm_before = _lttng_wait_shm()
+    ld = tw = tw_off = None
+    out = tempfile.mkdtemp(prefix="twbl", dir=root)
+    results: dict[str, list[float]] = {"bridge": [], "lttng": [], "nullhandler": [], "bridge_off": []}
+    try:
+        ld = LttngDaemons(root, agent_port=_free_ports(1)[0])
+        ltrace = os.path.join(ld.home, "trace")
+        ld.lttng("create", "p", f"--output={ltrace}")
+        ld.lttng("enable-event", "--python", "bench")
+        ld.lttng("start", "p")
+        tw = Daemons(root)
+        twtrace = os.path.join(out, "trace")
+        tw.cli("create", "p", "--output", twtrace)
+        tw.cli("enable-event", "--python", "bench", "-s", "p")
+        tw.cli("start", "p")
+        tw_off = Daemons(root)  # a sessiond with a session that does not enable python:bench
+        tw_off.cli("create", "q", "--output", os.path.join(out, "off"))
+        tw_off.cli("enable-event", "demo:*", "-s", "q")
+        tw_off.cli("start", "q")
+
+        def loop(mode: str, env: dict) -> float:
+            proc = subprocess.run([SYSTEM_PYTHON, "-c", _PY_LOGGING_BRIDGE, str(calls), mode],
+                                  env=dict(env, PYTHONPATH=REPO_DIR), capture_output=True, text=True,
+                                  timeout=600, stdin=subprocess.DEVNULL)
+            if proc.returncode != 0:
+                raise RuntimeError(f"logging loop ({mode}): {proc.stderr.strip()}")
+            return float(proc.stdout)
+
+        for r in range(repeat):
+            results["lttng"].append(float(ld.run([SYSTEM_PYTHON, "-c", _PY_LOGGING, str(calls), "lttng"])))
+            results["bridge"].append(loop("bridge", tw.env))
+            results["nullhandler"].append(loop("nullhandler", dict(os.environ)))
+            results["bridge_off"].append(loop("bridge_off", tw_off.env))
+            print(f"bench: logging_bridge round {r + 1}/{repeat}: bridge {results['bridge'][-1]:.0f}, LTTng agent "
+                  f"{results['lttng'][-1]:.0f}, NullHandler {results['nullhandler'][-1]:.0f}, bridge with no "
+                  f"session enabling it {results['bridge_off'][-1]:.0f} CPU ns/record", file=sys.stderr, flush=True)
+        ld.lttng("stop", "p")
+        tw.cli("stop", "p")
+        expected = (calls + 1000) * repeat
+        for side, trace in (("lttng", ltrace), ("tracewire", twtrace)):
+            read, discarded = _bt_count(trace)
+            print(f"bench: logging_bridge {side}: {read} events in the trace, {discarded} reported discarded, "
+                  f"{expected} emitted", file=sys.stderr)
+            if read + discarded != expected:
+                print(f"bench: logging_bridge {side}: the trace does not account for every record", file=sys.stderr)
+    finally:
+        for d in (ld, tw, tw_off):
+            if d is not None:
+                d.close()
+        shutil.rmtree(out, ignore_errors=True)
+        _remove_new_wait_shm(shm_before)
+    med = {k: statistics.median(v) for k, v in results.items()}
+    med["ratio"] = med["bridge"] / med["lttng"]
+    for k, v in results.items():
+        print(f"bench: logging_bridge {k}: median {med[k]:.0f} ({min(v):.0f}-{max(v):.0f}) CPU ns/record over "
+              f"{len(v)} rounds", file=sys.stderr)
+    for name, k in figures.items():
+        if k == "ratio":
+            emit(name, med[k], "bridge/lttng", 4)
+        else:
+            emit(name, med[k], "ns/record")
+
+
 def _installed_bytecode() -> None:
     """Run every tracewire process as an installed package runs: compiled to
     bytecode once (``pip install`` does it), not recompiled at each start.
@@ -1958,6 +2071,9 @@ def main() -> None:
     # --only vs_lttng (or a prefix of it) also runs the python_tracer_* figures.
     bench_vs_lttng(a.events, a.repeat, want)
     bench_python_tracer(a.python_calls, a.repeat, want, VS_PREFIX.startswith(a.only))
+    # --only logging (or a prefix of it) prints every logging_bridge figure.
+    bench_logging_bridge(a.python_calls, a.repeat, want,
+                         "logging_bridge".startswith(a.only) or a.only.startswith("logging_bridge"))
 
 
 if __name__ == "__main__":

@@ -225,6 +225,9 @@ class AppProtocol:
                               "of tracepoints over its apps")
                 return False
             app.tracepoints.append(decl)
+            level = _loglevel(tp)
+            if level is not None:
+                app.loglevels[decl.id] = level
             peer.declared += size
             self.reg.declared_of_uid[app.uid] += size
         return True
@@ -288,7 +291,7 @@ class AppProtocol:
             return  # a user traces their own apps only; root traces every app
         wanted: dict[str, frozenset[int]] = {}
         for ch in sess.channels.values():
-            ids = frozenset(tp.id for tp in app.tracepoints if ch.matches(tp.name))
+            ids = frozenset(tp.id for tp in app.tracepoints if ch.matches(tp.name, app.loglevels.get(tp.id)))
             if ids:
                 wanted[ch.name] = ids
         if not wanted and app.id not in sess.traces:
@@ -296,7 +299,8 @@ class AppProtocol:
         tr = sess.traces.get(app.id) or await self._new_trace(sess, app)
         if tr.declared < len(app.tracepoints):
             text = "".join(
-                ctf.metadata_event(ctf.EventDecl(tp.name, tp.id, tp.fields, stream_id=ch.index))
+                ctf.metadata_event(ctf.EventDecl(tp.name, tp.id, tp.fields, stream_id=ch.index,
+                                                 loglevel=_ctf_loglevel(app.loglevels.get(tp.id))))
                 for tp in app.tracepoints[tr.declared:]
                 for ch in sess.channels_in_order()
             )
@@ -453,6 +457,29 @@ class _Peer:
 def _declared_size(decl: ctf.EventDecl) -> int:
     """What keeping a declaration costs, roughly, in bytes."""
     return 64 + len(decl.name) + sum(48 + len(name) for name, _type in decl.fields)
+
+
+def _ctf_loglevel(level: int | None) -> int:
+    """The CTF/LTTng log level (0 EMERG ... 14 DEBUG) the metadata gives a
+    log event of this ``logging`` level; a plain tracepoint keeps LTTng's
+    default, 13 (DEBUG_LINE)."""
+    if level is None:
+        return 13
+    for floor, ctf_level in ((50, 2), (40, 3), (30, 4), (20, 6)):  # CRIT, ERR, WARNING, INFO
+        if level >= floor:
+            return ctf_level
+    return 14  # DEBUG
+
+
+def _loglevel(tp: Any) -> int | None:
+    """A log event's level (``tracewire.logging``), from a declaration
+    already checked by ``_declaration``; None for a plain tracepoint or a
+    level that is not an int in 0..2**31-1 (the event then matches only
+    patterns without a level)."""
+    level = tp.get("loglevel")
+    if isinstance(level, int) and not isinstance(level, bool) and 0 <= level < 2**31:
+        return level
+    return None
 
 
 def _declaration(app: App, tp: Any) -> ctf.EventDecl | None:

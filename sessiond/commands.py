@@ -227,8 +227,14 @@ class Commands:
         ch = sess.channels.get(chname)
         if ch is None:
             raise UserError(f"no channel named {chname!r} in session {sess.name!r}")
+        rule = None if req.loglevel is None else (req.loglevel, req.loglevel_only)
+        if req.pattern in ch.patterns and ch.loglevels.get(req.pattern) != rule:
+            raise UserError(f"event {req.pattern!r} is already enabled in channel {ch.name!r} "
+                            f"with {_describe_loglevel(ch.loglevels.get(req.pattern))}")
         if req.pattern not in ch.patterns:
             ch.patterns.append(req.pattern)
+            if rule is not None:
+                ch.loglevels[req.pattern] = rule
         refused = sess.refused_total
         if sess.state is SessionState.STARTED:
             for app in list(self.reg.apps.values()):
@@ -559,7 +565,15 @@ def _describe(sess: Session, keep_dead: int = 0) -> Reply:
                 "tracefile_count": ch.tracefile_count,
                 "mode": "overwrite" if ch.overwrite else "discard",
                 "events": list(ch.patterns),
+                "event_loglevels": {p: {"level": lv, "only": only} for p, (lv, only) in ch.loglevels.items()},
             }
             for ch in sess.channels_in_order()
         ],
     }
+
+
+def _describe_loglevel(rule: tuple[int, bool] | None) -> str:
+    """An ``enable-event`` rule's log level, for an error line."""
+    if rule is None:
+        return "no log level"
+    return f"{'--loglevel-only' if rule[1] else '--loglevel'} {rule[0]}"

@@ -88,9 +88,23 @@ class Channel:
     blocking_timeout_ms: int = 0  # 0: discard mode; ops.BLOCK_FOREVER: wait for ever
     tracefile_size: int = 0  # bytes per stream file (0: one file per stream)
     tracefile_count: int = 0  # stream files kept (0: all)
+    # Patterns enabled with a log level (``enable-event --loglevel`` /
+    # ``--loglevel-only``): pattern -> (level, only).  They match only log
+    # events (``tracewire.logging``) at that level or above (or exactly).
+    loglevels: dict[str, tuple[int, bool]] = field(default_factory=dict)
 
-    def matches(self, name: str) -> bool:
-        return any(fnmatch.fnmatchcase(name, p) for p in self.patterns)
+    def matches(self, name: str, loglevel: int | None = None) -> bool:
+        """Whether an event of this name (and, for a log event, level) is
+        enabled in the channel."""
+        for p in self.patterns:
+            if not fnmatch.fnmatchcase(name, p):
+                continue
+            rule = self.loglevels.get(p)
+            if rule is None:
+                return True
+            if loglevel is not None and (loglevel == rule[0] if rule[1] else loglevel >= rule[0]):
+                return True
+        return False
 
 
 @dataclass
@@ -298,6 +312,7 @@ class App:
     link: AppLink
     started: str
     tracepoints: list[ctf.EventDecl] = field(default_factory=list)
+    loglevels: dict[int, int] = field(default_factory=dict)  # log event id -> its logging level
     stop_waiters: dict[int, trio.Event] = field(default_factory=dict)
 
     @property

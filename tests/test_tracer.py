@@ -525,6 +525,9 @@ FAST_LAYOUTS = [
     ({"s": str, "f": float, "i": int}, ("mid", 2.5, 2**63 - 1)),
     ({"b": bytes, "i": int}, (b"\x00\xff", -(2**63))),
     ({"i": int, "f": float}, (3, -0.0)),
+    # several variable fields: one Struct per tuple of lengths
+    ({"level": int, "levelname": str, "msg": str}, (20, "INFO", "request 1 path")),
+    ({"s": str, "b": bytes, "i": int, "t": str}, ("a", b"\x00", 7, "z")),
 ]
 
 
@@ -552,7 +555,7 @@ def test_fast_path_bytes_match_the_reference_encoder(rig: Rig, layout, tp_id: in
     assert chunk == expected
     assert rig.producer.discarded == 0
     if var:  # lengths past the limit are not cached
-        assert max(tp._packers) <= _tracer._PACK_MAX_LEN
+        assert all(max(k if isinstance(k, tuple) else (k,)) <= _tracer._PACK_MAX_LEN for k in tp._packers)
 
 
 def test_packer_cache_is_bounded(rig: Rig) -> None:
@@ -561,6 +564,17 @@ def test_packer_cache_is_bounded(rig: Rig) -> None:
         tp.emit(s="x" * k)
     assert sorted(tp._packers) == list(range(_tracer._PACK_MAX_LEN + 1))
     assert [e.fields["s"] for e in _events(rig.read())] == ["x" * k for k in range(2 * _tracer._PACK_MAX_LEN)]
+    assert rig.producer.discarded == 0
+
+
+def test_several_variable_fields_packer_cache_is_bounded(rig: Rig, monkeypatch) -> None:
+    monkeypatch.setattr(_tracer, "_PACK_MAX_MULTI", 10)
+    tp = rig.declare("test:lens2", {"a": str, "b": str})
+    vals = [("x" * k, "y" * (k % 3)) for k in range(40)]
+    for v in vals:
+        tp.emit(*v)
+    assert len(tp._packers) == 10
+    assert [(e.fields["a"], e.fields["b"]) for e in _events(rig.read())] == vals
     assert rig.producer.discarded == 0
 
 

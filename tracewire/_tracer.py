@@ -32,10 +32,11 @@ encodes the strings before taking any lock, then, per stream, serialises
 writers with that stream's lock, takes the timestamp under the lock (so
 timestamps are ordered in the stream), writes the event straight into shared
 memory, and publishes ``ts`` then ``head``.  An event that fits the current
-sub-buffer, gets its usual header, and has at most one string/bytes field of
-at most ``_PACK_MAX_LEN`` bytes is written with a single ``pack_into``
-(header, every field, the string's NUL), using a ``Struct`` cached per length
-of that field; any other event takes the general path (header and leading
+sub-buffer, gets its usual header, and whose string/bytes fields are each at
+most ``_PACK_MAX_LEN`` bytes is written with a single ``pack_into`` (header,
+every field, the strings' NULs), using a ``Struct`` cached per length of
+that field (per tuple of lengths when there are several such fields, at
+most ``_PACK_MAX_MULTI`` of them); any other event takes the general path (header and leading
 fixed fields packed, the rest written field by field, switching sub-buffers
 when needed).  Any exception (a wrong field type, an out-of-range int) drops
 the event and counts it as discarded: the tracer never raises into the app.
@@ -61,7 +62,7 @@ if TYPE_CHECKING:  # the tracer imports ringbuf only when a stream arrives
 
     from tracewire.ringbuf import Producer
 
-__all__ = ["tracepoint", "Tracepoint"]
+__all__ = ["tracepoint", "Tracepoint", "log_event"]
 
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.:-")
 _TYPES = {int: "int", float: "float", str: "str", bytes: "bytes"}
@@ -102,6 +103,7 @@ class _Detached:
 _HDR_COMPACT = 4  # bytes of a compact event header
 _HDR_EXTENDED = 16  # bytes of an extended one
 _PACK_MAX_LEN = 256  # longest string/bytes field (encoded) packed with a cached per-length Struct
+_PACK_MAX_MULTI = 1024  # Structs cached per tracepoint with several variable fields (one per tuple of lengths)
 
 
 def _indent(depth: int, lines: list[str]) -> list[str]:
@@ -219,7 +221,22 @@ def _gen_write(fields: list[tuple[str, str]], tp_id: int, skip: str) -> list[str
     var = _variable(fields)
     lines = ["_ts = _mono()", "_pos = _p.pos"]
     if len(var) > 1:
-        lines += _gen_general(fields, tp_id, compact, skip)
+        # Several variable fields: one pack_into too, with a Struct cached
+        # per tuple of their lengths (a bounded cache, see _packer_multi).
+        hdr = _compact_header(tp_id) if compact else f"{_EXTENDED}, {tp_id}, _ts"
+        args = []
+        for n, t in fields:
+            args += [f"_k_{n}", f"_b_{n}"] if t == "bytes" else [f"_b_{n}"] if t == "str" else [n]
+        cond = ["_end <= _p.sb_end", "_pk is not None"]
+        if compact:
+            cond.append(f"_ts - _p.last_ts < {_TS27}")
+        lines += [
+            "_end = _pos + _n0",
+            f"if {' and '.join(cond)}:",
+            f"    _pk(_s.mv, _p.base + _pos, {', '.join([hdr] + args)})",
+            "else:",
+            *_indent(1, _gen_general(fields, tp_id, compact, skip)),
+        ]
     else:
         hdr = _compact_header(tp_id) if compact else f"{_EXTENDED}, {tp_id}, _ts"
         args = []
@@ -264,6 +281,9 @@ def _gen_source(fields: list[tuple[str, str]], tp_id: int, many: bool) -> str:
     prelude = _gen_encode(fields, _HDR_COMPACT if tp_id <= _COMPACT_MAX_ID else _HDR_EXTENDED)
     if len(var) == 1:
         prelude += [f"_pk = _PK.get(_k_{var[0]})", f"if _pk is None: _pk = _mkpk(_k_{var[0]})"]
+    elif var:
+        ks = "(" + "".join(f"_k_{n}, " for n in var) + ")"
+        prelude += [f"_pk = _PK.get({ks})", f"if _pk is None: _pk = _mkpkm({ks})"]
     locked = [
         "_l = _s.lock",
         "_l.acquire()",
@@ -298,11 +318,17 @@ class Tracepoint:
     ``_S1`` (the stream when there is exactly one; see ``set_streams`` for
     what it holds otherwise), the packers and the clock."""
 
-    def __init__(self, registry: _Registry | None, tp_id: int, name: str, fields: list[tuple[str, str]]) -> None:
+    def __init__(self, registry: _Registry | None, tp_id: int, name: str, fields: list[tuple[str, str]],
+                 loglevel: int | None = None) -> None:
         self.registry = registry
         self.id = tp_id
         self.name = name
         self.fields = fields
+        # A log event's level (``tracewire.logging``: a ``logging`` levelno);
+        # sessiond's ``--loglevel`` rules enable it or not.  None: a plain
+        # tracepoint.
+        self.loglevel = loglevel
+        self.enabled = False  # some stream records it (kept by set_streams)
         lead = _lead(fields)
         lead_fmt = "".join(_FIXED[t] for _, t in lead)
         rest = fields[len(lead):]
@@ -312,7 +338,7 @@ class Tracepoint:
         self._fmt_head = ("<I" if tp_id <= _COMPACT_MAX_ID else "<IIQ") + lead_fmt
         self._fmt_var = rest[0][1] if rest else ""
         self._fmt_tail = "".join(_FIXED[t] for _, t in rest[1:] if t in _FIXED)
-        self._packers: dict[int, Callable[..., None]] = {}
+        self._packers: dict[Any, Callable[..., None]] = {}  # by length, or by tuple of lengths
         self._detached = _Detached()
         self.globals: dict[str, Any] = {
             "_streams": (),
@@ -323,6 +349,7 @@ class Tracepoint:
             "_PF": struct.Struct(self._fmt_head + self._fmt_tail).pack_into,
             "_PK": self._packers,
             "_mkpk": self._packer,
+            "_mkpkm": self._packer_multi,
             "_Pint": struct.Struct("<q").pack_into,
             "_Pfloat": struct.Struct("<d").pack_into,
             "_PI": struct.Struct("<I").pack_into,
@@ -354,6 +381,7 @@ class Tracepoint:
         leaves ``_S1`` on a ``_Detached`` stand-in, so a body that reads it
         afterwards writes nowhere (the stop barrier relies on this)."""
         g = self.globals
+        self.enabled = bool(streams)
         if len(streams) == 1:
             g["_S1"] = streams[0]
             g["_streams"] = streams
@@ -378,6 +406,22 @@ class Tracepoint:
         self._packers[k] = pk
         return pk
 
+    def _packer_multi(self, ks: tuple[int, ...]) -> Callable[..., None] | None:
+        """The fast path's ``pack_into`` for an event with several variable
+        fields of these encoded lengths (in field order), or None: one is
+        longer than ``_PACK_MAX_LEN``, or ``_PACK_MAX_MULTI`` are cached
+        already (the general path writes it).  Header and fields in order:
+        a str's ``{k+1}s`` pads its NUL, bytes get their u32 length first."""
+        if len(self._packers) >= _PACK_MAX_MULTI or not all(0 <= k <= _PACK_MAX_LEN for k in ks):
+            return None
+        fmt = ["<I" if self.id <= _COMPACT_MAX_ID else "<IIQ"]
+        lengths = iter(ks)
+        for _n, t in self.fields:
+            fmt.append(_FIXED[t] if t in _FIXED else f"{next(lengths) + 1}s" if t == "str" else f"I{next(lengths)}s")
+        pk = struct.Struct("".join(fmt)).pack_into
+        self._packers[ks] = pk
+        return pk
+
     def _failed(self) -> None:
         """Count the event as discarded in every stream it would have gone to
         (a bad argument or a closed buffer); never raises."""
@@ -397,6 +441,9 @@ class _Registry:
         self.lock = threading.RLock()
         self.tracepoints: list[Tracepoint] = []
         self.by_name: dict[str, Tracepoint] = {}
+        # Log events (``tracewire.logging``): several may share a name, one
+        # per (fields, level).
+        self.by_key: dict[tuple[str, tuple[tuple[str, str], ...], int], Tracepoint] = {}
         self.streams: dict[str, _StreamW] = {}
         self.sock: socket.socket | None = None  # the listener's socket to sessiond, when connected
         self.registered = threading.Event()
@@ -410,22 +457,33 @@ class _Registry:
         atexit.register(self.hand_over)
 
     # -- declarations (app threads) ------------------------------------------------
-    def declare(self, name: str, fields: list[tuple[str, str]]) -> Tracepoint:
+    def declare(self, name: str, fields: list[tuple[str, str]], loglevel: int | None = None) -> Tracepoint:
         """The tracepoint ``name``, declared now if new (and announced to
-        sessiond, waiting up to ``timeout`` for its answer).
+        sessiond, waiting up to ``timeout`` for its answer).  With a
+        ``loglevel``, a log event: one per (name, fields, level), so a name
+        may have several.
 
         Raises:
-            ValueError: declared before with other fields.
+            ValueError: declared before with other fields (without a loglevel).
         """
         with self.lock:
-            tp = self.by_name.get(name)
-            if tp is not None:
-                if tp.fields != fields:
-                    raise ValueError(f"tracepoint {name!r} already declared with other fields")
-                return tp
-            tp = Tracepoint(self, len(self.tracepoints), name, fields)
+            key = (name, tuple(fields), loglevel if loglevel is not None else 0)
+            if loglevel is None:
+                tp = self.by_name.get(name)
+                if tp is not None:
+                    if tp.fields != fields:
+                        raise ValueError(f"tracepoint {name!r} already declared with other fields")
+                    return tp
+            else:
+                tp = self.by_key.get(key)
+                if tp is not None:
+                    return tp
+            tp = Tracepoint(self, len(self.tracepoints), name, fields, loglevel)
             self.tracepoints.append(tp)
-            self.by_name[name] = tp
+            if loglevel is None:
+                self.by_name[name] = tp
+            else:
+                self.by_key[key] = tp
             if self.thread is None:
                 self._start_listener()
                 return tp
@@ -442,7 +500,10 @@ class _Registry:
     @staticmethod
     def _decl(tp: Tracepoint) -> dict[str, Any]:
         """A tracepoint as the register/tracepoints messages carry it."""
-        return {"id": tp.id, "name": tp.name, "fields": [list(f) for f in tp.fields]}
+        decl: dict[str, Any] = {"id": tp.id, "name": tp.name, "fields": [list(f) for f in tp.fields]}
+        if tp.loglevel is not None:
+            decl["loglevel"] = tp.loglevel
+        return decl
 
     def _start_listener(self) -> None:
         """Start the listener thread (called with ``lock`` held); if sessiond
@@ -765,3 +826,33 @@ def tracepoint(name: str, **fields: type) -> Callable[..., None]:
             raise ValueError(f"field {fname!r}: type must be int, float, str or bytes, got {ftype!r}")
         decl.append((fname, t))
     return _get_registry().declare(name, decl).emit
+
+
+def log_event(name: str, fields: list[tuple[str, str]], loglevel: int) -> Tracepoint:
+    """Declare a log event (``tracewire.logging``): like ``tracepoint`` but
+    one per (name, fields, level), with its level announced to sessiond,
+    which enables it when a ``--loglevel`` rule (or a plain pattern) says so.
+
+    Args:
+        name: ``provider:event``.
+        fields: (name, type) pairs, type one of int, float, str, bytes.
+        loglevel: the ``logging`` level number, 0 to 2**31 - 1.
+
+    Returns:
+        The Tracepoint (``emit`` emits; ``enabled`` says whether a session
+        records it).
+
+    Raises:
+        ValueError: a malformed name, field or level.
+    """
+    if not set(name) <= _NAME_CHARS or not 3 <= len(name) <= 255 or ":" not in name.strip(":"):
+        raise ValueError(f"log event name must look like 'provider:event', got {name!r}")
+    if not isinstance(loglevel, int) or not 0 <= loglevel < 2**31:
+        raise ValueError(f"log level must be 0 to 2**31-1, got {loglevel!r}")
+    import keyword
+
+    for fname, t in fields:
+        if (not fname.isidentifier() or fname.startswith("_") or keyword.iskeyword(fname)
+                or (t not in _FIXED and t not in ("str", "bytes"))):
+            raise ValueError(f"log event field {fname!r}: {t!r}")
+    return _get_registry().declare(name, list(fields), loglevel)

@@ -405,14 +405,68 @@ def enable_channel(ctx: click.Context, name: str, session: str | None, subbuf_si
 @click.argument("pattern")
 @click.option("-s", "--session", help="Session (default: the current one).")
 @click.option("-c", "--channel", help=f"Channel (default: {ops.DEFAULT_CHANNEL}, created when needed).")
+@click.option("--python", "python", is_flag=True,
+              help="PATTERN names Python loggers (tracewire.logging): 'app.db' means the events "
+                   "'python:app.db', '*' every logger.")
+@click.option("--loglevel", metavar="LEVEL", default=None,
+              help="Only log events at LEVEL or more severe (DEBUG, INFO, WARNING, ERROR, CRITICAL "
+                   "or a number).")
+@click.option("--loglevel-only", metavar="LEVEL", default=None,
+              help="Only log events at exactly LEVEL.")
 @click.pass_context
-def enable_event(ctx: click.Context, pattern: str, session: str | None, channel: str | None) -> None:
-    """Record events whose name matches PATTERN ('demo:*', '*')."""
+def enable_event(ctx: click.Context, pattern: str, session: str | None, channel: str | None, python: bool,
+                 loglevel: str | None, loglevel_only: str | None) -> None:
+    """Record events whose name matches PATTERN ('demo:*', '*').
+
+    Python logging records (tracewire.logging) are the events
+    'python:LOGGER'; --loglevel and --loglevel-only keep only some of their
+    levels, and the app itself drops the others:
+
+    \b
+      tracewire enable-event --python app.db --loglevel WARNING
+      tracewire enable-event 'python:*' --loglevel-only ERROR
+    """
+    if loglevel is not None and loglevel_only is not None:
+        raise click.UsageError("give --loglevel or --loglevel-only, not both")
+    level_text = loglevel if loglevel is not None else loglevel_only
+    level = None if level_text is None else _parse_loglevel(level_text)
+    if python:  # a logger's name as its events spell it (tracewire.logging.event_name), wildcards kept
+        import re
+
+        pattern = "python:" + re.sub(r"[^A-Za-z0-9_.:*?\[\]!-]", "_", pattern)
     r = _client(ctx).request(_make(ops.EnableEventRequest, session=session, channel=channel,
-                                   pattern=pattern))
-    click.echo(f"Events {r['pattern']!r} enabled in channel {r['channel']} of session {r['session']}")
+                                   pattern=pattern, loglevel=level, loglevel_only=loglevel_only is not None))
+    where = "" if level is None else f" at {_loglevel_words(dict(level=level, only=loglevel_only is not None))[2:-1]}"
+    click.echo(f"Events {r['pattern']!r}{where} enabled in channel {r['channel']} of session {r['session']}")
     if r.get("warning"):
         click.echo(f"Warning: {r['warning']}", err=True)
+
+
+def _parse_loglevel(text: str) -> int:
+    """A ``logging`` level from its name (any case) or number.
+
+    Raises:
+        click.BadParameter: neither.
+    """
+    from tracewire.logging import level_number
+
+    level = level_number(text)
+    if level is None:
+        raise click.BadParameter(f"{text!r} is not a log level (DEBUG, INFO, WARNING, ERROR, CRITICAL "
+                                 "or a number from 0 to 2147483647)", param_hint="'--loglevel'")
+    return level
+
+
+def _loglevel_words(rule: dict[str, Any] | None) -> str:
+    """`` (loglevel >= WARNING (30))``, as ``list`` shows a rule; empty without one."""
+    if not rule:
+        return ""
+    import logging
+
+    level = int(rule["level"])
+    name = logging.getLevelName(level)
+    named = f"{name} ({level})" if not name.startswith("Level ") else str(level)
+    return f" (loglevel {'==' if rule.get('only') else '>='} {named})"
 
 
 @cli.command()
@@ -530,8 +584,9 @@ def list_(ctx: click.Context, session: str | None, apps: bool, as_json: bool) ->
                            f"{ch['switch_timer_ms'] or 'off'}{' ms' if ch['switch_timer_ms'] else ''}, "
                            f"{_tracefile_words(ch.get('tracefile_size', 0), ch.get('tracefile_count', 0))}, "
                            f"{_blocking_words(ch.get('blocking_timeout_ms', 0))}")
+                levels = ch.get("event_loglevels") or {}
                 for ev in ch["events"]:
-                    click.echo(f"    event {ev}")
+                    click.echo(f"    event {ev}{_loglevel_words(levels.get(ev))}")
 
 
 def _user_name(uid: int) -> str:

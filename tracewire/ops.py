@@ -212,10 +212,18 @@ class EnableEventRequest(Request):
     pattern: str
     session: str | None = None
     channel: str | None = None
+    # ``--loglevel`` / ``--loglevel-only``: a ``logging`` level number; the
+    # pattern then matches only log events (``tracewire.logging``) at that
+    # level or more severe (``loglevel_only``: exactly that level).
+    loglevel: int | None = None
+    loglevel_only: bool = False
 
     def __post_init__(self) -> None:
         _require(0 < len(self.pattern) <= 255 and "\0" not in self.pattern,
                  "event pattern must be 1 to 255 characters, e.g. 'demo:*'")
+        _require(self.loglevel is None or 0 <= self.loglevel < 2**31,
+                 "--loglevel must be a level name (DEBUG, INFO, WARNING, ERROR, CRITICAL) or 0 to 2147483647")
+        _require(self.loglevel is not None or not self.loglevel_only, "loglevel_only needs a loglevel")
 
 
 @dataclass(frozen=True, slots=True)
