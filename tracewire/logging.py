@@ -40,7 +40,8 @@ leading digit or ``_``; ``extra_`` before ``level``, ``levelname`` and
 ``TracewireHandler`` works as any handler does.  ``install()`` attaches one
 to the root logger and also replaces ``Logger.debug``, ``info``,
 ``warning``, ``error``, ``critical`` and ``_log`` with a fast path: when,
-walking up from the logger like ``callHandlers`` does, the only handler found is one plain ``TracewireHandler`` (no subclass, no filters, no
+walking up from the logger like ``callHandlers`` does, the only handler
+found is one plain ``TracewireHandler`` (no subclass, no filters, no
 formatter, no logger filters) and the call has no ``exc_info`` or
 ``stack_info``, the record is neither located (``findCaller``) nor built
 (``LogRecord``): its level, logger, message and extras go straight to the
