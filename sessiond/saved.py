@@ -92,7 +92,8 @@ def saved_of(sess: Session) -> fmt.SavedSession:
         started=sess.state is SessionState.STARTED,
         channels=tuple(
             fmt.SavedChannel(ch.name, ch.subbuf_size, ch.num_subbuf, ch.overwrite, ch.switch_timer_ms,
-                             ch.blocking_timeout_ms, ch.tracefile_size, ch.tracefile_count, tuple(ch.patterns))
+                             ch.blocking_timeout_ms, ch.tracefile_size, ch.tracefile_count, tuple(ch.patterns),
+                             tuple((p, level, only) for p, (level, only) in ch.loglevels.items()))
             for ch in sess.channels_in_order()),
     )
 

@@ -28,7 +28,8 @@ FULL = fmt.SavedSession(
     rotation_timer_ms=600_000, rotation_size=256 * 1024 * 1024, started=True,
     channels=(
         fmt.SavedChannel("channel0", events=("demo:*", "app:tick")),
-        fmt.SavedChannel("c1", 8192, 8, False, 100, ops.BLOCK_FOREVER, 65536, 3, ("x:*",)),
+        fmt.SavedChannel("c1", 8192, 8, False, 100, ops.BLOCK_FOREVER, 65536, 3, ("x:*", "python:app.*"),
+                         (("python:app.*", 30, False), ("x:*", 40, True))),
     ),
 )
 
@@ -115,6 +116,12 @@ _DELETE = object()
     (_set("channels.1.events", ["x" * 300]), r"^channels\[1\]\.events\[0\]: event pattern must be 1 to 255"),
     (_set("channels.1.events", ["a", "a"]), r"^channels\[1\]\.events: a pattern is given twice"),
     (_set("channels.1.colour", "red"), r"^channels\[1\]\.colour: unknown field"),
+    (_set("channels.1.loglevels", ["x:*"]), r"^channels\[1\]\.loglevels: must be an object"),
+    (_set("channels.1.loglevels", {"y:*": {"level": 30}}), r"^channels\[1\]\.loglevels: 'y:\*' is not one of"),
+    (_set("channels.1.loglevels", {"x:*": {"level": -1}}), r"^channels\[1\]\.loglevels\['x:\*'\]\.level: must be"),
+    (_set("channels.1.loglevels", {"x:*": {"only": True}}), r"^channels\[1\]\.loglevels\['x:\*'\]\.level: missing"),
+    (_set("channels.1.loglevels", {"x:*": {"level": 30, "only": 1}}), r"\.only: must be true or false"),
+    (_set("channels.1.loglevels", {"x:*": {"level": 30, "at": 1}}), r"\.at: unknown field"),
     (_set("started", "yes"), r"^started: must be true or false"),
     (_set("channels", []), r"^started: a session without an enabled event cannot be started"),
 ])
@@ -177,10 +184,15 @@ def test_saved_of_a_session() -> None:
                    state=SessionState.STARTED, auth_key_file="/etc/tracewire/key")
     from sessiond.model import Channel
 
-    sess.channels["channel0"] = Channel("channel0", 0, patterns=["demo:*"])
+    sess.channels["channel0"] = Channel("channel0", 0, patterns=["demo:*", "python:*"],
+                                        loglevels={"python:*": (30, True)})
     s = sd_saved.saved_of(sess)
-    assert s.started and s.url == "tw://collector:6342" and s.channels[0].events == ("demo:*",)
+    assert s.started and s.url == "tw://collector:6342" and s.channels[0].events == ("demo:*", "python:*")
     assert fmt.parse(fmt.dumps(s)) == s
+    # enable-event --loglevel-only WARNING comes back as it was given.
+    reqs = {r.pattern: r for r in s.event_requests()}
+    assert (reqs["python:*"].loglevel, reqs["python:*"].loglevel_only) == (30, True)
+    assert (reqs["demo:*"].loglevel, reqs["demo:*"].loglevel_only) == (None, False)
 
 
 # ------------------------------------------------------------ the resume journal

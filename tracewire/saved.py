@@ -17,6 +17,10 @@ holding a session's *definition*, never its data nor a secret::
                    "tracefile_count": 0, "events": ["demo:*"]}],
      "started": true}
 
+A channel may also hold ``"loglevels": {"python:*": {"level": 30, "only":
+false}}``: the ``enable-event --loglevel`` / ``--loglevel-only`` rule of
+some of its events (the logging bridge, tracewire/logging.py).
+
 ``sink`` holds ``output`` (an absolute directory) or ``url`` with the
 streaming options; the auth key is named by its file's path (the secret
 stays in that file).  ``created`` is the session's creation stamp: a load
@@ -77,6 +81,9 @@ class SavedChannel:
     tracefile_size: int = 0
     tracefile_count: int = 0
     events: tuple[str, ...] = ()
+    # ``enable-event --loglevel/--loglevel-only`` rules: (pattern, level, only),
+    # each pattern one of ``events``.
+    loglevels: tuple[tuple[str, int, bool], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,8 +119,14 @@ class SavedSession:
             tracefile_count=ch.tracefile_count)
 
     def event_requests(self) -> list[ops.EnableEventRequest]:
-        return [ops.EnableEventRequest(pattern=p, session=self.name, channel=ch.name)
-                for ch in self.channels for p in ch.events]
+        out = []
+        for ch in self.channels:
+            rules = {p: (level, only) for p, level, only in ch.loglevels}
+            for p in ch.events:
+                level, only = rules.get(p, (None, False))
+                out.append(ops.EnableEventRequest(pattern=p, session=self.name, channel=ch.name,
+                                                  loglevel=level, loglevel_only=only))
+        return out
 
     def rotation_request(self) -> ops.EnableRotationRequest | None:
         if not (self.rotation_timer_ms or self.rotation_size):
@@ -125,6 +138,17 @@ class SavedSession:
 def file_name(name: str) -> str:
     """The file a session is saved to in a directory (LTTng: ``NAME.lttng``)."""
     return f"{name}.json"
+
+
+def _channel_obj(c: SavedChannel) -> dict[str, Any]:
+    obj: dict[str, Any] = {
+        "name": c.name, "subbuf_size": c.subbuf_size, "num_subbuf": c.num_subbuf,
+        "mode": "overwrite" if c.overwrite else "discard", "switch_timer_ms": c.switch_timer_ms,
+        "blocking_timeout_ms": "inf" if c.blocking_timeout_ms == ops.BLOCK_FOREVER else c.blocking_timeout_ms,
+        "tracefile_size": c.tracefile_size, "tracefile_count": c.tracefile_count, "events": list(c.events)}
+    if c.loglevels:  # as `list --json` shows them: pattern -> {level, only}
+        obj["loglevels"] = {p: {"level": level, "only": only} for p, level, only in c.loglevels}
+    return obj
 
 
 def dumps(s: SavedSession) -> str:
@@ -140,13 +164,7 @@ def dumps(s: SavedSession) -> str:
         "mode": "snapshot" if s.snapshot else "live" if s.live_timer_us else "normal",
         "live_timer_us": s.live_timer_us,
         "rotation": {"timer_ms": s.rotation_timer_ms, "size": s.rotation_size},
-        "channels": [
-            {"name": c.name, "subbuf_size": c.subbuf_size, "num_subbuf": c.num_subbuf,
-             "mode": "overwrite" if c.overwrite else "discard", "switch_timer_ms": c.switch_timer_ms,
-             "blocking_timeout_ms": "inf" if c.blocking_timeout_ms == ops.BLOCK_FOREVER else c.blocking_timeout_ms,
-             "tracefile_size": c.tracefile_size, "tracefile_count": c.tracefile_count, "events": list(c.events)}
-            for c in s.channels
-        ],
+        "channels": [_channel_obj(c) for c in s.channels],
         "started": s.started,
     }
     return json.dumps(obj, indent=2) + "\n"
@@ -253,10 +271,32 @@ def _channel(obj: object, where: str) -> SavedChannel:
         _checked(f"{f.path('events')}[{i}]", lambda p=p: ops.EnableEventRequest(pattern=p))
     if len(set(events)) != len(events):
         raise SavedSessionError(f"{f.path('events')}: a pattern is given twice")
+    loglevels = _loglevels(f, events)
     f.done()
-    ch = SavedChannel(name, subbuf, num, overwrite, timer, block, tf_size, tf_count, tuple(events))
+    ch = SavedChannel(name, subbuf, num, overwrite, timer, block, tf_size, tf_count, tuple(events), loglevels)
     _checked(where, lambda: SavedSession(name="x").channel_request(ch))
     return ch
+
+
+def _loglevels(f: _Fields, events: list[str]) -> tuple[tuple[str, int, bool], ...]:
+    """A channel's ``loglevels``: {pattern: {"level": N, "only": bool}}, each
+    pattern one of its ``events``."""
+    raw = f.get("loglevels", {})
+    where = f.path("loglevels")
+    if not isinstance(raw, dict):
+        raise SavedSessionError(f"{where}: must be an object (pattern: {{level, only}})")
+    out = []
+    for p, rule in raw.items():
+        if p not in events:
+            raise SavedSessionError(f"{where}: {_short(p)} is not one of the channel's events")
+        r = _Fields(rule, f"{where}[{p!r}]")
+        level = r.integer("level", 0, 0, 2**31 - 1)
+        if "level" not in rule:
+            raise SavedSessionError(f"{r.path('level')}: missing")
+        only = r.boolean("only", False)
+        r.done()
+        out.append((p, level, only))
+    return tuple(out)
 
 
 def parse(text: str | bytes) -> SavedSession:
