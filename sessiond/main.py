@@ -6,12 +6,16 @@ import logging
 import signal
 import sys
 from functools import partial
+from typing import TYPE_CHECKING
 
 import click
 import trio
 
 from sessiond import SessiondConfig, UserError, default_rundir, serve_sessiond
 from sessiond.zygote import ForkedZygote, fork_zygote
+
+if TYPE_CHECKING:
+    from tracewire.metrics_server import MetricsConfig
 
 STARTUP_FAILURE = 3
 
@@ -46,6 +50,18 @@ def run(config: SessiondConfig) -> int:
     return 0
 
 
+def _metrics_listen(ctx: click.Context, param: click.Parameter, value: str | None) -> MetricsConfig | None:
+    """--metrics-listen: the metrics modules are imported only when it is given."""
+    if value is None:
+        return None
+    from tracewire.metrics_server import parse_listen
+
+    try:
+        return parse_listen(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 @click.command(context_settings={"auto_envvar_prefix": "TRACEWIRE_SESSIOND"})
 @click.option("--rundir", default=None, help="Run directory (default: $TRACEWIRE_RUNDIR, "
               "$XDG_RUNTIME_DIR/tracewire, or /run/tracewire for root).")
@@ -64,9 +80,15 @@ def run(config: SessiondConfig) -> int:
               help="A snapshot session keeps the ring buffers of the last N apps that exited or "
               "crashed (for 'tracewire snapshot record'); older ones are freed "
               "[env TRACEWIRE_SESSIOND_SNAPSHOT_KEEP_DEAD].")
+@click.option("--metrics-listen", default=None, metavar="HOST:PORT", callback=_metrics_listen,
+              help="Serve Prometheus metrics (every session's stream counters, as 'tracewire status' "
+              "shows them, and the CPU and memory of sessiond and its consumerds) on "
+              "http://HOST:PORT/metrics; off by default.  Anyone who reaches the address sees every "
+              "user's session names: keep it on 127.0.0.1 (docs/security.md) "
+              "[env TRACEWIRE_SESSIOND_METRICS_LISTEN].")
 @click.option("--log-level", default="INFO", show_default=True, help="Python logging level.")
 def main(rundir: str | None, stop_timeout: float, consumer_rt_priority: int, snapshot_keep_dead: int,
-         log_level: str) -> None:
+         metrics_listen: MetricsConfig | None, log_level: str) -> None:
     """Session daemon: the registry of tracing sessions.
 
     It owns the ring buffers, spawns consumerd and answers the tracewire CLI
@@ -78,4 +100,4 @@ def main(rundir: str | None, stop_timeout: float, consumer_rt_priority: int, sna
     )
     sys.exit(run(SessiondConfig(rundir=rundir or default_rundir(), stop_timeout=stop_timeout,
                                 consumer_rt_priority=consumer_rt_priority,
-                                snapshot_keep_dead=snapshot_keep_dead)))
+                                snapshot_keep_dead=snapshot_keep_dead, metrics=metrics_listen)))

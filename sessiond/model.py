@@ -17,7 +17,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -35,6 +35,9 @@ from tracewire.ops import (
     ProducerGoneOp,
     SessionOp,
 )
+
+if TYPE_CHECKING:  # imported only by a sessiond that serves metrics
+    from tracewire.metrics_server import MetricsConfig
 
 __all__ = ["App", "AppLink", "Channel", "Outgoing", "Registry", "Session", "SessionState", "SessiondConfig", "Stream",
            "Trace", "UserError", "chunk_stamp", "now_stamp"]
@@ -66,6 +69,8 @@ class SessiondConfig:
     # How often the rotation schedules are checked (a timer's precision; the
     # size of a chunk is asked of consumerd this often).
     rotation_check_interval: float = 0.5
+    # --metrics-listen: serve the consumerds' counters for Prometheus (None: off).
+    metrics: MetricsConfig | None = None
 
 
 class UserError(Exception):

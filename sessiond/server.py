@@ -132,6 +132,11 @@ async def serve_sessiond(
             nursery.start_soon(partial(trio.serve_listeners, sd.handle_control, [trio.SocketListener(ctl)]))
             nursery.start_soon(_accept_apps, apps, sd.apps, nursery)
             nursery.start_soon(sd.commands.rotation_loop)
+            if config.metrics is not None:  # prometheus_client is imported only then
+                from sessiond.metrics import serve_sessiond_metrics
+
+                await nursery.start(partial(serve_sessiond_metrics, config.metrics, sd.registry,
+                                            sd.consumers, forks))
             with open(pid_path, "w") as f:
                 f.write(f"{os.getpid()}\n")
             logger.info("sessiond ready in %s", config.rundir)

@@ -543,6 +543,9 @@ class StreamStats:
     ring_unread: int = 0
     # Raw bytes written to the session's current trace chunk (rotation by size).
     chunk_bytes: int = 0
+    # A relay stream: connections its session made to the relay after the
+    # first (the same on each of the session's streams); None: a local sink.
+    relay_reconnects: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
