@@ -80,11 +80,11 @@ def _metrics_listen(ctx: click.Context, param: click.Parameter, value: str | Non
               help="A snapshot session keeps the ring buffers of the last N apps that exited or "
               "crashed (for 'tracewire snapshot record'); older ones are freed "
               "[env TRACEWIRE_SESSIOND_SNAPSHOT_KEEP_DEAD].")
-@click.option("--metrics-listen", default=None, metavar="HOST:PORT", callback=_metrics_listen,
+@click.option("--metrics-listen", default=None, metavar="HOST:PORT|PORT", callback=_metrics_listen,
               help="Serve Prometheus metrics (every session's stream counters, as 'tracewire status' "
               "shows them, and the CPU and memory of sessiond and its consumerds) on "
-              "http://HOST:PORT/metrics; off by default.  Anyone who reaches the address sees every "
-              "user's session names: keep it on 127.0.0.1 (docs/security.md) "
+              "http://HOST:PORT/metrics (PORT alone: on 127.0.0.1); off by default.  Anyone who "
+              "reaches the address sees every user's session names: keep it on 127.0.0.1 (docs/security.md) "
               "[env TRACEWIRE_SESSIOND_METRICS_LISTEN].")
 @click.option("--log-level", default="INFO", show_default=True, help="Python logging level.")
 def main(rundir: str | None, stop_timeout: float, consumer_rt_priority: int, snapshot_keep_dead: int,

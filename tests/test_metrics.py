@@ -182,7 +182,8 @@ def test_relay_sessions_are_bounded() -> None:
 def test_parse_listen() -> None:
     assert parse_listen("127.0.0.1:0") == MetricsConfig("127.0.0.1", 0)
     assert parse_listen("[::1]:9464") == MetricsConfig("::1", 9464)
-    for bad in ("9464", "host:", ":80", "h:70000", "h:x"):
+    assert parse_listen("9464") == MetricsConfig("127.0.0.1", 9464)  # loopback unless told otherwise
+    for bad in ("70000", "host:", ":80", "h:70000", "h:x", "-1"):
         with pytest.raises(ValueError, match="HOST:PORT"):
             parse_listen(bad)
 

@@ -81,16 +81,20 @@ class MetricsConfig:
 
 
 def parse_listen(text: str) -> MetricsConfig:
-    """``HOST:PORT`` or ``[IPv6]:PORT`` (port 0: a free one) as a MetricsConfig.
+    """``HOST:PORT``, ``[IPv6]:PORT`` or ``PORT`` alone (on 127.0.0.1:
+    whoever reaches the port reads every session's names) as a
+    MetricsConfig; port 0: a free one.
 
     Raises:
         ValueError: not of that form (the text says what is expected).
     """
+    if text.isdigit() and int(text) <= 65535:
+        return MetricsConfig(host="127.0.0.1", port=int(text))
     host, sep, port = text.rpartition(":")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"{text!r} is not HOST:PORT (e.g. 127.0.0.1:9464, [::1]:9464)")
+        raise ValueError(f"{text!r} is not HOST:PORT or PORT (e.g. 127.0.0.1:9464, [::1]:9464, 9464)")
     return MetricsConfig(host=host, port=int(port))
 
 
