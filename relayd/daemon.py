@@ -144,7 +144,7 @@ from tracewire.wire import (
 
 if TYPE_CHECKING:
     from tracewire.metrics import RelaySnapshot
-    from tracewire.metrics_server import MetricsConfig
+    from tracewire.metrics_config import MetricsConfig
 
 __all__ = [
     "AuthKeyError",

@@ -46,7 +46,7 @@ class Address:
 
 
 if TYPE_CHECKING:
-    from tracewire.metrics_server import MetricsConfig
+    from tracewire.metrics_config import MetricsConfig
 
 if TYPE_CHECKING:  # generic in click >= 8.2 only: subscript it for mypy alone
     _AddressParam = click.ParamType[Address, Any]
@@ -144,7 +144,7 @@ def _metrics_config(value: str | None) -> MetricsConfig | None:
     """
     if value is None or value == "off":
         return None
-    from tracewire.metrics_server import parse_listen
+    from tracewire.metrics_config import parse_listen
 
     try:
         return parse_listen(value)

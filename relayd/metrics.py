@@ -31,7 +31,7 @@ import trio
 if TYPE_CHECKING:
     from relayd.daemon import RelayServer
     from tracewire.metrics import RelaySnapshot
-    from tracewire.metrics_server import MetricsConfig
+    from tracewire.metrics_config import MetricsConfig
 
 __all__ = ["RelayCounters", "serve_relay_metrics", "split_path"]
 

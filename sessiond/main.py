@@ -15,7 +15,7 @@ from sessiond import SessiondConfig, UserError, default_rundir, serve_sessiond
 from sessiond.zygote import ForkedZygote, fork_zygote
 
 if TYPE_CHECKING:
-    from tracewire.metrics_server import MetricsConfig
+    from tracewire.metrics_config import MetricsConfig
 
 STARTUP_FAILURE = 3
 
@@ -54,7 +54,7 @@ def _metrics_listen(ctx: click.Context, param: click.Parameter, value: str | Non
     """--metrics-listen: the metrics modules are imported only when it is given."""
     if value is None:
         return None
-    from tracewire.metrics_server import parse_listen
+    from tracewire.metrics_config import parse_listen
 
     try:
         return parse_listen(value)

@@ -34,7 +34,8 @@ from tracewire.metrics import (
     TargetStream,
     target_families,
 )
-from tracewire.metrics_server import LoopSnapshot, MetricsConfig, serve_metrics
+from tracewire.metrics_config import MetricsConfig
+from tracewire.metrics_server import LoopSnapshot, serve_metrics
 from tracewire.ops import StatusOp, StreamsReply
 
 if TYPE_CHECKING:

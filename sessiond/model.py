@@ -37,7 +37,7 @@ from tracewire.ops import (
 )
 
 if TYPE_CHECKING:  # imported only by a sessiond that serves metrics
-    from tracewire.metrics_server import MetricsConfig
+    from tracewire.metrics_config import MetricsConfig
 
 __all__ = ["App", "AppLink", "Channel", "Outgoing", "Registry", "Session", "SessionState", "SessiondConfig", "Stream",
            "Trace", "UserError", "chunk_stamp", "now_stamp"]

@@ -33,7 +33,8 @@ from tracewire.metrics import (
     relay_families,
     target_families,
 )
-from tracewire.metrics_server import LoopSnapshot, MetricsConfig, SnapshotUnavailable, parse_listen, serve_metrics
+from tracewire.metrics_config import MetricsConfig, parse_listen
+from tracewire.metrics_server import LoopSnapshot, SnapshotUnavailable, serve_metrics
 from tracewire.ops import StatusOp, StreamsReply, StreamStats, decode_reply, encode
 
 
@@ -290,9 +291,14 @@ async def test_bind_failure_is_oserror(nursery: trio.Nursery) -> None:
 
 
 def test_daemons_without_the_flag_do_not_import_prometheus_client() -> None:
+    # Nor does parsing the flag: sessiond forks its consumerd zygote after
+    # parsing it, and the zygote must not inherit the metrics modules.
     code = ("import sys, sessiond.main, sessiond.server, relayd.main, consumerd.daemon, tracewire.cli; "
+            "sessiond.main._metrics_listen(None, None, '127.0.0.1:0'); "
+            "relayd.main._metrics_config('127.0.0.1:0'); "
             "assert 'prometheus_client' not in sys.modules, 'imported'; "
-            "assert 'tracewire.metrics_server' not in sys.modules, 'imported'")
+            "assert 'tracewire.metrics_server' not in sys.modules, 'imported'; "
+            "assert 'http.server' not in sys.modules, 'imported'")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
 
