@@ -1907,6 +1907,78 @@ def _installed_bytecode() -> None:
         compileall.compile_dir(os.path.join(REPO_DIR, pkg), quiet=1)
 
 
+# ----------------------------------------------------------------- metrics (--metrics-listen)
+
+
+def _scrape(port: int) -> int:
+    """One GET /metrics; returns the body's size."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        conn.request("GET", "/metrics")
+        resp = conn.getresponse()
+        body = resp.read()
+        if resp.status != 200:
+            raise RuntimeError(f"/metrics answered {resp.status}")
+        return len(body)
+    finally:
+        conn.close()
+
+
+def _log_port(path: str, pattern: str, deadline: float) -> int:
+    while True:
+        with open(path, errors="replace") as f:
+            m = re.search(pattern, f.read())
+        if m:
+            return int(m.group(1))
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no {pattern!r} in {path}")
+        time.sleep(0.05)
+
+
+def bench_metrics(repeat: int, scrapes: int = 200, apps: int = 4) -> None:
+    """metrics_scrape_cpu_ms_*: the CPU (utime+stime) one scrape of /metrics
+    costs the target (sessiond and its consumerd) and the relay, with one
+    session of ``apps`` streams through a loopback relay; best of N."""
+    target: list[float] = []
+    relay_ms: list[float] = []
+    for _ in range(repeat):
+        work = tempfile.mkdtemp(prefix="twbm", dir="/tmp")
+        d = Daemons()
+        d.env["TRACEWIRE_SESSIOND_METRICS_LISTEN"] = "127.0.0.1:0"
+        relay = None
+        try:
+            relay = Relay(os.path.join(work, "out"), os.path.join(work, "relay.log"),
+                          ("--metrics-listen", "127.0.0.1:0"))
+            rmet = _log_port(os.path.join(work, "relay.log"), r"metrics on http://127\.0\.0\.1:(\d+)",
+                             time.monotonic() + 30)
+            d.cli("create", "m", "--url", f"tw://127.0.0.1:{relay.port}")
+            d.cli("enable-event", "demo:*")
+            d.cli("start")
+            procs = [subprocess.Popen([os.path.join(BIN_DIR, "tracewire-demo"), "--events", "2000"], env=d.env,
+                                      stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL) for _ in range(apps)]
+            for p in procs:
+                p.wait(timeout=600)
+            d.cli("stop")
+            smet = _log_port(os.path.join(d.rundir, "sessiond.log"), r"metrics on http://127\.0\.0\.1:(\d+)",
+                             time.monotonic() + 30)
+            sessiond = max(d.pids)
+            for port, pids, out in ((smet, _tree(sessiond), target), (rmet, [relay.pid], relay_ms)):
+                _scrape(port)
+                before = sum(_cpu_s(p) for p in pids)
+                for _ in range(scrapes):
+                    _scrape(port)
+                out.append((sum(_cpu_s(p) for p in pids) - before) / scrapes * 1000)
+        finally:
+            d.close()
+            if relay is not None:
+                relay.close()
+            shutil.rmtree(work, ignore_errors=True)
+    emit("metrics_scrape_cpu_ms_target", min(target), "ms")
+    emit("metrics_scrape_cpu_ms_relay", min(relay_ms), "ms")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeat", type=int, default=3, help="best of N (default 3)")
@@ -1957,6 +2029,8 @@ def main() -> None:
     # --only vs_lttng (or a prefix of it) also runs the python_tracer_* figures.
     bench_vs_lttng(a.events, a.repeat, want)
     bench_python_tracer(a.python_calls, a.repeat, want, VS_PREFIX.startswith(a.only))
+    if want("metrics_scrape"):
+        bench_metrics(a.repeat)
 
 
 if __name__ == "__main__":
