@@ -311,3 +311,64 @@ def test_bad_metrics_listen_is_a_usage_error() -> None:
     assert r.exit_code == 2 and "HOST:PORT" in r.output
     r = CliRunner().invoke(relayd_main, ["--output", "/nonexistent", "--metrics-listen", "nope"])
     assert r.exit_code == 2 and "HOST:PORT" in r.output
+
+
+# ------------------------------------------------------------------ the relay's hooks, in process
+
+
+async def test_relay_hooks_count_what_happens(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """serve_relayd with metrics: written packets and frame bytes, a reconnect,
+    an auth failure and a packet that does not decompress, as a scrape shows them."""
+    from test_relayd import AUTH_KEYS, SECRET_A, Client, Trace, packet_msg, send_trace
+
+    from relayd import RelaydConfig, serve_relayd
+    from tracewire import wire
+
+    def value(m: dict[str, list[tuple[dict[str, str], float]]], name: str) -> float:
+        return sum(v for _, v in m[name])
+
+    def parsed(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
+        out: dict[str, list[tuple[dict[str, str], float]]] = {}
+        for fam in text_string_to_metric_families(text):
+            for s in fam.samples:
+                out.setdefault(s.name, []).append((s.labels, s.value))
+        return out
+
+    config = RelaydConfig(output=str(tmp_path / "out"), listen_host="127.0.0.1", listen_port=0,
+                          auth_keys=AUTH_KEYS, metrics=MetricsConfig("127.0.0.1", 0))
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(serve_relayd, config)
+            port = listeners[0].socket.getsockname()[1]
+            assert listeners.metrics is not None
+            mport = listeners.metrics[1]
+            trace = Trace("host-a")
+            key = ("key-a", SECRET_A)
+            await send_trace(port, trace, range(3), key=key)
+            await send_trace(port, trace, range(3, 5), key=key)  # the same session again: a reconnect
+            bad = await Client.connect(port)
+            assert isinstance(await bad.handshake("host-a", ("key-a", b"wrong" * 8)), wire.Error)
+            await bad.aclose()
+            junk = await Client.connect(port)
+            assert isinstance(await junk.handshake("host-a", key), wire.Welcome)
+            await junk.open_stream(Trace("host-a", session="s2"))
+            p = packet_msg(1, 0, trace.packet(0))
+            await junk.send(wire.Packet(p.stream_id, p.seq, wire.Codec.ZSTD, p.raw_len, p.ts_begin, p.ts_end,
+                                        p.events_discarded, p.content_size_bits, p.packet_size_bits,
+                                        p.packet_seq_num, b"\x28\xb5\x2f\xfd" + b"\x00" * 40))
+            assert (await junk.expect_error()).code == wire.ErrorCode.DECOMPRESS
+            _status, text = await trio.to_thread.run_sync(_get, mport)
+            nursery.cancel_scope.cancel()
+    m = parsed(text)
+    ((labels, packets),) = [(labels, v) for labels, v in m["tracewire_relay_stream_packets_total"]
+                            if labels["session"].startswith("s1-")]
+    assert labels["host"] == "host-a" and labels["stream"].endswith("/channel0_0") and packets == 5
+    # Raw bytes: the packets themselves; wire bytes: their frames, as the sender framed them.
+    raws = [trace.packet(n) for n in range(5)]
+    assert value(m, "tracewire_relay_stream_raw_bytes_total") == sum(len(r) for r in raws)
+    frames = sum(len(wire.encode(packet_msg(1, n, raws[n], compress=n % 2 == 0))) for n in range(5))
+    assert value(m, "tracewire_relay_stream_wire_bytes_total") == frames
+    reconnects = {labels["session"][:2]: v for labels, v in m["tracewire_relay_session_reconnects_total"]}
+    assert reconnects == {"s1": 1, "s2": 0}
+    assert value(m, "tracewire_relay_auth_failures_total") == 1
+    assert value(m, "tracewire_relay_decompression_errors_total") == 1
