@@ -1362,19 +1362,25 @@ async def serve_relayd(
             raise RelaydStartupError(f"cannot listen for live viewers on {where}: {exc.strerror or exc}") from exc
         logger.info("live viewers on %s (no authentication in the live protocol)",
                     ", ".join(_format_address(lst.socket.getsockname()) for lst in live))
+    endpoint = None
+    if config.metrics is not None:  # prometheus_client is imported only then
+        from relayd.metrics import bind_metrics
+
+        try:
+            endpoint = bind_metrics(config.metrics)
+        except OSError as exc:
+            for listener in listeners + live:
+                await listener.aclose()
+            raise RelaydStartupError(f"cannot serve metrics on {config.metrics}: {exc.strerror or exc}") from exc
     async with trio.open_nursery() as nursery:
         if config.live is not None:
             await nursery.start(partial(serve_live, config.live, server.live, listeners=live))
         await nursery.start(trio.serve_listeners, server.handle, served)
         metrics = None
-        if config.metrics is not None:  # prometheus_client is imported only then
+        if endpoint is not None:
             from relayd.metrics import serve_relay_metrics
 
-            try:
-                metrics = await nursery.start(serve_relay_metrics, config.metrics, server)
-            except OSError as exc:
-                raise RelaydStartupError(
-                    f"cannot serve metrics on {config.metrics}: {exc.strerror or exc}") from exc
+            metrics = await nursery.start(serve_relay_metrics, endpoint, server)
         task_status.started(Listeners(listeners, live, metrics))
 
 

@@ -32,8 +32,9 @@ if TYPE_CHECKING:
     from relayd.daemon import RelayServer
     from tracewire.metrics import RelaySnapshot
     from tracewire.metrics_config import MetricsConfig
+    from tracewire.metrics_server import MetricsServer
 
-__all__ = ["RelayCounters", "serve_relay_metrics", "split_path"]
+__all__ = ["RelayCounters", "bind_metrics", "serve_relay_metrics", "split_path"]
 
 DEFAULT_MAX_CLOSED = 4096
 
@@ -144,24 +145,31 @@ def _retire(key: str, table: dict[str, _StreamCount], closed: collections.Ordere
         table.pop(old, None)
 
 
-async def serve_relay_metrics(
-    config: MetricsConfig, server: RelayServer, *,
-    task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Serve the relay's metrics on ``config``'s address until cancelled
-    (imports prometheus_client: called only with --metrics-listen).
+def bind_metrics(config: MetricsConfig) -> MetricsServer:
+    """The endpoint, bound (imports prometheus_client: called only with
+    --metrics-listen).
 
     Raises:
-        OSError: before task_status.started, if the address cannot be bound.
+        OSError: the address cannot be bound.
     """
+    from tracewire.metrics_server import MetricsServer
+
+    return MetricsServer(config)
+
+
+async def serve_relay_metrics(
+    endpoint: MetricsServer, server: RelayServer, *,
+    task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the relay's metrics on the bound ``endpoint`` until cancelled."""
     from tracewire.metrics import ProcessRef, SnapshotCollector, relay_families
-    from tracewire.metrics_server import LoopSnapshot, serve_metrics
+    from tracewire.metrics_server import LoopSnapshot
 
     me = (ProcessRef("relayd", os.getpid()),)
 
     async def take() -> RelaySnapshot:
         return dataclasses.replace(server.metrics_snapshot(), processes=me)
 
-    snapshot: LoopSnapshot[RelaySnapshot] = LoopSnapshot(take, config.timeout)
+    snapshot: LoopSnapshot[RelaySnapshot] = LoopSnapshot(take, endpoint.config.timeout)
     collector = SnapshotCollector(snapshot.get, relay_families, lambda snap: snap.processes)
-    await serve_metrics(config, collector, snapshot, task_status=task_status)
+    await endpoint.serve(collector, snapshot, task_status=task_status)

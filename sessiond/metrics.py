@@ -35,7 +35,7 @@ from tracewire.metrics import (
     target_families,
 )
 from tracewire.metrics_config import MetricsConfig
-from tracewire.metrics_server import LoopSnapshot, serve_metrics
+from tracewire.metrics_server import LoopSnapshot, MetricsServer
 from tracewire.ops import StatusOp, StreamsReply
 
 if TYPE_CHECKING:
@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from sessiond.model import Registry
     from sessiond.zygote import Zygote
 
-__all__ = ["serve_sessiond_metrics", "take_snapshot"]
+__all__ = ["bind_metrics", "serve_sessiond_metrics", "take_snapshot"]
 
 
 async def take_snapshot(registry: Registry, consumers: ConsumerPool, zygote: Zygote | None,
@@ -79,18 +79,27 @@ async def take_snapshot(registry: Registry, consumers: ConsumerPool, zygote: Zyg
     return TargetSnapshot(streams=tuple(streams), processes=tuple(procs), unanswered=unanswered)
 
 
-async def serve_sessiond_metrics(
-    config: MetricsConfig, registry: Registry, consumers: ConsumerPool, zygote: Zygote | None, *,
-    task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Serve sessiond's metrics on ``config``'s address until cancelled.
+def bind_metrics(config: MetricsConfig) -> MetricsServer:
+    """The endpoint, bound (before sessiond starts anything else).
 
     Raises:
-        OSError: before task_status.started, if the address cannot be bound.
+        UserError: the address cannot be bound (one line).
     """
+    try:
+        return MetricsServer(config)
+    except OSError as exc:
+        raise UserError(f"cannot serve metrics on {config}: {exc.strerror or exc}") from None
+
+
+async def serve_sessiond_metrics(
+    server: MetricsServer, registry: Registry, consumers: ConsumerPool, zygote: Zygote | None, *,
+    task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve sessiond's metrics on the bound ``server`` until cancelled."""
+    config = server.config
     # The consumerd calls get a little less than the scrape's wait, so that
     # one slow consumerd is reported unanswered rather than failing the scrape.
     snapshot: LoopSnapshot[TargetSnapshot] = LoopSnapshot(
         partial(take_snapshot, registry, consumers, zygote, config.timeout * 0.8), config.timeout)
     collector = SnapshotCollector(snapshot.get, target_families, lambda snap: snap.processes)
-    await serve_metrics(config, collector, snapshot, task_status=task_status)
+    await server.serve(collector, snapshot, task_status=task_status)

@@ -372,3 +372,18 @@ async def test_relay_hooks_count_what_happens(tmp_path) -> None:  # type: ignore
     assert reconnects == {"s1": 1, "s2": 0}
     assert value(m, "tracewire_relay_auth_failures_total") == 1
     assert value(m, "tracewire_relay_decompression_errors_total") == 1
+
+
+def test_metrics_address_in_use_is_a_startup_failure(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    bin_dir = os.path.dirname(sys.executable)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        addr = f"127.0.0.1:{busy.getsockname()[1]}"
+        for argv in ([os.path.join(bin_dir, "tracewire-sessiond"), "--rundir", str(tmp_path / "run")],
+                     [os.path.join(bin_dir, "tracewire-relayd"), "--output", str(tmp_path / "out"),
+                      "--listen", "127.0.0.1:0", "--live-listen", "off"]):
+            r = subprocess.run([*argv, "--metrics-listen", addr], capture_output=True, text=True, timeout=60,
+                               stdin=subprocess.DEVNULL)
+            assert r.returncode == 3, r.stderr
+            assert r.stderr.strip().splitlines()[-1].endswith(f"cannot serve metrics on {addr}: Address already in use")

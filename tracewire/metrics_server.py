@@ -24,9 +24,9 @@ who reaches the port) cost the daemon more than a bound:
   that arrive while a snapshot is being taken share it, so many scrapers cost
   the loop one snapshot at a time.  No timeout: the scrape gets 503.
 
-The loop side is :func:`serve_metrics`, a task of the daemon's nursery: it binds
-(the daemon fails at start-up when it cannot), runs the server thread, and
-shuts it down when cancelled.
+The loop side is :class:`MetricsServer`: bound when the daemon starts (an
+address in use is a start-up error), then served by a task of the daemon's
+nursery that runs the server thread and shuts it down when cancelled.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ import trio
 from tracewire.metrics_config import MetricsConfig
 from tracewire.url import format_hostport
 
-__all__ = ["LoopSnapshot", "SnapshotUnavailable", "serve_metrics"]
+__all__ = ["LoopSnapshot", "MetricsServer", "SnapshotUnavailable", "serve_metrics"]
 
 logger = logging.getLogger(__name__)
 
@@ -185,35 +185,60 @@ class _BoundedServer(http.server.ThreadingHTTPServer):
         logger.debug("metrics connection from %s failed", client_address, exc_info=True)
 
 
+class MetricsServer:
+    """The endpoint, bound at once (so that an address in use is a start-up
+    error of the daemon, reported before anything else starts) and served
+    later by :meth:`serve`; connections wait in the backlog meanwhile.
+
+    Raises:
+        OSError: the address cannot be bound.
+    """
+
+    def __init__(self, config: MetricsConfig) -> None:
+        from prometheus_client import CollectorRegistry
+
+        self.config = config
+        # auto_describe=False: registering must not call collect() (it would
+        # ask the loop, from the loop, for a snapshot).
+        self.registry = CollectorRegistry(auto_describe=False)
+        self._http = _BoundedServer(config, _handler_class(self.registry, config.request_timeout))
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self._http.server_address[:2]
+        return str(host), int(port)
+
+    def close(self) -> None:
+        """Close the listening socket (done by serve() when it ends)."""
+        self._http.server_close()
+
+    async def serve(self, collector: Any, snapshot: LoopSnapshot[Any], *,
+                    task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve ``collector`` (a prometheus_client Collector reading
+        ``snapshot``) until cancelled; task_status receives the address."""
+        self.registry.register(collector)
+        thread = threading.Thread(target=self._http.serve_forever, name="metrics-http", daemon=True)
+        try:
+            async with trio.open_nursery() as nursery:
+                snapshot.attach(nursery)
+                thread.start()
+                logger.info("metrics on http://%s/metrics", format_hostport(*self.address))
+                task_status.started(self.address)
+                await trio.sleep_forever()
+        finally:
+            with trio.CancelScope(shield=True):
+                if thread.is_alive():
+                    await trio.to_thread.run_sync(self._http.shutdown)
+                self.close()
+
+
 async def serve_metrics(
     config: MetricsConfig, collector: Any, snapshot: LoopSnapshot[Any], *,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``collector`` (a prometheus_client Collector reading
-    ``snapshot``) on ``config``'s address until cancelled.
-
-    Args:
-        task_status: receives the bound (host, port) once listening.
+    """Bind and serve at once: ``MetricsServer(config).serve(...)``.
 
     Raises:
         OSError: before task_status.started, if the address cannot be bound.
     """
-    from prometheus_client import CollectorRegistry
-
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(collector)
-    server = _BoundedServer(config, _handler_class(registry, config.request_timeout))
-    thread = threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True)
-    try:
-        async with trio.open_nursery() as nursery:
-            snapshot.attach(nursery)
-            thread.start()
-            host, port = server.server_address[:2]
-            logger.info("metrics on http://%s/metrics", format_hostport(str(host), int(port)))
-            task_status.started((str(host), int(port)))
-            await trio.sleep_forever()
-    finally:
-        with trio.CancelScope(shield=True):
-            if thread.is_alive():
-                await trio.to_thread.run_sync(server.shutdown)
-            server.server_close()
+    await MetricsServer(config).serve(collector, snapshot, task_status=task_status)
