@@ -162,7 +162,7 @@ async def serve_relay_metrics(
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the relay's metrics on the bound ``endpoint`` until cancelled."""
-    from tracewire.metrics import ProcessRef, SnapshotCollector, relay_families
+    from tracewire.metrics import ProcessRef, RelaySnapshot, SnapshotCollector, relay_families
     from tracewire.metrics_server import LoopSnapshot
 
     me = (ProcessRef("relayd", os.getpid()),)
@@ -171,5 +171,6 @@ async def serve_relay_metrics(
         return dataclasses.replace(server.metrics_snapshot(), processes=me)
 
     snapshot: LoopSnapshot[RelaySnapshot] = LoopSnapshot(take, endpoint.config.timeout)
-    collector = SnapshotCollector(snapshot.get, relay_families, lambda snap: snap.processes)
+    collector = SnapshotCollector(snapshot.get, relay_families, lambda snap: snap.processes,
+                                  RelaySnapshot())
     await endpoint.serve(collector, snapshot, task_status=task_status)

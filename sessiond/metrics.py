@@ -101,5 +101,6 @@ async def serve_sessiond_metrics(
     # one slow consumerd is reported unanswered rather than failing the scrape.
     snapshot: LoopSnapshot[TargetSnapshot] = LoopSnapshot(
         partial(take_snapshot, registry, consumers, zygote, config.timeout * 0.8), config.timeout)
-    collector = SnapshotCollector(snapshot.get, target_families, lambda snap: snap.processes)
+    collector = SnapshotCollector(snapshot.get, target_families, lambda snap: snap.processes,
+                                  TargetSnapshot())
     await server.serve(collector, snapshot, task_status=task_status)

@@ -68,7 +68,7 @@ def test_target_families_carry_status_counters() -> None:
         ),
         unanswered=1,
     )
-    m = _render(SnapshotCollector(lambda: snap, target_families, lambda s: ()))
+    m = _render(SnapshotCollector(lambda: snap, target_families, lambda s: (), TargetSnapshot()))
     a = (("channel", "channel0"), ("session", "s1"), ("stream", "tw://r/ust/a/channel0_0"), ("uid", "1000"))
     assert m["tracewire_stream_packets_total"][a] == 7
     assert m["tracewire_stream_raw_bytes_total"][a] == 7000
@@ -91,7 +91,7 @@ def test_relay_families() -> None:
         sessions=(RelaySessionSample("h", "s-1", 3, 2),),
         connections=1, auth_failures=4, decompression_errors=5, write_errors=(("nospace", 6),),
     )
-    m = _render(SnapshotCollector(lambda: snap, relay_families, lambda s: ()))
+    m = _render(SnapshotCollector(lambda: snap, relay_families, lambda s: (), RelaySnapshot()))
     k = (("host", "h"), ("session", "s-1"), ("stream", "ust/uid/0/64-bit/channel0_0"))
     assert m["tracewire_relay_stream_packets_total"][k] == 5
     assert m["tracewire_relay_stream_raw_bytes_total"][k] == 500
@@ -109,7 +109,7 @@ def test_process_families_read_this_process() -> None:
     snap = RelaySnapshot()
     me, gone = os.getpid(), 2**22 + 1  # above pid_max's default ceiling: never a process
     m = _render(SnapshotCollector(lambda: snap, relay_families,
-                                  lambda s: (ProcessRef("relayd", me), ProcessRef("consumerd", gone, "7"))))
+                                  lambda s: (ProcessRef("relayd", me), ProcessRef("consumerd", gone, "7")), snap))
     labels = (("pid", str(me)), ("process", "relayd"), ("uid", ""))
     assert m["tracewire_process_resident_memory_bytes"][labels] > 1024 * 1024
     assert m["tracewire_process_cpu_seconds_total"][labels] > 0
@@ -201,7 +201,7 @@ def _get(port: int, path: str = "/metrics") -> tuple[int, str]:
 
 async def _serve(nursery: trio.Nursery, take, config: MetricsConfig) -> int:  # type: ignore[no-untyped-def]
     snapshot = LoopSnapshot(take, config.timeout)
-    collector = SnapshotCollector(snapshot.get, relay_families, lambda s: s.processes)
+    collector = SnapshotCollector(snapshot.get, relay_families, lambda s: s.processes, RelaySnapshot())
     _host, port = await nursery.start(partial(serve_metrics, config, collector, snapshot))
     return int(port)
 
@@ -224,6 +224,10 @@ async def test_scrape_takes_the_snapshot_in_the_loop(nursery: trio.Nursery) -> N
         assert status == 404
         status, text = await trio.to_thread.run_sync(_get, port)
         assert "tracewire_relay_auth_failures_total 2.0" in text
+        # name[] selects families (their names come from describe(), not from a snapshot).
+        status, text = await trio.to_thread.run_sync(_get, port, "/metrics?name[]=tracewire_relay_connections")
+        assert status == 200
+        assert [f.name for f in text_string_to_metric_families(text)] == ["tracewire_relay_connections"]
 
 
 async def test_silent_clients_take_a_bounded_number_of_slots(nursery: trio.Nursery) -> None:

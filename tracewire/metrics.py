@@ -272,12 +272,19 @@ class SnapshotCollector(Collector):
             when the loop does not answer).
         families: turns the snapshot into metric families.
         processes: the processes a snapshot names.
+        empty: an empty snapshot: ``describe()`` names the families from it
+            (without asking the loop), so that ``/metrics?name[]=...`` works.
     """
 
-    def __init__(self, take: _Take, families: _Families, processes: _Processes) -> None:
+    def __init__(self, take: _Take, families: _Families, processes: _Processes, empty: Any) -> None:
         self._take = take
         self._families = families
         self._processes = processes
+        self._empty = empty
+
+    def describe(self) -> Iterator[Metric]:
+        yield from self._families(self._empty)
+        yield from process_families(())
 
     def collect(self) -> Iterator[Metric]:
         snap = self._take()
