@@ -391,3 +391,18 @@ def test_metrics_address_in_use_is_a_startup_failure(tmp_path) -> None:  # type:
                                stdin=subprocess.DEVNULL)
             assert r.returncode == 3, r.stderr
             assert r.stderr.strip().splitlines()[-1].endswith(f"cannot serve metrics on {addr}: Address already in use")
+
+
+async def test_relay_snapshot_counts_live_viewers(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from relayd import RelaydConfig
+    from relayd.daemon import RelayServer
+
+    out = tmp_path / "out"
+    out.mkdir()
+    server = RelayServer(RelaydConfig(output=str(out)), str(out))
+    server.live.session_declared("h", "lv", str(out / "h" / "lv-20260101T000000"))
+    (sess,) = server.live.sessions.values()
+    server.live.attach(sess)
+    server.live.attach(sess)
+    snap = server.metrics_snapshot()
+    assert [(s.host, s.session, s.live_viewers) for s in snap.sessions] == [("h", "lv-20260101T000000", 2)]
