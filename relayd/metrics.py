@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from tracewire.metrics_config import MetricsConfig
     from tracewire.metrics_server import MetricsServer
 
-__all__ = ["RelayCounters", "bind_metrics", "serve_relay_metrics", "split_path"]
+__all__ = ["RelayCounters", "bind_metrics", "serve_relay_metrics"]
 
 DEFAULT_MAX_CLOSED = 4096
 
@@ -51,14 +51,6 @@ class _StreamCount:
 @dataclass(slots=True)
 class _SessionCount:
     declared: int = 0  # SessionDecl seen for it, over every connection
-
-
-def split_path(rel: str) -> tuple[str, str, str]:
-    """(host, session, stream) of a stream file's path below the output."""
-    parts = rel.split(os.sep, 2)
-    while len(parts) < 3:
-        parts.append("")
-    return parts[0], parts[1], parts[2]
 
 
 class RelayCounters:
@@ -118,23 +110,18 @@ class RelayCounters:
     # -- scrape ----------------------------------------------------------------
 
     def snapshot(self, live_viewers: dict[str, int]) -> RelaySnapshot:
-        """A copy for a scrape; ``live_viewers``: viewers by "HOST/SESSION-CREATED"."""
-        from tracewire.metrics import RelaySessionSample, RelaySnapshot, RelayStreamSample
+        """A copy for a scrape, taken in the loop: numbers only (the scrape
+        thread makes labels of the paths); ``live_viewers``: viewers by
+        "HOST/SESSION-CREATED"."""
+        from tracewire.metrics import RelaySnapshot
 
-        streams = tuple(
-            RelayStreamSample(*split_path(rel), s.packets, s.raw_bytes, s.wire_bytes, s.discarded)
-            for rel, s in self.streams.items()
-        )
-        sessions = []
-        for rel in sorted(set(self.sessions) | set(live_viewers)):
-            host, session, _ = split_path(rel)
-            s = self.sessions.get(rel)
-            sessions.append(RelaySessionSample(host, session, max((s.declared if s else 0) - 1, 0),
-                                               live_viewers.get(rel, 0)))
         return RelaySnapshot(
-            streams=streams, sessions=tuple(sessions), connections=self.connections,
-            auth_failures=self.auth_failures, decompression_errors=self.decompression_errors,
-            write_errors=tuple(sorted(self.write_errors.items())),
+            streams=tuple([(rel, s.packets, s.raw_bytes, s.wire_bytes, s.discarded)
+                           for rel, s in self.streams.items()]),
+            sessions=tuple([(rel, max(s.declared - 1, 0)) for rel, s in self.sessions.items()]),
+            live_viewers=tuple(live_viewers.items()),
+            connections=self.connections, auth_failures=self.auth_failures,
+            decompression_errors=self.decompression_errors, write_errors=tuple(sorted(self.write_errors.items())),
         )
 
 

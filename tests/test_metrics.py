@@ -19,18 +19,17 @@ from prometheus_client import generate_latest
 from prometheus_client.core import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from relayd.metrics import RelayCounters, split_path
+from relayd.metrics import RelayCounters
 from tracewire.metrics import (
     ProcessRef,
-    RelaySessionSample,
     RelaySnapshot,
-    RelayStreamSample,
     SnapshotCollector,
     TargetSnapshot,
     TargetStream,
     parse_proc_stat,
     read_process,
     relay_families,
+    split_path,
     target_families,
 )
 from tracewire.metrics_config import MetricsConfig, parse_listen
@@ -87,8 +86,8 @@ def test_target_families_carry_status_counters() -> None:
 
 def test_relay_families() -> None:
     snap = RelaySnapshot(
-        streams=(RelayStreamSample("h", "s-1", "ust/uid/0/64-bit/channel0_0", 5, 500, 120, 2),),
-        sessions=(RelaySessionSample("h", "s-1", 3, 2),),
+        streams=(("h/s-1/ust/uid/0/64-bit/channel0_0", 5, 500, 120, 2),),
+        sessions=(("h/s-1", 3),), live_viewers=(("h/s-1", 2),),
         connections=1, auth_failures=4, decompression_errors=5, write_errors=(("nospace", 6),),
     )
     m = _render(SnapshotCollector(lambda: snap, relay_families, lambda s: (), RelaySnapshot()))
@@ -154,17 +153,16 @@ def test_relay_counters() -> None:
     c.write_error("nospace")
     c.write_error("nospace")
     snap = c.snapshot({"h/s-1": 2, "h/live-only": 1})
-    (st,) = snap.streams
-    assert (st.host, st.session, st.stream) == ("h", "s-1", "a")
-    assert (st.packets, st.raw_bytes, st.wire_bytes, st.discarded) == (4, 301, 141, 7)
-    assert {(s.session, s.reconnects, s.live_viewers) for s in snap.sessions} == {("s-1", 1, 2), ("live-only", 0, 1)}
+    assert snap.streams == (("h/s-1/a", 4, 301, 141, 7),)
+    assert snap.sessions == (("h/s-1", 1),)
+    assert snap.live_viewers == (("h/s-1", 2), ("h/live-only", 1))
     assert snap.write_errors == (("nospace", 2),)
     # Closed streams are kept, the oldest dropped beyond max_closed; open ones always.
     for name in "bcd":
         c.stream_opened(f"h/s-1/{name}")
         c.stream_closed(f"h/s-1/{name}")
     c.stream_closed("h/s-1/a")  # a is closed last: b is the oldest closed one
-    assert sorted(s.stream for s in c.snapshot({}).streams) == ["a", "d"]
+    assert sorted(row[0] for row in c.snapshot({}).streams) == ["h/s-1/a", "h/s-1/d"]
     c.stream_closed("h/s-1/zzz")  # never opened: ignored
     assert len(c.snapshot({}).streams) == 2
 
@@ -174,7 +172,7 @@ def test_relay_sessions_are_bounded() -> None:
     for i in range(10):
         c.session_opened(f"h/s-{i}")
     c.session_opened("h/s-7")
-    assert sorted(s.session for s in c.snapshot({}).sessions) == ["s-7", "s-8", "s-9"]
+    assert sorted(rel for rel, _ in c.snapshot({}).sessions) == ["h/s-7", "h/s-8", "h/s-9"]
 
 
 # ------------------------------------------------------------------ endpoint
@@ -405,4 +403,4 @@ async def test_relay_snapshot_counts_live_viewers(tmp_path) -> None:  # type: ig
     server.live.attach(sess)
     server.live.attach(sess)
     snap = server.metrics_snapshot()
-    assert [(s.host, s.session, s.live_viewers) for s in snap.sessions] == [("h", "lv-20260101T000000", 2)]
+    assert snap.live_viewers == (("h/lv-20260101T000000", 2),)

@@ -34,7 +34,7 @@ from prometheus_client.registry import Collector
 from tracewire.ops import StreamStats
 
 __all__ = [
-    "ProcessRef", "ProcessUsage", "RelaySessionSample", "RelaySnapshot", "RelayStreamSample",
+    "ProcessRef", "ProcessUsage", "RelaySnapshot", "RelayStreamRow", "split_path",
     "SnapshotCollector", "TargetSnapshot", "TargetStream", "parse_proc_stat", "process_families",
     "read_process", "relay_families", "target_families",
 ]
@@ -82,40 +82,39 @@ class TargetSnapshot:
     unanswered: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class RelayStreamSample:
-    """One stream file the relay writes: what was written to it by this relay
-    process (``discarded``: the last packet's events_discarded, a running count)."""
-
-    host: str
-    session: str
-    stream: str
-    packets: int
-    raw_bytes: int
-    wire_bytes: int
-    discarded: int
-
-
-@dataclass(frozen=True, slots=True)
-class RelaySessionSample:
-    """One session directory the relay writes: how often a connection declared
-    it again (a target reconnecting), and its live viewers now."""
-
-    host: str
-    session: str
-    reconnects: int
-    live_viewers: int
+# (stream file below the output "HOST/SESSION-CREATED/TRACE.../CHANNEL_N",
+#  packets, raw bytes, frame bytes, events discarded)
+RelayStreamRow = tuple[str, int, int, int, int]
 
 
 @dataclass(frozen=True, slots=True)
 class RelaySnapshot:
-    streams: tuple[RelayStreamSample, ...] = ()
-    sessions: tuple[RelaySessionSample, ...] = ()
+    """What the relay's scrape shows.  Rows are plain tuples: the loop only
+    copies numbers (0.3 ms for 5,000 streams, where building a dataclass per
+    stream took 11 ms); the scrape thread splits the paths into labels.
+
+    Attributes:
+        streams: one row per stream file the relay counts.
+        sessions: ("HOST/SESSION-CREATED", reconnects: declarations after the first).
+        live_viewers: ("HOST/SESSION-CREATED", viewers attached now).
+    """
+
+    streams: tuple[RelayStreamRow, ...] = ()
+    sessions: tuple[tuple[str, int], ...] = ()
+    live_viewers: tuple[tuple[str, int], ...] = ()
     connections: int = 0
     auth_failures: int = 0
     decompression_errors: int = 0
     write_errors: tuple[tuple[str, int], ...] = ()  # (reason, count)
     processes: tuple[ProcessRef, ...] = ()
+
+
+def split_path(rel: str) -> tuple[str, str, str]:
+    """(host, session, stream) of a path below the relay's output."""
+    parts = rel.split("/", 2)
+    while len(parts) < 3:
+        parts.append("")
+    return parts[0], parts[1], parts[2]
 
 
 # ------------------------------------------------------------------ families
@@ -180,19 +179,20 @@ def relay_families(snap: RelaySnapshot) -> list[Metric]:
                                labels=_RELAY_LABELS)
     discarded = CounterMetricFamily("tracewire_relay_stream_events_discarded", "Events the target discarded "
                                     "(the last written packet's events_discarded).", labels=_RELAY_LABELS)
-    for s in snap.streams:
-        labels = [s.host, s.session, s.stream]
-        packets.add_metric(labels, s.packets)
-        raw.add_metric(labels, s.raw_bytes)
-        wire.add_metric(labels, s.wire_bytes)
-        discarded.add_metric(labels, s.discarded)
+    for rel, n_packets, n_raw, n_wire, n_discarded in snap.streams:
+        labels = list(split_path(rel))
+        packets.add_metric(labels, n_packets)
+        raw.add_metric(labels, n_raw)
+        wire.add_metric(labels, n_wire)
+        discarded.add_metric(labels, n_discarded)
     reconnects = CounterMetricFamily("tracewire_relay_session_reconnects", "Times a connection declared the "
                                      "session again (its target reconnected).", labels=["host", "session"])
     viewers = GaugeMetricFamily("tracewire_relay_live_viewers", "Live viewers attached to the session.",
                                 labels=["host", "session"])
-    for ss in snap.sessions:
-        reconnects.add_metric([ss.host, ss.session], ss.reconnects)
-        viewers.add_metric([ss.host, ss.session], ss.live_viewers)
+    for rel, n in snap.sessions:
+        reconnects.add_metric(list(split_path(rel)[:2]), n)
+    for rel, n in snap.live_viewers:
+        viewers.add_metric(list(split_path(rel)[:2]), n)
     errors = CounterMetricFamily("tracewire_relay_write_errors", "Writes to the output that failed, by kind "
                                  "(a target resends what a failure that heals refused).", labels=["reason"])
     for reason, n in snap.write_errors:

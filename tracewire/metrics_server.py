@@ -124,6 +124,11 @@ class LoopSnapshot(Generic[_T]):
 def _handler_class(registry: Any, request_timeout: float) -> type[http.server.BaseHTTPRequestHandler]:
     from prometheus_client.exposition import MetricsHandler
 
+    # One scrape renders at a time: rendering is Python code that holds the
+    # GIL, and every thread rendering at once would leave the event loop's
+    # thread a smaller share of it (a loop that waits for the GIL is stalled).
+    render = threading.Lock()
+
     class Handler(MetricsHandler):
         timeout = request_timeout  # StreamRequestHandler: the socket's timeout
         protocol_version = "HTTP/1.0"  # one request per connection: a slot is freed at once
@@ -133,7 +138,8 @@ def _handler_class(registry: Any, request_timeout: float) -> type[http.server.Ba
                 self.send_error(404, "metrics are at /metrics")
                 return
             try:
-                super().do_GET()
+                with render:
+                    super().do_GET()
             except SnapshotUnavailable as exc:
                 logger.warning("metrics scrape from %s failed: %s", self.client_address[0], exc)
                 self.send_error(503, str(exc))
