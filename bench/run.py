@@ -2021,6 +2021,149 @@ def _installed_bytecode() -> None:
         compileall.compile_dir(os.path.join(REPO_DIR, pkg), quiet=1)
 
 
+# ----------------------------------------------------------------- metrics (--metrics-listen)
+
+
+def _scrape(port: int) -> int:
+    """One GET /metrics; returns the body's size."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        conn.request("GET", "/metrics")
+        resp = conn.getresponse()
+        body = resp.read()
+        if resp.status != 200:
+            raise RuntimeError(f"/metrics answered {resp.status}")
+        return len(body)
+    finally:
+        conn.close()
+
+
+def _log_port(path: str, pattern: str, deadline: float) -> int:
+    while True:
+        with open(path, errors="replace") as f:
+            m = re.search(pattern, f.read())
+        if m:
+            return int(m.group(1))
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no {pattern!r} in {path}")
+        time.sleep(0.05)
+
+
+def bench_metrics(repeat: int, scrapes: int = 200, apps: int = 4) -> None:
+    """metrics_scrape_cpu_ms_*: the CPU (utime+stime) one scrape of /metrics
+    costs the target (sessiond and its consumerd) and the relay, with one
+    session of ``apps`` streams through a loopback relay; best of N."""
+    target: list[float] = []
+    relay_ms: list[float] = []
+    for _ in range(repeat):
+        work = tempfile.mkdtemp(prefix="twbm", dir="/tmp")
+        d = Daemons()
+        d.env["TRACEWIRE_SESSIOND_METRICS_LISTEN"] = "127.0.0.1:0"
+        relay = None
+        try:
+            relay = Relay(os.path.join(work, "out"), os.path.join(work, "relay.log"),
+                          ("--metrics-listen", "127.0.0.1:0"))
+            rmet = _log_port(os.path.join(work, "relay.log"), r"metrics on http://127\.0\.0\.1:(\d+)",
+                             time.monotonic() + 30)
+            d.cli("create", "m", "--url", f"tw://127.0.0.1:{relay.port}")
+            d.cli("enable-event", "demo:*")
+            d.cli("start")
+            procs = [subprocess.Popen([os.path.join(BIN_DIR, "tracewire-demo"), "--events", "2000"], env=d.env,
+                                      stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL) for _ in range(apps)]
+            for p in procs:
+                p.wait(timeout=600)
+            d.cli("stop")
+            smet = _log_port(os.path.join(d.rundir, "sessiond.log"), r"metrics on http://127\.0\.0\.1:(\d+)",
+                             time.monotonic() + 30)
+            sessiond = max(d.pids)
+            for port, pids, out in ((smet, _tree(sessiond), target), (rmet, [relay.pid], relay_ms)):
+                _scrape(port)
+                before = sum(_cpu_s(p) for p in pids)
+                for _ in range(scrapes):
+                    _scrape(port)
+                out.append((sum(_cpu_s(p) for p in pids) - before) / scrapes * 1000)
+        finally:
+            d.close()
+            if relay is not None:
+                relay.close()
+            shutil.rmtree(work, ignore_errors=True)
+    emit("metrics_scrape_cpu_ms_target", min(target), "ms")
+    emit("metrics_scrape_cpu_ms_relay", min(relay_ms), "ms")
+
+
+def _metrics_lag_run(streams: int, scrapers: int, seconds: float) -> tuple[float, float, int]:
+    """One in-process run: a metrics endpoint over a RelayCounters of
+    ``streams`` streams, ``scrapers`` threads scraping it without pause; a
+    trio task measures how late its 1 ms sleeps wake.  Returns (p50, p99 of
+    the lateness in ms, scrapes served)."""
+    import http.client
+    import threading
+
+    import trio
+
+    from relayd.metrics import RelayCounters
+    from tracewire.metrics import RelaySnapshot, SnapshotCollector, relay_families
+    from tracewire.metrics_config import MetricsConfig
+    from tracewire.metrics_server import LoopSnapshot, serve_metrics
+
+    counters = RelayCounters()
+    for i in range(streams):
+        rel = f"host{i % 10}/s{i % 50}-20260101T000000/ust/uid/0/64-bit/channel0_{i}"
+        counters.session_opened(rel.rsplit("/", 5)[0])
+        counters.stream_opened(rel)
+        counters.written(rel, 262144, 60000, 0)
+
+    def scrape_loop(port: int, stop: threading.Event, served: list[int]) -> None:
+        while not stop.is_set():
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            conn.request("GET", "/metrics")
+            conn.getresponse().read()
+            conn.close()
+            served.append(1)
+
+    async def main() -> tuple[float, float, int]:
+        async def take() -> RelaySnapshot:
+            return counters.snapshot({})
+
+        late: list[float] = []
+        served: list[int] = []
+        async with trio.open_nursery() as nursery:
+            snap = LoopSnapshot(take, 10.0)
+            collector = SnapshotCollector(snap.get, relay_families, lambda s: s.processes, RelaySnapshot())
+            _host, port = await nursery.start(functools.partial(
+                serve_metrics, MetricsConfig("127.0.0.1", 0), collector, snap))
+            stop = threading.Event()
+            threads = [threading.Thread(target=scrape_loop, args=(port, stop, served)) for _ in range(scrapers)]
+            for t in threads:
+                t.start()
+            end = trio.current_time() + seconds
+            while trio.current_time() < end:
+                t0 = time.perf_counter()
+                await trio.sleep(0.001)
+                late.append((time.perf_counter() - t0 - 0.001) * 1000)
+            stop.set()
+            for t in threads:
+                await trio.to_thread.run_sync(t.join)
+            nursery.cancel_scope.cancel()
+        late.sort()
+        return statistics.median(late), late[int(len(late) * 0.99)], len(served)
+
+    return trio.run(main)
+
+
+def bench_metrics_lag(repeat: int, streams: int = 5000, scrapers: int = 4) -> None:
+    """metrics_loop_lag_ms_{p50,p99}: how late the daemon's trio loop wakes
+    (a 1 ms sleep) while ``scrapers`` threads scrape a relay endpoint of
+    ``streams`` streams without pause (GIL contention); best of N."""
+    idle = [_metrics_lag_run(streams, 0, 3.0) for _ in range(repeat)]
+    runs = [_metrics_lag_run(streams, scrapers, 3.0) for _ in range(repeat)]
+    emit("metrics_loop_lag_ms_p50", min(r[0] for r in runs), "ms")
+    emit("metrics_loop_lag_ms_p99", min(r[1] for r in runs), "ms")
+    emit("metrics_loop_lag_ms_p99_unscraped", min(r[1] for r in idle), "ms")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeat", type=int, default=3, help="best of N (default 3)")
@@ -2074,6 +2217,10 @@ def main() -> None:
     # --only logging (or a prefix of it) prints every logging_bridge figure.
     bench_logging_bridge(a.python_calls, a.repeat, want,
                          "logging_bridge".startswith(a.only) or a.only.startswith("logging_bridge"))
+    if want("metrics_scrape"):
+        bench_metrics(a.repeat)
+    if want("metrics_loop_lag"):
+        bench_metrics_lag(a.repeat)
 
 
 if __name__ == "__main__":

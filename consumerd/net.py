@@ -372,6 +372,8 @@ class NetSession:
         # The last failure was the relay's transient Error ("CODE: text").
         self._unavailable: str | None = None
         self._reconnect_backoff = RECONNECT_MIN
+        self.reconnects = 0  # connections established after the first (metrics)
+        self._connections = 0
         self._hold_wakeup = trio.Event()  # a stream was held: the hold timer re-plans
         self.unacked_bytes = 0
         self._order = itertools.count()
@@ -848,6 +850,8 @@ class NetSession:
                     raise
                 self.connected = True
                 self._conn = conn
+                self._connections += 1
+                self.reconnects = self._connections - 1
                 self._reconnect_backoff = RECONNECT_MIN  # this relay works: the next failure retries soon
                 logger.info("session %s: connected to %s", self.name, self.url)
                 self._notify()

@@ -497,6 +497,7 @@ class RelayStream(StreamSink):
         return dataclasses.replace(
             counted, packets=s["packets"], raw_bytes=s["raw_bytes"], wire_bytes=s["wire_bytes"],
             unacked=s["unacked"], unacked_bytes=s["unacked_bytes"], error=error, relay=relay, relay_why=why,
+            relay_reconnects=net.reconnects,
         )
 
     def close(self) -> None:

@@ -90,11 +90,12 @@ import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import trio
 
 from relayd.live import LiveConfig, LiveRegistry, serve_live
+from relayd.metrics import RelayCounters
 from tracewire import ctf, keyfile, names
 from tracewire.streamfile import Checkpoint, StreamFile, StreamFiles, open_stream_files
 from tracewire.url import format_hostport
@@ -140,6 +141,10 @@ from tracewire.wire import (
     validate_trace_path,
     verify_auth_mac,
 )
+
+if TYPE_CHECKING:
+    from tracewire.metrics import RelaySnapshot
+    from tracewire.metrics_config import MetricsConfig
 
 __all__ = [
     "AuthKeyError",
@@ -221,6 +226,8 @@ class RelaydConfig:
         fdatasync: the call that makes a file durable (tests observe it).
         live: serve live viewers (relayd/live.py) with this configuration;
             None: no live port.
+        metrics: serve Prometheus metrics (relayd/metrics.py) with this
+            configuration; None: off (prometheus_client is not imported).
     """
 
     output: str
@@ -243,6 +250,7 @@ class RelaydConfig:
     fsync_interval: float = 0.1
     fdatasync: Callable[[int], None] = field(default=os.fdatasync, repr=False, compare=False)
     live: LiveConfig | None = None
+    metrics: MetricsConfig | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.listen_port <= 65535:
@@ -305,6 +313,7 @@ class _OpenStream:
     blocked_at: int | None = None  # a Retry asked for this seq: others are dropped
     acked: int = -1  # last seq acknowledged on this connection
     durable: Checkpoint | None = None  # fsync mode: where the file was last made durable
+    rel: str = ""  # `path` below OUTPUT: its key in RelayServer.counters
 
 
 @dataclass(slots=True, eq=False)
@@ -315,6 +324,7 @@ class _Write:
     raw: Buffer  # the packet, decoded (for Codec.NONE: the received payload itself)
     msg: Packet
     ctf_stream_id: int
+    frame_size: int = 0  # its frame's bytes on the wire (metrics)
 
 
 @dataclass(slots=True, eq=False)
@@ -379,6 +389,7 @@ class RelayServer:
         self.retries_sent = 0  # Retry messages and Error(RETRY), relay-wide
         self._next_conn_id = 0
         self.live = LiveRegistry()  # what live viewers may read (relayd/live.py)
+        self.counters = RelayCounters()  # for --metrics-listen (relayd/metrics.py)
 
     def new_conn_id(self) -> int:
         """Returns a number naming a connection in the logs."""
@@ -402,6 +413,7 @@ class RelayServer:
         """A write to `path` failed and will be retried: logged once per kind
         of failure until it clears."""
         self.retries_sent += 1
+        self.counters.write_error(reason.name.lower())
         f = self.faults.get(reason)
         if f is None:
             f = self.faults[reason] = _Fault(_strerror(exc), trio.current_time())
@@ -453,6 +465,7 @@ class RelayServer:
             async with old.owner.io_lock:
                 file, old.file = old.file, None
                 if file is not None:
+                    self.counters.stream_closed(old.rel)
                     await self.run_io(partial(_close_file, file, old.durable if self.config.fsync else None))
         flush_every = None if self.config.fsync else 64
         # With file limits, a file that is finished is made durable first in
@@ -472,6 +485,8 @@ class RelayServer:
         st.expect = st.file.next_seq
         st.durable = st.file.checkpoint()
         self.owners[st.path] = st
+        st.rel = os.path.relpath(st.path, self.output)
+        self.counters.stream_opened(st.rel)
         if st.file.recovered_bytes:
             logger.warning("stream file %s: cut %d bytes of a partial packet", st.path, st.file.recovered_bytes)
 
@@ -482,6 +497,7 @@ class RelayServer:
         self.forget(st.path)
         file, st.file = st.file, None
         if file is not None:
+            self.counters.stream_closed(st.rel)
             await self.run_io(partial(_close_file, file, st.durable if self.config.fsync else None))
 
     async def run_io(self, fn: Callable[[], _T]) -> _T:
@@ -491,7 +507,19 @@ class RelayServer:
 
     async def handle(self, stream: trio.abc.Stream) -> None:
         """Serves one accepted connection; never raises but Cancelled."""
-        await _ConsumerConnection(self, stream).run()
+        self.counters.connections += 1
+        try:
+            await _ConsumerConnection(self, stream).run()
+        finally:
+            self.counters.connections -= 1
+
+    def metrics_snapshot(self) -> RelaySnapshot:
+        """The counters for a scrape (relayd/metrics.py), taken in the loop."""
+        viewers: dict[str, int] = {}
+        for sess in self.live.sessions.values():
+            rel = os.path.relpath(sess.directory, self.output)
+            viewers[rel] = viewers.get(rel, 0) + sess.viewers
+        return self.counters.snapshot(viewers)
 
 
 def _peer_name(stream: trio.abc.Stream) -> str:
@@ -557,6 +585,8 @@ class _ConsumerConnection:
                     return
             await self._serve()
         except RemoteProtocolError as exc:
+            if exc.code in (ErrorCode.AUTH_FAILED, ErrorCode.FORBIDDEN):
+                self.server.counters.auth_failures += 1
             logger.warning("%s: dropped: %s: %s", self, exc.code.name, exc.message)
             await self._send_error(exc.code, exc.message)
         except _Transient as exc:
@@ -569,6 +599,7 @@ class _ConsumerConnection:
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             logger.info("%s: connection lost: %s", self, str(exc) or type(exc).__name__)
         except OSError as exc:
+            self.server.counters.write_error("io")
             logger.error("%s: dropped: I/O error: %s", self, exc)
             await self._send_error(ErrorCode.INTERNAL, f"relay I/O error: {_strerror(exc)}")
         except Exception as exc:  # a bug: keep the other connections alive
@@ -843,7 +874,14 @@ class _ConsumerConnection:
         async with self.io_lock:
             failed, sync_failed = await self.server.run_io(
                 partial(_write_packets, batch, index, to_sync, self.config.fdatasync))
+        counters = self.server.counters
         for w in batch:
+            # Written: what the file holds after any cut-back (a stream
+            # taken over before the write was not written: the io_lock
+            # keeps a takeover from happening during it).
+            file = w.st.file
+            if file is not None and w.msg.seq < file.next_seq:
+                counters.written(w.st.rel, w.msg.raw_len, w.frame_size, w.msg.events_discarded)
             self.conn.recycle(w.msg.data)
         streams = [st for st in {id(w.st): w.st for w in batch}.values() if st.file is not None]
         if self.server.live.sessions:
@@ -924,6 +962,7 @@ class _ConsumerConnection:
         directory = self.server.safe_path(self.hostname, f"{name}-{msg.created}")
         await self._io(partial(_makedirs, self.server.output, directory), directory)
         self.sessions[msg.session_id] = directory
+        self.server.counters.session_opened(os.path.relpath(directory, self.server.output))
         if msg.live and msg.session_id not in self.live:
             self.live.add(msg.session_id)
             self.server.live.session_declared(self.hostname, name, directory)
@@ -1020,6 +1059,7 @@ class _ConsumerConnection:
                                               msg.offset + len(msg.data))
 
     async def _on_packet(self, msg: Packet) -> None:
+        frame_size = self.conn.last_frame_size  # msg is the message next_event() returned last
         st = self._stream(msg.stream_id)
         if st.blocked_at is not None:
             if msg.seq != st.blocked_at:
@@ -1033,11 +1073,17 @@ class _ConsumerConnection:
                 ErrorCode.PROTOCOL, f"stream {msg.stream_id}: packet seq {msg.seq}, expected {st.expect}"
             )
         decode = partial(decompress_packet, msg.data, msg.codec, msg.raw_len, self.config.max_raw_packet)
-        if msg.codec is Codec.ZSTD and msg.raw_len > self.config.inline_decompress_max:
-            raw = await trio.to_thread.run_sync(decode, limiter=self.server.decompress_limiter)
+        threaded = msg.codec is Codec.ZSTD and msg.raw_len > self.config.inline_decompress_max
+        try:
+            if threaded:
+                raw = await trio.to_thread.run_sync(decode, limiter=self.server.decompress_limiter)
+            else:  # in the event loop, with the connection's own decompressor
+                raw = decode(decompressor=self.decompressor)
+        except RemoteProtocolError:
+            self.server.counters.decompression_errors += 1
+            raise
+        if threaded:
             st = self._stream(msg.stream_id)  # it may have been taken over meanwhile
-        else:  # in the event loop, with the connection's own decompressor
-            raw = decode(decompressor=self.decompressor)
         ctf_stream_id = _check_packet(raw, msg)
         if st.ctf_stream_id is None:
             st.ctf_stream_id = ctf_stream_id
@@ -1046,7 +1092,7 @@ class _ConsumerConnection:
                 ErrorCode.PROTOCOL,
                 f"stream {msg.stream_id}: packet of CTF stream class {ctf_stream_id}, earlier ones {st.ctf_stream_id}",
             )
-        self.batch.append(_Write(st, raw, msg, ctf_stream_id))
+        self.batch.append(_Write(st, raw, msg, ctf_stream_id, frame_size))
         st.expect += 1
         self.batch_bytes += len(raw)
         if self.config.fsync and self.sync_due is None:
@@ -1262,11 +1308,14 @@ def _prepare_output(path: str) -> str:
 
 class Listeners(list[trio.SocketListener]):
     """The consumer port's bound listeners; ``live`` holds the live port's
-    (empty without one)."""
+    (empty without one), ``metrics`` the metrics endpoint's (host, port)
+    (None without one)."""
 
-    def __init__(self, listeners: list[trio.SocketListener], live: list[trio.SocketListener]) -> None:
+    def __init__(self, listeners: list[trio.SocketListener], live: list[trio.SocketListener],
+                 metrics: tuple[str, int] | None = None) -> None:
         super().__init__(listeners)
         self.live = live
+        self.metrics = metrics
 
 
 async def serve_relayd(
@@ -1313,11 +1362,26 @@ async def serve_relayd(
             raise RelaydStartupError(f"cannot listen for live viewers on {where}: {exc.strerror or exc}") from exc
         logger.info("live viewers on %s (no authentication in the live protocol)",
                     ", ".join(_format_address(lst.socket.getsockname()) for lst in live))
+    endpoint = None
+    if config.metrics is not None:  # prometheus_client is imported only then
+        from relayd.metrics import bind_metrics
+
+        try:
+            endpoint = bind_metrics(config.metrics)
+        except OSError as exc:
+            for listener in listeners + live:
+                await listener.aclose()
+            raise RelaydStartupError(f"cannot serve metrics on {config.metrics}: {exc.strerror or exc}") from exc
     async with trio.open_nursery() as nursery:
         if config.live is not None:
             await nursery.start(partial(serve_live, config.live, server.live, listeners=live))
         await nursery.start(trio.serve_listeners, server.handle, served)
-        task_status.started(Listeners(listeners, live))
+        metrics = None
+        if endpoint is not None:
+            from relayd.metrics import serve_relay_metrics
+
+            metrics = await nursery.start(serve_relay_metrics, endpoint, server)
+        task_status.started(Listeners(listeners, live, metrics))
 
 
 def _format_address(sockname: tuple[object, ...]) -> str:

@@ -45,6 +45,9 @@ class Address:
         return format_hostport(self.host, self.port)
 
 
+if TYPE_CHECKING:
+    from tracewire.metrics_config import MetricsConfig
+
 if TYPE_CHECKING:  # generic in click >= 8.2 only: subscript it for mypy alone
     _AddressParam = click.ParamType[Address, Any]
     _OptionalAddressParam = click.ParamType[Address | None, Any]
@@ -89,6 +92,8 @@ async def _serve(config: RelaydConfig) -> None:
             tls = " (TLS)" if config.tls is not None else ""
             live = ", ".join(str(Address(*lst.socket.getsockname()[:2])) for lst in listeners.live)
             live = f", live viewers on {live}" if live else ""
+            if listeners.metrics is not None:
+                live += f", metrics on http://{Address(*listeners.metrics)}/metrics"
             print(f"{PROG} listening on {where}{tls}{live}, writing to {config.output}", file=sys.stderr, flush=True)
             async for signum in signals:
                 logger.info("%s: shutting down", signal.Signals(signum).name)
@@ -128,6 +133,23 @@ def _raise_fd_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
         except (ValueError, OSError) as exc:
             logger.warning("cannot raise the open file limit from %d: %s", soft, exc)
+
+
+def _metrics_config(value: str | None) -> MetricsConfig | None:
+    """--metrics-listen's configuration; the metrics modules (and
+    prometheus_client) are imported only when it is on.
+
+    Raises:
+        click.BadParameter: not HOST:PORT, PORT or off.
+    """
+    if value is None or value == "off":
+        return None
+    from tracewire.metrics_config import parse_listen
+
+    try:
+        return parse_listen(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--metrics-listen") from None
 
 
 def _tls_context(cert: str, key: str) -> ssl.SSLContext:
@@ -187,6 +209,13 @@ def _tls_context(cert: str, key: str) -> ssl.SSLContext:
 @click.option("--fsync-interval", type=click.FloatRange(min=0.001, max=10.0), default=0.1, show_default=True,
               help="With --fsync: seconds written packets wait, at most, for the fdatasync that covers them "
                    "(one per stream per interval).")
+@click.option("--metrics-listen", default="off", show_default=True, metavar="HOST:PORT|PORT|off",
+              callback=lambda ctx, param, value: _metrics_config(value),
+              help="Serve Prometheus metrics (per host/session/stream packets and bytes written, reconnects, "
+                   "live viewers, auth failures, decompression and write errors, CPU and memory) on "
+                   "http://HOST:PORT/metrics (PORT alone: on 127.0.0.1), or 'off'.  Session and host names "
+                   "are visible to anyone who reaches it: see docs/security.md before binding another "
+                   "address than 127.0.0.1.")
 @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
               default="INFO", show_default=True, help="Logging level.")
 def main(
@@ -211,6 +240,7 @@ def main(
     max_metadata: int,
     fsync: bool,
     fsync_interval: float,
+    metrics_listen: MetricsConfig | None,
     log_level: str,
 ) -> None:
     """Relay daemon: receives traces from consumer daemons and writes CTF traces
@@ -253,5 +283,6 @@ def main(
             idle_timeout=live_idle_timeout, connect_timeout=handshake_timeout, send_timeout=live_send_timeout,
             max_request=live_max_request,
             orphan_timeout=live_orphan_timeout, allow=allow),
+        metrics=metrics_listen,
     )
     sys.exit(run(config))

@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 from functools import partial
+from typing import TYPE_CHECKING
 
 import click
 import trio
@@ -14,6 +15,9 @@ import trio
 from sessiond import SessiondConfig, UserError, default_rundir, serve_sessiond
 from sessiond.limits import LimitsFileError, LimitsPolicy
 from sessiond.zygote import ForkedZygote, fork_zygote
+
+if TYPE_CHECKING:
+    from tracewire.metrics_config import MetricsConfig
 
 STARTUP_FAILURE = 3
 
@@ -48,6 +52,18 @@ def run(config: SessiondConfig) -> int:
     return 0
 
 
+def _metrics_listen(ctx: click.Context, param: click.Parameter, value: str | None) -> MetricsConfig | None:
+    """--metrics-listen: the metrics modules are imported only when it is given."""
+    if value is None:
+        return None
+    from tracewire.metrics_config import parse_listen
+
+    try:
+        return parse_listen(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 @click.command(context_settings={"auto_envvar_prefix": "TRACEWIRE_SESSIOND"})
 @click.option("--rundir", default=None, help="Run directory (default: $TRACEWIRE_RUNDIR, "
               "$XDG_RUNTIME_DIR/tracewire, or /run/tracewire for root).")
@@ -78,9 +94,16 @@ def run(config: SessiondConfig) -> int:
               "for the file's owner: a user's sessiond takes only the user's files, root's takes root's and "
               "those of 'tracing' members; a file others may write is refused.  A relay session that a "
               "killed sessiond left spooled sends what its spool holds [env TRACEWIRE_SESSIOND_LOAD].")
+@click.option("--metrics-listen", default=None, metavar="HOST:PORT|PORT", callback=_metrics_listen,
+              help="Serve Prometheus metrics (every session's stream counters, as 'tracewire status' "
+              "shows them, and the CPU and memory of sessiond and its consumerds) on "
+              "http://HOST:PORT/metrics (PORT alone: on 127.0.0.1); off by default.  Anyone who "
+              "reaches the address sees every user's session names: keep it on 127.0.0.1 (docs/security.md) "
+              "[env TRACEWIRE_SESSIOND_METRICS_LISTEN].")
 @click.option("--log-level", default="INFO", show_default=True, help="Python logging level.")
 def main(rundir: str | None, stop_timeout: float, consumer_rt_priority: int, snapshot_keep_dead: int,
-         limits_file: str | None, load_dir: str | None, log_level: str) -> None:
+         limits_file: str | None, load_dir: str | None, metrics_listen: MetricsConfig | None,
+         log_level: str) -> None:
     """Session daemon: the registry of tracing sessions.
 
     It owns the ring buffers, spawns consumerd and answers the tracewire CLI
@@ -100,4 +123,5 @@ def main(rundir: str | None, stop_timeout: float, consumer_rt_priority: int, sna
     sys.exit(run(SessiondConfig(rundir=rundir or default_rundir(), stop_timeout=stop_timeout,
                                 consumer_rt_priority=consumer_rt_priority,
                                 snapshot_keep_dead=snapshot_keep_dead, limits=limits,
-                                load_dir=os.path.abspath(load_dir) if load_dir else None)))
+                                load_dir=os.path.abspath(load_dir) if load_dir else None,
+                                metrics=metrics_listen)))

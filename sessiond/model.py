@@ -30,6 +30,9 @@ from tracewire.ops import DEFAULT_NUM_SUBBUF, DEFAULT_SPOOL_SIZE, DEFAULT_SUBBUF
 if TYPE_CHECKING:
     from sessiond.resume import ResumeJournal
 
+if TYPE_CHECKING:  # imported only by a sessiond that serves metrics
+    from tracewire.metrics_config import MetricsConfig
+
 __all__ = ["App", "AppLink", "Channel", "Outgoing", "Registry", "Session", "SessionState", "SessiondConfig", "Stream",
            "Trace", "UserError", "chunk_stamp", "now_stamp"]
 
@@ -64,6 +67,8 @@ class SessiondConfig:
     limits: LimitsPolicy = field(default_factory=LimitsPolicy)
     # Saved sessions (*.json) loaded at start-up (sessiond/saved.py).
     load_dir: str | None = None
+    # --metrics-listen: serve the consumerds' counters for Prometheus (None: off).
+    metrics: MetricsConfig | None = None
 
 
 class UserError(Exception):

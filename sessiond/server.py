@@ -117,6 +117,15 @@ async def serve_sessiond(
     ctl_path = os.path.join(config.rundir, "control.sock")
     app_path = os.path.join(config.rundir, "apps.sock")
     pid_path = os.path.join(config.rundir, "sessiond.pid")
+    metrics = None
+    if config.metrics is not None:  # prometheus_client is imported only then
+        from sessiond.metrics import bind_metrics
+
+        try:
+            metrics = bind_metrics(config.metrics)
+        except UserError:
+            os.close(lock_fd)
+            raise
     forks = Zygote(config.rundir, zygote)
     try:
         async with trio.open_nursery() as nursery:
@@ -136,11 +145,17 @@ async def serve_sessiond(
             nursery.start_soon(partial(trio.serve_listeners, sd.handle_control, [trio.SocketListener(ctl)]))
             nursery.start_soon(_accept_apps, apps, sd.apps, nursery)
             nursery.start_soon(sd.commands.rotation_loop)
+            if metrics is not None:
+                from sessiond.metrics import serve_sessiond_metrics
+
+                await nursery.start(partial(serve_sessiond_metrics, metrics, sd.registry, sd.consumers, forks))
             with open(pid_path, "w") as f:
                 f.write(f"{os.getpid()}\n")
             logger.info("sessiond ready in %s", config.rundir)
             task_status.started(sd)
     finally:
+        if metrics is not None:
+            metrics.close()
         await forks.aclose()
         for p in (ctl_path, app_path, pid_path):
             try:

@@ -381,6 +381,12 @@ class Zygote:
         if forked is not None:
             self._link = _Link(SeqPacket(trio.socket.from_stdlib_socket(forked.sock)), Child(forked.pid))
 
+    @property
+    def pid(self) -> int | None:
+        """The running zygote's pid (None: none runs now); for metrics."""
+        link = self._link
+        return None if link is None else link.proc.pid
+
     async def supervise(self) -> None:
         """Keep a zygote running (until cancelled): one that exits is reaped
         and replaced at once (with backoff if it keeps dying), so that the

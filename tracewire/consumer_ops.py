@@ -284,6 +284,9 @@ class StreamStats:
     # Whole events the producer says it wrote (its ring's ``events`` word):
     # for ``status`` and its events/s only, never trusted for anything else.
     events: int = 0
+    # A relay stream: connections its session made to the relay after the
+    # first (the same on each of the session's streams); None: a local sink.
+    relay_reconnects: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -1212,6 +1212,9 @@ class FrameDecoder:
         self._eof = False
         self._error: RemoteProtocolError | None = None
         self._lengths: tuple[int, int] | None = None  # fixed header consumed
+        # Bytes of the frame of the last message returned (fixed header,
+        # header and payload): what the sender counted as on the wire.
+        self.frame_size = 0
         self._pending: tuple[MessageType, dict[object, object]] | None = None  # CBOR consumed
         self._payload: bytearray | None = None  # a large pending payload, being filled
         self._target = 0  # its size (_payload grows up to it)
@@ -1439,6 +1442,7 @@ class FrameDecoder:
                         ErrorCode.PROTOCOL,
                         f"{_CLASSES[mtype].__name__} takes no payload, got payload_len {payload_len}",
                     )
+                self.frame_size = FRAME_HEADER.size + header_len
                 return _build(mtype, fields, None)
             self._pending = (mtype, fields)
             if payload_len >= self.DIRECT_PAYLOAD_MIN:
@@ -1461,6 +1465,7 @@ class FrameDecoder:
             payload = self._take(payload_len)
         mtype, fields = self._pending
         self._lengths = self._pending = None
+        self.frame_size = FRAME_HEADER.size + header_len + payload_len
         return _build(mtype, fields, payload)
 
 
@@ -1853,6 +1858,11 @@ class Connection:
         code = self.error.code if self.error is not None else ErrorCode.INTERNAL
         text = self.error.message if self.error is not None else "unknown"
         return RemoteProtocolError(code, f"connection already failed: {text}")
+
+    @property
+    def last_frame_size(self) -> int:
+        """Bytes on the wire (the whole frame) of the last message next_event() returned."""
+        return self._decoder.frame_size
 
     def next_event(self) -> Event | None:
         """Returns the next message from the peer, checked against the state.
