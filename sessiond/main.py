@@ -12,6 +12,7 @@ import trio
 
 from sessiond import SessiondConfig, UserError, default_rundir, serve_sessiond
 from sessiond.zygote import ForkedZygote, fork_zygote
+from tracewire.version import version_option
 
 STARTUP_FAILURE = 3
 
@@ -65,6 +66,7 @@ def run(config: SessiondConfig) -> int:
               "crashed (for 'tracewire snapshot record'); older ones are freed "
               "[env TRACEWIRE_SESSIOND_SNAPSHOT_KEEP_DEAD].")
 @click.option("--log-level", default="INFO", show_default=True, help="Python logging level.")
+@version_option("tracewire-sessiond")
 def main(rundir: str | None, stop_timeout: float, consumer_rt_priority: int, snapshot_keep_dead: int,
          log_level: str) -> None:
     """Session daemon: the registry of tracing sessions.
