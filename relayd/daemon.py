@@ -1,7 +1,8 @@
 """The relay daemon: accepts consumers over TCP (or TLS) and writes CTF traces.
 
 Public API: RelaydConfig, serve_relayd, parse_auth_keys, RelaydStartupError,
-AuthKeyError.
+AuthKeyError, RelayServer (request_drain, set_auth_keys: what SIGTERM and
+SIGHUP do in `tracewire-relayd`).
 """
 
 # Theory of operation
@@ -147,6 +148,7 @@ __all__ = [
     "Listeners",
     "RelaydConfig",
     "RelaydStartupError",
+    "RelayServer",
     "parse_auth_keys",
     "serve_relayd",
 ]
@@ -221,6 +223,9 @@ class RelaydConfig:
         fdatasync: the call that makes a file durable (tests observe it).
         live: serve live viewers (relayd/live.py) with this configuration;
             None: no live port.
+        drain_timeout: seconds a drain (RelayServer.request_drain, the
+            first SIGTERM of `tracewire-relayd`) waits for the connections to
+            write, acknowledge and close what they hold; then they are cut.
     """
 
     output: str
@@ -243,11 +248,12 @@ class RelaydConfig:
     fsync_interval: float = 0.1
     fdatasync: Callable[[int], None] = field(default=os.fdatasync, repr=False, compare=False)
     live: LiveConfig | None = None
+    drain_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.listen_port <= 65535:
             raise ValueError(f"listen_port {self.listen_port} not in 0..65535")
-        for name in ("handshake_timeout", "idle_timeout", "close_timeout", "fsync_interval"):
+        for name in ("handshake_timeout", "idle_timeout", "close_timeout", "fsync_interval", "drain_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
         for name in ("max_payload_size", "max_raw_packet", "max_streams", "max_sessions",
@@ -379,6 +385,71 @@ class RelayServer:
         self.retries_sent = 0  # Retry messages and Error(RETRY), relay-wide
         self._next_conn_id = 0
         self.live = LiveRegistry()  # what live viewers may read (relayd/live.py)
+        self.auth_keys = config.auth_keys  # the keys in force: set_auth_keys replaces them (SIGHUP)
+        self.connections: set[_ConsumerConnection] = set()  # running, handshake included
+        self.drain_requested = trio.Event()  # request_drain: stop accepting, settle, close
+        self.drained = trio.Event()  # draining and no connection left
+
+    @property
+    def draining(self) -> bool:
+        """Whether a drain was requested (connections settle and close)."""
+        return self.drain_requested.is_set()
+
+    def request_drain(self) -> None:
+        """Starts a drain: serve_relayd stops accepting (its listeners close),
+        then every connection writes, makes durable (fsync mode) and
+        acknowledges what it has received, tells its peer Error(RETRY)
+        ("relay shutting down": the consumer keeps its data and reconnects
+        later) and closes; serve_relayd returns once none is left, or after
+        drain_timeout.  A connection still in its handshake is closed at once
+        (nothing of it is on disk)."""
+        if self.draining:
+            return
+        self.drain_requested.set()
+        for conn in list(self.connections):
+            conn.drain()
+        if not self.connections:
+            self.drained.set()
+
+    def connection_started(self, conn: _ConsumerConnection) -> None:
+        self.connections.add(conn)
+        if self.draining:
+            conn.drain()  # accepted just before the listeners closed
+
+    def connection_ended(self, conn: _ConsumerConnection) -> None:
+        self.connections.discard(conn)
+        if self.draining and not self.connections:
+            self.drained.set()
+
+    def set_auth_keys(self, keys: Mapping[str, tuple[bytes, tuple[str, ...]]]) -> int:
+        """Puts a new key set in force (a reload of the key file).
+
+        New connections are checked against `keys` alone.  A running
+        connection whose key is gone, has another secret now, or may no
+        longer write under its hostname is closed with Error(AUTH_FAILED):
+        revoking a key (a leaked one, say) must not leave its holder
+        writing.  Others go on untouched.
+
+        Args:
+            keys: the new {key_id: (secret, hosts)}.
+
+        Returns:
+            How many connections were closed.
+
+        Raises:
+            ValueError: the relay runs without authentication (it cannot
+                start requiring it on connections that never authenticated).
+        """
+        if self.auth_keys is None:
+            raise ValueError("the relay runs without auth keys")
+        self.auth_keys = keys
+        closed = 0
+        for conn in list(self.connections):
+            reason = conn.key_revoked(keys)
+            if reason is not None:
+                conn.close_now(ErrorCode.AUTH_FAILED, reason)
+                closed += 1
+        return closed
 
     def new_conn_id(self) -> int:
         """Returns a number naming a connection in the logs."""
@@ -491,7 +562,12 @@ class RelayServer:
 
     async def handle(self, stream: trio.abc.Stream) -> None:
         """Serves one accepted connection; never raises but Cancelled."""
-        await _ConsumerConnection(self, stream).run()
+        conn = _ConsumerConnection(self, stream)
+        self.connection_started(conn)
+        try:
+            await conn.run()
+        finally:
+            self.connection_ended(conn)
 
 
 def _peer_name(stream: trio.abc.Stream) -> str:
@@ -541,6 +617,10 @@ class _ConsumerConnection:
         self.sync_due: float | None = None  # fsync mode: when the batch and the unsynced are synced at the latest
         self.retries: dict[int, Retry] = {}  # Retry messages to send with the next acks
         self.got_bye = False
+        self.key: tuple[str, bytes] | None = None  # (key id, secret) it authenticated with
+        self.scope = trio.CancelScope()  # the whole connection: close_now cancels it
+        self.stop: tuple[ErrorCode, str] | None = None  # why close_now closed it
+        self.wait_scope: trio.CancelScope | None = None  # while waiting for bytes: drain cancels it
 
     def __str__(self) -> str:
         return self.name if self.hostname is None else f"{self.name} ({self.hostname})"
@@ -550,12 +630,17 @@ class _ConsumerConnection:
     async def run(self) -> None:
         """Runs the connection to its end, logging why it ended."""
         try:
-            with trio.fail_after(self.config.handshake_timeout):
-                if isinstance(self.stream, trio.SSLStream):
-                    await self.stream.do_handshake()
-                if not await self._handshake():
-                    return
-            await self._serve()
+            with self.scope:
+                with trio.fail_after(self.config.handshake_timeout):
+                    if isinstance(self.stream, trio.SSLStream):
+                        await self.stream.do_handshake()
+                    if not await self._handshake():
+                        return
+                await self._serve()
+            if self.stop is not None:
+                code, text = self.stop
+                logger.warning("%s: closed: %s", self, text)
+                await self._send_error(code, text)
         except RemoteProtocolError as exc:
             logger.warning("%s: dropped: %s: %s", self, exc.code.name, exc.message)
             await self._send_error(exc.code, exc.message)
@@ -577,6 +662,44 @@ class _ConsumerConnection:
         finally:
             with trio.CancelScope(shield=True):
                 await self._close_all()
+
+    # -- reload and drain (called from other tasks) --------------------------
+
+    def key_revoked(self, keys: Mapping[str, tuple[bytes, tuple[str, ...]]]) -> str | None:
+        """Why this connection may not go on under the key set `keys`, or None."""
+        if self.key is None:
+            return None
+        key_id, secret = self.key
+        new = keys.get(key_id)
+        if new is None:
+            return f"key {key_id!r} was removed from the relay's key file"
+        if not secrets.compare_digest(new[0], secret):
+            return f"key {key_id!r} has a new secret in the relay's key file"
+        if self.hostname is not None and ANY_HOST not in new[1] and self.hostname not in new[1]:
+            return f"key {key_id!r} may no longer write under host {self.hostname!r}"
+        return None
+
+    def close_now(self, code: ErrorCode, text: str) -> None:
+        """Ends the connection at once: what is not acknowledged yet is
+        dropped (the peer resends it); the peer gets Error(code, text)."""
+        if self.stop is None:
+            self.stop = (code, text)
+        self.scope.cancel()
+
+    def drain(self) -> None:
+        """The relay drains: once established, settle and close; still in
+        the handshake, close at once."""
+        if self.hostname is None:
+            self.close_now(ErrorCode.RETRY, "relay shutting down")
+        elif self.wait_scope is not None:
+            self.wait_scope.cancel()
+
+    async def _finish_drain(self) -> None:
+        """Writes, makes durable (fsync mode) and acknowledges everything
+        received, then tells the peer to come back later."""
+        await self._settle()
+        logger.info("%s: relay shutting down: everything received is written and acknowledged", self)
+        await self._send_error(ErrorCode.RETRY, "relay shutting down")
 
     async def _close_all(self) -> None:
         """Closes every file of the connection (unacknowledged packets of a
@@ -720,7 +843,7 @@ class _ConsumerConnection:
             return False
         assert isinstance(hello, Hello)  # the core allows nothing else
         hostname = validate_name(hello.hostname, "hostname")
-        keys = self.config.auth_keys
+        keys = self.server.auth_keys
         if keys is not None:
             key_id = hello.key_id
             assert key_id is not None  # require_auth: the core checked
@@ -736,6 +859,7 @@ class _ConsumerConnection:
                 raise RemoteProtocolError(ErrorCode.AUTH_FAILED, f"authentication failed for key {key_id!r}")
             if ANY_HOST not in key[1] and hostname not in key[1]:
                 raise RemoteProtocolError(ErrorCode.FORBIDDEN, f"key {key_id!r} may not write under host {hostname!r}")
+            self.key = (key_id, key[0])
         await self._send(Welcome(hello.version, session_limit=self.config.max_sessions))
         self.hostname = hostname
         logger.info("%s: welcome (key %s, protocol %d)", self, hello.key_id, hello.version)
@@ -771,6 +895,9 @@ class _ConsumerConnection:
                     continue
                 await self._write_batch()
             await self._acknowledge(sync=False)
+            if self.server.draining:
+                await self._finish_drain()
+                return
             await self._receive_more()
 
     async def _receive_more(self) -> None:
@@ -779,7 +906,7 @@ class _ConsumerConnection:
         deadline = trio.current_time() + self.config.idle_timeout
         while self.sync_due is not None:
             with trio.move_on_at(min(self.sync_due, deadline)):
-                await self._receive()
+                await self._receive_unless_draining()
                 return
             await self._acknowledge(sync=True)
         if self.config.fsync:
@@ -788,7 +915,19 @@ class _ConsumerConnection:
             # sync interval).
             self.conn.release_buffers()
         with trio.fail_at(deadline):
-            await self._receive()
+            await self._receive_unless_draining()
+
+    async def _receive_unless_draining(self) -> None:
+        """_receive, but a drain (RelayServer.request_drain) ends the wait
+        as if nothing came.  Only the wait: never a send or a write."""
+        with trio.CancelScope() as scope:
+            if self.server.draining:
+                return
+            self.wait_scope = scope
+            try:
+                await self._receive()
+            finally:
+                self.wait_scope = None
 
     async def _dispatch(self, msg: Message) -> None:
         match msg:
@@ -1262,17 +1401,21 @@ def _prepare_output(path: str) -> str:
 
 class Listeners(list[trio.SocketListener]):
     """The consumer port's bound listeners; ``live`` holds the live port's
-    (empty without one)."""
+    (empty without one); ``server`` is the RelayServer (request_drain,
+    set_auth_keys)."""
 
-    def __init__(self, listeners: list[trio.SocketListener], live: list[trio.SocketListener]) -> None:
+    def __init__(self, listeners: list[trio.SocketListener], live: list[trio.SocketListener],
+                 server: RelayServer) -> None:
         super().__init__(listeners)
         self.live = live
+        self.server = server
 
 
 async def serve_relayd(
     config: RelaydConfig, *, task_status: trio.TaskStatus[Listeners] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    """Runs the relay until cancelled.
+    """Runs the relay until cancelled, or until a drain ends
+    (``listeners.server.request_drain()``: see RelayServer.request_drain).
 
     Args:
         config: the configuration.
@@ -1313,11 +1456,24 @@ async def serve_relayd(
             raise RelaydStartupError(f"cannot listen for live viewers on {where}: {exc.strerror or exc}") from exc
         logger.info("live viewers on %s (no authentication in the live protocol)",
                     ", ".join(_format_address(lst.socket.getsockname()) for lst in live))
-    async with trio.open_nursery() as nursery:
-        if config.live is not None:
-            await nursery.start(partial(serve_live, config.live, server.live, listeners=live))
-        await nursery.start(trio.serve_listeners, server.handle, served)
-        task_status.started(Listeners(listeners, live))
+    async with trio.open_nursery() as connections:
+        async with trio.open_nursery() as nursery:
+            if config.live is not None:
+                await nursery.start(partial(serve_live, config.live, server.live, listeners=live))
+            await nursery.start(partial(trio.serve_listeners, server.handle, served, handler_nursery=connections))
+            task_status.started(Listeners(listeners, live, server))
+            await server.drain_requested.wait()
+            # Stop accepting: the accept loops close their listeners; live
+            # viewers are dropped (they only read what is on disk).
+            logger.info("draining: no new connections; %d open settle and close", len(server.connections))
+            nursery.cancel_scope.cancel()
+        with trio.move_on_after(config.drain_timeout) as timer:
+            await server.drained.wait()
+        if timer.cancelled_caught:
+            logger.warning("drain: %d connections still open after %g s: cut (their peers resend what was "
+                           "not acknowledged)", len(server.connections), config.drain_timeout)
+        connections.cancel_scope.cancel()
+    logger.info("drained")
 
 
 def _format_address(sockname: tuple[object, ...]) -> str:
