@@ -160,6 +160,7 @@ AuthKeys = dict[str, tuple[bytes, tuple[str, ...]]]
 MIN_SECRET_CHARS = keyfile.MIN_SECRET_CHARS
 ANY_HOST = keyfile.ANY_HOST
 _RECEIVE_SIZE = 256 * 1024  # TLS: bytes asked for per receive
+_DRAIN_READS = 64  # a draining connection reads what is already there this many times at most
 _DIR_MODE = 0o750
 _FILE_MODE = 0o640
 # Packets of one connection written in one worker-thread call at most (raw
@@ -695,9 +696,24 @@ class _ConsumerConnection:
             self.wait_scope.cancel()
 
     async def _finish_drain(self) -> None:
-        """Writes, makes durable (fsync mode) and acknowledges everything
-        received, then tells the peer to come back later."""
+        """Takes the bytes the kernel already holds for us (plain TCP; at
+        most _DRAIN_READS reads, so a peer that keeps sending cannot hold the
+        drain), writes, makes durable (fsync mode) and acknowledges every
+        whole packet received, then tells the peer to come back later
+        (Error(RETRY): it keeps what is not acknowledged and resends it), or
+        answers its Bye."""
+        for _ in range(_DRAIN_READS):
+            if not self._receive_nowait():
+                break
+            while (event := self.conn.next_event()) is not None:
+                if isinstance(event, ConnectionClosed | Error):
+                    return  # nothing can be acknowledged any more: the peer resends (as in _serve)
+                await self._dispatch(event)
         await self._settle()
+        if self.got_bye:
+            await self._send(Bye())
+            logger.info("%s: bye (draining)", self)
+            return
         logger.info("%s: relay shutting down: everything received is written and acknowledged", self)
         await self._send_error(ErrorCode.RETRY, "relay shutting down")
 

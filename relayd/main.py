@@ -113,7 +113,7 @@ async def reload(server: RelayServer, paths: ReloadPaths, tls: ssl.SSLContext | 
             logger.error("SIGHUP: keeping the %d keys in force: %s", len(server.auth_keys or {}), exc)
         else:
             closed = server.set_auth_keys(keys)
-            logger.warning("SIGHUP: %d keys loaded from %s%s", len(keys), paths.auth_keys,
+            logger.info("SIGHUP: %d keys loaded from %s%s", len(keys), paths.auth_keys,
                            f"; closed {closed} connections whose key was revoked" if closed else "")
     if tls is not None and paths.tls_cert is not None and paths.tls_key is not None:
         cert, key = paths.tls_cert, paths.tls_key
@@ -123,7 +123,7 @@ async def reload(server: RelayServer, paths: ReloadPaths, tls: ssl.SSLContext | 
         except (OSError, ssl.SSLError) as exc:
             logger.error("SIGHUP: keeping the TLS certificate in use: cannot load %s / %s: %s", cert, key, exc)
         else:
-            logger.warning("SIGHUP: TLS certificate reloaded from %s", cert)
+            logger.info("SIGHUP: TLS certificate reloaded from %s", cert)
     if paths.auth_keys is None and tls is None:
         logger.warning("SIGHUP: nothing to reload (no --auth-keys, no TLS)")
 
