@@ -83,11 +83,29 @@ def test_systemd_units_verify(tmp_path: Path) -> None:
         copy = tmp_path / unit.name
         copy.write_text(text.replace("/usr/bin/tracewire-", f"{bindir}/tracewire-"))
         copies.append(str(copy))
+    relayd, sessiond = (_directives(u) for u in units)
+    assert relayd["CapabilityBoundingSet"] == [""] and relayd["ProtectSystem"] == ["strict"]
+    assert relayd["ExecReload"] == ["/bin/kill -HUP $MAINPID"] and relayd["StateDirectory"] == ["tracewire-relayd"]
+    assert sessiond["CapabilityBoundingSet"] == ["CAP_SETUID CAP_SETGID CAP_CHOWN CAP_KILL CAP_SYS_NICE"]
+    assert sessiond["RuntimeDirectory"] == ["tracewire"] and sessiond["KillMode"] == ["mixed"]
+    for unit in (relayd, sessiond):
+        assert unit["NoNewPrivileges"] == ["yes"] and unit["Restart"] == ["on-failure"]
+        assert unit["SystemCallFilter"][0] == "@system-service" and unit["LimitNOFILE"]
     r = subprocess.run([analyze, "verify", *copies], capture_output=True, text=True, timeout=TIMEOUT,
                        env={**os.environ, "SYSTEMD_LOG_LEVEL": "warning"})
     # verify exits non-zero for errors only; the units must not draw warnings either.
     problems = [line for line in (r.stdout + r.stderr).splitlines() if "tracewire" in line]
     assert r.returncode == 0 and not problems, r.stdout + r.stderr
+
+
+def _directives(unit: Path) -> dict[str, list[str]]:
+    """{key: [values in order]} of a unit file (comments and sections dropped)."""
+    found: dict[str, list[str]] = {}
+    for line in unit.read_text().splitlines():
+        if "=" in line and not line.startswith(("#", ";", "[")):
+            key, _, value = line.partition("=")
+            found.setdefault(key.strip(), []).append(value.strip())
+    return found
 
 
 # --------------------------------------------------------------------------
