@@ -18,6 +18,7 @@ import struct
 import subprocess
 import sys
 import termios
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -32,6 +33,8 @@ from relayd.main import main as relayd_main
 from sessiond.main import main as sessiond_main
 from tracewire.cli import cli as tracewire_cli
 from tracewire.wire import PROTOCOL_VERSION, Error, ErrorCode, SessionClose, StreamClose, Welcome
+
+from conftest import BIN_DIR, TW, _alive, _children
 
 TIMEOUT = 60.0  # generous: a loaded 2-core machine starts Python slowly
 ROOT = Path(__file__).resolve().parent.parent
@@ -265,3 +268,44 @@ async def test_relayd_reloads_on_sighup_and_drains_on_sigterm(tmp_path: Path) ->
 async def _chunks(stream: trio.abc.ReceiveStream) -> AsyncIterator[bytes]:
     while data := await stream.receive_some(65536):
         yield data
+
+
+# --------------------------------------------------------------------------
+# sessiond: SIGTERM stops the started sessions first
+# --------------------------------------------------------------------------
+
+
+def test_sessiond_sigterm_flushes_started_sessions_and_exits_0(tw: TW, out_dir: Path) -> None:
+    """An app has emitted 20 events into a sub-buffer still open when
+    sessiond gets SIGTERM: they reach the trace (the session is stopped as
+    'tracewire stop' does), sessiond and its consumerd exit (0), the app
+    goes on untraced."""
+    from test_local_e2e import Progress, read_back, setup_session
+
+    log = open(os.path.join(tw.rundir, "test-sessiond.log"), "w+")  # noqa: SIM115 (closed below)
+    sessiond = subprocess.Popen([os.path.join(BIN_DIR, "tracewire-sessiond"), "--rundir", tw.rundir],
+                                env=tw.env, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while tw.sessiond_pid() != sessiond.pid:  # written once it listens
+            assert sessiond.poll() is None and time.monotonic() < deadline, "sessiond did not start"
+            time.sleep(0.02)
+        setup_session(tw, out_dir)
+        consumerd = _children(sessiond.pid)
+        app = tw.demo_popen("--events", "100000", "--rate", "20", "--progress-every", "20")
+        Progress(app).wait_for(20)
+        sessiond.send_signal(signal.SIGTERM)
+        assert sessiond.wait(TIMEOUT) == 0
+        seqs, discarded = read_back(out_dir)
+        assert discarded == 0 and len(seqs) >= 20 and seqs == list(range(len(seqs))), seqs
+        log.seek(0)
+        text = log.read()
+        assert f"session s1 (uid {os.geteuid()}) stopped and flushed" in text, text
+        assert "Traceback" not in text, text
+        assert app.poll() is None  # the app goes on, untraced
+        assert consumerd and not any(_alive(pid) for pid in consumerd)
+    finally:
+        if sessiond.poll() is None:
+            sessiond.kill()
+            sessiond.wait()
+        log.close()
