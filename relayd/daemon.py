@@ -72,6 +72,17 @@ SIGHUP do in `tracewire-relayd`).
 # RelaydConfig.live is set) serves viewers from it and from the files.
 # Nothing on this side ever waits for a viewer.
 #
+# Reload and drain.  RelayServer.auth_keys is the key set in force:
+# set_auth_keys (SIGHUP in relayd/main.py) replaces it for the handshakes to
+# come and closes, through its cancel scope (close_now), every connection
+# whose key it revokes.  request_drain (the first SIGTERM) makes serve_relayd
+# stop its accept loops (connections run in their own nursery, so they
+# outlive them) and makes every connection, at its next wait for bytes
+# (only there: never in a send or a write), take what the kernel already
+# holds, write, sync and acknowledge it, send Error(RETRY) and end; a
+# connection still in its handshake is closed at once.  serve_relayd returns
+# when none is left, or cuts them after drain_timeout.
+#
 # Trust.  The wire core validates frames, field types, names and the
 # connection state; this module adds what needs the file system or the
 # packet bytes: auth, host permissions, the realpath check that keeps every

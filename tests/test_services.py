@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import signal
+import ssl
 import struct
 import subprocess
 import sys
@@ -24,11 +25,12 @@ from pathlib import Path
 
 import pytest
 import trio
+import trustme
 from click.testing import CliRunner
 from test_relayd import Client, Trace, event_seqs, expected_seqs, packet_msg, send_trace
 
 from relayd import RelaydConfig, parse_auth_keys, serve_relayd
-from relayd.main import ReloadPaths, reload
+from relayd.main import ReloadPaths, _tls_context, reload
 from relayd.main import main as relayd_main
 from sessiond.main import main as sessiond_main
 from tracewire.cli import cli as tracewire_cli
@@ -177,6 +179,49 @@ async def test_reload_admits_new_keys_refuses_removed_ones_and_keeps_streaming(
             nursery.cancel_scope.cancel()
         assert event_seqs(t.trace_dir(out)) == expected_seqs(range(8))  # every seq once
         assert sorted(os.listdir(out)) == ["host-a", "host-c"]
+
+
+async def test_reload_serves_the_new_tls_certificate_and_keeps_it_on_a_bad_pair(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    with trio.fail_after(TIMEOUT):
+        old_ca, new_ca = trustme.CA(), trustme.CA()
+        cert, key = tmp_path / "relay.pem", tmp_path / "relay.key"
+        leaf = old_ca.issue_cert("localhost")
+        leaf.cert_chain_pems[0].write_to_path(str(cert))
+        leaf.private_key_pem.write_to_path(str(key))
+        tls = _tls_context(str(cert), str(key))
+        trusts = {}
+        for name, ca in (("old", old_ca), ("new", new_ca)):
+            trusts[name] = ssl.create_default_context()
+            ca.configure_trust(trusts[name])
+        paths = ReloadPaths(None, str(cert), str(key))
+        out = tmp_path / "out"
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(serve_relayd, RelaydConfig(
+                output=str(out), listen_host="127.0.0.1", listen_port=0, tls=tls))
+            port = listeners[0].socket.getsockname()[1]
+            await send_trace(port, Trace("host-a"), range(1), tls=trusts["old"])
+            leaf = new_ca.issue_cert("localhost")
+            leaf.cert_chain_pems[0].write_to_path(str(cert))
+            leaf.private_key_pem.write_to_path(str(key))
+            await reload(listeners.server, paths, tls)
+            await send_trace(port, Trace("host-b"), range(1), tls=trusts["new"])
+            # A certificate that does not match its key is refused; the new one stays.
+            old_ca.issue_cert("localhost").cert_chain_pems[0].write_to_path(str(cert))
+            caplog.clear()
+            await reload(listeners.server, paths, tls)
+            assert "SIGHUP: keeping the TLS certificate in use" in caplog.text
+            await send_trace(port, Trace("host-c"), range(1), tls=trusts["new"])
+            c = await Client.connect(port, trusts["old"])  # the old CA no longer vouches for the relay
+            try:
+                assert isinstance(c.stream, trio.SSLStream)
+                with pytest.raises(trio.BrokenResourceError):
+                    await c.stream.do_handshake()
+            finally:
+                await c.aclose()
+            nursery.cancel_scope.cancel()
+        assert sorted(os.listdir(out)) == ["host-a", "host-b", "host-c"]
 
 
 # --------------------------------------------------------------------------
