@@ -879,7 +879,9 @@ class _ConsumerConnection:
             auth = await self._next_message()
             if not isinstance(auth, Auth):
                 raise RemoteProtocolError(ErrorCode.AUTH_FAILED, "connection closed during authentication")
-            key = keys.get(key_id)
+            # The keys in force now: a reload (SIGHUP) may have come while
+            # the peer computed its answer.
+            key = (self.server.auth_keys or {}).get(key_id)
             # An unknown key id is refused only after the Challenge, like a
             # bad MAC, so that key ids cannot be probed.
             if key is None or not verify_auth_mac(key[0], nonce, hostname, key_id, auth.mac):
