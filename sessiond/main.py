@@ -93,8 +93,8 @@ def main(rundir: str | None, stop_timeout: float, consumer_rt_priority: int, sna
     SIGTERM/SIGINT: every started session is stopped as 'tracewire stop' does
     (its events written to its trace, or sent to its relay, spooled if the
     relay does not answer), within --shutdown-timeout; then sessiond exits 0
-    with its consumerds.  Sessions are not kept: 'tracewire create' them
-    again.  A second signal exits at once.
+    with its consumerds.  The sessions end with sessiond.  A second signal
+    exits at once.
     """
     logging.basicConfig(
         level=log_level.upper(), stream=sys.stderr,
