@@ -8,7 +8,6 @@ and a relay sees at once whether they can talk.
 
 from __future__ import annotations
 
-import importlib.metadata
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -24,6 +23,8 @@ DISTRIBUTION = "tracewire"
 def package_version() -> str:
     """The installed tracewire distribution's version, or "unknown" when the
     package runs from a source tree that was never installed."""
+    import importlib.metadata  # only when asked: the daemons' memory does not pay for it
+
     try:
         return importlib.metadata.version(DISTRIBUTION)
     except importlib.metadata.PackageNotFoundError:
