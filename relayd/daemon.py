@@ -1,7 +1,8 @@
 """The relay daemon: accepts consumers over TCP (or TLS) and writes CTF traces.
 
 Public API: RelaydConfig, serve_relayd, parse_auth_keys, RelaydStartupError,
-AuthKeyError.
+AuthKeyError, RelayServer (request_drain, set_auth_keys: what SIGTERM and
+SIGHUP do in `tracewire-relayd`).
 """
 
 # Theory of operation
@@ -70,6 +71,17 @@ AuthKeyError.
 # calls; serve_live (started by serve_relayd when
 # RelaydConfig.live is set) serves viewers from it and from the files.
 # Nothing on this side ever waits for a viewer.
+#
+# Reload and drain.  RelayServer.auth_keys is the key set in force:
+# set_auth_keys (SIGHUP in relayd/main.py) replaces it for the handshakes to
+# come and closes, through its cancel scope (close_now), every connection
+# whose key it revokes.  request_drain (the first SIGTERM) makes serve_relayd
+# stop its accept loops (connections run in their own nursery, so they
+# outlive them) and makes every connection, at its next wait for bytes
+# (only there: never in a send or a write), take what the kernel already
+# holds, write, sync and acknowledge it, send Error(RETRY) and end; a
+# connection still in its handshake is closed at once.  serve_relayd returns
+# when none is left, or cuts them after drain_timeout.
 #
 # Trust.  The wire core validates frames, field types, names and the
 # connection state; this module adds what needs the file system or the
@@ -152,6 +164,7 @@ __all__ = [
     "Listeners",
     "RelaydConfig",
     "RelaydStartupError",
+    "RelayServer",
     "parse_auth_keys",
     "serve_relayd",
 ]
@@ -163,6 +176,7 @@ AuthKeys = dict[str, tuple[bytes, tuple[str, ...]]]
 MIN_SECRET_CHARS = keyfile.MIN_SECRET_CHARS
 ANY_HOST = keyfile.ANY_HOST
 _RECEIVE_SIZE = 256 * 1024  # TLS: bytes asked for per receive
+_DRAIN_READS = 64  # a draining connection reads what is already there this many times at most
 _DIR_MODE = 0o750
 _FILE_MODE = 0o640
 # Packets of one connection written in one worker-thread call at most (raw
@@ -228,6 +242,9 @@ class RelaydConfig:
             None: no live port.
         metrics: serve Prometheus metrics (relayd/metrics.py) with this
             configuration; None: off (prometheus_client is not imported).
+        drain_timeout: seconds a drain (RelayServer.request_drain, the
+            first SIGTERM of `tracewire-relayd`) waits for the connections to
+            write, acknowledge and close what they hold; then they are cut.
     """
 
     output: str
@@ -251,11 +268,12 @@ class RelaydConfig:
     fdatasync: Callable[[int], None] = field(default=os.fdatasync, repr=False, compare=False)
     live: LiveConfig | None = None
     metrics: MetricsConfig | None = None
+    drain_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.listen_port <= 65535:
             raise ValueError(f"listen_port {self.listen_port} not in 0..65535")
-        for name in ("handshake_timeout", "idle_timeout", "close_timeout", "fsync_interval"):
+        for name in ("handshake_timeout", "idle_timeout", "close_timeout", "fsync_interval", "drain_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
         for name in ("max_payload_size", "max_raw_packet", "max_streams", "max_sessions",
@@ -390,6 +408,71 @@ class RelayServer:
         self._next_conn_id = 0
         self.live = LiveRegistry()  # what live viewers may read (relayd/live.py)
         self.counters = RelayCounters()  # for --metrics-listen (relayd/metrics.py)
+        self.auth_keys = config.auth_keys  # the keys in force: set_auth_keys replaces them (SIGHUP)
+        self.connections: set[_ConsumerConnection] = set()  # running, handshake included
+        self.drain_requested = trio.Event()  # request_drain: stop accepting, settle, close
+        self.drained = trio.Event()  # draining and no connection left
+
+    @property
+    def draining(self) -> bool:
+        """Whether a drain was requested (connections settle and close)."""
+        return self.drain_requested.is_set()
+
+    def request_drain(self) -> None:
+        """Starts a drain: serve_relayd stops accepting (its listeners close),
+        then every connection writes, makes durable (fsync mode) and
+        acknowledges what it has received, tells its peer Error(RETRY)
+        ("relay shutting down": the consumer keeps its data and reconnects
+        later) and closes; serve_relayd returns once none is left, or after
+        drain_timeout.  A connection still in its handshake is closed at once
+        (nothing of it is on disk)."""
+        if self.draining:
+            return
+        self.drain_requested.set()
+        for conn in list(self.connections):
+            conn.drain()
+        if not self.connections:
+            self.drained.set()
+
+    def connection_started(self, conn: _ConsumerConnection) -> None:
+        self.connections.add(conn)
+        if self.draining:
+            conn.drain()  # accepted just before the listeners closed
+
+    def connection_ended(self, conn: _ConsumerConnection) -> None:
+        self.connections.discard(conn)
+        if self.draining and not self.connections:
+            self.drained.set()
+
+    def set_auth_keys(self, keys: Mapping[str, tuple[bytes, tuple[str, ...]]]) -> int:
+        """Puts a new key set in force (a reload of the key file).
+
+        New connections are checked against `keys` alone.  A running
+        connection whose key is gone, has another secret now, or may no
+        longer write under its hostname is closed with Error(AUTH_FAILED):
+        revoking a key (a leaked one, say) must not leave its holder
+        writing.  Others go on untouched.
+
+        Args:
+            keys: the new {key_id: (secret, hosts)}.
+
+        Returns:
+            How many connections were closed.
+
+        Raises:
+            ValueError: the relay runs without authentication (it cannot
+                start requiring it on connections that never authenticated).
+        """
+        if self.auth_keys is None:
+            raise ValueError("the relay runs without auth keys")
+        self.auth_keys = keys
+        closed = 0
+        for conn in list(self.connections):
+            reason = conn.key_revoked(keys)
+            if reason is not None:
+                conn.close_now(ErrorCode.AUTH_FAILED, reason)
+                closed += 1
+        return closed
 
     def new_conn_id(self) -> int:
         """Returns a number naming a connection in the logs."""
@@ -507,11 +590,14 @@ class RelayServer:
 
     async def handle(self, stream: trio.abc.Stream) -> None:
         """Serves one accepted connection; never raises but Cancelled."""
+        conn = _ConsumerConnection(self, stream)
+        self.connection_started(conn)
         self.counters.connections += 1
         try:
-            await _ConsumerConnection(self, stream).run()
+            await conn.run()
         finally:
             self.counters.connections -= 1
+            self.connection_ended(conn)
 
     def metrics_snapshot(self) -> RelaySnapshot:
         """The counters for a scrape (relayd/metrics.py), taken in the loop."""
@@ -569,6 +655,10 @@ class _ConsumerConnection:
         self.sync_due: float | None = None  # fsync mode: when the batch and the unsynced are synced at the latest
         self.retries: dict[int, Retry] = {}  # Retry messages to send with the next acks
         self.got_bye = False
+        self.key: tuple[str, bytes] | None = None  # (key id, secret) it authenticated with
+        self.scope = trio.CancelScope()  # the whole connection: close_now cancels it
+        self.stop: tuple[ErrorCode, str] | None = None  # why close_now closed it
+        self.wait_scope: trio.CancelScope | None = None  # while waiting for bytes: drain cancels it
 
     def __str__(self) -> str:
         return self.name if self.hostname is None else f"{self.name} ({self.hostname})"
@@ -578,12 +668,17 @@ class _ConsumerConnection:
     async def run(self) -> None:
         """Runs the connection to its end, logging why it ended."""
         try:
-            with trio.fail_after(self.config.handshake_timeout):
-                if isinstance(self.stream, trio.SSLStream):
-                    await self.stream.do_handshake()
-                if not await self._handshake():
-                    return
-            await self._serve()
+            with self.scope:
+                with trio.fail_after(self.config.handshake_timeout):
+                    if isinstance(self.stream, trio.SSLStream):
+                        await self.stream.do_handshake()
+                    if not await self._handshake():
+                        return
+                await self._serve()
+            if self.stop is not None:
+                code, text = self.stop
+                logger.warning("%s: closed: %s", self, text)
+                await self._send_error(code, text)
         except RemoteProtocolError as exc:
             if exc.code in (ErrorCode.AUTH_FAILED, ErrorCode.FORBIDDEN):
                 self.server.counters.auth_failures += 1
@@ -608,6 +703,59 @@ class _ConsumerConnection:
         finally:
             with trio.CancelScope(shield=True):
                 await self._close_all()
+
+    # -- reload and drain (called from other tasks) --------------------------
+
+    def key_revoked(self, keys: Mapping[str, tuple[bytes, tuple[str, ...]]]) -> str | None:
+        """Why this connection may not go on under the key set `keys`, or None."""
+        if self.key is None:
+            return None
+        key_id, secret = self.key
+        new = keys.get(key_id)
+        if new is None:
+            return f"key {key_id!r} was removed from the relay's key file"
+        if not secrets.compare_digest(new[0], secret):
+            return f"key {key_id!r} has a new secret in the relay's key file"
+        if self.hostname is not None and ANY_HOST not in new[1] and self.hostname not in new[1]:
+            return f"key {key_id!r} may no longer write under host {self.hostname!r}"
+        return None
+
+    def close_now(self, code: ErrorCode, text: str) -> None:
+        """Ends the connection at once: what is not acknowledged yet is
+        dropped (the peer resends it); the peer gets Error(code, text)."""
+        if self.stop is None:
+            self.stop = (code, text)
+        self.scope.cancel()
+
+    def drain(self) -> None:
+        """The relay drains: once established, settle and close; still in
+        the handshake, close at once."""
+        if self.hostname is None:
+            self.close_now(ErrorCode.RETRY, "relay shutting down")
+        elif self.wait_scope is not None:
+            self.wait_scope.cancel()
+
+    async def _finish_drain(self) -> None:
+        """Takes the bytes the kernel already holds for us (plain TCP; at
+        most _DRAIN_READS reads, so a peer that keeps sending cannot hold the
+        drain), writes, makes durable (fsync mode) and acknowledges every
+        whole packet received, then tells the peer to come back later
+        (Error(RETRY): it keeps what is not acknowledged and resends it), or
+        answers its Bye."""
+        for _ in range(_DRAIN_READS):
+            if not self._receive_nowait():
+                break
+            while (event := self.conn.next_event()) is not None:
+                if isinstance(event, ConnectionClosed | Error):
+                    return  # nothing can be acknowledged any more: the peer resends (as in _serve)
+                await self._dispatch(event)
+        await self._settle()
+        if self.got_bye:
+            await self._send(Bye())
+            logger.info("%s: bye (draining)", self)
+            return
+        logger.info("%s: relay shutting down: everything received is written and acknowledged", self)
+        await self._send_error(ErrorCode.RETRY, "relay shutting down")
 
     async def _close_all(self) -> None:
         """Closes every file of the connection (unacknowledged packets of a
@@ -751,7 +899,7 @@ class _ConsumerConnection:
             return False
         assert isinstance(hello, Hello)  # the core allows nothing else
         hostname = validate_name(hello.hostname, "hostname")
-        keys = self.config.auth_keys
+        keys = self.server.auth_keys
         if keys is not None:
             key_id = hello.key_id
             assert key_id is not None  # require_auth: the core checked
@@ -760,13 +908,16 @@ class _ConsumerConnection:
             auth = await self._next_message()
             if not isinstance(auth, Auth):
                 raise RemoteProtocolError(ErrorCode.AUTH_FAILED, "connection closed during authentication")
-            key = keys.get(key_id)
+            # The keys in force now: a reload (SIGHUP) may have come while
+            # the peer computed its answer.
+            key = (self.server.auth_keys or {}).get(key_id)
             # An unknown key id is refused only after the Challenge, like a
             # bad MAC, so that key ids cannot be probed.
             if key is None or not verify_auth_mac(key[0], nonce, hostname, key_id, auth.mac):
                 raise RemoteProtocolError(ErrorCode.AUTH_FAILED, f"authentication failed for key {key_id!r}")
             if ANY_HOST not in key[1] and hostname not in key[1]:
                 raise RemoteProtocolError(ErrorCode.FORBIDDEN, f"key {key_id!r} may not write under host {hostname!r}")
+            self.key = (key_id, key[0])
         await self._send(Welcome(hello.version, session_limit=self.config.max_sessions))
         self.hostname = hostname
         logger.info("%s: welcome (key %s, protocol %d)", self, hello.key_id, hello.version)
@@ -802,6 +953,9 @@ class _ConsumerConnection:
                     continue
                 await self._write_batch()
             await self._acknowledge(sync=False)
+            if self.server.draining:
+                await self._finish_drain()
+                return
             await self._receive_more()
 
     async def _receive_more(self) -> None:
@@ -810,7 +964,7 @@ class _ConsumerConnection:
         deadline = trio.current_time() + self.config.idle_timeout
         while self.sync_due is not None:
             with trio.move_on_at(min(self.sync_due, deadline)):
-                await self._receive()
+                await self._receive_unless_draining()
                 return
             await self._acknowledge(sync=True)
         if self.config.fsync:
@@ -819,7 +973,19 @@ class _ConsumerConnection:
             # sync interval).
             self.conn.release_buffers()
         with trio.fail_at(deadline):
-            await self._receive()
+            await self._receive_unless_draining()
+
+    async def _receive_unless_draining(self) -> None:
+        """_receive, but a drain (RelayServer.request_drain) ends the wait
+        as if nothing came.  Only the wait: never a send or a write."""
+        with trio.CancelScope() as scope:
+            if self.server.draining:
+                return
+            self.wait_scope = scope
+            try:
+                await self._receive()
+            finally:
+                self.wait_scope = None
 
     async def _dispatch(self, msg: Message) -> None:
         match msg:
@@ -1308,20 +1474,23 @@ def _prepare_output(path: str) -> str:
 
 class Listeners(list[trio.SocketListener]):
     """The consumer port's bound listeners; ``live`` holds the live port's
-    (empty without one), ``metrics`` the metrics endpoint's (host, port)
-    (None without one)."""
+    (empty without one); ``server`` is the RelayServer (request_drain,
+    set_auth_keys); ``metrics`` the metrics endpoint's (host, port) (None
+    without one)."""
 
     def __init__(self, listeners: list[trio.SocketListener], live: list[trio.SocketListener],
-                 metrics: tuple[str, int] | None = None) -> None:
+                 server: RelayServer, metrics: tuple[str, int] | None = None) -> None:
         super().__init__(listeners)
         self.live = live
+        self.server = server
         self.metrics = metrics
 
 
 async def serve_relayd(
     config: RelaydConfig, *, task_status: trio.TaskStatus[Listeners] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    """Runs the relay until cancelled.
+    """Runs the relay until cancelled, or until a drain ends
+    (``listeners.server.request_drain()``: see RelayServer.request_drain).
 
     Args:
         config: the configuration.
@@ -1372,16 +1541,30 @@ async def serve_relayd(
             for listener in listeners + live:
                 await listener.aclose()
             raise RelaydStartupError(f"cannot serve metrics on {config.metrics}: {exc.strerror or exc}") from exc
-    async with trio.open_nursery() as nursery:
-        if config.live is not None:
-            await nursery.start(partial(serve_live, config.live, server.live, listeners=live))
-        await nursery.start(trio.serve_listeners, server.handle, served)
-        metrics = None
-        if endpoint is not None:
-            from relayd.metrics import serve_relay_metrics
+    async with trio.open_nursery() as connections:
+        async with trio.open_nursery() as nursery:
+            if config.live is not None:
+                await nursery.start(partial(serve_live, config.live, server.live, listeners=live))
+            await nursery.start(partial(trio.serve_listeners, server.handle, served, handler_nursery=connections))
+            metrics = None
+            if endpoint is not None:
+                from relayd.metrics import serve_relay_metrics
 
-            metrics = await nursery.start(serve_relay_metrics, endpoint, server)
-        task_status.started(Listeners(listeners, live, metrics))
+                metrics = await nursery.start(serve_relay_metrics, endpoint, server)
+            task_status.started(Listeners(listeners, live, server, metrics))
+            await server.drain_requested.wait()
+            # Stop accepting: the accept loops close their listeners; live
+            # viewers are dropped (they only read what is on disk); the
+            # metrics endpoint closes.
+            logger.info("draining: no new connections; %d open settle and close", len(server.connections))
+            nursery.cancel_scope.cancel()
+        with trio.move_on_after(config.drain_timeout) as timer:
+            await server.drained.wait()
+        if timer.cancelled_caught:
+            logger.warning("drain: %d connections still open after %g s: cut (their peers resend what was "
+                           "not acknowledged)", len(server.connections), config.drain_timeout)
+        connections.cancel_scope.cancel()
+    logger.info("drained")
 
 
 def _format_address(sockname: tuple[object, ...]) -> str:

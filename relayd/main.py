@@ -16,16 +16,19 @@ import trio
 
 from relayd.daemon import (
     AuthKeyError,
+    Listeners,
     RelaydConfig,
     RelaydStartupError,
+    RelayServer,
     parse_auth_keys,
     serve_relayd,
 )
 from relayd.live import LiveConfig
 from tracewire import wire
 from tracewire.url import format_hostport
+from tracewire.version import version_option
 
-__all__ = ["STARTUP_FAILURE", "main", "run"]
+__all__ = ["STARTUP_FAILURE", "ReloadPaths", "main", "reload", "run"]
 
 logger = logging.getLogger(__name__)
 
@@ -83,11 +86,62 @@ class AddressOrOffType(_OptionalAddressParam):
         return AddressType().convert(value, param, ctx)
 
 
-async def _serve(config: RelaydConfig) -> None:
-    """Runs serve_relayd until SIGTERM or SIGINT."""
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+@dataclass(frozen=True, slots=True)
+class ReloadPaths:
+    """The files SIGHUP reads again (None: not configured)."""
+
+    auth_keys: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+
+async def reload(server: RelayServer, paths: ReloadPaths, tls: ssl.SSLContext | None) -> None:
+    """SIGHUP: reads the key file (and the TLS certificate and key) again.
+
+    A file that cannot be read or parsed changes nothing: the keys (or the
+    certificate) in force stay, and one line says why.  New keys admit new
+    connections at once; a connection whose key was removed (or changed,
+    or lost its host) is closed (RelayServer.set_auth_keys); the others go
+    on.  A new certificate serves the handshakes that start after it.
+
+    Args:
+        server: the running relay (Listeners.server).
+        paths: where the files are.
+        tls: the SSLContext the relay serves with, or None.
+    """
+    if paths.auth_keys is not None:
+        try:
+            keys = await trio.to_thread.run_sync(parse_auth_keys, paths.auth_keys)
+        except AuthKeyError as exc:
+            logger.error("SIGHUP: keeping the %d keys in force: %s", len(server.auth_keys or {}), exc)
+        else:
+            closed = server.set_auth_keys(keys)
+            logger.info("SIGHUP: %d keys loaded from %s%s", len(keys), paths.auth_keys,
+                           f"; closed {closed} connections whose key was revoked" if closed else "")
+    if tls is not None and paths.tls_cert is not None and paths.tls_key is not None:
+        cert, key = paths.tls_cert, paths.tls_key
+        try:
+            await trio.to_thread.run_sync(_tls_context, cert, key)  # a trial: the one in use is not touched yet
+            tls.load_cert_chain(cert, key)  # new handshakes get it; live TLS sessions keep theirs
+        except (OSError, ssl.SSLError) as exc:
+            logger.error("SIGHUP: keeping the TLS certificate in use: cannot load %s / %s: %s", cert, key, exc)
+        else:
+            logger.info("SIGHUP: TLS certificate reloaded from %s", cert)
+    if paths.auth_keys is None and tls is None:
+        logger.warning("SIGHUP: nothing to reload (no --auth-keys, no TLS)")
+
+
+async def _serve(config: RelaydConfig, paths: ReloadPaths = ReloadPaths()) -> None:
+    """Runs serve_relayd: SIGHUP reloads, the first SIGTERM or SIGINT
+    drains, a second one ends the relay at once."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
-            listeners = await nursery.start(serve_relayd, config)
+
+            async def relay(task_status: trio.TaskStatus[Listeners] = trio.TASK_STATUS_IGNORED) -> None:
+                await serve_relayd(config, task_status=task_status)
+                nursery.cancel_scope.cancel()  # drained
+
+            listeners: Listeners = await nursery.start(relay)
             where = ", ".join(str(Address(*lst.socket.getsockname()[:2])) for lst in listeners)
             tls = " (TLS)" if config.tls is not None else ""
             live = ", ".join(str(Address(*lst.socket.getsockname()[:2])) for lst in listeners.live)
@@ -96,16 +150,26 @@ async def _serve(config: RelaydConfig) -> None:
                 live += f", metrics on http://{Address(*listeners.metrics)}/metrics"
             print(f"{PROG} listening on {where}{tls}{live}, writing to {config.output}", file=sys.stderr, flush=True)
             async for signum in signals:
-                logger.info("%s: shutting down", signal.Signals(signum).name)
-                nursery.cancel_scope.cancel()
-                break
+                name = signal.Signals(signum).name
+                if signum == signal.SIGHUP:
+                    await reload(listeners.server, paths, config.tls)
+                elif listeners.server.draining:
+                    logger.warning("%s again: exiting now", name)
+                    nursery.cancel_scope.cancel()
+                    break
+                else:
+                    logger.warning("%s: draining (at most %g s; %s again to exit at once)", name,
+                                   config.drain_timeout, name)
+                    listeners.server.request_drain()
 
 
-def run(config: RelaydConfig) -> int:
-    """Runs the relay until SIGTERM/SIGINT.
+def run(config: RelaydConfig, paths: ReloadPaths = ReloadPaths()) -> int:
+    """Runs the relay until it is drained (the first SIGTERM/SIGINT) or
+    stopped (a second one); SIGHUP reloads the files in `paths`.
 
     Args:
         config: the relay configuration.
+        paths: the key file and TLS files SIGHUP reads again.
 
     Returns:
         0 after a clean shutdown, STARTUP_FAILURE (3) if the relay could not
@@ -113,7 +177,7 @@ def run(config: RelaydConfig) -> int:
     """
     failure: RelaydStartupError | None = None
     try:
-        trio.run(_serve, config)
+        trio.run(_serve, config, paths)
     except* RelaydStartupError as group:
         failure = group.exceptions[0]  # type: ignore[assignment]
     if failure is not None:
@@ -216,8 +280,12 @@ def _tls_context(cert: str, key: str) -> ssl.SSLContext:
                    "http://HOST:PORT/metrics (PORT alone: on 127.0.0.1), or 'off'.  Session and host names "
                    "are visible to anyone who reaches it: see docs/security.md before binding another "
                    "address than 127.0.0.1.")
+@click.option("--drain-timeout", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True,
+              help="On SIGTERM/SIGINT: seconds the relay waits for its connections to write, acknowledge and "
+                   "close what they received before it cuts them (a second signal exits at once).")
 @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
               default="INFO", show_default=True, help="Logging level.")
+@version_option(PROG)
 def main(
     output: str,
     listen: Address,
@@ -241,10 +309,21 @@ def main(
     fsync: bool,
     fsync_interval: float,
     metrics_listen: MetricsConfig | None,
+    drain_timeout: float,
     log_level: str,
 ) -> None:
     """Relay daemon: receives traces from consumer daemons and writes CTF traces
-    under OUTPUT/<hostname>/<session>-<created>/."""
+    under OUTPUT/<hostname>/<session>-<created>/.
+
+    \b
+    Signals:
+      SIGHUP   read --auth-keys (and --tls-cert/--tls-key) again; a file that
+               does not parse keeps the old ones; connections whose key was
+               removed are closed, the others go on.
+      SIGTERM  drain: stop accepting, write and acknowledge what was
+      SIGINT   received, close every connection, exit 0; a second one exits
+               at once.
+    """
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s relayd %(levelname)s %(message)s",
                         stream=sys.stderr)
     if (tls_cert is None) != (tls_key is None):
@@ -278,6 +357,7 @@ def main(
         tls=tls,
         fsync=fsync,
         fsync_interval=fsync_interval,
+        drain_timeout=drain_timeout,
         live=None if live_listen is None else LiveConfig(
             listen_host=live_listen.host, listen_port=live_listen.port, max_viewers=live_max_viewers,
             idle_timeout=live_idle_timeout, connect_timeout=handshake_timeout, send_timeout=live_send_timeout,
@@ -285,4 +365,4 @@ def main(
             orphan_timeout=live_orphan_timeout, allow=allow),
         metrics=metrics_listen,
     )
-    sys.exit(run(config))
+    sys.exit(run(config, ReloadPaths(auth_keys, tls_cert, tls_key)))

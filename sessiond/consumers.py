@@ -231,6 +231,14 @@ class ConsumerPool:
         self.replay = replay
         self.zygote = zygote
         self.handles: dict[int, ConsumerHandle] = {}
+        self.closing = False  # sessiond exits: calls fail at once (see close)
+
+    def close(self) -> None:
+        """sessiond is exiting: every call from now on fails at once instead
+        of waiting (up to consumer_timeout) for a consumerd being killed, so
+        that the clean-ups that run shielded as sessiond is cancelled (an
+        app's connection ending) cannot hold its exit."""
+        self.closing = True
 
     def get(self, uid: int) -> ConsumerHandle:
         h = self.handles.get(uid)
@@ -241,5 +249,11 @@ class ConsumerPool:
 
     async def call(self, uid: int, op: Op, fds: tuple[int, ...] = (),
                    timeout: float | None = None) -> Reply:
-        """:meth:`ConsumerHandle.call` on the consumerd of owner ``uid``."""
+        """:meth:`ConsumerHandle.call` on the consumerd of owner ``uid``.
+
+        Raises:
+            UserError: as ConsumerHandle.call, or sessiond is exiting (close).
+        """
+        if self.closing:
+            raise UserError("sessiond is shutting down")
         return await self.get(uid).call(op, fds, timeout)

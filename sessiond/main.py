@@ -14,7 +14,9 @@ import trio
 
 from sessiond import SessiondConfig, UserError, default_rundir, serve_sessiond
 from sessiond.limits import LimitsFileError, LimitsPolicy
+from sessiond.shutdown import exit_now, stop_sessions
 from sessiond.zygote import ForkedZygote, fork_zygote
+from tracewire.version import version_option
 
 if TYPE_CHECKING:
     from tracewire.metrics_config import MetricsConfig
@@ -22,18 +24,29 @@ if TYPE_CHECKING:
 STARTUP_FAILURE = 3
 
 
-async def _serve_until_signal(config: SessiondConfig, zygote: ForkedZygote) -> None:
+async def _serve_until_signal(config: SessiondConfig, zygote: ForkedZygote, shutdown_timeout: float = 10.0) -> None:
+    """Serves until SIGTERM/SIGINT: the first stops every started session
+    (sessiond/shutdown.py) for at most ``shutdown_timeout`` s, then exits; a
+    second one exits at once."""
+    log = logging.getLogger("sessiond")
     async with trio.open_nursery() as nursery:
-        await nursery.start(partial(serve_sessiond, config, zygote=zygote))
+        sd = await nursery.start(partial(serve_sessiond, config, zygote=zygote))
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async for _ in signals:
-                logging.getLogger("sessiond").info("signal received; shutting down")
-                nursery.cancel_scope.cancel()
-                return
+            stopping = False
+            async for signum in signals:
+                name = signal.Signals(signum).name
+                if stopping:
+                    log.warning("%s again: exiting now", name)
+                    exit_now(sd, nursery.cancel_scope)
+                    return
+                stopping = True
+                log.info("%s: stopping the started sessions, then exiting (%s again: at once)", name, name)
+                nursery.start_soon(stop_sessions, sd, shutdown_timeout, partial(exit_now, sd, nursery.cancel_scope))
 
 
-def run(config: SessiondConfig) -> int:
-    """Run sessiond until SIGTERM/SIGINT; returns the exit code.
+def run(config: SessiondConfig, shutdown_timeout: float = 10.0) -> int:
+    """Run sessiond until SIGTERM/SIGINT; returns the exit code.  The first
+    signal stops the started sessions for at most ``shutdown_timeout`` s.
 
     The consumerd zygote is forked first, while this process is still
     single-threaded: it shares sessiond's imports, and the consumerds it forks
@@ -41,7 +54,7 @@ def run(config: SessiondConfig) -> int:
     failure = None
     try:
         zygote = fork_zygote(config.rundir)
-        trio.run(_serve_until_signal, config, zygote)
+        trio.run(_serve_until_signal, config, zygote, shutdown_timeout)
     except* UserError as group:  # nurseries wrap what serve_sessiond raises
         failure = str(group.exceptions[0])
     except* OSError as group:
@@ -100,14 +113,25 @@ def _metrics_listen(ctx: click.Context, param: click.Parameter, value: str | Non
               "http://HOST:PORT/metrics (PORT alone: on 127.0.0.1); off by default.  Anyone who "
               "reaches the address sees every user's session names: keep it on 127.0.0.1 (docs/security.md) "
               "[env TRACEWIRE_SESSIOND_METRICS_LISTEN].")
+@click.option("--shutdown-timeout", type=click.FloatRange(min=0, min_open=True), default=10.0,
+              show_default=True, help="On SIGTERM/SIGINT: seconds to stop the started sessions (apps "
+              "quiesce, consumerds flush to their sinks) before exiting; a second signal exits at once "
+              "[env TRACEWIRE_SESSIOND_SHUTDOWN_TIMEOUT].")
 @click.option("--log-level", default="INFO", show_default=True, help="Python logging level.")
+@version_option("tracewire-sessiond")
 def main(rundir: str | None, stop_timeout: float, consumer_rt_priority: int, snapshot_keep_dead: int,
          limits_file: str | None, load_dir: str | None, metrics_listen: MetricsConfig | None,
-         log_level: str) -> None:
+         shutdown_timeout: float, log_level: str) -> None:
     """Session daemon: the registry of tracing sessions.
 
     It owns the ring buffers, spawns consumerd and answers the tracewire CLI
     on RUNDIR/control.sock; traced apps register on RUNDIR/apps.sock.
+
+    SIGTERM/SIGINT: every started session is stopped as 'tracewire stop' does
+    (its events written to its trace, or sent to its relay, spooled if the
+    relay does not answer), within --shutdown-timeout; then sessiond exits 0
+    with its consumerds.  The sessions end with sessiond.  A second signal
+    exits at once.
     """
     logging.basicConfig(
         level=log_level.upper(), stream=sys.stderr,
@@ -124,4 +148,4 @@ def main(rundir: str | None, stop_timeout: float, consumer_rt_priority: int, sna
                                 consumer_rt_priority=consumer_rt_priority,
                                 snapshot_keep_dead=snapshot_keep_dead, limits=limits,
                                 load_dir=os.path.abspath(load_dir) if load_dir else None,
-                                metrics=metrics_listen)))
+                                metrics=metrics_listen), shutdown_timeout))

@@ -138,6 +138,9 @@ class TW:
         sessionds = [p for p in self.daemons if _alive(p)]
         consumers = [c for p in sessionds for c in _children(p)]
         if sessionds:
+            # A sessiond's first signal stops its started sessions (up to
+            # --shutdown-timeout), a second one exits at once: teardown wants that.
+            _kill_wait(sessionds, signal.SIGINT, time.monotonic())
             _kill_wait(sessionds, signal.SIGTERM, time.monotonic() + 5)
         _kill_wait([p for p in sessionds + consumers if _alive(p)], signal.SIGKILL, time.monotonic() + 5)
 

@@ -586,9 +586,11 @@ def _ns_pids(ns: str) -> list[int]:
 
 
 def _kill_ns_processes(ns: str) -> None:
-    """SIGTERM, then SIGKILL, whatever still runs in one of our namespaces."""
+    """SIGINT and SIGTERM (a daemon's first signal drains or stops its
+    sessions, the second exits at once), then SIGKILL, whatever still runs in
+    one of our namespaces."""
     pids = _ns_pids(ns)
-    for sig, wait in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 3.0)):
+    for sig, wait in ((signal.SIGINT, 0.0), (signal.SIGTERM, 3.0), (signal.SIGKILL, 3.0)):
         if not pids:
             return
         for pid in pids:

@@ -377,6 +377,9 @@ class TargetHost:
         self._note()
         sessionds = [p for p in self.daemons if _alive(p)]
         consumers = [c for p in sessionds for c in _children(p)]
+        for p in sessionds:  # the first signal stops the sessions, the second (SIGTERM) exits at once
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signal.SIGINT)
         _kill_all(sessionds + consumers)
 
 

@@ -20,6 +20,7 @@ from tracewire import ops
 from tracewire.control import ControlError, FrameReader, encode_frame
 from tracewire.peercred import peer_credentials
 from tracewire.rundir import default_rundir, ensure_rundir, trusted_uid
+from tracewire.version import version_option
 
 EXIT_FAILURE = 1
 EXIT_NO_DAEMON = 3
@@ -283,7 +284,7 @@ def _client(ctx: click.Context) -> Client:
 @click.option("--rundir", envvar="TRACEWIRE_RUNDIR", default=None, metavar="DIR",
               help="sessiond's run directory [env TRACEWIRE_RUNDIR; default "
                    "$XDG_RUNTIME_DIR/tracewire, or /run/tracewire for root].")
-@click.version_option(package_name="tracewire")
+@version_option("tracewire")
 @click.pass_context
 def cli(ctx: click.Context, rundir: str | None) -> None:
     """Control tracing sessions: create, enable events, start, stop, view.
