@@ -175,7 +175,7 @@ def bt2_seqs(path: Path) -> list[int]:
 
 
 _STATUS = re.compile(
-    r": (\d+) packets, raw ([\d.]+ \w+), wire ([\d.]+ \w+) \(x([\d.]+)\), discarded (\d+), unacked (\d+)"
+    r": (?:\d+ events, )?(\d+) packets, raw ([\d.]+ \w+), wire ([\d.]+ \w+) \(x([\d.]+)\), discarded (\d+), unacked (\d+)"
 )
 
 

@@ -244,7 +244,7 @@ class Demo:
         return self.emitted
 
 
-_STATUS = re.compile(r": (\d+) packets, .*?discarded (\d+), unacked (\d+)")
+_STATUS = re.compile(r": (?:\d+ events, )?(\d+) packets, .*?discarded (\d+), unacked (\d+)")
 
 
 class TargetHost:
