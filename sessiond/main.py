@@ -103,6 +103,7 @@ def _metrics_listen(ctx: click.Context, param: click.Parameter, value: str | Non
               "a [user.root] table says otherwise. Read once, at start-up "
               "[env TRACEWIRE_SESSIOND_LIMITS].")
 @click.option("--load", "load_dir", type=click.Path(file_okay=False, exists=True), default=None, metavar="DIR",
+              envvar="TRACEWIRE_SESSIOND_LOAD",
               help="At start-up, load every saved session (*.json, written by 'tracewire save') in DIR, "
               "for the file's owner: a user's sessiond takes only the user's files, root's takes root's and "
               "those of 'tracing' members; a file others may write is refused.  A relay session that a "

@@ -23,6 +23,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import click
 import pytest
 import trio
 import trustme
@@ -65,6 +66,25 @@ def test_version_is_one_line_with_package_and_protocol(command: object, prog: st
     assert result.output == (
         f"{prog} {importlib.metadata.version('tracewire')} (wire protocol {PROTOCOL_VERSION}; speaks 1, 2)\n"
     )
+
+
+@pytest.mark.parametrize(("command", "prefix"),
+                         [(relayd_main, "TRACEWIRE_RELAYD"), (sessiond_main, "TRACEWIRE_SESSIOND")])
+def test_every_option_reads_the_variable_its_help_and_the_env_files_name(command: object, prefix: str) -> None:
+    """The units' environment files set TRACEWIRE_<DAEMON>_<OPTION>: each
+    option must read exactly that variable (click derives it from the
+    parameter's name, which need not be the option's), and the "[env X]" of
+    its help must say so."""
+    import re
+
+    for param in command.params:  # type: ignore[attr-defined]
+        if not isinstance(param, click.Option) or not param.opts[0].startswith("--") or param.is_flag:
+            continue
+        want = prefix + "_" + param.opts[0][2:].upper().replace("-", "_")
+        got = param.envvar or f"{prefix}_{param.name.upper()}"
+        assert got == want, f"{param.opts[0]} reads {got}, not {want}"
+        said = re.findall(r"\[env (\w+)\]", param.help or "")
+        assert said in ([], [want]), f"{param.opts[0]}'s help names {said}"
 
 
 # --------------------------------------------------------------------------
