@@ -61,7 +61,7 @@ def test_target_families_carry_status_counters() -> None:
         streams=(
             TargetStream("s1", 1000, _stats("tw://r/ust/a/channel0_0", packets=7, raw_bytes=7000, wire_bytes=900,
                                             discarded=3, unacked=2, unacked_bytes=250, ring_unread=1,
-                                            relay_reconnects=4)),
+                                            relay_reconnects=4, events=1234)),
             TargetStream("s1", 1000, _stats("tw://r/ust/a/channel0_1", packets=1, raw_bytes=10, wire_bytes=9,
                                             relay_reconnects=4, error="relay unreachable: x")),
             TargetStream("local", 0, _stats("/tmp/t/ust/a/channel0_0", packets=2, raw_bytes=20, wire_bytes=20)),
@@ -71,6 +71,7 @@ def test_target_families_carry_status_counters() -> None:
     m = _render(SnapshotCollector(lambda: snap, target_families, lambda s: (), TargetSnapshot()))
     a = (("channel", "channel0"), ("session", "s1"), ("stream", "tw://r/ust/a/channel0_0"), ("uid", "1000"))
     assert m["tracewire_stream_packets_total"][a] == 7
+    assert m["tracewire_stream_events_total"][a] == 1234
     assert m["tracewire_stream_raw_bytes_total"][a] == 7000
     assert m["tracewire_stream_wire_bytes_total"][a] == 900
     assert m["tracewire_stream_events_discarded_total"][a] == 3

@@ -130,6 +130,7 @@ def test_scrapes_match_status_to_the_packet(tw: TW, relay: tuple[int, int, Path]
             assert target_value(f"tracewire_stream_{what}_total", s["path"]) == s[what], (what, s)
             assert relay_value(f"tracewire_relay_stream_{what}_total", s["path"]) == s[what], (what, s)
         assert target_value("tracewire_stream_events_discarded_total", s["path"]) == s["discarded"]
+        assert target_value("tracewire_stream_events_total", s["path"]) == s["events"] > 0
         assert target_value("tracewire_stream_unacked_packets", s["path"]) == 0
         assert target_value("tracewire_stream_spool_bytes", s["path"]) == 0
     assert [v for labels, v in target["tracewire_session_reconnects_total"] if labels["session"] == "m"] == [0]

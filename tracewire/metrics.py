@@ -131,6 +131,9 @@ def target_families(snap: TargetSnapshot) -> list[Metric]:
                               labels=_STREAM_LABELS)
     wire = CounterMetricFamily("tracewire_stream_wire_bytes", "Bytes of the stream's packets as sent (compressed; "
                                "equal to raw bytes for a local sink).", labels=_STREAM_LABELS)
+    events = CounterMetricFamily("tracewire_stream_events", "Whole events the app's tracer says it wrote into "
+                                 "the stream's ring buffer (its ring's events word: the app's own account, as "
+                                 "'tracewire status' shows it).", labels=_STREAM_LABELS)
     discarded = CounterMetricFamily("tracewire_stream_events_discarded", "Events the stream's ring buffer "
                                     "discarded (full, discard mode).", labels=_STREAM_LABELS)
     unacked = GaugeMetricFamily("tracewire_stream_unacked_packets", "Packets sent to the relay and not "
@@ -148,6 +151,7 @@ def target_families(snap: TargetSnapshot) -> list[Metric]:
         s = ts.stats
         labels = [ts.session, str(ts.uid), s.path, s.channel]
         packets.add_metric(labels, s.packets)
+        events.add_metric(labels, s.events)
         raw.add_metric(labels, s.raw_bytes)
         wire.add_metric(labels, s.wire_bytes)
         discarded.add_metric(labels, s.discarded)
@@ -162,7 +166,7 @@ def target_families(snap: TargetSnapshot) -> list[Metric]:
         reconnects.add_metric([session, uid], n)
     incomplete = GaugeMetricFamily("tracewire_metrics_unanswered_sessions", "Sessions left out of this scrape: "
                                    "their consumerd did not answer in time.", value=snap.unanswered)
-    return [packets, raw, wire, discarded, unacked, spool, unread, broken, reconnects, incomplete]
+    return [packets, events, raw, wire, discarded, unacked, spool, unread, broken, reconnects, incomplete]
 
 
 _RELAY_LABELS = ["host", "session", "stream"]
