@@ -175,7 +175,8 @@ def bt2_seqs(path: Path) -> list[int]:
 
 
 _STATUS = re.compile(
-    r": (?:\d+ events, )?(\d+) packets, raw ([\d.]+ \w+), wire ([\d.]+ \w+) \(x([\d.]+)\), discarded (\d+), unacked (\d+)"
+    r": (?:\d+ events, )?(\d+) packets, raw ([\d.]+ \w+), wire ([\d.]+ \w+) \(x([\d.]+)\), "
+    r"discarded (\d+), unacked (\d+)"
 )
 
 
