@@ -1832,6 +1832,37 @@ print((t1 - t0) / n)
 """
 
 
+def _lttng_python_session(root: str) -> tuple[LttngDaemons, str]:
+    """A private LTTng sessiond with session ``p`` started, its Python agent
+    enabled for the logger ``bench``; and the trace's directory."""
+    ld = LttngDaemons(root, agent_port=_free_ports(1)[0])
+    try:
+        ltrace = os.path.join(ld.home, "trace")
+        ld.lttng("create", "p", f"--output={ltrace}")
+        ld.lttng("enable-event", "--python", "bench")
+        ld.lttng("start", "p")
+    except BaseException:
+        ld.close()
+        raise
+    return ld, ltrace
+
+
+def _tracewire_session(root: str, out: str, *enable: str) -> tuple[Daemons, str]:
+    """A private tracewire sessiond with session ``p`` writing under
+    ``out``, started with ``enable-event *enable``; and the trace's
+    directory."""
+    tw = Daemons(root)
+    try:
+        twtrace = os.path.join(out, "trace")
+        tw.cli("create", "p", "--output", twtrace)
+        tw.cli("enable-event", *enable, "-s", "p")
+        tw.cli("start", "p")
+    except BaseException:
+        tw.close()
+        raise
+    return tw, twtrace
+
+
 def bench_python_tracer(calls: int, repeat: int, want, everything: bool, root: str = VS_ROOT) -> None:
     """ns per ``logger.info('request %d %s', i, 'path')`` through LTTng's
     Python agent against ns per tracewire tracepoint call doing the same
@@ -1850,16 +1881,8 @@ def bench_python_tracer(calls: int, repeat: int, want, everything: bool, root: s
     out = tempfile.mkdtemp(prefix="twbp", dir=root)
     results: dict[str, list[float]] = {"lttng": [], "tracewire": [], "tracewire_venv": [], "logging_no_handler": []}
     try:
-        ld = LttngDaemons(root, agent_port=_free_ports(1)[0])
-        ltrace = os.path.join(ld.home, "trace")
-        ld.lttng("create", "p", f"--output={ltrace}")
-        ld.lttng("enable-event", "--python", "bench")
-        ld.lttng("start", "p")
-        tw = Daemons(root)
-        twtrace = os.path.join(out, "trace")
-        tw.cli("create", "p", "--output", twtrace)
-        tw.cli("enable-event", "demo:*", "-s", "p")
-        tw.cli("start", "p")
+        ld, ltrace = _lttng_python_session(root)
+        tw, twtrace = _tracewire_session(root, out, "demo:*")
         for r in range(repeat):
             ns = float(ld.run([SYSTEM_PYTHON, "-c", _PY_LOGGING, str(calls), "lttng"]))
             results["lttng"].append(ns)
@@ -1949,16 +1972,8 @@ def bench_logging_bridge(calls: int, repeat: int, want, everything: bool, root: 
     out = tempfile.mkdtemp(prefix="twbl", dir=root)
     results: dict[str, list[float]] = {"bridge": [], "lttng": [], "nullhandler": [], "bridge_off": []}
     try:
-        ld = LttngDaemons(root, agent_port=_free_ports(1)[0])
-        ltrace = os.path.join(ld.home, "trace")
-        ld.lttng("create", "p", f"--output={ltrace}")
-        ld.lttng("enable-event", "--python", "bench")
-        ld.lttng("start", "p")
-        tw = Daemons(root)
-        twtrace = os.path.join(out, "trace")
-        tw.cli("create", "p", "--output", twtrace)
-        tw.cli("enable-event", "--python", "bench", "-s", "p")
-        tw.cli("start", "p")
+        ld, ltrace = _lttng_python_session(root)
+        tw, twtrace = _tracewire_session(root, out, "--python", "bench")
         tw_off = Daemons(root)  # a sessiond with a session that does not enable python:bench
         tw_off.cli("create", "q", "--output", os.path.join(out, "off"))
         tw_off.cli("enable-event", "demo:*", "-s", "q")
