@@ -31,13 +31,17 @@ BT2 = shutil.which("babeltrace2")
 class FakeTracepoint:
     """Stands in for a declared log event: records what is emitted."""
 
-    def __init__(self, name: str, fields: list[tuple[str, str]], level: int) -> None:
-        self.name, self.fields, self.loglevel = name, fields, level
+    def __init__(self, name: str, fields: list[tuple[str, str]], level: int, consts: dict[str, Any]) -> None:
+        self.name, self.fields, self.loglevel, self.consts = name, fields, level, consts
         self.enabled = True
         self.calls: list[tuple[Any, ...]] = []
 
     def emit(self, *args: Any) -> None:
-        self.calls.append(args)
+        """Takes the fields that are not constants, as the real emitter;
+        records every field's value, in field order."""
+        given = iter(args)
+        self.calls.append(tuple(self.consts[n] if n in self.consts else next(given) for n, _ in self.fields))
+        assert next(given, given) is given, "more values than fields"
 
 
 @pytest.fixture
@@ -46,8 +50,9 @@ def declared(monkeypatch) -> Iterator[list[FakeTracepoint]]:
     the fast path installed for the test only."""
     made: list[FakeTracepoint] = []
 
-    def fake(name: str, fields: list[tuple[str, str]], level: int) -> FakeTracepoint:
-        tp = FakeTracepoint(name, fields, level)
+    def fake(name: str, fields: list[tuple[str, str]], level: int, consts: dict[str, Any]) -> FakeTracepoint:
+        assert set(consts) == {"level", "levelname"}
+        tp = FakeTracepoint(name, fields, level, consts)
         made.append(tp)
         return tp
 

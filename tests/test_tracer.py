@@ -16,6 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -181,9 +182,10 @@ class Rig:
         self.packets = bytearray()
         self.seq = 0
 
-    def declare(self, name: str, fields: dict[str, type], tp_id: int | None = None) -> _tracer.Tracepoint:
+    def declare(self, name: str, fields: dict[str, type], tp_id: int | None = None,
+                consts: dict[str, Any] | None = None) -> _tracer.Tracepoint:
         decl = [(n, _tracer._TYPES[t]) for n, t in fields.items()]
-        tp = _tracer.Tracepoint(None, len(self.tps) if tp_id is None else tp_id, name, decl)
+        tp = _tracer.Tracepoint(None, len(self.tps) if tp_id is None else tp_id, name, decl, consts=consts)
         tp.set_streams((self.stream,))
         self.tps.append(tp)
         return tp
@@ -346,6 +348,34 @@ def test_ids_above_30_always_use_the_extended_header(rig: Rig) -> None:
     assert int.from_bytes(chunk[4:8], "little") == 40
     evs = _events(list(ctf.read_stream(io.BytesIO(bytes(rig.packets)), rig.meta())))
     assert [e.fields["a"] for e in evs] == [1, 2]
+
+
+def test_constant_fields_are_written_and_not_passed(rig: Rig) -> None:
+    """A log event's level and level name are constants of its emitter: it
+    takes the other fields, in order, and every path (the one-pack fast
+    path, the general path of a long string, the extended header after a
+    clock jump) writes the constants where the fields stand."""
+    consts = {"level": 20, "name": "IN\0F\ud800O", "f": 0.5}
+    tp = rig.declare("test:const", {"level": int, "name": str, "msg": str, "f": float, "n": int}, consts=consts)
+    t0 = rig.start_ts
+    rig.clock(tp, [t0 + 1, t0 + 2, t0 + 3 + 2**27, t0 + 4 + 2**27])
+    msgs = ["short", "x" * 5000, "after a jump", ""]
+    for i, m in enumerate(msgs):
+        assert tp.emit(m, i) is None
+    evs = _events(rig.read())
+    name = "IN" + ctf.NUL_REPLACEMENT + "F?O"
+    assert [e.fields for e in evs] == [{"level": 20, "name": name, "msg": m, "f": 0.5, "n": i}
+                                       for i, m in enumerate(msgs)]
+    assert rig.producer.discarded == 0
+    tp.emit(5, "x")  # wrong types: discarded, as in any emitter
+    assert rig.producer.discarded == 1
+
+
+@pytest.mark.parametrize("consts", [{"level": "20"}, {"level": 2**63}, {"levelname": 5}, {"nope": 1},
+                                    {"level": True}])
+def test_log_event_constants_must_be_values_of_their_fields(consts) -> None:
+    with pytest.raises(ValueError, match="constant"):
+        _tracer.log_event("python:x", [("level", "int"), ("levelname", "str"), ("msg", "str")], 20, consts)
 
 
 def test_string_with_embedded_nul_keeps_the_rest_of_the_event(rig: Rig) -> None:

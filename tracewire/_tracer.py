@@ -51,7 +51,7 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from types import CodeType
 from typing import TYPE_CHECKING, Any
 
@@ -111,19 +111,28 @@ def _indent(depth: int, lines: list[str]) -> list[str]:
     return ["    " * depth + line for line in lines]
 
 
-def _gen_encode(fields: list[tuple[str, str]], header: int) -> list[str]:
+def _gen_encode(fields: list[tuple[str, str]], header: int, consts: Mapping[str, Any]) -> list[str]:
     """Lines, run before any lock is taken, that encode the variable-size
     fields and compute ``_n0``: the event's size with a ``header``-byte
     header (the one the tracepoint usually gets).
 
     A str is encoded strictly first (the common case, cheaper than naming an
     error handler); one that cannot be (a lone surrogate) is encoded again
-    with replacement characters."""
+    with replacement characters.  A field in ``consts`` is no argument: its
+    value (a str already encoded) is a constant of the code."""
     lines = []
     size_terms = []
     fixed_size = header
     for n, t in fields:
-        if t == "str":
+        if n in consts:
+            if t == "str":
+                b = _const_str(consts[n])
+                lines += [f"_b_{n} = {b!r}", f"_k_{n} = {len(b)}"]
+                fixed_size += len(b) + 1
+            else:
+                lines.append(f"{n} = {consts[n]!r}")
+                fixed_size += 8
+        elif t == "str":
             lines += [
                 "try:",
                 f"    _b_{n} = {n}.encode()",
@@ -141,6 +150,16 @@ def _gen_encode(fields: list[tuple[str, str]], header: int) -> list[str]:
         else:
             fixed_size += 8
     return lines + [f"_n0 = {' + '.join(size_terms + [str(fixed_size)])}"]
+
+
+def _const_str(value: str) -> bytes:
+    """A constant str field's bytes, as its emitter would encode it."""
+    return value.encode("utf-8", "replace").replace(b"\0", _NUL_REPLACEMENT)
+
+
+def _args(fields: list[tuple[str, str]], consts: Mapping[str, Any]) -> str:
+    """An emitter's parameters: the fields that are not constants."""
+    return ", ".join(n for n, _ in fields if n not in consts)
 
 
 def _gen_general(fields: list[tuple[str, str]], tp_id: int, compact: bool, skip: str) -> list[str]:
@@ -263,7 +282,8 @@ def _gen_write(fields: list[tuple[str, str]], tp_id: int, skip: str) -> list[str
     ]
 
 
-def _gen_source(fields: list[tuple[str, str]], tp_id: int, many: bool) -> str:
+def _gen_source(fields: list[tuple[str, str]], tp_id: int, many: bool,
+                consts: Mapping[str, Any] | None = None) -> str:
     """Python source of a recording body for these fields.
 
     Args:
@@ -272,13 +292,16 @@ def _gen_source(fields: list[tuple[str, str]], tp_id: int, many: bool) -> str:
         many: write to every stream of ``_streams`` (a loop); otherwise to
             the one stream ``_S1`` (a ``_Detached`` stand-in: nowhere),
             without the loop.
+        consts: fields that always hold one value (int, float or str):
+            not parameters of ``_emit``.
 
     Returns:
         The source of ``_emit(fields...)``.  Its globals: see
         ``Tracepoint.__init__``.
     """
     var = _variable(fields)
-    prelude = _gen_encode(fields, _HDR_COMPACT if tp_id <= _COMPACT_MAX_ID else _HDR_EXTENDED)
+    consts = consts or {}
+    prelude = _gen_encode(fields, _HDR_COMPACT if tp_id <= _COMPACT_MAX_ID else _HDR_EXTENDED, consts)
     if len(var) == 1:
         prelude += [f"_pk = _PK.get(_k_{var[0]})", f"if _pk is None: _pk = _mkpk(_k_{var[0]})"]
     elif var:
@@ -299,7 +322,7 @@ def _gen_source(fields: list[tuple[str, str]], tp_id: int, many: bool) -> str:
     else:
         body = ["_s = _S1", *[line.replace("SKIP", "return") for line in locked]]
     lines = [
-        f"def _emit({', '.join(n for n, _ in fields)}):",
+        f"def _emit({_args(fields, consts)}):",
         "    try:",
         *_indent(2, prelude + body),
         "    except Exception:",
@@ -319,7 +342,7 @@ class Tracepoint:
     what it holds otherwise), the packers and the clock."""
 
     def __init__(self, registry: _Registry | None, tp_id: int, name: str, fields: list[tuple[str, str]],
-                 loglevel: int | None = None) -> None:
+                 loglevel: int | None = None, consts: Mapping[str, Any] | None = None) -> None:
         self.registry = registry
         self.id = tp_id
         self.name = name
@@ -328,6 +351,9 @@ class Tracepoint:
         # sessiond's ``--loglevel`` rules enable it or not.  None: a plain
         # tracepoint.
         self.loglevel = loglevel
+        # Fields that hold one value in every event (a log event's level and
+        # level name): constants of the emitter's code, not its arguments.
+        self.consts: dict[str, Any] = dict(consts or {})
         self.enabled = False  # some stream records it (kept by set_streams)
         lead = _lead(fields)
         lead_fmt = "".join(_FIXED[t] for _, t in lead)
@@ -356,18 +382,18 @@ class Tracepoint:
             "_failed": self._failed,
         }
         where = f"<tracepoint {name}>"
-        exec(compile(_gen_source(fields, tp_id, many=False), where, "exec"), self.globals)
+        exec(compile(_gen_source(fields, tp_id, many=False, consts=self.consts), where, "exec"), self.globals)
         self._one_code: CodeType = self.globals["_emit"].__code__
-        exec(compile(_gen_source(fields, tp_id, many=True), where, "exec"), self.globals)
+        exec(compile(_gen_source(fields, tp_id, many=True, consts=self.consts), where, "exec"), self.globals)
         self._many_code: CodeType = self.globals["_emit"].__code__
-        args = ", ".join(n for n, _ in fields)
+        args = _args(fields, self.consts)
         ns: dict[str, Any] = {}
         exec(compile(f"def _off({args}):\n    return None\n", where, "exec"), ns)
         self._disabled_code: CodeType = ns["_off"].__code__
         emit = self.globals["_emit"]
         emit.__code__ = self._disabled_code
         emit.__name__ = emit.__qualname__ = name.replace(":", "_").replace(".", "_").replace("-", "_")
-        emit.__doc__ = f"Emit the {name} event ({', '.join(f'{n}: {t}' for n, t in fields)})."
+        emit.__doc__ = f"Emit the {name} event ({', '.join(f'{n}: {t}' for n, t in fields if n not in self.consts)})."
         emit.tracepoint = self
         self.emit: Callable[..., None] = emit
 
@@ -443,7 +469,7 @@ class _Registry:
         self.by_name: dict[str, Tracepoint] = {}
         # Log events (``tracewire.logging``): several may share a name, one
         # per (fields, level).
-        self.by_key: dict[tuple[str, tuple[tuple[str, str], ...], int], Tracepoint] = {}
+        self.by_key: dict[tuple[str, tuple[tuple[str, str], ...], int, tuple[tuple[str, Any], ...]], Tracepoint] = {}
         self.streams: dict[str, _StreamW] = {}
         self.sock: socket.socket | None = None  # the listener's socket to sessiond, when connected
         self.registered = threading.Event()
@@ -457,17 +483,18 @@ class _Registry:
         atexit.register(self.hand_over)
 
     # -- declarations (app threads) ------------------------------------------------
-    def declare(self, name: str, fields: list[tuple[str, str]], loglevel: int | None = None) -> Tracepoint:
+    def declare(self, name: str, fields: list[tuple[str, str]], loglevel: int | None = None,
+                consts: Mapping[str, Any] | None = None) -> Tracepoint:
         """The tracepoint ``name``, declared now if new (and announced to
         sessiond, waiting up to ``timeout`` for its answer).  With a
-        ``loglevel``, a log event: one per (name, fields, level), so a name
-        may have several.
+        ``loglevel``, a log event: one per (name, fields, level, constant
+        fields' values), so a name may have several.
 
         Raises:
             ValueError: declared before with other fields (without a loglevel).
         """
         with self.lock:
-            key = (name, tuple(fields), loglevel if loglevel is not None else 0)
+            key = (name, tuple(fields), loglevel if loglevel is not None else 0, tuple((consts or {}).items()))
             if loglevel is None:
                 tp = self.by_name.get(name)
                 if tp is not None:
@@ -478,7 +505,7 @@ class _Registry:
                 tp = self.by_key.get(key)
                 if tp is not None:
                     return tp
-            tp = Tracepoint(self, len(self.tracepoints), name, fields, loglevel)
+            tp = Tracepoint(self, len(self.tracepoints), name, fields, loglevel, consts)
             self.tracepoints.append(tp)
             if loglevel is None:
                 self.by_name[name] = tp
@@ -828,7 +855,8 @@ def tracepoint(name: str, **fields: type) -> Callable[..., None]:
     return _get_registry().declare(name, decl).emit
 
 
-def log_event(name: str, fields: list[tuple[str, str]], loglevel: int) -> Tracepoint:
+def log_event(name: str, fields: list[tuple[str, str]], loglevel: int,
+              consts: Mapping[str, int | float | str] | None = None) -> Tracepoint:
     """Declare a log event (``tracewire.logging``): like ``tracepoint`` but
     one per (name, fields, level), with its level announced to sessiond,
     which enables it when a ``--loglevel`` rule (or a plain pattern) says so.
@@ -837,6 +865,9 @@ def log_event(name: str, fields: list[tuple[str, str]], loglevel: int) -> Tracep
         name: ``provider:event``.
         fields: (name, type) pairs, type one of int, float, str, bytes.
         loglevel: the ``logging`` level number, 0 to 2**31 - 1.
+        consts: fields whose value is the same in every event (the level and
+            its name): written by the emitter, which takes only the others
+            (in field order).
 
     Returns:
         The Tracepoint (``emit`` emits; ``enabled`` says whether a session
@@ -855,4 +886,9 @@ def log_event(name: str, fields: list[tuple[str, str]], loglevel: int) -> Tracep
         if (not fname.isidentifier() or fname.startswith("_") or keyword.iskeyword(fname)
                 or (t not in _FIXED and t not in ("str", "bytes"))):
             raise ValueError(f"log event field {fname!r}: {t!r}")
-    return _get_registry().declare(name, list(fields), loglevel)
+    types = dict(fields)
+    for cname, value in (consts or {}).items():
+        kind = {"str": str, "float": float, "int": int}.get(types.get(cname, ""))
+        if kind is not value.__class__ or (isinstance(value, int) and not -(2**63) <= value < 2**63):
+            raise ValueError(f"log event constant {cname!r}: {value!r} is no value of a field of this event")
+    return _get_registry().declare(name, list(fields), loglevel, consts)

@@ -182,11 +182,10 @@ class _Route:
     """The log event of one (logger, level[, extras' types]); ``tp`` None:
     over the handler's ``max_events``."""
 
-    __slots__ = ("tp", "levelname")
+    __slots__ = ("tp",)
 
-    def __init__(self, tp: _tracer.Tracepoint | None, levelname: str) -> None:
+    def __init__(self, tp: _tracer.Tracepoint | None) -> None:
         self.tp = tp
-        self.levelname = levelname
 
 
 class TracewireHandler(logging.Handler):
@@ -215,12 +214,14 @@ class TracewireHandler(logging.Handler):
         self._plans: dict[tuple[Any, ...], tuple[_Route, list[tuple[Any, str]]]] = {}  # see _extra_cached
 
     def _declare(self, name: str, level: int, fields: list[tuple[str, str]]) -> _Route:
-        levelname = logging.getLevelName(level)
         if self._declared >= self.max_events:
-            return _Route(None, levelname)
+            return _Route(None)
         self._declared += 1
         all_fields = [("level", "int"), ("levelname", "str"), ("msg", "str"), *fields]
-        return _Route(_tracer.log_event(event_name(name), all_fields, level), levelname)
+        # A log event is one level: its level and level name are constants
+        # of its emitter, which takes the message and the extras.
+        consts: dict[str, int | str] = {"level": level, "levelname": logging.getLevelName(level)}
+        return _Route(_tracer.log_event(event_name(name), all_fields, level, consts))
 
     def _plain_route(self, name: str, level: int) -> _Route:
         """The log event of (logger, level) without extras, declared on first
@@ -289,7 +290,7 @@ class TracewireHandler(logging.Handler):
             if not tp.enabled:
                 return
             msg = (self.formatter or _MESSAGE_ONLY).format(record)
-            tp.emit(record.levelno, record.levelname, msg[:MAX_MESSAGE], *[_value(v, t) for v, t in values])
+            tp.emit(msg[:MAX_MESSAGE], *[_value(v, t) for v, t in values])
         except Exception:
             self.handleError(record)
 
@@ -324,7 +325,7 @@ class TracewireHandler(logging.Handler):
             return False
         if len(msg) > MAX_MESSAGE:
             msg = msg[:MAX_MESSAGE]
-        tp.emit(level, route.levelname, msg, *[_value(v, t) for v, t in values])
+        tp.emit(msg, *[_value(v, t) for v, t in values])
         return True
 
 
@@ -435,7 +436,7 @@ def _make_level_method(levelno: int, stock: Any, stock_log: Any) -> Any:
             return
         if len(msg) > MAX_MESSAGE:
             msg = msg[:MAX_MESSAGE]
-        tp.emit(levelno, route.levelname, msg)
+        tp.emit(msg)
 
     method.__name__ = method.__qualname__ = stock.__name__
     method.__doc__ = stock.__doc__
