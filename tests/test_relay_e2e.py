@@ -226,10 +226,18 @@ def demo_with_consumerd_stopped(tw: TW, *args: str) -> None:
     stopped (SIGSTOP), so that a small ring overflows whatever the machine's
     load (consumerd drains at real-time priority: at full speed alone it
     may keep up).  The app prints a line per event and blocks once the
-    unread pipe is full, so its ring exists, and it cannot finish, before
-    consumerd is stopped."""
+    unread pipe is full, so it cannot finish before consumerd is stopped.
+    consumerd maps the ring before the app has it (sessiond gives the app
+    its stream once consumerd has taken it), so consumerd is stopped only
+    once the app maps the ring too: stopped earlier, it could hold the
+    app's stream back until the app has run to its end, tracing nothing."""
     app = tw.demo_popen(*args, "--progress-every", "1")
     paused = consumerd_pid(tw)
+    deadline = time.monotonic() + 60
+    while not _maps_a_ring(app.pid):
+        assert app.poll() is None, "the app ended before it had its ring buffer"
+        assert time.monotonic() < deadline, "the app has no ring buffer after 60 s"
+        time.sleep(0.02)
     os.kill(paused, signal.SIGSTOP)
     try:
         _out, err = app.communicate(timeout=300)
