@@ -282,8 +282,7 @@ def _gen_write(fields: list[tuple[str, str]], tp_id: int, skip: str) -> list[str
     ]
 
 
-def _gen_source(fields: list[tuple[str, str]], tp_id: int, many: bool,
-                consts: Mapping[str, Any] | None = None) -> str:
+def _gen_source(fields: list[tuple[str, str]], tp_id: int, many: bool, consts: Mapping[str, Any]) -> str:
     """Python source of a recording body for these fields.
 
     Args:
@@ -300,7 +299,6 @@ def _gen_source(fields: list[tuple[str, str]], tp_id: int, many: bool,
         ``Tracepoint.__init__``.
     """
     var = _variable(fields)
-    consts = consts or {}
     prelude = _gen_encode(fields, _HDR_COMPACT if tp_id <= _COMPACT_MAX_ID else _HDR_EXTENDED, consts)
     if len(var) == 1:
         prelude += [f"_pk = _PK.get(_k_{var[0]})", f"if _pk is None: _pk = _mkpk(_k_{var[0]})"]

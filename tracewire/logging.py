@@ -178,14 +178,9 @@ def extra_fields(extras: Mapping[str, Any]) -> tuple[list[tuple[str, str]], list
     return fields, values
 
 
-class _Route:
-    """The log event of one (logger, level[, extras' types]); ``tp`` None:
-    over the handler's ``max_events``."""
-
-    __slots__ = ("tp",)
-
-    def __init__(self, tp: _tracer.Tracepoint | None) -> None:
-        self.tp = tp
+# The log event of one (logger, level[, extras' types]); None: over the
+# handler's ``max_events`` (not remembered, so never found in its maps).
+_Route = _tracer.Tracepoint | None
 
 
 class TracewireHandler(logging.Handler):
@@ -209,19 +204,20 @@ class TracewireHandler(logging.Handler):
         self.max_events = max_events
         self.dropped = 0
         self._declared = 0
-        self._plain: dict[str, dict[int, _Route]] = {}  # logger name -> level -> route (no extras)
-        self._extra: dict[tuple[Any, ...], _Route] = {}
-        self._plans: dict[tuple[Any, ...], tuple[_Route, list[tuple[Any, str]]]] = {}  # see _extra_cached
+        # What the maps hold is declared: a kind over max_events is not kept.
+        self._plain: dict[str, dict[int, _tracer.Tracepoint]] = {}  # logger name -> level -> its log event
+        self._extra: dict[tuple[Any, ...], _tracer.Tracepoint] = {}
+        self._plans: dict[tuple[Any, ...], tuple[_tracer.Tracepoint, list[tuple[Any, str]]]] = {}  # _extra_cached
 
     def _declare(self, name: str, level: int, fields: list[tuple[str, str]]) -> _Route:
         if self._declared >= self.max_events:
-            return _Route(None)
+            return None
         self._declared += 1
         all_fields = [("level", "int"), ("levelname", "str"), ("msg", "str"), *fields]
         # A log event is one level: its level and level name are constants
         # of its emitter, which takes the message and the extras.
         consts: dict[str, int | str] = {"level": level, "levelname": logging.getLevelName(level)}
-        return _Route(_tracer.log_event(event_name(name), all_fields, level, consts))
+        return _tracer.log_event(event_name(name), all_fields, level, consts)
 
     def _plain_route(self, name: str, level: int) -> _Route:
         """The log event of (logger, level) without extras, declared on first
@@ -232,7 +228,7 @@ class TracewireHandler(logging.Handler):
             route = levels.get(level) if levels is not None else None
             if route is None:
                 route = self._declare(name, level, [])
-                if route.tp is not None:
+                if route is not None:
                     self._plain.setdefault(name, {})[level] = route
             return route
 
@@ -244,7 +240,7 @@ class TracewireHandler(logging.Handler):
         hit = self._plans.get(ck)
         if hit is None:
             route, values = self._extra_route(name, level, extras)
-            if route.tp is not None and len(self._plans) < 4 * self.max_events:
+            if route is not None and len(self._plans) < 4 * self.max_events:
                 self._plans[ck] = (route, [(k, t) for (_v, t), k in zip(values, sorted(extras, key=str),
                                                                          strict=False)])
             return route, values
@@ -271,7 +267,7 @@ class TracewireHandler(logging.Handler):
                     taken: set[str] = set()
                     fields = [(_field_name(str(k), taken), t) for k, t in zip(keys, kinds, strict=True)]
                     route = self._declare(name, level, fields)
-                    if route.tp is not None:
+                    if route is not None:
                         self._extra[key] = route
         return route, [(extras[k], t) for k, t in zip(keys, kinds, strict=True)]
 
@@ -280,10 +276,9 @@ class TracewireHandler(logging.Handler):
         try:
             extras = {k: v for k, v in record.__dict__.items() if k not in _PLAIN_ATTRS}
             if extras:
-                route, values = self._extra_route(record.name, record.levelno, extras)
+                tp, values = self._extra_route(record.name, record.levelno, extras)
             else:
-                route, values = self._plain_route(record.name, record.levelno), []
-            tp = route.tp
+                tp, values = self._plain_route(record.name, record.levelno), []
             if tp is None:
                 self.dropped += 1
                 return
@@ -301,14 +296,13 @@ class TracewireHandler(logging.Handler):
         if extra:
             if not _PLAIN_ATTRS.isdisjoint(extra):
                 return False
-            route, values = self._extra_cached(name, level, extra)
+            tp, values = self._extra_cached(name, level, extra)
         else:
             levels = self._plain.get(name)
-            route = levels.get(level) if levels is not None else None  # type: ignore[assignment]
-            if route is None:
-                route = self._plain_route(name, level)
+            tp = levels.get(level) if levels is not None else None
+            if tp is None:
+                tp = self._plain_route(name, level)
             values = []
-        tp = route.tp
         if tp is None:
             self.dropped += 1
             return True
@@ -415,10 +409,9 @@ def _make_level_method(levelno: int, stock: Any, stock_log: Any) -> Any:
                 stock_log(self, levelno, msg, args, None, extra, False, 2)
             return
         levels = h._plain.get(self.name)
-        route = levels.get(levelno) if levels is not None else None
-        if route is None:
-            route = h._plain_route(self.name, levelno)
-        tp = route.tp
+        tp = levels.get(levelno) if levels is not None else None
+        if tp is None:
+            tp = h._plain_route(self.name, levelno)
         if tp is None:
             h.dropped += 1
             return
