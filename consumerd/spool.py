@@ -93,24 +93,21 @@ def parts_size(parts: Sequence[Buffer]) -> int:
     return sum(p.nbytes if isinstance(p, memoryview) else len(p) for p in parts)
 
 
-def _file_size(seg: _Segment) -> int:
-    try:
-        return os.fstat(seg.fd).st_size
-    except OSError:
-        return seg.size
-
-
 class _Segment:
     """One segment file of a stream: its open fd, generation, size (the end
-    of its last record) and last seq (-1: empty)."""
+    of its last record), last seq (-1: empty) and the file's size (what it
+    holds on disk, old records past ``size`` included: kept here as the
+    spool writes and truncates it, rather than asked of the kernel each
+    time the spool weighs its spares)."""
 
-    __slots__ = ("path", "fd", "gen", "size", "last_seq", "closed")
+    __slots__ = ("path", "fd", "gen", "size", "last_seq", "closed", "file_size")
 
-    def __init__(self, path: str, fd: int, gen: int) -> None:
+    def __init__(self, path: str, fd: int, gen: int, file_size: int = 0) -> None:
         self.path, self.fd, self.gen = path, fd, gen
         self.size = _SEG.size
         self.last_seq = -1
         self.closed = False
+        self.file_size = file_size
 
     def start(self, gen: int) -> None:
         """(Re)start the segment empty, with generation ``gen``.
@@ -120,6 +117,16 @@ class _Segment:
         """
         os.pwrite(self.fd, _SEG.pack(_SEG_MAGIC, _SEG_VERSION, gen), 0)
         self.gen, self.size, self.last_seq = gen, _SEG.size, -1
+        self.file_size = max(self.file_size, _SEG.size)
+
+    def truncate(self, size: int) -> None:
+        """Cut the file to ``size`` bytes.
+
+        Raises:
+            OSError: it could not be truncated.
+        """
+        os.ftruncate(self.fd, size)
+        self.file_size = size
 
     def close(self) -> None:
         if not self.closed:
@@ -203,6 +210,7 @@ class Spool:
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
             seg = _Segment(path, fd, 0)
             try:
+                seg.file_size = os.fstat(fd).st_size
                 recs = self._read_segment(seg)
             except BaseException:
                 seg.close()
@@ -237,7 +245,7 @@ class Spool:
     def _read_segment(self, seg: _Segment) -> list[SpoolRecord]:
         """The valid records of ``seg`` (see the module docstring); sets its
         generation, size and seqs."""
-        file_size = os.fstat(seg.fd).st_size
+        file_size = seg.file_size
         head = os.pread(seg.fd, _SEG.size, 0)
         if len(head) < _SEG.size:
             return []
@@ -286,6 +294,7 @@ class Spool:
             raise OSError(f"short write to spool {seg.path}")
         total = _REC.size + n
         seg.size += total
+        seg.file_size = max(seg.file_size, seg.size)
         seg.last_seq = seq
         self.size += total
         return SpoolRecord(seq, ts_begin, ts_end, events_discarded, ring_end, raw_len, codec,
@@ -297,15 +306,15 @@ class Spool:
         segs = self._segments.setdefault(key, [])
         if segs and segs[-1].size < self.segment_size:
             return segs[-1]
-        if segs and _file_size(segs[-1]) > segs[-1].size:
+        if segs and segs[-1].file_size > segs[-1].size:
             # A full segment written over a spare: the spare's older records
             # past its end hold space for nothing.
-            os.ftruncate(segs[-1].fd, segs[-1].size)
+            segs[-1].truncate(segs[-1].size)
         free = self._free.setdefault(key, [])
         if free:
             seg = free.pop()
-            if os.fstat(seg.fd).st_size > 2 * self.segment_size:
-                os.ftruncate(seg.fd, self.segment_size)  # a huge packet's file: give the excess back
+            if seg.file_size > 2 * self.segment_size:
+                seg.truncate(self.segment_size)  # a huge packet's file: give the excess back
             self.size += seg.size
         else:
             self._shed_extra_spares()
@@ -362,7 +371,7 @@ class Spool:
             self.size -= seg.size
         free = self._free.setdefault(key, [])
         if len(free) < self._spares_wanted(key) and (
-                len(free) < self.keep_free or self.size + self.spare_bytes() + _file_size(seg) <= self.cap):
+                len(free) < self.keep_free or self.size + self.spare_bytes() + seg.file_size <= self.cap):
             try:
                 seg.start(seg.gen + 1)
                 free.append(seg)
@@ -373,7 +382,7 @@ class Spool:
 
     def spare_bytes(self) -> int:
         """What the spares hold on disk (their files, old records and all)."""
-        return sum(_file_size(seg) for free in self._free.values() for seg in free)
+        return sum(seg.file_size for free in self._free.values() for seg in free)
 
     def _shed_extra_spares(self) -> None:
         """Delete spares beyond each stream's ``keep_free``, oldest first,
@@ -383,7 +392,7 @@ class Spool:
         for key, seg in extra:
             if total <= self.cap:
                 return
-            total -= _file_size(seg)
+            total -= seg.file_size
             self._free[key].remove(seg)
             self._drop(seg)
 

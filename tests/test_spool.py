@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from consumerd.spool import Spool, SpoolRecord
 
@@ -180,3 +182,34 @@ def test_what_the_spool_holds_on_disk_stays_within_the_cap_and_the_per_stream_al
     seq["s0"] += 1
     fill("s1")
     assert on_disk() <= cap + allowance
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.sampled_from(["put", "ack", "trim"]), st.integers(100, 3 * SEG)), max_size=60))
+def test_the_file_sizes_the_spool_weighs_spares_by_are_the_files_sizes(tmp_path_factory: pytest.TempPathFactory,
+                                                                       ops: list[tuple[str, int]]) -> None:
+    """The spool keeps each segment file's size itself instead of asking the
+    kernel each time it weighs its spares against the cap: through appends,
+    segments written over longer spares (and cut back once full), a huge
+    packet's file cut back when reused, and spares deleted, the size it keeps
+    is the file's."""
+    d = tmp_path_factory.mktemp("spool")
+    now = [0.0]
+    sp = Spool(str(d), 8 * SEG, segment_size=SEG, keep_free=1, trim_after=1.0, clock=lambda: now[0])
+    seq = 0
+
+    def check() -> None:
+        segments = [seg for group in (sp._segments, sp._free) for segs in group.values() for seg in segs]
+        assert {seg.path: seg.file_size for seg in segments} == {seg.path: os.fstat(seg.fd).st_size for seg in segments}
+
+    for op, n in ops:
+        if op == "put" and sp.has_room():
+            put(sp, seq, n)
+            seq += 1
+        elif op == "ack" and seq:
+            sp.acknowledged("s0", min(seq - 1, n % (seq + 1)))
+        elif op == "trim":
+            now[0] += n / 1000
+            sp.trim()
+        check()
+    sp.close()
