@@ -143,6 +143,28 @@ class _FileSend:
             return False
         return True
 
+    def send_from(self, sock: socket.socket, parts: list[wire.Buffer]) -> bool:
+        """Send the frame's head and the packet from ``parts`` (the spooled
+        bytes, still in memory) in one ``sendmsg``; what the socket does not
+        take now is left for ``push``, from the spool.  True once all is sent.
+
+        Raises:
+            OSError: the socket failed.
+        """
+        try:
+            sent = sock.sendmsg([self.head, *parts])
+        except BlockingIOError:
+            return False
+        head = len(self.head)
+        if sent < head:
+            self.head = self.head[sent:]
+            return False
+        self.head = self.head[head:]
+        sent -= head
+        self.offset += sent
+        self.left -= sent
+        return not self.left
+
     async def finish(self, sock: socket.socket) -> None:
         """Send the rest, waiting while the socket is full."""
         while not self.push(sock):
@@ -547,20 +569,31 @@ class NetSession:
         p.parts = None
         p.codec = codec
         self.unacked_bytes -= p.raw_len - p.size
-        self.on_saved(st.key, p.ring_end, p.ts_end)
-        if st.sendable(p):  # a held stream's packets wait for its release
+        # Sent (if it can go now) before its ring space goes back: while the
+        # ring still holds it, it is sent from there (see _pump).
+        sendable = st.sendable(p)  # a held stream's packets wait for its release
+        if sendable:
             self._outbox.append(("packet", p))
-            if not self._pump():
-                self._send_wakeup.set()
+            sendable = not self._pump(p, parts)
+        self.on_saved(st.key, p.ring_end, p.ts_end)
+        if sendable:
+            self._send_wakeup.set()
         return True
 
-    def _pump(self) -> bool:
+    def _pump(self, fresh: _Pending | None = None, parts: list[wire.Buffer] | None = None) -> bool:
         """Send the spooled packets at the head of the outbox from here, the
         drain loop, while the sender task is idle and the socket takes them
         whole: no wake-up of the sender per packet.  True: the outbox is
         empty (nothing for the sender to do); False: the sender must run (a
         packet left half sent in ``_partial``, something else queued, a
-        failure for it to meet)."""
+        failure for it to meet).
+
+        ``fresh``, just saved, still has its bytes in memory (``parts``: the
+        ring's shared memory, or the compressor's output): it goes from
+        there with one ``sendmsg``, which costs the kernel less than
+        ``sendfile`` from the spool (on tmpfs, 0.3 against 0.55 s/GB to a
+        loopback socket); what the socket did not take follows from the
+        spool."""
         raw, conn = self._raw, self._conn
         if not self._sender_idle or raw is None or conn is None or self._partial is not None:
             return not self._outbox
@@ -581,7 +614,7 @@ class NetSession:
             assert p.ref is not None
             job = _FileSend(head, p.ref)
             try:
-                done = job.push(raw)
+                done = job.send_from(raw, parts) if p is fresh and parts is not None else job.push(raw)
             except OSError:
                 done = False  # the sender's next write meets the failure
             if not done:

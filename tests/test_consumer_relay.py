@@ -21,6 +21,7 @@ import contextlib
 import errno
 import functools
 import shutil
+import socket
 import subprocess
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -31,7 +32,8 @@ import pytest
 import trio
 from trio.testing import MockClock, memory_stream_pair, wait_all_tasks_blocked
 
-from consumerd.net import NetSession, SinkError
+from consumerd.net import NetSession, SinkError, _FileSend
+from consumerd.spool import Spool
 from relayd.daemon import RelaydConfig, serve_relayd
 from tracewire import ctf, wire
 from tracewire.ctf import EventDecl, TraceInfo
@@ -971,3 +973,40 @@ async def test_an_older_relay_gets_protocol_1_and_a_rotation_through_it_fails_wi
                 await net.close_chunk("ust", "archives/a-b-0/ust")
             assert net.error is None and net.connected
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("full_at_first", [False, True])
+def test_a_packet_sent_from_memory_goes_on_from_the_spool_where_the_socket_stopped(
+        tmp_path: Path, full_at_first: bool) -> None:
+    """A packet just spooled is sent from its parts in memory (one sendmsg of
+    the frame's head and the parts); what a full socket did not take, even
+    part of the head, follows from the spool file, byte for byte."""
+    spool = Spool(str(tmp_path / "spool"), 1 << 24)
+    parts = [bytes(range(256)) * 4, memoryview(bytes(range(255, -1, -1)) * 2048)]  # ~0.5 MiB
+    ref = spool.append("s0", parts, 0, 0, 0, 0, 0, 0, 0).ref
+    head = b"H" * 100
+    a, b = socket.socketpair()
+    with a, b:
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+        a.setblocking(False)
+        b.setblocking(False)
+        junk = b""
+        if full_at_first:
+            with contextlib.suppress(BlockingIOError):
+                while True:
+                    junk += b"j" * a.send(b"j" * 4096)
+        job = _FileSend(head, ref)
+        done = job.send_from(a, parts)
+        assert not done  # more than the socket holds
+        got = bytearray()
+        while not done:
+            with contextlib.suppress(BlockingIOError):
+                while chunk := b.recv(1 << 16):
+                    got += chunk
+            done = job.push(a)
+        a.shutdown(socket.SHUT_WR)
+        b.setblocking(True)
+        while chunk := b.recv(1 << 16):
+            got += chunk
+    assert bytes(got) == junk + head + b"".join(parts)
+    spool.close()
