@@ -65,7 +65,7 @@ Figures (the variant is in the name):
   rounds, median, min, max.
 * ``relay_fsync_mb_per_s_{fsync,nofsync}`` (and ``..._min``, ``..._max``) --
   the relay alone, ``tracewire-relayd --fsync`` against ``--no-fsync`` (the
-  default ``--fsync-interval``, 0.1 s), writing under ``--fsync-dir``
+  default ``--fsync-interval``, 0.1 s at most), writing under ``--fsync-dir``
   (/var/tmp: ext4 on the VM's virtio disk /dev/vda here, a real disk; not
   tmpfs, where fdatasync costs nothing; the file system is printed on
   stderr).  The load generator is this script: one connection,

@@ -29,11 +29,13 @@ SIGHUP do in `tracewire-relayd`).
 #               send one Ack per stream that got packets (acks cover only
 #               what is written to the stream file *and* its index; in fsync
 #               mode only what is synced); then receive more bytes, bounded
-#               by idle_timeout.  Without fsync, bytes already readable are
-#               decoded into the same batch first (up to _MAX_BATCH_BYTES or
-#               _MAX_BATCH_PACKETS); in fsync mode nothing is acknowledged
+#               by idle_timeout.  Bytes already readable are decoded into
+#               the same batch first (up to _MAX_BATCH_BYTES or
+#               _MAX_BATCH_PACKETS).  In fsync mode nothing is acknowledged
 #               before the sync anyway, so the batch waits until it is full
-#               or the sync is due, and is then written and synced in one
+#               or the sync is due (a window that follows the disk: twice
+#               the last sync's time, from _MIN_SYNC_WAIT to
+#               fsync_interval), and is then written and synced in one
 #               worker-thread call.
 #
 # Receiving (plain TCP).  Bytes go straight from the socket into the wire
@@ -184,6 +186,14 @@ _FILE_MODE = 0o640
 # long it keeps the event loop between two checkpoints.
 _MAX_BATCH_BYTES = 1024 * 1024
 _MAX_BATCH_PACKETS = 64
+# fsync mode: a connection's next sync comes this many times the duration of
+# its last write-and-sync call after the first packet it covers (at least
+# _MIN_SYNC_WAIT, at most --fsync-interval): a disk that syncs in 50 us is
+# synced every millisecond or so, and acknowledges as fast; one that takes
+# 30 ms is synced about every 60 ms, so that the syncs take at most about a
+# third of the connection's time, whatever the disk.
+_SYNC_WAIT_FACTOR = 2.0
+_MIN_SYNC_WAIT = 0.001
 # Received payload buffers a connection keeps for the next packets.
 _POOL_BYTES = 1024 * 1024  # as much as one batch holds, so that a steady stream reuses every buffer
 # Largest receive low-water mark (SO_RCVLOWAT) set while a frame's payload
@@ -235,8 +245,8 @@ class RelaydConfig:
             what a target has already freed.  Off here (tests and embedders
             choose); on by default for `tracewire-relayd` (`--fsync`).
         fsync_interval: fsync mode: seconds a connection's written packets
-            wait, at most, for the fdatasync that covers them (one per stream
-            per interval, whatever the packet rate).
+            wait, at most, for the fdatasync that covers them; a disk that
+            syncs faster is synced sooner (_SYNC_WAIT_FACTOR).
         fdatasync: the call that makes a file durable (tests observe it).
         live: serve live viewers (relayd/live.py) with this configuration;
             None: no live port.
@@ -653,6 +663,7 @@ class _ConsumerConnection:
         self.to_ack: dict[int, _OpenStream] = {}  # streams written to (or resent to) since the last acks
         self.unsynced: dict[int, _OpenStream] = {}  # fsync mode: written, not durable yet
         self.sync_due: float | None = None  # fsync mode: when the batch and the unsynced are synced at the latest
+        self.sync_cost = 0.0  # fsync mode: seconds the last write-and-sync call took
         self.retries: dict[int, Retry] = {}  # Retry messages to send with the next acks
         self.got_bye = False
         self.key: tuple[str, bytes] | None = None  # (key id, secret) it authenticated with
@@ -943,14 +954,15 @@ class _ConsumerConnection:
                 await self._send(Bye())
                 logger.info("%s: bye", self)
                 return
-            # fsync mode: nothing is acknowledged before the sync anyway, so
-            # the batch grows until it is full or the sync is due (_acknowledge).
-            # Otherwise more bytes already there join the batch: one
-            # worker-thread call (and one Ack per stream) per batch, not per receive.
+            # More bytes already there join the batch: one worker-thread call
+            # (and one Ack per stream) per batch, not per receive.  fsync
+            # mode: nothing is acknowledged before the sync anyway, so the
+            # batch then grows until it is full or the sync is due
+            # (_acknowledge).
+            if self.batch and len(self.batch) < _MAX_BATCH_PACKETS \
+                    and self.batch_bytes < _MAX_BATCH_BYTES and self._receive_nowait():
+                continue
             if not self.config.fsync:
-                if self.batch and len(self.batch) < _MAX_BATCH_PACKETS \
-                        and self.batch_bytes < _MAX_BATCH_BYTES and self._receive_nowait():
-                    continue
                 await self._write_batch()
             await self._acknowledge(sync=False)
             if self.server.draining:
@@ -1038,8 +1050,11 @@ class _ConsumerConnection:
         if sync:
             to_sync, self.unsynced, self.sync_due = list(self.unsynced.values()), {}, None
         async with self.io_lock:
+            began = trio.current_time()
             failed, sync_failed = await self.server.run_io(
                 partial(_write_packets, batch, index, to_sync, self.config.fdatasync))
+            if sync:
+                self.sync_cost = trio.current_time() - began
         counters = self.server.counters
         for w in batch:
             # Written: what the file holds after any cut-back (a stream
@@ -1262,7 +1277,8 @@ class _ConsumerConnection:
         st.expect += 1
         self.batch_bytes += len(raw)
         if self.config.fsync and self.sync_due is None:
-            self.sync_due = trio.current_time() + self.config.fsync_interval
+            wait = min(self.config.fsync_interval, max(_MIN_SYNC_WAIT, _SYNC_WAIT_FACTOR * self.sync_cost))
+            self.sync_due = trio.current_time() + wait
         if self.batch_bytes >= _MAX_BATCH_BYTES:
             await self._write_batch()
 

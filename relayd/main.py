@@ -271,8 +271,9 @@ def _tls_context(cert: str, key: str) -> ssl.SSLContext:
               help="Acknowledge a packet only once it and its index entry are on stable storage (fdatasync), "
                    "so a power cut at this host cannot lose what a target has freed. See docs/reliability.md.")
 @click.option("--fsync-interval", type=click.FloatRange(min=0.001, max=10.0), default=0.1, show_default=True,
-              help="With --fsync: seconds written packets wait, at most, for the fdatasync that covers them "
-                   "(one per stream per interval).")
+              help="With --fsync: seconds written packets wait, at most, for the fdatasync that covers them.  "
+                   "A disk that syncs faster is synced sooner: twice its last sync's time after the first "
+                   "packet, at least 1 ms.")
 @click.option("--metrics-listen", default="off", show_default=True, metavar="HOST:PORT|PORT|off",
               callback=lambda ctx, param, value: _metrics_config(value),
               help="Serve Prometheus metrics (per host/session/stream packets and bytes written, reconnects, "

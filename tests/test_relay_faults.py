@@ -280,6 +280,26 @@ async def test_fsync_mode_acks_only_after_data_then_index_are_synced(tmp_path: P
         assert event_seqs(out) == expected_seqs(range(5))
 
 
+async def test_fsync_mode_acknowledges_as_soon_as_the_disk_has_synced(tmp_path: Path) -> None:
+    """The sync window follows the disk: on one that syncs at once, each
+    packet is synced and acknowledged as it comes, without the client asking
+    where the stream stands (which forces a sync), long before
+    --fsync-interval (here far beyond the test's deadline) runs out."""
+    out = tmp_path / "out"
+    trace = Trace("host-a")
+    synced: list[int] = []
+    with trio.fail_after(TIMEOUT):
+        async with running_relay(out, fsync=True, fsync_interval=100 * TIMEOUT, fdatasync=synced.append) as port:
+            c = await _connect(port, trace)
+            for n in range(5):
+                before = len(synced)
+                await c.send(packet_msg(1, n, trace.packet(n)))
+                await c.wait_ack(1, n)
+                assert len(synced) > before  # the ack came after a sync that covered the packet
+            await _finish(c, trace, 5, 6)
+    assert event_seqs(out) == expected_seqs(range(6))
+
+
 # --------------------------------------------------------------------------
 # StreamFile
 # --------------------------------------------------------------------------
