@@ -194,6 +194,9 @@ _MAX_BATCH_PACKETS = 64
 # third of the connection's time, whatever the disk.
 _SYNC_WAIT_FACTOR = 2.0
 _MIN_SYNC_WAIT = 0.001
+# fsync mode: a connection all synced keeps its payload buffers this long
+# (seconds) for the next packets, then lets them go until packets come again.
+_KEEP_BUFFERS_QUIET = 0.1
 # Received payload buffers a connection keeps for the next packets.
 _POOL_BYTES = 1024 * 1024  # as much as one batch holds, so that a steady stream reuses every buffer
 # Largest receive low-water mark (SO_RCVLOWAT) set while a frame's payload
@@ -980,9 +983,15 @@ class _ConsumerConnection:
                 return
             await self._acknowledge(sync=True)
         if self.config.fsync:
-            # Everything is synced and acknowledged: a connection that goes
-            # quiet now keeps no buffers (a busy one gets new ones, a few per
-            # sync interval).
+            # Everything is synced and acknowledged: a connection that stays
+            # quiet keeps no buffers.  Not at once: with a sync window of a
+            # millisecond a busy connection is all synced between two packets,
+            # and would receive every payload into a new buffer (page faults
+            # and zeroing: the most of a packet's cost in the relay).
+            with trio.move_on_at(min(deadline, trio.current_time() + _KEEP_BUFFERS_QUIET)) as quiet:
+                await self._receive_unless_draining()
+            if not quiet.cancelled_caught:
+                return
             self.conn.release_buffers()
         with trio.fail_at(deadline):
             await self._receive_unless_draining()
