@@ -13,7 +13,9 @@ them.  Once saved, the ring space may go back to the producer
 (``on_saved``).  A sender task writes frames: a spooled packet goes from the
 spool file to a TCP socket with ``os.sendfile`` (read back over TLS); while
 the sender is idle, the drain loop sends the packet itself (``_pump``),
-non-blocking, and wakes the sender only when the socket is full.  A reader
+non-blocking, from memory (the ring, before its space goes back, or the
+compressor's output) with one ``sendmsg``, and wakes the sender only when
+the socket is full.  A reader
 task takes acknowledgements.  Without a spool (tests), a saved packet is a
 ``bytes`` in memory.
 

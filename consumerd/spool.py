@@ -11,11 +11,12 @@ While the relay is unreachable the spool grows up to its cap; past the cap
 the consumer stops reading the rings, which then discard new events and count
 them in the trace (``events_discarded``) and in ``tracewire status``.
 
-The spool is also where a packet is sent *from*: a packet's bytes are
-written once, from the ring's shared memory to the segment (``pwritev`` of
-the CTF header and a view of the ring: no copy in Python), and the sender
-hands the segment's pages to the socket (``os.sendfile``).  No packet is
-kept in consumerd's memory.
+The spool is also where a packet is sent *from* when it cannot go at once:
+a packet's bytes are written once, from the ring's shared memory to the
+segment (``pwritev`` of the CTF header and a view of the ring: no copy in
+Python); one the socket takes at once goes from the ring itself, the rest
+from the segment's pages (``os.sendfile``).  No packet is kept in
+consumerd's memory.
 
 Cost: writing to a file page that does not exist yet allocates and zeroes it
 (on tmpfs, ``/run``, most of the write's cost), and truncating or unlinking
