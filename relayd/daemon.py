@@ -101,6 +101,7 @@ import os
 import secrets
 import socket
 import ssl
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
@@ -186,12 +187,15 @@ _FILE_MODE = 0o640
 # long it keeps the event loop between two checkpoints.
 _MAX_BATCH_BYTES = 1024 * 1024
 _MAX_BATCH_PACKETS = 64
-# fsync mode: a connection's next sync comes this many times the duration of
-# its last write-and-sync call after the first packet it covers (at least
+# fsync mode: a connection's next sync comes this many times the time its
+# last sync's fdatasyncs took after the first packet it covers (at least
 # _MIN_SYNC_WAIT, at most --fsync-interval): a disk that syncs in 50 us is
 # synced every millisecond or so, and acknowledges as fast; one that takes
 # 30 ms is synced about every 60 ms, so that the syncs take at most about a
-# third of the connection's time, whatever the disk.
+# third of the connection's time, whatever the disk.  Only the fdatasyncs
+# are timed, in the worker thread: the wait for a worker thread or for the
+# CPU is not the disk's, and a window stretched by it let a busy target's
+# unacknowledged packets fill its spool.
 _SYNC_WAIT_FACTOR = 2.0
 _MIN_SYNC_WAIT = 0.001
 # fsync mode: a connection all synced keeps its payload buffers this long
@@ -666,7 +670,7 @@ class _ConsumerConnection:
         self.to_ack: dict[int, _OpenStream] = {}  # streams written to (or resent to) since the last acks
         self.unsynced: dict[int, _OpenStream] = {}  # fsync mode: written, not durable yet
         self.sync_due: float | None = None  # fsync mode: when the batch and the unsynced are synced at the latest
-        self.sync_cost = 0.0  # fsync mode: seconds the last write-and-sync call took
+        self.sync_cost = 0.0  # fsync mode: seconds the fdatasyncs of the last sync took
         self.retries: dict[int, Retry] = {}  # Retry messages to send with the next acks
         self.got_bye = False
         self.key: tuple[str, bytes] | None = None  # (key id, secret) it authenticated with
@@ -1059,11 +1063,10 @@ class _ConsumerConnection:
         if sync:
             to_sync, self.unsynced, self.sync_due = list(self.unsynced.values()), {}, None
         async with self.io_lock:
-            began = trio.current_time()
-            failed, sync_failed = await self.server.run_io(
+            failed, sync_failed, sync_seconds = await self.server.run_io(
                 partial(_write_packets, batch, index, to_sync, self.config.fdatasync))
-            if sync:
-                self.sync_cost = trio.current_time() - began
+        if sync:
+            self.sync_cost = sync_seconds
         counters = self.server.counters
         for w in batch:
             # Written: what the file holds after any cut-back (a stream
@@ -1339,7 +1342,7 @@ def _move_chunk(output: str, session_dir: str, source: str, target: str) -> str 
 def _write_packets(
     batch: list[_Write], index: bool, sync: list[_OpenStream] | None = None,
     fdatasync: Callable[[int], None] = os.fdatasync,
-) -> tuple[dict[_OpenStream, OSError], dict[_OpenStream, OSError]]:
+) -> tuple[dict[_OpenStream, OSError], dict[_OpenStream, OSError], float]:
     """Appends each packet to its stream file, then (unless `index` is
     False) writes the index entries.  A stream whose append fails keeps the
     packets before (StreamFile cuts the failed one) and skips the rest of the
@@ -1350,7 +1353,7 @@ def _write_packets(
 
     Returns:
         ({stream: the error} for the streams whose write failed, the same
-        for those whose sync failed).
+        for those whose sync failed, the seconds the sync took: 0 without).
     """
     failed: dict[_OpenStream, OSError] = {}
     for w in batch:
@@ -1373,10 +1376,12 @@ def _write_packets(
                 failed.setdefault(st, exc)
                 _rollback(file)
     if sync is None:
-        return failed, {}
+        return failed, {}, 0.0
     streams = {id(st): st for st in sync}
     streams.update((id(w.st), w.st) for w in batch)
-    return failed, _sync_streams(list(streams.values()), fdatasync)
+    began = time.monotonic()
+    sync_failed = _sync_streams(list(streams.values()), fdatasync)
+    return failed, sync_failed, time.monotonic() - began
 
 
 def _sync_streams(streams: list[_OpenStream], fdatasync: Callable[[int], None]) -> dict[_OpenStream, OSError]:

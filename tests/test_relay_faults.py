@@ -30,7 +30,7 @@ from test_relayd import (
     running_relay,
 )
 
-from relayd.daemon import retry_reason
+from relayd.daemon import _OpenStream, _write_packets, retry_reason
 from tracewire import ctf
 from tracewire.streamfile import StreamFile
 from tracewire.wire import (
@@ -298,6 +298,30 @@ async def test_fsync_mode_acknowledges_as_soon_as_the_disk_has_synced(tmp_path: 
                 assert len(synced) > before  # the ack came after a sync that covered the packet
             await _finish(c, trace, 5, 6)
     assert event_seqs(out) == expected_seqs(range(6))
+
+
+def test_the_sync_window_is_paced_by_the_fdatasyncs_alone(tmp_path: Path) -> None:
+    """The worker-thread call that writes a batch and syncs reports how long
+    the fdatasyncs took, which is what sets the next sync window: the wait
+    for a worker thread or for the CPU is not the disk's (timing the whole
+    call let one slow hand-off stretch a window to the whole interval, and a
+    busy target's unacknowledged packets filled its spool)."""
+    file = StreamFile(str(tmp_path), "c_0", flush_every=None)
+    file.append([Trace("h").packet(0)], 0, 0, 0, stream_id=0)
+    st = _OpenStream(None, "", file, None)  # type: ignore[arg-type]  # only the file is used
+    calls: list[int] = []
+
+    def slow_fdatasync(fd: int) -> None:
+        calls.append(fd)
+        threading.Event().wait(0.02)  # the disk takes 20 ms
+
+    assert _write_packets([], True, None, slow_fdatasync) == ({}, {}, 0.0)  # no sync asked: none done
+    assert calls == []
+    failed, sync_failed, seconds = _write_packets([], False, [st], slow_fdatasync)
+    assert (failed, sync_failed) == ({}, {})
+    assert calls == [file.fd, file.ifd]
+    assert seconds >= 0.04
+    file.close()
 
 
 # --------------------------------------------------------------------------
