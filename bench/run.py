@@ -333,14 +333,15 @@ def bench_snapshot(repeat: int, records: int = 5) -> None:
                                     "--payload-bytes", "256"], env=d.env, stdout=subprocess.DEVNULL,
                                    stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
             # Fill the ring once (32 MiB at the tracer's speed takes well under 10 s).
-            # Until the app has registered and written, a snapshot has nothing
-            # to take and says so.
+            # Until the app has registered ("no ring buffer yet") and written
+            # ("no event in the ring buffers"), a snapshot has nothing to take
+            # and says so.
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline:
                 try:
                     text = d.cli("snapshot", "record", "-s", name)
                 except RuntimeError as exc:
-                    if "no event in the ring buffers" not in str(exc):
+                    if "no ring buffer yet" not in str(exc) and "no event in the ring buffers" not in str(exc):
                         raise
                     continue
                 if _snapshot_mib(text) >= 31:
