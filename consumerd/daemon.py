@@ -240,6 +240,9 @@ class Consumerd:
         self.traces: dict[str, TraceOut] = {}
         self.streams: dict[str, StreamOut] = {}
         self.quarantined: dict[str, Quarantined] = {}
+        # Streams of dead apps that a restarted consumerd delivers from its
+        # sink alone (no ring): key -> (session, channel, the stream's sink).
+        self.gone: dict[str, tuple[str, str, StreamSink]] = {}
         self.broken_streams = 0  # streams quarantined or abandoned for a corrupt ring or a failed write
         self.barrier = MemoryBarrier(force=config.force_barrier)
 
@@ -345,7 +348,9 @@ class Consumerd:
     def _session_stats(self, streams: list[StreamOut], session: str) -> tuple[StreamStats, ...]:
         """The counters of ``streams``, then those of the session's quarantined streams."""
         quarantined = [q.stats() for q in self.quarantined.values() if q.session == session]
-        return tuple([self._stats(st) for st in streams] + quarantined)
+        gone = [sink.stats(StreamStats(key=key, path=sink.path, channel=channel, producer="gone"))
+                for key, (s, channel, sink) in self.gone.items() if s == session]
+        return tuple([self._stats(st) for st in streams] + quarantined + gone)
 
     def op_session(self, op: SessionOp) -> DoneReply:
         """Declare a session and its sink (before its traces)."""
@@ -411,8 +416,10 @@ class Consumerd:
             # consumerd): only what its sink still holds is left to deliver.
             tr = self._trace(op.trace_id)
             channel = validate_name(op.channel, "channel name")
-            self.sessions[tr.session].sink.add_gone_stream(
+            sink = self.sessions[tr.session].sink.add_gone_stream(
                 op.key, tr.trace_id, channel, tracefile_size=op.tracefile_size, tracefile_count=op.tracefile_count)
+            if sink is not None:
+                self.gone[op.key] = (tr.session, channel, sink)
             return DoneReply()
         if len(fds) not in (2, 3) or op.key in self.streams or op.key in self.quarantined:
             close_fds(fds)
@@ -650,6 +657,8 @@ class Consumerd:
                 del self.streams[st.key]
             for key in [k for k, q in self.quarantined.items() if q.session == op.session]:
                 del self.quarantined[key]
+            for key in [k for k, g in self.gone.items() if g[0] == op.session]:
+                del self.gone[key]
             for tid in [tid for tid, tr in self.traces.items() if tr.session == op.session]:
                 del self.traces[tid]
             if so is not None and so.op.live and isinstance(so.sink, RelaySink):

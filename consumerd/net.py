@@ -480,6 +480,8 @@ class NetSession:
                              wire.Codec(rec.codec))
                 st.unacked.append(p)
                 self.unacked_bytes += p.size
+                st.packets += 1  # this consumerd delivers it: status counts it
+                st.raw_bytes += rec.raw_len
                 last = rec
             if last is not None:
                 st.base_seq = last.seq + 1

@@ -206,10 +206,12 @@ class SessionSink(Protocol):
         ...
 
     def add_gone_stream(self, key: str, trace_id: str, channel: str, *, tracefile_size: int = 0,
-                        tracefile_count: int = 0) -> None:
+                        tracefile_count: int = 0) -> StreamSink | None:
         """A replayed stream whose app exited and whose ring is freed: the
         sink delivers what it still holds of it (a relay sink's spool), into
-        files with the stream's limits."""
+        files with the stream's limits.  Returns the stream's sink, for its
+        counters in ``status`` (nothing is written to it), or None when the
+        sink holds nothing of it."""
         ...
 
     async def wait_room(self) -> None:
@@ -410,8 +412,8 @@ class LocalSink(SessionSink):
         return LocalStream(sf, stream_class)
 
     def add_gone_stream(self, key: str, trace_id: str, channel: str, *, tracefile_size: int = 0,
-                        tracefile_count: int = 0) -> None:
-        return  # its file holds everything the app committed
+                        tracefile_count: int = 0) -> StreamSink | None:
+        return None  # its file holds everything the app committed
 
     async def wait_room(self) -> None:
         await trio.lowlevel.checkpoint()  # never full
@@ -636,7 +638,7 @@ class RelaySink(SessionSink):
         return RelayStream(self.net, key, path, resume)
 
     def add_gone_stream(self, key: str, trace_id: str, channel: str, *, tracefile_size: int = 0,
-                        tracefile_count: int = 0) -> None:
+                        tracefile_count: int = 0) -> StreamSink | None:
         net_tid = self._current.traces[trace_id]
         stream = key
         key = self._stream_key(key)
@@ -644,6 +646,8 @@ class RelaySink(SessionSink):
                             tracefile_count=tracefile_count)
         self.net.finish_stream(key)  # its spool goes once acknowledged
         self._resend_recovered(stream, trace_id, channel, tracefile_size, tracefile_count)
+        path = f"{self.net.url}/{self.net.traces[net_tid].path}/{channel}_0"
+        return RelayStream(self.net, key, path, Resume(None))
 
     def _resend_recovered(self, stream: str, trace_id: str, channel: str, tracefile_size: int,
                           tracefile_count: int) -> None:

@@ -107,8 +107,8 @@ class HeldSink:
         return HeldStream(f"{self.sink.rstrip('/')} (ring of {key}, {channel})")
 
     def add_gone_stream(self, key: str, trace_id: str, channel: str, *, tracefile_size: int = 0,
-                        tracefile_count: int = 0) -> None:
-        return
+                        tracefile_count: int = 0) -> StreamSink | None:
+        return None
 
     def begin_chunk(self, chunk: int, traces: Iterable[str]) -> None:
         raise SinkError("a snapshot session writes no trace to rotate")

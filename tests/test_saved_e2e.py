@@ -186,8 +186,15 @@ def test_relay_session_killed_mid_outage_resumes_its_spool(tw: TW, relayd, sessi
         sd = sessiond_load(tw, str(saved))
         log = Path(sd.log).read_text()  # type: ignore[attr-defined]
         assert "resuming 1 streams of 1 traces" in log, log
+        # status shows the stream it resumes (its app is gone: no ring, only
+        # the spool), with the packets it delivers.
+        streams = json.loads(tw.cli("status", "--json").stdout)["streams"]
+        assert [(s["producer"], s["path"].rsplit("/", 1)[-1]) for s in streams] == [("gone", "channel0_0")], streams
+        assert streams[0]["packets"] > 0 and streams[0]["raw_bytes"] > 0, streams
         # The loaded session was saved started: its stop waits for the relay.
         tw.cli("stop")
+        streams = json.loads(tw.cli("status", "--json").stdout)["streams"]
+        assert [s["unacked"] for s in streams] == [0], streams
         check_once(bt2_seqs(relay.output), n, "babeltrace2")
         seqs, discarded = ctf_seqs(relay.output)
         check_once(seqs, n, "tracewire.ctf")
