@@ -213,6 +213,21 @@ class Quarantined:
                            producer="gone" if self.gone else "alive", error=self.error)
 
 
+@dataclass
+class Gone:
+    """A dead app's stream that a restarted consumerd delivers from its sink
+    alone (a relay sink's spool; its ring is freed): status shows it."""
+
+    key: str
+    session: str
+    channel: str
+    sink: StreamSink
+
+    def stats(self) -> StreamStats:
+        """What ``status`` shows of it: its sink's counters."""
+        return self.sink.stats(StreamStats(key=self.key, path=self.sink.path, channel=self.channel, producer="gone"))
+
+
 def _seq(msg: dict[str, object]) -> int | None:
     """The request's ``seq``, to echo in the reply (None if it has none)."""
     seq = msg.get("seq")
@@ -240,9 +255,7 @@ class Consumerd:
         self.traces: dict[str, TraceOut] = {}
         self.streams: dict[str, StreamOut] = {}
         self.quarantined: dict[str, Quarantined] = {}
-        # Streams of dead apps that a restarted consumerd delivers from its
-        # sink alone (no ring): key -> (session, channel, the stream's sink).
-        self.gone: dict[str, tuple[str, str, StreamSink]] = {}
+        self.gone: dict[str, Gone] = {}
         self.broken_streams = 0  # streams quarantined or abandoned for a corrupt ring or a failed write
         self.barrier = MemoryBarrier(force=config.force_barrier)
 
@@ -346,11 +359,10 @@ class Consumerd:
         return [st for st in self.streams.values() if st.session == session]
 
     def _session_stats(self, streams: list[StreamOut], session: str) -> tuple[StreamStats, ...]:
-        """The counters of ``streams``, then those of the session's quarantined streams."""
-        quarantined = [q.stats() for q in self.quarantined.values() if q.session == session]
-        gone = [sink.stats(StreamStats(key=key, path=sink.path, channel=channel, producer="gone"))
-                for key, (s, channel, sink) in self.gone.items() if s == session]
-        return tuple([self._stats(st) for st in streams] + quarantined + gone)
+        """The counters of ``streams``, then those of the session's quarantined
+        and gone streams."""
+        held = [s.stats() for group in (self.quarantined, self.gone) for s in group.values() if s.session == session]
+        return tuple([self._stats(st) for st in streams] + held)
 
     def op_session(self, op: SessionOp) -> DoneReply:
         """Declare a session and its sink (before its traces)."""
@@ -419,7 +431,7 @@ class Consumerd:
             sink = self.sessions[tr.session].sink.add_gone_stream(
                 op.key, tr.trace_id, channel, tracefile_size=op.tracefile_size, tracefile_count=op.tracefile_count)
             if sink is not None:
-                self.gone[op.key] = (tr.session, channel, sink)
+                self.gone[op.key] = Gone(op.key, tr.session, channel, sink)
             return DoneReply()
         if len(fds) not in (2, 3) or op.key in self.streams or op.key in self.quarantined:
             close_fds(fds)
@@ -655,10 +667,9 @@ class Consumerd:
             for st in streams:
                 await self.close_stream(st)
                 del self.streams[st.key]
-            for key in [k for k, q in self.quarantined.items() if q.session == op.session]:
-                del self.quarantined[key]
-            for key in [k for k, g in self.gone.items() if g[0] == op.session]:
-                del self.gone[key]
+            for group in (self.quarantined, self.gone):
+                for key in [k for k, s in group.items() if s.session == op.session]:
+                    del group[key]
             for tid in [tid for tid, tr in self.traces.items() if tr.session == op.session]:
                 del self.traces[tid]
             if so is not None and so.op.live and isinstance(so.sink, RelaySink):

@@ -575,12 +575,12 @@ class NetSession:
         self.unacked_bytes -= p.raw_len - p.size
         # Sent (if it can go now) before its ring space goes back: while the
         # ring still holds it, it is sent from there (see _pump).
-        sendable = st.sendable(p)  # a held stream's packets wait for its release
-        if sendable:
+        wake = False
+        if st.sendable(p):  # a held stream's packets wait for its release
             self._outbox.append(("packet", p))
-            sendable = not self._pump(p, parts)
+            wake = not self._pump(p, parts)
         self.on_saved(st.key, p.ring_end, p.ts_end)
-        if sendable:
+        if wake:
             self._send_wakeup.set()
         return True
 

@@ -611,6 +611,10 @@ class RelaySink(SessionSink):
         held = len(self.net.traces[net_tid].metadata)
         self.net.add_metadata(net_tid, _unheld(text, held, offset))
 
+    def _stream_path(self, net_tid: str, channel: str) -> str:
+        """What status names a stream of trace ``net_tid`` in ``channel``."""
+        return f"{self.net.url}/{self.net.traces[net_tid].path}/{channel}_0"
+
     def _stream_key(self, key: str) -> str:
         """Stream ``key``'s NetSession key in the current chunk."""
         net_key = self._net_id(key)
@@ -632,10 +636,9 @@ class RelaySink(SessionSink):
             resume = Resume(None)  # the relay says where the stream stands
         else:
             resume = Resume(0)
-        path = f"{self.net.url}/{self.net.traces[net_tid].path}/{channel}_0"
         if replay:
             self._resend_recovered(stream, trace_id, channel, tracefile_size, tracefile_count)
-        return RelayStream(self.net, key, path, resume)
+        return RelayStream(self.net, key, self._stream_path(net_tid, channel), resume)
 
     def add_gone_stream(self, key: str, trace_id: str, channel: str, *, tracefile_size: int = 0,
                         tracefile_count: int = 0) -> StreamSink | None:
@@ -646,8 +649,7 @@ class RelaySink(SessionSink):
                             tracefile_count=tracefile_count)
         self.net.finish_stream(key)  # its spool goes once acknowledged
         self._resend_recovered(stream, trace_id, channel, tracefile_size, tracefile_count)
-        path = f"{self.net.url}/{self.net.traces[net_tid].path}/{channel}_0"
-        return RelayStream(self.net, key, path, Resume(None))
+        return RelayStream(self.net, key, self._stream_path(net_tid, channel), Resume(None))
 
     def _resend_recovered(self, stream: str, trace_id: str, channel: str, tracefile_size: int,
                           tracefile_count: int) -> None:
