@@ -6,12 +6,27 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEBS   := babeltrace2 python3-bt2 iproute2 nftables ethtool iputils-ping docker-compose
+# What building the tracer's C path (tracewire/_speedups.c) takes; without
+# them the install goes on and the tracer runs in pure Python.
+BUILD_DEBS := gcc python3-dev
+
+# $(call apt_install,PACKAGES): install the missing ones (as root), or say
+# which are missing.
+define apt_install
+	@missing=""; for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing$$missing"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "note: not root, cannot install$$missing; $(2)"; fi; \
+	fi
+endef
 
 .PHONY: demo test lint bench fuzz venv debs clean compose compose-check
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py tracewire/_speedups.c
+	$(call apt_install,$(BUILD_DEBS),the tracer will run without its C path)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# editable "compat" mode: a plain path entry in a .pth, not setuptools'
@@ -22,12 +37,7 @@ $(STAMP): pyproject.toml
 
 # Debian packages the tests and the demo use (babeltrace2 reads what we write).
 debs:
-	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
-	if [ -n "$$missing" ]; then \
-	  if [ "$$(id -u)" = 0 ]; then \
-	    echo "installing$$missing"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
-	  else echo "note: not root, cannot install$$missing; tests needing them will skip"; fi; \
-	fi
+	$(call apt_install,$(DEBS),tests needing them will skip)
 
 demo: venv debs
 	@bash scripts/demo.sh
@@ -50,7 +60,7 @@ fuzz: venv
 	  tests/test_wire.py tests/test_ctf.py tests/test_ringbuf.py tests/test_tracer.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info tracewire/_speedups*.so
 
 # The docker-compose file is generated from tracewire/topology.py, the one
 # description of the multi-host topology (the netns test harness uses it too).

@@ -46,6 +46,7 @@ docs/design.md ("The tracer's cost per event") says what each choice buys.
 from __future__ import annotations
 
 import atexit
+import importlib
 import os
 import struct
 import sys
@@ -56,6 +57,19 @@ from types import CodeType
 from typing import TYPE_CHECKING, Any
 
 from tracewire.rundir import default_rundir, rundir_problem, trusted_uid
+
+# The one-stream write path in C, when built (``make venv`` builds it; see
+# tracewire/_speedups.c).  TRACEWIRE_SPEEDUPS=0 keeps the tracer pure Python.
+def _load_speedups() -> Any:
+    if os.environ.get("TRACEWIRE_SPEEDUPS", "1") == "0":
+        return None
+    try:
+        return importlib.import_module("tracewire._speedups")
+    except ImportError:
+        return None
+
+
+_speedups: Any = _load_speedups()
 
 if TYPE_CHECKING:  # the tracer imports ringbuf only when a stream arrives
     import socket
@@ -155,6 +169,14 @@ def _gen_encode(fields: list[tuple[str, str]], header: int, consts: Mapping[str,
 def _const_str(value: str) -> bytes:
     """A constant str field's bytes, as its emitter would encode it."""
     return value.encode("utf-8", "replace").replace(b"\0", _NUL_REPLACEMENT)
+
+
+def _const_bytes(t: str, value: Any) -> bytes:
+    """A constant field's bytes as the C emitter writes them (a str
+    without its NUL)."""
+    if t == "str":
+        return _const_str(value)
+    return struct.pack("<d" if t == "float" else "<q", value)
 
 
 def _args(fields: list[tuple[str, str]], consts: Mapping[str, Any]) -> str:
@@ -393,7 +415,25 @@ class Tracepoint:
         emit.__name__ = emit.__qualname__ = name.replace(":", "_").replace(".", "_").replace("-", "_")
         emit.__doc__ = f"Emit the {name} event ({', '.join(f'{n}: {t}' for n, t in fields if n not in self.consts)})."
         emit.tracepoint = self
+        # The Python emitter: the whole tracer without tracewire._speedups,
+        # and the path of every call the C emitter hands over.
+        self._pyemit: Callable[..., None] = emit
         self.emit: Callable[..., None] = emit
+        self._cemit: Any = None
+        if _speedups is not None:
+            spec: list[tuple[str, int, bytes | None]] = []
+            arg = 0
+            for n, t in fields:
+                if n in self.consts:
+                    spec.append((t, -1, _const_bytes(t, self.consts[n])))
+                else:
+                    spec.append((t, arg, None))
+                    arg += 1
+            cemit = _speedups.Emitter(emit, tp_id, spec)
+            cemit.__name__ = cemit.__qualname__ = emit.__name__
+            cemit.__doc__ = emit.__doc__
+            cemit.tracepoint = self
+            self._cemit = self.emit = cemit
 
     def set_streams(self, streams: tuple[_StreamW, ...]) -> None:
         """Point the emitter at these streams (empty: disabled).
@@ -406,17 +446,21 @@ class Tracepoint:
         afterwards writes nowhere (the stop barrier relies on this)."""
         g = self.globals
         self.enabled = bool(streams)
+        py = self._pyemit
         if len(streams) == 1:
             g["_S1"] = streams[0]
             g["_streams"] = streams
-            self.emit.__code__ = self._one_code
+            py.__code__ = self._one_code
         elif streams:
             g["_streams"] = streams
-            self.emit.__code__ = self._many_code
+            py.__code__ = self._many_code
         else:
             g["_streams"] = streams
             g["_S1"] = self._detached
-            self.emit.__code__ = self._disabled_code
+            py.__code__ = self._disabled_code
+        if self._cemit is not None:
+            # After the Python emitter: the C one hands over to it.
+            self._cemit.set(min(len(streams), 2), streams[0] if len(streams) == 1 else None)
 
     def _packer(self, k: int) -> Callable[..., None] | None:
         """The fast path's ``pack_into`` for a variable field of ``k`` bytes
