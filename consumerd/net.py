@@ -669,6 +669,7 @@ class NetSession:
         st = self.streams.pop(key, None)
         if st is None:
             return
+        had_room = self.has_room()
         self.unacked_bytes -= sum(p.held_bytes() for p in st.unacked)
         self._purge(st)
         if self.by_wire_id.get(st.wire_id) is st:
@@ -677,6 +678,8 @@ class NetSession:
                 self._queue(("stream_close", st.wire_id))
         if self.spool is not None:
             self.spool.remove(key)
+        if not had_room and self.has_room():
+            self.on_room()
 
     def drop_trace(self, trace_id: str) -> None:
         """Forget a trace (a closed chunk's): its metadata is not sent again."""
@@ -1167,6 +1170,10 @@ class NetSession:
     def _acknowledge(self, st: _NetStream, seq: int) -> None:
         if seq <= st.acked_seq:
             return
+        # Before anything is freed: either limit (the spool's cap, or
+        # max_unacked_bytes) may be the one that held the drain loop back,
+        # and it must hear that room came back or the rings wait for ever.
+        had_room = self.has_room()
         st.acked_seq = seq
         freed = 0
         while st.unacked and st.unacked[0].seq <= seq:
@@ -1176,11 +1183,9 @@ class NetSession:
             self.spool.acknowledged(st.key, seq)
             self._forget_if_done(st)
         self._close_if_done(st)
-        if freed:
-            had_room = self.has_room()
-            self.unacked_bytes -= freed
-            if not had_room and self.has_room():
-                self.on_room()
+        self.unacked_bytes -= freed
+        if not had_room and self.has_room():
+            self.on_room()
         if st.flow is not _Flow.OPEN and seq >= st.retry_seq:
             self._reopen(st)
         self._notify()

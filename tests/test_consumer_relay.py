@@ -533,6 +533,43 @@ async def test_max_unacked_bytes_bounds_memory(tmp_path: Path) -> None:
     check_trace(out, 12 * 400, 12)
 
 
+async def test_a_full_spool_calls_on_room_when_acknowledgements_empty_it(tmp_path: Path) -> None:
+    """The spool's cap, not max_unacked_bytes, stops the drain loop: the
+    acknowledgements that recycle its segments must still call on_room.
+    (They did not: the room check ran after the spool was emptied, saw room
+    already, and consumerd left the rings unread until the app exited.)"""
+    out = tmp_path / "relay"
+    packets = make_packets(40, 2000)
+    seg = 64 * 1024
+    rooms: list[int] = []
+    with trio.fail_after(DEADLINE):
+        async with running_relay(out) as port:
+            opener = Opener(port, fail_first=1_000_000)  # relay unreachable for now
+            spool = Spool(str(tmp_path / "spool"), 2 * seg, segment_size=seg)
+            net = new_session(opener, compress=False, max_unacked_bytes=1 << 30, spool=spool,
+                              on_room=lambda: rooms.append(spool.size))
+            async with running(net):
+                declare(net)
+                submitted = 0
+                while net.has_room():
+                    net.submit("s0", *packets[submitted])
+                    submitted += 1
+                assert 0 < submitted < len(packets)
+                assert not spool.has_room() and net.unacked_bytes < net.max_unacked_bytes
+                opener.fail_left = 0  # the relay is reachable now
+                while not rooms:
+                    await net.wait_change()
+                assert net.has_room()
+                while submitted < len(packets):
+                    while not net.has_room():
+                        await net.wait_change()
+                    net.submit("s0", *packets[submitted])
+                    submitted += 1
+                await net.wait_all_acked()
+    assert len(rooms) >= 2  # the spool filled again, and room came back again
+    check_trace(out, 40 * 2000, 40)
+
+
 async def test_keepalive_holds_a_quiet_session_past_the_relay_idle_timeout(
     tmp_path: Path, mock_clock: MockClock
 ) -> None:
