@@ -429,7 +429,7 @@ class Tracepoint:
                 else:
                     spec.append((t, arg, None))
                     arg += 1
-            cemit = _speedups.Emitter(emit, tp_id, spec)
+            cemit = _speedups.Emitter(emit, tp_id, spec, [n for n, _ in fields if n not in self.consts])
             cemit.__name__ = cemit.__qualname__ = emit.__name__
             cemit.__doc__ = emit.__doc__
             cemit.tracepoint = self
