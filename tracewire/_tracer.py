@@ -41,6 +41,15 @@ fixed fields packed, the rest written field by field, switching sub-buffers
 when needed).  Any exception (a wrong field type, an out-of-range int) drops
 the event and counts it as discarded: the tracer never raises into the app.
 docs/design.md ("The tracer's cost per event") says what each choice buys.
+
+When ``tracewire._speedups`` is built (tracewire/_speedups.c), ``emit`` is
+a C callable in front of the generated function: disabled, it returns at
+once; enabled in one stream, it writes the event itself while holding the
+GIL, unless anything is out of the ordinary (the stream's lock held, a
+sub-buffer switch, an extended header, an argument that is not exactly of
+its field's type, a NUL or a lone surrogate, several streams), which it
+hands to the generated function.  Both write the same bytes.
+``TRACEWIRE_SPEEDUPS=0`` keeps the tracer pure Python.
 """
 
 from __future__ import annotations
@@ -57,6 +66,7 @@ from types import CodeType
 from typing import TYPE_CHECKING, Any
 
 from tracewire.rundir import default_rundir, rundir_problem, trusted_uid
+
 
 # The one-stream write path in C, when built (``make venv`` builds it; see
 # tracewire/_speedups.c).  TRACEWIRE_SPEEDUPS=0 keeps the tracer pure Python.
