@@ -1014,3 +1014,33 @@ def test_c_and_python_emitters_record_the_same_events(fields: list[str], data) -
         finally:
             r.close()
     assert got[0] == got[1]
+
+
+def test_a_forked_child_without_sessiond_goes_on_at_once(tmp_path) -> None:
+    """The child's registry finds no sessiond: the fork handler neither waits
+    nor fails, and both processes emit as before (tests/test_fork_e2e.py
+    has the case with a sessiond)."""
+    r = _run_py(
+        """
+        import os
+        os.environ["TRACEWIRE_REGISTER_TIMEOUT"] = "600"  # a wrongful wait outlasts the test's timeout
+        from tracewire import _tracer, tracepoint
+        tick = tracepoint("demo:fork", a=int)
+        parent = _tracer._get_registry()
+        pid = os.fork()
+        if pid == 0:
+            child = _tracer._get_registry()
+            ok = child is not parent and child.pid == os.getpid() and child.tracepoints == parent.tracepoints
+            ok = ok and all(tp.registry is child and not tp.enabled for tp in child.tracepoints)
+            for i in range(1000):
+                tick(a=i)
+            os._exit(0 if ok else 3)
+        for i in range(1000):
+            tick(a=i)
+        print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+        """,
+        str(tmp_path),
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "0"
+    assert r.stderr == ""

@@ -817,7 +817,10 @@ class _Registry:
     def hand_over(self) -> None:
         """At exit: close every open sub-buffer so the consumer takes it now.
         Another thread waiting for space (a blocking channel) gives up
-        first, dropping its event, so exit never waits for the consumer."""
+        first, dropping its event, so exit never waits for the consumer.
+        Not in a forked child: these buffers are its parent's."""
+        if os.getpid() != self.pid:
+            return
         for s in list(self.streams.values()):
             waiting = s.producer
             if waiting is not None:
@@ -826,6 +829,59 @@ class _Registry:
                 p, s.producer = s.producer, None
                 if p is not None and p.pos > p.sb_index * p._S:
                     p.close_current()
+
+
+    def forget_in_child(self) -> None:
+        """In a forked child: stop writing into the parent's buffers and let
+        go of what the child inherited, without touching the shared memory
+        (the parent goes on writing there) or any lock (a parent thread may
+        have held one at the fork: no thread of the child will release it)."""
+        for tp in self.tracepoints:
+            tp.set_streams(())
+        for s in self.streams.values():
+            s.enabled = set()
+            p, s.producer, s.mv = s.producer, None, None
+            if p is None:
+                continue
+            for fd in (p.wakeup_fd, p.space_fd):
+                if fd >= 0:
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass
+            try:
+                p.close()  # unmaps the child's mapping; the parent's stays
+            except BufferError:
+                pass
+        self.streams = {}
+        sock, self.sock = self.sock, None
+        if sock is not None:
+            sock.close()  # the child's copy: the parent's connection goes on
+
+
+def _after_fork_in_child() -> None:
+    """``os.fork()``'s child: its tracepoints stop writing into the parent's
+    ring buffers (shared memory, no lock between the two processes) and are
+    declared again by a registry of its own, which registers the child with
+    sessiond as a new app -- waiting for its first answer, as the first
+    declaration of a process does -- so its events go to buffers of its own."""
+    global _registry_lock
+    _registry_lock = threading.Lock()  # a parent thread may have held it at the fork
+    if not _registry_box:
+        return
+    old = _registry_box[0]
+    old.forget_in_child()
+    new = _Registry()
+    new.tracepoints, new.by_name, new.by_key = old.tracepoints, old.by_name, old.by_key
+    for tp in new.tracepoints:
+        tp.registry = new
+    _registry_box[:] = [new]
+    if new.tracepoints:
+        with new.lock:
+            new._start_listener()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _peer_problem(sock: socket.socket, path: str) -> str | None:
