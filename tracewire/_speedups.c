@@ -639,6 +639,13 @@ static struct PyModuleDef speedups_module = {
 PyMODINIT_FUNC
 PyInit__speedups(void)
 {
+#ifdef Py_GIL_DISABLED
+    /* A free-threaded CPython: nothing would keep other threads out between
+     * the producer's first read and its last store.  The Python emitter
+     * (under the stream's lock) is the tracer there. */
+    PyErr_SetString(PyExc_ImportError, "tracewire._speedups needs the GIL: not on a free-threaded Python");
+    return NULL;
+#endif
     if (!TW_LITTLE_ENDIAN) {
         PyErr_SetString(PyExc_ImportError, "tracewire._speedups writes little-endian events: not on this CPU");
         return NULL;
