@@ -484,6 +484,23 @@ async def test_right_key_is_accepted(tmp_path: Path) -> None:
     check_trace(out, 400, 4)
 
 
+def _submit_while_room(net: NetSession, packets) -> int:
+    """The drain loop's contract: submit while there is room; how many went."""
+    submitted = 0
+    while net.has_room():
+        net.submit("s0", *packets[submitted])
+        submitted += 1
+    return submitted
+
+
+async def _submit_the_rest(net: NetSession, packets, submitted: int) -> None:
+    """Submit ``packets[submitted:]``, each once there is room for it."""
+    for packet in packets[submitted:]:
+        while not net.has_room():
+            await net.wait_change()
+        net.submit("s0", *packet)
+
+
 async def test_max_unacked_bytes_bounds_memory(tmp_path: Path) -> None:
     """has_room() goes False once max_unacked_bytes are kept, and True again
     (with an on_room call) once the relay acknowledged them."""
@@ -506,11 +523,7 @@ async def test_max_unacked_bytes_bounds_memory(tmp_path: Path) -> None:
                               on_room=lambda: rooms.append(net.unacked_bytes), on_saved=on_saved)
             async with running(net):
                 declare(net)
-                submitted = 0
-                # The drain loop's contract: submit while there is room.
-                while net.has_room():
-                    net.submit("s0", *packets[submitted])
-                    submitted += 1
+                submitted = _submit_while_room(net, packets)
                 assert submitted == 4
                 assert net.unacked_bytes >= net.max_unacked_bytes
                 # Once the compressor is through with the four packets (it
@@ -523,11 +536,7 @@ async def test_max_unacked_bytes_bounds_memory(tmp_path: Path) -> None:
                 while not net.has_room():
                     await net.wait_change()
                 assert rooms, "on_room was not called when room came back"
-                while submitted < len(packets):
-                    while not net.has_room():
-                        await net.wait_change()
-                    net.submit("s0", *packets[submitted])
-                    submitted += 1
+                await _submit_the_rest(net, packets, submitted)
                 await net.wait_all_acked()
                 assert net.has_room() and net.unacked_bytes == 0
     check_trace(out, 12 * 400, 12)
@@ -550,21 +559,14 @@ async def test_a_full_spool_calls_on_room_when_acknowledgements_empty_it(tmp_pat
                               on_room=lambda: rooms.append(spool.size))
             async with running(net):
                 declare(net)
-                submitted = 0
-                while net.has_room():
-                    net.submit("s0", *packets[submitted])
-                    submitted += 1
+                submitted = _submit_while_room(net, packets)
                 assert 0 < submitted < len(packets)
                 assert not spool.has_room() and net.unacked_bytes < net.max_unacked_bytes
                 opener.fail_left = 0  # the relay is reachable now
                 while not rooms:
                     await net.wait_change()
                 assert net.has_room()
-                while submitted < len(packets):
-                    while not net.has_room():
-                        await net.wait_change()
-                    net.submit("s0", *packets[submitted])
-                    submitted += 1
+                await _submit_the_rest(net, packets, submitted)
                 await net.wait_all_acked()
     assert len(rooms) >= 2  # the spool filled again, and room came back again
     check_trace(out, 40 * 2000, 40)
