@@ -960,6 +960,9 @@ def test_c_emitter_stands_for_the_python_one(c_rig: Rig) -> None:
     assert isinstance(emit, _tracer._speedups.Emitter)
     assert emit.tracepoint is tp and emit.__name__ == "test_clook" and "a: int, s: str" in emit.__doc__
     assert emit.pyemit is tp._pyemit and emit.mode == 1
+    import inspect
+
+    assert str(inspect.signature(emit)) == "(a, s)"
     with pytest.raises(TypeError):
         emit(1, "x", "one too many")  # as the Python emitter raises for a wrong call
     tp.set_streams(())

@@ -442,6 +442,7 @@ class Tracepoint:
             cemit = _speedups.Emitter(emit, tp_id, spec, [n for n, _ in fields if n not in self.consts])
             cemit.__name__ = cemit.__qualname__ = emit.__name__
             cemit.__doc__ = emit.__doc__
+            cemit.__wrapped__ = emit  # inspect.signature() and help() show the fields
             cemit.tracepoint = self
             self._cemit = self.emit = cemit
 
