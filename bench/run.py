@@ -1891,7 +1891,12 @@ def bench_python_tracer(calls: int, repeat: int, want, everything: bool, root: s
     try:
         ld, ltrace = _lttng_python_session(root)
         tw, twtrace = _tracewire_session(root, out, "demo:*")
-        for r in range(repeat):
+        # Round 0 warms up and is not counted: the daemons of both sides have
+        # just started and are still settling (every side measured 10-40 %
+        # dearer in a first round than in the next ones).
+        for r in range(repeat + 1):
+            if r == 1:
+                results = {k: [] for k in results}
             ns = float(ld.run([SYSTEM_PYTHON, "-c", _PY_LOGGING, str(calls), "lttng"]))
             results["lttng"].append(ns)
             for key, python in (("tracewire", SYSTEM_PYTHON), ("tracewire_venv", sys.executable)):
@@ -1907,12 +1912,13 @@ def bench_python_tracer(calls: int, repeat: int, want, everything: bool, root: s
             if proc.returncode != 0:
                 raise RuntimeError(f"logging loop: {proc.stderr.strip()}")
             results["logging_no_handler"].append(float(proc.stdout))
-            print(f"bench: python_tracer round {r + 1}/{repeat}: lttng {results['lttng'][-1]:.0f}, tracewire "
+            label = f"{r}/{repeat}" + (" (warm-up, not counted)" if r == 0 else "")
+            print(f"bench: python_tracer round {label}: lttng {results['lttng'][-1]:.0f}, tracewire "
                   f"{results['tracewire'][-1]:.0f} (venv: {results['tracewire_venv'][-1]:.0f}), logging without "
                   f"handler {results['logging_no_handler'][-1]:.0f} ns/call", file=sys.stderr, flush=True)
         ld.lttng("stop", "p")
         tw.cli("stop", "p")
-        expected = (calls + 1000) * repeat
+        expected = (calls + 1000) * (repeat + 1)
         for side, trace in (("lttng", ltrace), ("tracewire", twtrace)):
             read, discarded = _bt_count(trace)
             want_n = expected * (2 if side == "tracewire" else 1)  # Debian's python and the venv's
@@ -1995,17 +2001,20 @@ def bench_logging_bridge(calls: int, repeat: int, want, everything: bool, root: 
                 raise RuntimeError(f"logging loop ({mode}): {proc.stderr.strip()}")
             return float(proc.stdout)
 
-        for r in range(repeat):
+        for r in range(repeat + 1):  # round 0 warms up, not counted (see bench_python_tracer)
+            if r == 1:
+                results = {k: [] for k in results}
             results["lttng"].append(float(ld.run([SYSTEM_PYTHON, "-c", _PY_LOGGING, str(calls), "lttng"])))
             results["bridge"].append(loop("bridge", tw.env))
             results["nullhandler"].append(loop("nullhandler", dict(os.environ)))
             results["bridge_off"].append(loop("bridge_off", tw_off.env))
-            print(f"bench: logging_bridge round {r + 1}/{repeat}: bridge {results['bridge'][-1]:.0f}, LTTng agent "
+            label = f"{r}/{repeat}" + (" (warm-up, not counted)" if r == 0 else "")
+            print(f"bench: logging_bridge round {label}: bridge {results['bridge'][-1]:.0f}, LTTng agent "
                   f"{results['lttng'][-1]:.0f}, NullHandler {results['nullhandler'][-1]:.0f}, bridge with no "
                   f"session enabling it {results['bridge_off'][-1]:.0f} CPU ns/record", file=sys.stderr, flush=True)
         ld.lttng("stop", "p")
         tw.cli("stop", "p")
-        expected = (calls + 1000) * repeat
+        expected = (calls + 1000) * (repeat + 1)
         for side, trace in (("lttng", ltrace), ("tracewire", twtrace)):
             read, discarded = _bt_count(trace)
             print(f"bench: logging_bridge {side}: {read} events in the trace, {discarded} reported discarded, "
