@@ -1891,9 +1891,9 @@ def bench_python_tracer(calls: int, repeat: int, want, everything: bool, root: s
     try:
         ld, ltrace = _lttng_python_session(root)
         tw, twtrace = _tracewire_session(root, out, "demo:*")
-        # Round 0 warms up and is not counted: the daemons of both sides have
-        # just started and are still settling (every side measured 10-40 %
-        # dearer in a first round than in the next ones).
+        # Round 0 warms up and is not counted: LTTng's daemons have just
+        # started and are still settling, and on 2 cores every side pays for
+        # it (10-40 % dearer in a first round; ours alone shows no such round).
         for r in range(repeat + 1):
             if r == 1:
                 results = {k: [] for k in results}
