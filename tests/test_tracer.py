@@ -1047,3 +1047,38 @@ def test_a_forked_child_without_sessiond_goes_on_at_once(tmp_path) -> None:
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "0"
     assert r.stderr == ""
+
+
+@needs_c
+def test_c_path_reads_only_slots_of_the_producers_own_class(c_rig: Rig) -> None:
+    """A producer whose class borrowed another class's slot descriptor (so
+    the slot's offset is not its own) is not read by offset: the C path
+    hands the call over, and the Python emitter writes it as before."""
+    tp = c_rig.declare("test:cslots", {"a": int})
+
+    real = c_rig.producer
+    # Another class whose "pos" slot sits where a Producer keeps an int of
+    # its own (wakeup_fd): read by that offset, the event would be written
+    # at the wrong place and head moved back.
+    at = Producer.__slots__.index("wakeup_fd")
+    Other = type("Other", (), {"__slots__": (*(f"s{i}" for i in range(at)), "pos")})
+
+    class Lying(Producer):
+        __slots__ = ()
+
+    lying = object.__new__(Lying)
+    for name in Producer.__slots__:
+        if hasattr(real, name):
+            getattr(Producer, name).__set__(lying, getattr(real, name))
+    Lying.pos = Other.__dict__["pos"]  # the descriptor of another class's slot
+    calls = _python_calls(tp)
+    tp.emit(1)
+    assert calls == []  # the real producer: the C path
+    c_rig.stream.producer = lying
+    with pytest.raises(TypeError):
+        lying.pos  # noqa: B018  (Python refuses it as well)
+    tp.emit(2)
+    assert len(calls) == 1  # handed over; the Python body fails on it and counts it
+    c_rig.stream.producer = real
+    tp.emit(3)
+    assert [e.fields["a"] for e in _events(c_rig.read())] == [1, 3]

@@ -94,7 +94,10 @@ find_slots(Slots *slots, PyTypeObject *tp, PyObject **names, int n)
             PyErr_Clear();
             return -1;
         }
+        /* A member of this class or of a base (a descriptor borrowed from
+         * another class would place the slot elsewhere). */
         int ok = Py_IS_TYPE(d, &PyMemberDescr_Type)
+                 && PyType_IsSubtype(tp, PyDescr_TYPE(d))
                  && ((PyMemberDescrObject *)d)->d_member->type == T_OBJECT_EX
                  && !(((PyMemberDescrObject *)d)->d_member->flags & READONLY);
         if (ok)
