@@ -919,7 +919,8 @@ def test_c_path_waits_behind_a_python_writer_that_holds_the_stream(c_rig: Rig) -
 
 
 @needs_c
-@pytest.mark.parametrize("damage", ["base", "pos", "qev", "mv_readonly", "mv_released", "producer_none"])
+@pytest.mark.parametrize("damage", ["base", "pos", "pos_huge", "base_huge", "qev", "mv_readonly", "mv_released",
+                                    "mv_misaligned", "producer_none"])
 def test_c_path_never_writes_outside_the_buffer(c_rig: Rig, damage: str) -> None:
     """Producer state that would put an event (or a control word) outside
     the mapping makes the C path hand over; the Python body then fails and
@@ -935,6 +936,12 @@ def test_c_path_never_writes_outside_the_buffer(c_rig: Rig, damage: str) -> None
         p.base = len(p.view) * 4
     elif damage == "pos":
         p.pos = -(2**40)
+    elif damage == "pos_huge":
+        p.pos = 2**63 - 8  # pos + the event's size overflows int64
+    elif damage == "base_huge":
+        p.base = 2**63 - 1  # base + pos overflows int64
+    elif damage == "mv_misaligned":
+        s.mv = memoryview(bytearray(len(p.view) + 1))[1:]  # control words off their 8-byte alignment
     elif damage == "qev":
         p.qev = len(p.view)
     elif damage == "mv_readonly":

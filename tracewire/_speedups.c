@@ -263,11 +263,11 @@ fast_write(Emitter *e, PyObject *const *args)
     int compact = e->tp_id <= COMPACT_MAX_ID;
     if (compact && ts - last_ts >= TS27)
         goto out;  /* the clock moved 2^27 ns: an extended header (Python) */
-    long long end = pos + n;
-    long long off = base + pos;
-    if (pos < 0 || base < -pos || end > sb_end || qev < 0 || qev > view.len / 8 - 1 || view.len < 8 * (Q_HEAD + 1)
-        || off < 8 * (Q_HEAD + 1) || off > view.len - n)
-        goto out;
+    long long end, off;
+    if (__builtin_add_overflow(pos, (long long)n, &end) || __builtin_add_overflow(base, pos, &off)
+        || pos < 0 || end > sb_end || qev < 0 || view.len < 8 * (Q_HEAD + 1) || qev > view.len / 8 - 1
+        || ((uintptr_t)view.buf & 7) != 0 || off < 8 * (Q_HEAD + 1) || off > view.len - n)
+        goto out;  /* nothing of this would come from a producer the tracer keeps */
 
     char *p = (char *)view.buf + off;
     if (compact) {
