@@ -73,13 +73,13 @@ static PyObject *s_producer, *s_lock, *s_mv, *s_locked, *s_pos, *s_sb_end, *s_la
  * (as the member descriptor itself does), not an attribute lookup. */
 typedef struct {
     PyTypeObject *type;   /* a strong reference, or NULL: not found yet */
-    int n;
     Py_ssize_t off[8];
 } Slots;
 
 enum { ST_PRODUCER, ST_LOCK, ST_MV };
 enum { PR_POS, PR_SB_END, PR_LAST_TS, PR_BASE, PR_QEV, PR_EVENTS };
 static Slots stream_slots, producer_slots;
+static PyObject *stream_names[3], *producer_names[6];  /* in ST_ and PR_ order, set at import */
 
 /* 0: `slots` describes `tp` now; -1: one of `names` is no writable object slot of it. */
 static int
@@ -107,7 +107,6 @@ find_slots(Slots *slots, PyTypeObject *tp, PyObject **names, int n)
             return -1;
     }
     memcpy(slots->off, off, sizeof(off));
-    slots->n = n;
     Py_INCREF(tp);
     Py_XSETREF(slots->type, tp);
     return 0;
@@ -219,12 +218,11 @@ fast_write(Emitter *e, PyObject *const *args)
     }
 
     PyObject *stream = e->stream;
-    PyObject *names_s[] = {s_producer, s_lock, s_mv};
-    if (find_slots(&stream_slots, Py_TYPE(stream), names_s, 3) < 0)
+    if (find_slots(&stream_slots, Py_TYPE(stream), stream_names, 3) < 0)
         return 0;
     PyObject *producer = slot_get(&stream_slots, stream, ST_PRODUCER);
-    PyObject *names_p[] = {s_pos, s_sb_end, s_last_ts, s_base, s_qev, s_events};
-    if (producer == NULL || producer == Py_None || find_slots(&producer_slots, Py_TYPE(producer), names_p, 6) < 0)
+    if (producer == NULL || producer == Py_None
+        || find_slots(&producer_slots, Py_TYPE(producer), producer_names, 6) < 0)
         return 0;
     Py_INCREF(producer);
     int done = 0;
@@ -334,7 +332,7 @@ static int
 order_keywords(Emitter *e, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, PyObject **out)
 {
     Py_ssize_t nkw = PyTuple_GET_SIZE(kwnames);
-    if (nargs + nkw != e->nargs || e->names == NULL)
+    if (nargs + nkw != e->nargs)
         return 0;
     for (Py_ssize_t i = 0; i < e->nargs; i++)
         out[i] = i < nargs ? args[i] : NULL;
@@ -403,20 +401,19 @@ free_fields(Emitter *e)
     e->nfields = 0;
 }
 
-/* Emitter(pyemit, tp_id, fields, names=None): fields is a sequence of
- * (type, arg, const) with type one of 'int', 'float', 'str', 'bytes'; arg
- * the index of its argument or -1; const the constant's encoded bytes (int
- * and float: 8 little-endian bytes; str: UTF-8 without NUL) or None.  names:
- * the arguments' names, for calls with keywords (without them, such calls go
- * to pyemit). */
+/* Emitter(pyemit, tp_id, fields): fields is a sequence of (name, type,
+ * const) in the event's order, type one of 'int', 'float', 'str', 'bytes';
+ * const a constant's encoded bytes (int and float: 8 little-endian bytes;
+ * str: UTF-8 without NUL), or None for a field the caller passes: those are
+ * the emitter's arguments, in order, and their names its keywords. */
 static int
 emitter_init(PyObject *self, PyObject *args, PyObject *kwds)
 {
     Emitter *e = (Emitter *)self;
-    PyObject *pyemit, *fields, *names = NULL;
+    PyObject *pyemit, *fields;
     unsigned int tp_id;
-    static char *kwlist[] = {"pyemit", "tp_id", "fields", "names", NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OIO|O:Emitter", kwlist, &pyemit, &tp_id, &fields, &names))
+    static char *kwlist[] = {"pyemit", "tp_id", "fields", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OIO:Emitter", kwlist, &pyemit, &tp_id, &fields))
         return -1;
     if (!PyCallable_Check(pyemit)) {
         PyErr_SetString(PyExc_TypeError, "pyemit must be callable");
@@ -426,44 +423,50 @@ emitter_init(PyObject *self, PyObject *args, PyObject *kwds)
     if (seq == NULL)
         return -1;
     Py_ssize_t nf = PySequence_Fast_GET_SIZE(seq);
-    if (nf > MAX_FIELDS) {
+    PyObject *names = nf <= MAX_FIELDS ? PyList_New(0) : NULL;
+    if (names == NULL) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "too many fields");
         Py_DECREF(seq);
-        PyErr_SetString(PyExc_ValueError, "too many fields");
         return -1;
     }
+    /* Nothing of an earlier initialization is kept. */
     free_fields(e);
+    Py_CLEAR(e->pyemit);
+    Py_CLEAR(e->names);
+    Py_CLEAR(e->stream);
+    e->mode = e->nargs = 0;
     e->fields = PyMem_Calloc((size_t)(nf ? nf : 1), sizeof(Field));
     if (e->fields == NULL) {
-        Py_DECREF(seq);
         PyErr_NoMemory();
-        return -1;
+        goto fail;
     }
     Py_ssize_t fixed = tp_id <= COMPACT_MAX_ID ? 4 : 16;
-    int nargs = 0;
     for (Py_ssize_t i = 0; i < nf; i++) {
+        PyObject *name, *cst;
         const char *type;
-        int arg;
-        PyObject *cst;
-        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "siO:field", &type, &arg, &cst))
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "UsO:field", &name, &type, &cst))
             goto fail;
         Field *f = &e->fields[i];
         e->nfields = (int)i + 1;
         f->type = strcmp(type, "int") == 0 ? 'i' : strcmp(type, "float") == 0 ? 'f'
                 : strcmp(type, "str") == 0 ? 's' : strcmp(type, "bytes") == 0 ? 'b' : 0;
-        if (f->type == 0 || (f->type == 'b' && arg < 0)) {
+        if (f->type == 0 || (f->type == 'b' && cst != Py_None)) {
             PyErr_Format(PyExc_ValueError, "field %zd: bad type or constant", i);
             goto fail;
         }
-        f->arg = arg;
-        if (arg >= 0) {
-            if (arg != nargs) {
-                PyErr_Format(PyExc_ValueError, "field %zd: arguments must be in order", i);
+        if (cst == Py_None) {  /* an argument: the next one */
+            f->arg = (int)PyList_GET_SIZE(names);
+            Py_INCREF(name);
+            PyUnicode_InternInPlace(&name);  /* keyword names at call sites are interned too */
+            int r = PyList_Append(names, name);
+            Py_DECREF(name);
+            if (r < 0)
                 goto fail;
-            }
-            nargs++;
             fixed += f->type == 's' ? 1 : f->type == 'b' ? 4 : 8;
             continue;
         }
+        f->arg = -1;
         char *b;
         Py_ssize_t k;
         if (!PyBytes_Check(cst) || PyBytes_AsStringAndSize(cst, &b, &k) < 0
@@ -482,45 +485,20 @@ emitter_init(PyObject *self, PyObject *args, PyObject *kwds)
         fixed += k + (f->type == 's' ? 1 : 0);
     }
     Py_DECREF(seq);
-    PyObject *interned = NULL;
-    if (names != NULL && names != Py_None) {
-        PyObject *given = PySequence_Fast(names, "names must be a sequence");
-        if (given == NULL)
-            goto fail_names;
-        if (PySequence_Fast_GET_SIZE(given) != nargs || (interned = PyTuple_New(nargs)) == NULL) {
-            if (!PyErr_Occurred())
-                PyErr_SetString(PyExc_ValueError, "names must name each argument");
-            Py_DECREF(given);
-            goto fail_names;
-        }
-        for (Py_ssize_t i = 0; i < nargs; i++) {
-            PyObject *name = PySequence_Fast_GET_ITEM(given, i);
-            if (!PyUnicode_CheckExact(name)) {
-                PyErr_SetString(PyExc_TypeError, "names must be str");
-                Py_DECREF(given);
-                goto fail_names;
-            }
-            Py_INCREF(name);
-            PyUnicode_InternInPlace(&name);
-            PyTuple_SET_ITEM(interned, i, name);  /* a new tuple: its slot was empty */
-        }
-        Py_DECREF(given);
+    e->names = PyList_AsTuple(names);
+    Py_DECREF(names);
+    if (e->names == NULL) {
+        free_fields(e);
+        return -1;
     }
-    Py_XSETREF(e->names, interned);
     e->tp_id = tp_id;
-    e->nargs = nargs;
+    e->nargs = (int)PyTuple_GET_SIZE(e->names);
     e->fixed = fixed;
-    Py_INCREF(pyemit);
-    Py_XSETREF(e->pyemit, pyemit);
-    Py_CLEAR(e->stream);
-    e->mode = 0;
+    e->pyemit = Py_NewRef(pyemit);
     return 0;
 fail:
     Py_DECREF(seq);
-    free_fields(e);
-    return -1;
-fail_names:
-    Py_XDECREF(interned);
+    Py_DECREF(names);
     free_fields(e);
     return -1;
 }
@@ -622,7 +600,7 @@ static PyTypeObject EmitterType = {
     .tp_vectorcall_offset = offsetof(Emitter, vectorcall),
     .tp_call = PyVectorcall_Call,
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
-    .tp_doc = PyDoc_STR("Emitter(pyemit, tp_id, fields, names=None): a tracepoint's emitter with its one-stream case in C."),
+    .tp_doc = PyDoc_STR("Emitter(pyemit, tp_id, fields): a tracepoint's emitter with its one-stream case in C."),
     .tp_traverse = emitter_traverse,
     .tp_clear = emitter_clear,
     .tp_methods = emitter_methods,
@@ -665,6 +643,9 @@ PyInit__speedups(void)
     INTERN(s_qev, "qev");
     INTERN(s_events, "events");
 #undef INTERN
+    PyObject *sn[] = {s_producer, s_lock, s_mv}, *pn[] = {s_pos, s_sb_end, s_last_ts, s_base, s_qev, s_events};
+    memcpy(stream_names, sn, sizeof(sn));
+    memcpy(producer_names, pn, sizeof(pn));
     if (PyType_Ready(&EmitterType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&speedups_module);

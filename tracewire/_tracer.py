@@ -431,15 +431,8 @@ class Tracepoint:
         self.emit: Callable[..., None] = emit
         self._cemit: Any = None
         if _speedups is not None:
-            spec: list[tuple[str, int, bytes | None]] = []
-            arg = 0
-            for n, t in fields:
-                if n in self.consts:
-                    spec.append((t, -1, _const_bytes(t, self.consts[n])))
-                else:
-                    spec.append((t, arg, None))
-                    arg += 1
-            cemit = _speedups.Emitter(emit, tp_id, spec, [n for n, _ in fields if n not in self.consts])
+            spec = [(n, t, _const_bytes(t, self.consts[n]) if n in self.consts else None) for n, t in fields]
+            cemit = _speedups.Emitter(emit, tp_id, spec)
             cemit.__name__ = cemit.__qualname__ = emit.__name__
             cemit.__doc__ = emit.__doc__
             cemit.__wrapped__ = emit  # inspect.signature() and help() show the fields
@@ -799,14 +792,7 @@ class _Registry:
         with s.lock:
             p, s.producer = s.producer, None
         if p is not None:
-            os.close(p.wakeup_fd)
-            if p.space_fd >= 0:
-                os.close(p.space_fd)
-            s.mv = None
-            try:
-                p.close()
-            except BufferError:
-                pass  # a view still exported: the mapping goes with the process
+            _let_go(s, p)
 
     def _drop_all(self) -> None:
         """Close every stream (sessiond went away)."""
@@ -831,7 +817,6 @@ class _Registry:
                 if p is not None and p.pos > p.sb_index * p._S:
                     p.close_current()
 
-
     def forget_in_child(self) -> None:
         """In a forked child: stop writing into the parent's buffers and let
         go of what the child inherited, without touching the shared memory
@@ -841,23 +826,26 @@ class _Registry:
             tp.set_streams(())
         for s in self.streams.values():
             s.enabled = set()
-            p, s.producer, s.mv = s.producer, None, None
-            if p is None:
-                continue
-            for fd in (p.wakeup_fd, p.space_fd):
-                if fd >= 0:
-                    try:
-                        os.close(fd)
-                    except OSError:
-                        pass
-            try:
-                p.close()  # unmaps the child's mapping; the parent's stays
-            except BufferError:
-                pass
+            p, s.producer = s.producer, None
+            if p is not None:
+                _let_go(s, p)  # the child's descriptors and mapping; the parent's stay
         self.streams = {}
         sock, self.sock = self.sock, None
         if sock is not None:
             sock.close()  # the child's copy: the parent's connection goes on
+
+
+def _let_go(s: _StreamW, p: Producer) -> None:
+    """Close the descriptors of ``s``'s former producer ``p`` and unmap its
+    buffer (writes nothing to it)."""
+    os.close(p.wakeup_fd)
+    if p.space_fd >= 0:
+        os.close(p.space_fd)
+    s.mv = None
+    try:
+        p.close()
+    except BufferError:
+        pass  # a view still exported: the mapping goes with the process
 
 
 def _after_fork_in_child() -> None:
