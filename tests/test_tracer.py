@@ -1089,3 +1089,14 @@ def test_c_path_reads_only_slots_of_the_producers_own_class(c_rig: Rig) -> None:
     c_rig.stream.producer = real
     tp.emit(3)
     assert [e.fields["a"] for e in _events(c_rig.read())] == [1, 3]
+
+
+@needs_c
+def test_an_emitter_without_its_set_up_refuses_calls() -> None:
+    """An Emitter made without __init__ (or whose __init__ failed) has no
+    Python emitter to hand over to: a call raises instead of crashing."""
+    emit = _tracer._speedups.Emitter.__new__(_tracer._speedups.Emitter)
+    with pytest.raises(TypeError, match="not initialized"):
+        emit(1)
+    with pytest.raises(ValueError):
+        _tracer._speedups.Emitter(print, 0, [("a", "nonsense", None)])

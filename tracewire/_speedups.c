@@ -370,6 +370,10 @@ emitter_vectorcall(PyObject *self, PyObject *const *args, size_t nargsf, PyObjec
 {
     Emitter *e = (Emitter *)self;
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (e->pyemit == NULL) {
+        PyErr_SetString(PyExc_TypeError, "Emitter not initialized");
+        return NULL;
+    }
     if (kwnames == NULL) {
         if (nargs == e->nargs) {
             if (e->mode == 0)
@@ -430,7 +434,7 @@ emitter_init(PyObject *self, PyObject *args, PyObject *kwds)
         Py_DECREF(seq);
         return -1;
     }
-    /* Nothing of an earlier initialization is kept. */
+    /* Uninitialized until this succeeds: a call raises TypeError meanwhile. */
     free_fields(e);
     Py_CLEAR(e->pyemit);
     Py_CLEAR(e->names);
