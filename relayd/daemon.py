@@ -109,6 +109,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 import trio
 
+from relayd.iothread import IoThread
 from relayd.live import LiveConfig, LiveRegistry, serve_live
 from relayd.metrics import RelayCounters
 from tracewire import ctf, keyfile, names
@@ -190,14 +191,18 @@ _MAX_BATCH_PACKETS = 64
 # fsync mode: a connection's next sync comes this many times the time its
 # last sync's fdatasyncs took after the first packet it covers (at least
 # _MIN_SYNC_WAIT, at most --fsync-interval): a disk that syncs in 50 us is
-# synced every millisecond or so, and acknowledges as fast; one that takes
-# 30 ms is synced about every 60 ms, so that the syncs take at most about a
-# third of the connection's time, whatever the disk.  Only the fdatasyncs
-# are timed, in the worker thread: the wait for a worker thread or for the
-# CPU is not the disk's, and a window stretched by it let a busy target's
-# unacknowledged packets fill its spool.
+# synced every 4 ms, and acknowledges about as fast; one that takes 30 ms is
+# synced about every 60 ms, so that the syncs take at most about a third of
+# the connection's time, whatever the disk.  Only the fdatasyncs are timed,
+# in the worker thread: the wait for a worker thread or for the CPU is not
+# the disk's, and a window stretched by it let a busy target's
+# unacknowledged packets fill its spool.  The floor is 4 ms, not less: each
+# sync is a round trip to the connection's I/O thread (~60 us of CPU on this
+# VM), and at 1 ms a fast stream paid one per packet or two (relayd CPU per
+# GB 10 % higher in bench/run.py's relay_fsync driver on tmpfs, for acks ~2
+# ms sooner; 4 ms of a full-speed target is ~3 MB more in its spool).
 _SYNC_WAIT_FACTOR = 2.0
-_MIN_SYNC_WAIT = 0.001
+_MIN_SYNC_WAIT = 0.004
 # fsync mode: a connection all synced keeps its payload buffers this long
 # (seconds) for the next packets, then lets them go until packets come again.
 _KEEP_BUFFERS_QUIET = 0.1
@@ -660,6 +665,9 @@ class _ConsumerConnection:
         self.decompressor = new_decompressor(cfg.max_raw_packet)  # packets decompressed in the event loop
         self.send_lock = trio.Lock()
         self.io_lock = trio.Lock()  # held while a worker thread writes this connection's files
+        # The batches' writes and syncs: a thread of the connection's own
+        # (cheaper per batch than trio's worker threads; relayd/iothread.py).
+        self.io_thread = IoThread("tw-relay-io")
         self.hostname: str | None = None
         self.sessions: dict[int, str] = {}  # session id -> real session directory
         self.live: set[int] = set()  # ids of the sessions declared live on this connection
@@ -782,17 +790,20 @@ class _ConsumerConnection:
         for session_id in self.live:  # still open: the target may come back, or not
             self.server.live.session_released(self.sessions[session_id], trio.current_time())
         self.live.clear()
-        async with self.io_lock:
-            for st in self.streams.values():
-                try:
-                    await self.server.release_stream(st)
-                except OSError as exc:
-                    logger.error("%s: closing %s: %s", self, st.path, exc)
-            self.streams.clear()
-            fds = list(self.metadata_fds.values())
-            self.metadata_fds.clear()
-            for fd in fds:
-                os.close(fd)
+        try:
+            async with self.io_lock:
+                for st in self.streams.values():
+                    try:
+                        await self.server.release_stream(st)
+                    except OSError as exc:
+                        logger.error("%s: closing %s: %s", self, st.path, exc)
+                self.streams.clear()
+                fds = list(self.metadata_fds.values())
+                self.metadata_fds.clear()
+                for fd in fds:
+                    os.close(fd)
+        finally:
+            self.io_thread.close()
 
     # -- I/O ------------------------------------------------------------------
 
@@ -1062,8 +1073,8 @@ class _ConsumerConnection:
         to_sync: list[_OpenStream] | None = None
         if sync:
             to_sync, self.unsynced, self.sync_due = list(self.unsynced.values()), {}, None
-        async with self.io_lock:
-            failed, sync_failed, sync_seconds = await self.server.run_io(
+        async with self.io_lock, self.server.io_limiter:
+            failed, sync_failed, sync_seconds = await self.io_thread.run(
                 partial(_write_packets, batch, index, to_sync, self.config.fdatasync))
         if sync:
             self.sync_cost = sync_seconds
