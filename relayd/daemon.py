@@ -249,9 +249,11 @@ class RelaydConfig:
         inline_decompress_max: packets up to this many raw bytes are
             decompressed in the event loop (~40 us per 256 KiB: cheaper than
             a thread hand-off); bigger ones in a worker thread.
-        io_threads: worker threads writing files at once, relay-wide (every
+        io_threads: threads writing files at once, relay-wide (every
             file-system call runs in one, so a stalled disk never holds the
-            event loop).
+            event loop): each connection writes its packets in a thread of
+            its own (relayd/iothread.py), other file work goes to trio's
+            worker threads, and this many at most work at once.
         fsync: acknowledge a packet only once it and its index entry are
             durable (fdatasync), so that a power cut at the relay cannot lose
             what a target has already freed.  Off here (tests and embedders
