@@ -81,12 +81,14 @@ import socket
 import ssl
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import trio
 
 from consumerd.spool import Spool, SpoolRecord, SpoolRef, parts_size
 from tracewire import wire
+from tracewire.iothread import IoThread
 from tracewire.ops import DEFAULT_COMPRESS_LEVEL, DEFAULT_SPOOL_SIZE, RelayState
 from tracewire.url import RelayURL
 
@@ -770,6 +772,15 @@ class NetSession:
         import zstandard
 
         cctx = zstandard.ZstdCompressor(level=self.level, write_content_size=True)
+        # The session's own compression thread (tracewire/iothread.py):
+        # about half the CPU of a trio worker-thread round trip per batch.
+        worker = IoThread("tw-compress")
+        try:
+            await self._compress_batches(cctx, worker)
+        finally:
+            worker.close()
+
+    async def _compress_batches(self, cctx: Any, worker: IoThread) -> None:
         while True:
             while not self._to_compress:
                 await self._compress_wakeup.wait()
@@ -785,7 +796,7 @@ class NetSession:
                 batch.append(p)
                 size += p.raw_len
             raws = [p.parts or [] for p in batch]  # unsaved: every one has its parts
-            datas = await trio.to_thread.run_sync(_compress_all, cctx, raws)
+            datas = await worker.run(partial(_compress_all, cctx, raws))
             for p, raw, data in zip(batch, raws, datas, strict=True):
                 # Keep whichever is smaller: incompressible data goes raw.
                 if len(data) < p.raw_len:

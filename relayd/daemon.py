@@ -109,10 +109,10 @@ from typing import TYPE_CHECKING, TypeVar
 
 import trio
 
-from relayd.iothread import IoThread
 from relayd.live import LiveConfig, LiveRegistry, serve_live
 from relayd.metrics import RelayCounters
 from tracewire import ctf, keyfile, names
+from tracewire.iothread import IoThread
 from tracewire.streamfile import Checkpoint, StreamFile, StreamFiles, open_stream_files
 from tracewire.url import format_hostport
 from tracewire.wire import (
@@ -252,7 +252,7 @@ class RelaydConfig:
         io_threads: threads writing files at once, relay-wide (every
             file-system call runs in one, so a stalled disk never holds the
             event loop): each connection writes its packets in a thread of
-            its own (relayd/iothread.py), other file work goes to trio's
+            its own (tracewire/iothread.py), other file work goes to trio's
             worker threads, and this many at most work at once.
         fsync: acknowledge a packet only once it and its index entry are
             durable (fdatasync), so that a power cut at the relay cannot lose
@@ -668,7 +668,7 @@ class _ConsumerConnection:
         self.send_lock = trio.Lock()
         self.io_lock = trio.Lock()  # held while a worker thread writes this connection's files
         # The batches' writes and syncs: a thread of the connection's own
-        # (cheaper per batch than trio's worker threads; relayd/iothread.py).
+        # (cheaper per batch than trio's worker threads; tracewire/iothread.py).
         self.io_thread = IoThread("tw-relay-io")
         self.hostname: str | None = None
         self.sessions: dict[int, str] = {}  # session id -> real session directory

@@ -1,4 +1,4 @@
-"""relayd/iothread.py: a connection's own file-system thread."""
+"""tracewire/iothread.py: a thread of one's own for blocking work."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import trio
 import trio.testing
 
-from relayd.iothread import IoThread
+from tracewire.iothread import IoThread
 
 TIMEOUT = 30
 

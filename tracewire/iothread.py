@@ -1,14 +1,15 @@
-"""A connection's own file-system thread.
+"""A thread of one's own for blocking work, cheaper per job than trio's.
 
 The relay writes a connection's packets (and syncs them, in fsync mode) in a
-worker thread, so that a disk that stalls holds that connection only, never
-the event loop.  ``trio.to_thread.run_sync`` costs about 125 us of CPU per
+thread, so that a disk that stalls holds that connection only, never the
+event loop; consumerd compresses a session's packets in one, since zstd
+releases the GIL.  ``trio.to_thread.run_sync`` costs about 125 us of CPU per
 round trip on this project's 2-core VM (its thread cache, a limiter token,
 thread naming, a wake-up through trio's socketpair), and a busy connection
-makes about one per packet.  A thread that belongs to the connection and
-waits on a queue, answering through an eventfd the event loop waits on,
-costs about half of that (bench: docs/design.md, "Where the relay's CPU
-goes").
+or session makes about one per packet or batch.  A thread that belongs to
+the connection (or session) and waits on a queue, answering through an
+eventfd the event loop waits on, costs about half of that (docs/design.md,
+"Where the relay's CPU goes").
 
 The semantics are ``trio.to_thread.run_sync``'s with the default
 ``abandon_on_cancel=False``: the calling task waits for the job to finish
