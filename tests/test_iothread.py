@@ -104,3 +104,19 @@ def test_an_unused_thread_is_never_started() -> None:
     io.close()
     io.close()
     assert io._thread is None
+
+
+async def test_without_a_thread_to_be_had_jobs_go_to_trios_worker_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    io = IoThread("test-io")
+    with monkeypatch.context() as m:
+        m.setattr(threading.Thread, "start", refuse)
+        with trio.fail_after(TIMEOUT):
+            assert await io.run(lambda: threading.get_ident()) != threading.get_ident()
+    assert io._thread is None
+    with trio.fail_after(TIMEOUT):
+        assert await io.run(lambda: 3) == 3  # still trio's: one way per IoThread
+    assert io._thread is None
+    io.close()

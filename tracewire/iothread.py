@@ -47,6 +47,7 @@ class IoThread:
         self._thread: threading.Thread | None = None
         self._closed = False
         self._busy = False  # a job is running, or its caller has not taken the result yet
+        self._fallback = False  # no thread could be started: jobs go to trio's worker threads
 
     async def run(self, fn: Callable[[], _T]) -> _T:
         """``fn()`` in the thread; its result, or its exception raised here.
@@ -58,10 +59,18 @@ class IoThread:
             raise trio.ClosedResourceError("the connection's I/O thread is closed")
         if self._busy:
             raise trio.BusyResourceError("another task is running a job in this I/O thread")
+        if self._fallback:
+            return await trio.to_thread.run_sync(fn)
         if self._thread is None:
-            self._done = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-            self._thread = threading.Thread(target=self._work, args=(self._done,), name=self._name, daemon=True)
-            self._thread.start()
+            done = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            thread = threading.Thread(target=self._work, args=(done,), name=self._name, daemon=True)
+            try:
+                thread.start()
+            except RuntimeError:  # no thread to be had (threads-max, RLIMIT_NPROC): trio's, as before
+                os.close(done)
+                self._fallback = True
+                return await trio.to_thread.run_sync(fn)
+            self._done, self._thread = done, thread
         self._busy = True
         self._jobs.put(fn)
         try:
