@@ -451,7 +451,7 @@ class Zygote:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             proc = await trio.lowlevel.open_process(
-                [sys.executable, "-c", EXEC_ZYGOTE, str(child.fileno()), self.rundir],
+                [sys.executable, "-P", "-c", EXEC_ZYGOTE, str(child.fileno()), self.rundir],
                 pass_fds=(child.fileno(),), cwd="/")
         except OSError:
             parent.close()

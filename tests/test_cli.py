@@ -328,6 +328,23 @@ def test_cli_refuses_a_control_socket_served_by_another_user(tw: TW) -> None:
     assert out.strip() == "0"  # not one byte of the request reached it
 
 
+def test_the_sessiond_the_cli_starts_never_imports_from_the_callers_directory(tw: TW, tmp_path) -> None:
+    """``python -m`` puts the working directory first on sys.path: root
+    typing 'tracewire create' in /tmp, where anyone may make a 'sessiond'
+    package, must start the real sessiond, not run that package as root."""
+    cwd = tmp_path / "anyones"
+    (cwd / "sessiond").mkdir(parents=True)
+    ran = tmp_path / "planted-code-ran"
+    (cwd / "sessiond" / "__init__.py").write_text("")
+    (cwd / "sessiond" / "__main__.py").write_text(f"open({str(ran)!r}, 'w').close()\n")
+    r = subprocess.run([os.path.join(BIN_DIR, "tracewire"), "create", "s", "--output", str(tmp_path / "out")],
+                       cwd=cwd, env=tw.env, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    tw._note_daemon()
+    assert not ran.exists()
+    assert r.returncode == 0, r.stderr
+    assert tw.sessiond_pid() is not None
+
+
 # -- --tracefile-size / --tracefile-count (LTTng's names and rules)
 
 @pytest.mark.parametrize("extra,shown", [

@@ -222,7 +222,9 @@ class Client:
             raise CliError(f"cannot use run directory {self.rundir}: {exc.strerror}") from None
         with log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "sessiond", "--rundir", self.rundir],
+                # -P: not the working directory first on sys.path, as -m
+                # would put it (root in /tmp would run anyone's 'sessiond').
+                [sys.executable, "-P", "-m", "sessiond", "--rundir", self.rundir],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
                 env=dict(os.environ, TRACEWIRE_RUNDIR=self.rundir),
             )
