@@ -207,7 +207,11 @@ _MIN_SYNC_WAIT = 0.004
 # (seconds) for the next packets, then lets them go until packets come again.
 _KEEP_BUFFERS_QUIET = 0.1
 # Received payload buffers a connection keeps for the next packets.
-_POOL_BYTES = 1024 * 1024  # as much as one batch holds, so that a steady stream reuses every buffer
+# Twice what one batch holds: a batch's buffers and the one a payload is
+# being received into while the batch is written (with one batch's worth,
+# one payload in five at full speed got a fresh 256 KiB buffer: page
+# faults and zeroing), so that a steady stream reuses every buffer.
+_POOL_BYTES = 2 * _MAX_BATCH_BYTES
 # Largest receive low-water mark (SO_RCVLOWAT) set while a frame's payload
 # is coming: the task wakes once per this many bytes, not per TCP segment.
 _MAX_LOWAT = 1024 * 1024
