@@ -56,7 +56,7 @@ class IoThread:
             trio.ClosedResourceError: the thread was closed.
         """
         if self._closed:
-            raise trio.ClosedResourceError("the connection's I/O thread is closed")
+            raise trio.ClosedResourceError("this I/O thread is closed")
         if self._busy:
             raise trio.BusyResourceError("another task is running a job in this I/O thread")
         if self._fallback:
