@@ -796,20 +796,18 @@ class _ConsumerConnection:
         for session_id in self.live:  # still open: the target may come back, or not
             self.server.live.session_released(self.sessions[session_id], trio.current_time())
         self.live.clear()
-        try:
-            async with self.io_lock:
-                for st in self.streams.values():
-                    try:
-                        await self.server.release_stream(st)
-                    except OSError as exc:
-                        logger.error("%s: closing %s: %s", self, st.path, exc)
-                self.streams.clear()
-                fds = list(self.metadata_fds.values())
-                self.metadata_fds.clear()
-                for fd in fds:
-                    os.close(fd)
-        finally:
-            self.io_thread.close()
+        self.io_thread.close()  # no batch is written from here on (its thread ends now)
+        async with self.io_lock:
+            for st in self.streams.values():
+                try:
+                    await self.server.release_stream(st)
+                except OSError as exc:
+                    logger.error("%s: closing %s: %s", self, st.path, exc)
+            self.streams.clear()
+            fds = list(self.metadata_fds.values())
+            self.metadata_fds.clear()
+            for fd in fds:
+                os.close(fd)
 
     # -- I/O ------------------------------------------------------------------
 
