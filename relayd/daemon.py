@@ -47,6 +47,15 @@ SIGHUP do in `tracewire-relayd`).
 # at most _MAX_LOWAT), so the task wakes once per payload instead of once per
 # TCP segment; the kernel still wakes it on EOF, an error, or a receive
 # window about to close.  TLS goes through SSLStream.receive_some.
+# Packet runs (plain TCP).  Where the serve loop would wait for bytes, the
+# connection's I/O thread takes over for a run (_run_packets) while the
+# task waits for it holding the io_lock: blocking poll and readv, the same
+# decoding, ordinary packets checked, batched, written (and synced) and
+# acknowledged by the thread itself.  Anything else (another message, an
+# unusual packet, a failed or healing write, a drain, close_now, 50 ms of
+# quiet, 100 ms in all) ends the run and is handled by the task as above.
+# The run counts its packets apart (self.tally), added to the relay-wide
+# counters by the task after it.
 #   teardown    whatever the reason (EOF, Bye, protocol error, timeout,
 #               cancellation): close every stream file this connection owns
 #               (StreamFile.close flushes the index) and every metadata fd.
@@ -99,8 +108,10 @@ import errno
 import logging
 import os
 import secrets
+import select
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -215,6 +226,13 @@ _POOL_BYTES = 2 * _MAX_BATCH_BYTES
 # Largest receive low-water mark (SO_RCVLOWAT) set while a frame's payload
 # is coming: the task wakes once per this many bytes, not per TCP segment.
 _MAX_LOWAT = 1024 * 1024
+# A packet run (plain TCP): the connection's I/O thread receives, checks,
+# writes and acknowledges packets by itself, with blocking calls, until
+# something else comes (any other message, or a packet out of the ordinary),
+# nothing came for _RUN_QUIET seconds, or _RUN_MAX seconds passed; then the
+# event loop takes over again (see _ConsumerConnection._run_packets).
+_RUN_QUIET = 0.05
+_RUN_MAX = 0.1
 _T = TypeVar("_T")
 
 
@@ -253,11 +271,11 @@ class RelaydConfig:
         inline_decompress_max: packets up to this many raw bytes are
             decompressed in the event loop (~40 us per 256 KiB: cheaper than
             a thread hand-off); bigger ones in a worker thread.
-        io_threads: threads writing files at once, relay-wide (every
-            file-system call runs in one, so a stalled disk never holds the
-            event loop): each connection writes its packets in a thread of
-            its own (tracewire/iothread.py), other file work goes to trio's
-            worker threads, and this many at most work at once.
+        io_threads: file-system calls at once, relay-wide (every one runs
+            in a thread, so a stalled disk never holds the event loop): each
+            connection writes its packets in a thread of its own
+            (tracewire/iothread.py), other file work goes to trio's worker
+            threads, and this many calls at most run at once.
         fsync: acknowledge a packet only once it and its index entry are
             durable (fdatasync), so that a power cut at the relay cannot lose
             what a target has already freed.  Off here (tests and embedders
@@ -373,6 +391,13 @@ class _Write:
     frame_size: int = 0  # its frame's bytes on the wire (metrics)
 
 
+# What a batch's write gives back: (the batch, the streams it synced or
+# None, the streams whose write failed, those whose sync failed, the seconds
+# the sync took).
+_WriteResult = tuple[list[_Write], list[_OpenStream] | None, dict[_OpenStream, OSError],
+                     dict[_OpenStream, OSError], float]
+
+
 @dataclass(slots=True, eq=False)
 class _Fault:
     """One kind of write failure at the output, from its first sighting until
@@ -430,7 +455,11 @@ class RelayServer:
         self.output = output
         self.owners: dict[str, _OpenStream] = {}  # stream file path -> owner
         self.decompress_limiter = trio.CapacityLimiter(config.decompress_threads)
-        self.io_limiter = trio.CapacityLimiter(config.io_threads)
+        self.io_limiter = trio.CapacityLimiter(config.io_threads)  # trio's worker threads doing file work
+        # Taken by the thread doing it around every file-system call of the
+        # connections (a batch, a declaration's, a close): io_threads at most
+        # at once relay-wide, whichever thread does it.
+        self.io_slots = threading.BoundedSemaphore(config.io_threads)
         self.faults: dict[RetryReason, _Fault] = {}  # write failures not cleared yet
         self.retries_sent = 0  # Retry messages and Error(RETRY), relay-wide
         self._next_conn_id = 0
@@ -614,7 +643,12 @@ class RelayServer:
     async def run_io(self, fn: Callable[[], _T]) -> _T:
         """Runs file-system work in a worker thread: a disk that stalls (a
         frozen filesystem) holds that connection only, never the event loop."""
-        return await trio.to_thread.run_sync(fn, limiter=self.io_limiter)
+        return await trio.to_thread.run_sync(partial(self.in_io_slot, fn), limiter=self.io_limiter)
+
+    def in_io_slot(self, fn: Callable[[], _T]) -> _T:
+        """``fn()`` in one of the io_threads slots (called in a thread)."""
+        with self.io_slots:
+            return fn()
 
     async def handle(self, stream: trio.abc.Stream) -> None:
         """Serves one accepted connection; never raises but Cancelled."""
@@ -691,6 +725,10 @@ class _ConsumerConnection:
         self.scope = trio.CancelScope()  # the whole connection: close_now cancels it
         self.stop: tuple[ErrorCode, str] | None = None  # why close_now closed it
         self.wait_scope: trio.CancelScope | None = None  # while waiting for bytes: drain cancels it
+        self.event: Event | None = None  # what a packet run received and left to the event loop
+        self.tally: list[tuple[str, int, int, int]] = []  # a packet run's written packets, counted after it
+        self.healed: set[str] = set()  # paths a packet run wrote while the output had faults
+        self.run_failed: tuple[dict[_OpenStream, OSError], dict[_OpenStream, OSError]] | None = None
 
     def __str__(self) -> str:
         return self.name if self.hostname is None else f"{self.name} ({self.hostname})"
@@ -852,16 +890,21 @@ class _ConsumerConnection:
         if self._receive_nowait():
             await trio.lowlevel.cancel_shielded_checkpoint()
             return
-        # Wake up only once the rest of the frame part we wait for is there
-        # (or EOF, an error, a shrinking window: the kernel's own exceptions).
-        lowat = min(self.conn.bytes_needed, _MAX_LOWAT)
-        if lowat != self.lowat:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, lowat)
-            self.lowat = lowat
+        self._set_lowat()
         while True:
             await trio.lowlevel.wait_readable(self.sock)
             if self._receive_nowait():
                 return
+
+    def _set_lowat(self) -> None:
+        """Makes a wait for bytes end only once the rest of the frame part
+        the core waits for is there (or EOF, an error, a shrinking window:
+        the kernel's own exceptions): SO_RCVLOWAT (plain TCP)."""
+        assert self.sock is not None
+        lowat = min(self.conn.bytes_needed, _MAX_LOWAT)
+        if lowat != self.lowat:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, lowat)
+            self.lowat = lowat
 
     def _receive_nowait(self) -> bool:
         """Reads the bytes already there, if any, without waiting (plain TCP only).
@@ -969,7 +1012,7 @@ class _ConsumerConnection:
     async def _serve(self) -> None:
         """Handles frames until the peer closes, says Bye or Error."""
         while True:
-            while (event := self.conn.next_event()) is not None:
+            while (event := self._next_event()) is not None:
                 if isinstance(event, ConnectionClosed):
                     # The state is now CLOSED: no more acks; the teardown
                     # closes the files (unacknowledged packets are resent).
@@ -998,7 +1041,198 @@ class _ConsumerConnection:
             if self.server.draining:
                 await self._finish_drain()
                 return
+            if self.sock is not None and self.stop is None and await self._packet_run():
+                continue
             await self._receive_more()
+
+    def _next_event(self) -> Event | None:
+        """The message a packet run left, else the next one received, or None."""
+        event, self.event = self.event, None
+        return event if event is not None else self.conn.next_event()
+
+    # -- packet runs (plain TCP) ----------------------------------------------
+
+    async def _packet_run(self) -> bool:
+        """Lets the connection's I/O thread receive, check, write and
+        acknowledge packets by itself for a while (_run_packets), then takes
+        note of what it did: the counters, the writes that healed a fault,
+        a write that failed.
+
+        Returns:
+            Whether the event loop has work at once (something came, or
+            what the run wrote is still to acknowledge); False: the run
+            acknowledged everything and ended because nothing came (the
+            event loop then waits for bytes itself).
+
+        Raises:
+            What the run raised (see _run_packets).
+        """
+        sync_left = None if self.sync_due is None else self.sync_due - trio.current_time()
+        try:
+            async with self.io_lock:
+                came, sync_left, failed = await self.io_thread.run(partial(self._run_packets, sync_left))
+        finally:
+            counters = self.server.counters
+            for rel, raw_bytes, wire_bytes, discarded in self.tally:
+                counters.written(rel, raw_bytes, wire_bytes, discarded)
+            self.tally.clear()
+            if self.server.faults:
+                for path in self.healed:
+                    self.server.written(path)
+            self.healed.clear()
+        self.sync_due = None if sync_left is None else trio.current_time() + sync_left
+        if failed is not None:
+            self._failed(failed[0])
+            self._failed(failed[1])
+        return came
+
+    def _run_packets(self, sync_left: float | None) -> tuple[
+            bool, float | None, tuple[dict[_OpenStream, OSError], dict[_OpenStream, OSError]] | None]:
+        """A packet run, in the connection's I/O thread while the event loop
+        waits for it holding the io_lock: the serve loop's work for ordinary
+        packets, with blocking calls and no round through the event loop per
+        batch.  It ends when something else comes (any other message, or a
+        packet _run_packet leaves: it is kept in self.event for the event
+        loop), when a write fails, when the connection is to stop or the
+        relay drains, when nothing came for _RUN_QUIET seconds, or after
+        _RUN_MAX seconds (a takeover of one of its streams waits for the
+        io_lock that long at most).  Its clock is time.monotonic (trio's is
+        the event loop's): `sync_left` and the second value returned are the
+        seconds before the next sync is due (fsync mode), None if none is.
+
+        Returns:
+            (whether the event loop has work at once: see _packet_run, the
+            seconds left before the next sync,
+            the streams whose write failed and those whose sync failed if a
+            write failed, else None).
+
+        Raises:
+            RemoteProtocolError: the peer broke the protocol.
+            trio.BrokenResourceError: the connection broke.
+            trio.TooSlowError: the peer did not read an Ack for idle_timeout.
+        """
+        start = time.monotonic()
+        self.sync_due = None if sync_left is None else start + sync_left
+        try:
+            came, failed = self._run_loop(start)
+        finally:
+            sync_due, self.sync_due = self.sync_due, None
+        return came, None if sync_due is None else sync_due - time.monotonic(), failed
+
+    def _run_loop(self, start: float) -> tuple[
+            bool, tuple[dict[_OpenStream, OSError], dict[_OpenStream, OSError]] | None]:
+        """_run_packets' loop (self.sync_due on time.monotonic's clock)."""
+        assert self.sock is not None
+        fsync = self.config.fsync
+        last = start  # when bytes last came
+        poller = select.poll()
+        poller.register(self.sock.fileno(), select.POLLIN)
+        came = False
+        while True:
+            while (event := self.conn.next_event()) is not None:
+                came = True
+                if not isinstance(event, Packet) or not self._run_packet(event):
+                    self.event = event
+                    return came, None
+                if self.batch_bytes >= _MAX_BATCH_BYTES and self._run_write(sync=False):
+                    return True, self.run_failed
+            if self.batch and len(self.batch) < _MAX_BATCH_PACKETS \
+                    and self.batch_bytes < _MAX_BATCH_BYTES and self._receive_nowait():
+                came = True
+                continue
+            now = time.monotonic()
+            if fsync:  # written and synced once the sync is due
+                due = (self.unsynced or self.batch) and self.sync_due is not None and now >= self.sync_due
+                if due and self._run_write(sync=True):
+                    return True, self.run_failed
+            elif self._run_write(sync=False):
+                return True, self.run_failed
+            self._send_now(self._acks())
+            if self.stop is not None or self.server.draining or now >= start + _RUN_MAX:
+                return came, None
+            if self._receive_nowait():
+                came, last = True, now
+                continue
+            wait = last + _RUN_QUIET - now
+            if self.sync_due is not None:
+                wait = min(wait, self.sync_due - now)
+            if wait > 0:
+                self._set_lowat()
+                if poller.poll(max(1, round(wait * 1000))) and self._receive_nowait():
+                    came, last = True, time.monotonic()
+                    continue
+            if time.monotonic() - last >= _RUN_QUIET:
+                return came, None  # quiet: the event loop waits from here
+
+    def _run_packet(self, msg: Packet) -> bool:
+        """Takes a packet in a packet run if it is an ordinary one: the next
+        of a stream this connection holds, not blocked by a Retry,
+        decompressed here.  Anything else (a resend, a gap, a stream taken
+        over, a packet to decompress in a worker thread, one that fails to
+        decompress) is left to the event loop's _on_packet, which handles
+        and counts it.
+
+        Raises:
+            RemoteProtocolError: (PROTOCOL) a bad CTF header (_accept).
+        """
+        st = self.streams.get(msg.stream_id)
+        if st is None or st.file is None or st.blocked_at is not None or msg.seq != st.expect \
+                or (msg.codec is Codec.ZSTD and msg.raw_len > self.config.inline_decompress_max):
+            return False
+        try:
+            raw = decompress_packet(msg.data, msg.codec, msg.raw_len, self.config.max_raw_packet,
+                                    decompressor=self.decompressor)
+        except RemoteProtocolError:
+            return False
+        self._accept(st, raw, msg, self.conn.last_frame_size, time.monotonic())
+        return True
+
+    def _run_write(self, sync: bool) -> bool:
+        """A packet run writes its batch (and syncs, with `sync`).
+
+        Returns:
+            Whether the run is to end, leaving the event loop to handle
+            what happened before anything is acknowledged: a write failed
+            (self.run_failed: the streams whose write failed, those whose
+            sync failed), or one healed a fault of the output (self.healed).
+        """
+        if not self.batch and not (sync and self.unsynced):
+            return False
+        failed, sync_failed = self._written(self._take_batch(sync)(), self.tally)
+        self.run_failed = (failed, sync_failed) if failed or sync_failed else None
+        return self.run_failed is not None or bool(self.healed)
+
+    def _send_now(self, msgs: list[Message]) -> None:
+        """Sends `msgs` from a packet run's thread: a blocking send, bounded
+        by idle_timeout.
+
+        Raises:
+            trio.TooSlowError: the peer did not read for idle_timeout.
+            trio.BrokenResourceError: the connection broke.
+        """
+        if not msgs:
+            return
+        assert self.sock is not None
+        fd = self.sock.fileno()
+        try:
+            view = memoryview(b"".join([part for msg in msgs for part in self.conn.send_parts(msg)]))
+            deadline = None
+            while view:
+                try:
+                    view = view[os.write(fd, view):]
+                except BlockingIOError:
+                    now = time.monotonic()
+                    deadline = deadline or now + self.config.idle_timeout
+                    if now >= deadline:
+                        raise trio.TooSlowError from None
+                    poller = select.poll()
+                    poller.register(fd, select.POLLOUT)
+                    poller.poll(max(1, round((deadline - now) * 1000)))
+                except OSError as exc:
+                    raise trio.BrokenResourceError(f"send failed: {_strerror(exc)}") from exc
+        except BaseException:
+            self.conn.send_failed()
+            raise
 
     async def _receive_more(self) -> None:
         """Waits for bytes, bounded by idle_timeout; in fsync mode, syncs
@@ -1074,21 +1308,49 @@ class _ConsumerConnection:
         await self._acknowledge(sync=True)
 
     async def _write_batch(self, *, sync: bool = False) -> None:
-        """Writes the batched packets in a worker thread; with `sync` (fsync
-        mode) the same call then makes every stream written since the last
-        sync durable.  A stream whose write or sync fails with an error that
-        can heal is cut back and asked to resend."""
+        """Writes the batched packets in the connection's I/O thread; with
+        `sync` (fsync mode) the same call then makes every stream written
+        since the last sync durable.  A stream whose write or sync fails with
+        an error that can heal is cut back and asked to resend."""
         if not self.batch and not (sync and self.unsynced):
             return
+        job = self._take_batch(sync)
+        async with self.io_lock:
+            result = await self.io_thread.run(job)
+        failed, sync_failed = self._written(result, None)
+        self._failed(failed)
+        self._failed(sync_failed)
+
+    def _take_batch(self, sync: bool) -> Callable[[], _WriteResult]:
+        """Takes the batch (and, with `sync`, the streams to make durable)
+        for one call of _write_packets, returned ready to run in a thread."""
         batch, self.batch, self.batch_bytes = self.batch, [], 0
         index = not self.config.fsync  # fsync mode: index entries only after the data is durable
         to_sync: list[_OpenStream] | None = None
         if sync:
             to_sync, self.unsynced, self.sync_due = list(self.unsynced.values()), {}, None
-        async with self.io_lock, self.server.io_limiter:
-            failed, sync_failed, sync_seconds = await self.io_thread.run(
-                partial(_write_packets, batch, index, to_sync, self.config.fdatasync))
-        if sync:
+        slots, fdatasync = self.server.io_slots, self.config.fdatasync
+
+        def job() -> _WriteResult:
+            with slots:
+                failed, sync_failed, seconds = _write_packets(batch, index, to_sync, fdatasync)
+            return batch, to_sync, failed, sync_failed, seconds
+
+        return job
+
+    def _written(self, result: _WriteResult, tally: list[tuple[str, int, int, int]] | None) -> tuple[
+            dict[_OpenStream, OSError], dict[_OpenStream, OSError]]:
+        """Takes note of a batch written by _write_packets: counters (into
+        `tally` in a packet run, counted by the event loop after it), buffers
+        back to the pool, the live viewers' index, what to acknowledge and
+        what to sync.
+
+        Returns:
+            The streams whose write failed and those whose sync failed, with
+            their errors (for _failed).
+        """
+        batch, to_sync, failed, sync_failed, sync_seconds = result
+        if to_sync is not None:
             self.sync_cost = sync_seconds
         counters = self.server.counters
         for w in batch:
@@ -1097,27 +1359,34 @@ class _ConsumerConnection:
             # keeps a takeover from happening during it).
             file = w.st.file
             if file is not None and w.msg.seq < file.next_seq:
-                counters.written(w.st.rel, w.msg.raw_len, w.frame_size, w.msg.events_discarded)
+                if tally is None:
+                    counters.written(w.st.rel, w.msg.raw_len, w.frame_size, w.msg.events_discarded)
+                else:
+                    tally.append((w.st.rel, w.msg.raw_len, w.frame_size, w.msg.events_discarded))
             self.conn.recycle(w.msg.data)
         streams = [st for st in {id(w.st): w.st for w in batch}.values() if st.file is not None]
         if self.server.live.sessions:
+            # From a packet run's thread too: LiveRegistry.indexed only
+            # raises one stream's count, and only its owner calls it.
             for st in streams + (to_sync or []):
                 if isinstance(st.file, StreamFile):
                     self.server.live.indexed(st.path, _index_entries(st.file))
         for st in streams:
             self.to_ack[st.decl.stream_id] = st
-            if self.config.fsync and not sync:
+            if self.config.fsync and to_sync is None:
                 self.unsynced[st.decl.stream_id] = st
         if not self.unsynced:
             # Nothing left to sync (the batch's streams may all have been
             # taken over meanwhile): no sync is due, or _receive_more would spin.
             self.sync_due = None
-        self._failed(failed)
-        self._failed(sync_failed)
         if self.server.faults:
             for st in streams:
                 if st not in failed and st not in sync_failed:
-                    self.server.written(st.path)
+                    if tally is None:
+                        self.server.written(st.path)
+                    else:
+                        self.healed.add(st.path)
+        return failed, sync_failed
 
     def _failed(self, failed: Mapping[_OpenStream, OSError]) -> None:
         """Streams whose files were cut back after `exc`: a Retry each, or
@@ -1142,6 +1411,13 @@ class _ConsumerConnection:
         if self.config.fsync and (self.unsynced or self.batch) \
                 and (sync or trio.current_time() >= (self.sync_due or 0)):
             await self._write_batch(sync=True)
+        for msg in self._acks():
+            await self._send(msg)
+
+    def _acks(self) -> list[Message]:
+        """The Acks due (one per stream that got packets: in fsync mode for
+        what an fdatasync covers), then the Retries."""
+        msgs: list[Message] = []
         pending, self.to_ack = self.to_ack, {}
         for stream_id, st in pending.items():
             if st.file is None:
@@ -1154,10 +1430,10 @@ class _ConsumerConnection:
                 seq = st.file.indexed_seq
             if seq > st.acked:
                 st.acked = seq
-                await self._send(Ack(stream_id, seq))
+                msgs.append(Ack(stream_id, seq))
         retries, self.retries = self.retries, {}
-        for msg in retries.values():
-            await self._send(msg)
+        msgs += retries.values()
+        return msgs
 
     def _stream(self, stream_id: int) -> _OpenStream:
         """The open stream `stream_id`, if this connection still owns its file.
@@ -1300,6 +1576,18 @@ class _ConsumerConnection:
             raise
         if threaded:
             st = self._stream(msg.stream_id)  # it may have been taken over meanwhile
+        self._accept(st, raw, msg, frame_size, trio.current_time())
+        if self.batch_bytes >= _MAX_BATCH_BYTES:
+            await self._write_batch()
+
+    def _accept(self, st: _OpenStream, raw: Buffer, msg: Packet, frame_size: int, now: float) -> None:
+        """Checks a decoded packet's CTF header and adds it to the batch; in
+        fsync mode a sync is due from `now` on (the caller's clock).
+
+        Raises:
+            RemoteProtocolError: (PROTOCOL) the header is malformed, or
+                disagrees with the message or the stream's earlier packets.
+        """
         ctf_stream_id = _check_packet(raw, msg)
         if st.ctf_stream_id is None:
             st.ctf_stream_id = ctf_stream_id
@@ -1313,9 +1601,7 @@ class _ConsumerConnection:
         self.batch_bytes += len(raw)
         if self.config.fsync and self.sync_due is None:
             wait = min(self.config.fsync_interval, max(_MIN_SYNC_WAIT, _SYNC_WAIT_FACTOR * self.sync_cost))
-            self.sync_due = trio.current_time() + wait
-        if self.batch_bytes >= _MAX_BATCH_BYTES:
-            await self._write_batch()
+            self.sync_due = now + wait
 
 
 # -- file-system work, run in worker threads ---------------------------------

@@ -21,6 +21,7 @@ import ssl
 import struct
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -30,6 +31,7 @@ from pathlib import Path
 import cbor2
 import pytest
 import trio
+import trio.testing
 import trustme
 import zstandard
 from click.testing import CliRunner
@@ -422,6 +424,87 @@ async def test_stream_taken_over_by_new_connection(tmp_path: Path) -> None:
             await new.wait_ack(1, 3)
             await new.bye()
         assert event_seqs(out) == expected_seqs(range(4))
+
+
+@pytest.mark.parametrize("fsync", [False, True])
+async def test_stream_taken_over_while_its_owner_streams(tmp_path: Path, fsync: bool) -> None:
+    """A new connection takes a stream over while the old one still sends
+    packets as fast as it can (the old connection's I/O thread is then in a
+    packet run, which holds the stream's writer): the takeover waits for the
+    write under way, the old connection's next packet is refused, and the
+    file holds every packet once, in order."""
+    with trio.fail_after(TIMEOUT):
+        out = tmp_path / "out"
+        t = Trace("host-a")
+        async with running_relay(out, fsync=fsync, fsync_interval=0.01) as port:
+            old = await Client.connect(port)
+            await old.handshake(t.host)
+            await old.open_stream(t)
+
+            async def stream_on() -> None:
+                n = 0
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    while True:
+                        await old.send(packet_msg(1, n, t.packet(n), compress=False))
+                        n += 1
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(stream_on)
+                await old.wait_ack(1, 50)
+                new = await Client.connect(port)
+                await new.handshake(t.host)
+                await new.open_stream(t)
+                taken = await new.stream_state(1)
+                assert taken > 50
+                assert (await old.expect_error()).code == ErrorCode.BAD_STATE
+            for n in range(taken, taken + 5):
+                await new.send(packet_msg(1, n, t.packet(n)))
+            await new.wait_ack(1, taken + 4)
+            await new.bye()
+        assert event_seqs(out) == expected_seqs(range(taken + 5))
+
+
+async def test_takeover_waits_for_the_sync_a_packet_run_is_in(tmp_path: Path) -> None:
+    """fsync mode: the old owner's I/O thread is stuck in the fdatasync of a
+    packet run when a new connection takes the stream over.  The takeover
+    waits for it (the stream's writer is held during the whole run), so the
+    packet that sync makes durable is the new owner's starting point, and
+    the file holds every packet once."""
+    stuck, release = threading.Event(), threading.Event()
+    hold: list[bool] = [False]
+
+    def fdatasync(fd: int) -> None:
+        if hold[0]:
+            hold[0] = False
+            stuck.set()
+            release.wait(TIMEOUT)
+
+    with trio.fail_after(TIMEOUT):
+        out = tmp_path / "out"
+        t = Trace("host-a")
+        async with running_relay(out, fsync=True, fsync_interval=0.01, fdatasync=fdatasync) as port:
+            old = await Client.connect(port)
+            await old.handshake(t.host)
+            await old.open_stream(t)
+            for n in range(3):
+                await old.send(packet_msg(1, n, t.packet(n), compress=False))
+            await old.wait_ack(1, 2)
+            hold[0] = True
+            await old.send(packet_msg(1, 3, t.packet(3), compress=False))
+            await trio.to_thread.run_sync(stuck.wait, TIMEOUT)
+            new = await Client.connect(port)
+            await new.handshake(t.host)
+            await new.open_stream(t)
+            await new.send(StreamStateRequest(1))
+            await trio.testing.wait_all_tasks_blocked(cushion=0.05)  # the takeover is under way: it waits
+            release.set()
+            event = await new.recv_data()
+            assert isinstance(event, StreamState) and event.next_seq == 4, event
+            await new.send(packet_msg(1, 4, t.packet(4)))
+            await new.wait_ack(1, 4)
+            await new.bye()
+            await old.aclose()
+        assert event_seqs(out) == expected_seqs(range(5))
 
 
 async def test_tls(tmp_path: Path) -> None:
