@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import ipaddress
 import logging
 import resource
@@ -176,6 +177,12 @@ def run(config: RelaydConfig, paths: ReloadPaths = ReloadPaths()) -> int:
         start (the reason is printed as one line on stderr).
     """
     failure: RelaydStartupError | None = None
+    # Everything imported so far lives as long as the process: out of the
+    # collector's sight, a collection no longer walks it (it walked trio and
+    # the rest every few hundred packets: ~10 % of the relay's CPU at full
+    # speed; docs/design.md, "Where the relay's CPU goes").
+    gc.collect()
+    gc.freeze()
     try:
         trio.run(_serve, config, paths)
     except* RelaydStartupError as group:
