@@ -701,6 +701,7 @@ class _ConsumerConnection:
         # Plain TCP: bytes are received straight into the protocol core's
         # buffers (recv_into); TLS goes through receive_some.
         self.sock = stream.socket if isinstance(stream, trio.SocketStream) else None
+        self.fd = -1 if self.sock is None else self.sock.fileno()  # (trio's fileno() is a Python call)
         self.lowat = 1  # the socket's SO_RCVLOWAT
         self.decompressor = new_decompressor(cfg.max_raw_packet)  # packets decompressed in the event loop
         self.send_lock = trio.Lock()
@@ -919,7 +920,7 @@ class _ConsumerConnection:
             return False
         buf = self.conn.receive_buffer()
         try:
-            n = os.readv(self.sock.fileno(), [buf])  # the socket is non-blocking
+            n = os.readv(self.fd, [buf])  # the socket is non-blocking
         except BlockingIOError:
             return False
         except OSError as exc:
@@ -1126,7 +1127,7 @@ class _ConsumerConnection:
         fsync = self.config.fsync
         last = start  # when bytes last came
         poller = select.poll()
-        poller.register(self.sock.fileno(), select.POLLIN)
+        poller.register(self.fd, select.POLLIN)
         came = False
         while True:
             while (event := self.conn.next_event()) is not None:
@@ -1212,8 +1213,7 @@ class _ConsumerConnection:
         """
         if not msgs:
             return
-        assert self.sock is not None
-        fd = self.sock.fileno()
+        fd = self.fd
         try:
             view = memoryview(b"".join([part for msg in msgs for part in self.conn.send_parts(msg)]))
             deadline = None
