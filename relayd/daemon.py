@@ -54,8 +54,8 @@ SIGHUP do in `tracewire-relayd`).
 # acknowledged by the thread itself.  Anything else (another message, an
 # unusual packet, a failed or healing write, a drain, close_now, 50 ms of
 # quiet, 100 ms in all) ends the run and is handled by the task as above.
-# The run counts its packets apart (self.tally), added to the relay-wide
-# counters by the task after it.
+# The run counts what it writes in the stream's own counters (only the
+# stream's owner writes them) before acknowledging it, as the task does.
 #   teardown    whatever the reason (EOF, Bye, protocol error, timeout,
 #               cancellation): close every stream file this connection owns
 #               (StreamFile.close flushes the index) and every metadata fd.
@@ -727,7 +727,6 @@ class _ConsumerConnection:
         self.stop: tuple[ErrorCode, str] | None = None  # why close_now closed it
         self.wait_scope: trio.CancelScope | None = None  # while waiting for bytes: drain cancels it
         self.event: Event | None = None  # what a packet run received and left to the event loop
-        self.tally: list[tuple[str, int, int, int]] = []  # a packet run's written packets, counted after it
         self.healed: set[str] = set()  # paths a packet run wrote while the output had faults
         self.run_failed: tuple[dict[_OpenStream, OSError], dict[_OpenStream, OSError]] | None = None
 
@@ -1056,8 +1055,8 @@ class _ConsumerConnection:
     async def _packet_run(self) -> bool:
         """Lets the connection's I/O thread receive, check, write and
         acknowledge packets by itself for a while (_run_packets), then takes
-        note of what it did: the counters, the writes that healed a fault,
-        a write that failed.
+        note of what it did: the writes that healed a fault, a write that
+        failed.
 
         Returns:
             Whether the event loop has work at once (something came, or
@@ -1073,10 +1072,6 @@ class _ConsumerConnection:
             async with self.io_lock:
                 came, sync_left, failed = await self.io_thread.run(partial(self._run_packets, sync_left))
         finally:
-            counters = self.server.counters
-            for rel, raw_bytes, wire_bytes, discarded in self.tally:
-                counters.written(rel, raw_bytes, wire_bytes, discarded)
-            self.tally.clear()
             if self.server.faults:
                 for path in self.healed:
                     self.server.written(path)
@@ -1199,7 +1194,7 @@ class _ConsumerConnection:
         """
         if not self.batch and not (sync and self.unsynced):
             return False
-        failed, sync_failed = self._written(self._take_batch(sync)(), self.tally)
+        failed, sync_failed = self._written(self._take_batch(sync)(), in_run=True)
         self.run_failed = (failed, sync_failed) if failed or sync_failed else None
         return self.run_failed is not None or bool(self.healed)
 
@@ -1317,7 +1312,7 @@ class _ConsumerConnection:
         job = self._take_batch(sync)
         async with self.io_lock:
             result = await self.io_thread.run(job)
-        failed, sync_failed = self._written(result, None)
+        failed, sync_failed = self._written(result)
         self._failed(failed)
         self._failed(sync_failed)
 
@@ -1338,12 +1333,12 @@ class _ConsumerConnection:
 
         return job
 
-    def _written(self, result: _WriteResult, tally: list[tuple[str, int, int, int]] | None) -> tuple[
+    def _written(self, result: _WriteResult, *, in_run: bool = False) -> tuple[
             dict[_OpenStream, OSError], dict[_OpenStream, OSError]]:
-        """Takes note of a batch written by _write_packets: counters (into
-        `tally` in a packet run, counted by the event loop after it), buffers
+        """Takes note of a batch written by _write_packets: counters, buffers
         back to the pool, the live viewers' index, what to acknowledge and
-        what to sync.
+        what to sync.  `in_run`: called in a packet run's thread (a fault
+        the batch healed is then left to the event loop: self.healed).
 
         Returns:
             The streams whose write failed and those whose sync failed, with
@@ -1358,11 +1353,11 @@ class _ConsumerConnection:
             # taken over before the write was not written: the io_lock
             # keeps a takeover from happening during it).
             file = w.st.file
+            # (From a packet run's thread too: the stream's counts exist
+            # from its StreamDecl to its close, and only its owner, which
+            # holds the io_lock, adds to them.)
             if file is not None and w.msg.seq < file.next_seq:
-                if tally is None:
-                    counters.written(w.st.rel, w.msg.raw_len, w.frame_size, w.msg.events_discarded)
-                else:
-                    tally.append((w.st.rel, w.msg.raw_len, w.frame_size, w.msg.events_discarded))
+                counters.written(w.st.rel, w.msg.raw_len, w.frame_size, w.msg.events_discarded)
             self.conn.recycle(w.msg.data)
         streams = [st for st in {id(w.st): w.st for w in batch}.values() if st.file is not None]
         if self.server.live.sessions:
@@ -1382,10 +1377,10 @@ class _ConsumerConnection:
         if self.server.faults:
             for st in streams:
                 if st not in failed and st not in sync_failed:
-                    if tally is None:
-                        self.server.written(st.path)
-                    else:
+                    if in_run:
                         self.healed.add(st.path)
+                    else:
+                        self.server.written(st.path)
         return failed, sync_failed
 
     def _failed(self, failed: Mapping[_OpenStream, OSError]) -> None:
