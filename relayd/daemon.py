@@ -1150,7 +1150,7 @@ class _ConsumerConnection:
                 came, last = True, now
                 continue
             wait = last + _RUN_QUIET - now
-            if self.sync_due is not None:
+            if self.sync_due is not None and (self.unsynced or self.batch):
                 wait = min(wait, self.sync_due - now)
             if wait > 0:
                 self._set_lowat()
