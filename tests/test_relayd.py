@@ -426,6 +426,17 @@ async def test_stream_taken_over_by_new_connection(tmp_path: Path) -> None:
         assert event_seqs(out) == expected_seqs(range(4))
 
 
+async def _send_until_closed(c: Client, trace: Trace) -> None:
+    """Sends stream 1's packets 0, 1, 2... as fast as the relay takes them,
+    until it closes the connection (its Error may fail the client's core
+    before the socket does)."""
+    n = 0
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, wire.LocalProtocolError):
+        while True:
+            await c.send(packet_msg(1, n, trace.packet(n), compress=False))
+            n += 1
+
+
 @pytest.mark.parametrize("fsync", [False, True])
 async def test_stream_taken_over_while_its_owner_streams(tmp_path: Path, fsync: bool) -> None:
     """A new connection takes a stream over while the old one still sends
@@ -437,24 +448,11 @@ async def test_stream_taken_over_while_its_owner_streams(tmp_path: Path, fsync: 
         out = tmp_path / "out"
         t = Trace("host-a")
         async with running_relay(out, fsync=fsync, fsync_interval=0.01) as port:
-            old = await Client.connect(port)
-            await old.handshake(t.host)
-            await old.open_stream(t)
-
-            async def stream_on() -> None:
-                n = 0
-                # (the relay closes the connection under it; its Error may come first)
-                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, wire.LocalProtocolError):
-                    while True:
-                        await old.send(packet_msg(1, n, t.packet(n), compress=False))
-                        n += 1
-
+            old = await _established(port, t.host, t)
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(stream_on)
+                nursery.start_soon(_send_until_closed, old, t)
                 await old.wait_ack(1, 50)
-                new = await Client.connect(port)
-                await new.handshake(t.host)
-                await new.open_stream(t)
+                new = await _established(port, t.host, t)
                 taken = await new.stream_state(1)
                 assert taken > 50
                 error = await old.recv_data()  # (not expect_error: the sender may fail the client's core first)
@@ -521,19 +519,8 @@ async def test_drain_while_a_consumer_streams(tmp_path: Path) -> None:
         config = RelaydConfig(output=str(out), listen_host="127.0.0.1", listen_port=0)
         async with trio.open_nursery() as nursery:
             listeners = await nursery.start(serve_relayd, config)
-            c = await Client.connect(listeners[0].socket.getsockname()[1])
-            await c.handshake(t.host)
-            await c.open_stream(t)
-
-            async def stream_on() -> None:
-                n = 0
-                # (the relay closes the connection under it; its Error may come first)
-                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, wire.LocalProtocolError):
-                    while True:
-                        await c.send(packet_msg(1, n, t.packet(n), compress=False))
-                        n += 1
-
-            nursery.start_soon(stream_on)
+            c = await _established(listeners[0].socket.getsockname()[1], t.host, t)
+            nursery.start_soon(_send_until_closed, c, t)
             await c.wait_ack(1, 50)
             listeners.server.request_drain()
             error = await c.recv_data()
