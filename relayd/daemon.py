@@ -729,6 +729,7 @@ class _ConsumerConnection:
         self.event: Event | None = None  # what a packet run received and left to the event loop
         self.healed: set[str] = set()  # paths a packet run wrote while the output had faults
         self.run_failed: tuple[dict[_OpenStream, OSError], dict[_OpenStream, OSError]] | None = None
+        self.unsent = b""  # what a packet run's Acks left in a full socket: sent by the event loop next
 
     def __str__(self) -> str:
         return self.name if self.hostname is None else f"{self.name} ({self.hostname})"
@@ -858,6 +859,17 @@ class _ConsumerConnection:
                 with trio.fail_after(self.config.idle_timeout):
                     for part in parts:
                         await self.stream.send_all(part)
+            except BaseException:
+                self.conn.send_failed()
+                raise
+
+    async def _send_bytes(self, data: bytes) -> None:
+        """Sends the rest of frames a packet run began (self.unsent), as _send
+        sends a message."""
+        async with self.send_lock:
+            try:
+                with trio.fail_after(self.config.idle_timeout):
+                    await self.stream.send_all(data)
             except BaseException:
                 self.conn.send_failed()
                 raise
@@ -1059,8 +1071,9 @@ class _ConsumerConnection:
         failed.
 
         Returns:
-            Whether the event loop has work at once (something came, or
-            what the run wrote is still to acknowledge); False: the run
+            Whether the event loop has work at once (something came, what
+            the run wrote is still to acknowledge, or its Acks are still to
+            send); False: the run
             acknowledged everything and ended because nothing came (the
             event loop then waits for bytes itself).
 
@@ -1077,6 +1090,9 @@ class _ConsumerConnection:
                     self.server.written(path)
             self.healed.clear()
         self.sync_due = None if sync_left is None else trio.current_time() + sync_left
+        if self.unsent:
+            data, self.unsent = self.unsent, b""
+            await self._send_bytes(data)
         if failed is not None:
             self._failed(failed[0])
             self._failed(failed[1])
@@ -1105,7 +1121,6 @@ class _ConsumerConnection:
         Raises:
             RemoteProtocolError: the peer broke the protocol.
             trio.BrokenResourceError: the connection broke.
-            trio.TooSlowError: the peer did not read an Ack for idle_timeout.
         """
         start = time.monotonic()
         self.sync_due = None if sync_left is None else start + sync_left
@@ -1143,7 +1158,8 @@ class _ConsumerConnection:
                     return True, self.run_failed
             elif self._run_write(sync=False):
                 return True, self.run_failed
-            self._send_now(self._acks())
+            if not self._send_now(self._acks()):
+                return True, None  # the socket is full: the event loop sends the rest (self.unsent)
             if self.stop is not None or self.server.draining or now >= start + _RUN_MAX:
                 return came, None
             if self._receive_nowait():
@@ -1198,36 +1214,35 @@ class _ConsumerConnection:
         self.run_failed = (failed, sync_failed) if failed or sync_failed else None
         return self.run_failed is not None or bool(self.healed)
 
-    def _send_now(self, msgs: list[Message]) -> None:
-        """Sends `msgs` from a packet run's thread: a blocking send, bounded
-        by idle_timeout.
+    def _send_now(self, msgs: list[Message]) -> bool:
+        """Sends `msgs` from a packet run's thread, as much as the socket
+        takes now.  What it does not take is kept in self.unsent for the
+        event loop (_packet_run), whose send is bounded by idle_timeout and
+        can be cancelled (a drain's deadline, a second SIGTERM): a peer that
+        does not read never holds the thread.
+
+        Returns:
+            Whether everything was sent.
 
         Raises:
-            trio.TooSlowError: the peer did not read for idle_timeout.
             trio.BrokenResourceError: the connection broke.
         """
         if not msgs:
-            return
-        fd = self.fd
+            return True
         try:
             view = memoryview(b"".join([part for msg in msgs for part in self.conn.send_parts(msg)]))
-            deadline = None
             while view:
-                try:
-                    view = view[os.write(fd, view):]
-                except BlockingIOError:
-                    now = time.monotonic()
-                    deadline = deadline or now + self.config.idle_timeout
-                    if now >= deadline:
-                        raise trio.TooSlowError from None
-                    poller = select.poll()
-                    poller.register(fd, select.POLLOUT)
-                    poller.poll(max(1, round((deadline - now) * 1000)))
-                except OSError as exc:
-                    raise trio.BrokenResourceError(f"send failed: {_strerror(exc)}") from exc
+                view = view[os.write(self.fd, view):]
+        except BlockingIOError:
+            self.unsent = bytes(view)
+            return False
+        except OSError as exc:
+            self.conn.send_failed()
+            raise trio.BrokenResourceError(f"send failed: {_strerror(exc)}") from exc
         except BaseException:
             self.conn.send_failed()
             raise
+        return True
 
     async def _receive_more(self) -> None:
         """Waits for bytes, bounded by idle_timeout; in fsync mode, syncs

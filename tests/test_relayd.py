@@ -530,6 +530,31 @@ async def test_drain_while_a_consumer_streams(tmp_path: Path) -> None:
         assert event_seqs(out) == expected_seqs(range(c.acks[1] + 1))
 
 
+async def test_a_consumer_that_reads_no_acks_does_not_hold_the_relays_shutdown(tmp_path: Path) -> None:
+    """A consumer sends packets and never reads the relay's Acks.  Once its
+    socket is full, a packet run leaves the rest of its Acks to the event
+    loop, whose send can be cancelled: cancelling the relay (a second
+    SIGTERM, the end of a drain's time) ends it at once, not after
+    idle_timeout (here far longer than the test's own limit)."""
+    with trio.fail_after(TIMEOUT):
+        out = tmp_path / "out"
+        t = Trace("host-a")
+        async with trio.open_nursery() as nursery:
+            async with running_relay(out, idle_timeout=10 * TIMEOUT) as port:
+                sock = trio.socket.socket()
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+                await sock.connect(("127.0.0.1", port))
+                c = Client(trio.SocketStream(sock))
+                assert isinstance(await c.handshake(t.host), Welcome)
+                await c.open_stream(t)
+                nursery.start_soon(_send_until_closed, c, t)  # and never reads
+                # Both sides stuck: the consumer in its send, the relay in its Acks'.
+                await trio.testing.wait_all_tasks_blocked(cushion=0.2)
+            nursery.cancel_scope.cancel()
+        await c.aclose()
+        assert event_seqs(out)  # packets went through before it stuck
+
+
 async def test_tls(tmp_path: Path) -> None:
     with trio.fail_after(TIMEOUT):
         ca = trustme.CA()
