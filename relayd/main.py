@@ -178,9 +178,9 @@ def run(config: RelaydConfig, paths: ReloadPaths = ReloadPaths()) -> int:
     """
     failure: RelaydStartupError | None = None
     # Everything imported so far lives as long as the process: out of the
-    # collector's sight, a collection no longer walks it (it walked trio and
-    # the rest every few hundred packets: ~10 % of the relay's CPU at full
-    # speed; docs/design.md, "Where the relay's CPU goes").
+    # collector's sight, a full collection no longer walks it (walking trio
+    # and the rest was 10-13 % of the relay's CPU samples at full speed;
+    # docs/design.md, "Where the relay's CPU goes").
     gc.collect()
     gc.freeze()
     try:
