@@ -728,7 +728,6 @@ class _ConsumerConnection:
         self.wait_scope: trio.CancelScope | None = None  # while waiting for bytes: drain cancels it
         self.event: Event | None = None  # what a packet run received and left to the event loop
         self.healed: set[str] = set()  # paths a packet run wrote while the output had faults
-        self.run_failed: tuple[dict[_OpenStream, OSError], dict[_OpenStream, OSError]] | None = None
         self.unsent = b""  # what a packet run's Acks left in a full socket: sent by the event loop next
 
     def __str__(self) -> str:
@@ -854,25 +853,18 @@ class _ConsumerConnection:
         """Sends one message; a peer that does not read for idle_timeout is
         dropped (TooSlowError)."""
         async with self.send_lock:
-            parts = self.conn.send_parts(msg)
-            try:
-                with trio.fail_after(self.config.idle_timeout):
-                    for part in parts:
-                        await self.stream.send_all(part)
-            except BaseException:
-                self.conn.send_failed()
-                raise
+            await self._send_parts(self.conn.send_parts(msg))
 
-    async def _send_bytes(self, data: bytes) -> None:
-        """Sends the rest of frames a packet run began (self.unsent), as _send
-        sends a message."""
-        async with self.send_lock:
-            try:
-                with trio.fail_after(self.config.idle_timeout):
-                    await self.stream.send_all(data)
-            except BaseException:
-                self.conn.send_failed()
-                raise
+    async def _send_parts(self, parts: list[Buffer]) -> None:
+        """Sends encoded frame parts (holding send_lock): a message's, or
+        what a packet run's Acks left (self.unsent)."""
+        try:
+            with trio.fail_after(self.config.idle_timeout):
+                for part in parts:
+                    await self.stream.send_all(part)
+        except BaseException:
+            self.conn.send_failed()
+            raise
 
     async def _send_error(self, code: ErrorCode, text: str) -> None:
         """Tells the peer why we hang up, best effort and bounded."""
@@ -1092,7 +1084,8 @@ class _ConsumerConnection:
         self.sync_due = None if sync_left is None else trio.current_time() + sync_left
         if self.unsent:
             data, self.unsent = self.unsent, b""
-            await self._send_bytes(data)
+            async with self.send_lock:
+                await self._send_parts([data])
         if failed is not None:
             self._failed(failed[0])
             self._failed(failed[1])
@@ -1133,7 +1126,6 @@ class _ConsumerConnection:
     def _run_loop(self, start: float) -> tuple[
             bool, tuple[dict[_OpenStream, OSError], dict[_OpenStream, OSError]] | None]:
         """_run_packets' loop (self.sync_due on time.monotonic's clock)."""
-        assert self.sock is not None
         fsync = self.config.fsync
         last = start  # when bytes last came
         poller = select.poll()
@@ -1145,19 +1137,23 @@ class _ConsumerConnection:
                 if not isinstance(event, Packet) or not self._run_packet(event):
                     self.event = event
                     return came, None
-                if self.batch_bytes >= _MAX_BATCH_BYTES and self._run_write(sync=False):
-                    return True, self.run_failed
+                if self.batch_bytes >= _MAX_BATCH_BYTES:
+                    failed = self._run_write(sync=False)
+                    if failed or self.healed:
+                        return True, failed
             if self.batch and len(self.batch) < _MAX_BATCH_PACKETS \
                     and self.batch_bytes < _MAX_BATCH_BYTES and self._receive_nowait():
                 came = True
                 continue
             now = time.monotonic()
-            if fsync:  # written and synced once the sync is due
-                due = (self.unsynced or self.batch) and self.sync_due is not None and now >= self.sync_due
-                if due and self._run_write(sync=True):
-                    return True, self.run_failed
-            elif self._run_write(sync=False):
-                return True, self.run_failed
+            if not fsync:
+                failed = self._run_write(sync=False)
+            elif (self.unsynced or self.batch) and self.sync_due is not None and now >= self.sync_due:
+                failed = self._run_write(sync=True)  # written and synced once the sync is due
+            else:
+                failed = None
+            if failed or self.healed:
+                return True, failed
             if not self._send_now(self._acks()):
                 return True, None  # the socket is full: the event loop sends the rest (self.unsent)
             if self.stop is not None or self.server.draining or now >= start + _RUN_MAX:
@@ -1199,20 +1195,20 @@ class _ConsumerConnection:
         self._accept(st, raw, msg, self.conn.last_frame_size, time.monotonic())
         return True
 
-    def _run_write(self, sync: bool) -> bool:
-        """A packet run writes its batch (and syncs, with `sync`).
+    def _run_write(self, sync: bool) -> tuple[dict[_OpenStream, OSError], dict[_OpenStream, OSError]] | None:
+        """A packet run writes its batch (and syncs, with `sync`).  The run
+        then ends, leaving the event loop to handle it before anything is
+        acknowledged, if a write failed (returned) or one healed a fault of
+        the output (self.healed).
 
         Returns:
-            Whether the run is to end, leaving the event loop to handle
-            what happened before anything is acknowledged: a write failed
-            (self.run_failed: the streams whose write failed, those whose
-            sync failed), or one healed a fault of the output (self.healed).
+            The streams whose write failed and those whose sync failed, or
+            None if none did.
         """
         if not self.batch and not (sync and self.unsynced):
-            return False
+            return None
         failed, sync_failed = self._written(self._take_batch(sync)(), in_run=True)
-        self.run_failed = (failed, sync_failed) if failed or sync_failed else None
-        return self.run_failed is not None or bool(self.healed)
+        return (failed, sync_failed) if failed or sync_failed else None
 
     def _send_now(self, msgs: list[Message]) -> bool:
         """Sends `msgs` from a packet run's thread, as much as the socket
@@ -1339,11 +1335,10 @@ class _ConsumerConnection:
         to_sync: list[_OpenStream] | None = None
         if sync:
             to_sync, self.unsynced, self.sync_due = list(self.unsynced.values()), {}, None
-        slots, fdatasync = self.server.io_slots, self.config.fdatasync
+        write = partial(self.server.in_io_slot, partial(_write_packets, batch, index, to_sync, self.config.fdatasync))
 
         def job() -> _WriteResult:
-            with slots:
-                failed, sync_failed, seconds = _write_packets(batch, index, to_sync, fdatasync)
+            failed, sync_failed, seconds = write()
             return batch, to_sync, failed, sync_failed, seconds
 
         return job
