@@ -205,13 +205,14 @@ _MAX_BATCH_PACKETS = 64
 # synced every 4 ms, and acknowledges about as fast; one that takes 30 ms is
 # synced about every 60 ms, so that the syncs take at most about a third of
 # the connection's time, whatever the disk.  Only the fdatasyncs are timed,
-# in the worker thread: the wait for a worker thread or for the CPU is not
-# the disk's, and a window stretched by it let a busy target's
-# unacknowledged packets fill its spool.  The floor is 4 ms, not less: each
-# sync is a round trip to the connection's I/O thread (~60 us of CPU on this
-# VM), and at 1 ms a fast stream paid one per packet or two (relayd CPU per
-# GB 10 % higher in bench/run.py's relay_fsync driver on tmpfs, for acks ~2
-# ms sooner; 4 ms of a full-speed target is ~3 MB more in its spool).
+# in the I/O thread: the wait for a thread or for the CPU is not the
+# disk's, and a window stretched by it let a busy target's unacknowledged
+# packets fill its spool.  The floor is 4 ms, not less: at 1 ms a fast
+# stream synced (and, outside a packet run, made a round trip to the
+# connection's I/O thread, ~60 us of CPU on this VM) every packet or two
+# (relayd CPU per GB 10 % higher in bench/run.py's relay_fsync driver on
+# tmpfs, for acks ~2 ms sooner; 4 ms of a full-speed target is ~3 MB more
+# in its spool).
 _SYNC_WAIT_FACTOR = 2.0
 _MIN_SYNC_WAIT = 0.004
 # fsync mode: a connection all synced keeps its payload buffers this long
@@ -705,7 +706,7 @@ class _ConsumerConnection:
         self.lowat = 1  # the socket's SO_RCVLOWAT
         self.decompressor = new_decompressor(cfg.max_raw_packet)  # packets decompressed in the event loop
         self.send_lock = trio.Lock()
-        self.io_lock = trio.Lock()  # held while a worker thread writes this connection's files
+        self.io_lock = trio.Lock()  # held while a thread writes this connection's files (a packet run too)
         # The batches' writes and syncs: a thread of the connection's own
         # (cheaper per batch than trio's worker threads; tracewire/iothread.py).
         self.io_thread = IoThread("tw-relay-io")
