@@ -6,10 +6,11 @@ One ``NetSession`` per tracing session streams every trace and stream of that
 session over one connection.  ``submit()`` (called from the synchronous drain
 loop) takes a packet as its parts (the CTF header and a view of the ring's
 shared memory).  Uncompressed, it is *saved* at once: written to the spool
-(consumerd/spool.py) with one ``pwritev``; compressed, a compressor task
-compresses queued packets in a worker thread (zstd releases the GIL), so
-compression of packet *n+1* overlaps the sending of packet *n*, then saves
-them.  Once saved, the ring space may go back to the producer
+(consumerd/spool.py) with one ``pwritev``; compressed, it is compressed
+and saved at once too when that is cheap (a packet expected to compress in
+under ``INLINE_COMPRESS_MAX_NS`` of CPU, nothing queued before it),
+otherwise a compressor task compresses queued packets in a worker thread
+(zstd releases the GIL), then saves them.  Once saved, the ring space may go back to the producer
 (``on_saved``).  A sender task writes frames: a spooled packet goes from the
 spool file to a TCP socket with ``os.sendfile`` (read back over TLS); while
 the sender is idle, the drain loop sends the packet itself (``_pump``),
@@ -79,6 +80,7 @@ import math
 import os
 import socket
 import ssl
+import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -99,15 +101,32 @@ logger = logging.getLogger(__name__)
 
 # Packets (raw bytes) compressed in one worker-thread hand-off at most.
 _COMPRESS_BATCH_BYTES = 4 * 1024 * 1024
+# A packet expected to take at most this much CPU to compress (ns) is
+# compressed in the drain loop itself when the compressor is idle; longer
+# ones go to the worker thread.  A hand-off to the thread cost consumerd
+# ~200 us of CPU per packet at full speed (docs/design.md, "Where the
+# consumer's CPU goes"), more than zstd 1 takes for a packet that compresses
+# well, and this bounds how long the event loop compresses per packet.
+INLINE_COMPRESS_MAX_NS = 200_000
+# Weight of the newest packet in the compression-cost estimate.
+_COMPRESS_COST_WEIGHT = 0.25
 
 
-def _compress_all(cctx: Any, packets: list[list[wire.Buffer]]) -> list[bytes]:
+def _compress_one(cctx: Any, parts: list[wire.Buffer]) -> tuple[bytes, int]:
+    """One packet, given as its parts, compressed; with the CPU time (ns) it
+    took this thread (zstd releases the GIL: a wait for it is not counted)."""
+    t0 = time.thread_time_ns()
+    data = cctx.compress(b"".join(parts))
+    return data, time.thread_time_ns() - t0
+
+
+def _compress_all(cctx: Any, packets: list[list[wire.Buffer]]) -> list[tuple[bytes, int]]:
     """Compresses each packet, given as its parts (the CTF header and a view
     of the ring), in a worker thread: zstd releases the GIL.  (The thread
     inherits the draining thread's scheduling policy: a packet's ring space
     goes back only once it is compressed and spooled, so compression is on
     the drain's critical path.)"""
-    return [cctx.compress(b"".join(parts)) for parts in packets]
+    return [_compress_one(cctx, parts) for parts in packets]
 
 
 # Packets sent back to back on a TCP socket before the sender yields to the
@@ -366,6 +385,7 @@ class NetSession:
         keepalive: float = 60.0, on_room: Callable[[], None] | None = None,
         opener: Callable[[], Awaitable[trio.abc.Stream]] | None = None,
         spool: Spool | None = None, on_saved: Callable[[str, int, int], None] | None = None,
+        inline_compress_ns: int = INLINE_COMPRESS_MAX_NS,
     ) -> None:
         self.name = name
         self.session_id = session_id
@@ -405,6 +425,15 @@ class NetSession:
         self._order = itertools.count()
         self._to_compress: collections.deque[_Pending] = collections.deque()
         self._compress_wakeup = trio.Event()
+        # Compression in the drain loop (see submit): the compressor it uses
+        # (made by the compressor task), whether a batch is with the worker
+        # thread, the CPU a raw byte took to compress lately (ns; unknown
+        # until the first packet is compressed in the thread), the bound.
+        self._inline_cctx: Any = None
+        self._compress_busy = False
+        self._compress_ns_per_byte = math.inf
+        self.inline_compress_ns = inline_compress_ns
+        self.compressed_inline = 0  # packets compressed in the drain loop (tests)
         # ("stream", _NetStream) | ("packet", _Pending) | ("metadata", _Trace, start, end)
         # | ("close", _NetStream) | ("end",)  (live sessions)
         self._outbox: collections.deque[tuple[Any, ...]] = collections.deque()
@@ -549,11 +578,34 @@ class NetSession:
         st.packets += 1
         st.raw_bytes += size
         self.unacked_bytes += size
-        if self.compress:
+        if not self.compress:
+            self._save(p, parts, wire.Codec.NONE)
+        elif self._inline_cctx is not None and not self._to_compress and not self._compress_busy \
+                and self._compress_ns_per_byte * size <= self.inline_compress_ns:
+            # Cheap to compress and nothing queued before it (the order of
+            # saves is the order of the ring): here, with no hand-off.
+            data, ns = _compress_one(self._inline_cctx, parts)
+            self._compressed(size, ns)
+            self.compressed_inline += 1
+            self._save_compressed(p, parts, data)
+        else:
             self._to_compress.append(p)
             self._compress_wakeup.set()
+
+    def _compressed(self, raw_len: int, ns: int) -> None:
+        """Takes note of the CPU a packet of ``raw_len`` bytes took to compress."""
+        cost = ns / max(raw_len, 1)
+        if math.isinf(self._compress_ns_per_byte):
+            self._compress_ns_per_byte = cost
         else:
-            self._save(p, parts, wire.Codec.NONE)
+            self._compress_ns_per_byte += _COMPRESS_COST_WEIGHT * (cost - self._compress_ns_per_byte)
+
+    def _save_compressed(self, p: _Pending, raw: list[wire.Buffer], data: bytes) -> bool:
+        """Saves a compressed packet, or its raw parts if compressing did not
+        make it smaller (incompressible data goes raw); see _save."""
+        if len(data) < p.raw_len:
+            return self._save(p, [data], wire.Codec.ZSTD)
+        return self._save(p, raw, wire.Codec.NONE)
 
     def _save(self, p: _Pending, parts: list[wire.Buffer], codec: wire.Codec) -> bool:
         """Save a packet's encoded bytes (``parts``) in the spool, or in memory
@@ -772,6 +824,7 @@ class NetSession:
         import zstandard
 
         cctx = zstandard.ZstdCompressor(level=self.level, write_content_size=True)
+        self._inline_cctx = zstandard.ZstdCompressor(level=self.level, write_content_size=True)
         # The session's own compression thread (tracewire/iothread.py):
         # about half the CPU of a trio worker-thread round trip per batch.
         worker = IoThread("tw-compress")
@@ -796,15 +849,15 @@ class NetSession:
                 batch.append(p)
                 size += p.raw_len
             raws = [p.parts or [] for p in batch]  # unsaved: every one has its parts
-            datas = await worker.run(partial(_compress_all, cctx, raws))
-            for p, raw, data in zip(batch, raws, datas, strict=True):
-                # Keep whichever is smaller: incompressible data goes raw.
-                if len(data) < p.raw_len:
-                    ok = self._save(p, [data], wire.Codec.ZSTD)
-                else:
-                    ok = self._save(p, raw, wire.Codec.NONE)
-                if not ok:
-                    return
+            self._compress_busy = True
+            try:
+                results = await worker.run(partial(_compress_all, cctx, raws))
+                for p, raw, (data, ns) in zip(batch, raws, results, strict=True):
+                    self._compressed(p.raw_len, ns)
+                    if not self._save_compressed(p, raw, data):
+                        return
+            finally:
+                self._compress_busy = False
 
     @staticmethod
     async def _trim_loop(spool: Spool) -> None:

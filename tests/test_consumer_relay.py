@@ -23,6 +23,7 @@ import functools
 import shutil
 import socket
 import subprocess
+import threading
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -32,6 +33,7 @@ import pytest
 import trio
 from trio.testing import MockClock, memory_stream_pair, wait_all_tasks_blocked
 
+import consumerd.net as net_module
 from consumerd.net import NetSession, SinkError, _FileSend
 from consumerd.spool import Spool
 from relayd.daemon import RelaydConfig, serve_relayd
@@ -269,6 +271,87 @@ async def test_every_event_reaches_the_relay(tmp_path: Path, compress: bool) -> 
     else:
         assert stats["wire_bytes"] > raw_total, stats  # raw payload plus frame headers
     assert net.unacked_bytes == 0
+
+
+async def test_compression_in_the_drain_loop_keeps_the_ring_order(tmp_path: Path, monkeypatch) -> None:
+    """A packet that compresses cheaply is compressed in submit() itself
+    once the packets before it showed it cheap (the first ones go to the
+    worker thread, which measures them), but never ahead of one still with
+    the thread: while a batch is there, later packets wait behind it, so
+    packets are saved (and their ring space goes back) in the ring's order."""
+    out = tmp_path / "relay"
+    packets = make_packets(40, 300)
+    entered, release = threading.Event(), threading.Event()
+    real = net_module._compress_all
+
+    def held(cctx, raws):
+        entered.set()
+        release.wait(DEADLINE)
+        return real(cctx, raws)
+
+    saved: list[int] = []
+    with trio.fail_after(DEADLINE):
+        async with running_relay(out) as port:
+            net = new_session(Opener(port), on_saved=lambda key, pos, ts: saved.append(pos))
+            async with running(net):
+                declare(net)
+                sent = 0
+
+                def submit() -> None:
+                    nonlocal sent
+                    raw, seq, b, e, d = packets[sent]
+                    sent += 1
+                    net.submit("s0", raw, seq, b, e, d, ring_end=sent)
+
+                # One at a time: the cost is not known at first (the first
+                # compression also sets zstd up), then measured cheap.
+                while net.compressed_inline == 0 and sent < 30:
+                    submit()
+                    await net.wait_all_acked()
+                assert net.compressed_inline == 1 and saved == list(range(1, sent + 1)), (sent, saved)
+                monkeypatch.setattr(net_module, "_compress_all", held)
+                net.inline_compress_ns = 0  # the next packet goes to the thread, which holds it
+                submit()
+                await trio.to_thread.run_sync(entered.wait, DEADLINE)
+                net.inline_compress_ns = 10**12
+                submit()
+                submit()  # cheap, but the thread has the one before: they wait behind it
+                assert saved == list(range(1, sent - 2)) and net.compressed_inline == 1
+                release.set()
+                await net.wait_all_acked()
+                submit()  # the compressor is idle again
+                await net.wait_all_acked()
+    assert saved == list(range(1, sent + 1))
+    assert net.compressed_inline == 2
+    check_trace(out, sent * 300, sent)
+
+
+async def test_a_packet_that_takes_long_to_compress_goes_to_the_worker_thread(
+        tmp_path: Path, monkeypatch) -> None:
+    """The drain loop compresses a packet only if the packets before it took
+    little CPU to compress: with every compression taking a second of CPU,
+    each packet goes to the worker thread."""
+
+    class SlowCpu:
+        now = 0
+
+        def thread_time_ns(self) -> int:
+            self.now += 10**9  # each reading a second after the one before
+            return self.now
+
+    monkeypatch.setattr(net_module, "time", SlowCpu())
+    out = tmp_path / "relay"
+    packets = make_packets(5, 300)
+    with trio.fail_after(DEADLINE):
+        async with running_relay(out) as port:
+            net = new_session(Opener(port))
+            async with running(net):
+                declare(net)
+                for p in packets:
+                    submit_all(net, [p])
+                    await net.wait_all_acked()
+    assert net.compressed_inline == 0
+    check_trace(out, 5 * 300, 5)
 
 
 async def test_a_flush_does_not_wait_for_the_relays_sync_window(tmp_path: Path) -> None:
