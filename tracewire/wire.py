@@ -668,6 +668,31 @@ class Packet:
     msg_type: ClassVar[MessageType] = MessageType.PACKET
 
     def __post_init__(self) -> None:
+        # Every packet of a stream goes through here on both ends: when all
+        # the ints are plain ints in range (the rule), one expression says
+        # so; otherwise the checks one by one find the culprit and say which.
+        tb, cs = self.ts_begin, self.content_size_bits
+        if not (type(self.stream_id) is int and type(self.seq) is int and type(self.raw_len) is int
+                and type(tb) is int and type(self.ts_end) is int and type(self.events_discarded) is int
+                and type(cs) is int and type(self.packet_size_bits) is int and type(self.packet_seq_num) is int
+                and 0 <= self.stream_id <= _I64_MAX and 0 <= self.seq <= _I64_MAX
+                and 0 <= self.raw_len <= _I64_MAX and 0 <= tb <= self.ts_end <= _U64_MAX
+                and 0 <= self.events_discarded <= _U64_MAX and 0 <= cs <= self.packet_size_bits <= _U64_MAX
+                and 0 <= self.packet_seq_num <= _U64_MAX):
+            self._check_fields()
+        if type(self.codec) is not Codec:
+            _fail(ErrorCode.PROTOCOL, f"Packet.codec must be a Codec, got {self.codec!r}")
+        if self.packet_size_bits != 8 * self.raw_len:
+            _fail(
+                ErrorCode.PROTOCOL,
+                f"Packet.packet_size_bits ({self.packet_size_bits}) != 8 * raw_len ({self.raw_len})",
+            )
+        size = _buffer_len(self.data, "Packet.data")
+        if self.codec is Codec.NONE and size != self.raw_len:
+            _fail(ErrorCode.PROTOCOL, f"uncompressed Packet has {size} bytes, raw_len {self.raw_len}")
+
+    def _check_fields(self) -> None:
+        """The int fields' checks one by one (raises for the first that fails)."""
         _check_int(self.stream_id, "Packet.stream_id")
         _check_int(self.seq, "Packet.seq")
         if not isinstance(self.codec, Codec):
@@ -679,14 +704,6 @@ class Packet:
         _check_int(self.packet_size_bits, "Packet.packet_size_bits", 0, _U64_MAX)
         _check_int(self.content_size_bits, "Packet.content_size_bits", 0, self.packet_size_bits)
         _check_int(self.packet_seq_num, "Packet.packet_seq_num", 0, _U64_MAX)
-        if self.packet_size_bits != 8 * self.raw_len:
-            _fail(
-                ErrorCode.PROTOCOL,
-                f"Packet.packet_size_bits ({self.packet_size_bits}) != 8 * raw_len ({self.raw_len})",
-            )
-        size = _buffer_len(self.data, "Packet.data")
-        if self.codec is Codec.NONE and size != self.raw_len:
-            _fail(ErrorCode.PROTOCOL, f"uncompressed Packet has {size} bytes, raw_len {self.raw_len}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -894,6 +911,19 @@ _PAYLOAD_TYPES: Final = frozenset({MessageType.METADATA, MessageType.PACKET})
 
 def _header_map(msg: Message) -> tuple[dict[str, object], Buffer | None]:
     """Returns the CBOR header map (without "t") and the payload of `msg`."""
+    if type(msg) is Packet:  # the common case first
+        return {
+            "i": msg.stream_id,
+            "q": msg.seq,
+            "cd": int(msg.codec),
+            "rl": msg.raw_len,
+            "tb": msg.ts_begin,
+            "te": msg.ts_end,
+            "ed": msg.events_discarded,
+            "cs": msg.content_size_bits,
+            "ps": msg.packet_size_bits,
+            "pn": msg.packet_seq_num,
+        }, msg.data
     match msg:
         case Hello():
             return {"v": msg.version, "h": msg.hostname, "k": msg.key_id}, None
@@ -917,19 +947,6 @@ def _header_map(msg: Message) -> tuple[dict[str, object], Buffer | None]:
             }, None
         case Metadata():
             return {"s": msg.session_id, "p": msg.trace_path, "o": msg.offset}, msg.data
-        case Packet():
-            return {
-                "i": msg.stream_id,
-                "q": msg.seq,
-                "cd": int(msg.codec),
-                "rl": msg.raw_len,
-                "tb": msg.ts_begin,
-                "te": msg.ts_end,
-                "ed": msg.events_discarded,
-                "cs": msg.content_size_bits,
-                "ps": msg.packet_size_bits,
-                "pn": msg.packet_seq_num,
-            }, msg.data
         case Ack():
             return {"i": msg.stream_id, "q": msg.seq}, None
         case StreamStateRequest():
@@ -1095,6 +1112,10 @@ def _as_enum(enum_cls: type[enum.IntEnum], value: object) -> Any:
     return value
 
 
+# A Packet header's keys, in the order of Packet's fields.
+_PACKET_KEYS: Final = ("i", "q", "cd", "rl", "tb", "te", "ed", "cs", "ps", "pn")
+
+
 def _build(mtype: MessageType, fields: dict[object, object], payload: bytes | bytearray | None) -> Message:
     """Turns a decoded header map (and payload) into a message.
 
@@ -1102,6 +1123,19 @@ def _build(mtype: MessageType, fields: dict[object, object], payload: bytes | by
         RemoteProtocolError: on a missing, unexpected or invalid field, with
             the code the message's own check gives (PROTOCOL, BAD_NAME...).
     """
+    if mtype is MessageType.PACKET and len(fields) == len(_PACKET_KEYS) and payload is not None:
+        # The common case first: exactly a Packet's fields (anything else,
+        # a missing or extra one, goes the general way, which says which).
+        try:
+            values: list[Any] = [fields[k] for k in _PACKET_KEYS]
+        except KeyError:
+            pass
+        else:
+            i, q, cd, rl, tb, te, ed, cs, ps, pn = values
+            try:
+                return Packet(i, q, _as_enum(Codec, cd), rl, tb, te, ed, cs, ps, pn, payload)
+            except LocalProtocolError as exc:
+                raise RemoteProtocolError(exc.code, f"invalid Packet: {exc.message}") from exc
     f = _Fields(mtype, fields)
     msg: Message
     try:
@@ -1480,9 +1514,16 @@ class Role(enum.Enum):
     CONSUMER = "consumer"
     RELAY = "relay"
 
+    # Members are singletons compared by identity: hashing by identity is
+    # consistent with that, and C-level (Enum's own hashes the name in
+    # Python, twice per message through TRANSITIONS).
+    __hash__ = object.__hash__
+
 
 class ConnState(enum.Enum):
     """State of one connection, the same on both ends."""
+
+    __hash__ = object.__hash__  # as Role's
 
     HANDSHAKE_HELLO = "handshake-hello"  # waiting for the consumer's Hello
     HANDSHAKE_REPLY = "handshake-reply"  # Hello sent; relay answers Challenge or Welcome
@@ -1576,6 +1617,13 @@ class _ConnectionState:
         return None
 
     def _check(self, msg: Message) -> tuple[ErrorCode, str] | None:
+        if type(msg) is Packet:  # the common case first
+            last = self.last_seq.get(msg.stream_id)
+            if last is None:
+                return self._stream_problem(msg.stream_id)
+            if msg.seq <= last and self.rewind.get(msg.stream_id) != msg.seq:
+                return ErrorCode.PROTOCOL, f"stream {msg.stream_id}: seq {msg.seq} after {last}"
+            return None
         match msg:
             case Hello():
                 if msg.version not in SUPPORTED_VERSIONS:
@@ -1612,14 +1660,6 @@ class _ConnectionState:
                 end = msg.offset + _buffer_len(msg.data, "Metadata.data")
                 if end > self.max_metadata_size:
                     return ErrorCode.LIMIT, f"metadata would reach {end} bytes (limit {self.max_metadata_size})"
-            case Packet():
-                problem = self._stream_problem(msg.stream_id)
-                if problem is None and msg.seq <= self.last_seq[msg.stream_id] \
-                        and self.rewind.get(msg.stream_id) != msg.seq:
-                    problem = ErrorCode.PROTOCOL, (
-                        f"stream {msg.stream_id}: seq {msg.seq} after {self.last_seq[msg.stream_id]}"
-                    )
-                return problem
             case StreamStateRequest() | StreamClose():
                 return self._stream_problem(msg.stream_id)
             case SessionClose():
@@ -1649,6 +1689,11 @@ class _ConnectionState:
         return None
 
     def _apply(self, msg: Message) -> None:
+        if type(msg) is Packet:  # the common case first
+            self.last_seq[msg.stream_id] = msg.seq
+            if self.rewind and self.rewind.get(msg.stream_id) == msg.seq:
+                del self.rewind[msg.stream_id]
+            return
         match msg:
             case Hello():
                 self.hello = msg
@@ -1660,10 +1705,6 @@ class _ConnectionState:
                 self.streams[msg.stream_id] = msg
                 self.last_seq[msg.stream_id] = -1
                 self.max_stream_id = msg.stream_id
-            case Packet():
-                self.last_seq[msg.stream_id] = msg.seq
-                if self.rewind.get(msg.stream_id) == msg.seq:
-                    del self.rewind[msg.stream_id]
             case Retry():
                 if msg.stream_id in self.streams:
                     self.rewind[msg.stream_id] = msg.seq
