@@ -129,6 +129,12 @@ def _compress_all(cctx: Any, packets: list[list[wire.Buffer]]) -> list[tuple[byt
     return [_compress_one(cctx, parts) for parts in packets]
 
 
+# A spooled packet (or the rest of one) at most this large is read back and
+# sent with its frame's head in one sendmsg rather than by sendfile: 3.1
+# against 7.4 us of CPU for 3.5 KB to a loopback socket (a compressed
+# packet of the demo's payload), measured alone.
+_READ_BACK_MAX = 64 * 1024
+
 # Packets sent back to back on a TCP socket before the sender yields to the
 # other tasks (it yields anyway whenever the socket is full).
 _SEND_BURST = 8
@@ -138,7 +144,9 @@ class _FileSend:
     """A packet going out on a non-blocking TCP socket: the frame's head with
     MSG_MORE (it leaves in the same segment as the data), then the spooled
     bytes with ``os.sendfile`` (the kernel hands the spool file's pages to
-    the socket: no copy in Python)."""
+    the socket: no copy in Python); a packet (or rest of one) of at most
+    ``_READ_BACK_MAX`` bytes is read back and goes with the head in one
+    ``sendmsg``."""
 
     __slots__ = ("head", "fd", "offset", "left")
 
@@ -154,6 +162,8 @@ class _FileSend:
                 segment ended before the packet did).
         """
         try:
+            if 0 < self.left <= _READ_BACK_MAX:
+                return self._push_read_back(sock)
             while self.head:
                 self.head = self.head[sock.send(self.head, socket.MSG_MORE):]
             while self.left:
@@ -165,6 +175,28 @@ class _FileSend:
         except BlockingIOError:
             return False
         return True
+
+    def _push_read_back(self, sock: socket.socket) -> bool:
+        """push() for a small rest: read back from the spool and sent with
+        the frame's head in one ``sendmsg`` (for a few KiB that costs less
+        than ``sendfile``'s set-up, and one system call less).
+
+        Raises:
+            BlockingIOError: the socket is full.
+        """
+        data = os.pread(self.fd, self.left, self.offset)
+        if len(data) < self.left:
+            raise trio.BrokenResourceError("the spool segment ended before the packet did")
+        head = len(self.head)
+        sent = sock.sendmsg([self.head, data]) if head else sock.send(data)
+        if sent < head:
+            self.head = self.head[sent:]
+            return False
+        self.head = self.head[head:]
+        sent -= head
+        self.offset += sent
+        self.left -= sent
+        return not self.left
 
     def send_from(self, sock: socket.socket, parts: list[wire.Buffer]) -> bool:
         """Send the frame's head and the packet from ``parts`` (the spooled

@@ -1132,3 +1132,47 @@ def test_a_packet_sent_from_memory_goes_on_from_the_spool_where_the_socket_stopp
             got += chunk
     assert bytes(got) == junk + head + b"".join(parts)
     spool.close()
+
+
+@pytest.mark.parametrize("size", [3500, 60_000, 200_000], ids=["small", "read-back-in-pieces", "large"])
+def test_a_spooled_packet_goes_out_whole_through_a_socket_that_takes_little_at_a_time(
+        tmp_path: Path, size: int) -> None:
+    """The sender's path for a spooled packet (push): one of at most 64 KiB
+    is read back and sent with its frame's head in one sendmsg, a larger
+    one by sendfile, its last part (small by then) read back; through a
+    socket full at first that takes a few KiB at a time, every byte arrives
+    once, in order."""
+    spool = Spool(str(tmp_path / "spool"), 1 << 24)
+    spool.append("s0", [b"x" * 1000], 0, 0, 0, 0, 0, 0, 0)  # the packet does not start the segment
+    data = bytes(i * 7 % 251 for i in range(size))
+    ref = spool.append("s0", [data], 1, 0, 0, 0, 0, 0, 0).ref
+    head = b"H" * 70
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        b = socket.socket()
+        b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        b.connect(server.getsockname())
+        a = server.accept()[0]
+    with a, b:
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        a.setblocking(False)
+        b.setblocking(False)
+        junk = b""
+        with contextlib.suppress(BlockingIOError):
+            while True:  # full at first
+                junk += b"j" * a.send(b"j" * 512)
+        job = _FileSend(head, ref)
+        got = bytearray()
+        pushes = 1
+        while not job.push(a):
+            pushes += 1
+            with contextlib.suppress(BlockingIOError):
+                got += b.recv(1500)  # room for a little at a time
+        a.shutdown(socket.SHUT_WR)
+        b.setblocking(True)
+        while chunk := b.recv(1 << 16):
+            got += chunk
+    assert pushes >= 2  # the socket was full at first
+    if size > 10_000:
+        assert pushes > 2  # and the packet went in pieces
+    assert bytes(got) == junk + head + data
+    spool.close()
