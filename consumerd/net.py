@@ -457,11 +457,14 @@ class NetSession:
         self._order = itertools.count()
         self._to_compress: collections.deque[_Pending] = collections.deque()
         self._compress_wakeup = trio.Event()
-        # Compression in the drain loop (see submit): the compressor it uses
-        # (made by the compressor task), whether a batch is with the worker
-        # thread, the CPU a raw byte took to compress lately (ns; unknown
-        # until the first packet is compressed in the thread), the bound.
-        self._inline_cctx: Any = None
+        # Compression in the drain loop (see submit): the session's one
+        # compressor (made by the compressor task; the drain loop uses it
+        # only while no batch is with the worker thread, so never at the
+        # same time as the thread: zstd's context, ~1 MB, exists once),
+        # whether a batch is with the thread, the CPU a raw byte took to
+        # compress lately (ns; unknown until the first packet is compressed
+        # in the thread), the bound.
+        self._cctx: Any = None
         self._compress_busy = False
         self._compress_ns_per_byte = math.inf
         self.inline_compress_ns = inline_compress_ns
@@ -612,11 +615,11 @@ class NetSession:
         self.unacked_bytes += size
         if not self.compress:
             self._save(p, parts, wire.Codec.NONE)
-        elif self._inline_cctx is not None and not self._to_compress and not self._compress_busy \
+        elif self._cctx is not None and not self._to_compress and not self._compress_busy \
                 and self._compress_ns_per_byte * size <= self.inline_compress_ns:
             # Cheap to compress and nothing queued before it (the order of
             # saves is the order of the ring): here, with no hand-off.
-            data, ns = _compress_one(self._inline_cctx, parts)
+            data, ns = _compress_one(self._cctx, parts)
             self._compressed(size, ns)
             self.compressed_inline += 1
             self._save_compressed(p, parts, data)
@@ -855,8 +858,7 @@ class NetSession:
             return  # packets are saved as they are submitted
         import zstandard
 
-        cctx = zstandard.ZstdCompressor(level=self.level, write_content_size=True)
-        self._inline_cctx = zstandard.ZstdCompressor(level=self.level, write_content_size=True)
+        cctx = self._cctx = zstandard.ZstdCompressor(level=self.level, write_content_size=True)
         # The session's own compression thread (tracewire/iothread.py):
         # about half the CPU of a trio worker-thread round trip per batch.
         worker = IoThread("tw-compress")
