@@ -187,8 +187,12 @@ class _FileSend:
         data = os.pread(self.fd, self.left, self.offset)
         if len(data) < self.left:
             raise trio.BrokenResourceError("the spool segment ended before the packet did")
+        return self._sent(sock.sendmsg([self.head, data]) if self.head else sock.send(data))
+
+    def _sent(self, sent: int) -> bool:
+        """Takes note of ``sent`` bytes of the head, then of the data, gone
+        in one send; True once all is sent."""
         head = len(self.head)
-        sent = sock.sendmsg([self.head, data]) if head else sock.send(data)
         if sent < head:
             self.head = self.head[sent:]
             return False
@@ -210,15 +214,7 @@ class _FileSend:
             sent = sock.sendmsg([self.head, *parts])
         except BlockingIOError:
             return False
-        head = len(self.head)
-        if sent < head:
-            self.head = self.head[sent:]
-            return False
-        self.head = self.head[head:]
-        sent -= head
-        self.offset += sent
-        self.left -= sent
-        return not self.left
+        return self._sent(sent)
 
     async def finish(self, sock: socket.socket) -> None:
         """Send the rest, waiting while the socket is full."""
