@@ -10,8 +10,8 @@ shared memory).  Uncompressed, it is *saved* at once: written to the spool
 and saved at once too when that is cheap (a packet expected to compress in
 under ``INLINE_COMPRESS_MAX_NS`` of CPU, nothing queued before it),
 otherwise a compressor task compresses queued packets in a worker thread
-(zstd releases the GIL), then saves them.  Once saved, the ring space may go back to the producer
-(``on_saved``).  A sender task writes frames: a spooled packet goes from the
+(zstd releases the GIL), then saves them.  Once saved, the ring space may
+go back to the producer (``on_saved``).  A sender task writes frames: a spooled packet goes from the
 spool file to a TCP socket with ``os.sendfile`` (read back over TLS); while
 the sender is idle, the drain loop sends the packet itself (``_pump``),
 non-blocking, from memory (the ring, before its space goes back, or the
