@@ -11,12 +11,13 @@ and saved at once too when that is cheap (a packet expected to compress in
 under ``INLINE_COMPRESS_MAX_NS`` of CPU, nothing queued before it),
 otherwise a compressor task compresses queued packets in a worker thread
 (zstd releases the GIL), then saves them.  Once saved, the ring space may
-go back to the producer (``on_saved``).  A sender task writes frames: a spooled packet goes from the
-spool file to a TCP socket with ``os.sendfile`` (read back over TLS); while
-the sender is idle, the drain loop sends the packet itself (``_pump``),
-non-blocking, from memory (the ring, before its space goes back, or the
-compressor's output) with one ``sendmsg``, and wakes the sender only when
-the socket is full.  A reader
+go back to the producer (``on_saved``).  A sender task writes frames: a
+spooled packet goes from the spool file to a TCP socket with
+``os.sendfile`` (a small one is read back and sent with its frame's head in
+one ``sendmsg``; over TLS, read back); while the sender is idle, the drain
+loop sends the packet itself (``_pump``), non-blocking, from memory (the
+ring, before its space goes back, or the compressor's output) with one
+``sendmsg``, and wakes the sender only when the socket is full.  A reader
 task takes acknowledgements.  Without a spool (tests), a saved packet is a
 ``bytes`` in memory.
 
